@@ -1,0 +1,118 @@
+"""Static settings: the model's shape (from GGUF metadata) and the engine's knobs.
+
+`ModelConfig` is read from a GGUF file by `llcuda.gguf.model_config.model_config_from_gguf`.
+`EngineConfig` carries the llama.cpp-style knobs users pass to `load_model` and validates them,
+naming the argument in every error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and math of a decoder-only transformer, as llama.cpp reads it from GGUF metadata."""
+
+    architecture: str  # general.architecture, e.g. "gemma3"
+    name: str  # general.name (informational)
+    vocab_size: int
+    hidden_size: int  # n_embd
+    intermediate_size: int  # n_ff
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int  # attention.key_length (== value_length for supported models)
+    rms_norm_eps: float
+    max_position_embeddings: int  # context_length the model was trained for
+    rope_theta: float  # global layers
+    rope_theta_local: float  # sliding-window layers (Gemma 3: rope.freq_base_swa or 10000)
+    rope_scaling_factor: float = 1.0  # linear scaling on global layers (freq_scale = 1/factor)
+    rope_dim: int = 0  # rope.dimension_count; 0 means head_dim
+    sliding_window: int = 0  # 0: no sliding-window layers
+    # one bool per layer: True where the layer attends only to the last `sliding_window` positions
+    sliding_window_layers: tuple[bool, ...] = ()
+    attention_scale: float = 0.0  # multiplier applied to q; 0 means 1/sqrt(head_dim)
+    final_logit_softcapping: float = 0.0  # 0: off
+    embedding_scale: float = 1.0  # Gemma: sqrt(hidden_size)
+    tie_word_embeddings: bool = True  # no `output.weight`: the LM head is token_embd
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.sliding_window_layers) and self.sliding_window_layers[layer]
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass
+class EngineConfig:
+    """The knobs of `InferenceEngine.load_model`, with llama.cpp's meanings.
+
+    - ctx_size: the most tokens (prompt + generated) one sequence may hold (llama.cpp `-c` per slot).
+    - batch_size: token budget of one engine step, summed over all sequences (`-b`).
+    - ubatch_size: the most prompt tokens one sequence feeds in one step (chunked prefill, `-ub`).
+    - n_parallel: the most sequences decoded together (`-np`).
+    - cache_size: KV-cache capacity in tokens over all sequences; None = ctx_size * n_parallel.
+    - gpu_layers: layers placed on the GPU (99 = all); the rest run on the CPU.
+    - flash_attn: None = auto, True/False forces the fused attention kernel on or off.
+    """
+
+    gpu_layers: int = 99
+    ctx_size: int = 2048
+    batch_size: int = 512
+    ubatch_size: int = 128
+    n_parallel: int = 1
+    cache_size: int | None = None
+    flash_attn: bool | None = None
+    block_size: int = 32  # tokens per KV-cache block
+    device: str | None = None  # None: cuda if available and gpu_layers > 0, else cpu
+    seed: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_int("gpu_layers", self.gpu_layers, 0)
+        _check_int("ctx_size", self.ctx_size, 8)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("ubatch_size", self.ubatch_size, 1)
+        _check_int("n_parallel", self.n_parallel, 1)
+        _check_int("block_size", self.block_size, 1)
+        if self.ubatch_size > self.batch_size:
+            raise ValueError(
+                f"ubatch_size ({self.ubatch_size}) must not exceed batch_size ({self.batch_size})"
+            )
+        if self.cache_size is not None:
+            _check_int("cache_size", self.cache_size, 1)
+            if self.cache_size < self.ctx_size:
+                raise ValueError(
+                    f"cache_size ({self.cache_size}) must hold at least one full context "
+                    f"(ctx_size={self.ctx_size})"
+                )
+        if self.flash_attn is not None and not isinstance(self.flash_attn, bool):
+            raise ValueError(f"flash_attn must be None, True or False, got {self.flash_attn!r}")
+        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    @property
+    def num_cache_tokens(self) -> int:
+        return self.cache_size if self.cache_size is not None else self.ctx_size * self.n_parallel
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_cache_tokens // self.block_size)
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.ctx_size // self.block_size)
