@@ -1,0 +1,436 @@
+"""InferenceEngine: the public facade (load a GGUF model, generate, stream, chat, metrics).
+
+    from llcuda import InferenceEngine
+    with InferenceEngine() as engine:
+        engine.load_model("gemma-3-270m-Q4_K_M")
+        print(engine.infer("Explain KV caches", max_tokens=64).text)
+
+Requests run on an `EngineLoop`: a background thread that steps the continuous-batching engine,
+so `infer` calls from several threads, and `batch_infer`, share every forward pass. With
+`load_model(..., auto_start=False)` no thread is started: the calling thread drives the engine
+itself inside `infer`/`batch_infer`/streams (call `start()` later to switch to the thread).
+
+`create_completion` / `create_chat_completion` return OpenAI-shaped dicts, as llama-cpp-python's
+`Llama` does, so code written for it carries over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from llcuda import openai_format
+from llcuda.config import EngineConfig
+from llcuda.hub import resolve_model
+from llcuda.metrics import MetricsCollector
+from llcuda.sampling_params import SamplingParams
+from llcuda.streams import InferResult, SyncDriver, TextStream, ThreadDriver
+
+# infer(**kwargs) may set these SamplingParams fields beyond the explicit arguments
+_EXTRA_SAMPLING_ARGS = ("min_p", "repeat_penalty", "repeat_last_n", "ignore_eos")
+# load_model(**kwargs) may set these EngineConfig fields beyond the explicit arguments
+_EXTRA_ENGINE_ARGS = ("block_size", "device", "seed")
+
+
+class InferenceEngine:
+    """Load one GGUF model and run requests on it. Thread-safe; usable as a context manager."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._loaded: Any = None  # llcuda.engine.loader.LoadedModel
+        self._driver: ThreadDriver | SyncDriver | None = None
+        self._model_path: str | None = None
+        self._load_time_s = 0.0
+        self._metrics = MetricsCollector()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def load_model(
+        self,
+        model: str | os.PathLike,
+        gpu_layers: int = 99,
+        ctx_size: int = 2048,
+        batch_size: int = 512,
+        ubatch_size: int = 128,
+        n_parallel: int = 1,
+        cache_size: int | None = None,
+        flash_attn: bool | None = None,
+        auto_start: bool = True,
+        verbose: bool = True,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> bool:
+        """Load `model` (a .gguf path, a known name, or 'owner/repo:file.gguf'); True on success.
+
+        Knobs have llama.cpp's meanings (see EngineConfig); extra keyword arguments may set
+        EngineConfig's block_size, device ('cpu'/'cuda') and seed. Bad values raise ValueError
+        naming the argument; a missing or unreadable file raises FileNotFoundError / ValueError.
+        A model already loaded is unloaded first.
+        """
+        unknown = sorted(set(kwargs) - set(_EXTRA_ENGINE_ARGS))
+        if unknown:
+            raise ValueError(
+                f"unknown load_model argument(s) {', '.join(unknown)}; "
+                f"extra arguments may be: {', '.join(_EXTRA_ENGINE_ARGS)}"
+            )
+        for name, value in (("auto_start", auto_start), ("verbose", verbose)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise ValueError(
+                f"chat_template must be a Jinja template string, got {chat_template!r}"
+            )
+        config = EngineConfig(
+            gpu_layers=gpu_layers, ctx_size=ctx_size, batch_size=batch_size,
+            ubatch_size=ubatch_size, n_parallel=n_parallel, cache_size=cache_size,
+            flash_attn=flash_attn, **kwargs,
+        )  # fmt: skip
+        path = resolve_model(model, verbose=verbose)
+
+        from llcuda.engine.loader import load  # heavy (torch, model code): only when used
+
+        with self._lock:
+            self.unload_model()
+            t0 = time.perf_counter()
+            loaded = load(str(path), config, verbose=verbose, chat_template=chat_template)
+            self._load_time_s = time.perf_counter() - t0
+            self._loaded = loaded
+            self._model_path = str(path)
+            self._driver = SyncDriver(loaded.llm_engine)
+            if auto_start:
+                self.start()
+            self._metrics.reset()
+        return True
+
+    def start(self) -> None:
+        """Start the background engine thread (done by load_model unless auto_start=False)."""
+        with self._lock:
+            loaded = self._require_loaded()
+            if isinstance(self._driver, ThreadDriver):
+                return
+            from llcuda.engine.engine_loop import EngineLoop
+
+            self._driver = ThreadDriver(EngineLoop(loaded.llm_engine))
+
+    def unload_model(self) -> None:
+        """Stop the engine thread and free the model, KV cache and file mapping. Idempotent."""
+        with self._lock:
+            driver, loaded = self._driver, self._loaded
+            self._driver, self._loaded, self._model_path = None, None, None
+            if driver is not None:
+                driver.shutdown()
+            if loaded is None:
+                return
+            device = str(loaded.device)
+            loaded.close()
+            del loaded, driver
+            gc.collect()
+            if device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+
+    def __enter__(self) -> InferenceEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.unload_model()
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded is not None
+
+    @property
+    def model_info(self) -> dict:
+        """What is loaded: file, architecture, size, shape, tokenizer, device and engine knobs."""
+        loaded = self._require_loaded()
+        mc, ec, gguf = loaded.model_config, loaded.engine_config, loaded.gguf
+        return {
+            "path": self._model_path,
+            "name": mc.name,
+            "architecture": mc.architecture,
+            "parameters": sum(t.n_elements for t in gguf.tensors.values()),
+            "file_size": gguf.file_size,
+            "vocab_size": mc.vocab_size,
+            "context_length": mc.max_position_embeddings,
+            "num_layers": mc.num_layers,
+            "hidden_size": mc.hidden_size,
+            "num_heads": mc.num_heads,
+            "num_kv_heads": mc.num_kv_heads,
+            "head_dim": mc.head_dim,
+            "device": str(loaded.device),
+            "ctx_size": ec.ctx_size,
+            "n_parallel": ec.n_parallel,
+            "batch_size": ec.batch_size,
+            "ubatch_size": ec.ubatch_size,
+            "gpu_layers": ec.gpu_layers,
+            "background_thread": isinstance(self._driver, ThreadDriver),
+            "load_time_s": self._load_time_s,
+        }
+
+    @property
+    def memory_report(self) -> dict:
+        """Bytes held by the loaded model (weights, kv_cache, ...) and, on CUDA, by torch."""
+        loaded = self._require_loaded()
+        report: dict[str, Any] = {"device": str(loaded.device), **loaded.memory}
+        report["total"] = sum(v for v in loaded.memory.values() if isinstance(v, int))
+        if str(loaded.device).startswith("cuda"):
+            import torch
+
+            report["cuda_allocated"] = torch.cuda.memory_allocated()
+            report["cuda_reserved"] = torch.cuda.memory_reserved()
+            report["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+        return report
+
+    # --- generation -----------------------------------------------------------------------------
+
+    def infer(
+        self,
+        prompt: str,
+        max_tokens: int = 128,
+        temperature: float = 0.7,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> InferResult:
+        """Complete `prompt`. Bad arguments raise ValueError; engine errors give success=False."""
+        params = _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, kwargs)
+        return self._submit(self._encode_prompt(prompt), params).consume()
+
+    def infer_stream(
+        self,
+        prompt: str,
+        max_tokens: int = 128,
+        temperature: float = 0.7,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> TextStream:
+        """Like infer, but yields text pieces as they are produced (see TextStream)."""
+        params = _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, kwargs)
+        return self._submit(self._encode_prompt(prompt), params)
+
+    def batch_infer(
+        self,
+        prompts: Iterable[str],
+        max_tokens: int = 128,
+        temperature: float = 0.7,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> list[InferResult]:
+        """Submit every prompt at once so the scheduler batches them; results in prompt order."""
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list of strings, not one string (use infer)")
+        prompts = list(prompts)
+        params = _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, kwargs)
+        encoded = [self._encode_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        streams = [self._submit(ids, dataclasses.replace(params)) for ids in encoded]
+        return [s.consume() for s in streams]
+
+    def chat(
+        self,
+        messages: list[dict],
+        max_tokens: int = 128,
+        temperature: float = 0.7,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> InferResult:
+        """Answer a conversation ([{"role": "user", "content": "..."}]) with the chat template."""
+        params = _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, kwargs)
+        return self._submit(self._encode_chat(messages), params).consume()
+
+    def chat_stream(
+        self,
+        messages: list[dict],
+        max_tokens: int = 128,
+        temperature: float = 0.7,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> TextStream:
+        params = _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, kwargs)
+        return self._submit(self._encode_chat(messages), params)
+
+    # --- tokens, metrics ------------------------------------------------------------------------
+
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a string, got {type(text).__name__}")
+        tok = self._require_loaded().tokenizer
+        return list(tok.encode(text, add_special=add_special, parse_special=parse_special))
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        ids = list(ids)
+        loaded = self._require_loaded()
+        vocab = loaded.model_config.vocab_size
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"ids[{i}] must be a token id in [0, {vocab}), got {t!r}")
+        return loaded.tokenizer.decode(ids)
+
+    def get_metrics(self) -> dict:
+        """Latency and throughput since load or reset_metrics() (definitions: llcuda.metrics)."""
+        return self._metrics.snapshot()
+
+    def reset_metrics(self) -> None:
+        self._metrics.reset()
+
+    # --- OpenAI-shaped results (llama-cpp-python's Llama.create_completion and friends) ----------
+
+    def create_completion(
+        self,
+        prompt: str | list[int],
+        max_tokens: int | None = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        stop: str | list[str] | None = None,
+        repeat_penalty: float = 1.0,
+        top_k: int = 40,
+        stream: bool = False,
+        seed: int | None = None,
+        echo: bool = False,
+    ) -> dict | Iterator[dict]:
+        """A `text_completion` dict (or, with stream=True, an iterator of chunks)."""
+        ids = self._encode_prompt(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
+        params = _sampling_params(
+            self._openai_max_tokens(max_tokens, len(ids)), temperature, top_k, top_p, seed, stop,
+            {"min_p": min_p, "repeat_penalty": repeat_penalty},
+        )  # fmt: skip
+        prefix = (prompt if isinstance(prompt, str) else self.detokenize(ids)) if echo else ""
+        text_stream = self._submit(ids, params)
+        body = openai_format.completion_chunks if stream else openai_format.completion
+        return body(text_stream, prefix, self._model_name(), len(ids))
+
+    def create_chat_completion(
+        self,
+        messages: list[dict],
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        stream: bool = False,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        max_tokens: int | None = None,
+        repeat_penalty: float = 1.0,
+    ) -> dict | Iterator[dict]:
+        """A `chat.completion` dict (or, with stream=True, `chat.completion.chunk` dicts)."""
+        ids = self._encode_chat(messages)
+        params = _sampling_params(
+            self._openai_max_tokens(max_tokens, len(ids)), temperature, top_k, top_p, seed, stop,
+            {"min_p": min_p, "repeat_penalty": repeat_penalty},
+        )  # fmt: skip
+        text_stream = self._submit(ids, params)
+        body = openai_format.chat_chunks if stream else openai_format.chat_completion
+        return body(text_stream, self._model_name(), len(ids))
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _require_loaded(self) -> Any:
+        loaded = self._loaded
+        if loaded is None:
+            raise RuntimeError("no model is loaded: call load_model(...) first")
+        return loaded
+
+    def _model_name(self) -> str:
+        return os.path.basename(self._model_path or "")
+
+    def _encode_prompt(self, prompt: Any, name: str = "prompt") -> list[int]:
+        if not isinstance(prompt, str):
+            raise ValueError(f"{name} must be a string, got {type(prompt).__name__}")
+        ids = self._require_loaded().tokenizer.encode(prompt, add_special=True, parse_special=True)
+        return self._check_length(list(ids), name)
+
+    def _encode_chat(self, messages: Any) -> list[int]:
+        loaded = self._require_loaded()
+        messages = _check_messages(messages)
+        template = loaded.chat_template
+        text = template.render(messages, add_generation_prompt=True)
+        # a template that writes <bos> itself must not get a second one from the tokenizer
+        ids = loaded.tokenizer.encode(text, add_special=not template.adds_bos, parse_special=True)
+        return self._check_length(list(ids), "messages")
+
+    def _check_ids(self, ids: Any) -> list[int]:
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise ValueError("prompt must be a string or a non-empty list of token ids")
+        vocab = self._require_loaded().model_config.vocab_size
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt[{i}] must be a token id in [0, {vocab}), got {t!r}")
+        return self._check_length(list(ids), "prompt")
+
+    def _check_length(self, ids: list[int], name: str) -> list[int]:
+        ctx = self._require_loaded().engine_config.ctx_size
+        if len(ids) >= ctx:
+            raise ValueError(
+                f"{name} is {len(ids)} tokens but ctx_size is {ctx}: no room left to generate "
+                f"(shorten it or load the model with a larger ctx_size)"
+            )
+        return ids
+
+    def _openai_max_tokens(self, max_tokens: int | None, num_prompt: int) -> int:
+        """llama-cpp-python: None or <= 0 means 'until the context is full'."""
+        if max_tokens is None or (isinstance(max_tokens, int) and max_tokens <= 0):
+            return self._require_loaded().engine_config.ctx_size - num_prompt
+        return max_tokens
+
+    def _submit(self, prompt_ids: list[int], params: SamplingParams) -> TextStream:
+        with self._lock:
+            self._require_loaded()
+            handle = self._driver.submit(prompt_ids, params)
+        return TextStream(handle, len(prompt_ids), self._metrics)
+
+
+def _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, extra) -> SamplingParams:
+    unknown = sorted(set(extra) - set(_EXTRA_SAMPLING_ARGS))
+    if unknown:
+        raise ValueError(
+            f"unknown argument(s) {', '.join(unknown)}; "
+            f"extra sampling arguments may be: {', '.join(_EXTRA_SAMPLING_ARGS)}"
+        )
+    if stop is not None and not isinstance(stop, (str, list, tuple)):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        stop=stop, **extra,
+    )  # fmt: skip
+
+
+def _check_messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    checked = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{i}] must be a dict with a string 'role', got {m!r}")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise ValueError(f"messages[{i}].content: only text parts are supported")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string, got {content!r}")
+        checked.append({**m, "content": content})
+    return checked

@@ -1,0 +1,93 @@
+"""OpenAI-shaped bodies (text_completion, chat.completion and their stream chunks).
+
+The same shapes llama-cpp-python's `Llama.create_completion` / `create_chat_completion` return,
+so code written against it carries over to `InferenceEngine`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+from llcuda.streams import InferResult, TextStream
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _header(kind: str, model: str) -> dict:
+    prefix = "cmpl" if kind.startswith("text") else "chatcmpl"
+    return {
+        "id": f"{prefix}-{os.urandom(12).hex()}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+    }
+
+
+def _finished(stream: TextStream) -> InferResult:
+    result = stream.consume()
+    if not result.success:
+        raise RuntimeError(f"generation failed: {result.error_message}")
+    return result
+
+
+def completion(stream: TextStream, prefix: str, model: str, num_prompt: int) -> dict:
+    result = _finished(stream)
+    choice = {"text": prefix + result.text, "index": 0, "logprobs": None,
+              "finish_reason": result.finish_reason}  # fmt: skip
+    return {**_header("text_completion", model), "choices": [choice],
+            "usage": _usage(num_prompt, result.tokens_generated)}  # fmt: skip
+
+
+def completion_chunks(stream: TextStream, prefix: str, model: str, num_prompt: int):
+    header = _header("text_completion", model)
+
+    def chunk(text: str, finish_reason: str | None) -> dict:
+        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+        return {**header, "choices": [choice]}
+
+    def gen() -> Iterator[dict]:
+        try:
+            if prefix:
+                yield chunk(prefix, None)
+            for piece in stream:
+                yield chunk(piece, None)
+            yield chunk("", stream.result.finish_reason)
+        finally:
+            stream.close()
+
+    return gen()
+
+
+def chat_completion(stream: TextStream, model: str, num_prompt: int) -> dict:
+    result = _finished(stream)
+    choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+              "logprobs": None, "finish_reason": result.finish_reason}  # fmt: skip
+    return {**_header("chat.completion", model), "choices": [choice],
+            "usage": _usage(num_prompt, result.tokens_generated)}  # fmt: skip
+
+
+def chat_chunks(stream: TextStream, model: str, num_prompt: int):
+    header = _header("chat.completion.chunk", model)
+
+    def chunk(delta: dict, finish_reason: str | None) -> dict:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**header, "choices": [choice]}
+
+    def gen() -> Iterator[dict]:
+        try:
+            yield chunk({"role": "assistant"}, None)
+            for piece in stream:
+                yield chunk({"content": piece}, None)
+            yield chunk({}, stream.result.finish_reason)
+        finally:
+            stream.close()
+
+    return gen()

@@ -1,0 +1,196 @@
+"""One request's stream of text, and the two ways of stepping the engine behind it.
+
+`TextStream` turns the engine's `RequestOutput` deltas into text pieces and, at the end, an
+`InferResult` with latency and TTFT measured from submission. A driver hands out the deltas:
+- `ThreadDriver`: the `EngineLoop` background thread steps the engine; handles are fed by it.
+- `SyncDriver` (load_model(auto_start=False)): whoever iterates a handle steps the engine in
+  its own thread; outputs for other requests met on the way are queued for their handles, so
+  requests submitted together still share every step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from llcuda.metrics import MetricsCollector
+from llcuda.sampling_params import SamplingParams
+
+
+@dataclass
+class InferResult:
+    """One finished request. tokens_per_sec = tokens_generated / latency (prefill included)."""
+
+    success: bool
+    text: str = ""
+    tokens_generated: int = 0
+    prompt_tokens: int = 0
+    latency_ms: float = 0.0
+    ttft_ms: float = 0.0  # time to first token; 0.0 when no token was generated
+    tokens_per_sec: float = 0.0
+    finish_reason: str | None = None  # "stop" | "length" | "abort"; None on error
+    error_message: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+
+class TextStream(Iterator[str]):
+    """Text pieces of one request as the engine produces them.
+
+    When iteration ends, `result` holds the InferResult. Closing the stream early (`close()`,
+    or dropping it unfinished) aborts the request. An engine error is raised from `next()`
+    after `result` records it with success=False.
+    """
+
+    def __init__(self, handle: Any, prompt_tokens: int, metrics: MetricsCollector) -> None:
+        self.result: InferResult | None = None
+        self._handle = handle
+        self._outputs = iter(handle)
+        self._prompt_tokens = prompt_tokens
+        self._metrics = metrics
+        self._start = metrics.start()  # latency counts from submission, not from first next()
+        self._ttft_ms = 0.0
+        self._pieces: list[str] = []
+        self._token_ids: list[int] = []
+        self._finish_reason: str | None = None
+        self._engine_finished = False
+
+    def __next__(self) -> str:
+        while self.result is None:
+            if self._engine_finished:
+                self._close(self._finish_reason)
+                break
+            try:
+                out = next(self._outputs)
+            except StopIteration:
+                self._close(self._finish_reason)
+                break
+            except Exception as exc:
+                self._close(None, error=exc)
+                raise
+            if out.new_token_ids and not self._token_ids:
+                self._ttft_ms = (time.perf_counter() - self._start) * 1000.0
+            self._token_ids.extend(out.new_token_ids)
+            if out.finished:
+                self._engine_finished = True
+                self._finish_reason = out.finish_reason
+            if out.new_text:
+                self._pieces.append(out.new_text)
+                return out.new_text
+        raise StopIteration
+
+    def close(self) -> None:
+        """Abort the request if it is still running; `result` then has finish_reason 'abort'."""
+        if self.result is None:
+            if not self._engine_finished:
+                self._handle.abort()
+            self._close(self._finish_reason if self._engine_finished else "abort")
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass  # interpreter shutdown: the engine may already be gone
+
+    def consume(self) -> InferResult:
+        """Run to the end and return the result; an engine error becomes success=False."""
+        try:
+            for _ in self:
+                pass
+        except Exception:
+            pass
+        assert self.result is not None
+        return self.result
+
+    def _close(self, finish_reason: str | None, error: Exception | None = None) -> None:
+        n = len(self._token_ids)
+        latency = self._metrics.finish(
+            self._start, prompt_tokens=self._prompt_tokens, generated_tokens=n,
+            ttft_ms=self._ttft_ms if n else None, success=error is None,
+        )  # fmt: skip
+        self.result = InferResult(
+            success=error is None, text="".join(self._pieces), tokens_generated=n,
+            prompt_tokens=self._prompt_tokens, latency_ms=latency, ttft_ms=self._ttft_ms,
+            tokens_per_sec=n / (latency / 1000.0) if latency > 0 else 0.0,
+            finish_reason=finish_reason if error is None else None,
+            error_message=None if error is None else f"{type(error).__name__}: {error}",
+            token_ids=list(self._token_ids),
+        )  # fmt: skip
+
+
+class ThreadDriver:
+    """Requests go to the EngineLoop's background thread; handles stream its RequestOutputs."""
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Any:
+        return self.loop.submit(prompt_ids, params)
+
+    def shutdown(self) -> None:
+        self.loop.shutdown()
+
+
+class SyncDriver:
+    """auto_start=False: whoever iterates a handle steps the engine, in the calling thread.
+
+    Outputs of other requests met on the way are queued for their own handles, so requests
+    submitted together (batch_infer) still share every step.
+    """
+
+    def __init__(self, llm_engine: Any) -> None:
+        self.engine = llm_engine
+        self._lock = threading.RLock()
+        self._ids = itertools.count()
+        self._queues: dict[str, list[Any]] = {}
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> SyncHandle:
+        with self._lock:
+            request_id = f"sync-{next(self._ids)}"
+            self.engine.add_request(request_id, prompt_ids, params)
+            self._queues[request_id] = []
+        return SyncHandle(self, request_id)
+
+    def next_outputs(self, request_id: str) -> list[Any]:
+        with self._lock:
+            queue = self._queues[request_id]
+            while not queue:
+                for out in self.engine.step():
+                    if out.request_id in self._queues:
+                        self._queues[out.request_id].append(out)
+            outputs = list(queue)
+            queue.clear()
+            if outputs[-1].finished:
+                del self._queues[request_id]
+            return outputs
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if self._queues.pop(request_id, None) is not None:
+                self.engine.abort_request(request_id)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            for request_id in list(self._queues):
+                self.abort(request_id)
+
+
+class SyncHandle:
+    def __init__(self, driver: SyncDriver, request_id: str) -> None:
+        self._driver = driver
+        self.request_id = request_id
+        self._finished = False
+
+    def __iter__(self) -> Iterator[Any]:
+        while not self._finished:
+            for out in self._driver.next_outputs(self.request_id):
+                self._finished = self._finished or out.finished
+                yield out
+
+    def abort(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._driver.abort(self.request_id)
