@@ -1,0 +1,225 @@
+"""The `llcuda` command: `generate` text from a prompt, `info` about a GGUF file.
+
+Each subcommand is one `_add_<name>(subparsers)` function that registers its arguments and
+sets `func`; `bench` and `serve` join the same way. Expected failures (a bad file, a bad
+argument, no network) print `llcuda: error: ...` and exit 1; set LLCUDA_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from llcuda import __version__
+from llcuda.hub import EMBEDDED_MODEL, resolve_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llcuda", description="Run GGUF language models on NVIDIA GPUs (or the CPU)."
+    )
+    parser.add_argument("--version", action="version", version=f"llcuda {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_generate, _add_info):
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError) as exc:
+        # FileNotFoundError, GGUFError (a ValueError), ModelNotFoundError, CUDA unavailable, ...
+        if os.environ.get("LLCUDA_DEBUG"):
+            raise
+        print(f"llcuda: error: {exc}", file=sys.stderr)
+        return 1
+
+
+# --- generate -------------------------------------------------------------------------------
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="stream a completion of PROMPT to stdout",
+        description="Stream a completion of PROMPT to stdout; timings go to stderr at the end.",
+    )
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("-m", "--model", default=EMBEDDED_MODEL,
+                   help=f"a .gguf path, a known name or owner/repo:file.gguf "
+                        f"(default: {EMBEDDED_MODEL}, shipped on PyPI)")  # fmt: skip
+    p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="RNG seed (default: random)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens")
+    p.add_argument("-ngl", "--gpu-layers", type=int, default=99, help="layers on the GPU")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when available")  # fmt: skip
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send PROMPT as a user message through the model's chat template",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no timings")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from llcuda.api import InferenceEngine
+
+    verbose = not args.quiet
+    extra = {"device": args.device} if args.device else {}
+    with InferenceEngine() as engine:
+        engine.load_model(args.model, gpu_layers=args.gpu_layers, ctx_size=args.ctx_size,
+                          verbose=verbose, **extra)  # fmt: skip
+        sampling = dict(
+            max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k,
+            top_p=args.top_p, seed=args.seed, stop=args.stop, min_p=args.min_p,
+            repeat_penalty=args.repeat_penalty,
+        )  # fmt: skip
+        if args.chat:
+            stream = engine.chat_stream([{"role": "user", "content": args.prompt}], **sampling)
+        else:
+            stream = engine.infer_stream(args.prompt, **sampling)
+        try:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        finally:
+            stream.close()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if verbose:
+            print(_perf_report(stream.result, engine.model_info["load_time_s"]), file=sys.stderr)
+    return 0
+
+
+def _perf_report(result, load_time_s: float) -> str:
+    """llama.cpp's llama_perf_context_print lines.
+
+    prompt eval = submission to first token (prefill and the first sample); eval = the remaining
+    tokens, one decode step ("run") each.
+    """
+    n_prompt, n_gen = result.prompt_tokens, result.tokens_generated
+    prompt_ms = result.ttft_ms if n_gen else result.latency_ms
+    eval_ms = max(result.latency_ms - prompt_ms, 0.0)
+    runs = max(n_gen - 1, 0)
+
+    def rate(ms: float, n: int, unit: str) -> str:
+        per = ms / n if n else 0.0
+        tps = 1000.0 * n / ms if ms > 0 else 0.0
+        return (
+            f"{ms:10.2f} ms / {n:5d} {unit} ({per:8.2f} ms per token, {tps:8.2f} tokens per second)"
+        )
+
+    return "\n".join([
+        f"llcuda:        load time = {load_time_s * 1000:10.2f} ms",
+        f"llcuda: prompt eval time = {rate(prompt_ms, n_prompt, 'tokens')}",
+        f"llcuda:        eval time = {rate(eval_ms, runs, 'runs  ')}",
+        f"llcuda:       total time = {result.latency_ms:10.2f} ms / {n_prompt + n_gen:5d} tokens",
+    ])  # fmt: skip
+
+
+# --- info -----------------------------------------------------------------------------------
+
+
+def _add_info(subparsers) -> None:
+    p = subparsers.add_parser(
+        "info",
+        help="describe a GGUF file: architecture, size, shape, tokenizer, tensor types",
+        description="Describe a GGUF file without loading its weights.",
+    )
+    p.add_argument("model", metavar="FILE_OR_NAME", help="a .gguf path or a known model name")
+    p.set_defaults(func=_info)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from llcuda.gguf.reader import GGUFFile
+
+    path = resolve_model(args.model, verbose=True)
+    with GGUFFile(path) as gguf:
+        print(describe_gguf(gguf))
+    return 0
+
+
+def describe_gguf(gguf) -> str:
+    """A human-readable summary of a GGUF file's metadata and tensors."""
+    md = gguf.metadata
+    arch = md.get("general.architecture", "?")
+
+    def key(name: str, default: object = "?") -> object:
+        return md.get(f"{arch}.{name}", default)
+
+    tensors = list(gguf.tensors.values())
+    n_params = sum(t.n_elements for t in tensors)
+    heads, kv_heads = key("attention.head_count"), key("attention.head_count_kv", None)
+    tokens = md.get("tokenizer.ggml.tokens")
+    rows = [
+        ("file", f"{gguf.path} ({_size(gguf.file_size)})"),
+        ("architecture", arch),
+        ("name", md.get("general.name", "?")),
+        ("file type", _file_type(md.get("general.file_type"))),
+        ("parameters", f"{n_params / 1e6:.1f} M ({n_params:,})"),
+        ("context length", key("context_length")),
+        ("layers", key("block_count")),
+        ("embedding dim", key("embedding_length")),
+        ("feed-forward dim", key("feed_forward_length")),
+        ("heads", f"{heads} (kv heads {kv_heads if kv_heads is not None else heads})"),
+        ("head dim", key("attention.key_length", "embedding / heads")),
+        (
+            "tokenizer",
+            f"{md.get('tokenizer.ggml.model', '?')} "
+            f"(vocab {len(tokens) if tokens is not None else '?'})",
+        ),  # fmt: skip
+        ("chat template", "yes" if md.get("tokenizer.chat_template") else "no"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name + ':':<{width + 1}} {value}" for name, value in rows]
+
+    by_type: dict[str, list[int]] = {}
+    for t in tensors:
+        name = getattr(t.ggml_type, "name", str(t.ggml_type))
+        count_bytes = by_type.setdefault(name, [0, 0])
+        count_bytes[0] += 1
+        count_bytes[1] += t.nbytes
+    lines += ["", f"{'tensor type':<12} {'count':>6} {'bytes':>14} {'size':>10}"]
+    for name, (count, nbytes) in sorted(by_type.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"{name:<12} {count:>6} {nbytes:>14,} {_size(nbytes):>10}")
+    total = sum(b for _, b in by_type.values())
+    lines.append(f"{'total':<12} {len(tensors):>6} {total:>14,} {_size(total):>10}")
+    return "\n".join(lines)
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def _file_type(value: object) -> str:
+    if value is None:
+        return "?"
+    try:
+        from gguf import LlamaFileType  # llama.cpp's llama_ftype names
+
+        return f"{LlamaFileType(int(value)).name.removeprefix('MOSTLY_')} ({value})"
+    except (ImportError, ValueError):
+        return str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
