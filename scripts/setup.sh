@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Make .venv/ hold llcuda (editable) and its test tools. Safe to run again: it does only
+# what is missing. torch is installed first and pinned: on these machines `torch==2.13.0`
+# is a CPU build found on local disk, while a bare `torch` requirement would pull a
+# multi-GB CUDA build from PyPI.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+    echo "setup: creating $venv" >&2
+    "$python" -m venv "$venv"
+fi
+
+if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: installing torch==2.13.0" >&2
+    "$venv/bin/python" -m pip install -q torch==2.13.0
+fi
+
+# Reinstall the project only when pyproject.toml changed since the last install.
+stamp="$venv/.llcuda-pyproject.sha256"
+want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] \
+    || ! "$venv/bin/python" -c "import llcuda" >/dev/null 2>&1; then
+    echo "setup: installing llcuda[test] (editable) into $venv" >&2
+    "$venv/bin/python" -m pip install -q -e "$root[test]"
+    echo "$want" >"$stamp"
+fi
