@@ -1,0 +1,230 @@
+"""Paged KV-cache bookkeeping: which fixed-size blocks of the cache each request owns.
+
+The KV cache is `num_blocks` blocks of `block_size` token slots. Token i of a request lives in
+slot `block_table[i // block_size] * block_size + i % block_size`. Blocks are reference counted so
+that, with prefix caching on, requests whose prompts share a prefix share the blocks holding it.
+
+Prefix caching (flag `enable_prefix_caching`): every *full* block is named by a chained hash of
+(parent block's hash, its token ids), so a hash names the whole prefix up to that block's end.
+Once a block's tokens are computed, its hash is registered; a new request looks its own hashes up
+and adopts the matching blocks instead of recomputing them. Freed blocks keep their hash and stay
+findable until they are handed out again (lazy eviction, least recently freed first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+from llcuda.engine.request import Request
+
+
+class KVBlock:
+    __slots__ = ("block_id", "ref_count", "hash")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: bytes | None = None  # set once the block is full, computed and registered
+
+    def __repr__(self) -> str:
+        return f"KVBlock({self.block_id}, ref={self.ref_count}, cached={self.hash is not None})"
+
+
+def hash_block(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
+    """Chained content hash of one full block: names the whole prefix ending with it.
+
+    128-bit BLAKE2b, so two different prefixes never share a name in practice (a collision would
+    silently hand one request another prompt's KV entries).
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent_hash or b"")
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class BlockManager:
+    """Free list + reference counts over `num_blocks` KV blocks, with optional prefix caching."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        # blocks with ref_count 0, in eviction order: the front is handed out first. An OrderedDict
+        # because a prefix-cache hit takes a block out of the middle.
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[bytes, int] = {}  # block hash -> id of the block holding that prefix
+
+    # --- queries --------------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no request holds (cached-but-free blocks count: they are evicted on demand)."""
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by live requests, in [0, 1]."""
+        return 1.0 - len(self._free) / self.num_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    def num_blocks_needed(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.block_size)
+
+    def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
+        """Whether `allocate_slots(request, num_new_tokens)` would succeed now."""
+        return self._num_new_blocks(request, num_new_tokens, 0) <= len(self._free)
+
+    # --- allocation -----------------------------------------------------------------------------
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, cached_blocks: Sequence[int] = ()
+    ) -> bool:
+        """Grow `request.block_table` to cover `num_computed_tokens + num_new_tokens` tokens.
+
+        All or nothing: returns False and changes nothing when the free list is too short.
+        `cached_blocks` (from `find_cached_blocks`, for a request holding no blocks yet) are
+        adopted first and count as computed: the caller then sets `num_computed_tokens` to
+        `len(cached_blocks) * block_size`, and `num_new_tokens` counts tokens after them.
+        """
+        if num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
+        if cached_blocks and (request.block_table or request.num_computed_tokens):
+            raise ValueError(
+                f"request {request.request_id!r}: cached blocks can only start an empty table"
+            )
+        num_new = self._num_new_blocks(request, num_new_tokens, len(cached_blocks))
+        # adopting a free cached block takes it off the free list too
+        num_free_after_hits = len(self._free) - sum(
+            1 for b in cached_blocks if self.blocks[b].ref_count == 0
+        )
+        if num_new > num_free_after_hits:
+            return False
+        for block_id in cached_blocks:
+            block = self.blocks[block_id]
+            assert block.hash is not None, f"block {block_id} offered as cached but has no hash"
+            if block.ref_count == 0:
+                del self._free[block_id]
+            block.ref_count += 1
+            request.block_table.append(block_id)
+        request.num_hashed_blocks = len(cached_blocks)
+        for _ in range(num_new):
+            block_id, _ = self._free.popitem(last=False)
+            block = self.blocks[block_id]
+            assert block.ref_count == 0, f"free block {block_id} has ref_count {block.ref_count}"
+            self._evict(block)
+            block.ref_count = 1
+            request.block_table.append(block_id)
+        return True
+
+    def free(self, request: Request) -> None:
+        """Release every block the request holds. Idempotent: a second call frees nothing."""
+        # tail blocks first, so that under prefix caching a prompt's tail is evicted before its head
+        for block_id in reversed(request.block_table):
+            block = self.blocks[block_id]
+            assert block.ref_count > 0, f"double free of block {block_id} by {request.request_id!r}"
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block_id] = None
+                if block.hash is None:
+                    # nothing worth keeping in it: hand it out before the cached ones
+                    self._free.move_to_end(block_id, last=False)
+        request.block_table = []
+        request.num_hashed_blocks = 0
+
+    def _num_new_blocks(self, request: Request, num_new_tokens: int, num_cached: int) -> int:
+        num_tokens = request.num_computed_tokens + num_cached * self.block_size + num_new_tokens
+        return max(0, cdiv(num_tokens, self.block_size) - len(request.block_table) - num_cached)
+
+    def _evict(self, block: KVBlock) -> None:
+        """Forget a free block's cached prefix before it is overwritten."""
+        if block.hash is not None:
+            if self._cached.get(block.hash) == block.block_id:
+                del self._cached[block.hash]
+            block.hash = None
+
+    # --- prefix caching -------------------------------------------------------------------------
+
+    def block_hashes(self, request: Request, num_full_blocks: int) -> list[bytes]:
+        """The chained hashes of the request's first `num_full_blocks` full blocks (memoised)."""
+        hashes = request.block_hashes
+        bs = self.block_size
+        tokens = request.all_token_ids
+        while len(hashes) < num_full_blocks:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs]))
+        return hashes[:num_full_blocks]
+
+    def find_cached_blocks(self, request: Request) -> list[int]:
+        """Blocks holding the longest cached prefix of the request's tokens (nothing is taken).
+
+        The last token is never served from the cache: the step that computes it must also
+        produce the logits to sample from, so at most `(num_tokens - 1) // block_size` blocks hit.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[int] = []
+        for h in self.block_hashes(request, max_blocks):
+            block_id = self._cached.get(h)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the request's full, computed blocks so that other requests can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_table))
+        if num_full <= request.num_hashed_blocks:
+            return
+        hashes = self.block_hashes(request, num_full)
+        for i in range(request.num_hashed_blocks, num_full):
+            block = self.blocks[request.block_table[i]]
+            if block.hash is None:
+                block.hash = hashes[i]
+                # a twin computed concurrently by another request keeps the entry; both stay valid
+                self._cached.setdefault(block.hash, block.block_id)
+        request.num_hashed_blocks = num_full
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (e.g. after the weights change). Held blocks keep working."""
+        self._cached.clear()
+        for block in self.blocks:
+            block.hash = None
+
+    # --- checks ---------------------------------------------------------------------------------
+
+    def check_invariants(self, live_requests: Iterable[Request]) -> None:
+        """Assert that ref counts, free list and hash map agree with the live block tables."""
+        counts = [0] * self.num_blocks
+        for req in live_requests:
+            assert len(set(req.block_table)) == len(req.block_table), f"repeated block in {req}"
+            for block_id in req.block_table:
+                counts[block_id] += 1
+        for block in self.blocks:
+            assert block.ref_count == counts[block.block_id], (
+                f"block {block.block_id}: ref_count {block.ref_count} but held by "
+                f"{counts[block.block_id]} live requests"
+            )
+            assert (block.ref_count == 0) == (block.block_id in self._free), block
+            if block.ref_count > 1:
+                assert block.hash is not None, f"shared block {block.block_id} is not a cached one"
+        for h, block_id in self._cached.items():
+            assert self.blocks[block_id].hash == h, f"hash map points at stale block {block_id}"

@@ -1,0 +1,177 @@
+"""Token sampling with llama.cpp's semantics, batched, seeded per request, without host syncs.
+
+Order (llama.cpp `common/sampling.cpp` default chain, minus the samplers that are off by default:
+DRY, top-n-sigma, typical-p, XTC):
+
+    repeat penalty -> top_k -> top_p -> min_p -> temperature -> sample
+
+Temperature comes last, so top_p and min_p see the temperature-1 distribution, as in llama.cpp.
+Greedy rows (temperature 0 or top_k 1) take the argmax of the penalised logits; the filters
+always keep the maximum, so that equals llama.cpp's chain, ties going to the lowest token id.
+
+Random rows sample with the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with
+probability p_i, needs no cumulative sum, no multinomial and no host sync. A seeded row draws its
+noise from its own generator, one value per vocabulary entry in token-id order, so its sample
+depends only on its own logits and generator state, never on which other rows share the batch.
+Unseeded rows share one draw from the device's default generator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from llcuda.sampling_params import SamplingParams
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    history: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """Pick one token per row.
+
+    logits: [num_seqs, vocab] float32 (any device; not modified).
+    params / generators / history: one per row; history is the row's tokens so far (prompt and
+    output), read for the repeat penalty.
+    Returns [num_seqs] int64 on logits.device. The caller's `.tolist()` is the only host sync.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [num_seqs, vocab], got shape {tuple(logits.shape)}")
+    num_seqs = logits.shape[0]
+    if not (len(params) == len(generators) == len(history) == num_seqs):
+        raise ValueError(
+            f"sample: {num_seqs} logit rows but {len(params)} params, {len(generators)} "
+            f"generators and {len(history)} histories"
+        )
+    if num_seqs == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    logits = apply_repeat_penalty(logits.float(), params, history)  # [num_seqs, vocab]
+    # ties: torch.argmax returns the first maximal index, i.e. the lowest token id
+    tokens = logits.argmax(dim=-1)  # [num_seqs]
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return tokens
+    if len(rows) == num_seqs:
+        return _sample_random(logits, params, generators)
+    index = _device_tensor(rows, torch.int64, logits.device)  # [num_random]
+    random_tokens = _sample_random(
+        logits.index_select(0, index), [params[i] for i in rows], [generators[i] for i in rows]
+    )
+    return tokens.index_copy(0, index, random_tokens)
+
+
+def apply_repeat_penalty(
+    logits: torch.Tensor, params: Sequence[SamplingParams], history: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """llama.cpp's repeat penalty over each row's last `repeat_last_n` tokens (-1: all of them).
+
+    Every distinct token in the window has its logit divided by the penalty if positive and
+    multiplied by it otherwise (once, however often it occurs). Returns a new tensor when any
+    row is penalised, else `logits` itself.
+    """
+    rows: list[int] = []
+    windows: list[Sequence[int]] = []
+    for i, p in enumerate(params):
+        n = p.repeat_last_n
+        if p.repeat_penalty == 1.0 or n == 0 or not history[i]:
+            continue
+        rows.append(i)
+        windows.append(history[i] if n < 0 else history[i][-n:])
+    if not rows:
+        return logits
+    width = max(len(w) for w in windows)
+    # pad each window with its own first token: a repeated index writes the same value twice
+    padded = [list(w) + [w[0]] * (width - len(w)) for w in windows]
+    device = logits.device
+    row_index = _device_tensor(rows, torch.int64, device)  # [num_penalised]
+    token_index = _device_tensor(padded, torch.int64, device)  # [num_penalised, width]
+    penalty = _device_tensor([params[i].repeat_penalty for i in rows], torch.float32, device)
+    penalty = penalty[:, None]  # [num_penalised, 1]
+    sub = logits.index_select(0, row_index)  # [num_penalised, vocab]
+    seen = sub.gather(1, token_index)  # [num_penalised, width]
+    seen = torch.where(seen <= 0, seen * penalty, seen / penalty)
+    sub = sub.scatter(1, token_index, seen)
+    return logits.index_copy(0, row_index, sub)
+
+
+def _sample_random(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """top_k -> top_p -> min_p -> temperature -> exponential race. logits: [n, vocab]."""
+    n, vocab = logits.shape
+    device = logits.device
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    k_max = max(ks)
+    # candidates in descending logit order; everything past a row's own top_k is masked below
+    values, indices = logits.topk(k_max, dim=-1)  # [n, k_max] each
+    pos = torch.arange(k_max, device=device)  # [k_max]
+
+    if min(ks) < k_max:
+        k = _device_tensor(ks, torch.int64, device)[:, None]  # [n, 1]
+        values = values.masked_fill(pos >= k, -math.inf)
+
+    top_p = [p.top_p for p in params]
+    if min(top_p) < 1.0:
+        # keep the smallest prefix whose probability reaches p: entry j stays when the mass
+        # before it is still < p (the first entry always stays, as in llama.cpp)
+        probs = values.softmax(dim=-1)  # [n, k_max]
+        mass_before = probs.cumsum(dim=-1) - probs
+        p_t = _device_tensor(top_p, torch.float32, device)[:, None]  # [n, 1]
+        keep = (mass_before < p_t) | (pos == 0) | (p_t >= 1.0)
+        values = values.masked_fill(~keep, -math.inf)
+
+    min_p = [p.min_p for p in params]
+    if max(min_p) > 0.0:
+        # keep tokens with p_i >= min_p * p_max, i.e. logit_i >= logit_max + log(min_p)
+        log_min_p = [math.log(m) if m > 0 else -math.inf for m in min_p]
+        threshold = values[:, :1] + _device_tensor(log_min_p, torch.float32, device)[:, None]
+        values = values.masked_fill(values < threshold, -math.inf)  # [n, k_max]
+
+    temperature = _device_tensor([p.temperature for p in params], torch.float32, device)
+    probs = (values / temperature[:, None]).softmax(dim=-1)  # [n, k_max]
+
+    noise = _exponential_noise(n, vocab, k_max, indices, generators, device)  # [n, k_max]
+    choice = (probs / noise).argmax(dim=-1, keepdim=True)  # [n, 1]
+    return indices.gather(1, choice).squeeze(1)
+
+
+def _exponential_noise(
+    n: int,
+    vocab: int,
+    k_max: int,
+    indices: torch.Tensor,
+    generators: Sequence[torch.Generator | None],
+    device: torch.device,
+) -> torch.Tensor:
+    """Exp(1) noise for the candidates `indices` [n, k_max] -> [n, k_max] float32."""
+    noise = torch.empty(n, k_max, device=device).exponential_()  # default generator
+    for row, gen in enumerate(generators):
+        if gen is None:
+            continue
+        # one value per vocabulary entry in token-id order: independent of k_max and of ties
+        if gen.device.type == device.type:
+            row_noise = torch.empty(vocab, device=device).exponential_(generator=gen)
+        else:  # generator made for another device: correct, but pays a copy
+            row_noise = torch.empty(vocab, device=gen.device).exponential_(generator=gen)
+            row_noise = _to_device(row_noise, device)
+        noise[row] = row_noise.index_select(0, indices[row])
+    # Exp(1) can return 0; p / 0 would be inf, or NaN for a masked token
+    return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def _device_tensor(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on `device`, copied without blocking the host."""
+    return _to_device(torch.tensor(data, dtype=dtype), device)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        # a pageable host -> device copy synchronises; a pinned one is queued on the stream
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
