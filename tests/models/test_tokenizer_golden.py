@@ -1,0 +1,114 @@
+"""The real Gemma 3 270M tokenizer against llama.cpp's golden ids and text."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from llcuda.gguf.detokenizer import IncrementalDetokenizer
+from llcuda.gguf.reader import GGUFFile
+from llcuda.gguf.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def metadata(real_model_path) -> dict:
+    with GGUFFile(real_model_path) as f:
+        return dict(f.metadata)
+
+
+@pytest.fixture(scope="module")
+def tok(metadata) -> Tokenizer:
+    return Tokenizer.from_metadata(metadata)
+
+
+def test_vocab_facts(tok: Tokenizer):
+    assert tok.model == "llama"
+    assert tok.vocab_size == 262144
+    assert (tok.bos_id, tok.eos_id) == (2, 1)
+    assert tok.add_bos and not tok.add_eos and not tok.add_space_prefix
+    # <eos>, <end_of_turn> (found by text, as llama.cpp does) and </s>
+    assert tok.eog_ids == frozenset({1, 106, 212})
+    assert tok.token_text(106) == "<end_of_turn>" and tok.is_control(106)
+    assert not tok.is_control(9259)
+
+
+def test_golden_tokenize(tok: Tokenizer, golden: dict):
+    for case in golden["tokenize"]:
+        ids = tok.encode(case["text"], case["add_special"], case["parse_special"])
+        assert ids == case["ids"], case["text"]
+
+
+def test_golden_prompt_ids(tok: Tokenizer, golden: dict):
+    for case in golden["greedy"]:
+        assert tok.encode(case["prompt"]) == case["prompt_ids"], case["prompt"][:60]
+
+
+def test_golden_decode(tok: Tokenizer, golden: dict):
+    # llama-server's generated text is llama.cpp's detokenization of output_ids
+    for case in golden["greedy"]:
+        assert tok.decode(case["output_ids"]) == case["text"]
+        d = IncrementalDetokenizer(tok)
+        streamed = "".join(d.push(t) for t in case["output_ids"]) + d.flush()
+        assert streamed == case["text"]
+
+
+def test_golden_pieces(tok: Tokenizer, golden: dict):
+    checked = 0
+    for case in golden["greedy"]:
+        for step in case["steps"]:
+            for top in step["top"]:
+                piece = tok.token_to_piece(top["id"])
+                try:
+                    text = piece.decode("utf-8")
+                except UnicodeDecodeError:
+                    continue  # llama-server shows partial characters its own way
+                assert text == top["token"], top
+                checked += 1
+    assert checked > 1000
+
+
+def test_round_trip_plain_text(tok: Tokenizer, golden: dict):
+    for case in golden["tokenize"] + golden["greedy"]:
+        text = case.get("text") if "ids" in case else case["prompt"]
+        if "<" in text:
+            continue  # control tokens decode to nothing
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.decode(tok.encode(text, add_special=False)) == text
+
+
+def test_pieces_and_specials(tok: Tokenizer):
+    assert tok.token_to_piece(tok.text_to_token("▁Hello")) == b" Hello"
+    assert tok.token_to_piece(tok.text_to_token("<0xF0>")) == b"\xf0"
+    assert tok.token_to_piece(106) == b""
+    assert tok.token_to_piece(106, special=True) == b"<end_of_turn>"
+    # user-defined whitespace runs render literally
+    assert tok.token_to_piece(108) == b"\n\n"
+    assert tok.decode([2, 105, 2364, 107], skip_special=False) == "<bos><start_of_turn>user\n"
+    assert tok.decode([2, 105, 2364, 107]) == "user\n"
+
+
+def test_parse_special_off(tok: Tokenizer):
+    text = "<start_of_turn>user\nhi<end_of_turn>"
+    ids = tok.encode(text, add_special=False, parse_special=False)
+    assert 105 not in ids and 106 not in ids
+    assert tok.decode(ids) == text
+    # user-defined tokens ("\n") are split out even without parse_special
+    assert 107 in ids
+    assert tok.encode(text, add_special=False) == [105, 2364, 107, 2202, 106]
+
+
+def test_speed(metadata: dict, golden: dict):
+    t0 = time.perf_counter()
+    tok = Tokenizer.from_metadata(metadata)
+    build_s = time.perf_counter() - t0
+    prompt = max((c["prompt"] for c in golden["greedy"]), key=len)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ids = tok.encode(prompt)
+        best = min(best, time.perf_counter() - t0)
+    assert len(ids) > 650
+    assert build_s < 1.0, f"vocab construction took {build_s:.2f}s"
+    assert best < 0.1, f"~700-token prompt took {best * 1000:.0f}ms"
