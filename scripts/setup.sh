@@ -9,6 +9,13 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 python="${PYTHON:-python3}"
 
+# pip, quiet, without the warnings this machine's pip configuration prints for every package
+# its extra local indexes lack; pip's own failure still fails the script (pipefail).
+pip_install() {
+    "$venv/bin/python" -m pip install -q "$@" 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; } >&2
+}
+
 if [ ! -x "$venv/bin/python" ]; then
     echo "setup: creating $venv" >&2
     "$python" -m venv "$venv"
@@ -16,7 +23,7 @@ fi
 
 if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
     echo "setup: installing torch==2.13.0" >&2
-    "$venv/bin/python" -m pip install -q torch==2.13.0
+    pip_install torch==2.13.0
 fi
 
 # Reinstall the project only when pyproject.toml changed since the last install.
@@ -25,6 +32,6 @@ want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] \
     || ! "$venv/bin/python" -c "import llcuda" >/dev/null 2>&1; then
     echo "setup: installing llcuda[test] (editable) into $venv" >&2
-    "$venv/bin/python" -m pip install -q -e "$root[test]"
+    pip_install -e "$root[test]"
     echo "$want" >"$stamp"
 fi
