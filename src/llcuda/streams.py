@@ -150,7 +150,7 @@ class SyncDriver:
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> SyncHandle:
         with self._lock:
             request_id = f"sync-{next(self._ids)}"
-            self.engine.add_request(request_id, prompt_ids, params)
+            self.engine.add_request(prompt_ids, params, request_id=request_id)
             self._queues[request_id] = []
         return SyncHandle(self, request_id)
 
@@ -158,6 +158,8 @@ class SyncDriver:
         with self._lock:
             queue = self._queues[request_id]
             while not queue:
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError(f"the engine dropped request {request_id} unfinished")
                 for out in self.engine.step():
                     if out.request_id in self._queues:
                         self._queues[out.request_id].append(out)

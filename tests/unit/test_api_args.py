@@ -72,7 +72,7 @@ class FakeLLMEngine:
         self.max_running = 0
         self.steps = 0
 
-    def add_request(self, request_id, prompt_token_ids, sampling_params):
+    def add_request(self, prompt_token_ids, sampling_params, request_id):
         assert isinstance(sampling_params, SamplingParams)
         self.requests[request_id] = FakeRequest(list(prompt_token_ids), sampling_params)
 
@@ -282,7 +282,10 @@ def test_infer_result(engine):
 def test_infer_passes_sampling_params(engine):
     seen = []
     original = fake_engine(engine).add_request
-    fake_engine(engine).add_request = lambda rid, ids, p: (seen.append(p), original(rid, ids, p))
+    fake_engine(engine).add_request = lambda ids, p, request_id: (
+        seen.append(p),
+        original(ids, p, request_id),
+    )
     engine.infer(
         "x", max_tokens=3, temperature=0.3, top_k=7, top_p=0.5, seed=11, stop="END",
         min_p=0.1, repeat_penalty=1.2, repeat_last_n=32, ignore_eos=True,
@@ -509,3 +512,11 @@ def test_background_thread_serves_requests(fake_loader, model_file):
         assert [r.text for r in results] == ["abcde"] * 4
         assert fake_engine(e).max_running >= 2
         assert "".join(e.infer_stream("x", max_tokens=2)) == "ab"
+
+
+def test_sync_driver_reports_a_dropped_request(engine):
+    stream = engine.infer_stream("hi", max_tokens=5)
+    fake_engine(engine).requests.clear()  # the engine loses it without a final output
+    result = stream.consume()
+    assert not result.success
+    assert "dropped" in result.error_message
