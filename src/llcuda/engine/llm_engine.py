@@ -1,0 +1,307 @@
+"""The synchronous engine: add requests, `step()` the batch, get per-request deltas back.
+
+One step = schedule (token budget) -> model runner (flat batch, sample) -> scheduler update
+(append tokens, EOG / max_tokens / ctx_size) -> text (incremental detokenizer, stop strings).
+Nothing here is thread-safe; `EngineLoop` runs it on a background thread.
+
+Stop strings: text that matches a stop string is never emitted. Text that could still be the start
+of a stop string is held back until the next tokens decide (llama-server's partial-stop rule), so a
+stream never shows a stop string, or part of one that later completes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from llcuda.config import EngineConfig
+from llcuda.engine.block_manager import BlockManager
+from llcuda.engine.request import Request
+from llcuda.engine.scheduler import Scheduler, SchedulerOutput
+from llcuda.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (a delta), or with `finished` its last delta."""
+
+    request_id: str
+    new_token_ids: list[int]  # tokens sampled this step (an EOG token that ended it included)
+    new_text: str  # newly released text: whole UTF-8 characters, never part of a stop string
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished, else None
+    num_prompt_tokens: int
+    num_output_tokens: int  # generated so far, this step's tokens included
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache on admission
+    arrival_time: float = 0.0  # time.monotonic() of add_request
+    first_token_time: float | None = None  # time.monotonic() of the first sampled token
+    finished_time: float | None = None
+
+    def merge(self, delta: RequestOutput) -> RequestOutput:
+        """This output followed by a later `delta` of the same request (aggregation)."""
+        if delta.request_id != self.request_id:
+            raise ValueError(f"cannot merge {delta.request_id!r} into {self.request_id!r}")
+        return RequestOutput(
+            request_id=self.request_id,
+            new_token_ids=self.new_token_ids + delta.new_token_ids,
+            new_text=self.new_text + delta.new_text,
+            finished=delta.finished,
+            finish_reason=delta.finish_reason,
+            num_prompt_tokens=delta.num_prompt_tokens,
+            num_output_tokens=delta.num_output_tokens,
+            num_cached_tokens=delta.num_cached_tokens,
+            arrival_time=self.arrival_time,
+            first_token_time=self.first_token_time or delta.first_token_time,
+            finished_time=delta.finished_time,
+        )
+
+
+class ModelRunnerProtocol(Protocol):
+    """What the engine needs from a model runner."""
+
+    def execute_model(self, step: SchedulerOutput) -> dict[str, int]:
+        """Run the step; return {request_id: sampled token} for every item with sample=True."""
+        ...
+
+
+def _default_detokenizer_factory(tokenizer: Any) -> Callable[[], Any]:
+    from llcuda.gguf.detokenizer import IncrementalDetokenizer
+
+    return lambda: IncrementalDetokenizer(tokenizer)
+
+
+class LLMEngine:
+    """Continuous-batching engine over a model runner and a tokenizer.
+
+    model_runner: `execute_model(SchedulerOutput) -> {request_id: token_id}`; its optional
+        `device` attribute (where logits live) is where seeded requests' generators are made.
+    tokenizer: has `eog_ids` (a set of ids, or a method returning one) and optionally
+        `vocab_size`, used to reject out-of-range prompt ids before they reach the embedding.
+    detokenizer_factory: a callable returning a fresh per-request detokenizer with
+        `push(id) -> str` and `flush() -> str`; default `IncrementalDetokenizer(tokenizer)`.
+    enable_prefix_caching: default `config.extra.get("enable_prefix_caching", False)`.
+    """
+
+    def __init__(
+        self,
+        model_runner: ModelRunnerProtocol,
+        tokenizer: Any,
+        config: EngineConfig,
+        *,
+        detokenizer_factory: Callable[[], Any] | None = None,
+        enable_prefix_caching: bool | None = None,
+    ) -> None:
+        self.model_runner = model_runner
+        self.tokenizer = tokenizer
+        self.config = config
+        if enable_prefix_caching is None:
+            enable_prefix_caching = bool(config.extra.get("enable_prefix_caching", False))
+        self.block_manager = BlockManager(
+            config.num_blocks, config.block_size, enable_prefix_caching=enable_prefix_caching
+        )
+        eog = getattr(tokenizer, "eog_ids", ())
+        self.eog_ids = frozenset(eog() if callable(eog) else eog)
+        self.scheduler = Scheduler(config, self.block_manager, eog_ids=self.eog_ids)
+        vocab = getattr(tokenizer, "vocab_size", None)
+        self.vocab_size: int | None = vocab() if callable(vocab) else vocab
+        self.device = torch.device(getattr(model_runner, "device", None) or "cpu")
+        self._new_detokenizer = detokenizer_factory or _default_detokenizer_factory(tokenizer)
+        self._ids = itertools.count()
+        self._pending: list[RequestOutput] = []  # produced outside step(), returned by the next one
+        self.num_steps = 0
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def check_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise ValueError if the request can never run (the checks of add_request, no state)."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {params!r}")
+        if isinstance(prompt_token_ids, (str, bytes)) or not isinstance(prompt_token_ids, Sequence):
+            raise ValueError(
+                f"prompt must be a list of token ids (tokenize text first), got "
+                f"{type(prompt_token_ids).__name__}"
+            )
+        if len(prompt_token_ids) == 0:
+            raise ValueError("prompt must hold at least one token")
+        for t in prompt_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"prompt token ids must be non-negative ints, got {t!r}")
+            if self.vocab_size is not None and t >= self.vocab_size:
+                raise ValueError(
+                    f"prompt token id {t} is outside the vocabulary ({self.vocab_size})"
+                )
+        ctx = self.config.ctx_size
+        if len(prompt_token_ids) > ctx - 1:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens but ctx_size is {ctx} "
+                f"(at least one token must be left to generate)"
+            )
+
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. max_tokens=0 finishes at the next step, no tokens.
+
+        vLLM's argument order `add_request(request_id, prompt_token_ids, sampling_params)` is
+        accepted too (a str first argument is an id: prompts are token ids here).
+        """
+        if isinstance(prompt_token_ids, str) and not isinstance(sampling_params, SamplingParams):
+            request_id, prompt_token_ids, sampling_params = (
+                prompt_token_ids,
+                sampling_params,
+                request_id,
+            )
+        params = SamplingParams() if sampling_params is None else sampling_params
+        self.check_request(prompt_token_ids, params)
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        elif not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = Request(
+            request_id, list(prompt_token_ids), params, seed=self._seed(params), device=self.device
+        )
+        if params.max_tokens == 0:
+            request.set_finished("length")
+            self._pending.append(self._output(request, [], ""))
+            return request_id
+        request.detokenizer = self._new_detokenizer()
+        self.scheduler.add_request(request)
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        """Cancel a live request and free its blocks now; the next step() reports it finished."""
+        request = self.scheduler.requests.get(request_id)
+        if request is None or not self.scheduler.abort_request(request_id):
+            return False
+        self._pending.append(self._output(request, [], ""))
+        return True
+
+    def abort_all(self) -> list[str]:
+        ids = list(self.scheduler.requests)
+        for request_id in ids:
+            self.abort_request(request_id)
+        return ids
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or bool(self._pending)
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    # --- stepping -------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return a delta for every request that sampled, finished or was aborted."""
+        outputs, self._pending = self._pending, []
+        step = self.scheduler.schedule()
+        if step.is_empty:
+            return outputs
+        sampled = self.model_runner.execute_model(step)
+        self.num_steps += 1
+        self.scheduler.update_from_output(step, sampled)
+        for item in step.scheduled:
+            request = item.request
+            if item.sample and request.finish_reason != "abort":
+                outputs.append(self._process_token(request))
+        return outputs
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[RequestOutput]:
+        """Run prompts to completion, batched; one aggregated output per prompt, in order."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        results: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                prev = results.get(out.request_id)
+                results[out.request_id] = out if prev is None else prev.merge(out)
+        return [results[i] for i in ids]
+
+    # --- text -----------------------------------------------------------------------------------
+
+    def _process_token(self, request: Request) -> RequestOutput:
+        """Detokenize the request's newest token, apply stop strings, build its delta."""
+        token_id = request.output_token_ids[-1]
+        finished_by_eog = request.finish_reason == "stop"  # the scheduler saw an EOG token
+        text = "" if finished_by_eog else request.detokenizer.push(token_id)
+        if request.is_finished:
+            text += request.detokenizer.flush()
+        emitted, stopped = self._release_text(request, text, final=request.is_finished)
+        if stopped:
+            if request.is_finished:  # max_tokens / ctx_size hit on the same token: stop wins
+                request.set_finished("stop")
+            else:
+                self.scheduler.finish_request(request.request_id, "stop")
+        return self._output(request, [token_id], emitted)
+
+    def _release_text(self, request: Request, text: str, final: bool) -> tuple[str, bool]:
+        """Add `text` to the held-back text; return (text safe to emit, stop string found)."""
+        stops = request.sampling_params.stop
+        pending = request.pending_text + text
+        if not stops:
+            request.pending_text = ""
+            request.output_text += pending
+            return pending, False
+        cut = find_stop(pending, stops)
+        if cut >= 0:
+            emit = pending[:cut]
+            request.pending_text = ""
+            request.output_text += emit
+            return emit, True
+        hold = 0 if final else partial_stop_len(pending, stops)
+        emit = pending[: len(pending) - hold]
+        request.pending_text = pending[len(pending) - hold :]
+        request.output_text += emit
+        return emit, False
+
+    def _output(self, request: Request, token_ids: list[int], text: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=token_ids,
+            new_text=text,
+            finished=request.is_finished,
+            finish_reason=request.finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            arrival_time=request.arrival_time,
+            first_token_time=request.first_token_time,
+            finished_time=request.finished_time,
+        )
+
+    def _seed(self, params: SamplingParams) -> int | None:
+        # llama.cpp's --seed is every request's default seed
+        return params.seed if params.seed is not None else self.config.seed
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int:
+    """Index of the earliest complete stop string in `text`, or -1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def partial_stop_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
