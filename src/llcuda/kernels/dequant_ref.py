@@ -59,14 +59,18 @@ def _f16_to_f32(h: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(out), nan_bits.view(torch.float32), out)
 
 
+def _shifts(values: list[int], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """uint8 shift amounts: uint8 >> uint8 stays uint8 (an int64 tensor would promote to int64)."""
+    return torch.tensor(values, dtype=torch.uint8, device=device).view(shape)
+
+
 def _u32_bits(b: torch.Tensor, off: int) -> torch.Tensor:
-    """Bits 0..31 of the little-endian u32 at byte `off`: int32 [n_blocks, 32] of 0/1.
+    """Bits 0..31 of the little-endian u32 at byte `off`: uint8 [n_blocks, 32] of 0/1.
 
     Bit e of a little-endian u32 is bit e % 8 of its byte e // 8.
     """
-    shifts = torch.arange(8, device=b.device, dtype=torch.int32)
-    word = b[:, off : off + 4].to(torch.int32).unsqueeze(-1)  # [n_blocks, 4, 1]
-    return ((word >> shifts) & 1).flatten(1)
+    word = b[:, off : off + 4].unsqueeze(-1)  # [n_blocks, 4, 1]
+    return ((word >> _shifts(list(range(8)), (1, 1, 8), b.device)) & 1).flatten(1)
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -75,8 +79,7 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 
 def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpack Q4_K/Q5_K's 12 scale bytes into 8 six-bit scales and 8 six-bit mins (int32)."""
-    s = s.to(torch.int32)
+    """Unpack Q4_K/Q5_K's 12 scale bytes into 8 six-bit scales and 8 six-bit mins (uint8)."""
     d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
     sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)  # [n, 8]
     mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)  # [n, 8]
@@ -84,12 +87,13 @@ def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------- block decoders
-# each takes uint8 [n_blocks, block_bytes] and returns float32 [n_blocks, block_elems]
+# each takes uint8 [n_blocks, block_bytes] and returns float32 [n_blocks, block_elems]. Bit work is
+# done in uint8 and offsets are subtracted in int8 (exact), so only the final products are float.
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b, 0)
-    q = _nibbles(b[:, 2:18]).to(torch.int32) - 8
+    q = _nibbles(b[:, 2:18]).to(torch.int8) - 8
     return d * q.to(torch.float32)
 
 
@@ -101,13 +105,13 @@ def _q4_1(b: torch.Tensor) -> torch.Tensor:
 
 def _q5_0(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b, 0)
-    q = _nibbles(b[:, 6:22]).to(torch.int32) | (_u32_bits(b, 2) << 4)
-    return d * (q - 16).to(torch.float32)
+    q = (_nibbles(b[:, 6:22]) | (_u32_bits(b, 2) << 4)).to(torch.int8) - 16
+    return d * q.to(torch.float32)
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:
     d, m = _f16(b, 0), _f16(b, 2)
-    q = _nibbles(b[:, 8:24]).to(torch.int32) | (_u32_bits(b, 4) << 4)
+    q = _nibbles(b[:, 8:24]) | (_u32_bits(b, 4) << 4)
     return d * q.to(torch.float32) + m
 
 
@@ -119,34 +123,29 @@ def _q8_0(b: torch.Tensor) -> torch.Tensor:
 
 def _q2_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    scales = b[:, 0:16].to(torch.int32)
+    scales = b[:, 0:16]
     d, dmin = _f16(b, 80), _f16(b, 82)
     dl = (d * (scales & 0x0F).to(torch.float32)).view(n, 16, 1)
     ml = (dmin * (scales >> 4).to(torch.float32)).view(n, 16, 1)
     # element 128*h + 32*j + l is bits 2j..2j+1 of qs[32*h + l]
-    shifts = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.int32).view(1, 1, 4, 1)
-    qs = b[:, 16:80].to(torch.int32).view(n, 2, 1, 32)
-    q = ((qs >> shifts) & 3).view(n, 16, 16).to(torch.float32)
-    return (dl * q - ml).view(n, QK_K)
+    qs = b[:, 16:80].reshape(n, 2, 1, 32)
+    q = ((qs >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)) & 3).view(n, 16, 16)
+    return (dl * q.to(torch.float32) - ml).view(n, QK_K)
 
 
 def _q3_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    hmask = b[:, 0:32].to(torch.int32)
-    qs = b[:, 32:96].to(torch.int32)
-    sc = b[:, 96:108].to(torch.int32)
+    hmask, qs, sc = b[:, 0:32], b[:, 32:96], b[:, 96:108]
     d = _f16(b, 108)
     # 16 six-bit scales: low 4 bits from bytes 0-7 (both nibbles), high 2 bits from bytes 8-11
-    shifts4 = torch.tensor([0, 4], device=b.device, dtype=torch.int32).view(1, 2, 1)
-    shifts2 = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.int32)
-    lo = (sc[:, 0:8].view(n, 1, 8) >> shifts4) & 0x0F  # [n, 2, 8]
-    hi = (sc[:, 8:12].view(n, 1, 4) >> shifts2.view(1, 4, 1)) & 3  # [n, 4, 4]
-    scales = (lo.reshape(n, 16) | (hi.reshape(n, 16) << 4)) - 32
+    lo = (sc[:, 0:8].reshape(n, 1, 8) >> _shifts([0, 4], (1, 2, 1), b.device)) & 0x0F
+    hi = (sc[:, 8:12].reshape(n, 1, 4) >> _shifts([0, 2, 4, 6], (1, 4, 1), b.device)) & 3
+    scales = (lo.reshape(n, 16) | (hi.reshape(n, 16) << 4)).to(torch.int8) - 32
     dl = (d * scales.to(torch.float32)).view(n, 16, 1)
-    ql = ((qs.view(n, 2, 1, 32) >> shifts2.view(1, 1, 4, 1)) & 3).view(n, 16, 16)
-    shifts1 = torch.arange(8, device=b.device, dtype=torch.int32).view(1, 1, 8, 1)
-    hb = ((hmask.view(n, 1, 1, 32) >> shifts1) & 1).view(n, 16, 16)
-    q = ql - ((hb ^ 1) << 2)  # the -4 offset applies where the high bit is *clear*
+    ql = (qs.reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)) & 3
+    hb = (hmask.reshape(n, 1, 1, 32) >> _shifts(list(range(8)), (1, 1, 8, 1), b.device)) & 1
+    # the -4 offset applies where the high bit is *clear*
+    q = ql.reshape(n, 16, 16).to(torch.int8) - ((hb ^ 1) << 2).reshape(n, 16, 16).to(torch.int8)
     return (dl * q.to(torch.float32)).view(n, QK_K)
 
 
@@ -157,7 +156,7 @@ def _q4_k(b: torch.Tensor) -> torch.Tensor:
     ds = (d * sc.to(torch.float32)).view(n, 8, 1)
     dm = (dmin * mn.to(torch.float32)).view(n, 8, 1)
     # 4 chunks of 32 bytes: low nibbles = sub-block 2c, high nibbles = sub-block 2c+1
-    qs = b[:, 16:144].view(n, 4, 1, 32)
+    qs = b[:, 16:144].reshape(n, 4, 1, 32)
     q = torch.cat([qs & 0x0F, qs >> 4], dim=2).view(n, 8, 32).to(torch.float32)
     return (ds * q - dm).view(n, QK_K)
 
@@ -168,28 +167,25 @@ def _q5_k(b: torch.Tensor) -> torch.Tensor:
     sc, mn = _k_scale_min(b[:, 4:16])
     ds = (d * sc.to(torch.float32)).view(n, 8, 1)
     dm = (dmin * mn.to(torch.float32)).view(n, 8, 1)
-    qs = b[:, 48:176].view(n, 4, 1, 32)
-    ql = torch.cat([qs & 0x0F, qs >> 4], dim=2).view(n, 8, 32).to(torch.int32)
-    shifts = torch.arange(8, device=b.device, dtype=torch.int32).view(1, 8, 1)
-    qh = (b[:, 16:48].to(torch.int32).view(n, 1, 32) >> shifts) & 1  # bit j of qh[l] -> sub-block j
+    qs = b[:, 48:176].reshape(n, 4, 1, 32)
+    ql = torch.cat([qs & 0x0F, qs >> 4], dim=2).view(n, 8, 32)
+    # bit j of qh[l] is the 5th bit of sub-block j, element l
+    qh = (b[:, 16:48].reshape(n, 1, 32) >> _shifts(list(range(8)), (1, 8, 1), b.device)) & 1
     q = (ql | (qh << 4)).to(torch.float32)
     return (ds * q - dm).view(n, QK_K)
 
 
 def _q6_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
-    ql = b[:, 0:128].to(torch.int32)
-    qh = b[:, 128:192].to(torch.int32)
+    ql, qh = b[:, 0:128], b[:, 128:192]
     scales = b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
     d = _f16(b, 208)
     dsc = (d * scales).view(n, 16, 1)
     # ql: per 128-element half, 64 bytes; low nibbles = groups 0,1, high nibbles = groups 2,3
-    lo = (ql.view(n, 2, 1, 64) >> torch.tensor([0, 4], device=b.device).view(1, 1, 2, 1)) & 0x0F
-    lo = lo.view(n, 2, 4, 32)
-    shifts = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.int32).view(1, 1, 4, 1)
-    hi = (qh.view(n, 2, 1, 32) >> shifts) & 3  # [n, 2, 4, 32]
-    q = ((lo | (hi << 4)) - 32).view(n, 16, 16).to(torch.float32)
-    return (dsc * q).view(n, QK_K)
+    lo = (ql.reshape(n, 2, 1, 64) >> _shifts([0, 4], (1, 1, 2, 1), b.device)) & 0x0F
+    hi = (qh.reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)) & 3
+    q = (lo.view(n, 2, 4, 32) | (hi << 4)).to(torch.int8) - 32  # [n, 2, 4, 32]
+    return (dsc * q.view(n, 16, 16).to(torch.float32)).view(n, QK_K)
 
 
 def _iq4_table(device: torch.device) -> torch.Tensor:
@@ -198,7 +194,7 @@ def _iq4_table(device: torch.device) -> torch.Tensor:
 
 def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b, 0)
-    q = _nibbles(b[:, 2:18]).to(torch.int64)
+    q = _nibbles(b[:, 2:18]).long()
     return d * _iq4_table(b.device)[q]
 
 
@@ -212,8 +208,8 @@ def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
     lo = torch.stack([sl & 0x0F, sl >> 4], dim=-1).view(n, 8)
     hi = (scales_h >> (2 * ib)) & 3
     dl = (d * ((lo | (hi << 4)) - 32).to(torch.float32)).view(n, 8, 1)
-    qs = b[:, 8:136].view(n, 8, 16)
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).to(torch.int64)  # [n, 8, 32]
+    qs = b[:, 8:136].reshape(n, 8, 16)
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).long()  # [n, 8, 32]
     return (dl * _iq4_table(b.device)[q]).view(n, QK_K)
 
 
