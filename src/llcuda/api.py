@@ -29,7 +29,7 @@ from llcuda.config import EngineConfig
 from llcuda.hub import resolve_model
 from llcuda.metrics import MetricsCollector
 from llcuda.sampling_params import SamplingParams
-from llcuda.streams import InferResult, SyncDriver, TextStream, ThreadDriver
+from llcuda.streams import InferResult, TextStream
 
 # infer(**kwargs) may set these SamplingParams fields beyond the explicit arguments
 _EXTRA_SAMPLING_ARGS = ("min_p", "repeat_penalty", "repeat_last_n", "ignore_eos")
@@ -43,7 +43,7 @@ class InferenceEngine:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._loaded: Any = None  # llcuda.engine.loader.LoadedModel
-        self._driver: ThreadDriver | SyncDriver | None = None
+        self._loop: Any = None  # llcuda.engine.engine_loop.EngineLoop
         self._model_path: str | None = None
         self._load_time_s = 0.0
         self._metrics = MetricsCollector()
@@ -99,36 +99,36 @@ class InferenceEngine:
             t0 = time.perf_counter()
             loaded = load(str(path), config, verbose=verbose, chat_template=chat_template)
             self._load_time_s = time.perf_counter() - t0
+            try:
+                from llcuda.engine.engine_loop import EngineLoop
+
+                self._loop = EngineLoop(loaded.llm_engine, auto_start=auto_start)
+            except BaseException:
+                loaded.close()
+                raise
             self._loaded = loaded
             self._model_path = str(path)
-            self._driver = SyncDriver(loaded.llm_engine)
-            if auto_start:
-                self.start()
             self._metrics.reset()
         return True
 
     def start(self) -> None:
-        """Start the background engine thread (done by load_model unless auto_start=False)."""
+        """Start the background engine thread (load_model does, unless auto_start=False)."""
         with self._lock:
-            loaded = self._require_loaded()
-            if isinstance(self._driver, ThreadDriver):
-                return
-            from llcuda.engine.engine_loop import EngineLoop
-
-            self._driver = ThreadDriver(EngineLoop(loaded.llm_engine))
+            self._require_loaded()
+            self._loop.start()
 
     def unload_model(self) -> None:
         """Stop the engine thread and free the model, KV cache and file mapping. Idempotent."""
         with self._lock:
-            driver, loaded = self._driver, self._loaded
-            self._driver, self._loaded, self._model_path = None, None, None
-            if driver is not None:
-                driver.shutdown()
+            loop, loaded = self._loop, self._loaded
+            self._loop, self._loaded, self._model_path = None, None, None
+            if loop is not None:
+                loop.shutdown()  # aborts what is still running; their streams end with "abort"
             if loaded is None:
                 return
             device = str(loaded.device)
             loaded.close()
-            del loaded, driver
+            del loaded, loop
             gc.collect()
             if device.startswith("cuda"):
                 import torch
@@ -169,7 +169,7 @@ class InferenceEngine:
             "batch_size": ec.batch_size,
             "ubatch_size": ec.ubatch_size,
             "gpu_layers": ec.gpu_layers,
-            "background_thread": isinstance(self._driver, ThreadDriver),
+            "background_thread": self._loop.is_threaded,
             "load_time_s": self._load_time_s,
         }
 
@@ -397,7 +397,7 @@ class InferenceEngine:
     def _submit(self, prompt_ids: list[int], params: SamplingParams) -> TextStream:
         with self._lock:
             self._require_loaded()
-            handle = self._driver.submit(prompt_ids, params)
+            handle = self._loop.submit(prompt_ids, params)
         return TextStream(handle, len(prompt_ids), self._metrics)
 
 

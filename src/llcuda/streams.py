@@ -1,24 +1,17 @@
-"""One request's stream of text, and the two ways of stepping the engine behind it.
+"""One request's stream of text and its result.
 
-`TextStream` turns the engine's `RequestOutput` deltas into text pieces and, at the end, an
-`InferResult` with latency and TTFT measured from submission. A driver hands out the deltas:
-- `ThreadDriver`: the `EngineLoop` background thread steps the engine; handles are fed by it.
-- `SyncDriver` (load_model(auto_start=False)): whoever iterates a handle steps the engine in
-  its own thread; outputs for other requests met on the way are queued for their handles, so
-  requests submitted together still share every step.
+`TextStream` turns the `RequestOutput` deltas of an `EngineLoop` request handle into text pieces
+and, at the end, an `InferResult` with latency and TTFT measured from submission.
 """
 
 from __future__ import annotations
 
-import itertools
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from llcuda.metrics import MetricsCollector
-from llcuda.sampling_params import SamplingParams
 
 
 @dataclass
@@ -119,80 +112,3 @@ class TextStream(Iterator[str]):
             error_message=None if error is None else f"{type(error).__name__}: {error}",
             token_ids=list(self._token_ids),
         )  # fmt: skip
-
-
-class ThreadDriver:
-    """Requests go to the EngineLoop's background thread; handles stream its RequestOutputs."""
-
-    def __init__(self, loop: Any) -> None:
-        self.loop = loop
-
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Any:
-        return self.loop.submit(prompt_ids, params)
-
-    def shutdown(self) -> None:
-        self.loop.shutdown()
-
-
-class SyncDriver:
-    """auto_start=False: whoever iterates a handle steps the engine, in the calling thread.
-
-    Outputs of other requests met on the way are queued for their own handles, so requests
-    submitted together (batch_infer) still share every step.
-    """
-
-    def __init__(self, llm_engine: Any) -> None:
-        self.engine = llm_engine
-        self._lock = threading.RLock()
-        self._ids = itertools.count()
-        self._queues: dict[str, list[Any]] = {}
-
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> SyncHandle:
-        with self._lock:
-            request_id = f"sync-{next(self._ids)}"
-            self.engine.add_request(prompt_ids, params, request_id=request_id)
-            self._queues[request_id] = []
-        return SyncHandle(self, request_id)
-
-    def next_outputs(self, request_id: str) -> list[Any]:
-        with self._lock:
-            queue = self._queues[request_id]
-            while not queue:
-                if not self.engine.has_unfinished_requests():
-                    raise RuntimeError(f"the engine dropped request {request_id} unfinished")
-                for out in self.engine.step():
-                    if out.request_id in self._queues:
-                        self._queues[out.request_id].append(out)
-            outputs = list(queue)
-            queue.clear()
-            if outputs[-1].finished:
-                del self._queues[request_id]
-            return outputs
-
-    def abort(self, request_id: str) -> None:
-        with self._lock:
-            if self._queues.pop(request_id, None) is not None:
-                self.engine.abort_request(request_id)
-
-    def shutdown(self) -> None:
-        with self._lock:
-            for request_id in list(self._queues):
-                self.abort(request_id)
-
-
-class SyncHandle:
-    def __init__(self, driver: SyncDriver, request_id: str) -> None:
-        self._driver = driver
-        self.request_id = request_id
-        self._finished = False
-
-    def __iter__(self) -> Iterator[Any]:
-        while not self._finished:
-            for out in self._driver.next_outputs(self.request_id):
-                self._finished = self._finished or out.finished
-                yield out
-
-    def abort(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self._driver.abort(self.request_id)

@@ -8,6 +8,7 @@ tests/models/test_api_real_model.py.
 from __future__ import annotations
 
 import sys
+import time
 import types
 from dataclasses import dataclass, field
 
@@ -15,20 +16,10 @@ import pytest
 
 from llcuda import EngineConfig, InferenceEngine, InferResult, SamplingParams
 from llcuda.config import ModelConfig
+from llcuda.engine.llm_engine import RequestOutput
 
 BOS = 2
 FAIL_TEXT = "<explode>"
-
-
-@dataclass
-class FakeOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_output_tokens: int
 
 
 @dataclass
@@ -64,29 +55,50 @@ class FakeTemplate:
 
 
 class FakeLLMEngine:
-    """Generates 'a', 'b', 'c', ... one per step for every running request."""
+    """Generates 'a', 'b', 'c', ... one per step for every running request (LLMEngine's API)."""
 
     def __init__(self) -> None:
         self.requests: dict[str, FakeRequest] = {}
+        self.pending: list[RequestOutput] = []  # abort records, reported by the next step
         self.aborted: list[str] = []
         self.max_running = 0
         self.steps = 0
+        self.step_delay = 0.0  # seconds each step takes (lets other threads submit meanwhile)
+
+    def check_request(self, prompt_token_ids, sampling_params):
+        assert isinstance(sampling_params, SamplingParams)
+        assert prompt_token_ids and all(isinstance(t, int) for t in prompt_token_ids)
 
     def add_request(self, prompt_token_ids, sampling_params, request_id):
-        assert isinstance(sampling_params, SamplingParams)
+        self.check_request(prompt_token_ids, sampling_params)
         self.requests[request_id] = FakeRequest(list(prompt_token_ids), sampling_params)
 
     def abort_request(self, request_id):
-        if self.requests.pop(request_id, None) is not None:
-            self.aborted.append(request_id)
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.aborted.append(request_id)
+        self.pending.append(
+            RequestOutput(request_id, [], "", True, "abort", len(req.prompt), len(req.output))
+        )
+        return True
+
+    def abort_all(self):
+        ids = list(self.requests)
+        for request_id in ids:
+            self.abort_request(request_id)
+        return ids
 
     def has_unfinished_requests(self):
-        return bool(self.requests)
+        return bool(self.requests) or bool(self.pending)
 
     def step(self):
+        outputs, self.pending = self.pending, []
+        if not self.requests:
+            return outputs
         self.steps += 1
+        time.sleep(self.step_delay)
         self.max_running = max(self.max_running, len(self.requests))
-        outputs = []
         for rid, req in list(self.requests.items()):
             if FakeTokenizer().decode(req.prompt).find(FAIL_TEXT) >= 0:
                 raise RuntimeError("kernel exploded")
@@ -94,7 +106,7 @@ class FakeLLMEngine:
             req.output.append(token)
             done = len(req.output) >= req.params.max_tokens
             outputs.append(
-                FakeOutput(rid, [token], chr(token), done, "length" if done else None,
+                RequestOutput(rid, [token], chr(token), done, "length" if done else None,
                            len(req.prompt), len(req.output))
             )  # fmt: skip
             if done:
@@ -503,20 +515,21 @@ def test_create_completion_engine_error_raises(engine):
 
 
 def test_background_thread_serves_requests(fake_loader, model_file):
-    pytest.importorskip("llcuda.engine.engine_loop")
     with InferenceEngine() as e:
         e.load_model(model_file, verbose=False, n_parallel=4)
         assert e.model_info["background_thread"] is True
         assert e.infer("hi", max_tokens=3).text == "abc"
+        fake_engine(e).step_delay = 0.01  # the four submissions land while step 1 runs
         results = e.batch_infer(["a", "b", "c", "d"], max_tokens=5)
         assert [r.text for r in results] == ["abcde"] * 4
         assert fake_engine(e).max_running >= 2
         assert "".join(e.infer_stream("x", max_tokens=2)) == "ab"
 
 
-def test_sync_driver_reports_a_dropped_request(engine):
+def test_calling_thread_mode_reports_a_dropped_request(engine):
     stream = engine.infer_stream("hi", max_tokens=5)
+    assert next(stream) == "a"
     fake_engine(engine).requests.clear()  # the engine loses it without a final output
     result = stream.consume()
     assert not result.success
-    assert "dropped" in result.error_message
+    assert "stuck" in result.error_message
