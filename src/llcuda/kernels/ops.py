@@ -1,0 +1,72 @@
+"""Kernel dispatch: Triton kernels for CUDA tensors, the pure-torch reference everywhere else.
+
+Model code calls only these functions, so the CPU path and the GPU path run the same model file.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from llcuda.kernels import reference as ref
+from llcuda.layers.quant_tensor import QuantTensor
+
+if TYPE_CHECKING:
+    from llcuda.layers.attention import AttentionMetadata
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return ref.rms_norm_ref(x, weight, eps)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return ref.geglu_ref(gate, up)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return ref.silu_mul_ref(gate, up)
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    ref.write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    sliding_window: int,
+    flash_attn: bool | None = None,
+) -> torch.Tensor:
+    return ref.paged_attention_ref(
+        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, sliding_window
+    )
+
+
+def prepare_weight(weight: QuantTensor, device: torch.device | str) -> object:
+    """Place a quantized weight where it will be used, in the layout the kernels want.
+
+    On CPU the GGUF blocks stay as memory-mapped; on CUDA the raw blocks are uploaded (and repacked
+    once, if the Triton kernel wants another layout).
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return weight
+    return weight.to(device)
+
+
+def quant_matmul(x: torch.Tensor, weight: object) -> torch.Tensor:
+    """x @ W.T for a weight kept in its quantized blocks. x: [num_tokens, in] -> [num_tokens, out]."""
+    return ref.quant_matmul_ref(x, weight)
+
+
+def embedding(weight: QuantTensor, token_ids: torch.Tensor) -> torch.Tensor:
+    return ref.embedding_ref(weight, token_ids)

@@ -1,0 +1,166 @@
+"""Pure-PyTorch reference kernels: the specification of every fused GPU kernel and the CPU path.
+
+Each function computes in float32 exactly what llama.cpp computes (GGUF-NOTES.md section 3), written
+for clarity over speed. Triton kernels in this package are tested against these functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llcuda.kernels.dequant_ref import dequantize_ref
+from llcuda.layers.quant_tensor import QuantTensor
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, in fp32 (GGUF norms hold 1+w)."""
+    x32 = x.float()
+    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), llama.cpp's GELU for GEGLU."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def geglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return gelu_tanh_ref(gate) * up
+
+
+def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+def rope_cos_sin_ref(
+    positions: torch.Tensor, rope_dim: int, base: float, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of theta_i = pos * scale * base^(-2i / rope_dim), i < rope_dim / 2.
+
+    positions: [num_tokens] int -> cos, sin: [num_tokens, rope_dim // 2] float32.
+    """
+    i = torch.arange(0, rope_dim // 2, dtype=torch.float64, device=positions.device)
+    inv_freq = base ** (-2.0 * i / rope_dim)  # float64 then fp32 angles, like llama.cpp's powf chain
+    theta = positions.to(torch.float64)[:, None] * scale * inv_freq[None, :]
+    return torch.cos(theta).float(), torch.sin(theta).float()
+
+
+def rope_neox_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NEOX rotation: element i pairs with i + rope_dim/2.
+
+    x: [num_tokens, num_heads, head_dim]; cos, sin: [num_tokens, rope_dim // 2]. Dims past
+    rope_dim pass through unchanged.
+    """
+    half = cos.shape[-1]
+    x = x.float()
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c, rest), dim=-1)
+
+
+def rope_norm_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NORM (Llama) rotation on adjacent pairs (2i, 2i+1). Shapes as rope_neox_ref."""
+    half = cos.shape[-1]
+    x = x.float()
+    rot, rest = x[..., : 2 * half], x[..., 2 * half :]
+    pairs = rot.unflatten(-1, (half, 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    return torch.cat((out, rest), dim=-1)
+
+
+def quant_matmul_ref(x: torch.Tensor, weight: QuantTensor, rows_per_chunk: int = 8192) -> torch.Tensor:
+    """x @ dequantize(weight).T without ever holding the whole float matrix.
+
+    x: [num_tokens, in_features] -> [num_tokens, out_features] float32. The weight is dequantized
+    `rows_per_chunk` output rows at a time, so a 262k-row LM head needs only a few MB of scratch.
+    """
+    x32 = x.float()
+    n_rows = weight.shape[0]
+    if n_rows <= rows_per_chunk:
+        return x32 @ weight.dequantize().T
+    out = torch.empty(x32.shape[0], n_rows, dtype=torch.float32, device=x.device)
+    for start in range(0, n_rows, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n_rows)
+        out[:, start:stop] = x32 @ weight.dequantize(slice(start, stop)).T
+    return out
+
+
+def embedding_ref(weight: QuantTensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Rows of a quantized embedding table. token_ids: [num_tokens] -> [num_tokens, n_embd] fp32."""
+    rows = weight.data[token_ids.to(weight.data.device)]  # [num_tokens, row_bytes] uint8
+    return dequantize_ref(rows, weight.qtype)
+
+
+def write_kv_ref(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store this step's keys and values in the paged cache.
+
+    k, v: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads,
+    head_dim]; slot_mapping: [num_tokens] int64, slot = block_id * block_size + offset.
+    """
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = v.to(v_cache.dtype)
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    sliding_window: int = 0,
+) -> torch.Tensor:
+    """Causal attention of a flat batch of queries over each sequence's paged KV cache.
+
+    q: [num_tokens, num_heads, head_dim], already scaled (no extra 1/sqrt(d) here);
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim];
+    query_start_loc: [num_seqs + 1] offsets of each sequence's queries in q;
+    seq_lens: [num_seqs] context length of each sequence including this step's tokens;
+    block_tables: [num_seqs, max_blocks_per_seq] block ids;
+    sliding_window: 0 for global attention, else a query at position p sees keys p-window+1 .. p.
+    Returns [num_tokens, num_heads, head_dim] float32.
+
+    The queries of a sequence are its last tokens: query i of sequence s sits at position
+    seq_lens[s] - num_queries_s + i.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for s in range(len(lens)):
+        q_start, q_end, ctx = qsl[s], qsl[s + 1], lens[s]
+        num_q = q_end - q_start
+        if num_q == 0:
+            continue
+        first_q_pos = ctx - num_q
+        # Keys older than the first query's window are invisible to every query: skip them.
+        key_start = max(0, first_q_pos - sliding_window + 1) if sliding_window > 0 else 0
+        first_block, last_block = key_start // block_size, (ctx - 1) // block_size
+        blocks = block_tables[s, first_block : last_block + 1].long()
+        offset = first_block * block_size
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[key_start - offset : ctx - offset]
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[key_start - offset : ctx - offset]
+        k = k.float().repeat_interleave(group, dim=1)  # [num_keys, num_heads, head_dim]
+        v = v.float().repeat_interleave(group, dim=1)
+        qs = q[q_start:q_end].float()  # [num_q, num_heads, head_dim]
+        scores = torch.einsum("qhd,khd->hqk", qs, k)  # [num_heads, num_q, num_keys]
+        q_pos = torch.arange(first_q_pos, ctx, device=q.device)[:, None]
+        k_pos = torch.arange(key_start, ctx, device=q.device)[None, :]
+        visible = k_pos <= q_pos
+        if sliding_window > 0:
+            visible &= (q_pos - k_pos) < sliding_window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, v)
+    return out

@@ -1,0 +1,76 @@
+"""Attention over the paged KV cache: per-step metadata, the per-layer cache, and the layer op."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from llcuda.kernels import ops
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step tensors that tell attention where each sequence's tokens and cache blocks are.
+
+    The flat batch holds the new tokens of num_seqs sequences back to back (num_tokens in all).
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block_id * block_size + offset)
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32: offsets of each sequence in the batch
+    seq_lens: torch.Tensor  # [num_seqs] int32: context length after this step's tokens
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32: cache blocks per sequence
+    max_query_len: int  # longest run of new tokens of one sequence (1 in a pure decode step)
+    max_seq_len: int  # longest context in the step
+
+    def to(self, device: torch.device | str) -> AttentionMetadata:
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+        return AttentionMetadata(**moved)
+
+
+@dataclass
+class KVCache:
+    """One layer's paged cache. K is stored after RoPE, as llama.cpp does."""
+
+    k: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+
+    @staticmethod
+    def allocate(
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> KVCache:
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        return KVCache(
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: KVCache,
+    meta: AttentionMetadata,
+    sliding_window: int,
+    flash_attn: bool | None = None,
+) -> torch.Tensor:
+    """Write this step's k, v into the cache, then attend every query over its sequence.
+
+    q: [num_tokens, num_heads, head_dim] (pre-scaled); k, v: [num_tokens, num_kv_heads, head_dim].
+    Returns [num_tokens, num_heads, head_dim].
+    """
+    ops.write_kv(k, v, cache.k, cache.v, meta.slot_mapping)
+    return ops.paged_attention(q, cache.k, cache.v, meta, sliding_window, flash_attn)

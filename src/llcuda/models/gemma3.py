@@ -1,0 +1,135 @@
+"""Gemma 3 (`gemma3`) computed as llama.cpp computes it (src/models/gemma3.cpp).
+
+Per block: RMSNorm -> Q/K/V -> per-head Q/K RMSNorm -> NEOX RoPE (local or global base) -> scaled
+paged attention (sliding window on local layers) -> O -> post-attention RMSNorm -> residual; then
+RMSNorm -> GEGLU(tanh) FFN -> post-FFN RMSNorm -> residual. The embedding is scaled by sqrt(n_embd)
+and the LM head is tied to `token_embd` unless the file has `output.weight`.
+Weights keep their GGUF names: `blk.{i}.attn_q.weight` is `layers[i].attn_q`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llcuda.config import ModelConfig
+from llcuda.gguf.reader import GGUFFile
+from llcuda.kernels import ops
+from llcuda.layers.attention import AttentionMetadata, KVCache, paged_attention
+from llcuda.layers.linear import QuantLinear
+from llcuda.layers.quant_tensor import QuantTensor, read_float_tensor
+from llcuda.layers.rotary import RotaryEmbedding
+
+
+class Gemma3Block:
+    def __init__(
+        self,
+        gguf: GGUFFile,
+        config: ModelConfig,
+        index: int,
+        device: torch.device,
+        rotary: RotaryEmbedding,
+        flash_attn: bool | None,
+    ):
+        self.config, self.device, self.rotary, self.flash_attn = config, device, rotary, flash_attn
+        self.sliding_window = config.sliding_window if config.is_sliding(index) else 0
+        self.scale = config.attention_scale or config.head_dim**-0.5
+
+        def linear(name: str) -> QuantLinear:
+            return QuantLinear(QuantTensor.from_gguf(gguf, f"blk.{index}.{name}.weight"), device)
+
+        def norm(name: str) -> torch.Tensor:
+            return read_float_tensor(gguf, f"blk.{index}.{name}.weight").to(device)
+
+        self.attn_norm = norm("attn_norm")
+        self.attn_q, self.attn_k, self.attn_v = linear("attn_q"), linear("attn_k"), linear("attn_v")
+        self.attn_q_norm, self.attn_k_norm = norm("attn_q_norm"), norm("attn_k_norm")
+        self.attn_output = linear("attn_output")
+        self.post_attention_norm = norm("post_attention_norm")
+        self.ffn_norm = norm("ffn_norm")
+        self.ffn_gate, self.ffn_up, self.ffn_down = linear("ffn_gate"), linear("ffn_up"), linear("ffn_down")
+        self.post_ffw_norm = norm("post_ffw_norm")
+
+    def __call__(
+        self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, cache: KVCache
+    ) -> torch.Tensor:
+        cfg = self.config
+        num_tokens, eps = x.shape[0], cfg.rms_norm_eps  # x: [num_tokens, hidden_size]
+
+        h = ops.rms_norm(x, self.attn_norm, eps)
+        q = self.attn_q(h).view(num_tokens, cfg.num_heads, cfg.head_dim)
+        k = self.attn_k(h).view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        v = self.attn_v(h).view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        q = self.rotary(ops.rms_norm(q, self.attn_q_norm, eps), positions) * self.scale
+        k = self.rotary(ops.rms_norm(k, self.attn_k_norm, eps), positions)
+        attn = paged_attention(q, k, v, cache, meta, self.sliding_window, self.flash_attn)
+        attn = self.attn_output(attn.reshape(num_tokens, cfg.q_size))
+        x = x + ops.rms_norm(attn, self.post_attention_norm, eps)
+
+        h = ops.rms_norm(x, self.ffn_norm, eps)
+        f = self.ffn_down(ops.geglu(self.ffn_gate(h), self.ffn_up(h)))
+        return x + ops.rms_norm(f, self.post_ffw_norm, eps)
+
+
+class Gemma3ForCausalLM:
+    """The whole model. Blocks may live on different devices (partial GPU offload)."""
+
+    def __init__(
+        self,
+        gguf: GGUFFile,
+        config: ModelConfig,
+        block_devices: list[torch.device],
+        head_device: torch.device,
+        max_positions: int,
+        flash_attn: bool | None = None,
+        progress=None,
+    ):
+        self.config = config
+        self.block_devices = block_devices
+        self.head_device = head_device
+        rope_dim = config.rope_dim or config.head_dim
+        rotaries: dict[tuple[bool, torch.device], RotaryEmbedding] = {}
+        self.layers = []
+        for i, device in enumerate(block_devices):
+            local = config.is_sliding(i)
+            key = (local, device)
+            if key not in rotaries:
+                base = config.rope_theta_local if local else config.rope_theta
+                scale = 1.0 if local else 1.0 / config.rope_scaling_factor
+                rotaries[key] = RotaryEmbedding(rope_dim, max_positions, base, scale, True, device)
+            self.layers.append(Gemma3Block(gguf, config, i, device, rotaries[key], flash_attn))
+            if progress is not None:
+                progress(1)
+        # The tied embedding is both the input table and the LM head; it lives with the head.
+        self.token_embd = QuantTensor.from_gguf(gguf, "token_embd.weight")
+        head_name = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
+        self.output = QuantLinear(QuantTensor.from_gguf(gguf, head_name), head_device)
+        if head_device.type != "cpu" and config.tie_word_embeddings:
+            self.token_embd = self.output.weight  # one device copy serves lookup and head
+        self.output_norm = read_float_tensor(gguf, "output_norm.weight").to(head_device)
+        if progress is not None:
+            progress(1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        metas: dict[torch.device, AttentionMetadata],
+        kv_caches: list[KVCache],
+    ) -> torch.Tensor:
+        """input_ids, positions: [num_tokens] -> final hidden states [num_tokens, hidden_size]
+        (before the output norm). `metas` holds the step's metadata on every device in use."""
+        embed = self.token_embd
+        x = ops.embedding(embed, input_ids.to(embed.data.device)) * self.config.embedding_scale
+        for layer, cache in zip(self.layers, kv_caches):
+            dev = layer.device
+            x = layer(x.to(dev), positions.to(dev), metas[dev], cache)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [n, hidden_size] -> logits [n, vocab_size] float32 (final softcap applied)."""
+        h = ops.rms_norm(hidden.to(self.head_device), self.output_norm, self.config.rms_norm_eps)
+        logits = self.output(h)
+        cap = self.config.final_logit_softcapping
+        if cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
