@@ -84,18 +84,19 @@ def apply_repeat_penalty(
     if not rows:
         return logits
     width = max(len(w) for w in windows)
-    # pad each window with its own first token: a repeated index writes the same value twice
-    padded = [list(w) + [w[0]] * (width - len(w)) for w in windows]
+    vocab = logits.shape[1]
+    # flat indices into logits: row * vocab + token. Each window is padded with its own first
+    # token: a repeated index writes the same value twice, harmlessly.
+    flat = [[i * vocab + t for t in w] + [i * vocab + w[0]] * (width - len(w))
+            for i, w in zip(rows, windows, strict=True)]  # fmt: skip
     device = logits.device
-    row_index = _device_tensor(rows, torch.int64, device)  # [num_penalised]
-    token_index = _device_tensor(padded, torch.int64, device)  # [num_penalised, width]
+    flat_t = _device_tensor(flat, torch.int64, device)  # [num_penalised, width]
     penalty = _device_tensor([params[i].repeat_penalty for i in rows], torch.float32, device)
-    penalty = penalty[:, None]  # [num_penalised, 1]
-    sub = logits.index_select(0, row_index)  # [num_penalised, vocab]
-    seen = sub.gather(1, token_index)  # [num_penalised, width]
-    seen = torch.where(seen <= 0, seen * penalty, seen / penalty)
-    sub = sub.scatter(1, token_index, seen)
-    return logits.index_copy(0, row_index, sub)
+    seen = logits.take(flat_t)  # [num_penalised, width]
+    seen = torch.where(seen <= 0, seen * penalty[:, None], seen / penalty[:, None])
+    out = logits.clone()  # never write into the caller's logits
+    out.view(-1).scatter_(0, flat_t.view(-1), seen.view(-1))
+    return out
 
 
 def _sample_random(
@@ -106,15 +107,19 @@ def _sample_random(
     device = logits.device
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     k_max = max(ks)
-    # candidates in descending logit order; everything past a row's own top_k is masked below
-    values, indices = logits.topk(k_max, dim=-1)  # [n, k_max] each
+    top_p = [p.top_p for p in params]
+    indices: torch.Tensor | None = None  # candidate -> token id; None: candidates = vocabulary
+    if k_max < vocab or min(top_p) < 1.0:
+        # candidates in descending logit order; past a row's own top_k they are masked below
+        values, indices = logits.topk(k_max, dim=-1)  # [n, k_max] each
+    else:
+        values = logits  # no top_k, no top_p: min_p and temperature need no order
     pos = torch.arange(k_max, device=device)  # [k_max]
 
     if min(ks) < k_max:
         k = _device_tensor(ks, torch.int64, device)[:, None]  # [n, 1]
         values = values.masked_fill(pos >= k, -math.inf)
 
-    top_p = [p.top_p for p in params]
     if min(top_p) < 1.0:
         # keep the smallest prefix whose probability reaches p: entry j stays when the mass
         # before it is still < p (the first entry always stays, as in llama.cpp)
@@ -128,7 +133,8 @@ def _sample_random(
     if max(min_p) > 0.0:
         # keep tokens with p_i >= min_p * p_max, i.e. logit_i >= logit_max + log(min_p)
         log_min_p = [math.log(m) if m > 0 else -math.inf for m in min_p]
-        threshold = values[:, :1] + _device_tensor(log_min_p, torch.float32, device)[:, None]
+        best = values[:, :1] if indices is not None else values.amax(dim=-1, keepdim=True)
+        threshold = best + _device_tensor(log_min_p, torch.float32, device)[:, None]
         values = values.masked_fill(values < threshold, -math.inf)  # [n, k_max]
 
     temperature = _device_tensor([p.temperature for p in params], torch.float32, device)
@@ -136,6 +142,8 @@ def _sample_random(
 
     noise = _exponential_noise(n, vocab, k_max, indices, generators, device)  # [n, k_max]
     choice = (probs / noise).argmax(dim=-1, keepdim=True)  # [n, 1]
+    if indices is None:
+        return choice.squeeze(1)
     return indices.gather(1, choice).squeeze(1)
 
 
@@ -143,11 +151,11 @@ def _exponential_noise(
     n: int,
     vocab: int,
     k_max: int,
-    indices: torch.Tensor,
+    indices: torch.Tensor | None,
     generators: Sequence[torch.Generator | None],
     device: torch.device,
 ) -> torch.Tensor:
-    """Exp(1) noise for the candidates `indices` [n, k_max] -> [n, k_max] float32."""
+    """Exp(1) noise for the candidates `indices` [n, k_max] (None: the vocabulary)."""
     noise = torch.empty(n, k_max, device=device).exponential_()  # default generator
     for row, gen in enumerate(generators):
         if gen is None:
@@ -158,7 +166,7 @@ def _exponential_noise(
         else:  # generator made for another device: correct, but pays a copy
             row_noise = torch.empty(vocab, device=gen.device).exponential_(generator=gen)
             row_noise = _to_device(row_noise, device)
-        noise[row] = row_noise.index_select(0, indices[row])
+        noise[row] = row_noise if indices is None else row_noise.index_select(0, indices[row])
     # Exp(1) can return 0; p / 0 would be inf, or NaN for a masked token
     return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
