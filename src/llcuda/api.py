@@ -133,6 +133,11 @@ class InferenceEngine:
             if device.startswith("cuda"):
                 import torch
 
+                # cuBLAS keeps a workspace (32 MiB) in torch's allocator per stream: hand it back
+                # too, so that memory_allocated() returns to what it was before load_model
+                clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+                if clear_workspaces is not None:
+                    clear_workspaces()
                 torch.cuda.empty_cache()
 
     def __enter__(self) -> InferenceEngine:

@@ -78,7 +78,7 @@ class TextStream(Iterator[str]):
     def close(self) -> None:
         """Abort the request if it is still running; `result` then has finish_reason 'abort'."""
         if self.result is None:
-            if not self._engine_finished:
+            if not self._engine_finished and self._handle is not None:
                 self._handle.abort()
             self._close(self._finish_reason if self._engine_finished else "abort")
 
@@ -99,6 +99,9 @@ class TextStream(Iterator[str]):
         return self.result
 
     def _close(self, finish_reason: str | None, error: Exception | None = None) -> None:
+        # a finished stream lets go of its handle: a stream the caller keeps must not pin the
+        # engine (and its GPU memory) after unload_model()
+        self._handle = self._outputs = None
         n = len(self._token_ids)
         latency = self._metrics.finish(
             self._start, prompt_tokens=self._prompt_tokens, generated_tokens=n,
