@@ -533,3 +533,21 @@ def test_calling_thread_mode_reports_a_dropped_request(engine):
     result = stream.consume()
     assert not result.success
     assert "stuck" in result.error_message
+
+
+def test_kept_streams_do_not_pin_the_engine_after_unload(fake_loader, model_file):
+    import gc
+    import weakref
+
+    e = InferenceEngine()
+    e.load_model(model_file, verbose=False, auto_start=False)
+    finished = e.infer_stream("hi", max_tokens=2)
+    assert list(finished) == ["a", "b"]
+    closed = e.infer_stream("hi", max_tokens=9)
+    next(closed)
+    closed.close()
+    loop = weakref.ref(e._loop)
+    e.unload_model()
+    gc.collect()
+    assert loop() is None  # the streams above are still alive, the engine loop is not
+    assert finished.result.text == "ab" and closed.result.finish_reason == "abort"
