@@ -50,13 +50,13 @@ def sample(
     if num_seqs == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     logits = apply_repeat_penalty(logits.float(), params, history)  # [num_seqs, vocab]
-    # ties: torch.argmax returns the first maximal index, i.e. the lowest token id
-    tokens = logits.argmax(dim=-1)  # [num_seqs]
     rows = [i for i, p in enumerate(params) if not p.greedy]
-    if not rows:
-        return tokens
     if len(rows) == num_seqs:
         return _sample_random(logits, params, generators)
+    # ties: torch.argmax returns the first maximal index, i.e. the lowest token id
+    tokens = logits.argmax(dim=-1)  # [num_seqs]
+    if not rows:
+        return tokens
     index = _device_tensor(rows, torch.int64, logits.device)  # [num_random]
     random_tokens = _sample_random(
         logits.index_select(0, index), [params[i] for i in rows], [generators[i] for i in rows]
@@ -108,37 +108,39 @@ def _sample_random(
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     k_max = max(ks)
     top_p = [p.top_p for p in params]
+    min_p = [p.min_p for p in params]
+    # every per-row knob in one host -> device copy: [n, 4] = (top_k, top_p, log min_p, temp)
+    knobs = _device_tensor(
+        [[k, p.top_p, math.log(p.min_p) if p.min_p > 0 else -math.inf, p.temperature]
+         for k, p in zip(ks, params, strict=True)],
+        torch.float32, device,
+    )  # fmt: skip
     indices: torch.Tensor | None = None  # candidate -> token id; None: candidates = vocabulary
     if k_max < vocab or min(top_p) < 1.0:
         # candidates in descending logit order; past a row's own top_k they are masked below
         values, indices = logits.topk(k_max, dim=-1)  # [n, k_max] each
     else:
         values = logits  # no top_k, no top_p: min_p and temperature need no order
-    pos = torch.arange(k_max, device=device)  # [k_max]
+    pos = torch.arange(k_max, device=device, dtype=torch.float32)  # [k_max]
 
     if min(ks) < k_max:
-        k = _device_tensor(ks, torch.int64, device)[:, None]  # [n, 1]
-        values = values.masked_fill(pos >= k, -math.inf)
+        values = values.masked_fill(pos >= knobs[:, 0:1], -math.inf)
 
     if min(top_p) < 1.0:
         # keep the smallest prefix whose probability reaches p: entry j stays when the mass
         # before it is still < p (the first entry always stays, as in llama.cpp)
         probs = values.softmax(dim=-1)  # [n, k_max]
         mass_before = probs.cumsum(dim=-1) - probs
-        p_t = _device_tensor(top_p, torch.float32, device)[:, None]  # [n, 1]
+        p_t = knobs[:, 1:2]  # [n, 1]
         keep = (mass_before < p_t) | (pos == 0) | (p_t >= 1.0)
         values = values.masked_fill(~keep, -math.inf)
 
-    min_p = [p.min_p for p in params]
     if max(min_p) > 0.0:
         # keep tokens with p_i >= min_p * p_max, i.e. logit_i >= logit_max + log(min_p)
-        log_min_p = [math.log(m) if m > 0 else -math.inf for m in min_p]
         best = values[:, :1] if indices is not None else values.amax(dim=-1, keepdim=True)
-        threshold = best + _device_tensor(log_min_p, torch.float32, device)[:, None]
-        values = values.masked_fill(values < threshold, -math.inf)  # [n, k_max]
+        values = values.masked_fill(values < best + knobs[:, 2:3], -math.inf)  # [n, k_max]
 
-    temperature = _device_tensor([p.temperature for p in params], torch.float32, device)
-    probs = (values / temperature[:, None]).softmax(dim=-1)  # [n, k_max]
+    probs = (values / knobs[:, 3:4]).softmax(dim=-1)  # [n, k_max]
 
     noise = _exponential_noise(n, vocab, k_max, indices, generators, device)  # [n, k_max]
     choice = (probs / noise).argmax(dim=-1, keepdim=True)  # [n, 1]
