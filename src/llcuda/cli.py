@@ -34,6 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout's reader went away (`llcuda generate ... | head`): stop quietly, and point
+        # stdout at /dev/null so that the interpreter's final flush does not complain
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (OSError, ValueError, RuntimeError) as exc:
         # FileNotFoundError, GGUFError (a ValueError), ModelNotFoundError, CUDA unavailable, ...
         if os.environ.get("LLCUDA_DEBUG"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from gguf import GGUFWriter
@@ -216,3 +219,18 @@ def test_generate_error_is_one_line(fake_engine, capsys, monkeypatch):
     monkeypatch.setattr(FakeEngine, "load_model", broken)
     assert cli.main(["generate", "x", "-c", "1"]) == 1
     assert capsys.readouterr().err == "llcuda: error: ctx_size must be >= 8, got 1\n"
+
+
+def test_broken_pipe_is_quiet():
+    # in a child process: the handler points fd 1 at /dev/null, which pytest's capture must not see
+    code = (
+        "import sys\n"
+        "from llcuda import cli\n"
+        "def closed_reader(args):\n"
+        "    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "cli._info = closed_reader\n"
+        "sys.exit(cli.main(['info', 'whatever']))\n"
+    )
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert child.returncode == 1
+    assert child.stderr == ""
