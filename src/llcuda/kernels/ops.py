@@ -54,18 +54,24 @@ def paged_attention(
 def prepare_weight(weight: QuantTensor, device: torch.device | str) -> object:
     """Place a quantized weight where it will be used, in the layout the kernels want.
 
-    On CPU the GGUF blocks stay as memory-mapped; on CUDA the raw blocks are uploaded (and repacked
-    once, if the Triton kernel wants another layout).
+    On CPU the GGUF blocks stay memory-mapped. On CUDA the raw blocks are uploaded and repacked
+    once into the struct-of-arrays layout of the Triton kernels (at most 1.03x the raw bytes).
     """
     device = torch.device(device)
     if device.type == "cpu":
         return weight
-    return weight.to(device)
+    from llcuda.kernels.quant_pack import pack_weight
+
+    return pack_weight(weight.data.to(device), int(weight.qtype), weight.shape[1])
 
 
 def quant_matmul(x: torch.Tensor, weight: object) -> torch.Tensor:
     """x @ W.T for a weight kept in its quantized blocks. x: [num_tokens, in] -> [num_tokens, out]."""
-    return ref.quant_matmul_ref(x, weight)
+    if isinstance(weight, QuantTensor):
+        return ref.quant_matmul_ref(x, weight)
+    from llcuda.kernels.quant_matmul import quant_matmul as triton_quant_matmul
+
+    return triton_quant_matmul(x, weight)
 
 
 def embedding(weight: QuantTensor, token_ids: torch.Tensor) -> torch.Tensor:

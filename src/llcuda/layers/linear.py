@@ -14,8 +14,8 @@ class QuantLinear:
     def __init__(self, weight: QuantTensor, device: torch.device | str = "cpu"):
         self.out_features, self.in_features = weight.shape
         self.qtype = weight.qtype
-        self.nbytes = weight.nbytes
         self.weight = ops.prepare_weight(weight, device)
+        self.nbytes = getattr(self.weight, "nbytes", weight.nbytes)  # bytes where it lives
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in_features] -> [num_tokens, out_features] float32

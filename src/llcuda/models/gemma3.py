@@ -99,12 +99,11 @@ class Gemma3ForCausalLM:
             self.layers.append(Gemma3Block(gguf, config, i, device, rotaries[key], flash_attn))
             if progress is not None:
                 progress(1)
-        # The tied embedding is both the input table and the LM head; it lives with the head.
+        # Embedding rows are looked up in the memory-mapped blocks on the CPU (a few rows per
+        # step; llama.cpp keeps the input embedding on the CPU too); the head reads them all.
         self.token_embd = QuantTensor.from_gguf(gguf, "token_embd.weight")
         head_name = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
         self.output = QuantLinear(QuantTensor.from_gguf(gguf, head_name), head_device)
-        if head_device.type != "cpu" and config.tie_word_embeddings:
-            self.token_embd = self.output.weight  # one device copy serves lookup and head
         self.output_norm = read_float_tensor(gguf, "output_norm.weight").to(head_device)
         if progress is not None:
             progress(1)
@@ -118,8 +117,7 @@ class Gemma3ForCausalLM:
     ) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> final hidden states [num_tokens, hidden_size]
         (before the output norm). `metas` holds the step's metadata on every device in use."""
-        embed = self.token_embd
-        x = ops.embedding(embed, input_ids.to(embed.data.device)) * self.config.embedding_scale
+        x = ops.embedding(self.token_embd, input_ids.cpu()) * self.config.embedding_scale
         for layer, cache in zip(self.layers, kv_caches):
             dev = layer.device
             x = layer(x.to(dev), positions.to(dev), metas[dev], cache)

@@ -1,0 +1,98 @@
+"""Open a GGUF file and assemble everything that serves it: model, KV cache, tokenizer, engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llcuda.config import EngineConfig, ModelConfig
+from llcuda.engine.llm_engine import LLMEngine
+from llcuda.gguf.chat_template import ChatTemplate, chat_template_from_metadata
+from llcuda.gguf.model_config import model_config_from_gguf
+from llcuda.gguf.reader import GGUFFile
+from llcuda.gguf.tokenizer import Tokenizer
+from llcuda.models.registry import build_model
+from llcuda.runner.model_runner import ModelRunner
+
+
+@dataclass
+class LoadedModel:
+    llm_engine: LLMEngine
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate
+    model_config: ModelConfig
+    engine_config: EngineConfig
+    device: str
+    gguf: GGUFFile
+    memory: dict[str, int] = field(default_factory=dict)  # bytes: weights, kv_cache, ...
+
+    def close(self) -> None:
+        self.gguf.close()
+
+
+def choose_devices(
+    config: EngineConfig, num_layers: int
+) -> tuple[list[torch.device], torch.device]:
+    """Devices of the blocks and of the head, as llama.cpp's -ngl places them.
+
+    The last `gpu_layers` blocks go to the GPU; the output head too when gpu_layers > num_layers.
+    Without CUDA (or with device='cpu' or gpu_layers=0) everything runs on the CPU.
+    """
+    cpu = torch.device("cpu")
+    wanted = config.device
+    if wanted is None:
+        wanted = "cuda" if torch.cuda.is_available() and config.gpu_layers > 0 else "cpu"
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={wanted!r} was asked for but CUDA is not available")
+    gpu = torch.device(wanted)
+    if gpu.type == "cpu":
+        return [cpu] * num_layers, cpu
+    first_gpu_layer = max(num_layers - config.gpu_layers, 0)
+    blocks = [gpu if i >= first_gpu_layer else cpu for i in range(num_layers)]
+    head = gpu if config.gpu_layers > num_layers else cpu
+    return blocks, head
+
+
+def load(
+    model_path: str,
+    config: EngineConfig,
+    verbose: bool = True,
+    chat_template: str | None = None,
+) -> LoadedModel:
+    gguf = GGUFFile(model_path)
+    try:
+        model_config = model_config_from_gguf(gguf)
+        tokenizer = Tokenizer.from_metadata(gguf.metadata)
+        template = chat_template_from_metadata(gguf.metadata, override=chat_template)
+        block_devices, head_device = choose_devices(config, model_config.num_layers)
+        progress = _progress_bar(verbose, model_config.num_layers + 1, model_path)
+        model = build_model(
+            gguf,
+            model_config,
+            block_devices,
+            head_device,
+            max_positions=config.ctx_size,
+            flash_attn=config.flash_attn,
+            progress=progress.update if progress is not None else None,
+        )
+        if progress is not None:
+            progress.close()
+        kv_dtype = torch.float16 if head_device.type == "cuda" else torch.float32
+        runner = ModelRunner(model, model_config, config, kv_cache_dtype=kv_dtype)
+        engine = LLMEngine(runner, tokenizer, config)
+    except BaseException:
+        gguf.close()
+        raise
+    memory = {"weights": sum(t.nbytes for t in gguf.tensors.values()), "kv_cache": runner.kv_cache_bytes}
+    device = str(head_device if head_device.type != "cpu" else block_devices[-1])
+    return LoadedModel(engine, tokenizer, template, model_config, config, device, gguf, memory)
+
+
+def _progress_bar(verbose: bool, total: int, path: str) -> Any:
+    if not verbose:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"loading {path.rsplit('/', 1)[-1]}", unit="layer")

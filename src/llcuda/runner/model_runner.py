@@ -1,0 +1,105 @@
+"""Turns a scheduler step into flat tensors, runs the model over the paged KV cache, samples.
+
+One step's batch is the concatenation of every scheduled request's new tokens (prompt chunks and
+single decode tokens alike). Attention finds each sequence's past through its block table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llcuda.config import EngineConfig, ModelConfig
+from llcuda.engine.scheduler import SchedulerOutput
+from llcuda.layers.attention import AttentionMetadata, KVCache
+from llcuda.runner.sampler import sample
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model,
+        model_config: ModelConfig,
+        engine_config: EngineConfig,
+        kv_cache_dtype: torch.dtype = torch.float32,
+    ):
+        self.model = model
+        self.model_config = model_config
+        self.engine_config = engine_config
+        self.block_size = engine_config.block_size
+        self.max_blocks_per_seq = engine_config.max_blocks_per_seq
+        self.devices = list(dict.fromkeys(model.block_devices))
+        self.device = model.head_device  # where logits (and seeded samplers' generators) live
+        self.kv_caches = [
+            KVCache.allocate(
+                engine_config.num_blocks,
+                engine_config.block_size,
+                model_config.num_kv_heads,
+                model_config.head_dim,
+                kv_cache_dtype,
+                device,
+            )
+            for device in model.block_devices
+        ]
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(c.nbytes for c in self.kv_caches)
+
+    def prepare_inputs(
+        self, step: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """Flat batch tensors on the CPU: input_ids, positions, metadata, logits_indices."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        block_tables = torch.zeros(len(step.scheduled), self.max_blocks_per_seq, dtype=torch.int32)
+        bs = self.block_size
+        for row, item in enumerate(step.scheduled):
+            req, start, n = item.request, item.start_pos, item.num_tokens
+            table = req.block_table
+            input_ids.extend(req.all_token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            query_start_loc.append(query_start_loc[-1] + n)
+            seq_lens.append(start + n)
+            block_tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            if item.sample:
+                logits_indices.append(query_start_loc[-1] - 1)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_tables=block_tables,
+            max_query_len=max(item.num_tokens for item in step.scheduled),
+            max_seq_len=max(seq_lens),
+        )
+        return (
+            torch.tensor(input_ids, dtype=torch.int64),
+            torch.tensor(positions, dtype=torch.int64),
+            meta,
+            torch.tensor(logits_indices, dtype=torch.int64),
+        )
+
+    @torch.inference_mode()
+    def execute_model(self, step: SchedulerOutput) -> dict[str, int]:
+        """Run one step; returns the sampled token of every request whose step ends its known tokens."""
+        if not step.scheduled:
+            return {}
+        input_ids, positions, meta, logits_indices = self.prepare_inputs(step)
+        metas = {device: meta.to(device) for device in self.devices}
+        hidden = self.model.forward(input_ids, positions, metas, self.kv_caches)
+        sampled_items = [item for item in step.scheduled if item.sample]
+        if not sampled_items:
+            return {}
+        logits = self.model.compute_logits(hidden[logits_indices.to(hidden.device)])
+        requests = [item.request for item in sampled_items]
+        token_ids = sample(
+            logits,
+            [r.sampling_params for r in requests],
+            [r.generator for r in requests],
+            [r.all_token_ids for r in requests],
+        )
+        return dict(zip((r.request_id for r in requests), token_ids.tolist()))
