@@ -190,3 +190,47 @@ def test_without_thread_run_until_complete_and_abort(loop):
 
 def keep_request_blocks(lp: EngineLoop) -> list[int]:
     return [b for r in lp.engine.scheduler.requests.values() for b in r.block_table]
+
+
+def test_abort_from_inside_a_step_does_not_deadlock(loop):
+    # a TextStream dropped mid-step aborts from __del__, in the stepping thread itself
+    config = _config(n_parallel=2)
+    runner = FakeKVRunner(config)
+    lp = loop(config, runner, auto_start=False)
+    victim = lp.submit([1, 2, 3], LONG)
+    keep = lp.submit([4, 5], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    original = runner.execute_model
+
+    def execute_and_abort(step):
+        victim.abort()  # re-entrant: the step lock is held by this thread
+        return original(step)
+
+    runner.execute_model = execute_and_abort
+    assert keep.result().num_output_tokens == 4
+    assert victim.result().finish_reason == "abort"
+
+
+class _Fatal(BaseException):
+    """Not an Exception: escapes run_once and kills the loop thread."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dying_loop_thread_fails_handles_instead_of_hanging(loop):
+    config = _config(n_parallel=2)
+    runner = SlowRunner(config)
+    lp = loop(config, runner)
+    handle = lp.submit([1, 2, 3], LONG)
+    next(iter(handle))
+
+    def fatal(step):
+        raise _Fatal("loop bug")
+
+    runner.execute_model = fatal
+    with pytest.raises(EngineStepError, match="loop bug"):
+        handle.result(timeout=30)
+    deadline = time.monotonic() + 10
+    while lp.is_threaded and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not lp.is_threaded
+    with pytest.raises(RuntimeError, match="thread died"):
+        lp.submit([1], SamplingParams())

@@ -231,9 +231,14 @@ class EngineLoop:
         with self._cond:
             self._inbox.append(("abort", request_id))
             self._cond.notify()
-        if not self.is_threaded and not self._stopping:
-            with self._step_lock:  # no thread to pick it up: free the blocks now
+        # no thread to pick it up: free the blocks now, unless a step is under way (maybe in this
+        # very thread: abort() can come from a stream's __del__ run by the garbage collector
+        # mid-step); that stepper applies it at its next run_once.
+        if not self.is_threaded and not self._stopping and self._step_lock.acquire(blocking=False):
+            try:
                 self._drain_inbox()
+            finally:
+                self._step_lock.release()
 
     def _drain_inbox(self) -> None:
         """Apply add / abort commands (stepper only, under _step_lock)."""
@@ -256,11 +261,11 @@ class EngineLoop:
 
     def _fail_all(self, exc: BaseException) -> None:
         handles, self._handles = self._handles, {}
-        self.engine.abort_all()  # free their blocks; their abort records are dropped
-        for handle in handles.values():
+        for handle in handles.values():  # first: whatever happens next, nobody hangs
             err = EngineStepError(f"model step failed: {type(exc).__name__}: {exc}")
             err.__cause__ = exc
             handle._fail(err)
+        self.engine.abort_all()  # free their blocks; their abort records are dropped
 
     def _run(self) -> None:
         try:
@@ -278,9 +283,14 @@ class EngineLoop:
         except BaseException as exc:  # a bug in the loop itself: fail loudly, never hang
             with self._cond:
                 self._dead = exc
-            with self._step_lock:
-                self._drain_inbox()
+                inbox, self._inbox = self._inbox, []
+            for cmd in inbox:
+                if cmd[0] == "add":
+                    cmd[1]._fail(RuntimeError(f"EngineLoop thread died: {exc!r}"))
+            try:
                 self._fail_all(exc)
+            except Exception:
+                pass  # the engine is beyond repair; every handle has its error already
             raise
 
 
