@@ -10,6 +10,31 @@ from llcuda.gguf.detokenizer import IncrementalDetokenizer
 from llcuda.gguf.reader import GGUFFile
 from llcuda.gguf.tokenizer import Tokenizer
 
+# More cases, ids from llama.cpp's own llama_tokenize (a vocab-only CPU build of the vendored
+# llama.cpp source, on this model): overlapping special text, parse_special off, CR/LF and tab
+# runs, private-use and astral characters, user-defined tokens, combining marks.
+# fmt: off
+LLAMA_CPP_CASES = [
+    ("<start_of<start_of_turn>turn>", True, True,
+     [2, 236820, 3041, 236779, 1340, 105, 887, 236813]),
+    ("<start_of_turn>user\nhi<end_of_turn>", False, False,
+     [236820, 3041, 236779, 1340, 236779, 887, 236813, 2364, 107, 2202, 236820, 643, 236779,
+      1340, 236779, 887, 236813]),
+    ("a\r\n\r\n\tb  \n   c", True, True,
+     [2, 236746, 251, 107, 251, 107, 255968, 236763, 138, 107, 139, 236755]),
+    ("<unused7><mask>[multimodal]<start_of_image>", False, True, [13, 4, 5, 255999]),
+    ("\ue000\U0010fffd\U0001d518\U0001d52b x", True, True,
+     [2, 245863, 482, 381, 429, 427, 478, 395, 386, 390, 478, 395, 386, 409, 1123]),
+    ("  leading and trailing  ", True, True, [2, 138, 26016, 532, 45330, 138]),
+    ("<b>bold</b> <table>", False, True, [200, 15640, 209, 236743, 168]),
+    ("e\u0301 \u200b\u3000\ufeff \u00df \u0130 \ufb01", True, True,
+     [2, 236744, 238288, 36504, 465, 366, 366, 237922, 114881, 11732, 97940]),
+    ("\U0001f469\u200d\U0001f469\u200d\U0001f467 family", True, True,
+     [2, 243767, 237243, 243767, 237243, 244814, 2523]),
+    ("\x00\x7f", False, True, [238, 251541]),
+]
+# fmt: on
+
 
 @pytest.fixture(scope="module")
 def metadata(real_model_path) -> dict:
@@ -37,6 +62,13 @@ def test_golden_tokenize(tok: Tokenizer, golden: dict):
     for case in golden["tokenize"]:
         ids = tok.encode(case["text"], case["add_special"], case["parse_special"])
         assert ids == case["ids"], case["text"]
+
+
+@pytest.mark.parametrize("text, add_special, parse_special, ids", LLAMA_CPP_CASES)
+def test_llama_cpp_cases(tok: Tokenizer, text: str, add_special: bool, parse_special: bool, ids):
+    assert tok.encode(text, add_special, parse_special) == ids
+    # rendering every token (control ones too) gives the text back, after the BOS
+    assert tok.decode(ids, skip_special=False) == ("<bos>" if add_special else "") + text
 
 
 def test_golden_prompt_ids(tok: Tokenizer, golden: dict):
