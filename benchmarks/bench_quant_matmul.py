@@ -1,0 +1,213 @@
+"""Quantized matmul kernels (llcuda.kernels.quant_matmul) next to cuBLAS on a dense bf16 copy.
+
+    python benchmarks/bench_quant_matmul.py [--quick] [--sweep] [--json out.jsonl]
+
+Per (type, K, N, M): kernel time in us (median of CUDA-graph replays, so launch gaps are not
+counted), GB/s of packed weight bytes at M=1 (the decode roofline: ~3.35 TB/s on H100 SXM),
+TFLOP/s at M=512, and torch's `x_bf16 @ W_bf16.T` (cuBLAS) at the same M. Each call reads one of
+several weight copies in turn, so small weights are not timed out of L2 (the `L2` column marks
+shapes whose copies still fit in it). --sweep times other launch configurations of the biggest
+shapes, to tune the heuristics in quant_matmul.gemv_config / gemm_config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from llcuda.kernels import quant_pack as qp
+from llcuda.kernels.quant_matmul import gemm_config, gemv_config, quant_gemm, quant_gemv
+
+T = {name: qid for qid, (_, _, name) in qp.QUANT_BLOCKS.items()}
+
+# (type, K, N): Gemma 3 270M and 1B as their Q4_K_M files store them, then Llama-8B-sized FFNs
+SHAPES = [
+    ("Q5_0", 640, 1024), ("Q5_0", 640, 256), ("Q4_K", 1024, 640), ("Q5_0", 640, 2048),
+    ("Q4_K", 2048, 640), ("Q6_K", 2048, 640), ("Q8_0", 640, 262144),
+    ("Q5_0", 1152, 1024), ("Q5_0", 1152, 256), ("Q4_K", 1024, 1152), ("Q5_0", 1152, 6912),
+    ("Q4_K", 6912, 1152), ("Q6_K", 6912, 1152), ("Q8_0", 1152, 6912), ("Q8_0", 1152, 262144),
+    ("Q4_0", 4096, 14336), ("Q4_1", 4096, 14336), ("Q5_1", 4096, 14336),
+    ("Q4_K", 4096, 14336), ("Q4_K", 14336, 4096), ("Q5_K", 4096, 14336), ("Q6_K", 4096, 14336),
+    ("Q8_0", 4096, 14336), ("F16", 4096, 14336), ("BF16", 4096, 14336), ("F32", 4096, 4096),
+]
+QUICK = [("Q8_0", 1152, 262144), ("Q4_K", 6912, 1152), ("Q5_0", 1152, 6912),
+         ("Q4_K", 4096, 14336), ("Q6_K", 4096, 14336)]
+SWEEP = [("Q8_0", 1152, 262144), ("Q4_K", 6912, 1152), ("Q4_K", 4096, 14336)]
+CROSSOVER = [("Q4_K", 4096, 14336), ("Q5_0", 1152, 6912), ("Q8_0", 1152, 262144)]
+BATCHES = [1, 16, 512]
+L2_BYTES = 50 * 2**20
+TARGET_BYTES = 256 * 2**20  # weight copies per measurement: at least this much, 64 copies at most
+
+
+def random_rows(qid: int, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Random raw GGUF rows on the GPU with small finite f16 scales (never zeros: see METHOD.md)."""
+    if qid in qp.FLOAT_TYPES:
+        v = torch.randn((n, k), generator=gen, device="cuda") * 0.05
+        return v.to(qp.FLOAT_TYPES[qid]).view(torch.uint8).reshape(n, -1)
+    elems, bb, name = qp.QUANT_BLOCKS[qid]
+    raw = torch.randint(0, 256, (n, k // elems, bb), generator=gen, device="cuda",
+                        dtype=torch.uint8)
+    offs = {"Q6_K": [208], "Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2]}
+    for off in offs.get(name, [0]):
+        s = torch.rand((n, k // elems, 1), generator=gen, device="cuda") * 0.02 + 0.002
+        raw[..., off : off + 2] = s.half().view(torch.uint8)
+    if name == "Q6_K":
+        raw[..., 192:208] = torch.randint(1, 32, (n, k // elems, 16), generator=gen,
+                                          device="cuda", dtype=torch.uint8)
+    return raw.reshape(n, -1)
+
+
+def time_calls(calls: list, reps: int = 15) -> float:
+    """Median microseconds per call: all calls captured in one CUDA graph, replayed `reps` times."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles and autotunes outside the capture
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
+def bench_shape(tname: str, k: int, n: int, batches, gen, both: bool = False) -> list[dict]:
+    qid = T[tname]
+    raw = random_rows(qid, n, k, gen)
+    w0 = qp.pack_weight(raw, qid, k)
+    copies = max(1, min(64, -(-TARGET_BYTES // w0.nbytes)))
+    ws = [w0] + [qp.pack_weight(random_rows(qid, n, k, gen), qid, k) for _ in range(copies - 1)]
+    dense_bytes = n * k * 2
+    dcopies = max(1, min(64, -(-TARGET_BYTES // dense_bytes)))
+    wd = [qp.dequantize_packed(w).to(torch.bfloat16) for w in ws[:dcopies]]
+    rows = []
+    for m in batches:
+        x = torch.randn((m, k), generator=gen, device="cuda")
+        xb = x.to(torch.bfloat16)
+        row = {"type": tname, "K": k, "N": n, "M": m, "weight_bytes": w0.nbytes,
+               "l2_resident": copies * w0.nbytes < 2 * L2_BYTES}
+        if m <= 16 or both:
+            row["gemv_us"] = time_calls([lambda w=w, x=x: quant_gemv(x, w) for w in ws])
+        if m >= 16 or both:
+            row["gemm_us"] = time_calls([lambda w=w, x=x: quant_gemm(x, w) for w in ws])
+        row["cublas_bf16_us"] = time_calls([lambda d=d, xb=xb: xb @ d.T for d in wd])
+        ours = min(row.get("gemv_us", 1e30), row.get("gemm_us", 1e30))
+        row["GBps"] = w0.nbytes / ours / 1e3
+        row["TFLOPs"] = 2 * m * n * k / ours / 1e6
+        row["cublas_GBps"] = dense_bytes / row["cublas_bf16_us"] / 1e3
+        row["cublas_TFLOPs"] = 2 * m * n * k / row["cublas_bf16_us"] / 1e6
+        rows.append(row)
+    del ws, wd
+    torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_shape(tname: str, k: int, n: int, gen) -> list[dict]:
+    """Time other launch configurations of one shape at M=1 (GEMV) and M=512 (GEMM)."""
+    qid = T[tname]
+    w0 = qp.pack_weight(random_rows(qid, n, k, gen), qid, k)
+    copies = max(1, min(64, -(-TARGET_BYTES // w0.nbytes)))
+    ws = [w0] + [qp.pack_weight(random_rows(qid, n, k, gen), qid, k) for _ in range(copies - 1)]
+    out = []
+    x1 = torch.randn((1, k), generator=gen, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    base = gemv_config(qid, 1, n, k // 32, sms)
+    for bn in (32, 64, 128):
+        for warps in (4, 8):
+            for stages in (1, 3):
+                for split in sorted({base["SPLIT_K"], 1}):
+                    cfg = dict(base, BLOCK_N=bn, num_warps=warps, num_stages=stages, SPLIT_K=split)
+                    try:
+                        calls = [lambda w=w, c=cfg: quant_gemv(x1, w, config=c) for w in ws]
+                        us = time_calls(calls)
+                    except Exception as e:  # a config the compiler rejects (e.g. out of registers)
+                        print(f"  gemv {cfg}: failed {type(e).__name__}: {str(e)[:80]}")
+                        continue
+                    out.append({"type": tname, "K": k, "N": n, "M": 1, "cfg": cfg, "us": us,
+                                "GBps": w0.nbytes / us / 1e3, "default": cfg == base})
+    x = torch.randn((512, k), generator=gen, device="cuda")
+    gbase = gemm_config(qid, 512, n, k // 32)
+    for bm, bn, warps, stages in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3),
+                                  (128, 256, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3)]:
+        cfg = dict(gbase, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        try:
+            us = time_calls([lambda w=w, c=cfg: quant_gemm(x, w, config=c) for w in ws[:4]],
+                            reps=10)
+        except Exception as e:
+            print(f"  gemm {cfg}: failed {type(e).__name__}: {str(e)[:80]}")
+            continue
+        out.append({"type": tname, "K": k, "N": n, "M": 512, "cfg": cfg, "us": us,
+                    "TFLOPs": 2 * 512 * n * k / us / 1e6, "default": cfg == gbase})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="only the five headline shapes")
+    ap.add_argument("--sweep", action="store_true", help="also sweep launch configs (slow)")
+    ap.add_argument("--crossover", action="store_true",
+                    help="time both paths at M = 2..16 to place GEMV_MAX_M")
+    ap.add_argument("--no-table", action="store_true", help="skip the table (with --sweep)")
+    ap.add_argument("--json", default=None, help="append one JSON line per row to this file")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    rows = []
+    for tname, k, n in [] if args.no_table else QUICK if args.quick else SHAPES:
+        rows += bench_shape(tname, k, n, BATCHES, gen)
+        for r in rows[-len(BATCHES):]:
+            print(f"{r['type']:5} K={r['K']:6} N={r['N']:7} M={r['M']:4}  "
+                  f"gemv {r.get('gemv_us', float('nan')):9.1f}us  "
+                  f"gemm {r.get('gemm_us', float('nan')):9.1f}us  "
+                  f"cublas {r['cublas_bf16_us']:9.1f}us  {r['GBps']:7.0f} GB/s  "
+                  f"{r['TFLOPs']:6.1f} TF/s", flush=True)
+    sweeps = []
+    if args.sweep:
+        for tname, k, n in SWEEP:
+            sweeps += sweep_shape(tname, k, n, gen)
+            for s in [s for s in sweeps if s["type"] == tname and s["K"] == k and s["N"] == n]:
+                print(f"sweep {tname} K={k} N={n} M={s['M']} {s['us']:9.1f}us "
+                      f"{s.get('GBps', 0):7.0f} GB/s {s.get('TFLOPs', 0):6.1f} TF/s "
+                      f"{'*' if s['default'] else ' '} {s['cfg']}", flush=True)
+    if args.crossover:
+        for tname, k, n in CROSSOVER:
+            for r in bench_shape(tname, k, n, [2, 4, 8, 16], gen, both=True):
+                sweeps.append(dict(r, crossover=True))
+                print(f"crossover {tname} K={k} N={n} M={r['M']:3} gemv {r['gemv_us']:8.1f}us "
+                      f"gemm {r['gemm_us']:8.1f}us cublas {r['cublas_bf16_us']:8.1f}us", flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in rows + sweeps:
+                f.write(json.dumps(r) + "\n")
+
+    print("\n| type | K | N | M | ours us | GB/s (M=1) | TFLOP/s | cuBLAS bf16 us | cuBLAS GB/s"
+          " | cuBLAS TFLOP/s | L2 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ours = min(r.get("gemv_us", 1e30), r.get("gemm_us", 1e30))
+        path = "gemv" if ours == r.get("gemv_us") else "gemm"
+        print(f"| {r['type']} | {r['K']} | {r['N']} | {r['M']} | {ours:.1f} ({path}) | "
+              f"{r['GBps']:.0f} | {r['TFLOPs']:.2f} | {r['cublas_bf16_us']:.1f} | "
+              f"{r['cublas_GBps']:.0f} | {r['cublas_TFLOPs']:.2f} | "
+              f"{'yes' if r['l2_resident'] else ''} |")
+
+
+if __name__ == "__main__":
+    main()

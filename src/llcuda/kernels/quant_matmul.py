@@ -1,0 +1,502 @@
+"""Triton matmuls over GGUF-quantized weights: y = x @ dequantize(w).T with fp32 accumulation.
+
+Weights come repacked by `quant_pack.pack_weight`: per row, 32-element groups of int32 words, each
+word holding one element of every *plane* (see quant_pack). The kernels decode one plane of a
+[rows, words] tile at a time; its activations x[32g + p*WPG + k] form a tile of the same shape, so
+decode, multiply and accumulate stay in one register layout. Two paths:
+
+* `_quant_gemv_kernel` (M <= 16, decode): bandwidth-bound. Each program owns BLOCK_N rows and walks
+  K in BLOCK_G groups; planes decode to exact integer-valued floats (PRMT under a 2^23 exponent,
+  then one FADD that also removes the zero point) and FMA with fp32 activations; group scales are
+  applied once per group to the partial sums (w = a*q + c  =>  sum(w*x) = a*sum(q*x) + c*sum(x)).
+  Tall-K matrices with few rows (ffn_down) are split along K on a second grid axis.
+* `_quant_gemm_kernel` (M > 16, prefill/batch): each plane of a [BLOCK_N, 32*BLOCK_G] tile is
+  dequantized in registers to bf16 (fp16 below sm_80, with each activation row scaled by a power of
+  two to stay in fp16 range) and multiplied on tensor cores by `tl.dot` with fp32 accumulation.
+
+Neither path ever materialises the dequantized matrix in device memory.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+
+from llcuda.kernels.quant_pack import (
+    BF16,
+    F16,
+    F32,
+    GROUP,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    PackedWeight,
+    dequantize_packed,
+)
+
+GEMV_MAX_M = 16  # largest batch served by the matrix-vector kernel
+
+
+@triton.jit
+def _byte_plane(w, B: tl.constexpr, magic, USE_ASM: tl.constexpr):
+    """int32 bits of float32(2^23 + byte B of w), for int32 words w.
+
+    Placing a byte under the exponent byte 0x4B gives 2^23 + byte exactly: one PRMT per element
+    instead of shift, mask, I2F (I2F runs at a quarter of the FMA rate on sm_80/sm_90 and would
+    bound the 4-bit GEMV below memory bandwidth). USE_ASM=False is the same in plain Triton, for
+    the interpreter. `magic` is 0x4B000000 passed as a kernel argument: as a literal, ptxas folds
+    it into the PRMT immediate and reloads the four byte selectors into registers instead.
+    """
+    if USE_ASM:
+        magic = tl.zeros(w.shape, tl.int32) + magic
+        if B == 0:
+            return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7650;", "=r,r,r", [w, magic],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        elif B == 1:
+            return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7651;", "=r,r,r", [w, magic],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        elif B == 2:
+            return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7652;", "=r,r,r", [w, magic],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7653;", "=r,r,r", [w, magic],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return ((w >> (8 * B)) & 0xFF) | 0x4B000000
+
+
+@triton.jit
+def _spread_bits(v):
+    # v: int32 in [0, 16) -> bit b of v moved to bit 8b + 4 (bit 4 of byte b). The four shifted
+    # copies of the multiply never overlap, so no carries: one IMAD + one LOP3 for four elements.
+    return (v * 0x02040810) & 0x10101010
+
+
+@triton.jit
+def _prepare_words(QTYPE: tl.constexpr, words, qh_ptr, row, s_qh, widx, wmask):
+    """Per-word preprocessing of a [R, NW] tile of packed int32 words.
+
+    4/5/6-bit types: returns (lo, hi), words whose byte b is the full value of plane 2b (lo) and
+    2b+1 (hi), high bits already merged. Q8_0: (q + 128 bytes, same). Floats: (words, words).
+    """
+    if QTYPE == 8:  # Q8_0: int8 -> q + 128 in [0, 255], four at a time
+        u = words ^ -2139062144  # 0x80808080 as int32
+        return u, u
+    if QTYPE == 0 or QTYPE == 1 or QTYPE == 30:
+        return words, words
+    lo = words & 0x0F0F0F0F
+    hi = (words >> 4) & 0x0F0F0F0F
+    if QTYPE == 6 or QTYPE == 7 or QTYPE == 13:  # Q5_*: one byte of 5th bits per word
+        x = tl.load(qh_ptr + row * s_qh + widx, mask=wmask, other=0).to(tl.int32)
+        lo = lo | _spread_bits(x & 15)
+        hi = hi | _spread_bits(x >> 4)
+    if QTYPE == 14:  # Q6_K: int16 per word, low byte = bit 4 of each value, high byte = bit 5
+        y = tl.load(qh_ptr + row * s_qh + widx, mask=wmask, other=0).to(tl.int32)
+        lo = lo | _spread_bits(y & 15) | (_spread_bits((y >> 8) & 15) << 1)
+        hi = hi | _spread_bits((y >> 4) & 15) | (_spread_bits((y >> 12) & 15) << 1)
+    return lo, hi
+
+
+@triton.jit
+def _plane(QTYPE: tl.constexpr, lo, hi, P: tl.constexpr, magic, USE_ASM: tl.constexpr):
+    """Plane P of a prepared word tile as float32, the type's zero point already subtracted."""
+    if QTYPE == 0:  # F32
+        return lo.to(tl.float32, bitcast=True)
+    if QTYPE == 30:  # BF16: a bf16 is the top half of the fp32 with the same value
+        if P == 0:
+            return (lo << 16).to(tl.float32, bitcast=True)
+        else:
+            return (lo & -65536).to(tl.float32, bitcast=True)
+    if QTYPE == 1:  # F16
+        if P == 0:
+            return lo.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            return (lo >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    if QTYPE == 8:  # Q8_0: plane = byte P, biased by 128
+        return _byte_plane(lo, P, magic, USE_ASM).to(tl.float32, bitcast=True) - (8388608.0 + 128.0)
+    # nibble types: even planes in `lo`, odd planes in `hi`, byte P // 2
+    if P % 2 == 0:
+        v = _byte_plane(lo, P // 2, magic, USE_ASM).to(tl.float32, bitcast=True)
+    else:
+        v = _byte_plane(hi, P // 2, magic, USE_ASM).to(tl.float32, bitcast=True)
+    if QTYPE == 2:  # Q4_0: q - 8
+        return v - (8388608.0 + 8.0)
+    elif QTYPE == 6:  # Q5_0: q - 16
+        return v - (8388608.0 + 16.0)
+    elif QTYPE == 14:  # Q6_K: q - 32
+        return v - (8388608.0 + 32.0)
+    else:
+        return v - 8388608.0
+
+
+@triton.jit
+def _group_scales(QTYPE: tl.constexpr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp, mask, s_sc, s_d):
+    """Per-group affine maps for a [R, G] tile: w = a * q + c.
+
+    Returns a_lo, a_hi, c [R, G] fp32; a_lo applies to planes 0..P/2-1 and a_hi to the rest
+    (they differ only for Q6_K, whose scales cover 16 elements = planes 0-3 and 4-7).
+    """
+    if QTYPE == 0 or QTYPE == 1 or QTYPE == 30:
+        one = tl.where(mask, 1.0, 0.0) + tl.zeros(row.shape, tl.float32)
+        return one, one, one * 0.0
+    if QTYPE == 12 or QTYPE == 13:  # Q4_K / Q5_K: w = d * sc * q - dmin * mn
+        sup = row * s_d + grp // 8
+        d = tl.load(d_ptr + sup, mask=mask, other=0.0).to(tl.float32)
+        dmin = tl.load(dmin_ptr + sup, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(sc_ptr + row * s_sc + grp, mask=mask, other=0).to(tl.float32)
+        mn = tl.load(mn_ptr + row * s_sc + grp, mask=mask, other=0).to(tl.float32)
+        a = d * sc
+        return a, a, -(dmin * mn)
+    if QTYPE == 14:  # Q6_K: w = d * sc16 * (q - 32)
+        d = tl.load(d_ptr + row * s_d + grp // 8, mask=mask, other=0.0).to(tl.float32)
+        sc_lo = tl.load(sc_ptr + row * s_sc + 2 * grp, mask=mask, other=0).to(tl.float32)
+        sc_hi = tl.load(sc_ptr + row * s_sc + 2 * grp + 1, mask=mask, other=0).to(tl.float32)
+        return d * sc_lo, d * sc_hi, d * 0.0
+    d = tl.load(sc_ptr + row * s_sc + grp, mask=mask, other=0.0).to(tl.float32)
+    if QTYPE == 3 or QTYPE == 7:  # Q4_1 / Q5_1: w = d * q + m
+        m = tl.load(mn_ptr + row * s_sc + grp, mask=mask, other=0.0).to(tl.float32)
+        return d, d, m
+    return d, d, d * 0.0  # Q4_0 / Q5_0 / Q8_0: w = d * (q - zero point)
+
+
+@triton.jit(do_not_specialize=["M", "N", "n_groups", "groups_per_split", "stride_osplit"])
+def _quant_gemv_kernel(
+    x_ptr,  # [M, K] activations (fp32/bf16/fp16), unit stride along K
+    out_ptr,  # [SPLIT_K, M, N] fp32
+    qs_ptr,  # [N, K/32 * WPG] int32 packed words
+    qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr,
+    M, N, n_groups, groups_per_split,
+    stride_xm, stride_osplit,
+    s_qs, s_qh, s_sc, s_d,
+    magic,  # 0x4B000000, see _byte_plane
+    QTYPE: tl.constexpr,
+    WPG: tl.constexpr,  # int32 words per 32-element group
+    HAS_MIN: tl.constexpr,  # w = a*q + c with c != 0: needs sum(x) per group
+    BLOCK_M: tl.constexpr,  # >= M: every activation row reuses each decoded weight tile
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # software pipelining of the K loop (1 = off)
+    USE_ASM: tl.constexpr,
+):
+    NP: tl.constexpr = 32 // WPG  # planes
+    NW: tl.constexpr = BLOCK_G * WPG  # words per row per K step
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    # Clamp rather than mask: rows past N re-read row N-1 and are never stored, so the weight loads
+    # carry only the K mask.
+    row = tl.minimum(rows, N - 1).to(tl.int64)[:, None]  # [BN, 1]
+    j = tl.arange(0, NW)
+    jg = j // WPG  # group of word slot j
+    jk = j % WPG  # word within its group
+    m_idx = tl.arange(0, BLOCK_M)
+    g_begin = pid_k * groups_per_split
+    g_end = tl.minimum(g_begin + groups_per_split, n_groups)
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)  # reduced over groups once, after the loop
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    # The last split may run a few fully masked steps; bounds from arguments keep the loop simple.
+    for g0 in tl.range(g_begin, g_begin + groups_per_split, BLOCK_G, num_stages=NUM_STAGES):
+        grp = g0 + tl.arange(0, BLOCK_G)  # [BG]
+        gmask = (grp < g_end)[None, :]  # [1, BG]
+        wmask = (g0 + jg < g_end)[None, :]  # [1, NW]
+        widx = (g0 * WPG + j)[None, :]  # [1, NW] word index in the row
+        words = tl.load(qs_ptr + row * s_qs + widx, mask=wmask, other=0)  # [BN, NW] int32
+        # Written as group*WPG + k so the compiler sees runs of WPG (not NW) contiguous words, which
+        # keeps the per-word side arrays in the same register layout as `words`.
+        lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, (g0 + jg) * WPG + jk, wmask)
+        a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp[None, :],
+                                      gmask, s_sc, s_d)  # [BN, BG]
+        xcol = ((g0 + jg) * 32 + jk)[None, :]  # [1, NW] column of plane 0
+        for m in tl.static_range(BLOCK_M):
+            x_row = x_ptr + m * stride_xm + xcol
+            xmask = wmask & (m < M)
+            # plane p of every word times x[32g + p*WPG + k]. The plane decode does not depend on
+            # m: pure ops, computed once and CSE'd across the unrolled m loop.
+            xp = tl.load(x_row, mask=xmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            s_lo = _plane(QTYPE, lo, hi, 0, magic, USE_ASM) * xp  # [BN, NW]
+            xs = xp  # [1, NW]
+            for p in tl.static_range(1, NP):
+                xp = tl.load(x_row + p * WPG, mask=xmask, other=0.0,
+                             eviction_policy="evict_last").to(tl.float32)
+                f = _plane(QTYPE, lo, hi, p, magic, USE_ASM)
+                if p < NP // 2:
+                    s_lo += f * xp
+                elif p == NP // 2:
+                    s_hi = f * xp
+                else:
+                    s_hi += f * xp
+                if HAS_MIN:
+                    xs += xp
+            # per-group sums: [BN, BG, WPG] -> [BN, BG]
+            part = a_lo * tl.sum(tl.reshape(s_lo, (BLOCK_N, BLOCK_G, WPG)), axis=2)
+            if NP > 1:
+                part += a_hi * tl.sum(tl.reshape(s_hi, (BLOCK_N, BLOCK_G, WPG)), axis=2)
+            if HAS_MIN:
+                part += c * tl.sum(tl.reshape(xs, (1, BLOCK_G, WPG)), axis=2)
+            if BLOCK_M == 1:
+                acc += part
+            else:
+                acc = tl.where(m_idx[:, None] == m, acc + tl.sum(part, axis=1)[None, :], acc)
+    if BLOCK_M == 1:
+        out = out_ptr + pid_k * stride_osplit + rows
+        tl.store(out, tl.sum(acc, axis=1), mask=rows < N)
+    else:
+        out = out_ptr + pid_k * stride_osplit + m_idx[:, None] * N + rows[None, :]
+        tl.store(out, acc, mask=(m_idx[:, None] < M) & (rows[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["M", "N", "n_groups"])
+def _quant_gemm_kernel(
+    x_ptr,  # [M, K] activations, unit stride along K
+    out_ptr,  # [M, N] fp32
+    xscale_ptr,  # [M] fp32 power-of-two row scales (USE_FP16 only)
+    qs_ptr,  # [N, K/32 * WPG] int32 packed words
+    qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr,
+    M, N, n_groups,
+    stride_xm,
+    s_qs, s_qh, s_sc, s_d,
+    magic,  # 0x4B000000, see _byte_plane
+    QTYPE: tl.constexpr,
+    WPG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # groups per K step; each plane dot has K = BLOCK_G * WPG >= 16
+    GROUP_M: tl.constexpr,
+    USE_FP16: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
+    NP: tl.constexpr = 32 // WPG
+    NW: tl.constexpr = BLOCK_G * WPG
+    # Grouped program order: GROUP_M row-tiles of x run next to each other and share weight tiles
+    # in L2, so each weight tile is fetched from DRAM about once.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    first_m = (pid // num_in_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_in_group) % group_size
+    pid_n = (pid % num_in_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    xrow = tl.minimum(offs_m, M - 1)  # clamped: rows past M are computed but never stored
+    row = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None]  # [BN, 1]
+    j = tl.arange(0, NW)
+    jg = j // WPG
+    jk = j % WPG
+    x_rows = x_ptr + xrow.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
+    if USE_FP16:
+        xscale = tl.load(xscale_ptr + xrow)  # [BM]
+        inv_scale = 1.0 / xscale
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for g0 in range(0, n_groups, BLOCK_G):
+        grp = g0 + tl.arange(0, BLOCK_G)
+        gmask = (grp < n_groups)[None, :]
+        wmask = (g0 + jg < n_groups)[None, :]
+        widx = (g0 * WPG + j)[None, :]
+        words = tl.load(qs_ptr + row * s_qs + widx, mask=wmask, other=0)  # [BN, NW]
+        qh_idx = (g0 + jg) * WPG + jk
+        lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, qh_idx, wmask)
+        a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp[None, :],
+                                      gmask, s_sc, s_d)
+        # per-word copies of the group maps: [BN, BG] -> [BN, NW]
+        a_lo = tl.reshape(tl.broadcast_to(a_lo[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
+        a_hi = tl.reshape(tl.broadcast_to(a_hi[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
+        c = tl.reshape(tl.broadcast_to(c[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
+        xcol = ((g0 + jg) * 32 + jk)[None, :]
+        for p in tl.static_range(NP):
+            # One dot per plane: columns p*WPG + k of each group, in the same order on both sides.
+            if p < NP // 2:
+                w = _plane(QTYPE, lo, hi, p, magic, USE_ASM) * a_lo + c  # [BN, NW]
+            else:
+                w = _plane(QTYPE, lo, hi, p, magic, USE_ASM) * a_hi + c
+            xp = tl.load(x_rows + xcol + p * WPG, mask=wmask, other=0.0).to(tl.float32)  # [BM, NW]
+            if USE_FP16:
+                acc = tl.dot((xp * inv_scale[:, None]).to(tl.float16), tl.trans(w.to(tl.float16)),
+                             acc)
+            else:
+                acc = tl.dot(xp.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
+    if USE_FP16:
+        acc = acc * xscale[:, None]
+    out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration
+
+# int32 words per 32-element group (planes per word = 32 / WPG), see quant_pack's docstring
+_WPG = {F32: 32, F16: 16, BF16: 16, Q8_0: 8, Q4_0: 4, Q4_1: 4, Q5_0: 4, Q5_1: 4, Q4_K: 4, Q5_K: 4,
+        Q6_K: 4}
+_HAS_MIN = (Q4_1, Q5_1, Q4_K, Q5_K)
+_MAGIC = 0x4B000000  # float32 bits of 2^23
+
+
+@cache
+def _num_sms(device_index: int) -> int:
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    g = cap
+    while g > 1 and n % g:
+        g //= 2
+    return g
+
+
+def gemv_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int) -> dict:
+    """BLOCK_N, BLOCK_G, SPLIT_K, num_warps for the decode kernel (a heuristic, tuned on H100)."""
+    wpg = _WPG[qtype]
+    # 32 words (128 B) per row per K step: 8 threads x 16 B across a row, coalesced; a BLOCK_G
+    # that divides K/32 keeps every step full.
+    block_g = _largest_pow2_divisor(n_groups, 32 // wpg)
+    # M = 1: 64 rows -> 8 KiB in flight per program per step and 4 rows per thread (x reuse).
+    # Larger M keeps every plane of the tile live across the M rows: fewer rows per program.
+    block_n = 64 if m == 1 else 32 if m <= 4 else 16
+    block_n = min(block_n, max(16, triton.next_power_of_2(n)))
+    n_tiles = triton.cdiv(n, block_n)
+    # Split K when the row tiles alone leave SMs idle (ffn_down: few rows, long rows).
+    split_k, target = 1, 4 * num_sms
+    if n_tiles < target:
+        split_k = max(1, min(triton.cdiv(target, n_tiles), n_groups // (2 * block_g)))
+    return {"BLOCK_N": block_n, "BLOCK_G": block_g, "SPLIT_K": split_k, "num_warps": 4,
+            "num_stages": 2}
+
+
+def gemm_config(qtype: int, m: int, n: int, n_groups: int) -> dict:
+    """Tile sizes for the tensor-core kernel: one dot of K = 32 per plane per step."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    block_n = 128 if m > 64 else 64
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_G": 32 // _WPG[qtype], "GROUP_M": 8,
+            "num_warps": 8 if block_m * block_n >= 128 * 128 else 4, "num_stages": 3}
+
+
+# --------------------------------------------------------------------------------------------
+# Checked wrappers
+
+
+class QuantMatmulError(ValueError):
+    """Raised for arguments quant_matmul cannot take (shape, dtype or device mismatch)."""
+
+
+def _check(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    if not isinstance(w, PackedWeight):
+        raise QuantMatmulError(f"w must be a PackedWeight (pack_weight), got {type(w).__name__}")
+    if x.dim() != 2:
+        raise QuantMatmulError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.shape[1] != w.n_cols:
+        raise QuantMatmulError(f"x has K={x.shape[1]} columns, weight expects {w.n_cols}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise QuantMatmulError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.device != w.device:
+        raise QuantMatmulError(f"x is on {x.device}, weight on {w.device}")
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise QuantMatmulError("quant_matmul runs on CUDA tensors; use quant_matmul_ref on CPU")
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def _weight_args(w: PackedWeight) -> tuple:
+    # The kernels read the quants as int32 words; unused pointers get qs (never dereferenced).
+    qs = w.qs.view(torch.int32)
+    ptrs = [qs] + [t if t is not None else qs for t in (w.qh, w.sc, w.mn, w.d, w.dmin)]
+    strides = [qs.stride(0)] + [t.stride(0) if t is not None else 0 for t in (w.qh, w.sc, w.d)]
+    return (*ptrs,), (*strides,)
+
+
+def _use_asm() -> bool:
+    return os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter cannot run inline PTX
+
+
+def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None) -> torch.Tensor:
+    """x [M<=16, K] @ dequant(w).T -> [M, N] fp32 with fp32 FMAs (the decode kernel)."""
+    x = _check(x, w)
+    m, n, n_groups = x.shape[0], w.n_rows, w.n_cols // GROUP
+    if m > GEMV_MAX_M:
+        raise QuantMatmulError(f"quant_gemv takes M <= {GEMV_MAX_M}, got {m}")
+    dev = x.device.index if x.device.type == "cuda" else 0
+    cfg = config or gemv_config(w.qtype, m, n, n_groups, _num_sms(dev))
+    split_k = cfg["SPLIT_K"]
+    groups_per_split = triton.cdiv(triton.cdiv(n_groups, split_k), cfg["BLOCK_G"]) * cfg["BLOCK_G"]
+    split_k = triton.cdiv(n_groups, groups_per_split)  # no empty splits
+    out = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
+    ptrs, strides = _weight_args(w)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k)
+    _quant_gemv_kernel[grid](
+        x, out, *ptrs, m, n, n_groups, groups_per_split, x.stride(0), m * n, *strides, _MAGIC,
+        QTYPE=w.qtype, WPG=_WPG[w.qtype], HAS_MIN=w.qtype in _HAS_MIN,
+        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"],
+        NUM_STAGES=cfg["num_stages"], USE_ASM=_use_asm(), num_warps=cfg["num_warps"],
+    )
+    return out[0] if split_k == 1 else out.sum(dim=0)
+
+
+def _use_fp16(device: torch.device) -> bool:
+    # bf16 tensor cores need sm_80; is_bf16_supported() says True on sm_75 (emulation), so ask
+    # the capability directly.
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
+
+
+def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
+               use_fp16: bool | None = None) -> torch.Tensor:
+    """x [M, K] @ dequant(w).T -> [M, N] fp32 on tensor cores (bf16, or fp16 below sm_80)."""
+    x = _check(x, w)
+    m, n, n_groups = x.shape[0], w.n_rows, w.n_cols // GROUP
+    cfg = config or gemm_config(w.qtype, m, n, n_groups)
+    fp16 = _use_fp16(x.device) if use_fp16 is None else use_fp16
+    out = torch.empty((m, n), device=x.device, dtype=torch.float32)
+    if fp16:
+        # Scale each row so max|x| lands in (0.5, 1]: Gemma's activations overflow fp16 otherwise.
+        # A power of two keeps the scaling itself exact.
+        amax = x.abs().amax(dim=1).float()
+        xscale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0)
+        xscale = torch.where(torch.isfinite(xscale), xscale, 1.0).contiguous()
+    else:
+        xscale = out  # unused
+    ptrs, strides = _weight_args(w)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _quant_gemm_kernel[grid](
+        x, out, xscale, *ptrs, m, n, n_groups, x.stride(0), *strides, _MAGIC,
+        QTYPE=w.qtype, WPG=_WPG[w.qtype], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_G=cfg["BLOCK_G"], GROUP_M=cfg["GROUP_M"], USE_FP16=fp16, USE_ASM=_use_asm(),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def quant_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """y = x @ dequantize(w).T: x [M, K] (fp32/bf16/fp16, CUDA) -> [M, N] fp32.
+
+    M <= 16 takes the fp32 GEMV kernel; larger M the tensor-core kernel (bf16 products).
+    """
+    if x.dim() == 2 and x.shape[0] == 0:
+        _check(x, w)
+        return torch.empty((0, w.n_rows), device=x.device, dtype=torch.float32)
+    if x.dim() == 2 and x.shape[0] <= GEMV_MAX_M:
+        return quant_gemv(x, w)
+    return quant_gemm(x, w)
+
+
+def quant_matmul_fused(x: torch.Tensor, w: PackedWeight) -> tuple[torch.Tensor, ...]:
+    """One launch over a `fuse_packed` weight (e.g. gate|up); returns one [M, N_i] view per part."""
+    if w.split_sizes is None:
+        raise QuantMatmulError("quant_matmul_fused needs a weight made by fuse_packed")
+    return quant_matmul(x, w).split(list(w.split_sizes), dim=1)
+
+
+def quant_matmul_ref(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """Pure-torch reference: x.float() @ dequantize_packed(w).T (fp32)."""
+    return x.float() @ dequantize_packed(w).T

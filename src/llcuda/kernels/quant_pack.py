@@ -1,0 +1,313 @@
+"""Repack raw GGUF weight blocks into a struct-of-arrays layout for the Triton matmul kernels.
+
+GGUF rows are runs of 18/22/34/144/176/210-byte blocks: most are only 2-byte aligned and mix f16
+scales with the quants, so a GPU kernel that reads them raw issues narrow, scattered loads. At load
+time we split every block into separate row-major arrays indexed by *group* = 32 consecutive
+elements of a row (every supported type is made of 32-element groups or sub-blocks).
+
+The quants of a group are WPG 32-bit words. A word holds one element of each of P = 32 / WPG
+*planes*: plane p of word k is element p * WPG + k of the group. A kernel that pulls plane p out of
+a [rows, words] tile gets a tensor laid out exactly like the tile, whose matching activations
+x[32g + p*WPG + k] are again a contiguous run: no shuffles between weight and activation layouts.
+
+    qs    4/5/6-bit types (WPG 4, P 8): uint8 [N, K/2]; plane p of word k sits in nibble p
+          (byte p // 2, low nibble for even p). Q8_0 (WPG 8, P 4): uint8 [N, K], plane p in byte p,
+          the int8 bit pattern. F16/BF16 (WPG 16, P 2): [N, K] of that dtype, plane p in half p.
+          F32 (WPG 32, P 1): the weight itself [N, K].
+    qh    Q5_0/Q5_1/Q5_K: uint8 [N, K/8], one byte per word: bit b is the 5th bit of plane 2b and
+          bit 4+b that of plane 2b+1 (so a multiply spreads each half into place, see the kernels).
+          Q6_K: int16 [N, K/8], one per word: low byte = bit 4 of the values, high byte = bit 5,
+          each in the Q5 bit order.
+    sc    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0: float16 d [N, K/32]. Q4_K/Q5_K: uint8 6-bit scale [N, K/32].
+          Q6_K: int8 scale per 16 elements [N, K/16] (planes 0-3 of group g use 2g, 4-7 use 2g+1).
+    mn    Q4_1/Q5_1: float16 m [N, K/32]. Q4_K/Q5_K: uint8 6-bit min [N, K/32].
+    d     Q4_K/Q5_K/Q6_K: float16 super-block scale [N, K/256].
+    dmin  Q4_K/Q5_K: float16 super-block min scale [N, K/256].
+
+Sizes equal the raw bytes except Q4_K/Q5_K, whose 12-byte packed 6-bit scales become 16 bytes
+(148/144 and 180/176 bytes per 256 elements, <= 1.03x) so kernels need no 6-bit unpacking.
+`dequantize_packed` is the pure-torch meaning of the layout (and the CPU fallback).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+# GGML type ids (the GGUF file format's numbering, `ggml.h`).
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+
+# type id -> (elements per block, bytes per block, name)
+QUANT_BLOCKS: dict[int, tuple[int, int, str]] = {
+    F32: (1, 4, "F32"),
+    F16: (1, 2, "F16"),
+    BF16: (1, 2, "BF16"),
+    Q4_0: (32, 18, "Q4_0"),
+    Q4_1: (32, 20, "Q4_1"),
+    Q5_0: (32, 22, "Q5_0"),
+    Q5_1: (32, 24, "Q5_1"),
+    Q8_0: (32, 34, "Q8_0"),
+    Q4_K: (256, 144, "Q4_K"),
+    Q5_K: (256, 176, "Q5_K"),
+    Q6_K: (256, 210, "Q6_K"),
+}
+FLOAT_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
+GROUP = 32  # elements per group: the unit every kernel walks K in
+
+# Rows repacked per step, to bound the temporary int tensors (~K bytes per row each).
+_PACK_CHUNK_ROWS = 8192
+
+
+class QuantPackError(ValueError):
+    """Raised when a weight cannot be packed (unsupported type, wrong row size, bad tensor)."""
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A [n_rows, n_cols] weight (out features x in features) in the repacked layout above."""
+
+    qtype: int
+    n_rows: int  # N, output features
+    n_cols: int  # K, input features
+    qs: torch.Tensor
+    qh: torch.Tensor | None = None
+    sc: torch.Tensor | None = None
+    mn: torch.Tensor | None = None
+    d: torch.Tensor | None = None
+    dmin: torch.Tensor | None = None
+    # When several weights were fused along N (e.g. ffn_gate | ffn_up): their row counts.
+    split_sizes: tuple[int, ...] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.qs.device
+
+    @property
+    def type_name(self) -> str:
+        return QUANT_BLOCKS[self.qtype][2]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.qs, self.qh, self.sc, self.mn, self.d, self.dmin) if t is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def qtype_id(qtype) -> int:
+    """Accept an int, llcuda's GGMLType or gguf's GGMLQuantizationType (all IntEnum-like)."""
+    qid = int(qtype)
+    if qid not in QUANT_BLOCKS:
+        raise QuantPackError(f"unsupported quant type {qtype!r}; supported: "
+                             + ", ".join(v[2] for v in QUANT_BLOCKS.values()))
+    return qid
+
+
+def row_bytes(qtype, n_cols: int) -> int:
+    elems, nbytes, name = QUANT_BLOCKS[qtype_id(qtype)]
+    if n_cols % elems:
+        raise QuantPackError(f"{name} rows must hold a multiple of {elems} elements, got {n_cols}")
+    return n_cols // elems * nbytes
+
+
+def _f16_field(blocks: torch.Tensor, off: int) -> torch.Tensor:
+    # blocks [n, nb, block_bytes] uint8 -> [n, nb] float16 read from bytes off..off+1
+    return blocks[..., off : off + 2].contiguous().view(torch.float16).squeeze(-1)
+
+
+def _to_planes(v: torch.Tensor, wpg: int) -> torch.Tensor:
+    # v [n, G, 32] in element order -> [n, G, wpg (word k), 32 // wpg (plane p)], e = p * wpg + k
+    return v.reshape(v.shape[0], v.shape[1], 32 // wpg, wpg).transpose(2, 3)
+
+
+def _from_planes(v: torch.Tensor) -> torch.Tensor:
+    # inverse of _to_planes: [n, G, wpg, P] -> [n, G * 32] in element order
+    return v.transpose(2, 3).reshape(v.shape[0], -1)
+
+
+def _pack_nibble_planes(q: torch.Tensor) -> torch.Tensor:
+    # q [n, G, 32] values (low 4 bits used), element order -> uint8 [n, G * 16]: word k of a group
+    # holds element 4p + k in nibble p, i.e. byte b = plane 2b | plane 2b+1 << 4
+    qp = _to_planes(q & 15, 4)  # [n, G, 4, 8]
+    return (qp[..., 0::2] | (qp[..., 1::2] << 4)).reshape(q.shape[0], -1)
+
+
+def _pack_bit_planes(bit: torch.Tensor) -> torch.Tensor:
+    # bit [n, G, 32] in {0, 1}, element order -> uint8 [n, G * 4]: one byte per 4-bit word, bit b =
+    # plane 2b, bit 4+b = plane 2b+1
+    bp = _to_planes(bit, 4).to(torch.int32)  # [n, G, 4, 8]
+    shifts = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7], device=bit.device, dtype=torch.int32)
+    return (bp << shifts).sum(-1).to(torch.uint8).reshape(bit.shape[0], -1)
+
+
+def _kquant_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # s [n, nb, 12] packed 6-bit scales/mins of Q4_K/Q5_K -> sc, mn [n, nb*8] uint8
+    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], dim=-1)
+    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
+    return sc.reshape(s.shape[0], -1), mn.reshape(s.shape[0], -1)
+
+
+def _kquant_low_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    # qs [n, nb, 128] of Q4_K/Q5_K: chunk c of 32 bytes holds sub-block 2c in its low nibbles and
+    # sub-block 2c+1 in its high nibbles -> [n, nb*8, 32] 4-bit values in element order
+    v = qs.reshape(qs.shape[0], qs.shape[1], 4, 1, 32)
+    return torch.cat([v & 15, v >> 4], dim=3).reshape(qs.shape[0], -1, 32)
+
+
+def _legacy_values(b: torch.Tensor, qid: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    # Q4_0/Q4_1/Q5_0/Q5_1 blocks [n, nb, bb]: d (m) (qh u32) qs[16] -> values [n, nb, 32], scales
+    has_m, has_h = qid in (Q4_1, Q5_1), qid in (Q5_0, Q5_1)
+    off = 4 if has_m else 2
+    fields = {"sc": _f16_field(b, 0)}
+    if has_m:
+        fields["mn"] = _f16_field(b, 2)
+    h = None
+    if has_h:
+        qh = b[..., off : off + 4].contiguous().view(torch.int32)  # [n, nb, 1], bit e = element e
+        lanes = torch.arange(32, device=b.device, dtype=torch.int32)
+        h = (qh >> lanes) & 1
+        off += 4
+    qs = b[..., off : off + 16]
+    q = torch.cat([qs & 15, qs >> 4], dim=-1)
+    if h is not None:
+        fields["qh"] = _pack_bit_planes(h)
+    return q, fields
+
+
+def _pack_rows(raw: torch.Tensor, qid: int, n_cols: int) -> dict[str, torch.Tensor]:
+    """Repack raw rows [n, row_bytes] uint8 into the arrays of the module docstring."""
+    n = raw.shape[0]
+    if qid == F32:
+        return {"qs": raw.view(torch.float32)}
+    if qid in FLOAT_TYPES:  # F16 / BF16: element 16p + k -> half p of word k
+        v = raw.view(FLOAT_TYPES[qid]).reshape(n, -1, 32)
+        return {"qs": _to_planes(v, 16).reshape(n, -1).contiguous()}
+    elems, bb, _ = QUANT_BLOCKS[qid]
+    b = raw.reshape(n, n_cols // elems, bb)  # [n, nb, block_bytes]
+    if qid == Q8_0:
+        q = b[..., 2:34]  # [n, nb, 32] int8 bit patterns, element order
+        return {"qs": _to_planes(q, 8).reshape(n, -1), "sc": _f16_field(b, 0)}
+    if qid in (Q4_0, Q4_1, Q5_0, Q5_1):
+        q, fields = _legacy_values(b, qid)
+        fields["qs"] = _pack_nibble_planes(q)
+        return fields
+    if qid in (Q4_K, Q5_K):
+        sc, mn = _kquant_scales(b[..., 4:16])
+        out = {"d": _f16_field(b, 0), "dmin": _f16_field(b, 2), "sc": sc, "mn": mn}
+        qs_off = 16 if qid == Q4_K else 48
+        out["qs"] = _pack_nibble_planes(_kquant_low_nibbles(b[..., qs_off : qs_off + 128]))
+        if qid == Q5_K:
+            # qh[l] bit j = 5th bit of element 32j + l of the super-block
+            qh = b[..., 16:48].reshape(n, -1, 1, 32)
+            j = torch.arange(8, device=raw.device, dtype=torch.uint8).view(1, 1, 8, 1)
+            bits = (qh >> j) & 1
+            out["qh"] = _pack_bit_planes(bits.reshape(n, -1, 32))
+        return out
+    if qid == Q6_K:
+        # ql [128] qh [64] sc [16] int8, d f16. Element 128h + 32g + l: low 4 bits in nibble g//2 of
+        # ql[64h + 32(g%2) + l], top 2 bits in bits 2g of qh[32h + l].
+        ql = b[..., 0:128].reshape(n, -1, 2, 1, 2, 32)  # [n, nb, h, g//2, g%2, l]
+        lo = torch.cat([ql & 15, ql >> 4], dim=3).reshape(n, -1, 32)  # [n, nb*8, 32]
+        qh = b[..., 128:192].reshape(n, -1, 2, 1, 32)  # [n, nb, h, g, l]
+        shifts = torch.arange(0, 8, 2, device=raw.device, dtype=torch.uint8).view(1, 1, 1, 4, 1)
+        hi = ((qh >> shifts) & 3).reshape(n, -1, 32)  # [n, nb*8, 32] element order
+        bit4 = _pack_bit_planes(hi & 1).to(torch.int32)
+        y = bit4 | (_pack_bit_planes(hi >> 1).to(torch.int32) << 8)
+        return {
+            "qs": _pack_nibble_planes(lo),
+            "qh": torch.where(y >= 2**15, y - 2**16, y).to(torch.int16),
+            "sc": b[..., 192:208].contiguous().view(torch.int8).reshape(n, -1),
+            "d": _f16_field(b, 208),
+        }
+    raise QuantPackError(f"no packer for type {qid}")  # unreachable: qtype_id filters
+
+
+def pack_weight(data: torch.Tensor, qtype, n_cols: int) -> PackedWeight:
+    """Repack raw GGUF rows `data` (uint8 [N, row_bytes]) of `qtype` holding `n_cols` (K) each.
+
+    Run once at load, on the device the weight will live on. The result shares no memory with
+    `data` except for F16/BF16/F32 (a view), so the raw tensor can be dropped afterwards.
+    """
+    qid = qtype_id(qtype)
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 2:
+        raise QuantPackError("data must be a 2-D uint8 tensor [n_rows, row_bytes]")
+    if n_cols <= 0 or n_cols % GROUP:
+        raise QuantPackError(f"n_cols must be a positive multiple of {GROUP}, got {n_cols}")
+    want = row_bytes(qid, n_cols)
+    if data.shape[1] != want:
+        raise QuantPackError(
+            f"{QUANT_BLOCKS[qid][2]} rows of {n_cols} elements take {want} bytes, "
+            f"got {data.shape[1]}"
+        )
+    data = data.contiguous()
+    n_rows = data.shape[0]
+    if qid in FLOAT_TYPES:
+        return PackedWeight(qid, n_rows, n_cols, **_pack_rows(data, qid, n_cols))
+    parts = [_pack_rows(data[i : i + _PACK_CHUNK_ROWS], qid, n_cols)
+             for i in range(0, n_rows, _PACK_CHUNK_ROWS)]
+    fields = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
+    return PackedWeight(qid, n_rows, n_cols, **fields)
+
+
+def fuse_packed(weights: list[PackedWeight]) -> PackedWeight:
+    """Concatenate packed weights of one type and K along N (e.g. ffn_gate | ffn_up).
+
+    One matmul launch then reads them all; `quant_matmul_fused` splits the output again.
+    """
+    if not weights:
+        raise QuantPackError("fuse_packed needs at least one weight")
+    w0 = weights[0]
+    for w in weights[1:]:
+        if (w.qtype, w.n_cols, w.device) != (w0.qtype, w0.n_cols, w0.device):
+            raise QuantPackError("fused weights must share qtype, n_cols and device")
+    fields = {}
+    for name in ("qs", "qh", "sc", "mn", "d", "dmin"):
+        ts = [getattr(w, name) for w in weights]
+        fields[name] = None if ts[0] is None else torch.cat(ts).contiguous()
+    sizes = tuple(s for w in weights for s in (w.split_sizes or (w.n_rows,)))
+    return replace(w0, n_rows=sum(w.n_rows for w in weights), split_sizes=sizes, **fields)
+
+
+def _unpack_nibble_planes(qs: torch.Tensor) -> torch.Tensor:
+    # uint8 [n, G * 16] -> int32 [n, G * 32] 4-bit values in element order
+    by = qs.reshape(qs.shape[0], -1, 4, 4).to(torch.int32)  # [n, G, word, byte]
+    return _from_planes(torch.stack([by & 15, by >> 4], dim=-1).flatten(-2))  # plane 2b+h
+
+
+def _unpack_bit_planes(x: torch.Tensor) -> torch.Tensor:
+    # uint8/int [n, G * 4] -> int32 [n, G * 32] bits in element order
+    shifts = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7], device=x.device, dtype=torch.int32)
+    x = x.to(torch.int32).reshape(x.shape[0], -1, 4, 1)
+    return _from_planes((x >> shifts) & 1)
+
+
+def dequantize_packed(w: PackedWeight) -> torch.Tensor:
+    """float32 [N, K]: the values the kernels multiply with (pure torch; also the CPU fallback)."""
+    n, k, qid = w.n_rows, w.n_cols, w.qtype
+    if qid == F32:
+        return w.qs.float()
+    if qid in FLOAT_TYPES:
+        return _from_planes(w.qs.reshape(n, -1, 16, 2)).float()
+    if qid == Q8_0:
+        q = _from_planes(w.qs.view(torch.int8).reshape(n, -1, 8, 4)).float().view(n, -1, 32)
+        return (q * w.sc.float()[..., None]).view(n, k)
+    q = _unpack_nibble_planes(w.qs)  # [n, K]
+    if qid in (Q5_0, Q5_1, Q5_K):
+        q = q | (_unpack_bit_planes(w.qh) << 4)
+    if qid == Q6_K:
+        y = w.qh.to(torch.int32)
+        q = q | (_unpack_bit_planes(y & 255) << 4) | (_unpack_bit_planes((y >> 8) & 255) << 5)
+        scale = w.d.float().repeat_interleave(16, dim=1) * w.sc.float()  # [n, K/16]
+        return ((q - 32).float().view(n, -1, 16) * scale[..., None]).view(n, k)
+    q = q.view(n, -1, 32)
+    if qid in (Q4_K, Q5_K):
+        d = w.d.float().repeat_interleave(8, dim=1)  # [n, K/32]
+        dmin = w.dmin.float().repeat_interleave(8, dim=1)
+        a, c = d * w.sc.float(), -(dmin * w.mn.float())
+        return (q.float() * a[..., None] + c[..., None]).view(n, k)
+    d = w.sc.float()[..., None]
+    if qid in (Q4_1, Q5_1):
+        return (q.float() * d + w.mn.float()[..., None]).view(n, k)
+    offset = 8 if qid == Q4_0 else 16
+    return ((q - offset).float() * d).view(n, k)

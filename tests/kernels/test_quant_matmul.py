@@ -1,0 +1,215 @@
+"""Triton quantized matmuls against `x.float() @ dequantize_ref(raw).T` over real model shapes.
+
+The GPU tests run on the device machine; the packing tests (no `gpu` mark) run everywhere: the
+repacked layout must dequantize bit-exactly like the raw GGUF blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llcuda.gguf.constants import GGMLType
+from llcuda.kernels import quant_pack as qp
+from llcuda.kernels.dequant_ref import dequantize_ref
+
+QUANT_TYPES = [
+    GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
+    GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
+]
+FLOAT_TYPES = [GGMLType.F16, GGMLType.BF16, GGMLType.F32]
+ALL_TYPES = QUANT_TYPES + FLOAT_TYPES
+
+# (K in features, N out features) of Gemma 3 270M and 1B, plus odd N
+MODEL_SHAPES = [
+    (640, 1024), (640, 256), (1024, 640), (640, 2048), (2048, 640), (640, 262144),
+    (1152, 1024), (1152, 256), (1024, 1152), (1152, 6912), (6912, 1152), (1152, 262144),
+]
+ODD_SHAPES = [(1152, 7), (1152, 1000), (2048, 7), (6912, 1000)]
+BATCHES = [1, 2, 7, 16, 33, 128, 512]
+
+# f16 scale fields of each block type (byte offsets), overwritten with small finite scales
+_F16_FIELDS = {
+    GGMLType.Q4_0: [0], GGMLType.Q4_1: [0, 2], GGMLType.Q5_0: [0], GGMLType.Q5_1: [0, 2],
+    GGMLType.Q8_0: [0], GGMLType.Q4_K: [0, 2], GGMLType.Q5_K: [0, 2], GGMLType.Q6_K: [208],
+}
+
+
+def random_rows(qtype: GGMLType, n_rows: int, n_cols: int, gen: torch.Generator,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """Random GGUF rows uint8 [n_rows, row_bytes]: random quants, f16 scales in [0.002, 0.022],
+    Q6_K int8 scales in 1..31; float types get N(0, 0.05) values."""
+    qid = int(qtype)
+    if qid in qp.FLOAT_TYPES:
+        v = torch.randn((n_rows, n_cols), generator=gen, device=device) * 0.05
+        return v.to(qp.FLOAT_TYPES[qid]).view(torch.uint8).reshape(n_rows, -1)
+    elems, block_bytes, _ = qp.QUANT_BLOCKS[qid]
+    nb = n_cols // elems
+    raw = torch.randint(0, 256, (n_rows, nb, block_bytes), generator=gen, device=device,
+                        dtype=torch.uint8)
+    for off in _F16_FIELDS[qtype]:
+        scale = torch.rand((n_rows, nb, 1), generator=gen, device=device) * 0.02 + 0.002
+        raw[..., off : off + 2] = scale.half().view(torch.uint8)
+    if qtype == GGMLType.Q6_K:
+        raw[..., 192:208] = torch.randint(1, 32, (n_rows, nb, 16), generator=gen, device=device,
+                                          dtype=torch.uint8)
+    return raw.reshape(n_rows, -1)
+
+
+def _fits(qtype: GGMLType, k: int) -> bool:
+    return k % qp.QUANT_BLOCKS[int(qtype)][0] == 0
+
+
+def _cases(shapes):
+    return [pytest.param(t, k, n, id=f"{t.name}-{k}x{n}") for t in ALL_TYPES for k, n in shapes
+            if _fits(t, k)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing (CPU): the repacked layout means exactly what the raw blocks mean
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_pack_roundtrip_bit_exact(qtype):
+    gen = torch.Generator().manual_seed(int(qtype))
+    for n_rows, n_cols in [(3, 256), (5, 512), (2, 1024)]:
+        raw = random_rows(qtype, n_rows, n_cols, gen)
+        w = qp.pack_weight(raw, qtype, n_cols)
+        assert torch.equal(qp.dequantize_packed(w), dequantize_ref(raw, qtype))
+        assert w.nbytes <= 1.1 * raw.numel()
+
+
+def test_pack_rejects_bad_input():
+    raw = torch.zeros((4, 18 * 2), dtype=torch.uint8)
+    with pytest.raises(qp.QuantPackError, match="take 36 bytes"):
+        qp.pack_weight(raw[:, :30], GGMLType.Q4_0, 64)
+    with pytest.raises(qp.QuantPackError, match="multiple of 32"):
+        qp.pack_weight(raw, GGMLType.Q4_0, 48)
+    with pytest.raises(qp.QuantPackError, match="multiple of 256"):
+        qp.pack_weight(torch.zeros((1, 144), dtype=torch.uint8), GGMLType.Q4_K, 128)
+    with pytest.raises(qp.QuantPackError, match="unsupported quant type"):
+        qp.pack_weight(raw, GGMLType.IQ4_NL, 64)
+    with pytest.raises(qp.QuantPackError, match="uint8"):
+        qp.pack_weight(raw.float(), GGMLType.Q4_0, 64)
+
+
+def test_fuse_packed_concatenates_rows():
+    gen = torch.Generator().manual_seed(7)
+    a_raw, b_raw = (random_rows(GGMLType.Q4_K, n, 512, gen) for n in (3, 5))
+    fused = qp.fuse_packed([qp.pack_weight(a_raw, GGMLType.Q4_K, 512),
+                            qp.pack_weight(b_raw, GGMLType.Q4_K, 512)])
+    assert fused.split_sizes == (3, 5) and fused.n_rows == 8
+    assert torch.equal(qp.dequantize_packed(fused),
+                       dequantize_ref(torch.cat([a_raw, b_raw]), GGMLType.Q4_K))
+    with pytest.raises(qp.QuantPackError, match="share qtype"):
+        qp.fuse_packed([qp.pack_weight(a_raw, GGMLType.Q4_K, 512),
+                        qp.pack_weight(random_rows(GGMLType.Q8_0, 3, 512, gen), GGMLType.Q8_0,
+                                       512)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels (CUDA)
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _check_all_m(qtype, k, n, batches, x_dtype=torch.float32):
+    from llcuda.kernels.quant_matmul import GEMV_MAX_M, quant_matmul
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # the reference is plain fp32
+    gen = torch.Generator(device="cuda").manual_seed(1000 * int(qtype) + k + n)
+    raw = random_rows(qtype, n, k, gen, device="cuda")
+    w = qp.pack_weight(raw, qtype, k)
+    w_ref = dequantize_ref(raw, qtype)  # [N, K] fp32
+    del raw
+    failures = []
+    for m in batches:
+        x = torch.randn((m, k), generator=gen, device="cuda").to(x_dtype)
+        ref = x.float() @ w_ref.T
+        out = quant_matmul(x, w)
+        torch.cuda.synchronize()
+        # fp32 FMAs (GEMV, M <= 16) land far under 1e-5; bf16 products (tensor cores) near 3e-3
+        tol = 2e-5 if m <= GEMV_MAX_M else 1.5e-2
+        err = _rel_err(out, ref)
+        if out.shape != (m, n) or out.dtype != torch.float32:
+            failures.append(f"M={m}: got {tuple(out.shape)} {out.dtype}")
+        elif not torch.isfinite(out).all() or err > tol:
+            failures.append(f"M={m}: rel err {err:.3g} > {tol}")
+    assert not failures, f"{qtype.name} K={k} N={n}: " + "; ".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype,k,n", _cases(MODEL_SHAPES + ODD_SHAPES))
+def test_quant_matmul_matches_reference(qtype, k, n):
+    _check_all_m(qtype, k, n, BATCHES)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.Q6_K],
+                         ids=lambda t: t.name)
+def test_quant_matmul_half_activations(qtype, x_dtype):
+    _check_all_m(qtype, 2048, 640, [1, 3, 64], x_dtype=x_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", [GGMLType.Q5_0, GGMLType.Q4_K, GGMLType.F16],
+                         ids=lambda t: t.name)
+def test_fp16_tensor_core_path_scales_rows(qtype):
+    """The sm_75 path: fp16 products with per-row power-of-two scaling, forced on this GPU.
+    Activations far past fp16's 65504 must not overflow."""
+    from llcuda.kernels.quant_matmul import quant_gemm
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    k, n = 2048, 640
+    raw = random_rows(qtype, n, k, gen, device="cuda")
+    w = qp.pack_weight(raw, qtype, k)
+    x = torch.randn((37, k), generator=gen, device="cuda")
+    x[3] *= 1e6  # one huge row, one zero row
+    x[5] = 0.0
+    ref = x @ dequantize_ref(raw, qtype).T
+    out = quant_gemm(x, w, use_fp16=True)
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, ref) < 5e-3
+    assert _rel_err(out[3], ref[3]) < 5e-3
+    assert torch.equal(out[5], torch.zeros_like(out[5]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 40])
+def test_fused_gate_up_one_launch(m):
+    from llcuda.kernels.quant_matmul import quant_matmul_fused
+
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    k, n = 1152, 6912
+    raws = [random_rows(GGMLType.Q5_0, n, k, gen, device="cuda") for _ in range(2)]
+    fused = qp.fuse_packed([qp.pack_weight(r, GGMLType.Q5_0, k) for r in raws])
+    x = torch.randn((m, k), generator=gen, device="cuda")
+    gate, up = quant_matmul_fused(x, fused)
+    tol = 2e-5 if m <= 16 else 1.5e-2
+    for out, raw in zip((gate, up), raws, strict=True):
+        assert out.shape == (m, n)
+        assert _rel_err(out, x @ dequantize_ref(raw, GGMLType.Q5_0).T) < tol
+
+
+@pytest.mark.gpu
+def test_quant_matmul_rejects_bad_arguments():
+    from llcuda.kernels.quant_matmul import QuantMatmulError, quant_matmul
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    w = qp.pack_weight(random_rows(GGMLType.Q8_0, 8, 64, gen, device="cuda"), GGMLType.Q8_0, 64)
+    with pytest.raises(QuantMatmulError, match="K=32"):
+        quant_matmul(torch.randn(2, 32, device="cuda"), w)
+    with pytest.raises(QuantMatmulError, match="float32, bfloat16 or float16"):
+        quant_matmul(torch.ones(2, 64, device="cuda", dtype=torch.int32), w)
+    with pytest.raises(QuantMatmulError, match="2-D"):
+        quant_matmul(torch.randn(64, device="cuda"), w)
+    with pytest.raises(QuantMatmulError, match="PackedWeight"):
+        quant_matmul(torch.randn(2, 64, device="cuda"), torch.zeros(8, 64, device="cuda"))
+    assert quant_matmul(torch.randn(0, 64, device="cuda"), w).shape == (0, 8)
+    # a strided activation view is accepted
+    x = torch.randn(4, 128, device="cuda")[:, ::2]
+    ref = x @ qp.dequantize_packed(w).T
+    assert _rel_err(quant_matmul(x, w), ref) < 2e-5
