@@ -39,7 +39,7 @@ def sequence_logits(
             max_seq_len=stop,
         )
         ids = torch.tensor(token_ids[start:stop])
-        hidden = model.forward(ids, positions, {torch.device("cpu"): meta}, caches)
+        hidden = model.forward(model.embed(ids), positions, {torch.device("cpu"): meta}, caches)
         for p in range(start, stop):
             if p in wanted:
                 hidden_rows[wanted[p]] = hidden[p - start]

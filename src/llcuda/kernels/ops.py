@@ -35,6 +35,11 @@ def write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
+    if k_cache.is_cuda:
+        from llcuda.kernels.paged_attention import write_kv as triton_write_kv
+
+        triton_write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return
     ref.write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
@@ -46,6 +51,15 @@ def paged_attention(
     sliding_window: int,
     flash_attn: bool | None = None,
 ) -> torch.Tensor:
+    """flash_attn None (auto) or True: the fused Triton kernel on CUDA; False, or on the CPU: the
+    reference, which materialises each sequence's score matrix."""
+    if q.is_cuda and flash_attn is not False:
+        from llcuda.kernels.paged_attention import paged_attention as triton_paged_attention
+
+        return triton_paged_attention(
+            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+            sliding_window, meta.max_query_len, meta.max_seq_len,
+        )  # fmt: skip
     return ref.paged_attention_ref(
         q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, sliding_window
     )

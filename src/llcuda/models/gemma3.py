@@ -108,16 +108,21 @@ class Gemma3ForCausalLM:
         if progress is not None:
             progress(1)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids: [num_tokens] -> scaled embeddings [num_tokens, hidden_size] fp32 (CPU)."""
+        return ops.embedding(self.token_embd, input_ids.cpu()) * self.config.embedding_scale
+
     def forward(
         self,
-        input_ids: torch.Tensor,
+        x: torch.Tensor,
         positions: torch.Tensor,
         metas: dict[torch.device, AttentionMetadata],
         kv_caches: list[KVCache],
     ) -> torch.Tensor:
-        """input_ids, positions: [num_tokens] -> final hidden states [num_tokens, hidden_size]
-        (before the output norm). `metas` holds the step's metadata on every device in use."""
-        x = ops.embedding(self.token_embd, input_ids.cpu()) * self.config.embedding_scale
+        """x: embeddings [num_tokens, hidden_size], positions: [num_tokens] -> final hidden states
+        [num_tokens, hidden_size] (before the output norm). `metas` holds the step's metadata on
+        every device in use. Everything here runs on the blocks' devices: the decode step on one
+        GPU is captured whole in a CUDA graph."""
         for layer, cache in zip(self.layers, kv_caches):
             dev = layer.device
             x = layer(x.to(dev), positions.to(dev), metas[dev], cache)

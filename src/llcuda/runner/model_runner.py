@@ -11,6 +11,7 @@ import torch
 from llcuda.config import EngineConfig, ModelConfig
 from llcuda.engine.scheduler import SchedulerOutput
 from llcuda.layers.attention import AttentionMetadata, KVCache
+from llcuda.runner.cuda_graphs import DecodeGraphs
 from llcuda.runner.sampler import sample
 
 
@@ -29,9 +30,12 @@ class ModelRunner:
         self.max_blocks_per_seq = engine_config.max_blocks_per_seq
         self.devices = list(dict.fromkeys(model.block_devices))
         self.device = model.head_device  # where logits (and seeded samplers' generators) live
+        # On a GPU one extra block, owned by no sequence, takes the writes of CUDA-graph padding rows.
+        self.scratch_block = engine_config.num_blocks
+        num_cache_blocks = engine_config.num_blocks + (self.device.type == "cuda")
         self.kv_caches = [
             KVCache.allocate(
-                engine_config.num_blocks,
+                num_cache_blocks,
                 engine_config.block_size,
                 model_config.num_kv_heads,
                 model_config.head_dim,
@@ -40,6 +44,21 @@ class ModelRunner:
             )
             for device in model.block_devices
         ]
+        self.graphs: DecodeGraphs | None = None
+        single_gpu = self.device.type == "cuda" and all(d == self.device for d in self.devices)
+        # Graphs need the fused attention kernel: the reference reads lengths on the host.
+        graphable = single_gpu and engine_config.flash_attn is not False
+        if graphable and engine_config.extra.get("cuda_graphs", True):
+            self.graphs = DecodeGraphs(
+                model,
+                self.kv_caches,
+                max_batch=engine_config.n_parallel,
+                max_blocks_per_seq=self.max_blocks_per_seq,
+                max_seq_len=engine_config.ctx_size,
+                scratch_block=self.scratch_block,
+                block_size=self.block_size,
+            )
+            self.graphs.capture()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -89,12 +108,20 @@ class ModelRunner:
         if not step.scheduled:
             return {}
         input_ids, positions, meta, logits_indices = self.prepare_inputs(step)
-        metas = {device: meta.to(device) for device in self.devices}
-        hidden = self.model.forward(input_ids, positions, metas, self.kv_caches)
         sampled_items = [item for item in step.scheduled if item.sample]
-        if not sampled_items:
-            return {}
-        logits = self.model.compute_logits(hidden[logits_indices.to(hidden.device)])
+        is_decode = meta.max_query_len == 1 and len(sampled_items) == len(step.scheduled)
+        if self.graphs is not None and is_decode and self.graphs.bucket_for(len(sampled_items)):
+            x = self.model.embed(input_ids)
+            logits = self.graphs.run(
+                x, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables
+            )
+        else:
+            metas = {device: meta.to(device) for device in self.devices}
+            x = self.model.embed(input_ids)
+            hidden = self.model.forward(x, positions, metas, self.kv_caches)
+            if not sampled_items:
+                return {}
+            logits = self.model.compute_logits(hidden[logits_indices.to(hidden.device)])
         requests = [item.request for item in sampled_items]
         token_ids = sample(
             logits,
