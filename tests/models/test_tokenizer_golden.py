@@ -132,15 +132,19 @@ def test_parse_special_off(tok: Tokenizer):
 
 
 def test_speed(metadata: dict, golden: dict):
-    t0 = time.perf_counter()
+    # CPU time, best of 3: the machine running the suite may be busy with other work
+    def best_cpu_time(fn) -> float:
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.process_time()
+            fn()
+            best = min(best, time.process_time() - t0)
+        return best
+
+    build_s = best_cpu_time(lambda: Tokenizer.from_metadata(metadata))
     tok = Tokenizer.from_metadata(metadata)
-    build_s = time.perf_counter() - t0
     prompt = max((c["prompt"] for c in golden["greedy"]), key=len)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        ids = tok.encode(prompt)
-        best = min(best, time.perf_counter() - t0)
-    assert len(ids) > 650
+    assert len(tok.encode(prompt)) > 650
+    encode_s = best_cpu_time(lambda: tok.encode(prompt))
     assert build_s < 1.0, f"vocab construction took {build_s:.2f}s"
-    assert best < 0.1, f"~700-token prompt took {best * 1000:.0f}ms"
+    assert encode_s < 0.1, f"~700-token prompt took {encode_s * 1000:.0f}ms"

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import codecs
 
-from llcuda.gguf.tokenizer import Tokenizer, apply_clean_spaces
+from llcuda.gguf.tokenizer import Tokenizer
+from llcuda.gguf.tokenizer_bpe import apply_clean_spaces
 
 # clean_spaces only looks at a space or apostrophe and up to two characters after it, so a cut
 # is safe (cleaning both sides separately equals cleaning the whole) when the 3 bytes before the

@@ -21,7 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from llcuda.gguf.tokenizer_bpe import BpeModel, bpe_pre, byte_decode, parse_merges
+from llcuda.gguf.tokenizer_bpe import (
+    BpeModel,
+    apply_clean_spaces,
+    bpe_pre,
+    byte_decode,
+    parse_merges,
+)
 from llcuda.gguf.tokenizer_spm import spm_tokenize
 
 
@@ -123,47 +129,6 @@ def _array(metadata: Mapping[str, Any], key: str, n: int, dtype: type) -> np.nda
     return arr[:n]
 
 
-def apply_clean_spaces(text: bytes) -> bytes:
-    """llama.cpp's three `clean_spaces` passes over detokenized bytes, restated literally:
-    drop the space before ? ! . , ; turn " ' " into "'"; drop the space before 's 'm 're 've."""
-    src = text
-    if not src:
-        return src
-    # Pass 1: " ?", " !", " .", " ," lose their space.
-    out = bytearray(src[:1])
-    for i in range(1, len(src)):
-        x = src[i]
-        if src[i - 1] == 0x20 and x in b"?!.,":
-            out.pop()
-        out.append(x)
-    # Pass 2: a single apostrophe between spaces loses both spaces. llama.cpp overwrites the
-    # following space with NUL and skips it, so that NUL (not a space) is what the next
-    # iteration sees as its left neighbour.
-    src = bytearray(out)
-    out = bytearray(src[:1])
-    i = 1
-    while i < len(src):
-        x = src[i]
-        if x == 0x27 and i + 1 < len(src) and src[i - 1] == 0x20 and src[i + 1] == 0x20:
-            out.pop()
-            i += 1
-            src[i] = 0
-        out.append(x)
-        i += 1
-    # Pass 3: " 's", " 'm", " 're", " 've" lose their space (" 't", " 'd", " 'll" keep it).
-    src = out
-    out = bytearray(src[:1])
-    n = len(src)
-    for i in range(1, n):
-        x = src[i]
-        if src[i - 1] == 0x20 and x == 0x27 and i + 1 < n:
-            x1 = src[i + 1]
-            if x1 in b"sm" or (i + 2 < n and (x1, src[i + 2]) in ((0x72, 0x65), (0x76, 0x65))):
-                out.pop()
-        out.append(x)
-    return bytes(out)
-
-
 class Tokenizer:
     """A GGUF vocabulary with llama.cpp's tokenize / token_to_piece / detokenize behaviour.
 
@@ -192,7 +157,7 @@ class Tokenizer:
             texts = [t or f"[EMPTY_{i}]" for i, t in enumerate(texts)]
         self._texts = texts
         # Later duplicates win, as with llama.cpp's `token_to_id[word] = i`.
-        self._token_to_id: dict[str, int] = {t: i for i, t in enumerate(texts)}
+        self._token_to_id: dict[str, int] = dict(zip(texts, range(n), strict=True))
 
         scores = _array(metadata, "tokenizer.ggml.scores", n, np.float32)
         self._scores: list[float] = [0.0] * n if scores is None else scores.tolist()

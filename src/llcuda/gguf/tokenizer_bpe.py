@@ -235,3 +235,44 @@ class BpeModel:
             add(prev[left], left)
             add(left, after)
         return [s for s in syms if s]
+
+
+def apply_clean_spaces(text: bytes) -> bytes:
+    """llama.cpp's three `clean_spaces` passes over detokenized bytes, restated literally:
+    drop the space before ? ! . , ; turn " ' " into "'"; drop the space before 's 'm 're 've."""
+    src = text
+    if not src:
+        return src
+    # Pass 1: " ?", " !", " .", " ," lose their space.
+    out = bytearray(src[:1])
+    for i in range(1, len(src)):
+        x = src[i]
+        if src[i - 1] == 0x20 and x in b"?!.,":
+            out.pop()
+        out.append(x)
+    # Pass 2: a single apostrophe between spaces loses both spaces. llama.cpp overwrites the
+    # following space with NUL and skips it, so that NUL (not a space) is what the next
+    # iteration sees as its left neighbour.
+    src = bytearray(out)
+    out = bytearray(src[:1])
+    i = 1
+    while i < len(src):
+        x = src[i]
+        if x == 0x27 and i + 1 < len(src) and src[i - 1] == 0x20 and src[i + 1] == 0x20:
+            out.pop()
+            i += 1
+            src[i] = 0
+        out.append(x)
+        i += 1
+    # Pass 3: " 's", " 'm", " 're", " 've" lose their space (" 't", " 'd", " 'll" keep it).
+    src = out
+    out = bytearray(src[:1])
+    n = len(src)
+    for i in range(1, n):
+        x = src[i]
+        if src[i - 1] == 0x20 and x == 0x27 and i + 1 < n:
+            x1 = src[i + 1]
+            if x1 in b"sm" or (i + 2 < n and (x1, src[i + 2]) in ((0x72, 0x65), (0x76, 0x65))):
+                out.pop()
+        out.append(x)
+    return bytes(out)
