@@ -35,7 +35,7 @@ SHAPES = [
 ]
 QUICK = [("Q8_0", 1152, 262144), ("Q4_K", 6912, 1152), ("Q5_0", 1152, 6912),
          ("Q4_K", 4096, 14336), ("Q6_K", 4096, 14336)]
-SWEEP = [("Q8_0", 1152, 262144), ("Q4_K", 6912, 1152), ("Q4_K", 4096, 14336)]
+SWEEP = [("Q4_K", 4096, 14336), ("Q4_0", 4096, 14336), ("Q6_K", 4096, 14336)]
 CROSSOVER = [("Q4_K", 4096, 14336), ("Q5_0", 1152, 6912), ("Q8_0", 1152, 262144)]
 BATCHES = [1, 16, 512]
 L2_BYTES = 50 * 2**20
@@ -128,11 +128,12 @@ def sweep_shape(tname: str, k: int, n: int, gen) -> list[dict]:
     x1 = torch.randn((1, k), generator=gen, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     base = gemv_config(qid, 1, n, k // 32, sms)
-    for bn in (32, 64, 128):
+    bgs = sorted({base["BLOCK_G"], 2 * base["BLOCK_G"]})
+    for bn in (64, 128):
         for warps in (4, 8):
-            for stages in (1, 3):
+            for bg in bgs:
                 for split in sorted({base["SPLIT_K"], 1}):
-                    cfg = dict(base, BLOCK_N=bn, num_warps=warps, num_stages=stages, SPLIT_K=split)
+                    cfg = dict(base, BLOCK_N=bn, num_warps=warps, BLOCK_G=bg, SPLIT_K=split)
                     try:
                         calls = [lambda w=w, c=cfg: quant_gemv(x1, w, config=c) for w in ws]
                         us = time_calls(calls)
@@ -143,8 +144,8 @@ def sweep_shape(tname: str, k: int, n: int, gen) -> list[dict]:
                                 "GBps": w0.nbytes / us / 1e3, "default": cfg == base})
     x = torch.randn((512, k), generator=gen, device="cuda")
     gbase = gemm_config(qid, 512, n, k // 32)
-    for bm, bn, warps, stages in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3),
-                                  (128, 256, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3)]:
+    for bm, bn, warps, stages in [(128, 256, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3),
+                                  (64, 256, 8, 2), (64, 128, 4, 2), (128, 128, 4, 2)]:
         cfg = dict(gbase, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
         try:
             us = time_calls([lambda w=w, c=cfg: quant_gemm(x, w, config=c) for w in ws[:4]],

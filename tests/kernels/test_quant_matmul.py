@@ -130,7 +130,7 @@ def _check_all_m(qtype, k, n, batches, x_dtype=torch.float32):
         ref = x.float() @ w_ref.T
         out = quant_matmul(x, w)
         torch.cuda.synchronize()
-        # fp32 FMAs (GEMV, M <= 16) land far under 1e-5; bf16 products (tensor cores) near 3e-3
+        # fp32 FMAs (GEMV) land far under 1e-5; bf16 products (tensor cores) near 3e-3
         tol = 2e-5 if m <= GEMV_MAX_M else 1.5e-2
         err = _rel_err(out, ref)
         if out.shape != (m, n) or out.dtype != torch.float32:
@@ -144,6 +144,24 @@ def _check_all_m(qtype, k, n, batches, x_dtype=torch.float32):
 @pytest.mark.parametrize("qtype,k,n", _cases(MODEL_SHAPES + ODD_SHAPES))
 def test_quant_matmul_matches_reference(qtype, k, n):
     _check_all_m(qtype, k, n, BATCHES)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q4_K,
+                                   GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.F16],
+                         ids=lambda t: t.name)
+def test_gemv_kernel_up_to_16_rows(qtype):
+    """quant_matmul routes M > GEMV_MAX_M to tensor cores; the fp32 kernel itself takes M <= 16."""
+    from llcuda.kernels.quant_matmul import GEMV_KERNEL_MAX_M, quant_gemv
+
+    gen = torch.Generator(device="cuda").manual_seed(int(qtype))
+    k, n = 2048, 1000
+    raw = random_rows(qtype, n, k, gen, device="cuda")
+    w = qp.pack_weight(raw, qtype, k)
+    w_ref = dequantize_ref(raw, qtype)
+    for m in (3, 7, GEMV_KERNEL_MAX_M):
+        x = torch.randn((m, k), generator=gen, device="cuda")
+        assert _rel_err(quant_gemv(x, w), x @ w_ref.T) < 2e-5, f"M={m}"
 
 
 @pytest.mark.gpu
@@ -180,7 +198,7 @@ def test_fp16_tensor_core_path_scales_rows(qtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 4, 40])
 def test_fused_gate_up_one_launch(m):
-    from llcuda.kernels.quant_matmul import quant_matmul_fused
+    from llcuda.kernels.quant_matmul import GEMV_MAX_M, quant_matmul_fused
 
     gen = torch.Generator(device="cuda").manual_seed(11)
     k, n = 1152, 6912
@@ -188,7 +206,7 @@ def test_fused_gate_up_one_launch(m):
     fused = qp.fuse_packed([qp.pack_weight(r, GGMLType.Q5_0, k) for r in raws])
     x = torch.randn((m, k), generator=gen, device="cuda")
     gate, up = quant_matmul_fused(x, fused)
-    tol = 2e-5 if m <= 16 else 1.5e-2
+    tol = 2e-5 if m <= GEMV_MAX_M else 1.5e-2
     for out, raw in zip((gate, up), raws, strict=True):
         assert out.shape == (m, n)
         assert _rel_err(out, x @ dequantize_ref(raw, GGMLType.Q5_0).T) < tol

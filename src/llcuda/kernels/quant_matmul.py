@@ -5,12 +5,13 @@ word holding one element of every *plane* (see quant_pack). The kernels decode o
 [rows, words] tile at a time; its activations x[32g + p*WPG + k] form a tile of the same shape, so
 decode, multiply and accumulate stay in one register layout. Two paths:
 
-* `_quant_gemv_kernel` (M <= 16, decode): bandwidth-bound. Each program owns BLOCK_N rows and walks
-  K in BLOCK_G groups; planes decode to exact integer-valued floats (PRMT under a 2^23 exponent,
-  then one FADD that also removes the zero point) and FMA with fp32 activations; group scales are
-  applied once per group to the partial sums (w = a*q + c  =>  sum(w*x) = a*sum(q*x) + c*sum(x)).
-  Tall-K matrices with few rows (ffn_down) are split along K on a second grid axis.
-* `_quant_gemm_kernel` (M > 16, prefill/batch): each plane of a [BLOCK_N, 32*BLOCK_G] tile is
+* `_quant_gemv_kernel` (M <= GEMV_MAX_M, decode): bandwidth-bound. Each program owns BLOCK_N
+  rows and walks K in BLOCK_G groups; planes decode to exact integer-valued floats (PRMT under a
+  2^23 exponent, then one FADD that also removes the zero point) and FMA with fp32 activations;
+  group scales are applied once per group to the partial sums (w = a*q + c  =>
+  sum(w*x) = a*sum(q*x) + c*sum(x)). Tall-K matrices with few rows (ffn_down) are split along K
+  on a second grid axis.
+* `_quant_gemm_kernel` (M > GEMV_MAX_M, prefill): each plane of a [BLOCK_N, 32*BLOCK_G] tile is
   dequantized in registers to bf16 (fp16 below sm_80, with each activation row scaled by a power of
   two to stay in fp16 range) and multiplied on tensor cores by `tl.dot` with fp32 accumulation.
 
@@ -43,7 +44,12 @@ from llcuda.kernels.quant_pack import (
     dequantize_packed,
 )
 
-GEMV_MAX_M = 16  # largest batch served by the matrix-vector kernel
+# Largest batch served by the matrix-vector kernel. Measured on H100 (benchmarks/
+# bench_quant_matmul.py --crossover): the fp32 GEMV wins at M <= 4 (Q4_K 4096x14336: 103 vs 159 us
+# at M=4) and loses from M=8 on (261 vs 123 us), where re-decoding nothing but FMA-ing M rows on
+# CUDA cores costs more than bf16 tensor cores.
+GEMV_MAX_M = 4
+GEMV_KERNEL_MAX_M = 16  # what quant_gemv accepts (its M loop is unrolled)
 
 
 @triton.jit
@@ -258,7 +264,7 @@ def _quant_gemv_kernel(
 
 @triton.jit(do_not_specialize=["M", "N", "n_groups"])
 def _quant_gemm_kernel(
-    x_ptr,  # [M, K] activations, unit stride along K
+    x_ptr,  # [M, K] bf16 activations (fp16 pre-divided by xscale when USE_FP16), unit stride
     out_ptr,  # [M, N] fp32
     xscale_ptr,  # [M] fp32 power-of-two row scales (USE_FP16 only)
     qs_ptr,  # [N, K/32 * WPG] int32 packed words
@@ -297,9 +303,6 @@ def _quant_gemm_kernel(
     jg = j // WPG
     jk = j % WPG
     x_rows = x_ptr + xrow.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
-    if USE_FP16:
-        xscale = tl.load(xscale_ptr + xrow)  # [BM]
-        inv_scale = 1.0 / xscale
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for g0 in range(0, n_groups, BLOCK_G):
         grp = g0 + tl.arange(0, BLOCK_G)
@@ -322,14 +325,13 @@ def _quant_gemm_kernel(
                 w = _plane(QTYPE, lo, hi, p, magic, USE_ASM) * a_lo + c  # [BN, NW]
             else:
                 w = _plane(QTYPE, lo, hi, p, magic, USE_ASM) * a_hi + c
-            xp = tl.load(x_rows + xcol + p * WPG, mask=wmask, other=0.0).to(tl.float32)  # [BM, NW]
+            xp = tl.load(x_rows + xcol + p * WPG, mask=wmask, other=0.0)  # [BM, NW]
             if USE_FP16:
-                acc = tl.dot((xp * inv_scale[:, None]).to(tl.float16), tl.trans(w.to(tl.float16)),
-                             acc)
+                acc = tl.dot(xp, tl.trans(w.to(tl.float16)), acc)
             else:
-                acc = tl.dot(xp.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
+                acc = tl.dot(xp, tl.trans(w.to(tl.bfloat16)), acc)
     if USE_FP16:
-        acc = acc * xscale[:, None]
+        acc = acc * tl.load(xscale_ptr + xrow)[:, None]
     out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
     tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -359,30 +361,53 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
 
 
 def gemv_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int) -> dict:
-    """BLOCK_N, BLOCK_G, SPLIT_K, num_warps for the decode kernel (a heuristic, tuned on H100)."""
+    """BLOCK_N, BLOCK_G, SPLIT_K, num_warps, num_stages for the decode kernel.
+
+    From the H100 sweep (bench_quant_matmul.py --sweep): at M=1, 128 rows per program and a
+    3-stage cp.async pipeline were best on big matrices (Q4_K 4096x14336: 33.5 us vs 38.8 us with
+    64 rows unpipelined), 64 rows on the rest; splitting K paid only where the row tiles cover
+    less than half the SMs (Q4_K 6912x1152: 10.4 us at 13 splits vs 30 us unsplit).
+    """
     wpg = _WPG[qtype]
     # 32 words (128 B) per row per K step: 8 threads x 16 B across a row, coalesced; a BLOCK_G
     # that divides K/32 keeps every step full.
     block_g = _largest_pow2_divisor(n_groups, 32 // wpg)
-    # M = 1: 64 rows -> 8 KiB in flight per program per step and 4 rows per thread (x reuse).
-    # Larger M keeps every plane of the tile live across the M rows: fewer rows per program.
-    block_n = 64 if m == 1 else 32 if m <= 4 else 16
+    # More rows per program reuse each activation load more, but every plane of the tile stays
+    # live across the M rows: fewer rows when M > 1.
+    if m == 1:
+        block_n = 128 if n >= 8192 else 64
+    else:
+        block_n = 32 if m <= 4 else 16
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
     n_tiles = triton.cdiv(n, block_n)
-    # Split K when the row tiles alone leave SMs idle (ffn_down: few rows, long rows).
-    split_k, target = 1, 4 * num_sms
-    if n_tiles < target:
-        split_k = max(1, min(triton.cdiv(target, n_tiles), n_groups // (2 * block_g)))
+    split_k = 1
+    if n_tiles < num_sms // 2:  # few rows, long rows (ffn_down): split K over more programs
+        split_k = max(1, min(triton.cdiv(4 * num_sms, n_tiles), n_groups // (2 * block_g)))
     return {"BLOCK_N": block_n, "BLOCK_G": block_g, "SPLIT_K": split_k, "num_warps": 4,
-            "num_stages": 2}
+            "num_stages": 3}
 
 
-def gemm_config(qtype: int, m: int, n: int, n_groups: int) -> dict:
-    """Tile sizes for the tensor-core kernel: one dot of K = 32 per plane per step."""
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    block_n = 128 if m > 64 else 64
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_G": 32 // _WPG[qtype], "GROUP_M": 8,
-            "num_warps": 8 if block_m * block_n >= 128 * 128 else 4, "num_stages": 3}
+def gemm_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int = 132) -> dict:
+    """Tile sizes for the tensor-core kernel: one dot of K = 32 per plane per step.
+
+    Shared memory (compiled for sm_90, bf16 activations): 4-bit types need 53/90/156/180 KiB at
+    (32x64, 3 stages) / (64x128, 2) / (128x128, 2) / (128x256, 2); Q8_0 and floats less. H100
+    allows 227 KiB; measured on H100, 128x256 beat 128x128 by 25% on the Q8_0 LM head at M=512.
+    """
+    nibble = _WPG[qtype] == 4
+    if m <= 16:
+        bm, bn, warps, stages = 16, 64, 4, 3
+    elif m <= 32:
+        bm, bn, warps, stages = 32, 64, 4, 3
+    elif m <= 64:
+        bm, bn, warps, stages = 64, 128, 4, 2 if nibble else 3
+    else:
+        bm, bn, warps, stages = 128, 256, 8, 2
+    # Enough tiles to fill the SMs (Gemma's 640-wide projections at M=512 make only 12 otherwise).
+    while bn > 64 and triton.cdiv(m, bm) * triton.cdiv(n, bn) < num_sms:
+        bn //= 2
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_G": 32 // _WPG[qtype], "GROUP_M": 8,
+            "num_warps": warps, "num_stages": stages}
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,8 +450,8 @@ def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None) -> 
     """x [M<=16, K] @ dequant(w).T -> [M, N] fp32 with fp32 FMAs (the decode kernel)."""
     x = _check(x, w)
     m, n, n_groups = x.shape[0], w.n_rows, w.n_cols // GROUP
-    if m > GEMV_MAX_M:
-        raise QuantMatmulError(f"quant_gemv takes M <= {GEMV_MAX_M}, got {m}")
+    if m > GEMV_KERNEL_MAX_M:
+        raise QuantMatmulError(f"quant_gemv takes M <= {GEMV_KERNEL_MAX_M}, got {m}")
     dev = x.device.index if x.device.type == "cuda" else 0
     cfg = config or gemv_config(w.qtype, m, n, n_groups, _num_sms(dev))
     split_k = cfg["SPLIT_K"]
@@ -455,17 +480,22 @@ def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
     """x [M, K] @ dequant(w).T -> [M, N] fp32 on tensor cores (bf16, or fp16 below sm_80)."""
     x = _check(x, w)
     m, n, n_groups = x.shape[0], w.n_rows, w.n_cols // GROUP
-    cfg = config or gemm_config(w.qtype, m, n, n_groups)
+    dev = x.device.index if x.device.type == "cuda" else 0
+    cfg = config or gemm_config(w.qtype, m, n, n_groups, _num_sms(dev))
     fp16 = _use_fp16(x.device) if use_fp16 is None else use_fp16
     out = torch.empty((m, n), device=x.device, dtype=torch.float32)
+    # Activations are cast once here rather than per tile: half the shared memory per pipeline
+    # stage and half the L2 traffic (every N-tile re-reads them).
     if fp16:
         # Scale each row so max|x| lands in (0.5, 1]: Gemma's activations overflow fp16 otherwise.
         # A power of two keeps the scaling itself exact.
         amax = x.abs().amax(dim=1).float()
         xscale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0)
-        xscale = torch.where(torch.isfinite(xscale), xscale, 1.0).contiguous()
+        xscale = torch.where(torch.isfinite(xscale), xscale, 1.0).contiguous()  # [M]
+        x = (x.float() / xscale[:, None]).to(torch.float16)
     else:
         xscale = out  # unused
+        x = x.to(torch.bfloat16).contiguous()
     ptrs, strides = _weight_args(w)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _quant_gemm_kernel[grid](
@@ -480,7 +510,7 @@ def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
 def quant_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     """y = x @ dequantize(w).T: x [M, K] (fp32/bf16/fp16, CUDA) -> [M, N] fp32.
 
-    M <= 16 takes the fp32 GEMV kernel; larger M the tensor-core kernel (bf16 products).
+    M <= GEMV_MAX_M takes the fp32 GEMV kernel; larger M the tensor-core kernel (bf16 products).
     """
     if x.dim() == 2 and x.shape[0] == 0:
         _check(x, w)
