@@ -365,8 +365,9 @@ def gemv_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int) -> dict
 
     From the H100 sweep (bench_quant_matmul.py --sweep): at M=1, 128 rows per program and a
     3-stage cp.async pipeline were best on big matrices (Q4_K 4096x14336: 33.5 us vs 38.8 us with
-    64 rows unpipelined), 64 rows on the rest; splitting K paid only where the row tiles cover
-    less than half the SMs (Q4_K 6912x1152: 10.4 us at 13 splits vs 30 us unsplit).
+    64 rows unpipelined), except Q6_K (254 registers at 128 rows: 40.7 us at 64 vs 51.8 at 128);
+    splitting K paid only where the row tiles cover less than half the SMs (Q4_K 6912x1152:
+    10.4 us at 13 splits vs 30 us unsplit).
     """
     wpg = _WPG[qtype]
     # 32 words (128 B) per row per K step: 8 threads x 16 B across a row, coalesced; a BLOCK_G
@@ -375,7 +376,7 @@ def gemv_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int) -> dict
     # More rows per program reuse each activation load more, but every plane of the tile stays
     # live across the M rows: fewer rows when M > 1.
     if m == 1:
-        block_n = 128 if n >= 8192 else 64
+        block_n = 128 if n >= 8192 and qtype != Q6_K else 64
     else:
         block_n = 32 if m <= 4 else 16
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
