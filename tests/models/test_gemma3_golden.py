@@ -1,12 +1,17 @@
 """The CPU reference path of Gemma 3 270M against llama.cpp's outputs (../shared/golden/README.md).
 
 The README's thresholds (argmax equal unless llama.cpp's top-2 are within 0.05; top-5 log-probs
-within 0.05 on average and 0.25 at most) assume llama.cpp's numbers are nearly exact. They are not:
-its CPU kernels quantize every activation to 8 bits. Measured on this model, quantizing our own
-activations the same way moves the top-5 log-probabilities by 0.17 on average and 0.83 at most,
-and our exact fp32 engine sits at 0.12 / 1.46 from llama.cpp. So a near-tie here is a top-2 gap
-under NOISE_GAP = 0.25 nats (llama.cpp's own noise), and the log-prob bounds below sit just above
-the measured distance; a real bug (a wrong rope base, a missing norm) moves them by several nats.
+within 0.05 on average and 0.25 at most) are tighter than llama.cpp agrees with itself. Its CPU
+kernels quantize every activation to 8 bits, so its numbers depend on how tokens are batched: the
+same llama.cpp build (libllama from the vendored source, CPU, 2 threads), fed each golden sequence
+in one batch instead of token by token as llama-server did, lands at 0.105 mean / 0.857 max from
+the golden top-5 log-probs and picks another argmax at 15 of 320 steps, at top-2 gaps up to 0.617
+(fibonacci step 23: golden -0.443 / -1.060, llama.cpp in one batch -0.933 / -0.521, ours -0.845
+/ -0.582). Our exact fp32 path sits at 0.123 mean / 1.46 max, with 8 argmax differences.
+
+So the tests hold us to llama.cpp's own spread: a different argmax is allowed only where both
+engines see a near-tie (top-2 gap under NOISE_GAP), and the log-prob bounds sit just above the
+measured distances. A real bug (a wrong rope base, a missing norm) moves them by whole nats.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 
 from tests.models.forward_helpers import sequence_logits
 
-NOISE_GAP = 0.25
+NOISE_GAP = 0.75  # llama.cpp disagrees with itself at gaps up to 0.617
 
 
 def _gap(step: dict) -> float:
@@ -41,12 +46,14 @@ def test_teacher_forced_logprobs_match_llama_cpp(golden, gemma_cpu):
         logprobs = torch.log_softmax(logits, dim=-1)
         for i, step in enumerate(case["steps"]):
             ours = logprobs[i]
-            top2 = torch.topk(ours, 2).indices.tolist()
-            where = (case["prompt"][:30], i, step["id"], top2)
-            assert step["id"] in top2, where  # llama.cpp's choice is always among our best two
-            if _gap(step) >= NOISE_GAP:
-                assert step["id"] == top2[0], where
-            agree += step["id"] == top2[0]
+            top2 = torch.topk(ours, 2)
+            where = (case["prompt"][:30], i, step["id"], top2.indices.tolist())
+            if step["id"] != top2.indices[0].item():
+                # a near-tie for llama.cpp, and its choice is nearly as likely as ours for us
+                assert _gap(step) < NOISE_GAP, where
+                assert (top2.values[0] - ours[step["id"]]).item() < NOISE_GAP, where
+            else:
+                agree += 1
             steps += 1
             step_diffs = [abs(ours[t["id"]].item() - t["logprob"]) for t in step["top"]]
             diffs += step_diffs
