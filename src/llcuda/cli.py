@@ -1,4 +1,4 @@
-"""The `llcuda` command: `generate` text from a prompt, `info` about a GGUF file.
+"""The `llcuda` command: `generate` text from a prompt, `info` about a GGUF file, `bench` speed.
 
 Each subcommand is one `_add_<name>(subparsers)` function that registers its arguments and
 sets `func`; `bench` and `serve` join the same way. Expected failures (a bad file, a bad
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"llcuda {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_generate, _add_info):
+    for add in (_add_generate, _add_info, _add_bench):
         add(subparsers)
     return parser
 
@@ -224,6 +224,38 @@ def _file_type(value: object) -> str:
         return f"{LlamaFileType(int(value)).name.removeprefix('MOSTLY_')} ({value})"
     except (ImportError, ValueError):
         return str(value)
+
+
+
+# --- bench ----------------------------------------------------------------------------------
+
+
+def _add_bench(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="prompt and generation speed, like llama-bench (pp / tg tokens per second)",
+        description="Measure prompt processing (pp) and generation (tg) speed, as llama-bench.",
+    )
+    p.add_argument("model", metavar="FILE_OR_NAME", help="a .gguf path or a known model name")
+    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (pp)")
+    p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (tg)")
+    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("-d", "--depth", type=int, default=0, help="tokens already in context for tg")
+    p.add_argument("-ngl", "--gpu-layers", type=int, default=99)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from llcuda.bench import run_bench
+
+    path = resolve_model(args.model, verbose=True)
+    result = run_bench(
+        str(path), args.n_prompt, args.n_gen, args.repetitions, args.depth, args.device,
+        args.gpu_layers,
+    )  # fmt: skip
+    print(result.markdown())
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,106 @@
+"""llama-bench-style throughput: pp (prompt tokens/s) and tg (generated tokens/s).
+
+pp: one request of n_prompt random prompt tokens, timed from submission until its first token
+(one prefill step when n_prompt <= batch_size). tg: one request generating n_gen tokens (greedy,
+ignore_eos) after a `depth`-token prompt; the rate counts the n_gen - 1 steps after the first.
+Both run through the whole engine (scheduler, runner, sampler), as a user's request would.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from llcuda.config import EngineConfig
+from llcuda.engine.loader import load
+from llcuda.sampling_params import SamplingParams
+
+
+@dataclass
+class BenchResult:
+    model: str
+    device: str
+    load_s: float
+    n_prompt: int
+    n_gen: int
+    depth: int
+    pp_tok_s: float
+    tg_tok_s: float
+    weight_bytes: int
+
+    @property
+    def weight_gb_s(self) -> float:
+        """Weight bytes streamed per second at the tg rate (each decode step reads every weight)."""
+        return self.weight_bytes * self.tg_tok_s / 1e9
+
+    def markdown(self) -> str:
+        return "\n".join([
+            f"| model | device | pp{self.n_prompt} tok/s | tg{self.n_gen} tok/s | depth "
+            f"| weight GB/s | load s |",
+            "|---|---|---:|---:|---:|---:|---:|",
+            f"| {self.model} | {self.device} | {self.pp_tok_s:,.1f} | {self.tg_tok_s:,.1f} "
+            f"| {self.depth} | {self.weight_gb_s:,.1f} | {self.load_s:.2f} |",
+        ])  # fmt: skip
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _run(engine, prompt: list[int], max_tokens: int) -> list[float]:
+    """Run one request to completion; returns the wall time at which each token appeared."""
+    engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    stamps: list[float] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            stamps.extend(time.perf_counter() for _ in out.new_token_ids)
+    _sync()
+    return stamps
+
+
+def run_bench(
+    model_path: str,
+    n_prompt: int = 512,
+    n_gen: int = 128,
+    reps: int = 3,
+    depth: int = 0,
+    device: str | None = None,
+    gpu_layers: int = 99,
+) -> BenchResult:
+    if n_prompt < 1 or n_gen < 2 or reps < 1 or depth < 0:
+        raise ValueError("bench needs n_prompt >= 1, n_gen >= 2, reps >= 1 and depth >= 0")
+    budget = max(n_prompt, depth, 512)
+    config = EngineConfig(
+        ctx_size=max(n_prompt, depth) + n_gen + 8, batch_size=budget, ubatch_size=budget,
+        n_parallel=1, device=device, gpu_layers=gpu_layers,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    loaded = load(model_path, config, verbose=False)
+    load_s = time.perf_counter() - t0
+    try:
+        engine = loaded.llm_engine
+        gen = torch.Generator().manual_seed(0)
+        vocab = loaded.model_config.vocab_size
+
+        def tokens(n: int) -> list[int]:
+            return torch.randint(10, vocab, (n,), generator=gen).tolist()
+
+        _run(engine, tokens(16), 4)  # warm-up: compile kernels, touch every weight
+        pp, tg = [], []
+        for _ in range(reps):
+            t = time.perf_counter()
+            _run(engine, tokens(n_prompt), 1)
+            pp.append(n_prompt / (time.perf_counter() - t))
+            stamps = _run(engine, tokens(max(depth, 1)), n_gen)
+            tg.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        return BenchResult(
+            model=loaded.model_config.name, device=loaded.device, load_s=load_s,
+            n_prompt=n_prompt, n_gen=n_gen, depth=depth, pp_tok_s=statistics.mean(pp),
+            tg_tok_s=statistics.mean(tg), weight_bytes=loaded.memory.get("weights", 0),
+        )  # fmt: skip
+    finally:
+        loaded.close()
