@@ -89,7 +89,9 @@ def run_bench(
         def tokens(n: int) -> list[int]:
             return torch.randint(10, vocab, (n,), generator=gen).tolist()
 
-        _run(engine, tokens(16), 4)  # warm-up: compile kernels, touch every weight
+        # warm-up: compile the kernels for the prefill and decode shapes, touch every weight
+        _run(engine, tokens(n_prompt), 2)
+        _run(engine, tokens(max(depth, 1)), 4)
         pp, tg = [], []
         for _ in range(reps):
             t = time.perf_counter()

@@ -17,7 +17,50 @@ if TYPE_CHECKING:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.is_cuda:
+        from llcuda.kernels import fused_norm
+
+        return fused_norm.rms_norm(x, weight, eps)
     return ref.rms_norm_ref(x, weight, eps)
+
+
+def residual_rms_norm(
+    x: torch.Tensor, a: torch.Tensor, w_post: torch.Tensor, w_next: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + RMSNorm(a)*w_post, RMSNorm of that * w_next): one kernel on CUDA."""
+    if x.is_cuda:
+        from llcuda.kernels import fused_norm
+
+        return fused_norm.residual_rms_norm(x, a, w_post, w_next, eps)
+    return ref.residual_rms_norm_ref(x, a, w_post, w_next, eps)
+
+
+def qk_norm_rope(
+    t: torch.Tensor,
+    num_heads: int,
+    head_dim: int,
+    weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    eps: float,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Per-head RMSNorm + NEOX RoPE (+ q's scale): one kernel on CUDA when RoPE covers the head."""
+    if t.is_cuda and 2 * cos.shape[-1] == head_dim:
+        from llcuda.kernels import fused_norm
+
+        return fused_norm.qk_norm_rope(t, num_heads, head_dim, weight, cos, sin, positions, eps, scale)
+    return ref.qk_norm_rope_ref(t, num_heads, head_dim, weight, cos, sin, positions, eps, scale)
+
+
+def geglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [num_tokens, 2 * ffn] -> GELU_tanh(gate) * up [num_tokens, ffn]."""
+    if gate_up.is_cuda:
+        from llcuda.kernels import fused_norm
+
+        return fused_norm.geglu(gate_up)
+    return ref.geglu_fused_ref(gate_up)
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -20,3 +20,31 @@ class QuantLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, in_features] -> [num_tokens, out_features] float32
         return ops.quant_matmul(x, self.weight)
+
+
+class FusedQuantLinear:
+    """Several weights that read the same input (q|k, gate|up), one output [T, sum of outs].
+
+    On CUDA, weights of one quant type are concatenated once at load so a single matmul launch
+    reads them all; otherwise each runs on its own and the outputs are concatenated.
+    """
+
+    def __init__(self, weights: list[QuantTensor], device: torch.device | str = "cpu"):
+        self.split_sizes = [w.shape[0] for w in weights]
+        self.out_features = sum(self.split_sizes)
+        same_kind = len({(int(w.qtype), w.shape[1]) for w in weights}) == 1
+        self.parts: list[QuantLinear] | None = None
+        if torch.device(device).type == "cuda" and same_kind:
+            from llcuda.kernels.quant_pack import fuse_packed
+
+            self.weight = fuse_packed([ops.prepare_weight(w, device) for w in weights])
+            self.nbytes = self.weight.nbytes
+        else:
+            self.parts = [QuantLinear(w, device) for w in weights]
+            self.nbytes = sum(p.nbytes for p in self.parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, in_features] -> [num_tokens, sum(split_sizes)] float32
+        if self.parts is None:
+            return ops.quant_matmul(x, self.weight)
+        return torch.cat([part(x) for part in self.parts], dim=-1)

@@ -15,7 +15,7 @@ from llcuda.config import ModelConfig
 from llcuda.gguf.reader import GGUFFile
 from llcuda.kernels import ops
 from llcuda.layers.attention import AttentionMetadata, KVCache, paged_attention
-from llcuda.layers.linear import QuantLinear
+from llcuda.layers.linear import FusedQuantLinear, QuantLinear
 from llcuda.layers.quant_tensor import QuantTensor, read_float_tensor
 from llcuda.layers.rotary import RotaryEmbedding
 
@@ -34,40 +34,58 @@ class Gemma3Block:
         self.sliding_window = config.sliding_window if config.is_sliding(index) else 0
         self.scale = config.attention_scale or config.head_dim**-0.5
 
+        def weight(name: str) -> QuantTensor:
+            return QuantTensor.from_gguf(gguf, f"blk.{index}.{name}.weight")
+
         def linear(name: str) -> QuantLinear:
-            return QuantLinear(QuantTensor.from_gguf(gguf, f"blk.{index}.{name}.weight"), device)
+            return QuantLinear(weight(name), device)
 
         def norm(name: str) -> torch.Tensor:
             return read_float_tensor(gguf, f"blk.{index}.{name}.weight").to(device)
 
         self.attn_norm = norm("attn_norm")
-        self.attn_q, self.attn_k, self.attn_v = linear("attn_q"), linear("attn_k"), linear("attn_v")
+        # q|k and gate|up read the same input: one matmul each where their quant types agree
+        self.attn_qk = FusedQuantLinear([weight("attn_q"), weight("attn_k")], device)
+        self.attn_v = linear("attn_v")
         self.attn_q_norm, self.attn_k_norm = norm("attn_q_norm"), norm("attn_k_norm")
         self.attn_output = linear("attn_output")
         self.post_attention_norm = norm("post_attention_norm")
         self.ffn_norm = norm("ffn_norm")
-        self.ffn_gate, self.ffn_up, self.ffn_down = linear("ffn_gate"), linear("ffn_up"), linear("ffn_down")
+        self.ffn_gate_up = FusedQuantLinear([weight("ffn_gate"), weight("ffn_up")], device)
+        self.ffn_down = linear("ffn_down")
         self.post_ffw_norm = norm("post_ffw_norm")
+        self.next_norm = self.post_ffw_norm  # replaced by the model: the next block's attn_norm
 
     def __call__(
-        self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, cache: KVCache
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream [num_tokens, hidden_size]; h: RMSNorm(x)*attn_norm, computed by
+        the previous block. Returns the new residual and its norm for the next block."""
         cfg = self.config
-        num_tokens, eps = x.shape[0], cfg.rms_norm_eps  # x: [num_tokens, hidden_size]
+        num_tokens, eps = x.shape[0], cfg.rms_norm_eps
+        cos, sin = self.rotary.cos, self.rotary.sin
 
-        h = ops.rms_norm(x, self.attn_norm, eps)
-        q = self.attn_q(h).view(num_tokens, cfg.num_heads, cfg.head_dim)
-        k = self.attn_k(h).view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        qk = self.attn_qk(h)  # [num_tokens, q_size + kv_size]
+        q = ops.qk_norm_rope(
+            qk[:, : cfg.q_size], cfg.num_heads, cfg.head_dim, self.attn_q_norm, cos, sin,
+            positions, eps, self.scale,
+        )  # fmt: skip
+        k = ops.qk_norm_rope(
+            qk[:, cfg.q_size :], cfg.num_kv_heads, cfg.head_dim, self.attn_k_norm, cos, sin,
+            positions, eps,
+        )  # fmt: skip
         v = self.attn_v(h).view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        q = self.rotary(ops.rms_norm(q, self.attn_q_norm, eps), positions) * self.scale
-        k = self.rotary(ops.rms_norm(k, self.attn_k_norm, eps), positions)
         attn = paged_attention(q, k, v, cache, meta, self.sliding_window, self.flash_attn)
         attn = self.attn_output(attn.reshape(num_tokens, cfg.q_size))
-        x = x + ops.rms_norm(attn, self.post_attention_norm, eps)
+        x, h = ops.residual_rms_norm(x, attn, self.post_attention_norm, self.ffn_norm, eps)
 
-        h = ops.rms_norm(x, self.ffn_norm, eps)
-        f = self.ffn_down(ops.geglu(self.ffn_gate(h), self.ffn_up(h)))
-        return x + ops.rms_norm(f, self.post_ffw_norm, eps)
+        f = self.ffn_down(ops.geglu_fused(self.ffn_gate_up(h)))
+        return ops.residual_rms_norm(x, f, self.post_ffw_norm, self.next_norm, eps)
 
 
 class Gemma3ForCausalLM:
@@ -95,7 +113,7 @@ class Gemma3ForCausalLM:
             if key not in rotaries:
                 base = config.rope_theta_local if local else config.rope_theta
                 scale = 1.0 if local else 1.0 / config.rope_scaling_factor
-                rotaries[key] = RotaryEmbedding(rope_dim, max_positions, base, scale, True, device)
+                rotaries[key] = RotaryEmbedding(rope_dim, max_positions, base, scale, device)
             self.layers.append(Gemma3Block(gguf, config, i, device, rotaries[key], flash_attn))
             if progress is not None:
                 progress(1)
@@ -105,6 +123,10 @@ class Gemma3ForCausalLM:
         head_name = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
         self.output = QuantLinear(QuantTensor.from_gguf(gguf, head_name), head_device)
         self.output_norm = read_float_tensor(gguf, "output_norm.weight").to(head_device)
+        # Each block ends with the pre-norm of what follows it (fused with its residual add).
+        for block, following in zip(self.layers, self.layers[1:]):
+            block.next_norm = following.attn_norm.to(block.device)
+        self.layers[-1].next_norm = self.output_norm.to(self.layers[-1].device)
         if progress is not None:
             progress(1)
 
@@ -120,18 +142,20 @@ class Gemma3ForCausalLM:
         kv_caches: list[KVCache],
     ) -> torch.Tensor:
         """x: embeddings [num_tokens, hidden_size], positions: [num_tokens] -> final hidden states
-        [num_tokens, hidden_size] (before the output norm). `metas` holds the step's metadata on
+        [num_tokens, hidden_size], already through the output norm. `metas` holds the step's metadata on
         every device in use. Everything here runs on the blocks' devices: the decode step on one
         GPU is captured whole in a CUDA graph."""
+        first = self.layers[0]
+        x = x.to(first.device)
+        h = ops.rms_norm(x, first.attn_norm, self.config.rms_norm_eps)
         for layer, cache in zip(self.layers, kv_caches):
             dev = layer.device
-            x = layer(x.to(dev), positions.to(dev), metas[dev], cache)
-        return x
+            x, h = layer(x.to(dev), h.to(dev), positions.to(dev), metas[dev], cache)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [n, hidden_size] -> logits [n, vocab_size] float32 (final softcap applied)."""
-        h = ops.rms_norm(hidden.to(self.head_device), self.output_norm, self.config.rms_norm_eps)
-        logits = self.output(h)
+        """hidden: normed [n, hidden_size] -> logits [n, vocab_size] fp32 (final softcap applied)."""
+        logits = self.output(hidden.to(self.head_device))
         cap = self.config.final_logit_softcapping
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)

@@ -1,0 +1,50 @@
+"""Fused Triton norms / RoPE / GEGLU against the pure-torch reference (reference.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llcuda.kernels import fused_norm
+from llcuda.kernels import reference as ref
+
+pytestmark = pytest.mark.gpu
+DEVICE = "cuda"
+
+
+def _rand(*shape, scale=1.0):
+    return (torch.randn(*shape, generator=_rand.gen) * scale).to(DEVICE)
+
+
+_rand.gen = torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("tokens,n", [(1, 640), (7, 1152), (64, 2048), (3, 100)])
+def test_rms_norm_and_residual(tokens, n):
+    x, a, w1, w2 = _rand(tokens, n, scale=30), _rand(tokens, n, scale=200), _rand(n), _rand(n)
+    torch.testing.assert_close(fused_norm.rms_norm(x, w1, 1e-6), ref.rms_norm_ref(x, w1, 1e-6))
+    got = fused_norm.residual_rms_norm(x, a, w1, w2, 1e-6)
+    want = ref.residual_rms_norm_ref(x, a, w1, w2, 1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("heads,head_dim", [(4, 256), (1, 256), (8, 128)])
+def test_qk_norm_rope_on_a_strided_view(heads, head_dim):
+    tokens, extra = 9, 3 * head_dim
+    fused = _rand(tokens, heads * head_dim + extra, scale=5)  # a q|k matmul output
+    view = fused[:, : heads * head_dim]
+    w = _rand(head_dim)
+    cos, sin = ref.rope_cos_sin_ref(torch.arange(4096), head_dim, 10000.0)
+    cos, sin = cos.to(DEVICE), sin.to(DEVICE)
+    positions = torch.tensor([0, 1, 5, 511, 512, 700, 2000, 4095, 3], device=DEVICE)
+    got = fused_norm.qk_norm_rope(view, heads, head_dim, w, cos, sin, positions, 1e-6, 0.0625)
+    want = ref.qk_norm_rope_ref(view, heads, head_dim, w, cos, sin, positions, 1e-6, 0.0625)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens,f", [(1, 2048), (5, 6912), (2, 1000)])
+def test_geglu(tokens, f):
+    gu = _rand(tokens, 2 * f, scale=4)
+    gu[0, 0], gu[0, 1] = 60.0, -60.0  # tanh saturation stays finite
+    torch.testing.assert_close(fused_norm.geglu(gu), ref.geglu_fused_ref(gu), rtol=1e-5, atol=1e-5)
