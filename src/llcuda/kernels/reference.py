@@ -164,3 +164,36 @@ def paged_attention_ref(
         probs = torch.softmax(scores, dim=-1)
         out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, v)
     return out
+
+
+def residual_rms_norm_ref(
+    x: torch.Tensor, a: torch.Tensor, w_post: torch.Tensor, w_next: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gemma's post-norm residual then the next pre-norm: x' = x + RMSNorm(a)*w_post,
+    h = RMSNorm(x')*w_next. x, a: [num_tokens, hidden] -> (x', h)."""
+    x = x.float() + rms_norm_ref(a, w_post, eps)
+    return x, rms_norm_ref(x, w_next, eps)
+
+
+def qk_norm_rope_ref(
+    t: torch.Tensor,
+    num_heads: int,
+    head_dim: int,
+    weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    eps: float,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Per-head RMSNorm, NEOX RoPE, then a scale. t: [num_tokens, num_heads * head_dim];
+    cos, sin: [max_positions, rope_dim // 2] -> [num_tokens, num_heads, head_dim] fp32."""
+    heads = t.reshape(t.shape[0], num_heads, head_dim)
+    normed = rms_norm_ref(heads, weight, eps)
+    return rope_neox_ref(normed, cos[positions], sin[positions]) * scale
+
+
+def geglu_fused_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [num_tokens, 2 * ffn] (gate | up) -> GELU_tanh(gate) * up: [num_tokens, ffn]."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return geglu_ref(gate, up)
