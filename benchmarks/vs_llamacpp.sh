@@ -13,7 +13,7 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 tar xJf .peer/llamacpp-sm90.tar.xz -C /tmp/peer
 export LD_LIBRARY_PATH=/tmp/peer:${LD_LIBRARY_PATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-git rev-parse --short HEAD 2>/dev/null | tee "$out/commit.txt"
+echo "commit ${LLCUDA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" | tee "$out/commit.txt"
 for preset in 270m 1b; do
   m=/tmp/models/gemma3-$preset-twin.gguf
   [ -f "$m" ] || python3 -m llcuda.gguf.synthetic "$m" --preset "$preset"
@@ -22,3 +22,8 @@ for preset in 270m 1b; do
   echo "== llama.cpp $preset"
   /tmp/peer/llama-bench -m "$m" -ngl 99 -fa 1 -p 512 -n 128 -r 3 -o md 2>&1 | tee -a "$out/llamacpp.txt"
 done
+m=/tmp/models/gemma3-1b-twin.gguf
+echo "== llcuda 1b depth 4096"
+python3 benchmarks/bench_llcuda.py "$m" -p 512 -n 128 -r 2 -d 4096 2>&1 | tee -a "$out/llcuda.txt"
+echo "== llama.cpp 1b depth 4096"
+/tmp/peer/llama-bench -m "$m" -ngl 99 -fa 1 -p 0 -n 128 -d 4096 -r 2 -o md 2>&1 | tee -a "$out/llamacpp.txt"

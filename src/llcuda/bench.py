@@ -30,6 +30,7 @@ class BenchResult:
     pp_tok_s: float
     tg_tok_s: float
     weight_bytes: int
+    vram_bytes: int = 0  # peak GPU memory reserved by torch (weights, KV cache, graphs, scratch)
 
     @property
     def weight_gb_s(self) -> float:
@@ -39,10 +40,11 @@ class BenchResult:
     def markdown(self) -> str:
         return "\n".join([
             f"| model | device | pp{self.n_prompt} tok/s | tg{self.n_gen} tok/s | depth "
-            f"| weight GB/s | load s |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            f"| weight GB/s | load s | VRAM MiB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
             f"| {self.model} | {self.device} | {self.pp_tok_s:,.1f} | {self.tg_tok_s:,.1f} "
-            f"| {self.depth} | {self.weight_gb_s:,.1f} | {self.load_s:.2f} |",
+            f"| {self.depth} | {self.weight_gb_s:,.1f} | {self.load_s:.2f} "
+            f"| {self.vram_bytes / 2**20:,.0f} |",
         ])  # fmt: skip
 
 
@@ -103,6 +105,7 @@ def run_bench(
             model=loaded.model_config.name, device=loaded.device, load_s=load_s,
             n_prompt=n_prompt, n_gen=n_gen, depth=depth, pp_tok_s=statistics.mean(pp),
             tg_tok_s=statistics.mean(tg), weight_bytes=loaded.memory.get("weights", 0),
+            vram_bytes=torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0,
         )  # fmt: skip
     finally:
         loaded.close()
