@@ -1,0 +1,324 @@
+"""Fast CPU quantized matmul in pure torch: `x @ W.T` with W kept in its GGUF blocks.
+
+The weight is decoded a tile of rows at a time into a float32 scratch tile and each tile is
+multiplied at once, so no float copy of a whole matrix ever exists. The decoded values are
+bit-equal to `dequantize_ref` (the specification); only the matmul's summation order differs
+from `x @ dequantize_ref(W).T`.
+
+torch's CPU kernels are fast only on long contiguous runs: an op over [n, 16] slices of 22-byte
+blocks runs n tiny loops, and a per-element variable shift runs scalar code. So each decoder
+writes its tile in whatever column order its bit work produces with flat ops (the "layout"), and
+x's columns are permuted once per call to match:
+
+- a tile is `[planes, rows, cols / planes]`; plane p of row r holds some of row r's columns,
+  e.g. Q5_0's plane 0 holds every block's low-nibble elements, plane 1 the high-nibble ones,
+  and y = sum_p x_p @ tile_p.T (a batched matmul);
+- a layout may hold padding columns (Q8_0 converts each 34-byte block whole, scale bytes
+  included): they get x = 0, so they add nothing;
+- bit fields come from masks, constant shifts and small lookup tables, never per-element shifts;
+  f16 scales are read through int16 views of the blocks.
+
+`dequantize_cpu` returns the standard column order (one extra permuting copy); types without a
+fast decoder are decoded by `dequantize_ref`, tile by tile, in the standard order.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from llcuda.gguf.constants import QUANT_SIZES, GGMLType
+from llcuda.kernels.dequant_ref import dequantize_ref
+from llcuda.layers.quant_tensor import QuantTensor
+
+# Weight elements decoded per tile: big enough that the ~20 torch ops per tile cost little
+# next to their work, small enough that the float32 tile (4 MiB) stays in the L3 cache.
+TILE_ELEMS = 1 << 20
+
+_scratch = threading.local()
+
+
+def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread reusable scratch tensor (fresh multi-MB buffers page-fault on every call)."""
+    bufs: dict[str, torch.Tensor] = _scratch.__dict__.setdefault("bufs", {})
+    numel = math.prod(shape)
+    buf = bufs.get(name)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        buf = bufs[name] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+def _f16_at(h: torch.Tensor, col: int) -> torch.Tensor:
+    """Column `col` of the blocks' int16 view [n, block_bytes / 2] read as f16 -> fp32 [n, 1].
+
+    A one-column strided gather is a single 1-D loop; a [n, 2] byte slice would be n tiny loops.
+    """
+    column = h[:, col].contiguous()  # a strided f16 -> fp32 cast is scalar code; this copy is not
+    return column.view(torch.float16).to(torch.float32).view(-1, 1)
+
+
+def _nibbles(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low and high nibbles of every byte of the tile (flat, so fast; scale bytes included)."""
+    lo = torch.bitwise_and(raw, 0x0F, out=_buffer("lo", raw.shape, torch.uint8))
+    hi = torch.bitwise_right_shift(raw, 4, out=_buffer("hi", raw.shape, torch.uint8))
+    return lo, hi
+
+
+# ------------------------------------------------------------------------------------ decoders
+# Each takes the tile's blocks, uint8 [rows, row_bytes] (contiguous, 4-byte aligned), and writes
+# float32 `tile` [planes, rows, plane_cols] in the order its `_columns` entry describes.
+
+
+def _q8_0(raw: torch.Tensor, tile: torch.Tensor) -> None:
+    n = raw.numel() // 34
+    # one plane, 34 columns a block: the 2 bytes of d (padding) then the 32 int8 quants
+    o = tile.view(n, 34)
+    o.copy_(raw.view(n, 34).view(torch.int8))
+    o.mul_(_f16_at(raw.view(torch.int16).view(n, 17), 0))
+
+
+def _q8_0_columns(nb: int) -> list[int | None]:
+    return [c for b in range(nb) for c in [None, None, *range(32 * b, 32 * b + 32)]]
+
+
+def _bit_table(set_byte: int, clear_byte: int) -> torch.Tensor:
+    """int64 [256]: byte v -> 8 bytes, byte k `set_byte` if bit k of v is set, else `clear_byte`."""
+    bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1  # [256, 8]
+    table = torch.where(bits == 1, set_byte, clear_byte).to(torch.uint8)
+    return table.contiguous().view(torch.int64).view(256)
+
+
+# Q5_0: q - 16 in int8 is the low nibble alone where the 5th bit is set, and nibble | 0xF0
+# (= nibble - 16) where it is clear.
+_Q5_0_BITS = _bit_table(0x00, 0xF0)
+
+
+def _q5_0(raw: torch.Tensor, tile: torch.Tensor) -> None:
+    n = raw.numel() // 22
+    b = raw.view(n, 22)  # f16 d, u32 qh (the 5th bits), 16 bytes of nibbles
+    qs = _buffer("qs", (n, 16), torch.uint8)
+    qs.copy_(b[:, 6:])
+    # plane 0: low nibbles (elements 0-15 of each block), plane 1: high nibbles (16-31)
+    q = _buffer("q", (2, n, 16), torch.uint8)
+    torch.bitwise_and(qs, 0x0F, out=q[0])
+    torch.bitwise_right_shift(qs, 4, out=q[1])
+    # qh byte 2p + j holds the 5th bits of plane p's elements 8j..8j+7: look each byte up
+    idx = _buffer("idx", (2, n, 2), torch.int32)
+    for p in range(2):
+        for j in range(2):
+            idx[p, :, j] = b[:, 2 + 2 * p + j]
+    bits = torch.index_select(
+        _Q5_0_BITS, 0, idx.view(-1), out=_buffer("bits", (4 * n,), torch.int64)
+    )
+    q |= bits.view(torch.uint8).view(2, n, 16)
+    o = tile.view(2, n, 16)
+    o.copy_(q.view(torch.int8))
+    o.mul_(_f16_at(raw.view(torch.int16).view(n, 11), 0).view(1, n, 1))
+
+
+def _q5_0_columns(nb: int) -> list[int | None]:
+    return [32 * b + 16 * p + j for p in range(2) for b in range(nb) for j in range(16)]
+
+
+def _k_scale_min(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 scale bytes as int32 words [n, 3] -> 8 six-bit scales, 8 six-bit mins.
+
+    Works on four bytes at once per int32 op (the masks keep every byte's bits in that byte;
+    sign extension of `>>` only reaches bits the masks drop). Returns uint8 [n, 8] each.
+    """
+    n = w.shape[0]
+    d, m, md = w[:, 0], w[:, 1], w[:, 2]
+    sc = _buffer("sc", (n, 2), torch.int32)
+    mn = _buffer("mn", (n, 2), torch.int32)
+    torch.bitwise_and(d, 0x3F3F3F3F, out=sc[:, 0])
+    torch.bitwise_and(m, 0x3F3F3F3F, out=mn[:, 0])
+    torch.bitwise_or(md & 0x0F0F0F0F, (d >> 2) & 0x30303030, out=sc[:, 1])
+    torch.bitwise_or((md >> 4) & 0x0F0F0F0F, (m >> 2) & 0x30303030, out=mn[:, 1])
+    return sc.view(torch.uint8).view(n, 8), mn.view(torch.uint8).view(n, 8)
+
+
+def _q4_k(raw: torch.Tensor, tile: torch.Tensor) -> None:
+    n = raw.numel() // 144
+    h = raw.view(torch.int16).view(n, 72)  # f16 d, f16 dmin, 12 scale bytes, 128 nibble bytes
+    qs = _buffer("qs", (n, 128), torch.uint8)
+    qs.copy_(raw.view(n, 144)[:, 16:])
+    # plane 0: the low nibbles (sub-blocks 0, 2, 4, 6), plane 1: the high ones (1, 3, 5, 7)
+    q = _buffer("q", (2, n, 128), torch.uint8)
+    torch.bitwise_and(qs, 0x0F, out=q[0])
+    torch.bitwise_right_shift(qs, 4, out=q[1])
+    o = tile.view(2, n, 4, 32)
+    o.copy_(q.view(2, n, 4, 32))
+    sc, mn = _k_scale_min(raw.view(torch.int32).view(n, 36)[:, 1:4])
+    # sub-block 2c + p is plane p, chunk c
+    ds = _f16_at(h, 0) * sc.to(torch.float32)  # [n, 8]
+    dm = _f16_at(h, 1) * mn.to(torch.float32)
+    o.mul_(ds.view(n, 4, 2).permute(2, 0, 1).contiguous().unsqueeze(-1))
+    o.sub_(dm.view(n, 4, 2).permute(2, 0, 1).contiguous().unsqueeze(-1))
+
+
+def _q4_k_columns(nb: int) -> list[int | None]:
+    return [
+        256 * b + 64 * c + 32 * p + j
+        for p in range(2)
+        for b in range(nb)
+        for c in range(4)
+        for j in range(32)
+    ]
+
+
+@functools.lru_cache(maxsize=8)
+def _q6_k_scale_order(n: int) -> torch.Tensor:
+    """int64 [2 * n * 2 * 2 * 2]: index into the blocks' [n, 16] scales of each (plane, block,
+    half, group, element // 16) of the tile: element 128h + 32g + l has scale 8h + 2g + l // 16,
+    with g = gg + 2 * plane."""
+    return torch.arange(n * 16).view(n, 2, 2, 4).permute(2, 0, 1, 3).reshape(-1)
+
+
+def _q6_k(raw: torch.Tensor, tile: torch.Tensor) -> None:
+    n = raw.numel() // 210
+    b = raw.view(n, 210)  # 128 bytes low nibbles, 64 bytes 2-bit highs, 16 int8 scales, f16 d
+    # Element 128h + 32g + l (half h, group g = gg + 2 * nib, l < 32) is nibble `nib` of
+    # ql[64h + 32gg + l]: plane nib, column 64h + 32gg + l, so the planes are flat ops on ql.
+    ql = _buffer("ql", (n, 128), torch.uint8)
+    ql.copy_(b[:, :128])
+    q = _buffer("q", (2, n, 2, 2, 32), torch.uint8)  # [nib, block, h, gg, l]
+    torch.bitwise_and(ql, 0x0F, out=q[0].view(n, 128))
+    torch.bitwise_right_shift(ql, 4, out=q[1].view(n, 128))
+    # group g's 2 high bits are bits 2g, 2g + 1 of qh[32h + l]: moved to bits 4, 5
+    qh = _buffer("qh", (n, 64), torch.uint8)
+    qh.copy_(b[:, 128:192])
+    t = _buffer("t", (n, 64), torch.uint8)
+    for g in range(4):
+        if g < 2:
+            torch.bitwise_left_shift(qh, 4 - 2 * g, out=t)
+        else:
+            torch.bitwise_right_shift(qh, 2 * g - 4, out=t)
+        t &= 0x30
+        q[g // 2, :, :, g % 2] |= t.view(n, 2, 32)
+    q = q.view(torch.int8)
+    q -= 32  # 0..63 -> -32..31, exact in int8
+    o = tile.view(2, n, 8, 16)
+    o.copy_(q.view(2, n, 8, 16))
+    sc = _buffer("sc6", (n, 16), torch.uint8)
+    sc.copy_(b[:, 192:208])
+    dsc = _f16_at(raw.view(torch.int16).view(n, 105), 104) * sc.view(torch.int8).to(torch.float32)
+    dsc = torch.index_select(dsc.view(-1), 0, _q6_k_scale_order(n))
+    o.mul_(dsc.view(2, n, 8, 1))
+
+
+def _q6_k_columns(nb: int) -> list[int | None]:
+    return [
+        256 * b + 128 * h + 32 * (gg + 2 * nib) + j
+        for nib in range(2)
+        for b in range(nb)
+        for h in range(2)
+        for gg in range(2)
+        for j in range(32)
+    ]
+
+
+@dataclass(frozen=True)
+class _Decoder:
+    decode: Callable[[torch.Tensor, torch.Tensor], None]
+    planes: int
+    columns: Callable[[int], list[int | None]]  # blocks per row -> tile column -> weight column
+
+
+_DECODERS: dict[GGMLType, _Decoder] = {
+    GGMLType.Q8_0: _Decoder(_q8_0, 1, _q8_0_columns),
+    GGMLType.Q5_0: _Decoder(_q5_0, 2, _q5_0_columns),
+    GGMLType.Q4_K: _Decoder(_q4_k, 2, _q4_k_columns),
+    GGMLType.Q6_K: _Decoder(_q6_k, 2, _q6_k_columns),
+}
+FAST_TYPES: frozenset[GGMLType] = frozenset(_DECODERS)
+
+
+@functools.lru_cache(maxsize=64)
+def _column_index(qtype: GGMLType, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gather, inverse): int64 [tile_cols], the weight column of each tile column (n_cols for
+    padding: it picks a zero appended to x), and int64 [n_cols], the tile column of each weight
+    column."""
+    cols = _DECODERS[qtype].columns(n_cols // QUANT_SIZES[qtype][0])
+    gather = torch.tensor([n_cols if c is None else c for c in cols], dtype=torch.int64)
+    inverse = torch.empty(n_cols, dtype=torch.int64)
+    real = gather < n_cols
+    inverse[gather[real]] = torch.arange(len(cols))[real]
+    return gather, inverse
+
+
+def _check_blocks(raw: torch.Tensor, qtype: GGMLType) -> tuple[int, int]:
+    if raw.dtype != torch.uint8 or raw.dim() != 2:
+        raise ValueError(
+            f"expected uint8 blocks [rows, row_bytes], got {raw.dtype} {tuple(raw.shape)}"
+        )
+    block_elems, block_bytes = QUANT_SIZES[qtype]
+    if raw.shape[1] % block_bytes:
+        raise ValueError(
+            f"{qtype.name}: row of {raw.shape[1]} bytes is not a multiple of the block size "
+            f"({block_bytes} bytes)"
+        )
+    return raw.shape[0], raw.shape[1] // block_bytes * block_elems
+
+
+def _aligned(raw: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 4-byte aligned: the decoders read scales through int16 / int32 views."""
+    raw = raw.contiguous()
+    return raw.clone() if raw.storage_offset() % 4 else raw
+
+
+def dequantize_cpu(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
+    """uint8 `[rows, row_bytes]` -> float32 `[rows, n_cols]`, bit-equal to `dequantize_ref`."""
+    qtype = GGMLType(qtype)
+    rows, n_cols = _check_blocks(raw, qtype)
+    dec = _DECODERS.get(qtype)
+    if dec is None or raw.device.type != "cpu":
+        return dequantize_ref(raw, qtype)
+    gather, inverse = _column_index(qtype, n_cols)
+    tile = torch.empty(dec.planes, rows, len(gather) // dec.planes, dtype=torch.float32)
+    dec.decode(_aligned(raw), tile)
+    return tile.permute(1, 0, 2).reshape(rows, -1).index_select(1, inverse)
+
+
+def quant_matmul_cpu(
+    x: torch.Tensor, weight: QuantTensor, tile_elems: int = TILE_ELEMS
+) -> torch.Tensor:
+    """x @ dequantize(weight).T, decoding about `tile_elems` weight elements at a time.
+
+    x: [num_tokens, in_features] -> [num_tokens, out_features] float32.
+    """
+    n_rows, n_cols = weight.shape
+    if x.dim() != 2 or x.shape[1] != n_cols:
+        raise ValueError(
+            f"x must be [num_tokens, {n_cols}] for weight {weight.shape}, got {tuple(x.shape)}"
+        )
+    x32 = x.float()
+    num_tokens = x32.shape[0]
+    out = torch.empty(num_tokens, n_rows, dtype=torch.float32)
+    rows_per_tile = max(1, min(n_rows, tile_elems // n_cols))
+    dec = _DECODERS.get(weight.qtype)
+    if dec is None:  # reference decoder, standard column order
+        for start in range(0, n_rows, rows_per_tile):
+            stop = min(start + rows_per_tile, n_rows)
+            w = dequantize_ref(weight.data[start:stop], weight.qtype)  # [rows, n_cols]
+            torch.mm(x32, w.T, out=out[:, start:stop])
+        return out
+    gather, _ = _column_index(weight.qtype, n_cols)
+    planes, plane_cols = dec.planes, len(gather) // dec.planes
+    # x in the tile's column order, zeros at padding: [planes, num_tokens, plane_cols]
+    xp = torch.cat([x32, x32.new_zeros(num_tokens, 1)], dim=1)[:, gather]
+    xp = xp.view(num_tokens, planes, plane_cols).transpose(0, 1).contiguous()
+    for start in range(0, n_rows, rows_per_tile):
+        stop = min(start + rows_per_tile, n_rows)
+        tile = _buffer("tile", (planes, stop - start, plane_cols), torch.float32)
+        dec.decode(_aligned(weight.data[start:stop]), tile)
+        # one matmul per plane (torch.bmm is several times slower than MKL for a few tokens)
+        y = out[:, start:stop]
+        torch.mm(xp[0], tile[0].T, out=y) if num_tokens == 1 else y.copy_(xp[0] @ tile[0].T)
+        for p in range(1, planes):
+            y.addmm_(xp[p], tile[p].T)
+    return out
