@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"llcuda {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_generate, _add_info, _add_bench):
+    for add in (_add_generate, _add_info, _add_bench, _add_serve):
         add(subparsers)
     return parser
 
@@ -256,6 +256,61 @@ def _bench(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(result.markdown())
     return 0
+
+
+# --- serve ----------------------------------------------------------------------------------
+
+
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (and llama-server's /completion, /tokenize)",
+        description="Serve MODEL over HTTP: /v1/completions, /v1/chat/completions, /v1/models, "
+        "/completion, /tokenize, /detokenize, /health, /metrics. SIGTERM aborts what is in "
+        "flight and exits 0.",
+    )
+    p.add_argument("model", metavar="FILE_OR_NAME", nargs="?", default=EMBEDDED_MODEL,
+                   help=f"a .gguf path or a known name (default: {EMBEDDED_MODEL})")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("-np", "--n-parallel", type=int, default=4, help="sequences decoded together")
+    p.add_argument("-c", "--ctx-size", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per step")
+    p.add_argument("-ub", "--ubatch-size", type=int, default=128, help="prefill chunk per sequence")
+    p.add_argument("-ngl", "--gpu-layers", type=int, default=99)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when available")  # fmt: skip
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template (text, or @FILE to read it from a file)")
+    p.add_argument("--api-key", default=os.environ.get("LLCUDA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $LLCUDA_API_KEY)")
+    p.add_argument("--alias", default=None, help="model id reported by /v1/models")
+    p.add_argument("-q", "--quiet", action="store_true", help="no load progress")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from llcuda.server.app import serve
+    except ImportError as exc:
+        raise RuntimeError(
+            f"llcuda serve needs the server extra ({exc.name} is missing): "
+            f"pip install 'llcuda[server]'"
+        ) from None
+    from llcuda.api import InferenceEngine
+
+    template = args.chat_template
+    if template is not None and template.startswith("@"):
+        with open(template[1:], encoding="utf-8") as f:
+            template = f.read()
+    extra = {"device": args.device} if args.device else {}
+    with InferenceEngine() as engine:
+        engine.load_model(
+            args.model, gpu_layers=args.gpu_layers, ctx_size=args.ctx_size,
+            batch_size=args.batch_size, ubatch_size=args.ubatch_size, n_parallel=args.n_parallel,
+            chat_template=template, verbose=not args.quiet, **extra,
+        )  # fmt: skip
+        return serve(engine, args.host, args.port, api_key=args.api_key, model_name=args.alias)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,419 @@
+"""`llcuda serve`: an OpenAI-compatible (and llama-server-compatible) HTTP API over one engine.
+
+    engine = InferenceEngine(); engine.load_model("model.gguf", n_parallel=8)
+    make_server(engine, "127.0.0.1", 8080).run()
+
+Every request becomes one `TextStream` of the shared `InferenceEngine`, so HTTP clients, like
+`batch_infer` callers, share each forward pass of its continuous-batching loop. A stream's
+`next()` blocks on the engine thread's per-request queue, so each request gets a worker thread (a
+`_Pump`) that carries its text pieces onto the event loop; the event loop itself never blocks.
+
+Lifecycle: a client that disconnects mid-stream has its request aborted (its KV blocks are freed
+at the engine's next step). SIGTERM aborts what is in flight, so streams end at once with
+finish_reason "abort" and `data: [DONE]`, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llcuda.api import InferenceEngine
+from llcuda.server import schemas
+from llcuda.server.metrics import ServerMetrics, engine_gauges
+from llcuda.server.schemas import APIError, GenerateRequest, bad
+from llcuda.streams import TextStream
+
+_END = object()
+OPEN_PATHS = frozenset({"/health", "/v1/health"})  # reachable without the API key (llama-server)
+
+
+class _Pump:
+    """Runs one TextStream to its end on a worker thread; its pieces come out of `pieces()`."""
+
+    def __init__(self, stream: TextStream, loop: asyncio.AbstractEventLoop,
+                 executor: ThreadPoolExecutor) -> None:  # fmt: skip
+        self.stream = stream
+        # kept to abort from the event loop while the worker thread waits inside next(stream):
+        # TextStream.close() is for the thread that iterates it
+        self._handle = stream._handle
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.done = loop.run_in_executor(executor, self._run)
+
+    def _run(self) -> None:
+        try:
+            for piece in self.stream:
+                self._put(piece)
+        except Exception as exc:  # an engine step failed: the stream's result records it
+            self._put(exc)
+        finally:
+            self._put(_END)
+
+    def _put(self, item: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the event loop is closed: nobody is listening any more
+
+    async def pieces(self) -> AsyncIterator[str]:
+        while True:
+            item = await self._queue.get()
+            if item is _END:
+                await self.done  # stream.result is set once the worker returns
+                return
+            if isinstance(item, Exception):
+                raise APIError(500, f"generation failed: {item}", "server_error")
+            yield item
+
+    def abort(self) -> None:
+        """Cancel the request (a no-op once it finished); its stream ends with 'abort'."""
+        if self._handle is not None:
+            self._handle.abort()
+
+
+class ServerState:
+    """What the routes share: the engine, metrics, requests in flight, the shutdown flag."""
+
+    def __init__(self, engine: InferenceEngine, api_key: str | None, model_name: str | None):
+        info = engine.model_info
+        self.engine = engine
+        # the engine's internals, for /metrics gauges and EOS-vs-stop-word only; never stepped here
+        self.llm_engine = engine._loaded.llm_engine
+        self.ctx_size: int = info["ctx_size"]
+        self.vocab_size: int = info["vocab_size"]
+        self.model_name = model_name or os.path.basename(info["path"] or "model")
+        self.api_key = api_key
+        self.metrics = ServerMetrics()
+        self.executor = ThreadPoolExecutor(
+            max_workers=min(1024, 4 * info["n_parallel"] + 16), thread_name_prefix="llcuda-pump"
+        )
+        self.active: set[_Pump] = set()
+        self.stopping = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, stream: TextStream, endpoint: str) -> _Pump:
+        assert self.loop is not None
+        pump = _Pump(stream, self.loop, self.executor)
+        self.active.add(pump)
+
+        def finished(_: object) -> None:
+            self.active.discard(pump)
+            r = stream.result
+            if r is not None:
+                self.metrics.observe_request(
+                    endpoint, r.finish_reason, r.prompt_tokens, r.tokens_generated,
+                    r.ttft_ms / 1000.0 if r.tokens_generated else None, r.latency_ms / 1000.0,
+                )  # fmt: skip
+
+        pump.done.add_done_callback(finished)
+        return pump
+
+    def begin_shutdown(self) -> None:
+        """Refuse new work and abort what runs (thread-safe: called from a signal handler)."""
+        self.stopping = True
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._abort_all)
+
+    def _abort_all(self) -> None:
+        for pump in list(self.active):
+            pump.abort()
+
+
+def create_app(engine: InferenceEngine, api_key: str | None = None,
+               model_name: str | None = None) -> FastAPI:  # fmt: skip
+    """The ASGI app over a loaded `engine` (which stays the caller's to unload)."""
+    state = ServerState(engine, api_key, model_name)
+
+    async def lifespan(app: FastAPI):
+        state.loop = asyncio.get_running_loop()
+        yield
+        state.begin_shutdown()
+        state.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="llcuda", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.llcuda = state
+    if api_key:
+        app.add_middleware(_APIKeyMiddleware, api_key=api_key, metrics=state.metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        # label by route, not raw path: random 404 paths must not grow the series without end
+        route = request.scope.get("route")
+        state.metrics.observe_error(getattr(route, "path", "unmatched"), exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return await api_error(request, APIError(exc.status_code, message, kind))
+
+    async def body_of(request: Request) -> dict:
+        if state.stopping:
+            raise APIError(503, "the server is shutting down", "unavailable_error")
+        return schemas.parse_json_body(await request.body())
+
+    def submit(req: GenerateRequest, endpoint: str) -> _Pump:
+        try:
+            if req.messages is not None:
+                stream = engine.chat_stream(req.messages, **req.sampling)
+            else:
+                stream = engine.infer_stream(req.prompt, **req.sampling)
+        except ValueError as exc:  # prompt over ctx_size, bad messages, bad sampling values
+            raise bad(str(exc)) from None
+        return state.start(stream, endpoint)
+
+    # --- OpenAI ---------------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = schemas.parse_completion(await body_of(request), state.ctx_size)
+        pump = submit(req, "completions")
+        prefix = req.prompt if req.echo else ""
+        fmt = _OpenAIFormat("text_completion", state.model_name)
+        if req.stream:
+            return _sse(pump, fmt.stream_completion(pump, prefix, req.include_usage))
+        text = prefix + "".join([p async for p in pump.pieces()])
+        return fmt.completion(pump.stream, text)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = schemas.parse_chat(await body_of(request), state.ctx_size)
+        pump = submit(req, "chat")
+        fmt = _OpenAIFormat("chat.completion", state.model_name)
+        if req.stream:
+            return _sse(pump, fmt.stream_chat(pump, req.include_usage))
+        text = "".join([p async for p in pump.pieces()])
+        return fmt.chat(pump.stream, text)
+
+    @app.get("/v1/models")
+    @app.get("/models")
+    async def models() -> dict:
+        info = engine.model_info
+        keys = ("architecture", "parameters", "file_size", "vocab_size", "context_length",
+                "ctx_size", "n_parallel", "device")  # fmt: skip
+        meta = {k: info[k] for k in keys}
+        card = {"id": state.model_name, "object": "model", "created": int(time.time()),
+                "owned_by": "llcuda", "meta": meta}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    # --- operations -----------------------------------------------------------------------------
+
+    @app.get("/health")
+    @app.get("/v1/health")
+    async def health() -> JSONResponse:
+        if state.stopping or not engine.is_loaded:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        gauges = engine_gauges(state.llm_engine, lambda: len(state.active))
+        text = state.metrics.render(gauges)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    # --- llama-server -----------------------------------------------------------------------------
+
+    @app.post("/completion")
+    async def llama_completion(request: Request):
+        req = schemas.parse_llama_completion(await body_of(request), state.ctx_size)
+        pump = submit(req, "completion")
+        final = _LlamaFormat(state, req)
+        if req.stream:
+            return _sse(pump, final.stream(pump), done_marker=False)
+        text = "".join([p async for p in pump.pieces()])
+        return {"content": text, "index": 0, **final.summary(pump.stream)}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        content, add_special, parse_special = schemas.parse_tokenize(await body_of(request))
+        return {"tokens": engine.tokenize(content, add_special, parse_special)}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        tokens = schemas.parse_detokenize(await body_of(request), state.vocab_size)
+        return {"content": engine.detokenize(tokens)}
+
+    return app
+
+
+# --- response bodies ------------------------------------------------------------------------------
+
+
+def _sse(pump: _Pump, events: AsyncIterator[dict], done_marker: bool = True) -> StreamingResponse:
+    """Server-sent events; a client that goes away aborts the request (the finally below)."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            try:
+                async for event in events:
+                    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            except APIError as exc:  # headers are sent: report the failure in the stream
+                yield f"data: {json.dumps(exc.body())}\n\n"
+            if done_marker:
+                yield "data: [DONE]\n\n"
+        finally:
+            pump.abort()  # disconnect (cancellation) or normal end: a no-op once finished
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+def _usage(stream: TextStream) -> dict:
+    r = stream.result
+    assert r is not None
+    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.tokens_generated,
+            "total_tokens": r.prompt_tokens + r.tokens_generated}  # fmt: skip
+
+
+class _OpenAIFormat:
+    """text_completion / chat.completion bodies and their stream chunks (one id per request)."""
+
+    def __init__(self, kind: str, model: str) -> None:
+        prefix = "cmpl" if kind == "text_completion" else "chatcmpl"
+        self.kind = kind
+        self.header = {"id": f"{prefix}-{os.urandom(12).hex()}", "created": int(time.time()),
+                       "model": model}  # fmt: skip
+
+    def completion(self, stream: TextStream, text: str) -> dict:
+        choice = {"text": text, "index": 0, "logprobs": None,
+                  "finish_reason": stream.result.finish_reason}  # fmt: skip
+        return {**self.header, "object": "text_completion", "choices": [choice],
+                "usage": _usage(stream)}  # fmt: skip
+
+    def chat(self, stream: TextStream, text: str) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": None, "finish_reason": stream.result.finish_reason}  # fmt: skip
+        return {**self.header, "object": "chat.completion", "choices": [choice],
+                "usage": _usage(stream)}  # fmt: skip
+
+    def _chunk(self, obj: str, choice: dict, finish_reason: str | None) -> dict:
+        choice = {"index": 0, **choice, "logprobs": None, "finish_reason": finish_reason}
+        return {**self.header, "object": obj, "choices": [choice]}
+
+    async def stream_completion(self, pump: _Pump, prefix: str, include_usage: bool):
+        obj = "text_completion"
+        if prefix:
+            yield self._chunk(obj, {"text": prefix}, None)
+        async for piece in pump.pieces():
+            yield self._chunk(obj, {"text": piece}, None)
+        yield self._chunk(obj, {"text": ""}, pump.stream.result.finish_reason)
+        if include_usage:
+            yield {**self.header, "object": obj, "choices": [], "usage": _usage(pump.stream)}
+
+    async def stream_chat(self, pump: _Pump, include_usage: bool):
+        obj = "chat.completion.chunk"
+        yield self._chunk(obj, {"delta": {"role": "assistant", "content": ""}}, None)
+        async for piece in pump.pieces():
+            yield self._chunk(obj, {"delta": {"content": piece}}, None)
+        yield self._chunk(obj, {"delta": {}}, pump.stream.result.finish_reason)
+        if include_usage:
+            yield {**self.header, "object": obj, "choices": [], "usage": _usage(pump.stream)}
+
+
+class _LlamaFormat:
+    """llama-server's /completion fields: stop_type, token counts, timings."""
+
+    def __init__(self, state: ServerState, req: GenerateRequest) -> None:
+        self.model = state.model_name
+        self.eog_ids = state.llm_engine.eog_ids
+        self.stops = req.sampling["stop"]
+
+    def summary(self, stream: TextStream) -> dict:
+        r = stream.result
+        assert r is not None
+        if r.finish_reason == "length":
+            stop_type = "limit"
+        elif r.finish_reason == "stop":
+            stop_type = "eos" if r.token_ids and r.token_ids[-1] in self.eog_ids else "word"
+        else:
+            stop_type = "none"
+        predicted_ms = max(r.latency_ms - r.ttft_ms, 0.0)
+        return {
+            "stop": True, "model": self.model, "stop_type": stop_type,
+            "tokens_predicted": r.tokens_generated, "tokens_evaluated": r.prompt_tokens,
+            "timings": {
+                "prompt_n": r.prompt_tokens, "prompt_ms": r.ttft_ms,
+                "predicted_n": r.tokens_generated, "predicted_ms": predicted_ms,
+                "predicted_per_second": r.tokens_per_sec,
+            },
+        }  # fmt: skip
+
+    async def stream(self, pump: _Pump):
+        async for piece in pump.pieces():
+            yield {"content": piece, "stop": False, "index": 0}
+        yield {"content": "", "index": 0, **self.summary(pump.stream)}
+
+
+class _APIKeyMiddleware:
+    """401 unless `Authorization: Bearer <key>` (pure ASGI: streaming and disconnects untouched)."""
+
+    def __init__(self, app: Any, api_key: str, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                what = "missing" if not given else "invalid"
+                self.metrics.observe_error(scope["path"], 401)
+                error = APIError(401, f"{what} API key: send 'Authorization: Bearer <key>'",
+                                 "authentication_error")  # fmt: skip
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# --- running it -----------------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server whose exit signal first aborts the requests in flight."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+
+def make_server(engine: InferenceEngine, host: str = "127.0.0.1", port: int = 8080,
+                api_key: str | None = None, model_name: str | None = None,
+                log_level: str = "info") -> uvicorn.Server:  # fmt: skip
+    """A uvicorn server over `engine`: `.run()` blocks until SIGINT/SIGTERM or `.should_exit`."""
+    app = create_app(engine, api_key=api_key, model_name=model_name)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, lifespan="on",
+        timeout_graceful_shutdown=10,  # a backstop: aborted streams end within a step
+    )  # fmt: skip
+    return _Server(config, on_exit=app.state.llcuda.begin_shutdown)
+
+
+def serve(engine: InferenceEngine, host: str = "127.0.0.1", port: int = 8080,
+          api_key: str | None = None, model_name: str | None = None) -> int:  # fmt: skip
+    """Run until SIGTERM/SIGINT; 0 after a clean shutdown."""
+    server = make_server(engine, host, port, api_key, model_name)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises the caught signal under the previous handler once it has shut down;
+        # SIGTERM's default handler would kill us (exit -15) after a clean shutdown
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run()
+    return 0

@@ -1,0 +1,271 @@
+"""Request bodies of the HTTP server: parse, check, and turn into engine arguments.
+
+Checks are written out by hand rather than left to pydantic so that every bad body gets the same
+OpenAI-shaped error, `{"error": {"message", "type", "code", "param"}}`, with a message that names
+the field and what was wrong with it. Unknown fields are ignored (clients send many we do not use).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+_MISSING = object()
+_SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below this
+
+
+class APIError(Exception):
+    """An error the client caused (4xx) or one we report as such; rendered by `body()`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "code": self.status,
+                "param": self.param,
+            }
+        }
+
+
+def bad(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def parse_json_body(raw: bytes) -> dict:
+    """The request body as a JSON object, or a 400 naming what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad(
+            f"request body is not valid UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}"
+        ) from None
+    if not text.strip():
+        raise bad("request body is empty: send a JSON object")
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise bad(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+# --- typed field getters ------------------------------------------------------------------------
+
+
+def get_int(body: dict, name: str, default: Any, low: int | None = None, high: int | None = None):
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    # JSON has one number type: 16.0 is an acceptable 16, 16.5 is not
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad(f"'{name}' must be an integer, got {json.dumps(value)}", name)
+    if low is not None and value < low:
+        raise bad(f"'{name}' must be >= {low}, got {value}", name)
+    if high is not None and value > high:
+        raise bad(f"'{name}' must be <= {high}, got {value}", name)
+    return value
+
+
+def get_float(body: dict, name: str, default: Any, low: float | None = None,
+              high: float | None = None):  # fmt: skip
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise bad(f"'{name}' must be a number, got {json.dumps(value)}", name)
+    if low is not None and value < low:
+        raise bad(f"'{name}' must be >= {low}, got {value}", name)
+    if high is not None and value > high:
+        raise bad(f"'{name}' must be <= {high}, got {value}", name)
+    return float(value)
+
+
+def get_bool(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(f"'{name}' must be true or false, got {json.dumps(value)}", name)
+    return value
+
+
+def get_str(body: dict, name: str) -> str:
+    """A required string field."""
+    if name not in body:
+        raise bad(f"'{name}' is required", name)
+    value = body[name]
+    if not isinstance(value, str):
+        raise bad(f"'{name}' must be a string, got {json.dumps(value)}", name)
+    return value
+
+
+def get_stop(body: dict) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise bad(f"'stop' must be a string or a list of strings, got {json.dumps(value)}", "stop")
+    return [s for s in value if s]  # OpenAI ignores empty stop strings
+
+
+def get_seed(body: dict) -> int | None:
+    """-1 (llama.cpp) or absent: a random seed."""
+    seed = get_int(body, "seed", None, low=-1, high=_SEED_LIMIT - 1)
+    return None if seed == -1 else seed
+
+
+def get_prompt(body: dict) -> str:
+    """`prompt` as one string; OpenAI's one-element list of strings is accepted too."""
+    if "prompt" not in body:
+        raise bad("'prompt' is required", "prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad(
+            f"'prompt' must be a string (batches and token-id prompts are not supported), "
+            f"got {json.dumps(prompt)[:80]}",
+            "prompt",
+        )
+    return prompt
+
+
+# --- request kinds --------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateRequest:
+    """One parsed generation request: what to run and how to answer."""
+
+    sampling: dict  # keyword arguments of InferenceEngine.infer_stream / chat_stream
+    stream: bool
+    prompt: str | None = None  # completions
+    messages: list | None = None  # chat
+    echo: bool = False
+    include_usage: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _sampling(body: dict, ctx_size: int, max_name: str, defaults: dict) -> dict:
+    """Sampling knobs shared by every endpoint. max_tokens is bounded by ctx_size."""
+    max_tokens = defaults["max_tokens"]
+    for name in (max_name, *defaults.get("max_aliases", ())):
+        if body.get(name) is not None:
+            low = -1 if max_name == "n_predict" else 0
+            max_tokens = get_int(body, name, None, low=low, high=ctx_size)
+            break
+    if max_tokens is None or max_tokens < 0:  # -1 (llama.cpp) or absent: until ctx or EOS
+        max_tokens = ctx_size
+    for name in ("presence_penalty", "frequency_penalty"):
+        if get_float(body, name, 0.0) != 0.0:
+            raise bad(f"'{name}' is not supported (only 0)", name)
+    if get_int(body, "n", 1) != 1:
+        raise bad("'n' must be 1: one choice per request", "n")
+    return {
+        "max_tokens": max_tokens,
+        "temperature": get_float(body, "temperature", defaults["temperature"], low=0.0),
+        "top_k": get_int(body, "top_k", 40),
+        "top_p": get_float(body, "top_p", defaults["top_p"], low=0.0, high=1.0),
+        "min_p": get_float(body, "min_p", 0.05, low=0.0, high=1.0),
+        "repeat_penalty": get_float(body, "repeat_penalty", 1.0, low=0.0),
+        "seed": get_seed(body),
+        "stop": get_stop(body),
+        "ignore_eos": get_bool(body, "ignore_eos", False),
+    }
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise bad("'stream_options' must be an object", "stream_options")
+    if not stream:
+        raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
+    return get_bool(options, "include_usage", False)
+
+
+_OPENAI_DEFAULTS = {"max_tokens": None, "temperature": 1.0, "top_p": 1.0}
+
+
+def parse_completion(body: dict, ctx_size: int) -> GenerateRequest:
+    """POST /v1/completions."""
+    prompt = get_prompt(body)
+    if body.get("logprobs") not in (None, 0):
+        raise bad("'logprobs' is not supported", "logprobs")
+    stream = get_bool(body, "stream", False)
+    return GenerateRequest(
+        sampling=_sampling(body, ctx_size, "max_tokens", _OPENAI_DEFAULTS),
+        stream=stream,
+        prompt=prompt,
+        echo=get_bool(body, "echo", False),
+        include_usage=_stream_options(body, stream),
+    )
+
+
+def parse_chat(body: dict, ctx_size: int) -> GenerateRequest:
+    """POST /v1/chat/completions. Message contents are checked by the engine (ValueError)."""
+    if "messages" not in body:
+        raise bad("'messages' is required", "messages")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
+    if body.get("logprobs") not in (None, False):
+        raise bad("'logprobs' is not supported", "logprobs")
+    stream = get_bool(body, "stream", False)
+    defaults = {**_OPENAI_DEFAULTS, "max_aliases": ("max_completion_tokens",)}
+    return GenerateRequest(
+        sampling=_sampling(body, ctx_size, "max_tokens", defaults),
+        stream=stream,
+        messages=messages,
+        include_usage=_stream_options(body, stream),
+    )
+
+
+def parse_llama_completion(body: dict, ctx_size: int) -> GenerateRequest:
+    """POST /completion (llama-server): n_predict -1 = until ctx or EOS; its defaults."""
+    defaults = {"max_tokens": None, "temperature": 0.8, "top_p": 0.95}
+    return GenerateRequest(
+        sampling=_sampling(body, ctx_size, "n_predict", defaults),
+        stream=get_bool(body, "stream", False),
+        prompt=get_prompt(body),
+    )
+
+
+def parse_tokenize(body: dict) -> tuple[str, bool, bool]:
+    """POST /tokenize: (content, add_special, parse_special), llama-server's defaults."""
+    content = get_str(body, "content")
+    return content, get_bool(body, "add_special", False), get_bool(body, "parse_special", True)
+
+
+def parse_detokenize(body: dict, vocab_size: int) -> list[int]:
+    """POST /detokenize: the token ids, each in [0, vocab_size)."""
+    tokens = body.get("tokens", _MISSING)
+    if tokens is _MISSING:
+        raise bad("'tokens' is required", "tokens")
+    if not isinstance(tokens, list):
+        raise bad(f"'tokens' must be a list of token ids, got {json.dumps(tokens)[:80]}", "tokens")
+    for i, t in enumerate(tokens):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise bad(f"'tokens[{i}]' must be a token id in [0, {vocab_size}), got {t!r}", "tokens")
+    return tokens
