@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make .venv/ hold llcuda (editable) and its test tools. Safe to run again: it does only
+# Make .venv/ hold llcuda (editable), its test tools and the server extra. Safe to run again: it does only
 # what is missing. torch is installed first and pinned: on these machines `torch==2.13.0`
 # is a CPU build found on local disk, while a bare `torch` requirement would pull a
 # multi-GB CUDA build from PyPI.
@@ -31,7 +31,7 @@ stamp="$venv/.llcuda-pyproject.sha256"
 want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] \
     || ! "$venv/bin/python" -c "import llcuda" >/dev/null 2>&1; then
-    echo "setup: installing llcuda[test] (editable) into $venv" >&2
-    pip_install -e "$root[test]"
+    echo "setup: installing llcuda[test,server] (editable) into $venv" >&2
+    pip_install -e "$root[test,server]"
     echo "$want" >"$stamp"
 fi
