@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Make .venv/ hold llcuda (editable), its test tools and the server extra. Safe to run again: it does only
-# what is missing. torch is installed first and pinned: on these machines `torch==2.13.0`
+# Make .venv/ hold llcuda (editable), its test tools and the server extra. Safe to run again:
+# it does only what is missing. torch is installed first and pinned: on these machines `torch==2.13.0`
 # is a CPU build found on local disk, while a bare `torch` requirement would pull a
 # multi-GB CUDA build from PyPI.
 set -euo pipefail

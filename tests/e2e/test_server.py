@@ -393,3 +393,36 @@ def _healthy(url: str) -> bool:
         return httpx.get(url + "/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_client_gone_before_a_whole_answer_aborts_it(server):
+    req = {"prompt": "The apple", "max_tokens": CTX_SIZE - 16, "temperature": 0,
+           "ignore_eos": True}  # fmt: skip
+    with server.client(timeout=0.5) as c, pytest.raises(httpx.ReadTimeout):
+        c.post("/v1/chat/completions", json={**req, "messages": [{"role": "user",
+                                                                  "content": "x"}]})  # fmt: skip
+    assert wait_until(lambda: engine_idle(server), timeout=3.0)
+
+
+def test_many_requests_at_4x_n_parallel_none_lost(server):
+    n_requests, n_clients = 400, 4 * N_PARALLEL
+    done: list[int] = []
+    errors: list[str] = []
+
+    def client(k: int) -> None:
+        with server.client() as c:
+            for i in range(k, n_requests, n_clients):
+                r = c.post("/v1/completions", json={"prompt": f"n {i}", "max_tokens": 2,
+                                                    "ignore_eos": True})  # fmt: skip
+                if r.status_code != 200 or r.json()["usage"]["completion_tokens"] != 2:
+                    errors.append(r.text)
+                done.append(i)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert sorted(done) == list(range(n_requests))
+    assert wait_until(lambda: engine_idle(server))

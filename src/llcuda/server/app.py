@@ -187,7 +187,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         fmt = _OpenAIFormat("text_completion", state.model_name)
         if req.stream:
             return _sse(pump, fmt.stream_completion(pump, prefix, req.include_usage))
-        text = prefix + "".join([p async for p in pump.pieces()])
+        text = prefix + await _collect(pump, request)
         return fmt.completion(pump.stream, text)
 
     @app.post("/v1/chat/completions")
@@ -197,7 +197,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         fmt = _OpenAIFormat("chat.completion", state.model_name)
         if req.stream:
             return _sse(pump, fmt.stream_chat(pump, req.include_usage))
-        text = "".join([p async for p in pump.pieces()])
+        text = await _collect(pump, request)
         return fmt.chat(pump.stream, text)
 
     @app.get("/v1/models")
@@ -235,7 +235,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         final = _LlamaFormat(state, req)
         if req.stream:
             return _sse(pump, final.stream(pump), done_marker=False)
-        text = "".join([p async for p in pump.pieces()])
+        text = await _collect(pump, request)
         return {"content": text, "index": 0, **final.summary(pump.stream)}
 
     @app.post("/tokenize")
@@ -252,6 +252,23 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
 
 
 # --- response bodies ------------------------------------------------------------------------------
+
+
+async def _collect(pump: _Pump, request: Request) -> str:
+    """The whole text of a non-streamed request; a client that goes away meanwhile aborts it."""
+
+    async def watch() -> None:
+        # the body is read, so the next ASGI message is http.disconnect: the client left (or,
+        # after we answer, the response went out; the watcher is cancelled before that)
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        pump.abort()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return "".join([piece async for piece in pump.pieces()])
+    finally:
+        watcher.cancel()
 
 
 def _sse(pump: _Pump, events: AsyncIterator[dict], done_marker: bool = True) -> StreamingResponse:
