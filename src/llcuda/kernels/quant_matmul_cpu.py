@@ -33,15 +33,12 @@ from dataclasses import dataclass
 import torch
 
 from llcuda.gguf.constants import QUANT_SIZES, GGMLType
-from llcuda.kernels.cpu_workers import run_split, workers
 from llcuda.kernels.dequant_ref import dequantize_ref
 from llcuda.layers.quant_tensor import QuantTensor
 
 # Weight elements decoded per tile: big enough that the ~20 torch ops per tile cost little
 # next to their work, small enough that the float32 tile (4 MiB) stays in the L3 cache.
 TILE_ELEMS = 1 << 20
-# Weights smaller than workers * this run as one tile on the calling thread.
-MIN_SHARED_TILE_ELEMS = 1 << 17
 
 _scratch = threading.local()
 
@@ -305,24 +302,23 @@ def quant_matmul_cpu(
     x32 = x.float()
     num_tokens = x32.shape[0]
     out = torch.empty(num_tokens, n_rows, dtype=torch.float32)
-    starts, rows_per_tile = _tiles(n_rows, n_cols, tile_elems)
+    # equal tiles of about tile_elems elements
+    n_tiles = min(n_rows, max(1, -(-n_rows * n_cols // max(1, tile_elems))))
+    rows_per_tile = -(-n_rows // n_tiles)
+    starts = range(0, n_rows, rows_per_tile)
     dec = _DECODERS.get(weight.qtype)
     if dec is None:  # reference decoder, standard column order
-
-        def ref_tile(start: int) -> None:
+        for start in starts:
             stop = min(start + rows_per_tile, n_rows)
             w = dequantize_ref(weight.data[start:stop], weight.qtype)  # [rows, n_cols]
             torch.mm(x32, w.T, out=out[:, start:stop])
-
-        run_split(ref_tile, starts)
         return out
     gather, _ = _column_index(weight.qtype, n_cols)
     planes, plane_cols = dec.planes, len(gather) // dec.planes
     # x in the tile's column order, zeros at padding: [planes, num_tokens, plane_cols]
     xp = torch.cat([x32, x32.new_zeros(num_tokens, 1)], dim=1)[:, gather]
     xp = xp.view(num_tokens, planes, plane_cols).transpose(0, 1).contiguous()
-
-    def fast_tile(start: int) -> None:
+    for start in starts:
         stop = min(start + rows_per_tile, n_rows)
         tile = _buffer("tile", (planes, stop - start, plane_cols), torch.float32)
         dec.decode(_aligned(weight.data[start:stop]), tile)
@@ -331,18 +327,4 @@ def quant_matmul_cpu(
         torch.mm(xp[0], tile[0].T, out=y) if num_tokens == 1 else y.copy_(xp[0] @ tile[0].T)
         for p in range(1, planes):
             y.addmm_(xp[p], tile[p].T)
-
-    run_split(fast_tile, starts)
     return out
-
-
-def _tiles(n_rows: int, n_cols: int, tile_elems: int) -> tuple[list[int], int]:
-    """First rows of the tiles and rows per tile: about `tile_elems` elements a tile, and a
-    multiple of the worker count when the weight is big enough to share out."""
-    total = n_rows * n_cols
-    n_tiles = max(1, -(-total // max(1, tile_elems)))
-    n_workers = workers()[1]
-    if n_workers > 1 and total >= n_workers * MIN_SHARED_TILE_ELEMS:
-        n_tiles = -(-n_tiles // n_workers) * n_workers
-    rows_per_tile = -(-n_rows // min(n_tiles, n_rows))
-    return list(range(0, n_rows, rows_per_tile)), rows_per_tile
