@@ -9,6 +9,7 @@ import torch
 
 from llcuda.config import EngineConfig, ModelConfig
 from llcuda.engine.llm_engine import LLMEngine
+from llcuda.engine.memory_plan import MemoryPlan, check_fits, plan_gpu_memory
 from llcuda.gguf.chat_template import ChatTemplate, chat_template_from_metadata
 from llcuda.gguf.model_config import model_config_from_gguf
 from llcuda.gguf.reader import GGUFFile
@@ -67,6 +68,7 @@ def load(
         tokenizer = Tokenizer.from_metadata(gguf.metadata)
         template = chat_template_from_metadata(gguf.metadata, override=chat_template)
         block_devices, head_device = choose_devices(config, model_config.num_layers)
+        plan = _check_gpu_memory(gguf, model_config, config, block_devices, head_device)
         progress = _progress_bar(verbose, model_config.num_layers + 1, model_path)
         model = build_model(
             gguf,
@@ -86,8 +88,36 @@ def load(
         gguf.close()
         raise
     memory = {"weights": sum(t.nbytes for t in gguf.tensors.values()), "kv_cache": runner.kv_cache_bytes}
+    if plan is not None:
+        memory["gpu_weights"], memory["workspace"] = plan.weights, plan.workspace
     device = str(head_device if head_device.type != "cpu" else block_devices[-1])
     return LoadedModel(engine, tokenizer, template, model_config, config, device, gguf, memory)
+
+
+def _check_gpu_memory(
+    gguf: GGUFFile,
+    model_config: ModelConfig,
+    config: EngineConfig,
+    block_devices: list[torch.device],
+    head_device: torch.device,
+) -> MemoryPlan | None:
+    """The GPU share of the model, checked against the free memory before any allocation."""
+    gpu = next((d for d in [*block_devices, head_device] if d.type == "cuda"), None)
+    if gpu is None:
+        return None
+    gpu_layers = {i for i, d in enumerate(block_devices) if d.type == "cuda"}
+    head_on_gpu = head_device.type == "cuda"
+    head_name = "token_embd.weight" if model_config.tie_word_embeddings else "output.weight"
+    weight_bytes = 0
+    for name, info in gguf.tensors.items():
+        on_gpu = (name == head_name and head_on_gpu) or (
+            name.startswith("blk.") and int(name.split(".")[1]) in gpu_layers
+        )
+        weight_bytes += info.nbytes if on_gpu else 0
+    plan = plan_gpu_memory(model_config, config, weight_bytes, len(gpu_layers), head_on_gpu)
+    free, _total = torch.cuda.mem_get_info(gpu)
+    check_fits(plan, free, config, str(gpu))
+    return plan
 
 
 def _progress_bar(verbose: bool, total: int, path: str) -> Any:

@@ -1,0 +1,63 @@
+"""What a model and its KV cache will take on the GPU, checked before anything is allocated.
+
+A ctx_size / cache_size / n_parallel that cannot fit must fail at once with numbers, not with an
+out-of-memory error halfway through loading (or, worse, at the first long request).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llcuda.config import EngineConfig, ModelConfig
+
+KV_BYTES_PER_ELEMENT = 2  # fp16 cache on the GPU
+# Triton repacking stores Q4_K / Q5_K scales unpacked (<= 1.03x the raw blocks)
+WEIGHT_OVERHEAD = 1.03
+RESERVE_BYTES = 512 * 2**20  # CUDA context extras, allocator slack, Triton/cuBLAS workspaces
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    weights: int  # bytes of weights placed on the GPU
+    kv_cache: int  # bytes of the paged K/V cache on the GPU
+    workspace: int  # activations of the largest step and the decode graphs' logits buffers
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.workspace
+
+
+def plan_gpu_memory(
+    model: ModelConfig,
+    config: EngineConfig,
+    gpu_weight_bytes: int,
+    num_gpu_layers: int,
+    head_on_gpu: bool,
+) -> MemoryPlan:
+    kv = (
+        (config.num_blocks + 1) * config.block_size * model.num_kv_heads * model.head_dim
+        * KV_BYTES_PER_ELEMENT * 2 * num_gpu_layers
+    )  # fmt: skip
+    # fp32 activations of one step: residual, norm, q|k|v, attention, gate|up, GEGLU (~8 rows of
+    # the widest tensor per token), and logits for every sequence of a decode graph bucket
+    widest = max(model.hidden_size, model.q_size + model.kv_size, 2 * model.intermediate_size)
+    activations = config.batch_size * widest * 4 * 8
+    logits = 2 * config.n_parallel * model.vocab_size * 4 if head_on_gpu else 0
+    weights = int(gpu_weight_bytes * WEIGHT_OVERHEAD)
+    return MemoryPlan(weights, kv, activations + logits)
+
+
+def check_fits(plan: MemoryPlan, free_bytes: int, config: EngineConfig, device: str) -> None:
+    """Raise ValueError naming the knobs to change when the plan needs more than is free."""
+    need = plan.total + RESERVE_BYTES
+    if need <= free_bytes:
+        return
+    mib = 2**20
+    raise ValueError(
+        f"the model does not fit on {device}: it needs about {need / mib:,.0f} MiB "
+        f"(weights {plan.weights / mib:,.0f}, KV cache {plan.kv_cache / mib:,.0f} for "
+        f"{config.num_cache_tokens:,} tokens = ctx_size {config.ctx_size} x n_parallel "
+        f"{config.n_parallel} or cache_size, workspace {plan.workspace / mib:,.0f}, reserve "
+        f"{RESERVE_BYTES / mib:,.0f}) but {free_bytes / mib:,.0f} MiB are free; lower ctx_size, "
+        f"cache_size, n_parallel or batch_size, or offload fewer layers (gpu_layers)"
+    )
