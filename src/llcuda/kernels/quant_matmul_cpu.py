@@ -74,7 +74,8 @@ def _nibbles(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------ decoders
 # Each takes the tile's blocks, uint8 [rows, row_bytes] (contiguous, 4-byte aligned), and writes
-# float32 `tile` [planes, rows, plane_cols] in the order its `_columns` entry describes.
+# float32 `tile` [planes, rows, plane_cols] in its own column order; its `_Decoder.standard`
+# views such a tile in the standard element order.
 
 
 def _q8_0(raw: torch.Tensor, tile: torch.Tensor) -> None:
@@ -83,10 +84,6 @@ def _q8_0(raw: torch.Tensor, tile: torch.Tensor) -> None:
     o = tile.view(n, 34)
     o.copy_(raw.view(n, 34).view(torch.int8))
     o.mul_(_f16_at(raw.view(torch.int16).view(n, 17), 0))
-
-
-def _q8_0_columns(nb: int) -> list[int | None]:
-    return [c for b in range(nb) for c in [None, None, *range(32 * b, 32 * b + 32)]]
 
 
 def _bit_table(set_byte: int, clear_byte: int) -> torch.Tensor:
@@ -124,10 +121,6 @@ def _q5_0(raw: torch.Tensor, tile: torch.Tensor) -> None:
     o.mul_(_f16_at(raw.view(torch.int16).view(n, 11), 0).view(1, n, 1))
 
 
-def _q5_0_columns(nb: int) -> list[int | None]:
-    return [32 * b + 16 * p + j for p in range(2) for b in range(nb) for j in range(16)]
-
-
 def _k_scale_min(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K's 12 scale bytes as int32 words [n, 3] -> 8 six-bit scales, 8 six-bit mins.
 
@@ -162,16 +155,6 @@ def _q4_k(raw: torch.Tensor, tile: torch.Tensor) -> None:
     dm = _f16_at(h, 1) * mn.to(torch.float32)
     o.mul_(ds.view(n, 4, 2).permute(2, 0, 1).contiguous().unsqueeze(-1))
     o.sub_(dm.view(n, 4, 2).permute(2, 0, 1).contiguous().unsqueeze(-1))
-
-
-def _q4_k_columns(nb: int) -> list[int | None]:
-    return [
-        256 * b + 64 * c + 32 * p + j
-        for p in range(2)
-        for b in range(nb)
-        for c in range(4)
-        for j in range(32)
-    ]
 
 
 @functools.lru_cache(maxsize=8)
@@ -214,44 +197,50 @@ def _q6_k(raw: torch.Tensor, tile: torch.Tensor) -> None:
     o.mul_(dsc.view(2, n, 8, 1))
 
 
-def _q6_k_columns(nb: int) -> list[int | None]:
-    return [
-        256 * b + 128 * h + 32 * (gg + 2 * nib) + j
-        for nib in range(2)
-        for b in range(nb)
-        for h in range(2)
-        for gg in range(2)
-        for j in range(32)
-    ]
-
-
 @dataclass(frozen=True)
 class _Decoder:
     decode: Callable[[torch.Tensor, torch.Tensor], None]
     planes: int
-    columns: Callable[[int], list[int | None]]  # blocks per row -> tile column -> weight column
+    block_cols: int  # tile columns per block in each plane (padding included)
+    # tile [planes, rows, n_blocks * block_cols] -> a view [rows, n_blocks, ...] whose trailing
+    # dims read the block's elements in the standard order (the tile layout, in one place)
+    standard: Callable[[torch.Tensor, int], torch.Tensor]
 
 
 _DECODERS: dict[GGMLType, _Decoder] = {
-    GGMLType.Q8_0: _Decoder(_q8_0, 1, _q8_0_columns),
-    GGMLType.Q5_0: _Decoder(_q5_0, 2, _q5_0_columns),
-    GGMLType.Q4_K: _Decoder(_q4_k, 2, _q4_k_columns),
-    GGMLType.Q6_K: _Decoder(_q6_k, 2, _q6_k_columns),
+    # one plane; per block the 2 bytes of d (padding), then the 32 quants
+    GGMLType.Q8_0: _Decoder(_q8_0, 1, 34, lambda t, nb: t[0].view(t.shape[1], nb, 34)[:, :, 2:]),
+    # plane p: elements 16p..16p+15 of every block
+    GGMLType.Q5_0: _Decoder(
+        _q5_0, 2, 16, lambda t, nb: t.view(2, t.shape[1], nb, 16).permute(1, 2, 0, 3)
+    ),
+    # plane p, chunk c: sub-block 2c + p
+    GGMLType.Q4_K: _Decoder(
+        _q4_k, 2, 128, lambda t, nb: t.view(2, t.shape[1], nb, 4, 32).permute(1, 2, 3, 0, 4)
+    ),
+    # plane nib, half h, gg: group 2 * nib + gg of half h
+    GGMLType.Q6_K: _Decoder(
+        _q6_k,
+        2,
+        128,
+        lambda t, nb: t.view(2, t.shape[1], nb, 2, 2, 32).permute(1, 2, 3, 0, 4, 5),
+    ),
 }
 FAST_TYPES: frozenset[GGMLType] = frozenset(_DECODERS)
 
 
 @functools.lru_cache(maxsize=64)
-def _column_index(qtype: GGMLType, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gather, inverse): int64 [tile_cols], the weight column of each tile column (n_cols for
-    padding: it picks a zero appended to x), and int64 [n_cols], the tile column of each weight
-    column."""
-    cols = _DECODERS[qtype].columns(n_cols // QUANT_SIZES[qtype][0])
-    gather = torch.tensor([n_cols if c is None else c for c in cols], dtype=torch.int64)
-    inverse = torch.empty(n_cols, dtype=torch.int64)
-    real = gather < n_cols
-    inverse[gather[real]] = torch.arange(len(cols))[real]
-    return gather, inverse
+def _column_index(qtype: GGMLType, n_cols: int) -> torch.Tensor:
+    """int64 [tile_cols]: the weight column of each tile column; n_cols for padding, which
+    picks a zero appended to x."""
+    dec = _DECODERS[qtype]
+    nb = n_cols // QUANT_SIZES[qtype][0]
+    tile_cols = dec.planes * nb * dec.block_cols
+    # run the layout on a "tile" holding its own column numbers
+    inverse = dec.standard(torch.arange(tile_cols).view(dec.planes, 1, -1), nb).reshape(-1)
+    gather = torch.full((tile_cols,), n_cols, dtype=torch.int64)
+    gather[inverse] = torch.arange(n_cols)
+    return gather
 
 
 def _check_blocks(raw: torch.Tensor, qtype: GGMLType) -> tuple[int, int]:
@@ -281,10 +270,13 @@ def dequantize_cpu(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
     dec = _DECODERS.get(qtype)
     if dec is None or raw.device.type != "cpu":
         return dequantize_ref(raw, qtype)
-    gather, inverse = _column_index(qtype, n_cols)
-    tile = torch.empty(dec.planes, rows, len(gather) // dec.planes, dtype=torch.float32)
+    nb = n_cols // QUANT_SIZES[qtype][0]
+    tile = _buffer("tile", (dec.planes, rows, nb * dec.block_cols), torch.float32)
     dec.decode(_aligned(raw), tile)
-    return tile.permute(1, 0, 2).reshape(rows, -1).index_select(1, inverse)
+    standard = dec.standard(tile, nb)
+    out = torch.empty(rows, n_cols, dtype=torch.float32)
+    out.view(standard.shape).copy_(standard)
+    return out
 
 
 def quant_matmul_cpu(
@@ -313,7 +305,7 @@ def quant_matmul_cpu(
             w = dequantize_ref(weight.data[start:stop], weight.qtype)  # [rows, n_cols]
             torch.mm(x32, w.T, out=out[:, start:stop])
         return out
-    gather, _ = _column_index(weight.qtype, n_cols)
+    gather = _column_index(weight.qtype, n_cols)
     planes, plane_cols = dec.planes, len(gather) // dec.planes
     # x in the tile's column order, zeros at padding: [planes, num_tokens, plane_cols]
     xp = torch.cat([x32, x32.new_zeros(num_tokens, 1)], dim=1)[:, gather]
