@@ -48,6 +48,15 @@ def test_fast_types_cover_the_real_model_mix():
     assert {GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q4_K, GGMLType.Q6_K} <= FAST_TYPES
 
 
+def test_q4_0_literal_block():
+    # d = 0.5; byte i holds element i (low nibble = i) and element 16 + i (high nibble = 15 - i)
+    block = f16(0.5) + bytes(i | ((15 - i) << 4) for i in range(16))
+    out = dequantize_cpu(torch.tensor(list(block), dtype=torch.uint8).view(1, 18), GGMLType.Q4_0)
+    assert out[0].tolist() == [0.5 * (i - 8) for i in range(16)] + [
+        0.5 * (7 - i) for i in range(16)
+    ]
+
+
 # ------------------------------------------------------------------------------ literal blocks
 
 
@@ -153,7 +162,7 @@ def test_dequantize_cpu_real_model_tensors():
 # ------------------------------------------------------------------------------------- matmul
 
 
-@pytest.mark.parametrize("qtype", [*FAST, GGMLType.Q4_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [*FAST, GGMLType.Q4_1], ids=lambda t: t.name)
 def test_one_hot_rows_give_the_exact_columns(qtype):
     # x = identity: every output is a single product 1 * w plus exact zeros, so no rounding
     # (values compared, not bits: a -0.0 weight comes out as +0.0 once zeros are added)
@@ -162,7 +171,7 @@ def test_one_hot_rows_give_the_exact_columns(qtype):
     assert torch.equal(quant_matmul_cpu(x, w), dequantize_ref(w.data, qtype).T)
 
 
-@pytest.mark.parametrize("qtype", [*FAST, GGMLType.Q4_0, GGMLType.Q5_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [*FAST, GGMLType.Q4_1, GGMLType.Q5_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("num_tokens", [1, 3, 17])
 @pytest.mark.parametrize("tile_elems", [1, 700, 1 << 20])
 def test_matmul_matches_dequantized_reference(qtype, num_tokens, tile_elems):

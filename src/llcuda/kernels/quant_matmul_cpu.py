@@ -121,6 +121,21 @@ def _q5_0(raw: torch.Tensor, tile: torch.Tensor) -> None:
     o.mul_(_f16_at(raw.view(torch.int16).view(n, 11), 0).view(1, n, 1))
 
 
+def _q4_0(raw: torch.Tensor, tile: torch.Tensor) -> None:
+    n = raw.numel() // 18
+    qs = _buffer("qs", (n, 16), torch.uint8)
+    qs.copy_(raw.view(n, 18)[:, 2:])  # after the f16 d
+    # plane 0: low nibbles (elements 0-15 of each block), plane 1: high nibbles (16-31)
+    q = _buffer("q", (2, n, 16), torch.uint8)
+    torch.bitwise_and(qs, 0x0F, out=q[0])
+    torch.bitwise_right_shift(qs, 4, out=q[1])
+    q = q.view(torch.int8)
+    q -= 8  # 0..15 -> -8..7, exact in int8
+    o = tile.view(2, n, 16)
+    o.copy_(q)
+    o.mul_(_f16_at(raw.view(torch.int16).view(n, 9), 0).view(1, n, 1))
+
+
 def _k_scale_min(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K's 12 scale bytes as int32 words [n, 3] -> 8 six-bit scales, 8 six-bit mins.
 
@@ -207,13 +222,16 @@ class _Decoder:
     standard: Callable[[torch.Tensor, int], torch.Tensor]
 
 
+def _two_halves(tile: torch.Tensor, nb: int) -> torch.Tensor:
+    return tile.view(2, tile.shape[1], nb, 16).permute(1, 2, 0, 3)
+
+
 _DECODERS: dict[GGMLType, _Decoder] = {
     # one plane; per block the 2 bytes of d (padding), then the 32 quants
     GGMLType.Q8_0: _Decoder(_q8_0, 1, 34, lambda t, nb: t[0].view(t.shape[1], nb, 34)[:, :, 2:]),
     # plane p: elements 16p..16p+15 of every block
-    GGMLType.Q5_0: _Decoder(
-        _q5_0, 2, 16, lambda t, nb: t.view(2, t.shape[1], nb, 16).permute(1, 2, 0, 3)
-    ),
+    GGMLType.Q4_0: _Decoder(_q4_0, 2, 16, _two_halves),
+    GGMLType.Q5_0: _Decoder(_q5_0, 2, 16, _two_halves),
     # plane p, chunk c: sub-block 2c + p
     GGMLType.Q4_K: _Decoder(
         _q4_k, 2, 128, lambda t, nb: t.view(2, t.shape[1], nb, 4, 32).permute(1, 2, 3, 0, 4)
