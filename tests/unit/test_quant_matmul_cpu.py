@@ -6,6 +6,7 @@ The fast decoders must give dequantize_ref's float32 bits exactly; the matmul ma
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,20 @@ def test_bad_arguments():
         dequantize_cpu(w.data.to(torch.int16), GGMLType.Q8_0)
     with pytest.raises(ValueError, match="multiple of the block size"):
         dequantize_cpu(w.data[:, :33], GGMLType.Q8_0)
+
+
+def test_scratch_made_under_inference_mode_is_reused_outside_it():
+    # scratch buffers live per thread: a fresh thread makes them under inference_mode first
+    w = weight(GGMLType.Q6_K, 8, 2, seed=4)
+    x = torch.randn(2, 512)
+    results = []
+
+    def run() -> None:
+        with torch.inference_mode():
+            results.append(quant_matmul_cpu(x, w).clone())
+        results.append(quant_matmul_cpu(x, w))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert len(results) == 2 and torch.equal(results[0], results[1])
