@@ -225,3 +225,20 @@ def test_scratch_made_under_inference_mode_is_reused_outside_it():
     thread.start()
     thread.join()
     assert len(results) == 2 and torch.equal(results[0], results[1])
+
+
+def test_decoders_run_on_one_thread_and_restore_the_count():
+    from llcuda.kernels.quant_matmul_cpu import _one_intra_op_thread
+
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="boom"), _one_intra_op_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+        quant_matmul_cpu(torch.randn(1, 64), weight(GGMLType.Q5_0, 300, 2))
+        quant_matmul_cpu(torch.randn(9, 64), weight(GGMLType.Q5_0, 300, 2))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(prev)
