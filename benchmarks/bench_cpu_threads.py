@@ -1,12 +1,13 @@
-"""One decode token's quantized matmuls of Gemma 3 270M (random blocks, real shapes and types)
-with 1 and with N torch intra-op threads. Needs no model file, so it runs on any machine:
+"""One forward's quantized matmuls of Gemma 3 270M (random blocks, real shapes and types) with
+the caller at 1 and at N torch intra-op threads. Needs no model file, so it runs on any machine:
 
-    python benchmarks/bench_cpu_threads.py [--threads 2] [--reps 10]
+    python benchmarks/bench_cpu_threads.py [--threads 2] [--tokens 1] [--reps 10]
 
-Prints per-weight-shape best times and the per-token sum for each thread count. On a quiet
-2-core machine 2 threads win (Xeon, taskset to 2 cores: 302 ms 1 thread, 212 ms 2 threads);
-on a 2-core machine shared with other busy processes every op's OpenMP join can wait for a
-descheduled thread, and 1 thread is several times faster.
+Prints per-weight-shape best times and the per-forward sum for each thread count. quant_matmul_cpu
+runs calls of <= GEMV_TOKENS tokens on one thread whatever the caller's count (see
+_one_intra_op_thread), so at --tokens 1 both columns should agree; with more tokens the GEMMs use
+the caller's threads. Measured before that policy (Xeon, taskset to 2 quiet cores, 1 token):
+302 ms 1 thread, 212 ms 2 threads; on the busy 2-core dev box 2 threads were 2-10x slower.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ def random_weight(qtype: GGMLType, rows: int, cols: int, seed: int) -> QuantTens
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
     weights = [random_weight(t, r, c, i) for i, (t, r, c, _) in enumerate(SHAPES)]
-    xs = [torch.randn(1, w.shape[1]) for w in weights]
+    xs = [torch.randn(args.tokens, w.shape[1]) for w in weights]
     strategies = {"1 thread": 1, f"{args.threads} threads": args.threads}
     best: dict[tuple[str, int], float] = {}
     with torch.inference_mode():
@@ -72,7 +74,7 @@ def main() -> None:
         cells = "".join(f" {best[s, i] * 1e3:.2f} |" for s in strategies)
         print(f"| {t.name} {r}x{c} | {count} |{cells}")
     totals = {s: sum(best[s, i] * SHAPES[i][3] for i in range(len(SHAPES))) for s in strategies}
-    print("| **per token** | |" + "".join(f" **{v * 1e3:.0f}** |" for v in totals.values()))
+    print("| **per forward** | |" + "".join(f" **{v * 1e3:.0f}** |" for v in totals.values()))
 
 
 if __name__ == "__main__":
