@@ -93,13 +93,6 @@ def _f16_at(h: torch.Tensor, col: int) -> torch.Tensor:
     return column.view(torch.float16).to(torch.float32).view(-1, 1)
 
 
-def _nibbles(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Low and high nibbles of every byte of the tile (flat, so fast; scale bytes included)."""
-    lo = torch.bitwise_and(raw, 0x0F, out=_buffer("lo", raw.shape, torch.uint8))
-    hi = torch.bitwise_right_shift(raw, 4, out=_buffer("hi", raw.shape, torch.uint8))
-    return lo, hi
-
-
 # ------------------------------------------------------------------------------------ decoders
 # Each takes the tile's blocks, uint8 [rows, row_bytes] (contiguous, 4-byte aligned), and writes
 # float32 `tile` [planes, rows, plane_cols] in its own column order; its `_Decoder.standard`
