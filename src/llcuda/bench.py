@@ -55,7 +55,9 @@ def _sync() -> None:
 
 def _run(engine, prompt: list[int], max_tokens: int) -> list[float]:
     """Run one request to completion; returns the wall time at which each token appeared."""
-    engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    engine.add_request(
+        prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    )
     stamps: list[float] = []
     while engine.has_unfinished_requests():
         for out in engine.step():

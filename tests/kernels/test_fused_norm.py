@@ -8,7 +8,9 @@ import torch
 from llcuda.kernels import reference as ref
 
 pytestmark = pytest.mark.gpu
-fused_norm = pytest.importorskip("llcuda.kernels.fused_norm", reason="needs triton (GPU builds of torch)")
+fused_norm = pytest.importorskip(
+    "llcuda.kernels.fused_norm", reason="needs triton (GPU builds of torch)"
+)
 DEVICE = "cuda"
 
 

@@ -20,12 +20,20 @@ def tiny_path(tmp_path_factory):
 
 
 def _greedy(path, device: str, gpu_layers: int, prompts: list[list[int]]) -> list[list[int]]:
-    config = EngineConfig(ctx_size=256, n_parallel=4, batch_size=256, ubatch_size=64,
-                          gpu_layers=gpu_layers, device=device)
+    config = EngineConfig(
+        ctx_size=256,
+        n_parallel=4,
+        batch_size=256,
+        ubatch_size=64,
+        gpu_layers=gpu_layers,
+        device=device,
+    )
     loaded = load(str(path), config, verbose=False)
     engine = loaded.llm_engine
-    ids = [engine.add_request(p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
-           for p in prompts]
+    ids = [
+        engine.add_request(p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+        for p in prompts
+    ]
     out: dict[str, list[int]] = {i: [] for i in ids}
     while engine.has_unfinished_requests():
         for o in engine.step():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-KV_DTYPE = torch.float32
-
 from llcuda.layers.attention import AttentionMetadata, KVCache
 
 
@@ -21,7 +19,9 @@ def sequence_logits(
     block_table = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0))
     block_table = block_table.to(torch.int32)
     caches = [
-        KVCache.allocate(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, KV_DTYPE, "cpu")
+        KVCache.allocate(
+            num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu"
+        )
         for _ in range(cfg.num_layers)
     ]
     wanted = {p: i for i, p in enumerate(logit_positions)}

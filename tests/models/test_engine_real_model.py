@@ -15,8 +15,9 @@ pytestmark = pytest.mark.slow
 def engine(real_model_path):
     e = InferenceEngine()
     # a small per-step budget so long prompts are chunked and mixed into decode steps
-    e.load_model(real_model_path, ctx_size=1024, n_parallel=4, batch_size=256, ubatch_size=64,
-                 verbose=False)
+    e.load_model(
+        real_model_path, ctx_size=1024, n_parallel=4, batch_size=256, ubatch_size=64, verbose=False
+    )
     yield e
     e.unload_model()
 

@@ -16,8 +16,9 @@ GEMMA_1B = ModelConfig(
 
 def test_kv_cache_bytes_follow_the_cache_size():
     config = EngineConfig(ctx_size=4096, n_parallel=4, block_size=32)
-    plan = plan_gpu_memory(GEMMA_1B, config, gpu_weight_bytes=800_000_000, num_gpu_layers=26,
-                           head_on_gpu=True)
+    plan = plan_gpu_memory(
+        GEMMA_1B, config, gpu_weight_bytes=800_000_000, num_gpu_layers=26, head_on_gpu=True
+    )
     # (16384 / 32 + 1 scratch) blocks x 32 tokens x 1 head x 256 dims x fp16 x (K and V) x 26
     assert plan.kv_cache == 513 * 32 * 256 * 2 * 2 * 26
     assert plan.weights == int(800_000_000 * 1.03)

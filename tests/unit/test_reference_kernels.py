@@ -56,8 +56,13 @@ def test_paged_attention_equals_dense_for_mixed_prefill_and_decode(window, block
         expected.append(dense_causal_attention(q, k, v, window)[length - n_new :])
     qsl = torch.tensor([0] + list(torch.tensor(new_tokens).cumsum(0)), dtype=torch.int32)
     out = ref.paged_attention_ref(
-        torch.cat(qs), k_cache, v_cache, qsl, torch.tensor(lengths, dtype=torch.int32),
-        block_tables, window,
+        torch.cat(qs),
+        k_cache,
+        v_cache,
+        qsl,
+        torch.tensor(lengths, dtype=torch.int32),
+        block_tables,
+        window,
     )
     torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-5)
 

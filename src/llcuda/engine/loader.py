@@ -87,7 +87,10 @@ def load(
     except BaseException:
         gguf.close()
         raise
-    memory = {"weights": sum(t.nbytes for t in gguf.tensors.values()), "kv_cache": runner.kv_cache_bytes}
+    memory = {
+        "weights": sum(t.nbytes for t in gguf.tensors.values()),
+        "kv_cache": runner.kv_cache_bytes,
+    }
     if plan is not None:
         memory["gpu_weights"], memory["workspace"] = plan.weights, plan.workspace
     device = str(head_device if head_device.type != "cpu" else block_devices[-1])

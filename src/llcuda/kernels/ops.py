@@ -50,7 +50,9 @@ def qk_norm_rope(
     if t.is_cuda and 2 * cos.shape[-1] == head_dim:
         from llcuda.kernels import fused_norm
 
-        return fused_norm.qk_norm_rope(t, num_heads, head_dim, weight, cos, sin, positions, eps, scale)
+        return fused_norm.qk_norm_rope(
+            t, num_heads, head_dim, weight, cos, sin, positions, eps, scale
+        )
     return ref.qk_norm_rope_ref(t, num_heads, head_dim, weight, cos, sin, positions, eps, scale)
 
 
@@ -61,14 +63,6 @@ def geglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
 
         return fused_norm.geglu(gate_up)
     return ref.geglu_fused_ref(gate_up)
-
-
-def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return ref.geglu_ref(gate, up)
-
-
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return ref.silu_mul_ref(gate, up)
 
 
 def write_kv(
@@ -123,7 +117,7 @@ def prepare_weight(weight: QuantTensor, device: torch.device | str) -> object:
 
 
 def quant_matmul(x: torch.Tensor, weight: object) -> torch.Tensor:
-    """x @ W.T for a weight kept in its quantized blocks. x: [num_tokens, in] -> [num_tokens, out]."""
+    """x @ W.T, W kept in its quantized blocks. x: [num_tokens, in] -> [num_tokens, out]."""
     if isinstance(weight, QuantTensor):
         return ref.quant_matmul_ref(x, weight)
     from llcuda.kernels.quant_matmul import quant_matmul as triton_quant_matmul

@@ -30,10 +30,6 @@ def geglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return gelu_tanh_ref(gate) * up
 
 
-def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.silu(gate) * up
-
-
 def rope_cos_sin_ref(
     positions: torch.Tensor, rope_dim: int, base: float, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +38,9 @@ def rope_cos_sin_ref(
     positions: [num_tokens] int -> cos, sin: [num_tokens, rope_dim // 2] float32.
     """
     i = torch.arange(0, rope_dim // 2, dtype=torch.float64, device=positions.device)
-    inv_freq = base ** (-2.0 * i / rope_dim)  # float64 then fp32 angles, like llama.cpp's powf chain
+    inv_freq = base ** (
+        -2.0 * i / rope_dim
+    )  # float64 then fp32 angles, like llama.cpp's powf chain
     theta = positions.to(torch.float64)[:, None] * scale * inv_freq[None, :]
     return torch.cos(theta).float(), torch.sin(theta).float()
 
@@ -72,7 +70,9 @@ def rope_norm_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return torch.cat((out, rest), dim=-1)
 
 
-def quant_matmul_ref(x: torch.Tensor, weight: QuantTensor, rows_per_chunk: int = 8192) -> torch.Tensor:
+def quant_matmul_ref(
+    x: torch.Tensor, weight: QuantTensor, rows_per_chunk: int = 8192
+) -> torch.Tensor:
     """x @ dequantize(weight).T without ever holding the whole float matrix.
 
     x: [num_tokens, in_features] -> [num_tokens, out_features] float32. The weight is dequantized

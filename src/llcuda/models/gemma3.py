@@ -124,7 +124,7 @@ class Gemma3ForCausalLM:
         self.output = QuantLinear(QuantTensor.from_gguf(gguf, head_name), head_device)
         self.output_norm = read_float_tensor(gguf, "output_norm.weight").to(head_device)
         # Each block ends with the pre-norm of what follows it (fused with its residual add).
-        for block, following in zip(self.layers, self.layers[1:]):
+        for block, following in zip(self.layers[:-1], self.layers[1:], strict=True):
             block.next_norm = following.attn_norm.to(block.device)
         self.layers[-1].next_norm = self.output_norm.to(self.layers[-1].device)
         if progress is not None:
@@ -141,20 +141,20 @@ class Gemma3ForCausalLM:
         metas: dict[torch.device, AttentionMetadata],
         kv_caches: list[KVCache],
     ) -> torch.Tensor:
-        """x: embeddings [num_tokens, hidden_size], positions: [num_tokens] -> final hidden states
-        [num_tokens, hidden_size], already through the output norm. `metas` holds the step's metadata on
-        every device in use. Everything here runs on the blocks' devices: the decode step on one
-        GPU is captured whole in a CUDA graph."""
+        """x: embeddings [num_tokens, hidden_size], positions: [num_tokens] -> final hidden
+        states [num_tokens, hidden_size], already through the output norm. `metas` holds the
+        step's metadata on every device in use. Everything here runs on the blocks' devices: the
+        decode step on one GPU is captured whole in a CUDA graph."""
         first = self.layers[0]
         x = x.to(first.device)
         h = ops.rms_norm(x, first.attn_norm, self.config.rms_norm_eps)
-        for layer, cache in zip(self.layers, kv_caches):
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
             dev = layer.device
             x, h = layer(x.to(dev), h.to(dev), positions.to(dev), metas[dev], cache)
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: normed [n, hidden_size] -> logits [n, vocab_size] fp32 (final softcap applied)."""
+        """hidden: normed [n, hidden_size] -> logits [n, vocab_size] fp32 (final softcap applied)"""
         logits = self.output(hidden.to(self.head_device))
         cap = self.config.final_logit_softcapping
         if cap > 0:

@@ -30,7 +30,7 @@ class ModelRunner:
         self.max_blocks_per_seq = engine_config.max_blocks_per_seq
         self.devices = list(dict.fromkeys(model.block_devices))
         self.device = model.head_device  # where logits (and seeded samplers' generators) live
-        # On a GPU one extra block, owned by no sequence, takes the writes of CUDA-graph padding rows.
+        # On a GPU one extra block, owned by no sequence, takes CUDA-graph padding rows' writes.
         self.scratch_block = engine_config.num_blocks
         num_cache_blocks = engine_config.num_blocks + (self.device.type == "cuda")
         self.kv_caches = [
@@ -104,7 +104,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, step: SchedulerOutput) -> dict[str, int]:
-        """Run one step; returns the sampled token of every request whose step ends its known tokens."""
+        """Run one step; returns the sampled token of each request whose known tokens all ran."""
         if not step.scheduled:
             return {}
         input_ids, positions, meta, logits_indices = self.prepare_inputs(step)
@@ -129,4 +129,4 @@ class ModelRunner:
             [r.generator for r in requests],
             [r.all_token_ids for r in requests],
         )
-        return dict(zip((r.request_id for r in requests), token_ids.tolist()))
+        return dict(zip((r.request_id for r in requests), token_ids.tolist(), strict=True))
