@@ -110,14 +110,13 @@ class ModelRunner:
         input_ids, positions, meta, logits_indices = self.prepare_inputs(step)
         sampled_items = [item for item in step.scheduled if item.sample]
         is_decode = meta.max_query_len == 1 and len(sampled_items) == len(step.scheduled)
+        x = self.model.embed(input_ids)  # [num_tokens, hidden_size], looked up on the CPU
         if self.graphs is not None and is_decode and self.graphs.bucket_for(len(sampled_items)):
-            x = self.model.embed(input_ids)
             logits = self.graphs.run(
                 x, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables
             )
         else:
             metas = {device: meta.to(device) for device in self.devices}
-            x = self.model.embed(input_ids)
             hidden = self.model.forward(x, positions, metas, self.kv_caches)
             if not sampled_items:
                 return {}
