@@ -39,10 +39,11 @@ def plan_gpu_memory(
         * KV_BYTES_PER_ELEMENT * 2 * num_gpu_layers
     )  # fmt: skip
     # fp32 activations of one step: residual, norm, q|k|v, attention, gate|up, GEGLU (~8 rows of
-    # the widest tensor per token), and logits for every sequence of a decode graph bucket
+    # the widest tensor per token), and the decode graphs' logits buffers: one per batch bucket,
+    # all kept alive, summing to < 4x the largest (runner/cuda_graphs.py BUCKETS)
     widest = max(model.hidden_size, model.q_size + model.kv_size, 2 * model.intermediate_size)
     activations = config.batch_size * widest * 4 * 8
-    logits = 2 * config.n_parallel * model.vocab_size * 4 if head_on_gpu else 0
+    logits = 4 * config.n_parallel * model.vocab_size * 4 if head_on_gpu else 0
     weights = int(gpu_weight_bytes * WEIGHT_OVERHEAD)
     return MemoryPlan(weights, kv, activations + logits)
 
