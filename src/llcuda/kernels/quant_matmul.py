@@ -262,15 +262,15 @@ def _quant_gemv_kernel(
         tl.store(out, acc, mask=(m_idx[:, None] < M) & (rows[None, :] < N))
 
 
-@triton.jit(do_not_specialize=["M", "N", "n_groups"])
+@triton.jit(do_not_specialize=["M", "N", "n_groups", "groups_per_split", "stride_osplit"])
 def _quant_gemm_kernel(
     x_ptr,  # [M, K] bf16 activations (fp16 pre-divided by xscale when USE_FP16), unit stride
-    out_ptr,  # [M, N] fp32
+    out_ptr,  # [SPLIT_K, M, N] fp32 partial sums (summed by the caller when SPLIT_K > 1)
     xscale_ptr,  # [M] fp32 power-of-two row scales (USE_FP16 only)
     qs_ptr,  # [N, K/32 * WPG] int32 packed words
     qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr,
-    M, N, n_groups,
-    stride_xm,
+    M, N, n_groups, groups_per_split,  # groups_per_split: a multiple of BLOCK_G
+    stride_xm, stride_osplit,
     s_qs, s_qh, s_sc, s_d,
     magic,  # 0x4B000000, see _byte_plane
     QTYPE: tl.constexpr,
@@ -304,7 +304,10 @@ def _quant_gemm_kernel(
     jk = j % WPG
     x_rows = x_ptr + xrow.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for g0 in range(0, n_groups, BLOCK_G):
+    # Split-K (program_id 1): few output tiles (a narrow N at small M) would leave most SMs idle.
+    g_begin = tl.program_id(1) * groups_per_split
+    g_end = tl.minimum(g_begin + groups_per_split, n_groups)
+    for g0 in range(g_begin, g_end, BLOCK_G):
         grp = g0 + tl.arange(0, BLOCK_G)
         gmask = (grp < n_groups)[None, :]
         wmask = (g0 + jg < n_groups)[None, :]
@@ -332,7 +335,7 @@ def _quant_gemm_kernel(
                 acc = tl.dot(xp, tl.trans(w.to(tl.bfloat16)), acc)
     if USE_FP16:
         acc = acc * tl.load(xscale_ptr + xrow)[:, None]
-    out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    out = out_ptr + tl.program_id(1) * stride_osplit + offs_m[:, None] * N + offs_n[None, :]
     tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
@@ -407,7 +410,14 @@ def gemm_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int = 132) -
     # Enough tiles to fill the SMs (Gemma's 640-wide projections at M=512 make only 12 otherwise).
     while bn > 64 and triton.cdiv(m, bm) * triton.cdiv(n, bn) < num_sms:
         bn //= 2
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_G": 32 // _WPG[qtype], "GROUP_M": 8,
+    # Still too few (a decode batch through a narrow projection: 18 tiles for 1152 outputs at
+    # M=64 on 132 SMs): split K as well, keeping at least two K steps per program.
+    block_g = 32 // _WPG[qtype]
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split_k = 1
+    if tiles < num_sms:
+        split_k = max(1, min(triton.cdiv(2 * num_sms, tiles), n_groups // (2 * block_g)))
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_G": block_g, "GROUP_M": 8, "SPLIT_K": split_k,
             "num_warps": warps, "num_stages": stages}
 
 
@@ -484,6 +494,7 @@ def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
     dev = x.device.index if x.device.type == "cuda" else 0
     cfg = config or gemm_config(w.qtype, m, n, n_groups, _num_sms(dev))
     fp16 = _use_fp16(x.device) if use_fp16 is None else use_fp16
+    split_k = cfg.get("SPLIT_K", 1)
     out = torch.empty((m, n), device=x.device, dtype=torch.float32)
     # Activations are cast once here rather than per tile: half the shared memory per pipeline
     # stage and half the L2 traffic (every N-tile re-reads them).
@@ -498,14 +509,19 @@ def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
         xscale = out  # unused
         x = x.to(torch.bfloat16).contiguous()
     ptrs, strides = _weight_args(w)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    groups_per_split = triton.cdiv(triton.cdiv(n_groups, split_k), cfg["BLOCK_G"]) * cfg["BLOCK_G"]
+    split_k = triton.cdiv(n_groups, groups_per_split)  # no empty splits
+    partial = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device,
+                                                   dtype=torch.float32)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
     _quant_gemm_kernel[grid](
-        x, out, xscale, *ptrs, m, n, n_groups, x.stride(0), *strides, _MAGIC,
+        x, partial, xscale, *ptrs, m, n, n_groups, groups_per_split, x.stride(0), m * n, *strides,
+        _MAGIC,
         QTYPE=w.qtype, WPG=_WPG[w.qtype], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_G=cfg["BLOCK_G"], GROUP_M=cfg["GROUP_M"], USE_FP16=fp16, USE_ASM=_use_asm(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out
+    return out if split_k == 1 else torch.sum(partial, dim=0, out=out)
 
 
 def quant_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
