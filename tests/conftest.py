@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = REPO_ROOT.parent / "shared" / "golden"
+GOLDEN_DIR = Path(os.environ.get("LLCUDA_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,7 +24,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def real_model_path() -> Path:
-    """The embedded default model, assembled once from its PyPI chunk packages."""
+    """The embedded default model, assembled once from its PyPI chunk packages.
+    LLCUDA_TEST_MODEL names the same file elsewhere (the GPU machine has no package index)."""
+    import os
+
+    if os.environ.get("LLCUDA_TEST_MODEL"):
+        return Path(os.environ["LLCUDA_TEST_MODEL"])
     from llcuda.hub import resolve_model
 
     return Path(resolve_model("gemma-3-270m-Q4_K_M", verbose=False))

@@ -12,7 +12,8 @@ def sequence_logits(
     model, token_ids: list[int], logit_positions: list[int], chunk: int = 256, block_size: int = 32
 ) -> torch.Tensor:
     """Feed one sequence in prefill chunks of `chunk` tokens through a private paged cache whose
-    blocks are deliberately out of order; returns logits [len(logit_positions), vocab] float32."""
+    blocks are deliberately out of order; returns logits [len(logit_positions), vocab] float32.
+    The caches live where the model's blocks do (fp16 on a GPU, as the engine keeps them)."""
     cfg = model.config
     n = len(token_ids)
     num_blocks = -(-n // block_size)
@@ -20,9 +21,14 @@ def sequence_logits(
     block_table = block_table.to(torch.int32)
     caches = [
         KVCache.allocate(
-            num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu"
+            num_blocks,
+            block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            torch.float16 if device.type == "cuda" else torch.float32,
+            device,
         )
-        for _ in range(cfg.num_layers)
+        for device in model.block_devices
     ]
     wanted = {p: i for i, p in enumerate(logit_positions)}
     hidden_rows = [None] * len(logit_positions)
@@ -39,7 +45,8 @@ def sequence_logits(
             max_seq_len=stop,
         )
         ids = torch.tensor(token_ids[start:stop])
-        hidden = model.forward(model.embed(ids), positions, {torch.device("cpu"): meta}, caches)
+        metas = {device: meta.to(device) for device in set(model.block_devices)}
+        hidden = model.forward(model.embed(ids), positions, metas, caches)
         for p in range(start, stop):
             if p in wanted:
                 hidden_rows[wanted[p]] = hidden[p - start]

@@ -22,21 +22,27 @@ def engine(real_model_path):
     e.unload_model()
 
 
+def check_greedy_against_golden(results, cases, max_tokens: int = 16) -> None:
+    """Free-running greedy tokens equal llama.cpp's up to the first step where it saw a near-tie."""
+    matched = 0
+    for case, result in zip(cases, results, strict=True):
+        assert result.success, result.error_message
+        assert result.prompt_tokens == len(case["prompt_ids"])
+        ours, theirs = result.token_ids, case["output_ids"][:max_tokens]
+        pairs = zip(ours, theirs, strict=False)
+        n = next((i for i, (a, b) in enumerate(pairs) if a != b), len(theirs))
+        if n < len(theirs):  # the paths may part only where llama.cpp saw a near-tie
+            assert _gap(case["steps"][n]) < NOISE_GAP, (case["prompt"][:30], n)
+        matched += n
+    assert matched >= 8 * len(cases), matched  # the comparison is not vacuous
+
+
 def test_free_running_greedy_matches_llama_cpp(engine, golden):
     cases = golden["greedy"]
     # All ten prompts at once through four slots: queueing, chunked prefill of the 703-token
     # prompt across the 512 sliding window, and decode steps share every forward pass.
     results = engine.batch_infer([c["prompt"] for c in cases], max_tokens=16, temperature=0.0)
-    matched = 0
-    for case, result in zip(cases, results, strict=True):
-        assert result.success, result.error_message
-        assert result.prompt_tokens == len(case["prompt_ids"])
-        ours, theirs = result.token_ids, case["output_ids"][:16]
-        n = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(theirs))
-        if n < len(theirs):  # the paths may part only where llama.cpp saw a near-tie
-            assert _gap(case["steps"][n]) < NOISE_GAP, (case["prompt"][:30], n)
-        matched += n
-    assert matched >= 80, matched  # the comparison is not vacuous
+    check_greedy_against_golden(results, cases)
 
 
 def test_batch_of_eight_equals_each_alone(engine, golden):

@@ -36,13 +36,13 @@ def test_golden_has_a_prompt_longer_than_the_sliding_window(golden, gemma_cpu):
     assert any(len(case["prompt_ids"]) > window for case in golden["greedy"])
 
 
-@pytest.mark.slow
-def test_teacher_forced_logprobs_match_llama_cpp(golden, gemma_cpu):
+def check_teacher_forced_against_golden(golden: dict, model) -> None:
+    """Every golden sequence teacher-forced through `model`, held to llama.cpp's own spread."""
     diffs, top1_diffs, agree, steps = [], [], 0, 0
     for case in golden["greedy"]:
         prompt, output = case["prompt_ids"], case["output_ids"]
         positions = [len(prompt) - 1 + i for i in range(len(case["steps"]))]
-        logits = sequence_logits(gemma_cpu, prompt + output, positions)
+        logits = sequence_logits(model, prompt + output, positions).float().cpu()
         logprobs = torch.log_softmax(logits, dim=-1)
         for i, step in enumerate(case["steps"]):
             ours = logprobs[i]
@@ -63,6 +63,11 @@ def test_teacher_forced_logprobs_match_llama_cpp(golden, gemma_cpu):
     assert top1_diffs.mean().item() <= 0.06, top1_diffs.mean().item()
     assert diffs.mean().item() <= 0.15, diffs.mean().item()
     assert diffs.max().item() <= 1.6, diffs.max().item()
+
+
+@pytest.mark.slow
+def test_teacher_forced_logprobs_match_llama_cpp(golden, gemma_cpu):
+    check_teacher_forced_against_golden(golden, gemma_cpu)
 
 
 def test_chunked_prefill_equals_one_pass(golden, gemma_cpu):
