@@ -1,0 +1,83 @@
+"""Where a decode step's time goes, per batch size: the GPU (graph replay alone), the host
+(scheduler, input preparation, sampling, detokenization) and, for one batch size, the kernels.
+
+    python benchmarks/profile_step.py MODEL.gguf [-npl 1,16,64,128] [--kernels 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from llcuda.config import EngineConfig
+from llcuda.engine.loader import load
+from llcuda.sampling_params import SamplingParams
+
+
+def graph_replay_ms(graphs, bucket: int, reps: int = 30) -> float:
+    graph = graphs.graphs[bucket]
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("model")
+    ap.add_argument("-npl", default="1,16,64,128")
+    ap.add_argument("--kernels", type=int, default=64, help="batch size for the kernel table")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.npl.split(",")]
+    config = EngineConfig(
+        ctx_size=300, batch_size=4096, ubatch_size=512, n_parallel=max(batches), device="cuda"
+    )
+    loaded = load(args.model, config, verbose=False)
+    engine = loaded.llm_engine
+    runner = engine.model_runner
+    vocab = loaded.model_config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    for b in batches:
+        params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+        for _ in range(b):
+            engine.add_request(torch.randint(10, vocab, (128,), generator=gen).tolist(), params)
+        while engine.num_waiting or any(r.num_output_tokens == 0 for r in engine.scheduler.running):
+            engine.step()
+        for _ in range(3):
+            engine.step()
+        torch.cuda.synchronize()
+        steps, t0 = 0, time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        step_ms = (time.perf_counter() - t0) * 1e3 / steps
+        bucket = runner.graphs.bucket_for(b)
+        gpu_ms = graph_replay_ms(runner.graphs, bucket)
+        print(
+            f"B={b:4d}: engine step {step_ms:6.2f} ms ({b / step_ms * 1e3:8.0f} tok/s), "
+            f"graph replay (bucket {bucket}) {gpu_ms:6.2f} ms, host+sync {step_ms - gpu_ms:6.2f} ms",
+            flush=True,
+        )
+
+    # kernel table of one eager decode step at --kernels rows
+    b = args.kernels
+    graphs = runner.graphs
+    with torch.inference_mode():
+        graphs._step(b)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            graphs._step(b)
+            torch.cuda.synchronize()
+    print(f"kernels of one eager decode step at B={b} (padding rows in the scratch block):")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    loaded.close()
+
+
+if __name__ == "__main__":
+    main()
