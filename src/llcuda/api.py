@@ -12,6 +12,11 @@ itself inside `infer`/`batch_infer`/streams (call `start()` later to switch to t
 
 `create_completion` / `create_chat_completion` return OpenAI-shaped dicts, as llama-cpp-python's
 `Llama` does, so code written for it carries over.
+
+`InferenceEngine(server_url="http://127.0.0.1:8080")` sends the same calls to a running
+`llcuda serve` (or llama-server) instead: no load_model, the same argument checks and the same
+`InferResult`s (see llcuda.remote). Each public method checks its arguments, then hands the
+request to the local engine or, when `self._remote` is set, to the server.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from llcuda import openai_format
 from llcuda.config import EngineConfig
 from llcuda.hub import resolve_model
 from llcuda.metrics import MetricsCollector
+from llcuda.remote import UNTIL_FULL, RemoteBackend, RemoteStream
 from llcuda.sampling_params import SamplingParams
 from llcuda.streams import InferResult, TextStream
 
@@ -38,15 +44,25 @@ _EXTRA_ENGINE_ARGS = ("block_size", "device", "seed")
 
 
 class InferenceEngine:
-    """Load one GGUF model and run requests on it. Thread-safe; usable as a context manager."""
+    """Load one GGUF model and run requests on it. Thread-safe; usable as a context manager.
 
-    def __init__(self) -> None:
+    With `server_url`, requests go to that running server (its model; no load_model needed);
+    `api_key` is its `--api-key`, `timeout` the seconds to wait for any answer from it.
+    """
+
+    def __init__(self, server_url: str | None = None, api_key: str | None = None,
+                 timeout: float = 600.0) -> None:  # fmt: skip
         self._lock = threading.RLock()
         self._loaded: Any = None  # llcuda.engine.loader.LoadedModel
         self._loop: Any = None  # llcuda.engine.engine_loop.EngineLoop
         self._model_path: str | None = None
         self._load_time_s = 0.0
         self._metrics = MetricsCollector()
+        self._remote: RemoteBackend | None = None
+        if server_url is not None:
+            self._remote = RemoteBackend(server_url, api_key, timeout)
+        elif api_key is not None:
+            raise ValueError("api_key is only used with server_url")
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -72,6 +88,11 @@ class InferenceEngine:
         naming the argument; a missing or unreadable file raises FileNotFoundError / ValueError.
         A model already loaded is unloaded first.
         """
+        if self._remote is not None:
+            raise RuntimeError(
+                f"this engine sends its requests to {self._remote.url}, which has its model "
+                f"loaded: load_model is not used with server_url"
+            )
         unknown = sorted(set(kwargs) - set(_EXTRA_ENGINE_ARGS))
         if unknown:
             raise ValueError(
@@ -113,12 +134,20 @@ class InferenceEngine:
 
     def start(self) -> None:
         """Start the background engine thread (load_model does, unless auto_start=False)."""
+        if self._remote is not None:
+            return  # the server runs its own
         with self._lock:
             self._require_loaded()
             self._loop.start()
 
     def unload_model(self) -> None:
-        """Stop the engine thread and free the model, KV cache and file mapping. Idempotent."""
+        """Stop the engine thread and free the model, KV cache and file mapping. Idempotent.
+
+        With server_url: close this client (the server and its model keep running).
+        """
+        if self._remote is not None:
+            self._remote.close()
+            return
         with self._lock:
             loop, loaded = self._loop, self._loaded
             self._loop, self._loaded, self._model_path = None, None, None
@@ -148,11 +177,18 @@ class InferenceEngine:
 
     @property
     def is_loaded(self) -> bool:
+        if self._remote is not None:
+            return not self._remote.closed
         return self._loaded is not None
 
     @property
     def model_info(self) -> dict:
-        """What is loaded: file, architecture, size, shape, tokenizer, device and engine knobs."""
+        """What is loaded: file, architecture, size, shape, tokenizer, device and engine knobs.
+
+        With server_url: server_url, name, and what the server's GET /v1/models says of it.
+        """
+        if self._remote is not None:
+            return self._remote.model_info()
         loaded = self._require_loaded()
         mc, ec, gguf = loaded.model_config, loaded.engine_config, loaded.gguf
         return {
@@ -181,6 +217,11 @@ class InferenceEngine:
     @property
     def memory_report(self) -> dict:
         """Bytes held by the loaded model (weights, kv_cache, ...) and, on CUDA, by torch."""
+        if self._remote is not None:
+            raise RuntimeError(
+                f"memory_report describes a model in this process; {self._remote.url} reports "
+                f"its KV-cache use at GET /metrics"
+            )
         loaded = self._require_loaded()
         report: dict[str, Any] = {"device": str(loaded.device), **loaded.memory}
         report["total"] = sum(v for v in loaded.memory.values() if isinstance(v, int))
@@ -207,7 +248,7 @@ class InferenceEngine:
     ) -> InferResult:
         """Complete `prompt`. Bad arguments raise ValueError; engine errors give success=False."""
         params = _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, kwargs)
-        return self._submit(self._encode_prompt(prompt), params).consume()
+        return self._start_prompt(prompt, params).consume()
 
     def infer_stream(
         self,
@@ -219,10 +260,10 @@ class InferenceEngine:
         seed: int | None = None,
         stop: str | list[str] | None = None,
         **kwargs: Any,
-    ) -> TextStream:
+    ) -> TextStream | RemoteStream:
         """Like infer, but yields text pieces as they are produced (see TextStream)."""
         params = _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, kwargs)
-        return self._submit(self._encode_prompt(prompt), params)
+        return self._start_prompt(prompt, params)
 
     def batch_infer(
         self,
@@ -240,6 +281,9 @@ class InferenceEngine:
             raise ValueError("prompts must be a list of strings, not one string (use infer)")
         prompts = list(prompts)
         params = _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, kwargs)
+        if self._remote is not None:  # concurrent requests: the server batches them
+            checked = [_check_text(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+            return self._remote.batch(checked, params, self._metrics)
         encoded = [self._encode_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
         streams = [self._submit(ids, dataclasses.replace(params)) for ids in encoded]
         return [s.consume() for s in streams]
@@ -257,7 +301,7 @@ class InferenceEngine:
     ) -> InferResult:
         """Answer a conversation ([{"role": "user", "content": "..."}]) with the chat template."""
         params = _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, kwargs)
-        return self._submit(self._encode_chat(messages), params).consume()
+        return self._start_chat(messages, params).consume()
 
     def chat_stream(
         self,
@@ -269,28 +313,27 @@ class InferenceEngine:
         seed: int | None = None,
         stop: str | list[str] | None = None,
         **kwargs: Any,
-    ) -> TextStream:
+    ) -> TextStream | RemoteStream:
         params = _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, kwargs)
-        return self._submit(self._encode_chat(messages), params)
+        return self._start_chat(messages, params)
 
     # --- tokens, metrics ------------------------------------------------------------------------
 
     def tokenize(
         self, text: str, add_special: bool = True, parse_special: bool = True
     ) -> list[int]:
-        if not isinstance(text, str):
-            raise ValueError(f"text must be a string, got {type(text).__name__}")
+        _check_text(text, "text")
+        if self._remote is not None:
+            return self._remote.tokenize(text, add_special, parse_special)
         tok = self._require_loaded().tokenizer
         return list(tok.encode(text, add_special=add_special, parse_special=parse_special))
 
     def detokenize(self, ids: Iterable[int]) -> str:
         ids = list(ids)
+        if self._remote is not None:  # the server checks the ids against its vocabulary
+            return self._remote.detokenize(_check_token_ids(ids, "ids"))
         loaded = self._require_loaded()
-        vocab = loaded.model_config.vocab_size
-        for i, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"ids[{i}] must be a token id in [0, {vocab}), got {t!r}")
-        return loaded.tokenizer.decode(ids)
+        return loaded.tokenizer.decode(_check_token_ids(ids, "ids", loaded.model_config.vocab_size))
 
     def get_metrics(self) -> dict:
         """Latency and throughput since load or reset_metrics() (definitions: llcuda.metrics)."""
@@ -316,15 +359,21 @@ class InferenceEngine:
         echo: bool = False,
     ) -> dict | Iterator[dict]:
         """A `text_completion` dict (or, with stream=True, an iterator of chunks)."""
-        ids = self._encode_prompt(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
+        if isinstance(prompt, str):  # with server_url, the server tokenizes it
+            ids = None if self._remote is not None else self._encode_prompt(prompt)
+        else:
+            ids = self._check_ids(prompt)
         params = _sampling_params(
-            self._openai_max_tokens(max_tokens, len(ids)), temperature, top_k, top_p, seed, stop,
+            self._openai_max_tokens(max_tokens, ids), temperature, top_k, top_p, seed, stop,
             {"min_p": min_p, "repeat_penalty": repeat_penalty},
         )  # fmt: skip
         prefix = (prompt if isinstance(prompt, str) else self.detokenize(ids)) if echo else ""
-        text_stream = self._submit(ids, params)
+        if self._remote is not None:
+            text_stream = self._remote.complete(ids or prompt, params, self._metrics)
+        else:
+            text_stream = self._submit(ids, params)
         body = openai_format.completion_chunks if stream else openai_format.completion
-        return body(text_stream, prefix, self._model_name(), len(ids))
+        return body(text_stream, prefix, self._model_name())
 
     def create_chat_completion(
         self,
@@ -340,16 +389,33 @@ class InferenceEngine:
         repeat_penalty: float = 1.0,
     ) -> dict | Iterator[dict]:
         """A `chat.completion` dict (or, with stream=True, `chat.completion.chunk` dicts)."""
-        ids = self._encode_chat(messages)
+        if self._remote is not None:  # the server applies its chat template
+            messages, ids = _check_messages(messages), None
+        else:
+            ids = self._encode_chat(messages)
         params = _sampling_params(
-            self._openai_max_tokens(max_tokens, len(ids)), temperature, top_k, top_p, seed, stop,
+            self._openai_max_tokens(max_tokens, ids), temperature, top_k, top_p, seed, stop,
             {"min_p": min_p, "repeat_penalty": repeat_penalty},
         )  # fmt: skip
-        text_stream = self._submit(ids, params)
+        if ids is None:
+            text_stream = self._start_chat(messages, params)
+        else:
+            text_stream = self._submit(ids, params)
         body = openai_format.chat_chunks if stream else openai_format.chat_completion
-        return body(text_stream, self._model_name(), len(ids))
+        return body(text_stream, self._model_name())
 
     # --- internals ------------------------------------------------------------------------------
+
+    def _start_prompt(self, prompt: Any, params: SamplingParams) -> TextStream | RemoteStream:
+        """Submit one completion request, to the local engine or to the server."""
+        if self._remote is not None:
+            return self._remote.complete(_check_text(prompt, "prompt"), params, self._metrics)
+        return self._submit(self._encode_prompt(prompt), params)
+
+    def _start_chat(self, messages: Any, params: SamplingParams) -> TextStream | RemoteStream:
+        if self._remote is not None:
+            return self._remote.chat(_check_messages(messages), params, self._metrics)
+        return self._submit(self._encode_chat(messages), params)
 
     def _require_loaded(self) -> Any:
         loaded = self._loaded
@@ -358,11 +424,12 @@ class InferenceEngine:
         return loaded
 
     def _model_name(self) -> str:
+        if self._remote is not None:
+            return self._remote.model_name()
         return os.path.basename(self._model_path or "")
 
     def _encode_prompt(self, prompt: Any, name: str = "prompt") -> list[int]:
-        if not isinstance(prompt, str):
-            raise ValueError(f"{name} must be a string, got {type(prompt).__name__}")
+        _check_text(prompt, name)
         ids = self._require_loaded().tokenizer.encode(prompt, add_special=True, parse_special=True)
         return self._check_length(list(ids), name)
 
@@ -378,11 +445,10 @@ class InferenceEngine:
     def _check_ids(self, ids: Any) -> list[int]:
         if not isinstance(ids, (list, tuple)) or not ids:
             raise ValueError("prompt must be a string or a non-empty list of token ids")
+        if self._remote is not None:
+            return _check_token_ids(ids, "prompt")
         vocab = self._require_loaded().model_config.vocab_size
-        for i, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt[{i}] must be a token id in [0, {vocab}), got {t!r}")
-        return self._check_length(list(ids), "prompt")
+        return self._check_length(_check_token_ids(ids, "prompt", vocab), "prompt")
 
     def _check_length(self, ids: list[int], name: str) -> list[int]:
         ctx = self._require_loaded().engine_config.ctx_size
@@ -393,10 +459,12 @@ class InferenceEngine:
             )
         return ids
 
-    def _openai_max_tokens(self, max_tokens: int | None, num_prompt: int) -> int:
+    def _openai_max_tokens(self, max_tokens: int | None, ids: list[int] | None) -> int:
         """llama-cpp-python: None or <= 0 means 'until the context is full'."""
         if max_tokens is None or (isinstance(max_tokens, int) and max_tokens <= 0):
-            return self._require_loaded().engine_config.ctx_size - num_prompt
+            if self._remote is not None:  # the server knows the prompt's length; we may not
+                return self._remote.ctx_size() or UNTIL_FULL
+            return self._require_loaded().engine_config.ctx_size - len(ids or ())
         return max_tokens
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams) -> TextStream:
@@ -419,6 +487,23 @@ def _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, extra) -
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         stop=stop, **extra,
     )  # fmt: skip
+
+
+def _check_text(text: Any, name: str) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be a string, got {type(text).__name__}")
+    return text
+
+
+def _check_token_ids(ids: Any, name: str, vocab_size: int | None = None) -> list[int]:
+    """ids as a list; each must be an int in [0, vocab_size) (>= 0 when the vocab is remote)."""
+    ids = list(ids)
+    high = vocab_size if vocab_size is not None else float("inf")
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < high:
+            bound = f"in [0, {vocab_size})" if vocab_size is not None else ">= 0"
+            raise ValueError(f"{name}[{i}] must be a token id {bound}, got {t!r}")
+    return ids
 
 
 def _check_messages(messages: Any) -> list[dict]:

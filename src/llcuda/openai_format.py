@@ -1,7 +1,8 @@
 """OpenAI-shaped bodies (text_completion, chat.completion and their stream chunks).
 
 The same shapes llama-cpp-python's `Llama.create_completion` / `create_chat_completion` return,
-so code written against it carries over to `InferenceEngine`.
+so code written against it carries over to `InferenceEngine`. `stream` is a TextStream or a
+llcuda.remote.RemoteStream (the same contract).
 """
 
 from __future__ import annotations
@@ -38,15 +39,15 @@ def _finished(stream: TextStream) -> InferResult:
     return result
 
 
-def completion(stream: TextStream, prefix: str, model: str, num_prompt: int) -> dict:
+def completion(stream: TextStream, prefix: str, model: str) -> dict:
     result = _finished(stream)
     choice = {"text": prefix + result.text, "index": 0, "logprobs": None,
               "finish_reason": result.finish_reason}  # fmt: skip
     return {**_header("text_completion", model), "choices": [choice],
-            "usage": _usage(num_prompt, result.tokens_generated)}  # fmt: skip
+            "usage": _usage(result.prompt_tokens, result.tokens_generated)}  # fmt: skip
 
 
-def completion_chunks(stream: TextStream, prefix: str, model: str, num_prompt: int):
+def completion_chunks(stream: TextStream, prefix: str, model: str):
     header = _header("text_completion", model)
 
     def chunk(text: str, finish_reason: str | None) -> dict:
@@ -66,15 +67,15 @@ def completion_chunks(stream: TextStream, prefix: str, model: str, num_prompt: i
     return gen()
 
 
-def chat_completion(stream: TextStream, model: str, num_prompt: int) -> dict:
+def chat_completion(stream: TextStream, model: str) -> dict:
     result = _finished(stream)
     choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
               "logprobs": None, "finish_reason": result.finish_reason}  # fmt: skip
     return {**_header("chat.completion", model), "choices": [choice],
-            "usage": _usage(num_prompt, result.tokens_generated)}  # fmt: skip
+            "usage": _usage(result.prompt_tokens, result.tokens_generated)}  # fmt: skip
 
 
-def chat_chunks(stream: TextStream, model: str, num_prompt: int):
+def chat_chunks(stream: TextStream, model: str):
     header = _header("chat.completion.chunk", model)
 
     def chunk(delta: dict, finish_reason: str | None) -> dict:

@@ -184,7 +184,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         req = schemas.parse_completion(await body_of(request), state.ctx_size)
         pump = submit(req, "completions")
         prefix = req.prompt if req.echo else ""
-        fmt = _OpenAIFormat("text_completion", state.model_name)
+        fmt = _OpenAIFormat("text_completion", state.model_name, req.return_tokens)
         if req.stream:
             return _sse(pump, fmt.stream_completion(pump, prefix, req.include_usage))
         text = prefix + await _collect(pump, request)
@@ -194,7 +194,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
     async def chat_completions(request: Request):
         req = schemas.parse_chat(await body_of(request), state.ctx_size)
         pump = submit(req, "chat")
-        fmt = _OpenAIFormat("chat.completion", state.model_name)
+        fmt = _OpenAIFormat("chat.completion", state.model_name, req.return_tokens)
         if req.stream:
             return _sse(pump, fmt.stream_chat(pump, req.include_usage))
         text = await _collect(pump, request)
@@ -298,11 +298,16 @@ def _usage(stream: TextStream) -> dict:
 
 
 class _OpenAIFormat:
-    """text_completion / chat.completion bodies and their stream chunks (one id per request)."""
+    """text_completion / chat.completion bodies and their stream chunks (one id per request).
 
-    def __init__(self, kind: str, model: str) -> None:
+    return_tokens (llama-server's /completion flag, an extension here) adds the generated ids as
+    a top-level `tokens`: in the body, or in the finish_reason chunk of a stream.
+    """
+
+    def __init__(self, kind: str, model: str, return_tokens: bool = False) -> None:
         prefix = "cmpl" if kind == "text_completion" else "chatcmpl"
         self.kind = kind
+        self.return_tokens = return_tokens
         self.header = {"id": f"{prefix}-{os.urandom(12).hex()}", "created": int(time.time()),
                        "model": model}  # fmt: skip
 
@@ -310,13 +315,16 @@ class _OpenAIFormat:
         choice = {"text": text, "index": 0, "logprobs": None,
                   "finish_reason": stream.result.finish_reason}  # fmt: skip
         return {**self.header, "object": "text_completion", "choices": [choice],
-                "usage": _usage(stream)}  # fmt: skip
+                "usage": _usage(stream), **self._tokens(stream)}  # fmt: skip
 
     def chat(self, stream: TextStream, text: str) -> dict:
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
                   "logprobs": None, "finish_reason": stream.result.finish_reason}  # fmt: skip
         return {**self.header, "object": "chat.completion", "choices": [choice],
-                "usage": _usage(stream)}  # fmt: skip
+                "usage": _usage(stream), **self._tokens(stream)}  # fmt: skip
+
+    def _tokens(self, stream: TextStream) -> dict:
+        return {"tokens": list(stream.result.token_ids)} if self.return_tokens else {}
 
     def _chunk(self, obj: str, choice: dict, finish_reason: str | None) -> dict:
         choice = {"index": 0, **choice, "logprobs": None, "finish_reason": finish_reason}
@@ -328,7 +336,8 @@ class _OpenAIFormat:
             yield self._chunk(obj, {"text": prefix}, None)
         async for piece in pump.pieces():
             yield self._chunk(obj, {"text": piece}, None)
-        yield self._chunk(obj, {"text": ""}, pump.stream.result.finish_reason)
+        end = self._chunk(obj, {"text": ""}, pump.stream.result.finish_reason)
+        yield {**end, **self._tokens(pump.stream)}
         if include_usage:
             yield {**self.header, "object": obj, "choices": [], "usage": _usage(pump.stream)}
 
@@ -337,7 +346,8 @@ class _OpenAIFormat:
         yield self._chunk(obj, {"delta": {"role": "assistant", "content": ""}}, None)
         async for piece in pump.pieces():
             yield self._chunk(obj, {"delta": {"content": piece}}, None)
-        yield self._chunk(obj, {"delta": {}}, pump.stream.result.finish_reason)
+        end = self._chunk(obj, {"delta": {}}, pump.stream.result.finish_reason)
+        yield {**end, **self._tokens(pump.stream)}
         if include_usage:
             yield {**self.header, "object": obj, "choices": [], "usage": _usage(pump.stream)}
 
@@ -349,6 +359,7 @@ class _LlamaFormat:
         self.model = state.model_name
         self.eog_ids = state.llm_engine.eog_ids
         self.stops = req.sampling["stop"]
+        self.return_tokens = req.return_tokens
 
     def summary(self, stream: TextStream) -> dict:
         r = stream.result
@@ -368,6 +379,8 @@ class _LlamaFormat:
                 "predicted_n": r.tokens_generated, "predicted_ms": predicted_ms,
                 "predicted_per_second": r.tokens_per_sec,
             },
+            # all of them, also at the end of a stream (llama-server sends them chunk by chunk)
+            **({"tokens": list(r.token_ids)} if self.return_tokens else {}),
         }  # fmt: skip
 
     async def stream(self, pump: _Pump):

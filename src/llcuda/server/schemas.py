@@ -163,6 +163,7 @@ class GenerateRequest:
     messages: list | None = None  # chat
     echo: bool = False
     include_usage: bool = False
+    return_tokens: bool = False  # llama-server's: the generated token ids in the answer
     extra: dict = field(default_factory=dict)
 
 
@@ -188,6 +189,7 @@ def _sampling(body: dict, ctx_size: int, max_name: str, defaults: dict) -> dict:
         "top_p": get_float(body, "top_p", defaults["top_p"], low=0.0, high=1.0),
         "min_p": get_float(body, "min_p", 0.05, low=0.0, high=1.0),
         "repeat_penalty": get_float(body, "repeat_penalty", 1.0, low=0.0),
+        "repeat_last_n": get_int(body, "repeat_last_n", 64, low=-1),
         "seed": get_seed(body),
         "stop": get_stop(body),
         "ignore_eos": get_bool(body, "ignore_eos", False),
@@ -220,6 +222,7 @@ def parse_completion(body: dict, ctx_size: int) -> GenerateRequest:
         prompt=prompt,
         echo=get_bool(body, "echo", False),
         include_usage=_stream_options(body, stream),
+        return_tokens=get_bool(body, "return_tokens", False),
     )
 
 
@@ -239,6 +242,7 @@ def parse_chat(body: dict, ctx_size: int) -> GenerateRequest:
         stream=stream,
         messages=messages,
         include_usage=_stream_options(body, stream),
+        return_tokens=get_bool(body, "return_tokens", False),
     )
 
 
@@ -249,6 +253,7 @@ def parse_llama_completion(body: dict, ctx_size: int) -> GenerateRequest:
         sampling=_sampling(body, ctx_size, "n_predict", defaults),
         stream=get_bool(body, "stream", False),
         prompt=get_prompt(body),
+        return_tokens=get_bool(body, "return_tokens", False),
     )
 
 
