@@ -177,3 +177,78 @@ def test_reset_prefix_cache():
     bm.reset_prefix_cache()
     assert bm.find_cached_blocks(_req([1, 2, 3, 4, 5], "b")) == []
     bm.check_invariants([a])
+
+
+def test_growing_a_table_keeps_its_registered_blocks_registered():
+    # allocate_slots used to reset num_hashed_blocks on every call, so that every step rescanned
+    # the request's whole table for blocks to register (quadratic in the sequence length)
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    r = _req(range(14), "r")
+    _compute(bm, r)
+    assert r.num_hashed_blocks == 3
+    r.append_output_token(99)
+    assert bm.allocate_slots(r, 1)  # position 14: no new block
+    assert r.num_hashed_blocks == 3
+    r.num_computed_tokens += 1
+    r.append_output_token(98)
+    bm.cache_full_blocks(r)
+    assert r.num_hashed_blocks == 3  # 15 tokens computed: block 3 is not full yet
+    assert bm.allocate_slots(r, 1)
+    r.num_computed_tokens += 1
+    bm.cache_full_blocks(r)
+    assert r.num_hashed_blocks == 4 and bm.num_cached_blocks == 4
+    bm.check_invariants([r])
+
+
+def test_a_twin_computed_alongside_stays_private_and_is_evicted_first():
+    # a and b compute the same prompt in the same steps: a's blocks are registered first
+    bm = BlockManager(num_blocks=6, block_size=4, enable_prefix_caching=True)
+    a, b = _req(range(10), "a"), _req(range(10), "b")
+    assert bm.allocate_slots(a, 10) and bm.allocate_slots(b, 10)
+    for r in (a, b):
+        r.num_computed_tokens = 10
+        bm.cache_full_blocks(r)
+    a_full = a.block_table[:2]
+    assert bm.num_cached_blocks == 2
+    assert [bm.blocks[i].hash is None for i in b.block_table] == [True, True, True]
+    bm.free(a)
+    # b's twins are unreachable: freed after a's blocks, they must still be handed out before
+    # a's cached ones (they used to keep a hash and queue behind them)
+    bm.free(b)
+    c = _req(range(100, 116), "c")
+    assert bm.allocate_slots(c, 16)  # 4 blocks: b's 3 and a's partial last block
+    assert set(c.block_table).isdisjoint(a_full)
+    assert bm.find_cached_blocks(_req(range(10), "d")) == a_full
+    bm.check_invariants([c])
+
+
+def test_reset_prefix_cache_with_shared_blocks_keeps_them_working():
+    bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=True)
+    a = _req([1, 2, 3, 4, 5], "a")
+    _compute(bm, a)
+    b = _req([1, 2, 3, 4, 6], "b")
+    hits = bm.find_cached_blocks(b)
+    assert bm.allocate_slots(b, 1, hits)
+    bm.reset_prefix_cache()
+    bm.check_invariants([a, b])  # shared blocks keep their hash: they are still full, immutable
+    assert bm.find_cached_blocks(_req([1, 2, 3, 4, 7], "c")) == []
+    bm.free(a)
+    bm.free(b)
+    bm.check_invariants([])
+    assert bm.num_cached_blocks == 0
+    assert all(block.hash is None for block in bm.blocks)  # nothing unreachable is kept
+
+
+def test_kv_use_counts_blocks_held_by_live_requests_not_evictable_cached_ones():
+    bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=True)
+    a = _req([1, 2, 3, 4, 5], "a")
+    _compute(bm, a)
+    b = _req([1, 2, 3, 4, 6, 7], "b")
+    assert bm.allocate_slots(b, 2, bm.find_cached_blocks(b))
+    assert bm.num_used_blocks == 4  # a's 3 blocks, 2 of them shared with b, and b's own one
+    assert bm.usage == pytest.approx(4 / 8)
+    bm.free(a)
+    assert bm.num_used_blocks == 3
+    bm.free(b)
+    assert bm.num_used_blocks == 0 and bm.usage == 0.0 and bm.num_free_blocks == 8
+    assert bm.num_cached_blocks == 2  # still findable, evicted on demand

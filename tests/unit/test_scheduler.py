@@ -201,6 +201,38 @@ def test_prefix_cache_hit_skips_computed_blocks_on_admission():
     assert out.scheduled[0].request.num_cached_tokens == 8
 
 
+def test_prefix_cache_stats_and_a_readmitted_request_keeps_its_first_cached_count():
+    # 6 blocks of 4; a runs alone first and leaves 2 cached blocks behind
+    s = _scheduler(num_blocks=6, ctx_size=24, prefix=True, n_parallel=2, ubatch_size=16,
+                   batch_size=32)  # fmt: skip
+    s.add_request(_req("a", 9, max_tokens=1))
+    _step(s)
+    stats = s.block_manager.prefix_cache_stats
+    assert (stats.num_requests, stats.num_queried_tokens, stats.num_hit_tokens) == (1, 9, 0)
+    s.add_request(_req("b", 9, max_tokens=12, ignore_eos=True))  # hits a's 2 blocks
+    s.add_request(_req("c", 2, max_tokens=20, ignore_eos=True))
+    out, _ = _step(s)
+    assert _shape(out) == [("b", 8, 1, True), ("c", 0, 2, True)]
+    assert (stats.num_requests, stats.num_queried_tokens, stats.num_hit_tokens) == (3, 20, 8)
+    assert stats.hit_rate == pytest.approx(8 / 20)
+    c = s.requests["c"]
+    for _ in range(6):
+        out, _ = _step(s)
+    # b and c grew to 4 + 2 blocks; b needs a 5th: c (7 tokens: 1 full block, cached) goes
+    out, _ = _step(s)
+    assert out.preempted_ids == ["c"]
+    log = []
+    while s.has_unfinished_requests():
+        out, _ = _step(s)
+        log += _shape(out)
+    # readmitted with 9 tokens (2 prompt + 7 output) it found its own first block again ...
+    assert ("c", 4, 5, True) in log
+    assert (stats.num_requests, stats.num_queried_tokens, stats.num_hit_tokens) == (4, 29, 12)
+    # ... but num_cached_tokens keeps the first admission's count: prompt tokens only
+    assert c.num_cached_tokens == 0
+    assert s.block_manager.usage == 0.0
+
+
 # --- property: random workloads never leak or double-free KV blocks ---------------------------
 
 
@@ -222,12 +254,46 @@ def _check_live_state(s: Scheduler, prefix: bool) -> None:
     assert bm.num_free_blocks == bm.num_blocks - len(held)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data())
-def test_random_workload_never_leaks_or_double_frees(data):
+class PagedKV:
+    """What a model runner does with the block tables: write fed tokens, read contexts back.
+
+    A slot holds (position, token id). Reading a context checks every slot it goes through, so a
+    block adopted from the prefix cache with other tokens, other positions or overwritten entries
+    fails here; a write into a block that another request shares, or that is registered in the
+    prefix cache, fails too (those blocks must stay immutable).
+    """
+
+    def __init__(self, bm: BlockManager) -> None:
+        self.bm = bm
+        self.slots: dict[int, tuple[int, int]] = {}
+
+    def _slot(self, r: Request, pos: int) -> int:
+        bs = self.bm.block_size
+        return r.block_table[pos // bs] * bs + pos % bs
+
+    def execute(self, out: SchedulerOutput) -> None:
+        bs = self.bm.block_size
+        for item in out.scheduled:
+            r = item.request
+            for pos in range(item.start_pos, item.seq_len):
+                block = self.bm.blocks[r.block_table[pos // bs]]
+                assert block.ref_count == 1, f"{r.request_id} writes into shared {block}"
+                assert block.hash is None, f"{r.request_id} writes into cached {block}"
+                self.slots[self._slot(r, pos)] = (pos, r.all_token_ids[pos])
+        for item in out.scheduled:  # attention reads after every write of the step
+            r = item.request
+            for pos in range(item.seq_len):
+                assert self.slots.get(self._slot(r, pos)) == (pos, r.all_token_ids[pos]), (
+                    f"{r.request_id}: KV entry of position {pos} is wrong"
+                )
+
+
+@pytest.mark.parametrize("prefix", [False, True], ids=["no_prefix_cache", "prefix_cache"])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_workload_never_leaks_or_double_frees(prefix, data):
     block_size = data.draw(st.integers(1, 4), label="block_size")
     ctx = data.draw(st.integers(8, 20), label="ctx")
-    prefix = data.draw(st.booleans(), label="prefix_caching")
     batch = data.draw(st.integers(1, 16), label="batch_size")
     config = EngineConfig(
         ctx_size=ctx,
@@ -239,22 +305,29 @@ def test_random_workload_never_leaks_or_double_frees(data):
     num_blocks = cdiv(ctx, block_size) + data.draw(st.integers(0, 3), label="extra_blocks")
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix)
     s = Scheduler(config, bm, eog_ids=[EOG])
+    kv = PagedKV(bm)
     next_id = 0
     tokens = st.sampled_from([1, 2, 3, EOG])  # a tiny alphabet: prefixes repeat, EOG happens
+    # prompts start with a piece of one of two shared prompts, then go their own way
+    shared = [data.draw(st.lists(st.sampled_from([1, 2, 3]), min_size=ctx, max_size=ctx),
+                        label=f"shared_prompt_{i}") for i in range(2)]  # fmt: skip
 
     def step(abort_mid_step: bool) -> None:
+        hits_before = bm.prefix_cache_stats.num_hit_tokens
         out = s.schedule()
         assert out.total_num_tokens <= config.batch_size
         if out.preempted_ids:
             event("preemption")
-        if any(x.request.num_cached_tokens for x in out.scheduled):
+        if bm.prefix_cache_stats.num_hit_tokens > hits_before:
             event("prefix cache hit")
         for item in out.scheduled:
             r = item.request
+            assert r.num_computed_tokens == item.start_pos
             assert 1 <= item.num_tokens <= config.ubatch_size
             assert len(r.block_table) == cdiv(item.start_pos + item.num_tokens, block_size)
             assert item.sample == (item.start_pos + item.num_tokens == r.num_tokens)
         _check_live_state_mid_step(s, prefix)
+        kv.execute(out)
         if abort_mid_step and out.scheduled:
             victim = data.draw(st.sampled_from(out.scheduled)).request_id
             s.abort_request(victim)
@@ -267,11 +340,13 @@ def test_random_workload_never_leaks_or_double_frees(data):
         )
         if op == "add":
             n = data.draw(st.integers(1, ctx - 1))
-            prompt = data.draw(st.lists(st.sampled_from([1, 2, 3]), min_size=n, max_size=n))
+            head = data.draw(st.sampled_from(shared))[: data.draw(st.integers(0, n))]
+            tail = data.draw(st.lists(st.sampled_from([1, 2, 3]), min_size=n - len(head),
+                                      max_size=n - len(head)))  # fmt: skip
             params = SamplingParams(
                 max_tokens=data.draw(st.integers(1, 8)), ignore_eos=data.draw(st.booleans())
             )
-            s.add_request(Request(f"r{next_id}", prompt, params))
+            s.add_request(Request(f"r{next_id}", head + tail, params))
             next_id += 1
         elif op == "step":
             step(abort_mid_step=data.draw(st.booleans()))
@@ -289,7 +364,10 @@ def test_random_workload_never_leaks_or_double_frees(data):
         step(abort_mid_step=False)
         _check_live_state(s, prefix)
     assert not s.has_unfinished_requests()
-    assert bm.num_free_blocks == num_blocks and bm.usage == 0.0
+    # KV use is back to zero; cached blocks may remain, all of them free (evicted on demand)
+    assert bm.num_free_blocks == num_blocks and bm.usage == 0.0 and bm.num_used_blocks == 0
+    if not prefix:
+        assert bm.num_cached_blocks == 0 and bm.prefix_cache_stats.num_requests == 0
     bm.check_invariants([])
 
 

@@ -4,11 +4,19 @@ The KV cache is `num_blocks` blocks of `block_size` token slots. Token i of a re
 slot `block_table[i // block_size] * block_size + i % block_size`. Blocks are reference counted so
 that, with prefix caching on, requests whose prompts share a prefix share the blocks holding it.
 
-Prefix caching (flag `enable_prefix_caching`): every *full* block is named by a chained hash of
-(parent block's hash, its token ids), so a hash names the whole prefix up to that block's end.
-Once a block's tokens are computed, its hash is registered; a new request looks its own hashes up
-and adopts the matching blocks instead of recomputing them. Freed blocks keep their hash and stay
-findable until they are handed out again (lazy eviction, least recently freed first).
+Prefix caching (flag `enable_prefix_caching`, on by default in EngineConfig): every *full* block is
+named by a chained hash of (parent block's hash, its token ids), so a hash names the whole prefix up
+to that block's end. Once a block's tokens are computed, its hash is registered; a new request looks
+its own hashes up and adopts the matching blocks instead of recomputing them. Freed blocks keep
+their hash and stay findable until they are handed out again (lazy eviction, least recently freed
+first). Rules that keep sharing safe:
+- only full, computed blocks are registered, and a registered block is never written again: a
+  request writes only positions >= its num_computed_tokens, which lie in blocks after the shared
+  ones (a shared block's positions are all < num_computed_tokens of every holder);
+- the last known token is never served from the cache, so the step that feeds it still produces
+  the logits to sample from (a fully cached prompt recomputes its last block);
+- "KV use" (`usage`, `num_free_blocks`) counts blocks referenced by live requests: cached blocks
+  that no request holds are free, since they are evicted on demand.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from llcuda.engine.request import Request
 
@@ -49,6 +58,27 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass
+class PrefixCacheStats:
+    """Prefix-cache lookups since start, counted in tokens as vLLM's prefix_cache_queries/_hits.
+
+    One lookup per admission (a preempted request readmitted looks its tokens up again).
+    """
+
+    num_requests: int = 0  # admissions that looked the cache up
+    num_queried_tokens: int = 0  # tokens those requests held when admitted
+    num_hit_tokens: int = 0  # of which the cache already held (not computed again)
+
+    def record(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.num_requests += 1
+        self.num_queried_tokens += num_tokens
+        self.num_hit_tokens += num_hit_tokens
+
+    @property
+    def hit_rate(self) -> float:
+        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
+
+
 class BlockManager:
     """Free list + reference counts over `num_blocks` KV blocks, with optional prefix caching."""
 
@@ -65,6 +95,7 @@ class BlockManager:
         # because a prefix-cache hit takes a block out of the middle.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[bytes, int] = {}  # block hash -> id of the block holding that prefix
+        self.prefix_cache_stats = PrefixCacheStats()  # recorded by the scheduler on admission
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -79,7 +110,13 @@ class BlockManager:
         return 1.0 - len(self._free) / self.num_blocks
 
     @property
+    def num_used_blocks(self) -> int:
+        """Blocks referenced by at least one live request (what KV use reports)."""
+        return self.num_blocks - len(self._free)
+
+    @property
     def num_cached_blocks(self) -> int:
+        """Blocks findable by prefix hash, held or free."""
         return len(self._cached)
 
     def num_blocks_needed(self, num_tokens: int) -> int:
@@ -121,7 +158,9 @@ class BlockManager:
                 del self._free[block_id]
             block.ref_count += 1
             request.block_table.append(block_id)
-        request.num_hashed_blocks = len(cached_blocks)
+        if cached_blocks:
+            # (only here: resetting it on every call made cache_full_blocks rescan whole tables)
+            request.num_hashed_blocks = len(cached_blocks)
         for _ in range(num_new):
             block_id, _ = self._free.popitem(last=False)
             block = self.blocks[block_id]
@@ -140,6 +179,8 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None
+                if block.hash is not None and self._cached.get(block.hash) != block_id:
+                    block.hash = None  # no lookup can reach it (reset_prefix_cache ran)
                 if block.hash is None:
                     # nothing worth keeping in it: hand it out before the cached ones
                     self._free.move_to_end(block_id, last=False)
@@ -197,17 +238,24 @@ class BlockManager:
         hashes = self.block_hashes(request, num_full)
         for i in range(request.num_hashed_blocks, num_full):
             block = self.blocks[request.block_table[i]]
-            if block.hash is None:
+            if block.hash is None and hashes[i] not in self._cached:
                 block.hash = hashes[i]
-                # a twin computed concurrently by another request keeps the entry; both stay valid
-                self._cached.setdefault(block.hash, block.block_id)
+                self._cached[block.hash] = block.block_id
+            # else: adopted from the cache, or a twin of a block another request computed in the
+            # same steps; the twin stays private (and unhashed): the registered one serves lookups
         request.num_hashed_blocks = num_full
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix (e.g. after the weights change). Held blocks keep working."""
+        """Forget every cached prefix (e.g. after the weights change). Held blocks keep working.
+
+        Held blocks keep their hash (they stay full and immutable) but no lookup finds them; the
+        ones that nobody holds are moved to the front of the free list.
+        """
         self._cached.clear()
         for block in self.blocks:
-            block.hash = None
+            if block.ref_count == 0 and block.hash is not None:
+                block.hash = None
+                self._free.move_to_end(block.block_id, last=False)
 
     # --- checks ---------------------------------------------------------------------------------
 

@@ -13,7 +13,10 @@ Policy per step (budget = `batch_size` tokens over all requests):
    request itself is. The oldest request therefore always progresses: no livelock.
 2. If nothing was preempted, waiting requests are admitted first come first served while fewer
    than `n_parallel` run, budget is left and the cache has blocks for their first chunk. The head of
-   the queue blocks the rest (FCFS), so a large prompt is not starved by small ones.
+   the queue blocks the rest (FCFS), so a large prompt is not starved by small ones. With prefix
+   caching an admitted request starts with `num_computed_tokens` = the tokens its cached blocks hold
+   (whole blocks, never its last token); a preempted request readmitted looks its prompt and output
+   tokens up again, so recomputation after preemption reuses whatever is still cached.
 """
 
 from __future__ import annotations
@@ -197,11 +200,15 @@ class Scheduler:
             if not bm.allocate_slots(request, num_new, cached):
                 break
             self.waiting.popleft()
+            if bm.enable_prefix_caching:
+                bm.prefix_cache_stats.record(request.num_tokens, num_computed)
             request.num_computed_tokens = num_computed
-            request.num_cached_tokens = num_computed
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
+                # the first admission's hits: prompt tokens only (a readmitted request's hits
+                # may cover its output tokens too)
+                request.num_cached_tokens = num_computed
             self.running.append(request)
             out.scheduled.append(
                 ScheduledRequest(
