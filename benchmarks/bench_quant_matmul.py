@@ -148,13 +148,62 @@ def sweep_shape(tname: str, k: int, n: int, gen) -> list[dict]:
                                   (64, 256, 8, 2), (64, 128, 4, 2), (128, 128, 4, 2)]:
         cfg = dict(gbase, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
         try:
-            us = time_calls([lambda w=w, c=cfg: quant_gemm(x, w, config=c) for w in ws[:4]],
+            us = time_calls([lambda w=w, c=cfg, x=x: quant_gemm(x, w, config=c) for w in ws[:4]],
                             reps=10)
         except Exception as e:
             print(f"  gemm {cfg}: failed {type(e).__name__}: {str(e)[:80]}")
             continue
         out.append({"type": tname, "K": k, "N": n, "M": 512, "cfg": cfg, "us": us,
                     "TFLOPs": 2 * 512 * n * k / us / 1e6, "default": cfg == gbase})
+    return out
+
+
+# the 1B twin's projections as a decode batch meets them (q|k, gate|up fused; K=1152 is Q5_0)
+DECODE_SWEEP = [("Q5_0", 1152, 13824), ("Q4_K", 6912, 1152), ("Q5_0", 1152, 1280)]
+
+
+def decode_sweep(gen, batches=(64, 128)) -> list[dict]:
+    """Tensor-core tile shapes, pipeline depth, K per step and warps at decode batch sizes."""
+    import triton
+
+    out = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for tname, k, n in DECODE_SWEEP:
+        qid = T[tname]
+        w0 = qp.pack_weight(random_rows(qid, n, k, gen), qid, k)
+        copies = max(1, min(64, -(-TARGET_BYTES // w0.nbytes)))
+        ws = [w0] + [qp.pack_weight(random_rows(qid, n, k, gen), qid, k)
+                     for _ in range(copies - 1)]
+        for m in batches:
+            x = torch.randn((m, k), generator=gen, device="cuda")
+            base = gemm_config(qid, m, n, k // 32, sms)
+            results = []
+            for bn in (32, 64, 128):
+                for bg in (base["BLOCK_G"], 2 * base["BLOCK_G"]):
+                    for stages in (2, 3):
+                        for warps in (4, 8):
+                            tiles = triton.cdiv(m, base["BLOCK_M"]) * triton.cdiv(n, bn)
+                            split = 1
+                            if tiles < sms:
+                                split = max(1, min(triton.cdiv(2 * sms, tiles),
+                                                   (k // 32) // (2 * bg)))
+                            cfg = dict(base, BLOCK_N=bn, BLOCK_G=bg, num_stages=stages,
+                                       num_warps=warps, SPLIT_K=split)
+                            try:
+                                us = time_calls([lambda w=w, c=cfg, x=x: quant_gemm(x, w, config=c)
+                                                 for w in ws])
+                            except Exception as e:
+                                print(f"  {tname} M={m} {cfg}: failed {type(e).__name__}")
+                                continue
+                            results.append((us, cfg))
+            base_us = time_calls([lambda w=w, x=x: quant_gemm(x, w) for w in ws])
+            best_us, best = min(results, key=lambda r: r[0])
+            print(f"decode-sweep {tname} K={k} N={n} M={m}: default {base_us:7.1f}us "
+                  f"best {best_us:7.1f}us {best}", flush=True)
+            for us, cfg in sorted(results, key=lambda r: r[0])[:4]:
+                print(f"    {us:7.1f}us {cfg}")
+            out.append({"type": tname, "K": k, "N": n, "M": m, "default_us": base_us,
+                        "best_us": best_us, "best": best})
     return out
 
 
@@ -165,11 +214,16 @@ def main() -> None:
     ap.add_argument("--crossover", action="store_true",
                     help="time both paths at M = 2..16 to place GEMV_MAX_M")
     ap.add_argument("--no-table", action="store_true", help="skip the table (with --sweep)")
+    ap.add_argument("--decode-sweep", action="store_true",
+                    help="only: tile configs of the 1B twin's projections at M = 64, 128")
     ap.add_argument("--json", default=None, help="append one JSON line per row to this file")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    if args.decode_sweep:
+        decode_sweep(gen)
+        return
     rows = []
     for tname, k, n in [] if args.no_table else QUICK if args.quick else SHAPES:
         rows += bench_shape(tname, k, n, BATCHES, gen)

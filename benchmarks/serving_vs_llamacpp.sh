@@ -8,14 +8,15 @@
 set -uo pipefail
 out=${1:-${OUT:-/tmp/bench-out}}
 parts=${2:-batched serve}
-mkdir -p "$out" /tmp/models /tmp/peer
+mkdir -p "$out" ${MODEL_DIR:-/tmp/models} /tmp/peer
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=$PWD/src:/tmp/site:${PYTHONPATH:-}
-[ -x /tmp/peer/llama-server ] || tar xJf .peer/llamacpp-sm90.tar.xz -C /tmp/peer
+[ -x /tmp/peer/llama-server ] || [ ! -f .peer/llamacpp-sm90.tar.xz ] || tar xJf .peer/llamacpp-sm90.tar.xz -C /tmp/peer
+peer=$([ -x /tmp/peer/llama-server ] && echo yes || echo "")  # llcuda alone without the archive
 export LD_LIBRARY_PATH=/tmp/peer:${LD_LIBRARY_PATH:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 echo "commit ${LLCUDA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" | tee "$out/commit.txt"
-m=/tmp/models/gemma3-1b-twin.gguf
+m=${MODEL_DIR:-/tmp/models}/gemma3-1b-twin.gguf
 [ -f "$m" ] || python3 -m llcuda.gguf.synthetic "$m" --preset 1b
 
 wait_up() {  # url, pid
@@ -37,7 +38,7 @@ if [[ $parts == *batched* ]]; then
   echo "== llcuda batched decode"
   python3 benchmarks/batched_bench.py "$m" -npp 128 -ntg 128 -npl 1,4,8,16,32,64,128 \
     2>&1 | tee "$out/llcuda_batched.txt"
-  echo "== llama-batched-bench"
+  [ -n "$peer" ] && echo "== llama-batched-bench" &&
   /tmp/peer/llama-batched-bench -m "$m" -ngl 99 -fa on -c 40000 -b 2048 -ub 512 \
     -npp 128 -ntg 128 -npl 1,4,8,16,32,64,128 2>&1 | grep -E "^\|" | tee "$out/llamacpp_batched.txt"
 fi
@@ -56,6 +57,7 @@ if [[ $parts == *serve* ]]; then
     echo "llcuda serve did not come up"; tail -30 "$out/llcuda_server.log"
   fi
   kill -TERM $pid; wait $pid
+  [ -z "$peer" ] && exit 0
   echo "== llama-server -np 64"
   /tmp/peer/llama-server -m "$m" -ngl 99 -fa on -c 65536 -np 64 --host 127.0.0.1 --port 8091 \
     > "$out/llamacpp_server.log" 2>&1 &

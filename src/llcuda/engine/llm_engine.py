@@ -83,7 +83,7 @@ class LLMEngine:
         `vocab_size`, used to reject out-of-range prompt ids before they reach the embedding.
     detokenizer_factory: a callable returning a fresh per-request detokenizer with
         `push(id) -> str` and `flush() -> str`; default `IncrementalDetokenizer(tokenizer)`.
-    enable_prefix_caching: default `config.extra.get("enable_prefix_caching", False)`.
+    enable_prefix_caching: overrides `config.enable_prefix_caching` (default: on).
     """
 
     def __init__(
@@ -99,7 +99,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         if enable_prefix_caching is None:
-            enable_prefix_caching = bool(config.extra.get("enable_prefix_caching", False))
+            enable_prefix_caching = config.enable_prefix_caching
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, enable_prefix_caching=enable_prefix_caching
         )

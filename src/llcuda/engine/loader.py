@@ -9,6 +9,7 @@ import torch
 
 from llcuda.config import EngineConfig, ModelConfig
 from llcuda.engine.llm_engine import LLMEngine
+from llcuda.engine.warmup import warm_up
 from llcuda.engine.memory_plan import MemoryPlan, check_fits, plan_gpu_memory
 from llcuda.gguf.chat_template import ChatTemplate, chat_template_from_metadata
 from llcuda.gguf.model_config import model_config_from_gguf
@@ -84,6 +85,8 @@ def load(
         kv_dtype = torch.float16 if head_device.type == "cuda" else torch.float32
         runner = ModelRunner(model, model_config, config, kv_cache_dtype=kv_dtype)
         engine = LLMEngine(runner, tokenizer, config)
+        if head_device.type == "cuda" and config.extra.get("warm_up", True):
+            warm_up(engine, model_config.vocab_size)
     except BaseException:
         gguf.close()
         raise

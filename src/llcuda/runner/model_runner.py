@@ -116,11 +116,15 @@ class ModelRunner:
             torch.tensor(logits_indices, dtype=torch.int64),
         )
 
-    @torch.inference_mode()
     def execute_model(self, step: SchedulerOutput) -> dict[str, int]:
         """Run one step; returns the sampled token of each request whose known tokens all ran."""
+        return self.launch(step).result()
+
+    @torch.inference_mode()
+    def launch(self, step: SchedulerOutput) -> SampledTokens:
+        """Queue one step on the device; the returned handle waits for its sampled tokens."""
         if not step.scheduled:
-            return {}
+            return SampledTokens([], None)
         input_ids, positions, meta, logits_indices = self.prepare_inputs(step)
         sampled_items = [item for item in step.scheduled if item.sample]
         is_decode = meta.max_query_len == 1 and len(sampled_items) == len(step.scheduled)
@@ -133,7 +137,7 @@ class ModelRunner:
             metas = {device: meta.to(device) for device in self.devices}
             hidden = self.model.forward(x, positions, metas, self.kv_caches)
             if not sampled_items:
-                return {}
+                return SampledTokens([], None)
             logits = self.model.compute_logits(hidden[logits_indices.to(hidden.device)])
         requests = [item.request for item in sampled_items]
         token_ids = sample(
@@ -142,4 +146,30 @@ class ModelRunner:
             [r.generator for r in requests],
             [r.all_token_ids for r in requests],
         )
-        return dict(zip((r.request_id for r in requests), token_ids.tolist(), strict=True))
+        return SampledTokens([r.request_id for r in requests], token_ids)
+
+
+class SampledTokens:
+    """The token ids one step sampled, on their way to the host.
+
+    On a GPU the copy goes to pinned memory without blocking and an event marks its end, so the
+    caller can do host work while the step runs; result() waits for that event only.
+    """
+
+    def __init__(self, request_ids: list[str], token_ids: torch.Tensor | None):
+        self.request_ids = request_ids
+        self.event = None
+        if token_ids is not None and token_ids.device.type == "cuda":
+            host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            self.token_ids = host.copy_(token_ids, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.token_ids = token_ids
+
+    def result(self) -> dict[str, int]:
+        if self.token_ids is None:
+            return {}
+        if self.event is not None:
+            self.event.synchronize()
+        return dict(zip(self.request_ids, self.token_ids.tolist(), strict=True))

@@ -1,0 +1,38 @@
+"""Run a small throw-away workload right after load, so no user request pays for a compile.
+
+Triton compiles a kernel the first time it meets new block shapes (the matmul tiles depend on
+the number of rows) or new integer specializations; the first request of each kind would
+otherwise wait seconds for that. CUDA graphs already cover pure decode steps; this covers
+prefill chunks of several sizes and steps that mix prefill with decode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llcuda.engine.llm_engine import LLMEngine
+from llcuda.sampling_params import SamplingParams
+
+
+def warm_up(engine: LLMEngine, vocab_size: int) -> int:
+    """Run prompts of assorted lengths to completion (3 tokens each); returns the steps taken.
+
+    Leaves the engine as it found it: no request, every KV block free, step counter unchanged.
+    The prompts avoid the prefix cache (random ids), and their blocks are freed at the end.
+    """
+    config = engine.config
+    gen = torch.Generator().manual_seed(0)
+    longest = min(config.ctx_size - 4, 2 * config.ubatch_size + 3)
+    # one lone short prompt, then waves that fill a step with prefill chunks and decodes
+    lengths = [1, 7, 17, 40, longest, 100, 3, 65, 33, 129, 2, 9]
+    lengths = [max(1, min(n, longest)) for n in lengths]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    steps = engine.num_steps
+    for wave in (lengths[:1], lengths[1:6], lengths[6:]):
+        for n in wave[: config.n_parallel]:
+            engine.add_request(torch.randint(10, vocab_size, (n,), generator=gen).tolist(), params)
+        while engine.has_unfinished_requests():
+            engine.step()
+    taken = engine.num_steps - steps
+    engine.num_steps = steps
+    return taken
