@@ -40,7 +40,7 @@ from llcuda.streams import InferResult, TextStream
 # infer(**kwargs) may set these SamplingParams fields beyond the explicit arguments
 _EXTRA_SAMPLING_ARGS = ("min_p", "repeat_penalty", "repeat_last_n", "ignore_eos")
 # load_model(**kwargs) may set these EngineConfig fields beyond the explicit arguments
-_EXTRA_ENGINE_ARGS = ("block_size", "device", "seed")
+_EXTRA_ENGINE_ARGS = ("block_size", "device", "seed", "enable_prefix_caching")
 
 
 class InferenceEngine:
@@ -84,7 +84,8 @@ class InferenceEngine:
         """Load `model` (a .gguf path, a known name, or 'owner/repo:file.gguf'); True on success.
 
         Knobs have llama.cpp's meanings (see EngineConfig); extra keyword arguments may set
-        EngineConfig's block_size, device ('cpu'/'cuda') and seed. Bad values raise ValueError
+        EngineConfig's block_size, device ('cpu'/'cuda'), seed and enable_prefix_caching (default
+        True: prompts sharing a prefix reuse its KV blocks). Bad values raise ValueError
         naming the argument; a missing or unreadable file raises FileNotFoundError / ValueError.
         A model already loaded is unloaded first.
         """

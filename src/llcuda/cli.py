@@ -72,6 +72,7 @@ def _add_generate(subparsers) -> None:
     p.add_argument("-ngl", "--gpu-layers", type=int, default=99, help="layers on the GPU")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available")  # fmt: skip
+    _add_prefix_caching(p)
     p.add_argument(
         "--chat",
         action="store_true",
@@ -85,7 +86,7 @@ def _generate(args: argparse.Namespace) -> int:
     from llcuda.api import InferenceEngine
 
     verbose = not args.quiet
-    extra = {"device": args.device} if args.device else {}
+    extra = _engine_extra(args)
     with InferenceEngine() as engine:
         engine.load_model(args.model, gpu_layers=args.gpu_layers, ctx_size=args.ctx_size,
                           verbose=verbose, **extra)  # fmt: skip
@@ -109,6 +110,26 @@ def _generate(args: argparse.Namespace) -> int:
         if verbose:
             print(_perf_report(stream.result, engine.model_info["load_time_s"]), file=sys.stderr)
     return 0
+
+
+def _add_prefix_caching(p: argparse.ArgumentParser) -> None:
+    """On by default; --no-prefix-caching (or vLLM's --no-enable-prefix-caching) turns it off."""
+    p.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="prefix_caching",
+                   action="store_false",
+                   help="compute every prompt in full instead of reusing the KV blocks of a "
+                        "prefix seen before (prefix caching is on by default)")  # fmt: skip
+    # vLLM's spelling of the default
+    p.add_argument("--enable-prefix-caching", dest="prefix_caching", action="store_true",
+                   help=argparse.SUPPRESS)  # fmt: skip
+    p.set_defaults(prefix_caching=True)
+
+
+def _engine_extra(args: argparse.Namespace) -> dict:
+    """load_model keyword arguments that are only passed when they differ from its defaults."""
+    extra: dict = {"device": args.device} if args.device else {}
+    if not args.prefix_caching:
+        extra["enable_prefix_caching"] = False
+    return extra
 
 
 def _perf_report(result, load_time_s: float) -> str:
@@ -226,7 +247,6 @@ def _file_type(value: object) -> str:
         return str(value)
 
 
-
 # --- bench ----------------------------------------------------------------------------------
 
 
@@ -280,10 +300,17 @@ def _add_serve(subparsers) -> None:
     p.add_argument("-ngl", "--gpu-layers", type=int, default=99)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available")  # fmt: skip
-    p.add_argument("--chat-template", default=None,
-                   help="a Jinja chat template (text, or @FILE to read it from a file)")
-    p.add_argument("--api-key", default=os.environ.get("LLCUDA_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $LLCUDA_API_KEY)")
+    _add_prefix_caching(p)
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a Jinja chat template (text, or @FILE to read it from a file)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("LLCUDA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $LLCUDA_API_KEY)",
+    )
     p.add_argument("--alias", default=None, help="model id reported by /v1/models")
     p.add_argument("-q", "--quiet", action="store_true", help="no load progress")
     p.set_defaults(func=_serve)
@@ -303,7 +330,7 @@ def _serve(args: argparse.Namespace) -> int:
     if template is not None and template.startswith("@"):
         with open(template[1:], encoding="utf-8") as f:
             template = f.read()
-    extra = {"device": args.device} if args.device else {}
+    extra = _engine_extra(args)
     with InferenceEngine() as engine:
         engine.load_model(
             args.model, gpu_layers=args.gpu_layers, ctx_size=args.ctx_size,

@@ -61,13 +61,16 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 class EngineConfig:
     """The knobs of `InferenceEngine.load_model`, with llama.cpp's meanings.
 
-    - ctx_size: the most tokens (prompt + generated) one sequence may hold (llama.cpp `-c` per slot).
+    - ctx_size: the most tokens (prompt + generated) one sequence holds (llama.cpp `-c` per slot).
     - batch_size: token budget of one engine step, summed over all sequences (`-b`).
     - ubatch_size: the most prompt tokens one sequence feeds in one step (chunked prefill, `-ub`).
     - n_parallel: the most sequences decoded together (`-np`).
     - cache_size: KV-cache capacity in tokens over all sequences; None = ctx_size * n_parallel.
     - gpu_layers: layers placed on the GPU (99 = all); the rest run on the CPU.
     - flash_attn: None = auto, True/False forces the fused attention kernel on or off.
+    - enable_prefix_caching: requests whose prompts share a prefix reuse its full KV blocks instead
+      of computing them again (vLLM's --enable-prefix-caching; llama-server's prompt cache). The
+      old spelling `extra={"enable_prefix_caching": ...}` is still read.
     """
 
     gpu_layers: int = 99
@@ -80,6 +83,7 @@ class EngineConfig:
     block_size: int = 32  # tokens per KV-cache block
     device: str | None = None  # None: cuda if available and gpu_layers > 0, else cpu
     seed: int | None = None
+    enable_prefix_caching: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,6 +108,13 @@ class EngineConfig:
             raise ValueError(f"flash_attn must be None, True or False, got {self.flash_attn!r}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if "enable_prefix_caching" in self.extra:  # where the flag lived before it was a field
+            self.extra = dict(self.extra)
+            self.enable_prefix_caching = self.extra.pop("enable_prefix_caching")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(
+                f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}"
+            )
 
     @property
     def num_cache_tokens(self) -> int:

@@ -551,3 +551,14 @@ def test_kept_streams_do_not_pin_the_engine_after_unload(fake_loader, model_file
     gc.collect()
     assert loop() is None  # the streams above are still alive, the engine loop is not
     assert finished.result.text == "ab" and closed.result.finish_reason == "abort"
+
+
+def test_load_model_prefix_caching_knob(fake_loader, model_file):
+    e = InferenceEngine()
+    e.load_model(model_file, verbose=False, auto_start=False)
+    assert fake_loader.loads[-1][1].enable_prefix_caching is True  # on by default
+    e.load_model(model_file, verbose=False, auto_start=False, enable_prefix_caching=False)
+    assert fake_loader.loads[-1][1].enable_prefix_caching is False
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        e.load_model(model_file, verbose=False, enable_prefix_caching="no")
+    e.unload_model()

@@ -234,3 +234,20 @@ def test_broken_pipe_is_quiet():
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert child.returncode == 1
     assert child.stderr == ""
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_prefix_caching_flags(command):
+    parse = cli.build_parser().parse_args
+    prompt = ["hi"] if command == "generate" else []
+    assert parse([command, *prompt]).prefix_caching is True
+    for flag in ("--no-prefix-caching", "--no-enable-prefix-caching"):  # ours, vLLM's
+        assert parse([command, *prompt, flag]).prefix_caching is False
+    assert parse([command, *prompt, "--enable-prefix-caching"]).prefix_caching is True
+
+
+def test_generate_no_prefix_caching_reaches_load_model(fake_engine):
+    assert cli.main(["generate", "x", "-q", "--no-prefix-caching"]) == 0
+    assert fake_engine.instances[0].calls[0][2]["enable_prefix_caching"] is False
+    assert cli.main(["generate", "x", "-q"]) == 0  # the default is load_model's own (on)
+    assert "enable_prefix_caching" not in fake_engine.instances[1].calls[0][2]
