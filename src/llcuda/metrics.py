@@ -8,6 +8,8 @@ Definitions (what the numbers mean, so that benchmarks compare like with like):
   calls does not see throughput drop; overlapping requests count their shared time once.
 - tokens_per_sec: generated tokens / elapsed_s (prompt tokens are not counted).
 - requests_per_sec: finished requests / elapsed_s.
+- prefix_cache.hit_rate: prompt tokens served by the prefix cache (their KV blocks were reused,
+  not computed) / prompt tokens, over finished requests.
 Latency and TTFT statistics cover the most recent `window` finished requests (default 10,000)
 so a long-running server keeps bounded memory; the totals cover everything since `reset()`.
 """
@@ -57,6 +59,7 @@ class MetricsCollector:
             self._total_requests = 0
             self._failed_requests = 0
             self._prompt_tokens = 0
+            self._cached_tokens = 0
             self._generated_tokens = 0
             self._busy_s = 0.0
             self._busy_since = self._clock()  # an in-flight request's busy time restarts here
@@ -78,6 +81,7 @@ class MetricsCollector:
         generated_tokens: int,
         ttft_ms: float | None,
         success: bool = True,
+        cached_tokens: int = 0,
     ) -> float:
         """Record a finished request; returns its latency in ms."""
         with self._lock:
@@ -94,6 +98,7 @@ class MetricsCollector:
             self._samples.append(_Sample(latency_ms, ttft_ms))
             self._total_requests += 1
             self._prompt_tokens += prompt_tokens
+            self._cached_tokens += cached_tokens
             self._generated_tokens += generated_tokens
             return latency_ms
 
@@ -129,5 +134,11 @@ class MetricsCollector:
                 "requests": {
                     "in_flight": self._in_flight,
                     "failed": self._failed_requests,
+                },
+                "prefix_cache": {
+                    "cached_tokens": self._cached_tokens,
+                    "hit_rate": (
+                        self._cached_tokens / self._prompt_tokens if self._prompt_tokens else 0.0
+                    ),
                 },
             }

@@ -28,6 +28,7 @@ class InferResult:
     finish_reason: str | None = None  # "stop" | "length" | "abort"; None on error
     error_message: str | None = None
     token_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens whose KV blocks came from the prefix cache
 
 
 class TextStream(Iterator[str]):
@@ -50,6 +51,7 @@ class TextStream(Iterator[str]):
         self._token_ids: list[int] = []
         self._finish_reason: str | None = None
         self._engine_finished = False
+        self._cached_tokens = 0
 
     def __next__(self) -> str:
         while self.result is None:
@@ -67,6 +69,7 @@ class TextStream(Iterator[str]):
             if out.new_token_ids and not self._token_ids:
                 self._ttft_ms = (time.perf_counter() - self._start) * 1000.0
             self._token_ids.extend(out.new_token_ids)
+            self._cached_tokens = max(self._cached_tokens, out.num_cached_tokens)
             if out.finished:
                 self._engine_finished = True
                 self._finish_reason = out.finish_reason
@@ -106,6 +109,7 @@ class TextStream(Iterator[str]):
         latency = self._metrics.finish(
             self._start, prompt_tokens=self._prompt_tokens, generated_tokens=n,
             ttft_ms=self._ttft_ms if n else None, success=error is None,
+            cached_tokens=self._cached_tokens,
         )  # fmt: skip
         self.result = InferResult(
             success=error is None, text="".join(self._pieces), tokens_generated=n,
@@ -113,5 +117,5 @@ class TextStream(Iterator[str]):
             tokens_per_sec=n / (latency / 1000.0) if latency > 0 else 0.0,
             finish_reason=finish_reason if error is None else None,
             error_message=None if error is None else f"{type(error).__name__}: {error}",
-            token_ids=list(self._token_ids),
+            token_ids=list(self._token_ids), cached_tokens=self._cached_tokens,
         )  # fmt: skip

@@ -130,6 +130,21 @@ def test_reset():
     assert snap["throughput"]["elapsed_s"] == 0.0
 
 
+def test_prefix_cache_hit_rate_over_prompt_tokens():
+    clock = FakeClock()
+    m = MetricsCollector(clock=clock)
+    assert m.snapshot()["prefix_cache"] == {"cached_tokens": 0, "hit_rate": 0.0}
+    for cached in (0, 30, 10):
+        start = m.start()
+        m.finish(start, prompt_tokens=40, generated_tokens=1, ttft_ms=1.0, cached_tokens=cached)
+    start = m.start()  # a failed request counts no tokens
+    m.finish(start, prompt_tokens=40, generated_tokens=0, ttft_ms=None, success=False,
+             cached_tokens=40)  # fmt: skip
+    assert m.snapshot()["prefix_cache"] == {"cached_tokens": 40, "hit_rate": pytest.approx(1 / 3)}
+    m.reset()
+    assert m.snapshot()["prefix_cache"]["cached_tokens"] == 0
+
+
 def test_window_bounds_latency_samples_not_totals():
     clock = FakeClock()
     m = MetricsCollector(window=3, clock=clock)

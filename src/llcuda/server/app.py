@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llcuda.api import InferenceEngine
 from llcuda.server import schemas
-from llcuda.server.metrics import ServerMetrics, engine_gauges
+from llcuda.server.metrics import ServerMetrics, engine_counters, engine_gauges
 from llcuda.server.schemas import APIError, GenerateRequest, bad
 from llcuda.streams import TextStream
 
@@ -223,7 +223,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
         gauges = engine_gauges(state.llm_engine, lambda: len(state.active))
-        text = state.metrics.render(gauges)
+        text = state.metrics.render(gauges, engine_counters(state.llm_engine))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     # --- llama-server -----------------------------------------------------------------------------

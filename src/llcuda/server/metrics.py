@@ -67,8 +67,12 @@ class ServerMetrics:
             key = (endpoint, status)
             self.http_errors[key] = self.http_errors.get(key, 0) + 1
 
-    def render(self, gauges: dict[str, tuple[str, float]]) -> str:
-        """Prometheus text format 0.0.4. gauges: name -> (help, value)."""
+    def render(
+        self,
+        gauges: dict[str, tuple[str, float]],
+        counters: dict[str, tuple[str, float]] | None = None,
+    ) -> str:
+        """Prometheus text format 0.0.4; gauges and counters: name -> (help, value)."""
         with self._lock:
             lines = [
                 "# HELP llcuda_requests_total Generation requests finished, by finish reason.",
@@ -97,12 +101,14 @@ class ServerMetrics:
                 "# TYPE llcuda_e2e_request_latency_seconds histogram",
                 *self.latency.lines("llcuda_e2e_request_latency_seconds"),
             ]
+        for name, (help_text, value) in (counters or {}).items():
+            lines += _counter(name, help_text, value)
         for name, (help_text, value) in gauges.items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
         return "\n".join(lines) + "\n"
 
 
-def _counter(name: str, help_text: str, value: int) -> list[str]:
+def _counter(name: str, help_text: str, value: float) -> list[str]:
     return [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
 
 
@@ -110,16 +116,32 @@ def engine_gauges(llm_engine: object, in_flight: Callable[[], int]) -> dict[str,
     """KV cache use and queue lengths, read from the engine without its lock: a gauge may be one
     step stale, never wrong by more."""
     bm = llm_engine.block_manager  # type: ignore[attr-defined]
-    used = bm.num_blocks - bm.num_free_blocks
+    used = bm.num_used_blocks
     return {
         "llcuda_kv_cache_usage_ratio": ("Fraction of KV blocks held by live requests.",
                                         used / bm.num_blocks),
         "llcuda_kv_cache_blocks_used": ("KV blocks held by live requests.", used),
         "llcuda_kv_cache_blocks_total": ("KV blocks in the cache.", bm.num_blocks),
+        "llcuda_prefix_cache_blocks": ("KV blocks findable by prefix hash (held or free; the "
+                                       "free ones are evicted on demand).", bm.num_cached_blocks),
+        "llcuda_prefix_cache_hit_ratio": ("Prompt tokens found in the prefix cache / tokens "
+                                          "looked up, since start.",
+                                          bm.prefix_cache_stats.hit_rate),
         "llcuda_num_requests_running": ("Requests in the running batch.",
                                         llm_engine.num_running),  # type: ignore[attr-defined]
         "llcuda_num_requests_waiting": ("Requests queued for admission.",
                                         llm_engine.num_waiting),  # type: ignore[attr-defined]
         "llcuda_http_requests_in_flight": ("Generation requests the server is answering.",
                                            in_flight()),
+    }  # fmt: skip
+
+
+def engine_counters(llm_engine: object) -> dict[str, tuple[str, float]]:
+    """Prefix-cache lookups since start, in tokens (vLLM's prefix_cache_queries / _hits)."""
+    stats = llm_engine.block_manager.prefix_cache_stats  # type: ignore[attr-defined]
+    return {
+        "llcuda_prefix_cache_queries_total": ("Tokens looked up in the prefix cache on admission.",
+                                              stats.num_queried_tokens),
+        "llcuda_prefix_cache_hits_total": ("Tokens the prefix cache held (not computed again).",
+                                           stats.num_hit_tokens),
     }  # fmt: skip
