@@ -129,16 +129,24 @@ class ScriptRunner:
         }
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "overlap"])
+def overlap(request) -> bool:
+    """Run a test with outputs made in the step that sampled them, and one step later."""
+    return request.param
+
+
 def _config(**kw) -> EngineConfig:
     return EngineConfig(**{"ctx_size": 64, "block_size": 4, "batch_size": 32, "ubatch_size": 8,
                            **kw})  # fmt: skip
 
 
-def make_engine(config: EngineConfig, runner=None, prefix: bool = False) -> LLMEngine:
+def make_engine(
+    config: EngineConfig, runner=None, prefix: bool = False, overlap: bool = False
+) -> LLMEngine:
     runner = FakeKVRunner(config) if runner is None else runner
     return LLMEngine(
         runner, FakeTokenizer(), config, detokenizer_factory=FakeDetokenizer,
-        enable_prefix_caching=prefix,
+        enable_prefix_caching=prefix, overlap=overlap,
     )  # fmt: skip
 
 
@@ -184,18 +192,18 @@ def test_reference_outputs_are_nontrivial(alone):
     assert {r[2] for r in alone} >= {"length", "stop"}  # some hit EOG, some the limit
 
 
-def test_batch_of_8_with_n_parallel_4_equals_each_alone(alone):
+def test_batch_of_8_with_n_parallel_4_equals_each_alone(alone, overlap):
     config = _config(n_parallel=4)
-    engine = make_engine(config)
+    engine = make_engine(config, overlap=overlap)
     outs = engine.generate(PROMPTS, PARAMS)
     assert [_key(o) for o in outs] == alone
     assert max(len(s.scheduled) for s in engine.model_runner.log) == 4
     assert engine.block_manager.num_free_blocks == config.num_blocks
 
 
-def test_chunked_prefill_respects_ubatch_and_budget(alone):
+def test_chunked_prefill_respects_ubatch_and_budget(alone, overlap):
     config = _config(n_parallel=8, batch_size=12, ubatch_size=5)
-    engine = make_engine(config)
+    engine = make_engine(config, overlap=overlap)
     outs = engine.generate(PROMPTS, PARAMS)
     assert [_key(o) for o in outs] == alone
     log = engine.model_runner.log
@@ -209,10 +217,10 @@ def test_chunked_prefill_respects_ubatch_and_budget(alone):
     assert all(a[0] + a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))
 
 
-def test_preemption_under_a_tiny_block_pool_gives_identical_outputs(alone):
+def test_preemption_under_a_tiny_block_pool_gives_identical_outputs(alone, overlap):
     # one context's worth of KV (16 blocks of 4) shared by up to 8 sequences
     config = _config(n_parallel=8, cache_size=64)
-    engine = make_engine(config)
+    engine = make_engine(config, overlap=overlap)
     outs = engine.generate(PROMPTS, PARAMS)
     assert [_key(o) for o in outs] == alone
     assert sum(len(s.preempted_ids) for s in engine.model_runner.log) >= 3
@@ -248,8 +256,8 @@ def test_seeded_sampling_ignores_batch_composition():
     assert seeded_engine.generate([[3, 1, 4]], unseeded)[0].new_token_ids == solo.new_token_ids
 
 
-def test_steps_stream_deltas_that_add_up():
-    engine = make_engine(_config(n_parallel=2))
+def test_steps_stream_deltas_that_add_up(overlap):
+    engine = make_engine(_config(n_parallel=2), overlap=overlap)
     rid = engine.add_request([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=5))
     deltas: list[RequestOutput] = []
     while engine.has_unfinished_requests():
@@ -265,9 +273,12 @@ def test_steps_stream_deltas_that_add_up():
 # --- text, stop strings, EOG, max_tokens -----------------------------------------------------
 
 
-def _run_script(script: list[int], **params) -> tuple[list[RequestOutput], LLMEngine]:
-    runner = ScriptRunner({"r": script})
-    engine = make_engine(_config(), runner)
+def _run_script(
+    script: list[int], overlap: bool = False, **params
+) -> tuple[list[RequestOutput], LLMEngine]:
+    # with overlap the runner may be asked for one token past a stop string: pad the script
+    runner = ScriptRunner({"r": script + [script[-1]] * overlap})
+    engine = make_engine(_config(), runner, overlap=overlap)
     engine.add_request([1, 2], SamplingParams(temperature=0.0, **params), request_id="r")
     outs = []
     while engine.has_unfinished_requests():
@@ -280,47 +291,53 @@ def _text(outs: list[RequestOutput]) -> list[str]:
     return [o.new_text for o in outs]
 
 
-def test_stop_string_is_never_emitted_and_held_back_text_is_released():
+def test_stop_string_is_never_emitted_and_held_back_text_is_released(overlap):
     # "h e l < x < / s > a": '<' is held until 'x' shows it is no stop; "</s>" then stops
     h, e, l, x, a = 8, 5, 12, 24, 1
-    outs, _ = _run_script([h, e, l, 29, x, 29, 30, a, a], stop=["</s>"], max_tokens=20)
+    outs, _ = _run_script(
+        overlap=overlap, script=[h, e, l, 29, x, 29, 30, a, a], stop=["</s>"], max_tokens=20
+    )
     assert _text(outs) == ["h", "e", "l", "", "<x", "", ""]
     assert outs[-1].finished and outs[-1].finish_reason == "stop"
     assert sum(len(o.new_token_ids) for o in outs) == 7
 
 
-def test_stop_string_inside_one_token_cuts_the_text():
-    outs, _ = _run_script([1, 31, 2, 3], stop=["bb"], max_tokens=10)  # a, ab, b -> "aab|b"
+def test_stop_string_inside_one_token_cuts_the_text(overlap):
+    outs, _ = _run_script(
+        overlap=overlap, script=[1, 31, 2, 3], stop=["bb"], max_tokens=10
+    )  # a, ab, b -> "aab|b"
     assert "".join(_text(outs)) == "aa" and outs[-1].finish_reason == "stop"
 
 
-def test_earliest_of_several_stop_strings_wins():
+def test_earliest_of_several_stop_strings_wins(overlap):
     c, d = 3, 4
-    outs, _ = _run_script([1, 2, c, d, 5], stop=["cd", "bc"], max_tokens=10)
+    outs, _ = _run_script(overlap=overlap, script=[1, 2, c, d, 5], stop=["cd", "bc"], max_tokens=10)
     assert "".join(_text(outs)) == "a" and outs[-1].finish_reason == "stop"
 
 
-def test_partial_stop_is_flushed_when_max_tokens_ends_the_request():
-    outs, _ = _run_script([1, 29], stop=["</s>"], max_tokens=2)
+def test_partial_stop_is_flushed_when_max_tokens_ends_the_request(overlap):
+    outs, _ = _run_script(overlap=overlap, script=[1, 29], stop=["</s>"], max_tokens=2)
     assert _text(outs) == ["a", "<"]
     assert outs[-1].finish_reason == "length"
 
 
-def test_stop_string_on_the_last_allowed_token_reports_stop():
-    outs, _ = _run_script([1, 29, 30], stop=["</s>"], max_tokens=3)
+def test_stop_string_on_the_last_allowed_token_reports_stop(overlap):
+    outs, _ = _run_script(overlap=overlap, script=[1, 29, 30], stop=["</s>"], max_tokens=3)
     assert "".join(_text(outs)) == "a" and outs[-1].finish_reason == "stop"
 
 
-def test_detokenizer_held_text_is_flushed_at_the_end():
-    outs, _ = _run_script([1, 28], max_tokens=2)  # 'é' held by the detokenizer until flush
+def test_detokenizer_held_text_is_flushed_at_the_end(overlap):
+    outs, _ = _run_script(
+        overlap=overlap, script=[1, 28], max_tokens=2
+    )  # 'é' held by the detokenizer until flush
     assert _text(outs) == ["a", "é"]
 
 
-def test_eog_stops_without_text_unless_ignore_eos():
-    outs, _ = _run_script([1, EOG, 2], max_tokens=5)
+def test_eog_stops_without_text_unless_ignore_eos(overlap):
+    outs, _ = _run_script(overlap=overlap, script=[1, EOG, 2], max_tokens=5)
     assert _text(outs) == ["a", ""] and outs[-1].new_token_ids == [EOG]
     assert outs[-1].finish_reason == "stop" and outs[-1].num_output_tokens == 2
-    outs, _ = _run_script([1, EOG, 2], max_tokens=3, ignore_eos=True)
+    outs, _ = _run_script(overlap=overlap, script=[1, EOG, 2], max_tokens=3, ignore_eos=True)
     assert "".join(_text(outs)) == "ab" and outs[-1].finish_reason == "length"
 
 
@@ -335,16 +352,16 @@ def test_max_tokens_zero_finishes_at_once_without_running_the_model():
     assert runner.calls == 0 and not engine.has_unfinished_requests()
 
 
-def test_ctx_size_ends_with_length():
-    outs, engine = _run_script([1] * 70, max_tokens=100)
+def test_ctx_size_ends_with_length(overlap):
+    outs, engine = _run_script(overlap=overlap, script=[1] * 70, max_tokens=100)
     # prompt 2 + 62 generated = ctx_size 64
     assert engine.config.ctx_size == 64
     assert outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == 62
 
 
-def test_abort_frees_blocks_now_and_reports_once():
+def test_abort_frees_blocks_now_and_reports_once(overlap):
     config = _config(n_parallel=2)
-    engine = make_engine(config)
+    engine = make_engine(config, overlap=overlap)
     a = engine.add_request([1, 2, 3, 4, 5], SamplingParams(max_tokens=50, ignore_eos=True))
     b = engine.add_request([6, 7], SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()

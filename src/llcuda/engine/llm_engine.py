@@ -84,6 +84,9 @@ class LLMEngine:
     detokenizer_factory: a callable returning a fresh per-request detokenizer with
         `push(id) -> str` and `flush() -> str`; default `IncrementalDetokenizer(tokenizer)`.
     enable_prefix_caching: overrides `config.enable_prefix_caching` (default: on).
+    overlap: make the text of step N's tokens while step N+1 runs (default: on a GPU runner with
+        `launch(step) -> handle.result()`). Outputs are then returned one step later; a stop
+        string costs one wasted token of compute.
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class LLMEngine:
         *,
         detokenizer_factory: Callable[[], Any] | None = None,
         enable_prefix_caching: bool | None = None,
+        overlap: bool | None = None,
     ) -> None:
         self.model_runner = model_runner
         self.tokenizer = tokenizer
@@ -112,6 +116,12 @@ class LLMEngine:
         self._new_detokenizer = detokenizer_factory or _default_detokenizer_factory(tokenizer)
         self._ids = itertools.count()
         self._pending: list[RequestOutput] = []  # produced outside step(), returned by the next one
+        # On a GPU, the tokens sampled by one step are turned into text during the next step's
+        # forward pass (the host's detokenization hides behind the GPU instead of following it).
+        if overlap is None:
+            overlap = self.device.type == "cuda" and hasattr(model_runner, "launch")
+        self._overlap = overlap
+        self._held: list[Request] = []  # sampled last step, text not yet made
         self.num_steps = 0
 
     # --- requests -------------------------------------------------------------------------------
@@ -192,7 +202,7 @@ class LLMEngine:
         return ids
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self._pending)
+        return self.scheduler.has_unfinished_requests() or bool(self._pending or self._held)
 
     @property
     def num_running(self) -> int:
@@ -209,15 +219,41 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         step = self.scheduler.schedule()
         if step.is_empty:
-            return outputs
-        sampled = self.model_runner.execute_model(step)
+            return outputs + self._process_held()
+        if self._overlap:
+            launched = self._launch(step)  # queued on the GPU, not waited for
+            outputs += self._process_held()
+            sampled = launched.result()
+        else:
+            sampled = self.model_runner.execute_model(step)
         self.num_steps += 1
-        self.scheduler.update_from_output(step, sampled)
-        for item in step.scheduled:
-            request = item.request
-            if item.sample and request.finish_reason != "abort":
-                outputs.append(self._process_token(request))
+        finished = {r.request_id for r in self.scheduler.update_from_output(step, sampled)}
+        # requests finished before this step's token arrived (aborted; with overlap, a stop
+        # string in the previous token) drop it
+        self._held = [
+            item.request
+            for item in step.scheduled
+            if item.sample and (not item.request.is_finished or item.request_id in finished)
+        ]
+        if not self._overlap:
+            outputs += self._process_held()
         return outputs
+
+    def _launch(self, step: SchedulerOutput):
+        launch = getattr(self.model_runner, "launch", None)
+        if launch is not None:
+            return launch(step)
+        return _Ready(self.model_runner.execute_model(step))  # a runner with no async path
+
+    def _process_held(self) -> list[RequestOutput]:
+        """Text and output deltas for the tokens sampled by the last step.
+
+        With overlap, a request may meet a stop string here while its next token is already being
+        computed: the scheduler finishes it now, and that step's token for it is dropped (its KV
+        write lands in freed blocks before any later step can reuse them: one stream, in order).
+        """
+        held, self._held = self._held, []
+        return [self._process_token(r) for r in held if r.finish_reason != "abort"]
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
@@ -288,6 +324,14 @@ class LLMEngine:
     def _seed(self, params: SamplingParams) -> int | None:
         # llama.cpp's --seed is every request's default seed
         return params.seed if params.seed is not None else self.config.seed
+
+
+class _Ready:
+    def __init__(self, sampled: dict[str, int]) -> None:
+        self.sampled = sampled
+
+    def result(self) -> dict[str, int]:
+        return self.sampled
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int:
