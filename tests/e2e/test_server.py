@@ -405,9 +405,11 @@ def test_client_gone_before_a_whole_answer_aborts_it(server):
 
 
 def test_many_requests_at_4x_n_parallel_none_lost(server):
-    n_requests, n_clients = 400, 4 * N_PARALLEL
+    """1,000 requests from 4x n_parallel clients: all complete, none lost, KV use back to zero."""
+    n_requests, n_clients = 1000, 4 * N_PARALLEL
     done: list[int] = []
     errors: list[str] = []
+    key = 'llcuda_requests_total{endpoint="completions",finish_reason="length"}'
 
     def client(k: int) -> None:
         with server.client() as c:
@@ -418,11 +420,49 @@ def test_many_requests_at_4x_n_parallel_none_lost(server):
                     errors.append(r.text)
                 done.append(i)
 
+    with server.client() as c:
+        before = _metric(c, key)
     threads = [threading.Thread(target=client, args=(k,)) for k in range(n_clients)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
+        t.join(300)
+    assert not any(t.is_alive() for t in threads), "a client is still waiting after 300 s"
     assert errors == []
     assert sorted(done) == list(range(n_requests))
     assert wait_until(lambda: engine_idle(server))
+    with server.client() as c:
+        text = c.get("/metrics").text
+    assert _parse(text, key) == before + n_requests
+    assert _parse(text, "llcuda_kv_cache_blocks_used") == 0
+    assert "llcuda_kv_cache_usage_ratio 0.0" in text
+    assert "llcuda_num_requests_running 0" in text and "llcuda_num_requests_waiting 0" in text
+
+
+def test_shared_prefix_is_served_from_the_prefix_cache(server):
+    block_size = server.llm_engine.block_manager.block_size
+    system = "You are the miller by the river; answer in one word. " * 4
+    req = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    cached_before = server.engine.get_metrics()["prefix_cache"]["cached_tokens"]
+    with server.client() as c:
+        hits_before = _metric(c, "llcuda_prefix_cache_hits_total")
+        queries_before = _metric(c, "llcuda_prefix_cache_queries_total")
+        first = c.post("/v1/completions", json={"prompt": system + "Who?", **req}).json()
+        again = c.post("/v1/completions", json={"prompt": system + "Who?", **req}).json()
+        other = c.post("/v1/completions", json={"prompt": system + "Why?", **req}).json()
+        assert wait_until(lambda: engine_idle(server))
+        text = c.get("/metrics").text
+    n_prompt = first["usage"]["prompt_tokens"]
+    assert n_prompt > 2 * block_size
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+    assert other["usage"]["completion_tokens"] == 4
+    hits = _parse(text, "llcuda_prefix_cache_hits_total") - hits_before
+    queries = _parse(text, "llcuda_prefix_cache_queries_total") - queries_before
+    assert queries == n_prompt + n_prompt + other["usage"]["prompt_tokens"]
+    # the repeat reuses every full block but the one holding its last token; the other prompt
+    # at least the blocks of the shared system text
+    assert hits >= (n_prompt - 1) // block_size * block_size + 2 * block_size
+    assert 0.0 < _parse(text, "llcuda_prefix_cache_hit_ratio") <= 1.0
+    assert _parse(text, "llcuda_prefix_cache_blocks") >= 2  # left behind, free, evictable
+    assert "llcuda_kv_cache_usage_ratio 0.0" in text  # KV use: blocks live requests hold
+    assert server.engine.get_metrics()["prefix_cache"]["cached_tokens"] - cached_before == hits
