@@ -31,10 +31,10 @@ class CheckedKVRunner(FakeKVRunner):
         return super().execute_model(step)
 
 
-def _engine(config: EngineConfig, prefix: bool | None) -> LLMEngine:
+def _engine(config: EngineConfig, prefix: bool | None, overlap: bool = False) -> LLMEngine:
     runner = CheckedKVRunner(config)
     engine = LLMEngine(runner, FakeTokenizer(), config, detokenizer_factory=FakeDetokenizer,
-                       enable_prefix_caching=prefix)  # fmt: skip
+                       enable_prefix_caching=prefix, overlap=overlap)  # fmt: skip
     runner.block_manager = engine.block_manager
     return engine
 
@@ -70,7 +70,7 @@ PARAMS = [
     SamplingParams(temperature=0.9, seed=1, max_tokens=10, ignore_eos=True),
     SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
     SamplingParams(temperature=1.0, top_k=6, seed=2, max_tokens=9),
-    SamplingParams(temperature=0.0, max_tokens=8),
+    SamplingParams(temperature=0.0, max_tokens=8, stop=["hr"]),  # prompt 0 again, stopped
     SamplingParams(temperature=0.7, seed=3, max_tokens=11, ignore_eos=True),
     SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
     SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
@@ -88,13 +88,15 @@ PARAMS = [
     ],
     ids=["serial", "batched", "chunked", "tiny_pool"],
 )
-def test_shared_prefix_outputs_equal_with_caching_on_and_off(kw):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_shared_prefix_outputs_equal_with_caching_on_and_off(kw, overlap):
     config = _config(**kw)
-    off, on = _engine(config, False), _engine(config, True)
+    off, on = _engine(config, False, overlap), _engine(config, True, overlap)
     ref = off.generate(PROMPTS, PARAMS)
     outs = on.generate(PROMPTS, PARAMS)
     assert [_key(o) for o in outs] == [_key(o) for o in ref]
-    assert len({tuple(o.new_token_ids) for o in ref}) == 8  # prompts 0 and 4 are the same
+    assert len({tuple(o.new_token_ids) for o in ref}) == len(PROMPTS)  # all differ
+    assert [o.finish_reason for o in ref].count("stop") == 1  # the stop string
     assert all(o.num_cached_tokens == 0 for o in ref)
     assert all(o.num_cached_tokens <= o.num_prompt_tokens - 1 for o in outs)
     assert on.block_manager.prefix_cache_stats.num_hit_tokens > 0
