@@ -243,6 +243,7 @@ class _Event:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens the server's prefix cache held
     last: bool = False  # nothing follows (llama-server's /completion has no [DONE])
 
 
@@ -257,6 +258,7 @@ def _completion_event(data: dict) -> _Event:
         )
         event.prompt_tokens = data.get("tokens_evaluated")
         event.completion_tokens = data.get("tokens_predicted")
+        event.cached_tokens = (data.get("timings") or {}).get("cache_n")
     return event
 
 
@@ -269,6 +271,10 @@ def _chat_event(data: dict) -> _Event:
     usage = data.get("usage") or {}
     event.prompt_tokens = usage.get("prompt_tokens")
     event.completion_tokens = usage.get("completion_tokens")
+    # llama-server's timings; OpenAI's usage.prompt_tokens_details
+    event.cached_tokens = (data.get("timings") or {}).get("cache_n")
+    if event.cached_tokens is None:
+        event.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
     return event
 
 
@@ -305,6 +311,7 @@ class RemoteStream(Iterator[str]):
         self._finish_reason: str | None = None
         self._prompt_tokens: int | None = None
         self._completion_tokens: int | None = None
+        self._cached_tokens = 0
         self._ended = False
 
     def __next__(self) -> str:
@@ -325,6 +332,8 @@ class RemoteStream(Iterator[str]):
                 self._prompt_tokens = event.prompt_tokens
             if event.completion_tokens is not None:
                 self._completion_tokens = event.completion_tokens
+            if event.cached_tokens is not None:
+                self._cached_tokens = event.cached_tokens
             self._ended = event.last
             if event.text:
                 self._num_events += 1
@@ -387,6 +396,7 @@ class RemoteStream(Iterator[str]):
         latency = self._metrics.finish(
             self._start, prompt_tokens=self._prompt_tokens or 0, generated_tokens=n,
             ttft_ms=self._ttft_ms if n else None, success=error is None,
+            cached_tokens=self._cached_tokens,
         )  # fmt: skip
         self.result = InferResult(
             success=error is None, text="".join(self._pieces), tokens_generated=n,
@@ -394,5 +404,5 @@ class RemoteStream(Iterator[str]):
             tokens_per_sec=n / (latency / 1000.0) if latency > 0 else 0.0,
             finish_reason=finish_reason if error is None else None,
             error_message=None if error is None else f"{type(error).__name__}: {error}",
-            token_ids=list(self._token_ids),
+            token_ids=list(self._token_ids), cached_tokens=self._cached_tokens,
         )  # fmt: skip

@@ -153,6 +153,24 @@ def test_remote_max_tokens_beyond_the_context_runs_until_it_is_full(server, remo
     assert body["usage"]["total_tokens"] <= CTX_SIZE
 
 
+def test_remote_cached_tokens_come_from_the_servers_prefix_cache(server, remote):
+    block_size = server.llm_engine.block_manager.block_size
+    prompt = "The miller by the river counts his sacks of flour. " * 3
+    assert len(server.engine.tokenize(prompt)) > 2 * block_size
+    remote.reset_metrics()
+    remote.infer(prompt, max_tokens=2, **GREEDY)  # leaves the prompt's blocks in the cache
+    second = remote.infer(prompt, max_tokens=2, **GREEDY)
+    local = server.engine.infer(prompt, max_tokens=2, **GREEDY)
+    assert second.cached_tokens >= 2 * block_size
+    assert second.cached_tokens == local.cached_tokens
+    assert remote.get_metrics()["prefix_cache"]["cached_tokens"] >= second.cached_tokens
+    chat = [{"role": "user", "content": prompt}]
+    remote.chat(chat, max_tokens=2, **GREEDY)
+    cached = remote.chat(chat, max_tokens=2, **GREEDY).cached_tokens
+    assert cached >= 2 * block_size
+    assert cached == server.engine.chat(chat, max_tokens=2, **GREEDY).cached_tokens
+
+
 def test_closing_a_remote_stream_aborts_the_request(server, remote):
     stream = remote.infer_stream("The bridge", max_tokens=CTX_SIZE - 16, **GREEDY)
     assert next(stream) and next(stream)

@@ -290,6 +290,17 @@ def _sse(pump: _Pump, events: AsyncIterator[dict], done_marker: bool = True) -> 
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
+def _timings(stream: TextStream) -> dict:
+    """llama-server's `timings` (cache_n: prompt tokens served by the prefix cache)."""
+    r = stream.result
+    assert r is not None
+    return {
+        "cache_n": r.cached_tokens, "prompt_n": r.prompt_tokens, "prompt_ms": r.ttft_ms,
+        "predicted_n": r.tokens_generated, "predicted_ms": max(r.latency_ms - r.ttft_ms, 0.0),
+        "predicted_per_second": r.tokens_per_sec,
+    }  # fmt: skip
+
+
 def _usage(stream: TextStream) -> dict:
     r = stream.result
     assert r is not None
@@ -300,8 +311,9 @@ def _usage(stream: TextStream) -> dict:
 class _OpenAIFormat:
     """text_completion / chat.completion bodies and their stream chunks (one id per request).
 
-    return_tokens (llama-server's /completion flag, an extension here) adds the generated ids as
-    a top-level `tokens`: in the body, or in the finish_reason chunk of a stream.
+    The body, or a stream's finish_reason chunk, carries llama-server's `timings` too, and with
+    return_tokens (llama-server's /completion flag, an extension here) the generated ids as a
+    top-level `tokens`.
     """
 
     def __init__(self, kind: str, model: str, return_tokens: bool = False) -> None:
@@ -315,16 +327,17 @@ class _OpenAIFormat:
         choice = {"text": text, "index": 0, "logprobs": None,
                   "finish_reason": stream.result.finish_reason}  # fmt: skip
         return {**self.header, "object": "text_completion", "choices": [choice],
-                "usage": _usage(stream), **self._tokens(stream)}  # fmt: skip
+                "usage": _usage(stream), **self._extras(stream)}  # fmt: skip
 
     def chat(self, stream: TextStream, text: str) -> dict:
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
                   "logprobs": None, "finish_reason": stream.result.finish_reason}  # fmt: skip
         return {**self.header, "object": "chat.completion", "choices": [choice],
-                "usage": _usage(stream), **self._tokens(stream)}  # fmt: skip
+                "usage": _usage(stream), **self._extras(stream)}  # fmt: skip
 
-    def _tokens(self, stream: TextStream) -> dict:
-        return {"tokens": list(stream.result.token_ids)} if self.return_tokens else {}
+    def _extras(self, stream: TextStream) -> dict:
+        tokens = {"tokens": list(stream.result.token_ids)} if self.return_tokens else {}
+        return {"timings": _timings(stream), **tokens}
 
     def _chunk(self, obj: str, choice: dict, finish_reason: str | None) -> dict:
         choice = {"index": 0, **choice, "logprobs": None, "finish_reason": finish_reason}
@@ -337,7 +350,7 @@ class _OpenAIFormat:
         async for piece in pump.pieces():
             yield self._chunk(obj, {"text": piece}, None)
         end = self._chunk(obj, {"text": ""}, pump.stream.result.finish_reason)
-        yield {**end, **self._tokens(pump.stream)}
+        yield {**end, **self._extras(pump.stream)}
         if include_usage:
             yield {**self.header, "object": obj, "choices": [], "usage": _usage(pump.stream)}
 
@@ -347,7 +360,7 @@ class _OpenAIFormat:
         async for piece in pump.pieces():
             yield self._chunk(obj, {"delta": {"content": piece}}, None)
         end = self._chunk(obj, {"delta": {}}, pump.stream.result.finish_reason)
-        yield {**end, **self._tokens(pump.stream)}
+        yield {**end, **self._extras(pump.stream)}
         if include_usage:
             yield {**self.header, "object": obj, "choices": [], "usage": _usage(pump.stream)}
 
@@ -370,15 +383,10 @@ class _LlamaFormat:
             stop_type = "eos" if r.token_ids and r.token_ids[-1] in self.eog_ids else "word"
         else:
             stop_type = "none"
-        predicted_ms = max(r.latency_ms - r.ttft_ms, 0.0)
         return {
             "stop": True, "model": self.model, "stop_type": stop_type,
             "tokens_predicted": r.tokens_generated, "tokens_evaluated": r.prompt_tokens,
-            "timings": {
-                "prompt_n": r.prompt_tokens, "prompt_ms": r.ttft_ms,
-                "predicted_n": r.tokens_generated, "predicted_ms": predicted_ms,
-                "predicted_per_second": r.tokens_per_sec,
-            },
+            "timings": _timings(stream),
             # all of them, also at the end of a stream (llama-server sends them chunk by chunk)
             **({"tokens": list(r.token_ids)} if self.return_tokens else {}),
         }  # fmt: skip
