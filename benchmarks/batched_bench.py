@@ -78,8 +78,13 @@ def main() -> None:
         return [torch.randint(10, vocab, (args.npp,), generator=gen).tolist() for _ in range(n)]
 
     run_batch(engine, prompts(max(batches)), 4)  # warm-up: prefill shapes, every decode bucket
-    print("|    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |      T s |    S t/s |")
-    print("|-------|--------|------|--------|----------|----------|----------|----------|----------|----------|")
+    print(
+        "|    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s "
+        "|   T_TG s | S_TG t/s |      T s |    S t/s |"
+    )
+    print(
+        "|-------|--------|------|--------|----------|----------|----------|----------|----------|----------|"
+    )
     rows = []
     for b in batches:
         t_pp, t_tg, n_tg = run_batch(engine, prompts(b), args.ntg)
@@ -92,7 +97,9 @@ def main() -> None:
             flush=True,
         )
         rows.append({"B": b, "t_pp": t_pp, "s_pp": s_pp, "t_tg": t_tg, "s_tg": s_tg, "s": total})
-    print(json.dumps({"model": loaded.model_config.name, "device": str(loaded.device), "rows": rows}))
+    print(
+        json.dumps({"model": loaded.model_config.name, "device": str(loaded.device), "rows": rows})
+    )
     loaded.close()
 
 

@@ -61,7 +61,8 @@ def main() -> None:
         gpu_ms = graph_replay_ms(runner.graphs, bucket)
         print(
             f"B={b:4d}: engine step {step_ms:6.2f} ms ({b / step_ms * 1e3:8.0f} tok/s), "
-            f"graph replay (bucket {bucket}) {gpu_ms:6.2f} ms, host+sync {step_ms - gpu_ms:6.2f} ms",
+            f"graph replay (bucket {bucket}) {gpu_ms:6.2f} ms, "
+            f"host+sync {step_ms - gpu_ms:6.2f} ms",
             flush=True,
         )
 
@@ -75,7 +76,9 @@ def main() -> None:
             graphs._step(b)
             torch.cuda.synchronize()
     print(f"kernels of one eager decode step at B={b} (padding rows in the scratch block):")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    )
     loaded.close()
 
 

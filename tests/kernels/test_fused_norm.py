@@ -27,7 +27,7 @@ def test_rms_norm_and_residual(tokens, n):
     torch.testing.assert_close(fused_norm.rms_norm(x, w1, 1e-6), ref.rms_norm_ref(x, w1, 1e-6))
     got = fused_norm.residual_rms_norm(x, a, w1, w2, 1e-6)
     want = ref.residual_rms_norm_ref(x, a, w1, w2, 1e-6)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
 
 

@@ -44,7 +44,7 @@ def test_paged_attention_equals_dense_for_mixed_prefill_and_decode(window, block
         next_block += nb
     max_blocks = max(len(t) for t in tables)
     block_tables = torch.zeros(len(lengths), max_blocks, dtype=torch.int32)
-    for s, (length, n_new) in enumerate(zip(lengths, new_tokens)):
+    for s, (length, n_new) in enumerate(zip(lengths, new_tokens, strict=True)):
         q = torch.randn(length, num_heads, head_dim, generator=gen)
         k = torch.randn(length, num_kv_heads, head_dim, generator=gen)
         v = torch.randn(length, num_kv_heads, head_dim, generator=gen)

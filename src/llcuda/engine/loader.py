@@ -9,8 +9,8 @@ import torch
 
 from llcuda.config import EngineConfig, ModelConfig
 from llcuda.engine.llm_engine import LLMEngine
-from llcuda.engine.warmup import warm_up
 from llcuda.engine.memory_plan import MemoryPlan, check_fits, plan_gpu_memory
+from llcuda.engine.warmup import warm_up
 from llcuda.gguf.chat_template import ChatTemplate, chat_template_from_metadata
 from llcuda.gguf.model_config import model_config_from_gguf
 from llcuda.gguf.reader import GGUFFile
