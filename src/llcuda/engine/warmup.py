@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from llcuda.engine.block_manager import PrefixCacheStats
 from llcuda.engine.llm_engine import LLMEngine
 from llcuda.sampling_params import SamplingParams
 
@@ -17,8 +18,9 @@ from llcuda.sampling_params import SamplingParams
 def warm_up(engine: LLMEngine, vocab_size: int) -> int:
     """Run prompts of assorted lengths to completion (3 tokens each); returns the steps taken.
 
-    Leaves the engine as it found it: no request, every KV block free, step counter unchanged.
-    The prompts avoid the prefix cache (random ids), and their blocks are freed at the end.
+    Leaves the engine as it found it: no request, no KV block in use, step counter and prefix-cache
+    statistics unchanged (random prompt ids: their cached blocks never match a user's prompt and
+    are evicted first when blocks run out).
     """
     config = engine.config
     gen = torch.Generator().manual_seed(0)
@@ -35,4 +37,5 @@ def warm_up(engine: LLMEngine, vocab_size: int) -> int:
             engine.step()
     taken = engine.num_steps - steps
     engine.num_steps = steps
+    engine.block_manager.prefix_cache_stats = PrefixCacheStats()  # users' lookups only
     return taken
