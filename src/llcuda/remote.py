@@ -29,14 +29,14 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from llcuda.metrics import MetricsCollector
 from llcuda.sampling_params import SamplingParams
-from llcuda.streams import InferResult
+from llcuda.streams import InferResult, ResultStream
 
 UNTIL_FULL = 2**31 - 1  # max_tokens meaning "until EOS or the context is full" (server ctx unknown)
 MAX_BATCH_THREADS = 64  # batch_infer's concurrent requests; the server queues beyond n_parallel
@@ -278,7 +278,7 @@ def _chat_event(data: dict) -> _Event:
     return event
 
 
-class RemoteStream(Iterator[str]):
+class RemoteStream(ResultStream):
     """Text pieces of one request answered by the server; TextStream's contract.
 
     When iteration ends, `result` holds the InferResult. `close()` (or dropping the stream
@@ -370,22 +370,6 @@ class RemoteStream(Iterator[str]):
         if self.result is None:
             self._close(self._finish_reason if self._ended else "abort")
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def consume(self) -> InferResult:
-        """Run to the end and return the result; a broken stream becomes success=False."""
-        try:
-            for _ in self:
-                pass
-        except Exception:
-            pass
-        assert self.result is not None
-        return self.result
-
     def _close(self, finish_reason: str | None, error: Exception | None = None) -> None:
         if self._response is not None:
             self._response.close()
@@ -393,16 +377,4 @@ class RemoteStream(Iterator[str]):
         n = self._completion_tokens
         if n is None:  # the answer did not say (aborted early, or a server without counts)
             n = len(self._token_ids) or self._num_events
-        latency = self._metrics.finish(
-            self._start, prompt_tokens=self._prompt_tokens or 0, generated_tokens=n,
-            ttft_ms=self._ttft_ms if n else None, success=error is None,
-            cached_tokens=self._cached_tokens,
-        )  # fmt: skip
-        self.result = InferResult(
-            success=error is None, text="".join(self._pieces), tokens_generated=n,
-            prompt_tokens=self._prompt_tokens or 0, latency_ms=latency, ttft_ms=self._ttft_ms,
-            tokens_per_sec=n / (latency / 1000.0) if latency > 0 else 0.0,
-            finish_reason=finish_reason if error is None else None,
-            error_message=None if error is None else f"{type(error).__name__}: {error}",
-            token_ids=list(self._token_ids), cached_tokens=self._cached_tokens,
-        )  # fmt: skip
+        self._finish(finish_reason, error, n, self._prompt_tokens or 0)

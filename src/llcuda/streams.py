@@ -31,7 +31,59 @@ class InferResult:
     cached_tokens: int = 0  # prompt tokens whose KV blocks came from the prefix cache
 
 
-class TextStream(Iterator[str]):
+class ResultStream(Iterator[str]):
+    """What a local and a remote stream share: text pieces, then `result`; `consume()`; closing
+    (aborting) when dropped unfinished; metrics and InferResult built the same way at the end.
+
+    Subclasses set `result`, `_metrics`, `_start`, `_ttft_ms`, `_pieces`, `_token_ids` and
+    `_cached_tokens`, and define `__next__` and `close`.
+    """
+
+    result: InferResult | None
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass  # interpreter shutdown: the engine or the connection may already be gone
+
+    def consume(self) -> InferResult:
+        """Run to the end and return the result; an error becomes success=False."""
+        try:
+            for _ in self:
+                pass
+        except Exception:
+            pass
+        assert self.result is not None
+        return self.result
+
+    def _finish(
+        self,
+        finish_reason: str | None,
+        error: Exception | None,
+        generated_tokens: int,
+        prompt_tokens: int,
+    ) -> None:
+        n = generated_tokens
+        latency = self._metrics.finish(
+            self._start, prompt_tokens=prompt_tokens, generated_tokens=n,
+            ttft_ms=self._ttft_ms if n else None, success=error is None,
+            cached_tokens=self._cached_tokens,
+        )  # fmt: skip
+        self.result = InferResult(
+            success=error is None, text="".join(self._pieces), tokens_generated=n,
+            prompt_tokens=prompt_tokens, latency_ms=latency, ttft_ms=self._ttft_ms,
+            tokens_per_sec=n / (latency / 1000.0) if latency > 0 else 0.0,
+            finish_reason=finish_reason if error is None else None,
+            error_message=None if error is None else f"{type(error).__name__}: {error}",
+            token_ids=list(self._token_ids), cached_tokens=self._cached_tokens,
+        )  # fmt: skip
+
+
+class TextStream(ResultStream):
     """Text pieces of one request as the engine produces them.
 
     When iteration ends, `result` holds the InferResult. Closing the stream early (`close()`,
@@ -85,37 +137,8 @@ class TextStream(Iterator[str]):
                 self._handle.abort()
             self._close(self._finish_reason if self._engine_finished else "abort")
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass  # interpreter shutdown: the engine may already be gone
-
-    def consume(self) -> InferResult:
-        """Run to the end and return the result; an engine error becomes success=False."""
-        try:
-            for _ in self:
-                pass
-        except Exception:
-            pass
-        assert self.result is not None
-        return self.result
-
     def _close(self, finish_reason: str | None, error: Exception | None = None) -> None:
         # a finished stream lets go of its handle: a stream the caller keeps must not pin the
         # engine (and its GPU memory) after unload_model()
         self._handle = self._outputs = None
-        n = len(self._token_ids)
-        latency = self._metrics.finish(
-            self._start, prompt_tokens=self._prompt_tokens, generated_tokens=n,
-            ttft_ms=self._ttft_ms if n else None, success=error is None,
-            cached_tokens=self._cached_tokens,
-        )  # fmt: skip
-        self.result = InferResult(
-            success=error is None, text="".join(self._pieces), tokens_generated=n,
-            prompt_tokens=self._prompt_tokens, latency_ms=latency, ttft_ms=self._ttft_ms,
-            tokens_per_sec=n / (latency / 1000.0) if latency > 0 else 0.0,
-            finish_reason=finish_reason if error is None else None,
-            error_message=None if error is None else f"{type(error).__name__}: {error}",
-            token_ids=list(self._token_ids), cached_tokens=self._cached_tokens,
-        )  # fmt: skip
+        self._finish(finish_reason, error, len(self._token_ids), self._prompt_tokens)
