@@ -11,6 +11,7 @@ stream never shows a stop string, or part of one that later completes.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,18 +46,13 @@ class RequestOutput:
         """This output followed by a later `delta` of the same request (aggregation)."""
         if delta.request_id != self.request_id:
             raise ValueError(f"cannot merge {delta.request_id!r} into {self.request_id!r}")
-        return RequestOutput(
-            request_id=self.request_id,
+        # the delta's counts and state, this output's beginning
+        return dataclasses.replace(
+            delta,
             new_token_ids=self.new_token_ids + delta.new_token_ids,
             new_text=self.new_text + delta.new_text,
-            finished=delta.finished,
-            finish_reason=delta.finish_reason,
-            num_prompt_tokens=delta.num_prompt_tokens,
-            num_output_tokens=delta.num_output_tokens,
-            num_cached_tokens=delta.num_cached_tokens,
             arrival_time=self.arrival_time,
             first_token_time=self.first_token_time or delta.first_token_time,
-            finished_time=delta.finished_time,
         )
 
 
