@@ -16,20 +16,16 @@ import time
 
 import torch
 
+from llcuda.bench import sync_device
 from llcuda.config import EngineConfig
 from llcuda.engine.loader import load
 from llcuda.sampling_params import SamplingParams
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def run_batch(engine, prompts: list[list[int]], ntg: int) -> tuple[float, float, int]:
     """Returns (prefill seconds, decode seconds, tokens generated during decode)."""
     params = SamplingParams(max_tokens=ntg, temperature=0.0, ignore_eos=True)
-    _sync()
+    sync_device()
     t0 = time.perf_counter()
     for p in prompts:
         engine.add_request(p, params)
@@ -44,7 +40,7 @@ def run_batch(engine, prompts: list[list[int]], ntg: int) -> tuple[float, float,
                 decode_tokens += len(out.new_token_ids)
         if t_first is None and len(started) == len(prompts):
             t_first = time.perf_counter()
-    _sync()
+    sync_device()
     t_end = time.perf_counter()
     return t_first - t0, t_end - t_first, decode_tokens
 

@@ -48,7 +48,8 @@ class BenchResult:
         ])  # fmt: skip
 
 
-def _sync() -> None:
+def sync_device() -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it (no-op without CUDA)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -62,7 +63,7 @@ def _run(engine, prompt: list[int], max_tokens: int) -> list[float]:
     while engine.has_unfinished_requests():
         for out in engine.step():
             stamps.extend(time.perf_counter() for _ in out.new_token_ids)
-    _sync()
+    sync_device()
     return stamps
 
 

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from llcuda.gguf.model_config import model_config_from_gguf
-from llcuda.gguf.reader import GGUFFile
-from llcuda.models.registry import build_model
+from tests.models.forward_helpers import open_gemma
 
 
 @pytest.fixture(scope="session")
 def gemma_cpu(real_model_path):
-    gguf = GGUFFile(real_model_path)
-    config = model_config_from_gguf(gguf)
-    cpu = torch.device("cpu")
-    model = build_model(gguf, config, [cpu] * config.num_layers, cpu, max_positions=4096)
+    gguf, model = open_gemma(real_model_path, "cpu")
     yield model
     gguf.close()

@@ -1,10 +1,14 @@
-"""Run one sequence straight through a model with a private paged KV cache (tests only)."""
+"""Open the real model on one device and run one sequence straight through it with a private
+paged KV cache (tests only)."""
 
 from __future__ import annotations
 
 import torch
 
+from llcuda.gguf.model_config import model_config_from_gguf
+from llcuda.gguf.reader import GGUFFile
 from llcuda.layers.attention import AttentionMetadata, KVCache
+from llcuda.models.registry import build_model
 
 
 @torch.inference_mode()
@@ -51,3 +55,11 @@ def sequence_logits(
             if p in wanted:
                 hidden_rows[wanted[p]] = hidden[p - start]
     return model.compute_logits(torch.stack(hidden_rows))
+
+
+def open_gemma(path, device: str):
+    """The whole model on one device, straight from the GGUF (no engine); close the GGUF after."""
+    gguf = GGUFFile(path)
+    config = model_config_from_gguf(gguf)
+    dev = torch.device(device)
+    return gguf, build_model(gguf, config, [dev] * config.num_layers, dev, max_positions=4096)

@@ -12,10 +12,7 @@ import pytest
 import torch
 
 from llcuda import InferenceEngine
-from llcuda.gguf.model_config import model_config_from_gguf
-from llcuda.gguf.reader import GGUFFile
-from llcuda.models.registry import build_model
-from tests.models.forward_helpers import sequence_logits
+from tests.models.forward_helpers import open_gemma, sequence_logits
 from tests.models.test_engine_real_model import check_greedy_against_golden
 from tests.models.test_gemma3_golden import check_teacher_forced_against_golden
 
@@ -24,10 +21,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def gemma_gpu(real_model_path):
-    gguf = GGUFFile(real_model_path)
-    config = model_config_from_gguf(gguf)
-    cuda = torch.device("cuda")
-    model = build_model(gguf, config, [cuda] * config.num_layers, cuda, max_positions=4096)
+    gguf, model = open_gemma(real_model_path, "cuda")
     yield model
     gguf.close()
 
