@@ -363,6 +363,18 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
     return g
 
 
+def _split_k(tiles: int, target_programs: int, n_groups: int, block_g: int) -> int:
+    """K splits that bring `tiles` output tiles to about `target_programs` programs, keeping at
+    least two K steps of `block_g` groups in each."""
+    return max(1, min(triton.cdiv(target_programs, tiles), n_groups // (2 * block_g)))
+
+
+def _split_groups(n_groups: int, split_k: int, block_g: int) -> tuple[int, int]:
+    """(groups per split, a multiple of block_g; the number of splits, none of them empty)."""
+    groups_per_split = triton.cdiv(triton.cdiv(n_groups, split_k), block_g) * block_g
+    return groups_per_split, triton.cdiv(n_groups, groups_per_split)
+
+
 def gemv_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int) -> dict:
     """BLOCK_N, BLOCK_G, SPLIT_K, num_warps, num_stages for the decode kernel.
 
@@ -386,7 +398,7 @@ def gemv_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int) -> dict
     n_tiles = triton.cdiv(n, block_n)
     split_k = 1
     if n_tiles < num_sms // 2:  # few rows, long rows (ffn_down): split K over more programs
-        split_k = max(1, min(triton.cdiv(4 * num_sms, n_tiles), n_groups // (2 * block_g)))
+        split_k = _split_k(n_tiles, 4 * num_sms, n_groups, block_g)
     return {"BLOCK_N": block_n, "BLOCK_G": block_g, "SPLIT_K": split_k, "num_warps": 4,
             "num_stages": 3}
 
@@ -414,9 +426,7 @@ def gemm_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int = 132) -
     # M=64 on 132 SMs): split K as well, keeping at least two K steps per program.
     block_g = 32 // _WPG[qtype]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    split_k = 1
-    if tiles < num_sms:
-        split_k = max(1, min(triton.cdiv(2 * num_sms, tiles), n_groups // (2 * block_g)))
+    split_k = _split_k(tiles, 2 * num_sms, n_groups, block_g) if tiles < num_sms else 1
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_G": block_g, "GROUP_M": 8, "SPLIT_K": split_k,
             "num_warps": warps, "num_stages": stages}
 
@@ -465,9 +475,7 @@ def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None) -> 
         raise QuantMatmulError(f"quant_gemv takes M <= {GEMV_KERNEL_MAX_M}, got {m}")
     dev = x.device.index if x.device.type == "cuda" else 0
     cfg = config or gemv_config(w.qtype, m, n, n_groups, _num_sms(dev))
-    split_k = cfg["SPLIT_K"]
-    groups_per_split = triton.cdiv(triton.cdiv(n_groups, split_k), cfg["BLOCK_G"]) * cfg["BLOCK_G"]
-    split_k = triton.cdiv(n_groups, groups_per_split)  # no empty splits
+    groups_per_split, split_k = _split_groups(n_groups, cfg["SPLIT_K"], cfg["BLOCK_G"])
     out = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
     ptrs, strides = _weight_args(w)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k)
@@ -494,7 +502,6 @@ def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
     dev = x.device.index if x.device.type == "cuda" else 0
     cfg = config or gemm_config(w.qtype, m, n, n_groups, _num_sms(dev))
     fp16 = _use_fp16(x.device) if use_fp16 is None else use_fp16
-    split_k = cfg.get("SPLIT_K", 1)
     out = torch.empty((m, n), device=x.device, dtype=torch.float32)
     # Activations are cast once here rather than per tile: half the shared memory per pipeline
     # stage and half the L2 traffic (every N-tile re-reads them).
@@ -509,8 +516,7 @@ def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
         xscale = out  # unused
         x = x.to(torch.bfloat16).contiguous()
     ptrs, strides = _weight_args(w)
-    groups_per_split = triton.cdiv(triton.cdiv(n_groups, split_k), cfg["BLOCK_G"]) * cfg["BLOCK_G"]
-    split_k = triton.cdiv(n_groups, groups_per_split)  # no empty splits
+    groups_per_split, split_k = _split_groups(n_groups, cfg.get("SPLIT_K", 1), cfg["BLOCK_G"])
     partial = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device,
                                                    dtype=torch.float32)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
