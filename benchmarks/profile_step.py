@@ -1,7 +1,10 @@
 """Where a decode step's time goes, per batch size: the GPU (graph replay alone), the host
 (scheduler, input preparation, sampling, detokenization) and, for one batch size, the kernels.
 
-    python benchmarks/profile_step.py MODEL.gguf [-npl 1,16,64,128] [--kernels 64]
+    python benchmarks/profile_step.py MODEL.gguf [-npl 1,16,64,128] [--kernels 64] [--prefill 512]
+
+--prefill N instead times one N-token prompt through the engine (llama-bench's pp) and prints
+where it goes: the CUDA kernels and the host-side operators, from torch.profiler.
 """
 
 from __future__ import annotations
@@ -28,12 +31,51 @@ def graph_replay_ms(graphs, bucket: int, reps: int = 30) -> float:
     return start.elapsed_time(end) / reps
 
 
+def profile_prefill(model: str, n: int) -> None:
+    config = EngineConfig(ctx_size=n + 8, batch_size=max(n, 512), ubatch_size=max(n, 512),
+                          n_parallel=1, device="cuda")
+    loaded = load(model, config, verbose=False)
+    engine = loaded.llm_engine
+    gen = torch.Generator().manual_seed(0)
+    vocab = loaded.model_config.vocab_size
+
+    def one_prompt() -> float:
+        t0 = time.perf_counter()
+        engine.add_request(torch.randint(10, vocab, (n,), generator=gen).tolist(),
+                           SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    one_prompt(), one_prompt()  # compile
+    wall = sorted(one_prompt() for _ in range(5))[2]
+    print(f"pp{n}: {wall:.2f} ms per prompt ({n / wall * 1e3:,.0f} tok/s), median of 5", flush=True)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        one_prompt()
+    table = prof.key_averages()
+    print(table.table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    print(table.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    loaded.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("model")
     ap.add_argument("-npl", default="1,16,64,128")
     ap.add_argument("--kernels", type=int, default=64, help="batch size for the kernel table")
+    ap.add_argument("--prefill", type=int, default=0, help="profile one prompt of this length")
+    ap.add_argument("--no-dense", action="store_true",
+                    help="keep large batches on the fused kernel (no bf16 workspace + cuBLAS)")
     args = ap.parse_args()
+    if args.no_dense:
+        from llcuda.kernels import quant_matmul
+
+        quant_matmul.DENSE_MIN_M = quant_matmul.SWAP_MIN_M = 1 << 30
+    if args.prefill:
+        profile_prefill(args.model, args.prefill)
+        return
     batches = [int(b) for b in args.npl.split(",")]
     config = EngineConfig(
         ctx_size=300, batch_size=4096, ubatch_size=512, n_parallel=max(batches), device="cuda"

@@ -50,3 +50,22 @@ def test_geglu(tokens, f):
     gu = _rand(tokens, 2 * f, scale=4)
     gu[0, 0], gu[0, 1] = 60.0, -60.0  # tanh saturation stays finite
     torch.testing.assert_close(fused_norm.geglu(gu), ref.geglu_fused_ref(gu), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_matmul_outputs_are_read_as_they_are():
+    """The dense matmul path hands these kernels bf16 rows: same results as those rows widened."""
+    x, w1, w2 = _rand(9, 1152, scale=30), _rand(1152), _rand(1152)
+    a = _rand(9, 1152, scale=200).to(torch.bfloat16)
+    got = fused_norm.residual_rms_norm(x, a, w1, w2, 1e-6)
+    want = fused_norm.residual_rms_norm(x, a.float(), w1, w2, 1e-6)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w)
+    gate_up = _rand(5, 2 * 6912).to(torch.bfloat16)
+    torch.testing.assert_close(fused_norm.geglu(gate_up), fused_norm.geglu(gate_up.float()))
+    qk = _rand(6, 1280).to(torch.bfloat16)
+    cos, sin = _rand(64, 128), _rand(64, 128)
+    pos = torch.arange(6, device=DEVICE)
+    args = (4, 256, _rand(256), cos, sin, pos, 1e-6, 0.0625)
+    torch.testing.assert_close(fused_norm.qk_norm_rope(qk[:, :1024], *args),
+                               fused_norm.qk_norm_rope(qk[:, :1024].float(), *args))

@@ -254,3 +254,17 @@ def test_quant_matmul_rejects_bad_arguments():
     x = torch.randn(4, 128, device="cuda")[:, ::2]
     ref = x @ qp.dequantize_packed(w).T
     assert _rel_err(quant_matmul(x, w), ref) < 2e-5
+
+
+def test_matmul_path_by_batch_and_size():
+    from llcuda.kernels.quant_matmul import matmul_path
+
+    qkv, gate_up, head = (1152, 1536), (1152, 13824), (1152, 262144)  # (K, N) of Gemma 3 1B
+    assert [matmul_path(m, qkv[1], qkv[0]) for m in (1, 4, 5, 16, 32, 512)] == [
+        "gemv", "gemv", "gemm", "gemm", "dense", "dense"]
+    assert [matmul_path(m, gate_up[1], gate_up[0]) for m in (16, 32, 128, 129, 512)] == [
+        "gemm", "swap", "swap", "dense", "dense"]
+    assert [matmul_path(m, head[1], head[0]) for m in (1, 16, 64, 128, 256)] == [
+        "gemv", "gemm", "swap", "swap", "gemm"]
+    # below sm_80 every batch past the GEMV takes the fused kernel's fp16 path
+    assert {matmul_path(m, *qkv[::-1], bf16=False) for m in (16, 64, 512)} == {"gemm"}

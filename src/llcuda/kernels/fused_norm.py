@@ -44,7 +44,7 @@ def _residual_rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0)
-    a = tl.load(a_ptr + row * n + cols, mask=mask, other=0.0)
+    a = tl.load(a_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
     w_post = tl.load(w_post_ptr + cols, mask=mask, other=0.0)
     w_next = tl.load(w_next_ptr + cols, mask=mask, other=0.0)
     x = x + a * (1.0 / tl.sqrt(tl.sum(a * a, axis=0) / n + eps)) * w_post
@@ -64,8 +64,8 @@ def _qk_norm_rope_kernel(
     i = tl.arange(0, HALF)
     mask = i < half
     base = t_ptr + token * t_stride + head * head_dim
-    x1 = tl.load(base + i, mask=mask, other=0.0)
-    x2 = tl.load(base + half + i, mask=mask, other=0.0)
+    x1 = tl.load(base + i, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + half + i, mask=mask, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / head_dim + eps)
     x1 = x1 * inv * tl.load(w_ptr + i, mask=mask, other=0.0)
     x2 = x2 * inv * tl.load(w_ptr + half + i, mask=mask, other=0.0)
@@ -82,13 +82,17 @@ def _geglu_kernel(gu_ptr, out_ptr, f, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < f
-    g = tl.load(gu_ptr + row * 2 * f + cols, mask=mask, other=0.0)
-    u = tl.load(gu_ptr + row * 2 * f + f + cols, mask=mask, other=0.0)
+    g = tl.load(gu_ptr + row * 2 * f + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * f + f + cols, mask=mask, other=0.0).to(tl.float32)
     inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
     tl.store(out_ptr + row * f + cols, 0.5 * g * (1.0 + _tanh(inner)) * u, mask=mask)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
+def _rows(x: torch.Tensor, bf16_ok: bool = False) -> torch.Tensor:
+    """x as contiguous fp32, or as it is when bf16_ok and it is contiguous bf16 (a matmul output
+    from the dense path: the kernel widens it on load instead of a separate cast)."""
+    if x.dtype == torch.bfloat16 and bf16_ok and x.is_contiguous():
+        return x
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     return x
@@ -107,7 +111,7 @@ def residual_rms_norm(
     x: torch.Tensor, a: torch.Tensor, w_post: torch.Tensor, w_next: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x, a: [T, n] -> (x + RMSNorm(a)*w_post, RMSNorm(that)*w_next), both fp32 [T, n]."""
-    x, a = _rows(x), _rows(a)
+    x, a = _rows(x), _rows(a, bf16_ok=True)
     n = x.shape[-1]
     x_out, h_out = torch.empty_like(x), torch.empty_like(x)
     _residual_rms_norm_kernel[(x.shape[0],)](
@@ -130,7 +134,7 @@ def qk_norm_rope(
     """t: [T, >= num_heads*head_dim] rows (a view into a fused q|k output is fine) ->
     per-head RMSNorm * weight, NEOX RoPE over the whole head, times scale: [T, num_heads, head_dim].
     cos, sin: [max_positions, head_dim // 2] fp32; positions: [T] int64."""
-    if t.stride(-1) != 1 or t.dtype != torch.float32:
+    if t.stride(-1) != 1 or t.dtype not in (torch.float32, torch.bfloat16):
         t = t.float().contiguous()
     num_tokens, half = t.shape[0], head_dim // 2
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float32, device=t.device)
@@ -143,7 +147,7 @@ def qk_norm_rope(
 
 def geglu(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [T, 2F] (gate then up) -> GELU_tanh(gate) * up: [T, F] fp32."""
-    gate_up = _rows(gate_up)
+    gate_up = _rows(gate_up, bf16_ok=True)
     num_tokens, f = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(num_tokens, f, dtype=torch.float32, device=gate_up.device)
     block = 1024

@@ -125,5 +125,11 @@ def quant_matmul(x: torch.Tensor, weight: object) -> torch.Tensor:
     return triton_quant_matmul(x, weight)
 
 
-def embedding(weight: QuantTensor, token_ids: torch.Tensor) -> torch.Tensor:
-    return ref.embedding_ref(weight, token_ids)
+def embedding(weight: object, token_ids: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale * rows `token_ids` [T] of a quantized table -> [T, n_embd] fp32, where the table is:
+    the memory-mapped blocks (CPU) or the packed weight (one gather kernel on the GPU)."""
+    if isinstance(weight, QuantTensor):
+        return ref.embedding_ref(weight, token_ids) * scale
+    from llcuda.kernels.quant_dequant import embedding_rows
+
+    return embedding_rows(weight, token_ids.to(weight.device, non_blocking=True), scale)

@@ -50,6 +50,16 @@ from llcuda.kernels.quant_pack import (
 # CUDA cores costs more than bf16 tensor cores.
 GEMV_MAX_M = 4
 GEMV_KERNEL_MAX_M = 16  # what quant_gemv accepts (its M loop is unrolled)
+# Past the GEMV, three tensor-core paths (see matmul_path; H100 times in us from
+# benchmarks/bench_gemm_paths.py, Gemma 3 1B shapes, fused kernel / swapped / dense):
+#   Q5_0 1152x1536  M=64: 18.5 / 17.4 / 10.7   M=512:  42.3 /  28.0 / 13.9
+#   Q5_0 1152x13824 M=64: 34.7 / 25.2 / 32.8   M=512: 118.0 / 115.1 / 54.4
+#   Q4_K 6912x1152  M=64: 28.9 / 23.1 / 23.8   M=512: 149.1 /  73.5 / 42.2
+#   Q8_0 1152x262144 (LM head) M=64: 281.5 / 202.1 / 652.7
+DENSE_MIN_M = 32  # dense (bf16 workspace + cuBLAS) from here on, for small enough workspaces
+DENSE_SMALL_BYTES = 8 * 2**20  # workspaces this small go dense from DENSE_MIN_M rows on
+DENSE_MAX_BYTES = 64 * 2**20  # larger ones from SWAP_MAX_M rows on; past this, never
+SWAP_MIN_M, SWAP_MAX_M = 32, 128  # the swapped kernel's range, for the larger matrices
 
 
 @triton.jit
@@ -491,7 +501,12 @@ def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None) -> 
 def _use_fp16(device: torch.device) -> bool:
     # bf16 tensor cores need sm_80; is_bf16_supported() says True on sm_75 (emulation), so ask
     # the capability directly.
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0)
+    return device.type == "cuda" and _capability(device.index or 0) < (8, 0)
+
+
+@cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
@@ -530,16 +545,46 @@ def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
     return out if split_k == 1 else torch.sum(partial, dim=0, out=out)
 
 
-def quant_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """y = x @ dequantize(w).T: x [M, K] (fp32/bf16/fp16, CUDA) -> [M, N] fp32.
+def matmul_path(m: int, n: int, k: int, bf16: bool = True) -> str:
+    """Which kernel serves an [m, k] @ [k, n] product: "gemv", "swap", "dense" or "gemm".
 
-    M <= GEMV_MAX_M takes the fp32 GEMV kernel; larger M the tensor-core kernel (bf16 products).
+    Expanding a matrix into a bf16 workspace (3 bytes of traffic per weight) and calling cuBLAS
+    wins once enough rows share it; the LM head (262144 rows) is never expanded. In between, the
+    swapped kernel (weights as the MMA's left operand) beats the fused one on large matrices.
+    Below sm_80 (no bf16) every batch takes the fused kernel's fp16 path.
+    """
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    if not bf16:
+        return "gemm"
+    workspace = 2 * n * k
+    if m >= DENSE_MIN_M and (workspace <= DENSE_SMALL_BYTES
+                             or (m > SWAP_MAX_M and workspace <= DENSE_MAX_BYTES)):
+        return "dense"
+    if SWAP_MIN_M <= m <= SWAP_MAX_M:
+        return "swap"
+    return "gemm"
+
+
+def quant_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """y = x @ dequantize(w).T: x [M, K] (fp32/bf16/fp16, CUDA) -> [M, N] fp32 (bf16 from the
+    "dense" path, see quant_tc.quant_gemm_dense).
+
+    M <= GEMV_MAX_M takes the fp32 GEMV kernel; larger M a tensor-core path (bf16 products, fp16
+    below sm_80), chosen by `matmul_path`.
     """
     if x.dim() == 2 and x.shape[0] == 0:
         _check(x, w)
         return torch.empty((0, w.n_rows), device=x.device, dtype=torch.float32)
-    if x.dim() == 2 and x.shape[0] <= GEMV_MAX_M:
+    if x.dim() != 2:
+        _check(x, w)  # raises
+    path = matmul_path(x.shape[0], w.n_rows, w.n_cols, bf16=not _use_fp16(x.device))
+    if path == "gemv":
         return quant_gemv(x, w)
+    if path in ("swap", "dense"):
+        from llcuda.kernels import quant_tc
+
+        return (quant_tc.quant_gemm_swap if path == "swap" else quant_tc.quant_gemm_dense)(x, w)
     return quant_gemm(x, w)
 
 

@@ -117,11 +117,16 @@ class Gemma3ForCausalLM:
             self.layers.append(Gemma3Block(gguf, config, i, device, rotaries[key], flash_attn))
             if progress is not None:
                 progress(1)
-        # Embedding rows are looked up in the memory-mapped blocks on the CPU (a few rows per
-        # step; llama.cpp keeps the input embedding on the CPU too); the head reads them all.
-        self.token_embd = QuantTensor.from_gguf(gguf, "token_embd.weight")
         head_name = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
         self.output = QuantLinear(QuantTensor.from_gguf(gguf, head_name), head_device)
+        # Embedding rows: from the tied head's copy when it sits on the first block's device (one
+        # gather kernel; a 512-token prompt costs ~15 ms dequantized on the CPU), otherwise from
+        # the memory-mapped blocks on the CPU, as llama.cpp does for partial offload.
+        self.token_embd: object = QuantTensor.from_gguf(gguf, "token_embd.weight")
+        if config.tie_word_embeddings and head_device.type != "cpu" and (
+            block_devices[0] == head_device
+        ):
+            self.token_embd = self.output.weight
         self.output_norm = read_float_tensor(gguf, "output_norm.weight").to(head_device)
         # Each block ends with the pre-norm of what follows it (fused with its residual add).
         for block, following in zip(self.layers[:-1], self.layers[1:], strict=True):
@@ -131,8 +136,9 @@ class Gemma3ForCausalLM:
             progress(1)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids: [num_tokens] -> scaled embeddings [num_tokens, hidden_size] fp32 (CPU)."""
-        return ops.embedding(self.token_embd, input_ids.cpu()) * self.config.embedding_scale
+        """input_ids: [num_tokens] -> scaled embeddings [num_tokens, hidden_size] fp32, on the
+        first block's device or on the CPU (see __init__)."""
+        return ops.embedding(self.token_embd, input_ids, self.config.embedding_scale)
 
     def forward(
         self,
@@ -155,7 +161,7 @@ class Gemma3ForCausalLM:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: normed [n, hidden_size] -> logits [n, vocab_size] fp32 (final softcap applied)"""
-        logits = self.output(hidden.to(self.head_device))
+        logits = self.output(hidden.to(self.head_device)).float()  # fp32 whatever the path
         cap = self.config.final_logit_softcapping
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)

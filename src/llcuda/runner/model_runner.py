@@ -128,7 +128,7 @@ class ModelRunner:
         input_ids, positions, meta, logits_indices = self.prepare_inputs(step)
         sampled_items = [item for item in step.scheduled if item.sample]
         is_decode = meta.max_query_len == 1 and len(sampled_items) == len(step.scheduled)
-        x = self.model.embed(input_ids)  # [num_tokens, hidden_size], looked up on the CPU
+        x = self.model.embed(input_ids)  # [num_tokens, hidden_size] fp32
         if self.graphs is not None and is_decode and self.graphs.bucket_for(len(sampled_items)):
             logits = self.graphs.run(
                 x, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables
