@@ -42,6 +42,7 @@ def weights(tname: str, k: int, n: int, gen) -> list[qp.PackedWeight]:
 def bench(tname, k, n, gen, batches, sweep: bool, out) -> None:
     ws = weights(tname, k, n, gen)
     nbytes = ws[0].nbytes
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     dense = [dequantize_bf16(w) for w in ws[: max(1, min(len(ws), TARGET_BYTES // (2 * n * k)))]]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for m in batches:

@@ -57,6 +57,13 @@ def profile_prefill(model: str, n: int) -> None:
     table = prof.key_averages()
     print(table.table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
     print(table.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    # the host side in Python terms: which functions hold the step up
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(one_prompt)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     loaded.close()
 
 

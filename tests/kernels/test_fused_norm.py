@@ -69,3 +69,22 @@ def test_bf16_matmul_outputs_are_read_as_they_are():
     args = (4, 256, _rand(256), cos, sin, pos, 1e-6, 0.0625)
     torch.testing.assert_close(fused_norm.qk_norm_rope(qk[:, :1024], *args),
                                fused_norm.qk_norm_rope(qk[:, :1024].float(), *args))
+
+
+def test_residual_norm_adds_split_k_partials():
+    x, w1, w2 = _rand(5, 1152, scale=30), _rand(1152), _rand(1152)
+    parts = _rand(7, 5, 1152, scale=50)
+    got = fused_norm.residual_rms_norm(x, parts, w1, w2, 1e-6)
+    want = ref.residual_rms_norm_ref(x, parts.sum(dim=0), w1, w2, 1e-6)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_softcap_in_place():
+    x = _rand(3, 262144, scale=40)
+    want = ref.softcap_ref(x, 30.0)
+    got = fused_norm.softcap_(x, 30.0)
+    assert got.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        fused_norm.softcap_(x.to(torch.bfloat16), 30.0)

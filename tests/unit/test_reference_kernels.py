@@ -107,3 +107,22 @@ def test_rms_norm_and_gelu_match_formulas():
     g = ref.gelu_tanh_ref(torch.tensor([1.0]))
     expect = 0.5 * (1 + math.tanh(math.sqrt(2 / math.pi) * (1 + 0.044715)))
     torch.testing.assert_close(g, torch.tensor([expect]))
+
+
+def test_residual_rms_norm_ref_adds_partials():
+    from llcuda.kernels.reference import residual_rms_norm_ref
+
+    gen = torch.Generator().manual_seed(0)
+    x, parts = torch.randn(3, 16, generator=gen), torch.randn(4, 3, 16, generator=gen)
+    w1, w2 = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    got = residual_rms_norm_ref(x, parts, w1, w2, 1e-6)
+    want = residual_rms_norm_ref(x, parts.sum(dim=0), w1, w2, 1e-6)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_softcap_ref_bounds_logits():
+    x = torch.tensor([-1e4, -3.0, 0.0, 3.0, 1e4])
+    y = ref.softcap_ref(x, 30.0)
+    assert y.abs().max() <= 30.0 and y[2] == 0.0
+    torch.testing.assert_close(y[3], torch.tensor(30.0 * math.tanh(0.1)))

@@ -38,13 +38,17 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, eps, BLOCK: tl.constexpr):
 
 @triton.jit
 def _residual_rms_norm_kernel(
-    x_ptr, a_ptr, w_post_ptr, w_next_ptr, x_out_ptr, h_out_ptr, n, eps, BLOCK: tl.constexpr
+    x_ptr, a_ptr, w_post_ptr, w_next_ptr, x_out_ptr, h_out_ptr, n, eps, splits, split_stride,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0)
+    # `a` arrives as `splits` split-K partial sums of a matmul: adding them here saves a launch
     a = tl.load(a_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
+    for s in range(1, splits):
+        a += tl.load(a_ptr + s * split_stride + row * n + cols, mask=mask, other=0.0)
     w_post = tl.load(w_post_ptr + cols, mask=mask, other=0.0)
     w_next = tl.load(w_next_ptr + cols, mask=mask, other=0.0)
     x = x + a * (1.0 / tl.sqrt(tl.sum(a * a, axis=0) / n + eps)) * w_post
@@ -88,6 +92,24 @@ def _geglu_kernel(gu_ptr, out_ptr, f, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * f + cols, 0.5 * g * (1.0 + _tanh(inner)) * u, mask=mask)
 
 
+@triton.jit
+def _softcap_kernel(x_ptr, n, cap, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(x_ptr + offs, cap * _tanh(x / cap), mask=mask)
+
+
+def softcap_(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """x <- cap * tanh(x / cap) in place (contiguous fp32): one pass over the logits, which at
+    a 64-row decode batch of a 262k vocabulary are 67 MB (torch's three ops: three passes)."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"softcap_ needs contiguous float32, got {x.dtype}")
+    block = 4096
+    _softcap_kernel[(triton.cdiv(x.numel(), block),)](x, x.numel(), cap, BLOCK=block)
+    return x
+
+
 def _rows(x: torch.Tensor, bf16_ok: bool = False) -> torch.Tensor:
     """x as contiguous fp32, or as it is when bf16_ok and it is contiguous bf16 (a matmul output
     from the dense path: the kernel widens it on load instead of a separate cast)."""
@@ -110,12 +132,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def residual_rms_norm(
     x: torch.Tensor, a: torch.Tensor, w_post: torch.Tensor, w_next: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, a: [T, n] -> (x + RMSNorm(a)*w_post, RMSNorm(that)*w_next), both fp32 [T, n]."""
-    x, a = _rows(x), _rows(a, bf16_ok=True)
+    """x: [T, n], a: [T, n] or split-K partials [S, T, n] ->
+    (x + RMSNorm(a)*w_post, RMSNorm(that)*w_next), both fp32 [T, n]."""
+    x = _rows(x)
+    a = a.unsqueeze(0) if a.dim() == 2 else a
+    a = _rows(a, bf16_ok=True)
     n = x.shape[-1]
     x_out, h_out = torch.empty_like(x), torch.empty_like(x)
     _residual_rms_norm_kernel[(x.shape[0],)](
-        x, a, w_post, w_next, x_out, h_out, n, eps, BLOCK=triton.next_power_of_2(n)
+        x, a, w_post, w_next, x_out, h_out, n, eps, a.shape[0], a.shape[1] * n,
+        BLOCK=triton.next_power_of_2(n),
     )
     return x_out, h_out
 

@@ -27,7 +27,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def residual_rms_norm(
     x: torch.Tensor, a: torch.Tensor, w_post: torch.Tensor, w_next: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + RMSNorm(a)*w_post, RMSNorm of that * w_next): one kernel on CUDA."""
+    """(x + RMSNorm(a)*w_post, RMSNorm of that * w_next): one kernel on CUDA. `a` is [T, n] or a
+    matmul's split-K partial sums [S, T, n] (quant_matmul(..., partials=True))."""
     if x.is_cuda:
         from llcuda.kernels import fused_norm
 
@@ -54,6 +55,15 @@ def qk_norm_rope(
             t, num_heads, head_dim, weight, cos, sin, positions, eps, scale
         )
     return ref.qk_norm_rope_ref(t, num_heads, head_dim, weight, cos, sin, positions, eps, scale)
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap), fp32 (Gemma's final logit soft-capping); may reuse x's memory."""
+    if x.is_cuda and x.dtype == torch.float32 and x.is_contiguous():
+        from llcuda.kernels import fused_norm
+
+        return fused_norm.softcap_(x, cap)
+    return ref.softcap_ref(x, cap)
 
 
 def geglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
@@ -116,13 +126,15 @@ def prepare_weight(weight: QuantTensor, device: torch.device | str) -> object:
     return pack_weight(weight.data.to(device), int(weight.qtype), weight.shape[1])
 
 
-def quant_matmul(x: torch.Tensor, weight: object) -> torch.Tensor:
-    """x @ W.T, W kept in its quantized blocks. x: [num_tokens, in] -> [num_tokens, out]."""
+def quant_matmul(x: torch.Tensor, weight: object, partials: bool = False) -> torch.Tensor:
+    """x @ W.T, W kept in its quantized blocks. x: [num_tokens, in] -> [num_tokens, out], or with
+    `partials` split-K partial sums [splits, num_tokens, out] for residual_rms_norm to add up."""
     if isinstance(weight, QuantTensor):
-        return ref.quant_matmul_ref(x, weight)
+        out = ref.quant_matmul_ref(x, weight)
+        return out.unsqueeze(0) if partials else out
     from llcuda.kernels.quant_matmul import quant_matmul as triton_quant_matmul
 
-    return triton_quant_matmul(x, weight)
+    return triton_quant_matmul(x, weight, partials=partials)
 
 
 def embedding(weight: object, token_ids: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -477,8 +477,10 @@ def _use_asm() -> bool:
     return os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter cannot run inline PTX
 
 
-def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None) -> torch.Tensor:
-    """x [M<=16, K] @ dequant(w).T -> [M, N] fp32 with fp32 FMAs (the decode kernel)."""
+def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
+               partials: bool = False) -> torch.Tensor:
+    """x [M<=16, K] @ dequant(w).T -> [M, N] fp32 with fp32 FMAs (the decode kernel); with
+    `partials`, the split-K partial sums [S, M, N] unsummed (see quant_matmul)."""
     x = _check(x, w)
     m, n, n_groups = x.shape[0], w.n_rows, w.n_cols // GROUP
     if m > GEMV_KERNEL_MAX_M:
@@ -495,7 +497,14 @@ def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None) -> 
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"],
         NUM_STAGES=cfg["num_stages"], USE_ASM=_use_asm(), num_warps=cfg["num_warps"],
     )
-    return out[0] if split_k == 1 else out.sum(dim=0)
+    return _reduce_splits(out, partials)
+
+
+def _reduce_splits(out: torch.Tensor, partials: bool) -> torch.Tensor:
+    """[S, M, N] split-K partial sums -> [M, N], or as they are for a caller that sums them."""
+    if partials:
+        return out
+    return out[0] if out.shape[0] == 1 else out.sum(dim=0)
 
 
 def _use_fp16(device: torch.device) -> bool:
@@ -510,14 +519,14 @@ def _capability(device_index: int) -> tuple[int, int]:
 
 
 def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
-               use_fp16: bool | None = None) -> torch.Tensor:
-    """x [M, K] @ dequant(w).T -> [M, N] fp32 on tensor cores (bf16, or fp16 below sm_80)."""
+               use_fp16: bool | None = None, partials: bool = False) -> torch.Tensor:
+    """x [M, K] @ dequant(w).T -> [M, N] fp32 on tensor cores (bf16, or fp16 below sm_80); with
+    `partials`, the split-K partial sums [S, M, N] unsummed."""
     x = _check(x, w)
     m, n, n_groups = x.shape[0], w.n_rows, w.n_cols // GROUP
     dev = x.device.index if x.device.type == "cuda" else 0
     cfg = config or gemm_config(w.qtype, m, n, n_groups, _num_sms(dev))
     fp16 = _use_fp16(x.device) if use_fp16 is None else use_fp16
-    out = torch.empty((m, n), device=x.device, dtype=torch.float32)
     # Activations are cast once here rather than per tile: half the shared memory per pipeline
     # stage and half the L2 traffic (every N-tile re-reads them).
     if fp16:
@@ -528,12 +537,11 @@ def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
         xscale = torch.where(torch.isfinite(xscale), xscale, 1.0).contiguous()  # [M]
         x = (x.float() / xscale[:, None]).to(torch.float16)
     else:
-        xscale = out  # unused
+        xscale = x  # unused
         x = x.to(torch.bfloat16).contiguous()
     ptrs, strides = _weight_args(w)
     groups_per_split, split_k = _split_groups(n_groups, cfg.get("SPLIT_K", 1), cfg["BLOCK_G"])
-    partial = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device,
-                                                   dtype=torch.float32)
+    partial = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
     _quant_gemm_kernel[grid](
         x, partial, xscale, *ptrs, m, n, n_groups, groups_per_split, x.stride(0), m * n, *strides,
@@ -542,7 +550,7 @@ def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
         BLOCK_G=cfg["BLOCK_G"], GROUP_M=cfg["GROUP_M"], USE_FP16=fp16, USE_ASM=_use_asm(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out if split_k == 1 else torch.sum(partial, dim=0, out=out)
+    return _reduce_splits(partial, partials)
 
 
 def matmul_path(m: int, n: int, k: int, bf16: bool = True) -> str:
@@ -566,26 +574,32 @@ def matmul_path(m: int, n: int, k: int, bf16: bool = True) -> str:
     return "gemm"
 
 
-def quant_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> torch.Tensor:
     """y = x @ dequantize(w).T: x [M, K] (fp32/bf16/fp16, CUDA) -> [M, N] fp32 (bf16 from the
     "dense" path, see quant_tc.quant_gemm_dense).
 
     M <= GEMV_MAX_M takes the fp32 GEMV kernel; larger M a tensor-core path (bf16 products, fp16
-    below sm_80), chosen by `matmul_path`.
+    below sm_80), chosen by `matmul_path`. With `partials`, the result comes as [S, M, N] split-K
+    partial sums (S >= 1) for a consumer that adds them itself (fused_norm.residual_rms_norm),
+    which saves the reduction kernel of the tall-K projections.
     """
-    if x.dim() == 2 and x.shape[0] == 0:
-        _check(x, w)
-        return torch.empty((0, w.n_rows), device=x.device, dtype=torch.float32)
-    if x.dim() != 2:
-        _check(x, w)  # raises
+    _check(x, w)
+    if x.shape[0] == 0:
+        out = torch.empty((0, w.n_rows), device=x.device, dtype=torch.float32)
+        return out.unsqueeze(0) if partials else out
     path = matmul_path(x.shape[0], w.n_rows, w.n_cols, bf16=not _use_fp16(x.device))
     if path == "gemv":
-        return quant_gemv(x, w)
-    if path in ("swap", "dense"):
-        from llcuda.kernels import quant_tc
+        return quant_gemv(x, w, partials=partials)
+    if path == "dense":
+        from llcuda.kernels.quant_tc import quant_gemm_dense
 
-        return (quant_tc.quant_gemm_swap if path == "swap" else quant_tc.quant_gemm_dense)(x, w)
-    return quant_gemm(x, w)
+        out = quant_gemm_dense(x, w)
+        return out.unsqueeze(0) if partials else out
+    if path == "swap":
+        from llcuda.kernels.quant_tc import quant_gemm_swap
+
+        return quant_gemm_swap(x, w, partials=partials)
+    return quant_gemm(x, w, partials=partials)
 
 
 def quant_matmul_fused(x: torch.Tensor, w: PackedWeight) -> tuple[torch.Tensor, ...]:

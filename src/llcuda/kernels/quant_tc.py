@@ -24,6 +24,7 @@ from llcuda.kernels.quant_matmul import (
     _num_sms,
     _plane,
     _prepare_words,
+    _reduce_splits,
     _split_groups,
     _split_k,
     _use_asm,
@@ -94,6 +95,8 @@ def _quant_gemm_swap_kernel(
                 w = _plane(QTYPE, lo, hi, p, magic, USE_ASM) * a_lo + c  # [BN, NW]
             else:
                 w = _plane(QTYPE, lo, hi, p, magic, USE_ASM) * a_hi + c
+            # Reading x in its own order instead (runs of WPG, converted here) measured slower on
+            # H100: 44.7 vs 33.3 us for Q5_0 1152x13824 at M=64.
             xt = tl.load(x_ptr + xrow * stride_xm + p * plane_stride + xcol, mask=xmask,
                          other=0.0)  # [NW, BM]
             if USE_ASM:
@@ -107,18 +110,22 @@ def _quant_gemm_swap_kernel(
 def swap_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int) -> dict:
     """Tiles for quant_gemm_swap. H100 sweep (benchmarks/bench_gemm_paths.py --sweep): 128 weight
     rows and 8 warps from 64 tokens on, except the 262144-row LM head (64 and 4 throughout);
-    two pipeline stages (each holds every plane's activation tile: BLOCK_M KiB at 4 bits)."""
+    two pipeline stages (each holds every plane's activation tile: BLOCK_M KiB at 4 bits); K split
+    only where the tiles cover less than half the SMs (Q5_0 1152x13824 at M=64, 108 tiles: 25.2 us
+    unsplit, 33.3 us in two)."""
     bm = min(128, max(16, triton.next_power_of_2(m)))
     bn, warps = (128, 8) if m >= 64 and n < 65536 else (64, 4)
     block_g = 32 // _WPG[qtype]
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    split_k = _split_k(tiles, 2 * num_sms, n_groups, block_g) if tiles < num_sms else 1
+    split_k = _split_k(tiles, 2 * num_sms, n_groups, block_g) if tiles < num_sms // 2 else 1
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_G": block_g, "SPLIT_K": split_k,
             "num_warps": warps, "num_stages": 2}
 
 
-def quant_gemm_swap(x: torch.Tensor, w: PackedWeight, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] @ dequant(w).T -> [M, N] fp32, bf16 tensor cores with the weight as left operand."""
+def quant_gemm_swap(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
+                    partials: bool = False) -> torch.Tensor:
+    """x [M, K] @ dequant(w).T -> [M, N] fp32, bf16 tensor cores with the weight as left operand
+    (with `partials`, the split-K partial sums [S, M, N] unsummed)."""
     x = _check(x, w)
     m, n, n_groups = x.shape[0], w.n_rows, w.n_cols // GROUP
     dev = x.device.index if x.device.type == "cuda" else 0
@@ -134,7 +141,7 @@ def quant_gemm_swap(x: torch.Tensor, w: PackedWeight, config: dict | None = None
         BLOCK_G=cfg["BLOCK_G"], NUM_STAGES=cfg["num_stages"], USE_ASM=_use_asm(),
         num_warps=cfg["num_warps"],
     )
-    return out[0] if split_k == 1 else out.sum(dim=0)
+    return _reduce_splits(out, partials)
 
 
 def quant_gemm_dense(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:

@@ -21,6 +21,11 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
 
 
+def softcap_ref(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """Gemma's logit soft-capping: cap * tanh(x / cap), fp32."""
+    return cap * torch.tanh(x.float() / cap)
+
+
 def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
     """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), llama.cpp's GELU for GEGLU."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
@@ -175,7 +180,10 @@ def residual_rms_norm_ref(
     x: torch.Tensor, a: torch.Tensor, w_post: torch.Tensor, w_next: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gemma's post-norm residual then the next pre-norm: x' = x + RMSNorm(a)*w_post,
-    h = RMSNorm(x')*w_next. x, a: [num_tokens, hidden] -> (x', h)."""
+    h = RMSNorm(x')*w_next. x, a: [num_tokens, hidden] -> (x', h). `a` may also come as split-K
+    partial sums [splits, num_tokens, hidden] (a matmul's `partials` output), summed here."""
+    if a.dim() == 3:
+        a = a.float().sum(dim=0)
     x = x.float() + rms_norm_ref(a, w_post, eps)
     return x, rms_norm_ref(x, w_next, eps)
 

@@ -18,8 +18,14 @@ class QuantLinear:
         self.nbytes = getattr(self.weight, "nbytes", weight.nbytes)  # bytes where it lives
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, in_features] -> [num_tokens, out_features] float32
+        # x: [num_tokens, in_features] -> [num_tokens, out_features] float32 (or bf16, see
+        # quant_matmul's dense path)
         return ops.quant_matmul(x, self.weight)
+
+    def partials(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, in_features] -> split-K partial sums [splits, num_tokens, out_features],
+        # for ops.residual_rms_norm, which adds them up instead of a separate reduction kernel
+        return ops.quant_matmul(x, self.weight, partials=True)
 
 
 class FusedQuantLinear:

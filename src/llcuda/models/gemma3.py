@@ -81,10 +81,11 @@ class Gemma3Block:
         )  # fmt: skip
         v = self.attn_v(h).view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
         attn = paged_attention(q, k, v, cache, meta, self.sliding_window, self.flash_attn)
-        attn = self.attn_output(attn.reshape(num_tokens, cfg.q_size))
+        # the two tall-K projections hand their split-K partial sums straight to the norm
+        attn = self.attn_output.partials(attn.reshape(num_tokens, cfg.q_size))
         x, h = ops.residual_rms_norm(x, attn, self.post_attention_norm, self.ffn_norm, eps)
 
-        f = self.ffn_down(ops.geglu_fused(self.ffn_gate_up(h)))
+        f = self.ffn_down.partials(ops.geglu_fused(self.ffn_gate_up(h)))
         return ops.residual_rms_norm(x, f, self.post_ffw_norm, self.next_norm, eps)
 
 
@@ -164,5 +165,5 @@ class Gemma3ForCausalLM:
         logits = self.output(hidden.to(self.head_device)).float()  # fp32 whatever the path
         cap = self.config.final_logit_softcapping
         if cap > 0:
-            logits = cap * torch.tanh(logits / cap)
+            logits = ops.softcap(logits, cap)  # in place: the matmul's output is ours
         return logits
