@@ -118,17 +118,32 @@ class TextStream(ResultStream):
             except Exception as exc:
                 self._close(None, error=exc)
                 raise
-            if out.new_token_ids and not self._token_ids:
-                self._ttft_ms = (time.perf_counter() - self._start) * 1000.0
-            self._token_ids.extend(out.new_token_ids)
-            self._cached_tokens = max(self._cached_tokens, out.num_cached_tokens)
-            if out.finished:
-                self._engine_finished = True
-                self._finish_reason = out.finish_reason
-            if out.new_text:
-                self._pieces.append(out.new_text)
-                return out.new_text
+            piece = self.feed(out)
+            if piece:
+                return piece
         raise StopIteration
+
+    def feed(self, out: Any) -> str:
+        """Take one RequestOutput delta of this request; returns its new text ('' if none).
+
+        For consumers that receive the deltas themselves (`RequestHandle.listen`, as the HTTP
+        server's event loop does) instead of iterating; they call `end()` after the finished one.
+        """
+        if out.new_token_ids and not self._token_ids:
+            self._ttft_ms = (time.perf_counter() - self._start) * 1000.0
+        self._token_ids.extend(out.new_token_ids)
+        self._cached_tokens = max(self._cached_tokens, out.num_cached_tokens)
+        if out.finished:
+            self._engine_finished = True
+            self._finish_reason = out.finish_reason
+        if out.new_text:
+            self._pieces.append(out.new_text)
+        return out.new_text
+
+    def end(self, error: Exception | None = None) -> None:
+        """Build `result` after the last fed delta, or record `error` (the engine step failed)."""
+        if self.result is None:
+            self._close(None if error else self._finish_reason, error=error)
 
     def close(self) -> None:
         """Abort the request if it is still running; `result` then has finish_reason 'abort'."""

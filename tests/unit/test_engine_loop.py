@@ -234,3 +234,37 @@ def test_a_dying_loop_thread_fails_handles_instead_of_hanging(loop):
     assert not lp.is_threaded
     with pytest.raises(RuntimeError, match="thread died"):
         lp.submit([1], SamplingParams())
+
+
+def test_listen_hands_over_every_delta_in_order(loop):
+    """A listener gets the deltas queued before it was set, then the rest, on the stepper."""
+    config = _config(n_parallel=2)
+    lp = loop(config, SlowRunner(config))
+    handle = lp.submit(PROMPTS[0], PARAMS[0])
+    first = next(iter(handle))  # one delta consumed by iteration; later ones queue or listen
+    got, done = [], threading.Event()
+
+    def listener(item):
+        got.append(item)
+        if isinstance(item, BaseException) or item.finished:
+            done.set()
+
+    time.sleep(0.05)  # let a few deltas queue up before the listener exists
+    handle.listen(listener)
+    assert done.wait(30)
+    tokens = first.new_token_ids + [t for d in got for t in d.new_token_ids]
+    assert tokens == handle.result().new_token_ids
+    assert got[-1].finished and all(not d.finished for d in got[:-1])
+
+
+def test_listen_receives_the_step_failure(loop):
+    config = _config(n_parallel=2)
+    runner = SlowRunner(config)
+    lp = loop(config, runner)
+    handle = lp.submit([1, 2, 3], LONG)
+    got, done = [], threading.Event()
+    handle.listen(lambda item: (got.append(item), done.set()) if isinstance(item, BaseException)
+                  else got.append(item))
+    runner.fail_next = 1
+    assert done.wait(30)
+    assert isinstance(got[-1], EngineStepError)

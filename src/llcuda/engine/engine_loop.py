@@ -16,7 +16,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from llcuda.engine.llm_engine import LLMEngine, RequestOutput
@@ -45,6 +45,8 @@ class RequestHandle:
         self._done = threading.Event()
         self._total: RequestOutput | None = None  # all deltas merged (written by the stepper)
         self._error: BaseException | None = None
+        self._listener: Callable[[RequestOutput | BaseException], None] | None = None
+        self._listen_lock = threading.Lock()
 
     @property
     def finished(self) -> bool:
@@ -76,6 +78,20 @@ class RequestHandle:
         assert self._total is not None
         return self._total
 
+    def listen(self, callback: Callable[[RequestOutput | BaseException], None]) -> None:
+        """Hand every delta (or the failure, as the exception) to `callback` on the stepping
+        thread instead of queueing it for iteration; deltas queued before this call go first, in
+        order. For an event loop serving many requests: no thread needs to wait on each one.
+        The callback must be quick and must not block."""
+        with self._listen_lock:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                callback(item.exc if isinstance(item, _Failure) else item)
+            self._listener = callback
+
     def abort(self) -> None:
         """Cancel the request (no-op once finished); its stream ends with finish_reason 'abort'."""
         if not self._done.is_set():
@@ -85,14 +101,22 @@ class RequestHandle:
 
     def _deliver(self, out: RequestOutput) -> None:
         self._total = out if self._total is None else self._total.merge(out)
-        self._queue.put(out)
+        self._hand_over(out)
         if out.finished:
             self._done.set()
 
     def _fail(self, exc: BaseException) -> None:
         self._error = exc
-        self._queue.put(_Failure(exc))
+        self._hand_over(_Failure(exc))
         self._done.set()
+
+    def _hand_over(self, item: RequestOutput | _Failure) -> None:
+        with self._listen_lock:
+            if self._listener is None:
+                self._queue.put(item)
+                return
+            listener = self._listener
+        listener(item.exc if isinstance(item, _Failure) else item)
 
     def _next_item(self) -> RequestOutput | _Failure | None:
         while True:

@@ -4,9 +4,12 @@
     make_server(engine, "127.0.0.1", 8080).run()
 
 Every request becomes one `TextStream` of the shared `InferenceEngine`, so HTTP clients, like
-`batch_infer` callers, share each forward pass of its continuous-batching loop. A stream's
-`next()` blocks on the engine thread's per-request queue, so each request gets a worker thread (a
-`_Pump`) that carries its text pieces onto the event loop; the event loop itself never blocks.
+`batch_infer` callers, share each forward pass of its continuous-batching loop. The engine thread
+hands each request's deltas to a listener (`RequestHandle.listen`) that batches them: one wake-up
+of the event loop per engine step carries every request's new tokens (`_Dispatcher`), and each
+request's `_Pump` turns them into text pieces there. No thread waits per request: with a thread
+per stream, 64 streams fought the engine thread for the GIL and served 4,051 tok/s from an engine
+that decodes 15,781 (H100, gemma3 1B twin).
 
 Lifecycle: a client that disconnects mid-stream has its request aborted (its KV blocks are freed
 at the engine's next step). SIGTERM aborts what is in flight, so streams end at once with
@@ -23,7 +26,6 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import uvicorn
@@ -41,42 +43,77 @@ _END = object()
 OPEN_PATHS = frozenset({"/health", "/v1/health"})  # reachable without the API key (llama-server)
 
 
+class _Dispatcher:
+    """Carries deltas from the engine thread to the event loop, one wake-up per batch."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[_Pump, object]] = []
+
+    def post(self, pump: _Pump, item: object) -> None:
+        """Engine thread: queue `item` for `pump`; the first of a batch schedules the flush."""
+        with self._lock:
+            first = not self._items
+            self._items.append((pump, item))
+        if first:
+            try:
+                self._loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:
+                pass  # the event loop is closed: nobody is listening any more
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for pump, item in items:
+            pump.take(item)
+
+
 class _Pump:
-    """Runs one TextStream to its end on a worker thread; its pieces come out of `pieces()`."""
+    """One request's text pieces on the event loop: `pieces()` yields them as deltas arrive."""
 
     def __init__(self, stream: TextStream, loop: asyncio.AbstractEventLoop,
-                 executor: ThreadPoolExecutor) -> None:  # fmt: skip
+                 dispatcher: _Dispatcher) -> None:  # fmt: skip
         self.stream = stream
-        # kept to abort from the event loop while the worker thread waits inside next(stream):
-        # TextStream.close() is for the thread that iterates it
-        self._handle = stream._handle
-        self._loop = loop
+        self._handle = stream._handle  # kept to abort after the stream let go of it
         self._queue: asyncio.Queue = asyncio.Queue()
-        self.done = loop.run_in_executor(executor, self._run)
+        self.done: asyncio.Future = loop.create_future()  # set once stream.result exists
+        self._handle.listen(lambda item: dispatcher.post(self, item))
 
-    def _run(self) -> None:
-        try:
-            for piece in self.stream:
-                self._put(piece)
-        except Exception as exc:  # an engine step failed: the stream's result records it
-            self._put(exc)
-        finally:
-            self._put(_END)
-
-    def _put(self, item: object) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:
-            pass  # the event loop is closed: nobody is listening any more
+    def take(self, item: object) -> None:
+        """Event loop: one delta (or the engine's failure) of this request."""
+        if self.done.done():
+            return
+        if isinstance(item, BaseException):  # an engine step failed: the result records it
+            self.stream.end(error=item if isinstance(item, Exception) else RuntimeError(item))
+            self._queue.put_nowait(item)
+        else:
+            piece = self.stream.feed(item)
+            if piece:
+                self._queue.put_nowait(piece)
+            if not item.finished:
+                return
+            self.stream.end()
+        self._queue.put_nowait(_END)
+        self.done.set_result(None)
 
     async def pieces(self) -> AsyncIterator[str]:
+        """Text pieces as they come; pieces that queued up while the event loop was busy come
+        joined as one, so a loaded server sends fewer, larger events instead of falling behind."""
+        pending = None
         while True:
-            item = await self._queue.get()
+            item = pending if pending is not None else await self._queue.get()
+            pending = None
             if item is _END:
-                await self.done  # stream.result is set once the worker returns
                 return
-            if isinstance(item, Exception):
+            if isinstance(item, BaseException):
                 raise APIError(500, f"generation failed: {item}", "server_error")
+            while not self._queue.empty():
+                more = self._queue.get_nowait()
+                if not isinstance(more, str):
+                    pending = more
+                    break
+                item += more
             yield item
 
     def abort(self) -> None:
@@ -98,16 +135,14 @@ class ServerState:
         self.model_name = model_name or os.path.basename(info["path"] or "model")
         self.api_key = api_key
         self.metrics = ServerMetrics()
-        self.executor = ThreadPoolExecutor(
-            max_workers=min(1024, 4 * info["n_parallel"] + 16), thread_name_prefix="llcuda-pump"
-        )
+        self.dispatcher: _Dispatcher | None = None
         self.active: set[_Pump] = set()
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, stream: TextStream, endpoint: str) -> _Pump:
-        assert self.loop is not None
-        pump = _Pump(stream, self.loop, self.executor)
+        assert self.loop is not None and self.dispatcher is not None
+        pump = _Pump(stream, self.loop, self.dispatcher)
         self.active.add(pump)
 
         def finished(_: object) -> None:
@@ -140,9 +175,9 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
 
     async def lifespan(app: FastAPI):
         state.loop = asyncio.get_running_loop()
+        state.dispatcher = _Dispatcher(state.loop)
         yield
         state.begin_shutdown()
-        state.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="llcuda", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.llcuda = state
@@ -271,16 +306,17 @@ async def _collect(pump: _Pump, request: Request) -> str:
         watcher.cancel()
 
 
-def _sse(pump: _Pump, events: AsyncIterator[dict], done_marker: bool = True) -> StreamingResponse:
+def _sse(pump: _Pump, events: AsyncIterator[dict | str],
+         done_marker: bool = True) -> StreamingResponse:  # fmt: skip
     """Server-sent events; a client that goes away aborts the request (the finally below)."""
 
     async def body() -> AsyncIterator[str]:
         try:
             try:
-                async for event in events:
-                    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+                async for event in events:  # dicts, or events already encoded (_PieceEvent)
+                    yield event if isinstance(event, str) else _sse_event(event)
             except APIError as exc:  # headers are sent: report the failure in the stream
-                yield f"data: {json.dumps(exc.body())}\n\n"
+                yield _sse_event(exc.body())
             if done_marker:
                 yield "data: [DONE]\n\n"
         finally:
@@ -306,6 +342,25 @@ def _usage(stream: TextStream) -> dict:
     assert r is not None
     return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.tokens_generated,
             "total_tokens": r.prompt_tokens + r.tokens_generated}  # fmt: skip
+
+
+class _PieceEvent:
+    """The SSE event of one text piece, from a chunk encoded once per stream: the piece is the
+    only part that changes, so each event costs one json.dumps of a string (the same bytes as
+    encoding the whole chunk)."""
+
+    SLOT = "\x00piece\x00"
+
+    def __init__(self, chunk: dict) -> None:
+        head, tail = _sse_event(chunk).split(json.dumps(self.SLOT))
+        self._head, self._tail = head, tail
+
+    def __call__(self, piece: str) -> str:
+        return self._head + json.dumps(piece, ensure_ascii=False) + self._tail
+
+
+def _sse_event(event: dict) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
 
 
 class _OpenAIFormat:
@@ -347,8 +402,9 @@ class _OpenAIFormat:
         obj = "text_completion"
         if prefix:
             yield self._chunk(obj, {"text": prefix}, None)
+        event = _PieceEvent(self._chunk(obj, {"text": _PieceEvent.SLOT}, None))
         async for piece in pump.pieces():
-            yield self._chunk(obj, {"text": piece}, None)
+            yield event(piece)
         end = self._chunk(obj, {"text": ""}, pump.stream.result.finish_reason)
         yield {**end, **self._extras(pump.stream)}
         if include_usage:
@@ -357,8 +413,9 @@ class _OpenAIFormat:
     async def stream_chat(self, pump: _Pump, include_usage: bool):
         obj = "chat.completion.chunk"
         yield self._chunk(obj, {"delta": {"role": "assistant", "content": ""}}, None)
+        event = _PieceEvent(self._chunk(obj, {"delta": {"content": _PieceEvent.SLOT}}, None))
         async for piece in pump.pieces():
-            yield self._chunk(obj, {"delta": {"content": piece}}, None)
+            yield event(piece)
         end = self._chunk(obj, {"delta": {}}, pump.stream.result.finish_reason)
         yield {**end, **self._extras(pump.stream)}
         if include_usage:
@@ -392,8 +449,9 @@ class _LlamaFormat:
         }  # fmt: skip
 
     async def stream(self, pump: _Pump):
+        event = _PieceEvent({"content": _PieceEvent.SLOT, "stop": False, "index": 0})
         async for piece in pump.pieces():
-            yield {"content": piece, "stop": False, "index": 0}
+            yield event(piece)
         yield {"content": "", "index": 0, **self.summary(pump.stream)}
 
 
