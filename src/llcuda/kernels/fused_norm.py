@@ -111,8 +111,8 @@ def softcap_(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 def _rows(x: torch.Tensor, bf16_ok: bool = False) -> torch.Tensor:
-    """x as contiguous fp32, or as it is when bf16_ok and it is contiguous bf16 (a matmul output
-    from the dense path: the kernel widens it on load instead of a separate cast)."""
+    """x as contiguous fp32, or as it is when bf16_ok and it is contiguous bf16 (the kernel
+    widens it on load instead of a separate cast)."""
     if x.dtype == torch.bfloat16 and bf16_ok and x.is_contiguous():
         return x
     if x.dtype != torch.float32 or not x.is_contiguous():

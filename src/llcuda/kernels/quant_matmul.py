@@ -575,8 +575,7 @@ def matmul_path(m: int, n: int, k: int, bf16: bool = True) -> str:
 
 
 def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> torch.Tensor:
-    """y = x @ dequantize(w).T: x [M, K] (fp32/bf16/fp16, CUDA) -> [M, N] fp32 (bf16 from the
-    "dense" path, see quant_tc.quant_gemm_dense).
+    """y = x @ dequantize(w).T: x [M, K] (fp32/bf16/fp16, CUDA) -> [M, N] fp32.
 
     M <= GEMV_MAX_M takes the fp32 GEMV kernel; larger M a tensor-core path (bf16 products, fp16
     below sm_80), chosen by `matmul_path`. With `partials`, the result comes as [S, M, N] split-K

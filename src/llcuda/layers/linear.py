@@ -18,8 +18,7 @@ class QuantLinear:
         self.nbytes = getattr(self.weight, "nbytes", weight.nbytes)  # bytes where it lives
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, in_features] -> [num_tokens, out_features] float32 (or bf16, see
-        # quant_matmul's dense path)
+        # x: [num_tokens, in_features] -> [num_tokens, out_features] float32
         return ops.quant_matmul(x, self.weight)
 
     def partials(self, x: torch.Tensor) -> torch.Tensor:
