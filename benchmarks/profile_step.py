@@ -77,9 +77,9 @@ def main() -> None:
                     help="keep large batches on the fused kernel (no bf16 workspace + cuBLAS)")
     args = ap.parse_args()
     if args.no_dense:
-        from llcuda.kernels import quant_matmul
+        from llcuda.kernels import matmul_path
 
-        quant_matmul.DENSE_MIN_M = quant_matmul.SWAP_MIN_M = 1 << 30
+        matmul_path.DENSE_MIN_M = matmul_path.SWAP_MIN_M = 1 << 30
     if args.prefill:
         profile_prefill(args.model, args.prefill)
         return

@@ -117,7 +117,8 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _check_all_m(qtype, k, n, batches, x_dtype=torch.float32):
-    from llcuda.kernels.quant_matmul import GEMV_MAX_M, quant_matmul
+    from llcuda.kernels.matmul_path import GEMV_MAX_M
+    from llcuda.kernels.quant_matmul import quant_matmul
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference is plain fp32
     gen = torch.Generator(device="cuda").manual_seed(1000 * int(qtype) + k + n)
@@ -222,7 +223,8 @@ def test_gemm_split_k_equals_unsplit(qtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 4, 40])
 def test_fused_gate_up_one_launch(m):
-    from llcuda.kernels.quant_matmul import GEMV_MAX_M, quant_matmul_fused
+    from llcuda.kernels.matmul_path import GEMV_MAX_M
+    from llcuda.kernels.quant_matmul import quant_matmul_fused
 
     gen = torch.Generator(device="cuda").manual_seed(11)
     k, n = 1152, 6912
@@ -258,7 +260,7 @@ def test_quant_matmul_rejects_bad_arguments():
 
 
 def test_matmul_path_by_batch_and_size():
-    from llcuda.kernels.quant_matmul import matmul_path
+    from llcuda.kernels.matmul_path import matmul_path
 
     qkv, gate_up, head = (1152, 1536), (1152, 13824), (1152, 262144)  # (K, N) of Gemma 3 1B
     assert [matmul_path(m, qkv[1], qkv[0]) for m in (1, 4, 5, 16, 32, 512)] == [

@@ -3,19 +3,21 @@
 Weights come repacked by `quant_pack.pack_weight`: per row, 32-element groups of int32 words, each
 word holding one element of every *plane* (see quant_pack). The kernels decode one plane of a
 [rows, words] tile at a time; its activations x[32g + p*WPG + k] form a tile of the same shape, so
-decode, multiply and accumulate stay in one register layout. Two paths:
+decode, multiply and accumulate stay in one register layout. Two kernels here:
 
-* `_quant_gemv_kernel` (M <= GEMV_MAX_M, decode): bandwidth-bound. Each program owns BLOCK_N
+* `_quant_gemv_kernel` (M <= matmul_path.GEMV_MAX_M, decode): bandwidth-bound. Each program owns BLOCK_N
   rows and walks K in BLOCK_G groups; planes decode to exact integer-valued floats (PRMT under a
   2^23 exponent, then one FADD that also removes the zero point) and FMA with fp32 activations;
   group scales are applied once per group to the partial sums (w = a*q + c  =>
   sum(w*x) = a*sum(q*x) + c*sum(x)). Tall-K matrices with few rows (ffn_down) are split along K
   on a second grid axis.
-* `_quant_gemm_kernel` (M > GEMV_MAX_M, prefill): each plane of a [BLOCK_N, 32*BLOCK_G] tile is
+* `_quant_gemm_kernel` (larger M): each plane of a [BLOCK_N, 32*BLOCK_G] tile is
   dequantized in registers to bf16 (fp16 below sm_80, with each activation row scaled by a power of
   two to stay in fp16 range) and multiplied on tensor cores by `tl.dot` with fp32 accumulation.
 
-Neither path ever materialises the dequantized matrix in device memory.
+Neither materialises the dequantized matrix in device memory. quant_tc adds two tensor-core paths
+(a swapped kernel; a one-matmul bf16 workspace + cuBLAS), and `quant_matmul` picks one of the
+four by `matmul_path.matmul_path`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llcuda.kernels.matmul_path import GEMV_KERNEL_MAX_M, matmul_path
 from llcuda.kernels.quant_pack import (
     BF16,
     F16,
@@ -43,23 +46,6 @@ from llcuda.kernels.quant_pack import (
     PackedWeight,
     dequantize_packed,
 )
-
-# Largest batch served by the matrix-vector kernel. Measured on H100 (benchmarks/
-# bench_quant_matmul.py --crossover): the fp32 GEMV wins at M <= 4 (Q4_K 4096x14336: 103 vs 159 us
-# at M=4) and loses from M=8 on (261 vs 123 us), where re-decoding nothing but FMA-ing M rows on
-# CUDA cores costs more than bf16 tensor cores.
-GEMV_MAX_M = 4
-GEMV_KERNEL_MAX_M = 16  # what quant_gemv accepts (its M loop is unrolled)
-# Past the GEMV, three tensor-core paths (see matmul_path; H100 times in us from
-# benchmarks/bench_gemm_paths.py, Gemma 3 1B shapes, fused kernel / swapped / dense):
-#   Q5_0 1152x1536  M=64: 18.5 / 17.4 / 10.7   M=512:  42.3 /  28.0 / 13.9
-#   Q5_0 1152x13824 M=64: 34.7 / 25.2 / 32.8   M=512: 118.0 / 115.1 / 54.4
-#   Q4_K 6912x1152  M=64: 28.9 / 23.1 / 23.8   M=512: 149.1 /  73.5 / 42.2
-#   Q8_0 1152x262144 (LM head) M=64: 281.5 / 202.1 / 652.7
-DENSE_MIN_M = 32  # dense (bf16 workspace + cuBLAS) from here on, for small enough workspaces
-DENSE_SMALL_BYTES = 8 * 2**20  # workspaces this small go dense from DENSE_MIN_M rows on
-DENSE_MAX_BYTES = 64 * 2**20  # larger ones from SWAP_MAX_M rows on; past this, never
-SWAP_MIN_M, SWAP_MAX_M = 32, 128  # the swapped kernel's range, for the larger matrices
 
 
 @triton.jit
@@ -553,31 +539,10 @@ def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
     return _reduce_splits(partial, partials)
 
 
-def matmul_path(m: int, n: int, k: int, bf16: bool = True) -> str:
-    """Which kernel serves an [m, k] @ [k, n] product: "gemv", "swap", "dense" or "gemm".
-
-    Expanding a matrix into a bf16 workspace (3 bytes of traffic per weight) and calling cuBLAS
-    wins once enough rows share it; the LM head (262144 rows) is never expanded. In between, the
-    swapped kernel (weights as the MMA's left operand) beats the fused one on large matrices.
-    Below sm_80 (no bf16) every batch takes the fused kernel's fp16 path.
-    """
-    if m <= GEMV_MAX_M:
-        return "gemv"
-    if not bf16:
-        return "gemm"
-    workspace = 2 * n * k
-    if m >= DENSE_MIN_M and (workspace <= DENSE_SMALL_BYTES
-                             or (m > SWAP_MAX_M and workspace <= DENSE_MAX_BYTES)):
-        return "dense"
-    if SWAP_MIN_M <= m <= SWAP_MAX_M:
-        return "swap"
-    return "gemm"
-
-
 def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> torch.Tensor:
     """y = x @ dequantize(w).T: x [M, K] (fp32/bf16/fp16, CUDA) -> [M, N] fp32.
 
-    M <= GEMV_MAX_M takes the fp32 GEMV kernel; larger M a tensor-core path (bf16 products, fp16
+    M <= matmul_path.GEMV_MAX_M takes the fp32 GEMV kernel; larger M a tensor-core path (bf16 products, fp16
     below sm_80), chosen by `matmul_path`. With `partials`, the result comes as [S, M, N] split-K
     partial sums (S >= 1) for a consumer that adds them itself (fused_norm.residual_rms_norm),
     which saves the reduction kernel of the tall-K projections.
