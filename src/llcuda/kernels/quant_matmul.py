@@ -5,10 +5,10 @@ word holding one element of every *plane* (see quant_pack). The kernels decode o
 [rows, words] tile at a time; its activations x[32g + p*WPG + k] form a tile of the same shape, so
 decode, multiply and accumulate stay in one register layout. Two kernels here:
 
-* `_quant_gemv_kernel` (M <= matmul_path.GEMV_MAX_M, decode): bandwidth-bound. Each program owns BLOCK_N
-  rows and walks K in BLOCK_G groups; planes decode to exact integer-valued floats (PRMT under a
-  2^23 exponent, then one FADD that also removes the zero point) and FMA with fp32 activations;
-  group scales are applied once per group to the partial sums (w = a*q + c  =>
+* `_quant_gemv_kernel` (M <= matmul_path.GEMV_MAX_M, decode): bandwidth-bound. Each program
+  owns BLOCK_N rows and walks K in BLOCK_G groups; planes decode to exact integer-valued floats
+  (PRMT under a 2^23 exponent, then one FADD that also removes the zero point) and FMA with fp32
+  activations; group scales are applied once per group to the partial sums (w = a*q + c  =>
   sum(w*x) = a*sum(q*x) + c*sum(x)). Tall-K matrices with few rows (ffn_down) are split along K
   on a second grid axis.
 * `_quant_gemm_kernel` (larger M): each plane of a [BLOCK_N, 32*BLOCK_G] tile is
@@ -542,10 +542,10 @@ def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
 def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> torch.Tensor:
     """y = x @ dequantize(w).T: x [M, K] (fp32/bf16/fp16, CUDA) -> [M, N] fp32.
 
-    M <= matmul_path.GEMV_MAX_M takes the fp32 GEMV kernel; larger M a tensor-core path (bf16 products, fp16
-    below sm_80), chosen by `matmul_path`. With `partials`, the result comes as [S, M, N] split-K
-    partial sums (S >= 1) for a consumer that adds them itself (fused_norm.residual_rms_norm),
-    which saves the reduction kernel of the tall-K projections.
+    M <= matmul_path.GEMV_MAX_M takes the fp32 GEMV kernel; larger M a tensor-core path (bf16
+    products, fp16 below sm_80), chosen by `matmul_path`. With `partials`, the result comes as
+    [S, M, N] split-K partial sums (S >= 1) for a consumer that adds them itself
+    (fused_norm.residual_rms_norm), which saves the reduction kernel of the tall-K projections.
     """
     _check(x, w)
     if x.shape[0] == 0:
