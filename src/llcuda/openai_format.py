@@ -14,11 +14,14 @@ from collections.abc import Iterator
 from llcuda.streams import InferResult, TextStream
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(result: InferResult) -> dict:
+    """OpenAI's `usage`, with `prompt_tokens_details.cached_tokens`: the prompt tokens whose KV
+    blocks came from the prefix cache."""
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.tokens_generated,
+        "total_tokens": result.prompt_tokens + result.tokens_generated,
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
     }
 
 
@@ -44,7 +47,7 @@ def completion(stream: TextStream, prefix: str, model: str) -> dict:
     choice = {"text": prefix + result.text, "index": 0, "logprobs": None,
               "finish_reason": result.finish_reason}  # fmt: skip
     return {**_header("text_completion", model), "choices": [choice],
-            "usage": _usage(result.prompt_tokens, result.tokens_generated)}  # fmt: skip
+            "usage": usage(result)}  # fmt: skip
 
 
 def completion_chunks(stream: TextStream, prefix: str, model: str):
@@ -72,7 +75,7 @@ def chat_completion(stream: TextStream, model: str) -> dict:
     choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
               "logprobs": None, "finish_reason": result.finish_reason}  # fmt: skip
     return {**_header("chat.completion", model), "choices": [choice],
-            "usage": _usage(result.prompt_tokens, result.tokens_generated)}  # fmt: skip
+            "usage": usage(result)}  # fmt: skip
 
 
 def chat_chunks(stream: TextStream, model: str):

@@ -86,7 +86,8 @@ def test_completion_matches_the_engine(server):
     assert body["choices"][0]["text"] == expected.text
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"] == {"prompt_tokens": expected.prompt_tokens, "completion_tokens": 8,
-                             "total_tokens": expected.prompt_tokens + 8}  # fmt: skip
+                             "total_tokens": expected.prompt_tokens + 8,
+                             "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
 
 
 def test_streamed_completion_equals_the_whole_one(server):
@@ -466,3 +467,6 @@ def test_shared_prefix_is_served_from_the_prefix_cache(server):
     assert _parse(text, "llcuda_prefix_cache_blocks") >= 2  # left behind, free, evictable
     assert "llcuda_kv_cache_usage_ratio 0.0" in text  # KV use: blocks live requests hold
     assert server.engine.get_metrics()["prefix_cache"]["cached_tokens"] - cached_before == hits
+    # OpenAI's usage.prompt_tokens_details.cached_tokens tells each request its share
+    cached = [b["usage"]["prompt_tokens_details"]["cached_tokens"] for b in (first, again, other)]
+    assert sum(cached) == hits and cached[1] >= (n_prompt - 1) // block_size * block_size

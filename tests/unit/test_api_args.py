@@ -474,7 +474,8 @@ def test_create_completion(engine):
     assert out["model"] == "fake.gguf"
     assert out["choices"][0]["text"] == "abc"
     assert out["choices"][0]["finish_reason"] == "length"
-    assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert out["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
+                            "prompt_tokens_details": {"cached_tokens": 0}}
     echoed = engine.create_completion("Hi", max_tokens=1, echo=True)
     assert echoed["choices"][0]["text"] == "Hia"
     from_ids = engine.create_completion([BOS, 72], max_tokens=2)

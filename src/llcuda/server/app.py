@@ -33,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llcuda import openai_format
 from llcuda.api import InferenceEngine
 from llcuda.server import schemas
 from llcuda.server.metrics import ServerMetrics, engine_counters, engine_gauges
@@ -338,10 +339,8 @@ def _timings(stream: TextStream) -> dict:
 
 
 def _usage(stream: TextStream) -> dict:
-    r = stream.result
-    assert r is not None
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.tokens_generated,
-            "total_tokens": r.prompt_tokens + r.tokens_generated}  # fmt: skip
+    assert stream.result is not None
+    return openai_format.usage(stream.result)
 
 
 class _PieceEvent:
