@@ -295,8 +295,12 @@ def _limits(device: torch.device) -> tuple[int, int]:
 
 
 def _smem_bytes(block_m: int, block_n: int, head_dim_p: int, num_stages: int, elem: int) -> int:
-    """Rough shared memory of one program: the Q tile plus num_stages K and V tiles."""
-    return elem * head_dim_p * (block_m + 2 * block_n * max(num_stages, 1))
+    """Shared memory of one program: the Q tile, which the compiled kernel stages at 4 bytes an
+    element whatever the cache dtype, plus num_stages K and V tiles of `elem` bytes. Compiled
+    for sm_75 (tests/kernels/test_compile_targets.py): 64 x 256 Q with 16 x 256 fp16 K/V tiles
+    and one stage take 81,920 B, exactly this; counting Q at 2 bytes (49,152) let a prefill
+    tile past the T4's 64 KiB."""
+    return head_dim_p * (4 * block_m + 2 * elem * block_n * max(num_stages, 1))
 
 
 def pick_config(

@@ -1,0 +1,127 @@
+"""The kernels of the T4 path (sm_75: no bf16, 64 KiB of shared memory per block) compile for
+sm_75 and fit its shared memory, checked without a GPU: Triton compiles for a named target with
+the ptxas it ships. Skipped where triton is not installed (the CPU-only CI)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from llcuda.gguf.constants import GGMLType
+from llcuda.kernels import quant_pack as qp
+from tests.kernels.test_quant_matmul import random_rows
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+T4 = GPUTarget("cuda", 75, 32)
+T4_SMS, T4_SMEM = 40, 64 * 1024
+_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+          torch.uint8: "*u8", torch.int8: "*i8", torch.int16: "*i16", torch.int32: "*i32",
+          torch.int64: "*i64"}  # fmt: skip
+SHAPES = [  # (type, K, N) of Gemma 3 270M / 1B Q4_K_M files
+    (GGMLType.Q5_0, 1152, 1536), (GGMLType.Q4_K, 6912, 1152), (GGMLType.Q6_K, 6912, 1152),
+    (GGMLType.Q8_0, 1152, 262144), (GGMLType.Q4_K, 1024, 640), (GGMLType.F16, 640, 1024),
+    (GGMLType.F32, 640, 1024),
+]
+
+
+def compile_for_t4(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int = 1):
+    """Compile `kernel` for sm_75; `args` maps each runtime parameter to a tensor (its pointer
+    type), an int or a float."""
+    signature = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            value = args[name]
+            if isinstance(value, torch.Tensor):
+                signature[name] = _TYPES[value.dtype]
+            else:
+                signature[name] = "fp32" if isinstance(value, float) else "i32"
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=T4, options={"num_warps": num_warps,
+                                                       "num_stages": num_stages})
+    assert compiled.metadata.shared <= T4_SMEM, (kernel.fn.__name__, constexprs,
+                                                 compiled.metadata.shared)
+    return compiled
+
+
+def _packed(qtype, k, n):
+    gen = torch.Generator().manual_seed(0)
+    return qp.pack_weight(random_rows(qtype, min(n, 64), k, gen), qtype, k)
+
+
+def _weight_args(w) -> dict:
+    from llcuda.kernels.quant_matmul import _weight_args
+
+    (qs, qh, sc, mn, d, dmin), (s_qs, s_qh, s_sc, s_d) = _weight_args(w)
+    return {"qs_ptr": qs, "qh_ptr": qh, "sc_ptr": sc, "mn_ptr": mn, "d_ptr": d, "dmin_ptr": dmin,
+            "s_qs": 1, "s_qh": 1, "s_sc": 1, "s_d": 1, "magic": 1}  # fmt: skip
+
+
+@pytest.mark.parametrize("qtype,k,n", SHAPES, ids=lambda v: getattr(v, "name", str(v)))
+def test_quant_matmuls_compile_for_t4(qtype, k, n):
+    from llcuda.kernels import quant_matmul as qm
+
+    w = _packed(qtype, k, n)
+    wpg = qm._WPG[int(qtype)]
+    ints = {"M": 3, "N": n, "n_groups": k // 32, "groups_per_split": 8, "stride_xm": k,
+            "stride_osplit": 3}  # fmt: skip
+    for m in (1, 4, 16):  # the fp32 GEMV (decode)
+        cfg = qm.gemv_config(int(qtype), m, n, k // 32, T4_SMS)
+        args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w), **ints}
+        compile_for_t4(qm._quant_gemv_kernel, args, {
+            "QTYPE": int(qtype), "WPG": wpg, "HAS_MIN": int(qtype) in qm._HAS_MIN,
+            "BLOCK_M": triton.next_power_of_2(m), "BLOCK_N": cfg["BLOCK_N"],
+            "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"], "USE_ASM": True,
+        }, cfg["num_warps"])  # fmt: skip
+    for m in (16, 64, 512):  # the fp16 tensor-core GEMM: every batch past the GEMV on sm_75
+        assert qm.matmul_path(m, n, k, bf16=False) in ("gemv", "gemm")
+        cfg = qm.gemm_config(int(qtype), m, n, k // 32, T4_SMS)
+        args = {"x_ptr": torch.empty(1, dtype=torch.float16), "out_ptr": torch.empty(1),
+                "xscale_ptr": torch.empty(1), **_weight_args(w), **ints}  # fmt: skip
+        compile_for_t4(qm._quant_gemm_kernel, args, {
+            "QTYPE": int(qtype), "WPG": wpg, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+            "BLOCK_G": cfg["BLOCK_G"], "GROUP_M": cfg["GROUP_M"], "USE_FP16": True,
+            "USE_ASM": True,
+        }, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
+
+
+def test_embedding_gather_compiles_for_t4():
+    from llcuda.kernels import quant_dequant as qd
+
+    w = _packed(GGMLType.Q8_0, 640, 262144)
+    args = {"out_ptr": torch.empty(1), "ids_ptr": torch.empty(1, dtype=torch.int64),
+            **_weight_args(w), "R": 5, "N": 262144, "n_groups": 20, "stride_out": 640,
+            "scale": 25.3}  # fmt: skip
+    compile_for_t4(qd._dequant_rows_kernel, args, {
+        "QTYPE": int(GGMLType.Q8_0), "WPG": 8, "BLOCK_R": 16, "BLOCK_G": 16, "GATHER": True,
+        "PLANE_MAJOR": False, "USE_ASM": True}, 4)  # fmt: skip
+
+
+@pytest.mark.parametrize("max_query_len", [1, 512])
+@pytest.mark.parametrize("sliding", [0, 512])
+def test_paged_attention_compiles_for_t4_fp16_cache(monkeypatch, max_query_len, sliding):
+    from llcuda.kernels import paged_attention as pa
+
+    monkeypatch.setattr(pa, "_limits", lambda device: (T4_SMS, T4_SMEM))
+    group, head_dim = 4, 256  # Gemma 3 270M / 1B: 4 query heads per KV head of 256
+    cfg = pa.pick_config(group, head_dim, max_query_len, 2048, 8, 1, sliding,
+                         torch.device("cpu"), elem_size=2)
+    f32, i32 = torch.empty(1), torch.empty(1, dtype=torch.int32)
+    cache = torch.empty(1, dtype=torch.float16)
+    args = {"q_ptr": f32, "k_cache_ptr": cache, "v_cache_ptr": cache, "out_ptr": f32,
+            "seg_out_ptr": f32, "seg_lse_ptr": f32, "query_start_loc_ptr": i32,
+            "seq_lens_ptr": i32, "block_tables_ptr": i32, "num_seqs": 8, "num_heads": 4,
+            "sliding_window": sliding}  # fmt: skip
+    args.update({name: 7 for name in inspect.signature(pa._paged_attention_kernel.fn).parameters
+                 if name.startswith("stride_")})
+    compile_for_t4(pa._paged_attention_kernel, args, {
+        "HEAD_DIM": head_dim, "HEAD_DIM_P": head_dim, "GROUP": group,
+        "BLOCK_Q": max(1, cfg.block_m // group), "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+        "BLOCK_SIZE": 16, "SLIDING": sliding > 0, "NUM_SEGMENTS": cfg.num_segments,
+    }, cfg.num_warps, cfg.num_stages)  # fmt: skip
