@@ -29,9 +29,7 @@ SHAPES = [  # (type, K, N) of Gemma 3 270M / 1B Q4_K_M files
 ]
 
 
-def compile_for_t4(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int = 1):
-    """Compile `kernel` for sm_75; `args` maps each runtime parameter to a tensor (its pointer
-    type), an int or a float."""
+def _compile(kernel, args: dict, constexprs: dict, target, num_warps: int, num_stages: int):
     signature = {}
     for name in inspect.signature(kernel.fn).parameters:
         if name in constexprs:
@@ -43,8 +41,20 @@ def compile_for_t4(kernel, args: dict, constexprs: dict, num_warps: int, num_sta
             else:
                 signature[name] = "fp32" if isinstance(value, float) else "i32"
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=T4, options={"num_warps": num_warps,
+    return triton.compile(src, target=target, options={"num_warps": num_warps,
                                                        "num_stages": num_stages})
+
+
+def compile_ptx(kernel, args: dict, constexprs: dict, target, num_warps: int,
+                num_stages: int = 1) -> str:
+    """The PTX of `kernel` for `target` (scripts/kernel_ptx.py diffs it across checkouts)."""
+    return _compile(kernel, args, constexprs, target, num_warps, num_stages).asm["ptx"]
+
+
+def compile_for_t4(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int = 1):
+    """Compile `kernel` for sm_75 and check it fits the T4's shared memory; `args` maps each
+    runtime parameter to a tensor (its pointer type), an int or a float."""
+    compiled = _compile(kernel, args, constexprs, T4, num_warps, num_stages)
     assert compiled.metadata.shared <= T4_SMEM, (kernel.fn.__name__, constexprs,
                                                  compiled.metadata.shared)
     return compiled

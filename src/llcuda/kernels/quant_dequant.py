@@ -16,11 +16,10 @@ import triton.language as tl
 from llcuda.kernels.quant_matmul import (
     _MAGIC,
     _WPG,
-    _group_scales,
     _plane,
-    _prepare_words,
     _use_asm,
     _weight_args,
+    _weight_tile,
 )
 from llcuda.kernels.quant_pack import GROUP, PackedWeight
 
@@ -53,16 +52,10 @@ def _dequant_rows_kernel(
     j = tl.arange(0, NW)
     jg = j // WPG
     jk = j % WPG
-    grp = g0 + tl.arange(0, BLOCK_G)
-    gmask = (grp < n_groups)[None, :]
+    lo, hi, a_lo, a_hi, c = _weight_tile(QTYPE, WPG, BLOCK_R, BLOCK_G, qs_ptr, qh_ptr, sc_ptr,
+                                         mn_ptr, d_ptr, dmin_ptr, row, g0, n_groups, s_qs, s_qh,
+                                         s_sc, s_d)  # [BR, NW] each
     wmask = (g0 + jg < n_groups)[None, :]
-    words = tl.load(qs_ptr + row * s_qs + (g0 * WPG + j)[None, :], mask=wmask, other=0)
-    lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, (g0 + jg) * WPG + jk, wmask)
-    a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp[None, :],
-                                  gmask, s_sc, s_d)  # [BR, BG]
-    a_lo = tl.reshape(tl.broadcast_to(a_lo[:, :, None], (BLOCK_R, BLOCK_G, WPG)), (BLOCK_R, NW))
-    a_hi = tl.reshape(tl.broadcast_to(a_hi[:, :, None], (BLOCK_R, BLOCK_G, WPG)), (BLOCK_R, NW))
-    c = tl.reshape(tl.broadcast_to(c[:, :, None], (BLOCK_R, BLOCK_G, WPG)), (BLOCK_R, NW))
     smask = wmask & (offs_r < R)[:, None]
     out_row = out_ptr + offs_r.to(tl.int64)[:, None] * stride_out
     for p in tl.static_range(NP):

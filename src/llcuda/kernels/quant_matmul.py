@@ -170,6 +170,32 @@ def _group_scales(QTYPE: tl.constexpr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp
     return d, d, d * 0.0  # Q4_0 / Q5_0 / Q8_0: w = d * (q - zero point)
 
 
+@triton.jit
+def _weight_tile(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_G: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, g0,
+                 g_limit, s_qs, s_qh, s_sc, s_d):  # fmt: skip
+    """One K step of a [BLOCK_N rows, BLOCK_G groups] weight tile, groups from `g_limit` on
+    masked off: the prepared words (lo, hi; see _prepare_words) and every word's affine map
+    (a_lo, a_hi, c; see _group_scales), all [BLOCK_N, BLOCK_G * WPG]. For the tensor-core kernels
+    and the dequantizer, which apply the maps per element."""
+    NW: tl.constexpr = BLOCK_G * WPG
+    j = tl.arange(0, NW)
+    jg = j // WPG
+    jk = j % WPG
+    grp = g0 + tl.arange(0, BLOCK_G)
+    gmask = (grp < g_limit)[None, :]
+    wmask = (g0 + jg < g_limit)[None, :]
+    words = tl.load(qs_ptr + row * s_qs + (g0 * WPG + j)[None, :], mask=wmask, other=0)
+    lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, (g0 + jg) * WPG + jk, wmask)
+    a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp[None, :],
+                                  gmask, s_sc, s_d)  # [BN, BG]
+    # per-word copies of the group maps: [BN, BG] -> [BN, NW]
+    a_lo = tl.reshape(tl.broadcast_to(a_lo[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
+    a_hi = tl.reshape(tl.broadcast_to(a_hi[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
+    c = tl.reshape(tl.broadcast_to(c[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
+    return lo, hi, a_lo, a_hi, c
+
+
 @triton.jit(do_not_specialize=["M", "N", "n_groups", "groups_per_split", "stride_osplit"])
 def _quant_gemv_kernel(
     x_ptr,  # [M, K] activations (fp32/bf16/fp16), unit stride along K
@@ -304,19 +330,10 @@ def _quant_gemm_kernel(
     g_begin = tl.program_id(1) * groups_per_split
     g_end = tl.minimum(g_begin + groups_per_split, n_groups)
     for g0 in range(g_begin, g_end, BLOCK_G):
-        grp = g0 + tl.arange(0, BLOCK_G)
-        gmask = (grp < n_groups)[None, :]
+        lo, hi, a_lo, a_hi, c = _weight_tile(QTYPE, WPG, BLOCK_N, BLOCK_G, qs_ptr, qh_ptr, sc_ptr,
+                                             mn_ptr, d_ptr, dmin_ptr, row, g0, n_groups, s_qs,
+                                             s_qh, s_sc, s_d)  # [BN, NW] each
         wmask = (g0 + jg < n_groups)[None, :]
-        widx = (g0 * WPG + j)[None, :]
-        words = tl.load(qs_ptr + row * s_qs + widx, mask=wmask, other=0)  # [BN, NW]
-        qh_idx = (g0 + jg) * WPG + jk
-        lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, qh_idx, wmask)
-        a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp[None, :],
-                                      gmask, s_sc, s_d)
-        # per-word copies of the group maps: [BN, BG] -> [BN, NW]
-        a_lo = tl.reshape(tl.broadcast_to(a_lo[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
-        a_hi = tl.reshape(tl.broadcast_to(a_hi[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
-        c = tl.reshape(tl.broadcast_to(c[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
         xcol = ((g0 + jg) * 32 + jk)[None, :]
         for p in tl.static_range(NP):
             # One dot per plane: columns p*WPG + k of each group, in the same order on both sides.

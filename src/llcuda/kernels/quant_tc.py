@@ -20,15 +20,14 @@ from llcuda.kernels.quant_matmul import (
     _MAGIC,
     _WPG,
     _check,
-    _group_scales,
     _num_sms,
     _plane,
-    _prepare_words,
     _reduce_splits,
     _split_groups,
     _split_k,
     _use_asm,
     _weight_args,
+    _weight_tile,
 )
 from llcuda.kernels.quant_pack import GROUP, PackedWeight
 
@@ -72,22 +71,14 @@ def _quant_gemm_swap_kernel(
     xrow = tl.minimum(offs_m, M - 1).to(tl.int64)[None, :]  # [1, BM]
     j = tl.arange(0, NW)
     jg = j // WPG
-    jk = j % WPG
     plane_stride = n_groups * WPG  # elements between planes of one activation row
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     g_begin = tl.program_id(2) * groups_per_split
     g_end = tl.minimum(g_begin + groups_per_split, n_groups)
     for g0 in tl.range(g_begin, g_end, BLOCK_G, num_stages=NUM_STAGES):
-        grp = g0 + tl.arange(0, BLOCK_G)
-        gmask = (grp < g_end)[None, :]
-        wmask = (g0 + jg < g_end)[None, :]  # [1, NW]
-        words = tl.load(qs_ptr + row * s_qs + (g0 * WPG + j)[None, :], mask=wmask, other=0)
-        lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, (g0 + jg) * WPG + jk, wmask)
-        a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp[None, :],
-                                      gmask, s_sc, s_d)
-        a_lo = tl.reshape(tl.broadcast_to(a_lo[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
-        a_hi = tl.reshape(tl.broadcast_to(a_hi[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
-        c = tl.reshape(tl.broadcast_to(c[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
+        lo, hi, a_lo, a_hi, c = _weight_tile(QTYPE, WPG, BLOCK_N, BLOCK_G, qs_ptr, qh_ptr, sc_ptr,
+                                             mn_ptr, d_ptr, dmin_ptr, row, g0, g_end, s_qs, s_qh,
+                                             s_sc, s_d)  # [BN, NW] each
         xcol = (g0 * WPG + j)[:, None]  # [NW, 1]
         xmask = (g0 + jg < g_end)[:, None]
         for p in tl.static_range(NP):
