@@ -1,4 +1,4 @@
-"""Tensor-core paths over packed GGUF weights for batches past the GEMV (experimental variants).
+"""Tensor-core paths over packed GGUF weights for batches past the GEMV (see matmul_path).
 
 * `quant_gemm_swap`: out^T = W @ x^T. The dequantized weight tile is the *left* operand, so on
   Hopper it feeds wgmma straight from registers (no shared-memory round trip), and the tokens are
