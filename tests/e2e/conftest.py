@@ -41,6 +41,22 @@ class RunningServer:
         return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
 
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def engine_idle(server) -> bool:
+    """No request running or waiting, and every KV block free (cached ones count as free)."""
+    llm = server.llm_engine
+    bm = llm.block_manager
+    return llm.num_running == 0 and llm.num_waiting == 0 and bm.num_free_blocks == bm.num_blocks
+
+
 def bound_socket() -> socket.socket:
     """A listening-ready socket on a free port of 127.0.0.1 (no race between pick and bind)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

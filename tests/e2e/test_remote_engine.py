@@ -6,13 +6,11 @@ engine must give the same tokens and text, and an InferResult filled the same wa
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from llcuda import InferenceEngine
 from llcuda.remote import BadRequestError, ServerConnectionError, ServerError
-from tests.e2e.conftest import API_KEY, CTX_SIZE, bound_socket
+from tests.e2e.conftest import API_KEY, CTX_SIZE, bound_socket, engine_idle, wait_until
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
@@ -30,20 +28,6 @@ def dead_url() -> str:
     port = sock.getsockname()[1]
     sock.close()
     return f"http://127.0.0.1:{port}"
-
-
-def engine_idle(server) -> bool:
-    llm = server.llm_engine
-    return llm.num_running == 0 and llm.num_waiting == 0
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def assert_same_result(remote_result, local_result) -> None:

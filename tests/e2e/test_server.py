@@ -14,7 +14,14 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import API_KEY, CTX_SIZE, N_PARALLEL, bound_socket
+from tests.e2e.conftest import (
+    API_KEY,
+    CTX_SIZE,
+    N_PARALLEL,
+    bound_socket,
+    engine_idle,
+    wait_until,
+)
 
 
 def sse_events(response: httpx.Response) -> list:
@@ -25,21 +32,6 @@ def sse_events(response: httpx.Response) -> list:
             data = line[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-def engine_idle(server) -> bool:
-    llm = server.llm_engine
-    bm = llm.block_manager
-    return llm.num_running == 0 and llm.num_waiting == 0 and bm.num_free_blocks == bm.num_blocks
 
 
 # --- auth, health, models -------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_geglu(tokens, f):
 
 
 def test_bf16_matmul_outputs_are_read_as_they_are():
-    """bf16 rows are read as they are: same results as those rows widened."""
+    """bf16 rows (a matmul run in half precision) give the results of those rows widened."""
     x, w1, w2 = _rand(9, 1152, scale=30), _rand(1152), _rand(1152)
     a = _rand(9, 1152, scale=200).to(torch.bfloat16)
     got = fused_norm.residual_rms_norm(x, a, w1, w2, 1e-6)

@@ -46,7 +46,7 @@ def _residual_rms_norm_kernel(
     mask = cols < n
     x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0)
     # `a` arrives as `splits` split-K partial sums of a matmul: adding them here saves a launch
-    a = tl.load(a_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + row * n + cols, mask=mask, other=0.0)
     for s in range(1, splits):
         a += tl.load(a_ptr + s * split_stride + row * n + cols, mask=mask, other=0.0)
     w_post = tl.load(w_post_ptr + cols, mask=mask, other=0.0)
@@ -68,8 +68,8 @@ def _qk_norm_rope_kernel(
     i = tl.arange(0, HALF)
     mask = i < half
     base = t_ptr + token * t_stride + head * head_dim
-    x1 = tl.load(base + i, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(base + half + i, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(base + i, mask=mask, other=0.0)
+    x2 = tl.load(base + half + i, mask=mask, other=0.0)
     inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / head_dim + eps)
     x1 = x1 * inv * tl.load(w_ptr + i, mask=mask, other=0.0)
     x2 = x2 * inv * tl.load(w_ptr + half + i, mask=mask, other=0.0)
@@ -86,8 +86,8 @@ def _geglu_kernel(gu_ptr, out_ptr, f, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < f
-    g = tl.load(gu_ptr + row * 2 * f + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * 2 * f + f + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gu_ptr + row * 2 * f + cols, mask=mask, other=0.0)
+    u = tl.load(gu_ptr + row * 2 * f + f + cols, mask=mask, other=0.0)
     inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
     tl.store(out_ptr + row * f + cols, 0.5 * g * (1.0 + _tanh(inner)) * u, mask=mask)
 
@@ -110,11 +110,7 @@ def softcap_(x: torch.Tensor, cap: float) -> torch.Tensor:
     return x
 
 
-def _rows(x: torch.Tensor, bf16_ok: bool = False) -> torch.Tensor:
-    """x as contiguous fp32, or as it is when bf16_ok and it is contiguous bf16 (the kernel
-    widens it on load instead of a separate cast)."""
-    if x.dtype == torch.bfloat16 and bf16_ok and x.is_contiguous():
-        return x
+def _rows(x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     return x
@@ -136,7 +132,7 @@ def residual_rms_norm(
     (x + RMSNorm(a)*w_post, RMSNorm(that)*w_next), both fp32 [T, n]."""
     x = _rows(x)
     a = a.unsqueeze(0) if a.dim() == 2 else a
-    a = _rows(a, bf16_ok=True)
+    a = _rows(a)
     n = x.shape[-1]
     x_out, h_out = torch.empty_like(x), torch.empty_like(x)
     _residual_rms_norm_kernel[(x.shape[0],)](
@@ -160,7 +156,7 @@ def qk_norm_rope(
     """t: [T, >= num_heads*head_dim] rows (a view into a fused q|k output is fine) ->
     per-head RMSNorm * weight, NEOX RoPE over the whole head, times scale: [T, num_heads, head_dim].
     cos, sin: [max_positions, head_dim // 2] fp32; positions: [T] int64."""
-    if t.stride(-1) != 1 or t.dtype not in (torch.float32, torch.bfloat16):
+    if t.stride(-1) != 1 or t.dtype != torch.float32:
         t = t.float().contiguous()
     num_tokens, half = t.shape[0], head_dim // 2
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float32, device=t.device)
@@ -173,7 +169,7 @@ def qk_norm_rope(
 
 def geglu(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [T, 2F] (gate then up) -> GELU_tanh(gate) * up: [T, F] fp32."""
-    gate_up = _rows(gate_up, bf16_ok=True)
+    gate_up = _rows(gate_up)
     num_tokens, f = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(num_tokens, f, dtype=torch.float32, device=gate_up.device)
     block = 1024

@@ -564,8 +564,8 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> to
     [S, M, N] split-K partial sums (S >= 1) for a consumer that adds them itself
     (fused_norm.residual_rms_norm), which saves the reduction kernel of the tall-K projections.
     """
-    _check(x, w)
-    if x.shape[0] == 0:
+    if not isinstance(w, PackedWeight) or x.dim() != 2 or x.shape[0] == 0:
+        _check(x, w)  # raises for a bad argument; each path below checks the rest once
         out = torch.empty((0, w.n_rows), device=x.device, dtype=torch.float32)
         return out.unsqueeze(0) if partials else out
     path = matmul_path(x.shape[0], w.n_rows, w.n_cols, bf16=not _use_fp16(x.device))

@@ -162,7 +162,7 @@ class Gemma3ForCausalLM:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: normed [n, hidden_size] -> logits [n, vocab_size] fp32 (final softcap applied)"""
-        logits = self.output(hidden.to(self.head_device)).float()  # fp32 whatever the path
+        logits = self.output(hidden.to(self.head_device))
         cap = self.config.final_logit_softcapping
         if cap > 0:
             logits = ops.softcap(logits, cap)  # in place: the matmul's output is ours
