@@ -61,9 +61,9 @@ def bench(tname, k, n, gen, batches, sweep: bool, out) -> None:
             best = (row["swap_us"], base)
             for bn in (64, 128):
                 for warps in (4, 8):
-                    for stages in (2, 3) if m >= 128 else (2, 4):
-                        for split in sorted({1, base["SPLIT_K"]}):
-                            cfg = dict(base, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+                    for block_g in sorted({base["BLOCK_G"], max(1, base["BLOCK_G"] // 2)}):
+                        for split in sorted({1, base["SPLIT_K"], 2 * base["SPLIT_K"]}):
+                            cfg = dict(base, BLOCK_N=bn, num_warps=warps, BLOCK_G=block_g,
                                        SPLIT_K=split)
                             try:
                                 us = time_calls([lambda w=w, c=cfg, x=x: quant_gemm_swap(x, w, c)

@@ -64,8 +64,8 @@ def main() -> None:
                         **_weight_args(w), **ints}  # fmt: skip
                 ptx = compile_ptx(tc._quant_gemm_swap_kernel, args, {
                     "QTYPE": int(qtype), "WPG": wpg, "BLOCK_M": 64, "BLOCK_N": 128,
-                    "BLOCK_G": 32 // wpg, "NUM_STAGES": 2, "USE_ASM": True,
-                }, target, 8, 2)  # fmt: skip
+                    "BLOCK_G": 32 // wpg, "USE_ASM": True,
+                }, target, 8, 1)  # fmt: skip
                 _write(out, f"swap_{qtype.name}_sm{cap}", ptx)
             for gather, plane_major, dtype in ((False, True, torch.bfloat16),
                                                (True, False, torch.float32)):

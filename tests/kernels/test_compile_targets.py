@@ -30,17 +30,23 @@ SHAPES = [  # (type, K, N) of Gemma 3 270M / 1B Q4_K_M files
 
 
 def _compile(kernel, args: dict, constexprs: dict, target, num_warps: int, num_stages: int):
-    signature = {}
-    for name in inspect.signature(kernel.fn).parameters:
+    """Compile as the launcher would: pointers, and integers that are multiples of 16 (unless the
+    kernel opts out), are marked 16-divisible, which is what lets Triton vectorize loads."""
+    signature, attrs = {}, {}
+    for i, name in enumerate(inspect.signature(kernel.fn).parameters):
         if name in constexprs:
             signature[name] = "constexpr"
+            continue
+        value = args[name]
+        if isinstance(value, torch.Tensor):
+            signature[name] = _TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            value = args[name]
-            if isinstance(value, torch.Tensor):
-                signature[name] = _TYPES[value.dtype]
-            else:
-                signature[name] = "fp32" if isinstance(value, float) else "i32"
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            signature[name] = "fp32" if isinstance(value, float) else "i32"
+            if (isinstance(value, int) and value % 16 == 0
+                    and name not in (kernel.do_not_specialize or ())):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=target, options={"num_warps": num_warps,
                                                        "num_stages": num_stages})
 

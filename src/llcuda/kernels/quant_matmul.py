@@ -84,8 +84,19 @@ def _spread_bits(v):
 
 
 @triton.jit
-def _prepare_words(QTYPE: tl.constexpr, words, qh_ptr, row, s_qh, widx, wmask):
-    """Per-word preprocessing of a [R, NW] tile of packed int32 words.
+def _load_high_bits(QTYPE: tl.constexpr, qh_ptr, row, s_qh, widx, wmask):
+    """The high-bit fields of a [R, NW] word tile as int32 (Q5_*: one byte per word; Q6_K: an
+    int16 per word); other types have none and get word indices of the same shape, unused."""
+    idx = row * s_qh + widx
+    if QTYPE == 6 or QTYPE == 7 or QTYPE == 13 or QTYPE == 14:
+        return tl.load(qh_ptr + idx, mask=wmask, other=0).to(tl.int32)
+    return idx.to(tl.int32)
+
+
+@triton.jit
+def _merge_high_bits(QTYPE: tl.constexpr, words, hb):
+    """Per-word preprocessing of a [R, NW] tile of packed int32 words and their high bits `hb`
+    (_load_high_bits).
 
     4/5/6-bit types: returns (lo, hi), words whose byte b is the full value of plane 2b (lo) and
     2b+1 (hi), high bits already merged. Q8_0: (q + 128 bytes, same). Floats: (words, words).
@@ -98,14 +109,18 @@ def _prepare_words(QTYPE: tl.constexpr, words, qh_ptr, row, s_qh, widx, wmask):
     lo = words & 0x0F0F0F0F
     hi = (words >> 4) & 0x0F0F0F0F
     if QTYPE == 6 or QTYPE == 7 or QTYPE == 13:  # Q5_*: one byte of 5th bits per word
-        x = tl.load(qh_ptr + row * s_qh + widx, mask=wmask, other=0).to(tl.int32)
-        lo = lo | _spread_bits(x & 15)
-        hi = hi | _spread_bits(x >> 4)
+        lo = lo | _spread_bits(hb & 15)
+        hi = hi | _spread_bits(hb >> 4)
     if QTYPE == 14:  # Q6_K: int16 per word, low byte = bit 4 of each value, high byte = bit 5
-        y = tl.load(qh_ptr + row * s_qh + widx, mask=wmask, other=0).to(tl.int32)
-        lo = lo | _spread_bits(y & 15) | (_spread_bits((y >> 8) & 15) << 1)
-        hi = hi | _spread_bits((y >> 4) & 15) | (_spread_bits((y >> 12) & 15) << 1)
+        lo = lo | _spread_bits(hb & 15) | (_spread_bits((hb >> 8) & 15) << 1)
+        hi = hi | _spread_bits((hb >> 4) & 15) | (_spread_bits((hb >> 12) & 15) << 1)
     return lo, hi
+
+
+@triton.jit
+def _prepare_words(QTYPE: tl.constexpr, words, qh_ptr, row, s_qh, widx, wmask):
+    """_merge_high_bits of a word tile, loading its high bits at word indices `widx`."""
+    return _merge_high_bits(QTYPE, words, _load_high_bits(QTYPE, qh_ptr, row, s_qh, widx, wmask))
 
 
 @triton.jit
@@ -141,59 +156,103 @@ def _plane(QTYPE: tl.constexpr, lo, hi, P: tl.constexpr, magic, USE_ASM: tl.cons
 
 
 @triton.jit
-def _group_scales(QTYPE: tl.constexpr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp, mask, s_sc, s_d):
-    """Per-group affine maps for a [R, G] tile: w = a * q + c.
-
-    Returns a_lo, a_hi, c [R, G] fp32; a_lo applies to planes 0..P/2-1 and a_hi to the rest
-    (they differ only for Q6_K, whose scales cover 16 elements = planes 0-3 and 4-7).
-    """
+def _load_scales(QTYPE: tl.constexpr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp, mask, s_sc, s_d):
+    """The stored scale fields of a [R, G] tile of groups, as fp32 (s0, s1, s2, s3); which field
+    is which depends on the type (see _scale_maps). Floats get the mask as s0."""
     if QTYPE == 0 or QTYPE == 1 or QTYPE == 30:
         one = tl.where(mask, 1.0, 0.0) + tl.zeros(row.shape, tl.float32)
-        return one, one, one * 0.0
-    if QTYPE == 12 or QTYPE == 13:  # Q4_K / Q5_K: w = d * sc * q - dmin * mn
+        return one, one, one, one
+    if QTYPE == 12 or QTYPE == 13:  # Q4_K / Q5_K: d, dmin per super-block; sc, mn per group
         sup = row * s_d + grp // 8
         d = tl.load(d_ptr + sup, mask=mask, other=0.0).to(tl.float32)
         dmin = tl.load(dmin_ptr + sup, mask=mask, other=0.0).to(tl.float32)
         sc = tl.load(sc_ptr + row * s_sc + grp, mask=mask, other=0).to(tl.float32)
         mn = tl.load(mn_ptr + row * s_sc + grp, mask=mask, other=0).to(tl.float32)
-        a = d * sc
-        return a, a, -(dmin * mn)
-    if QTYPE == 14:  # Q6_K: w = d * sc16 * (q - 32)
+        return d, dmin, sc, mn
+    if QTYPE == 14:  # Q6_K: d per super-block, a scale per 16 elements
         d = tl.load(d_ptr + row * s_d + grp // 8, mask=mask, other=0.0).to(tl.float32)
         sc_lo = tl.load(sc_ptr + row * s_sc + 2 * grp, mask=mask, other=0).to(tl.float32)
         sc_hi = tl.load(sc_ptr + row * s_sc + 2 * grp + 1, mask=mask, other=0).to(tl.float32)
-        return d * sc_lo, d * sc_hi, d * 0.0
+        return d, sc_lo, sc_hi, d
     d = tl.load(sc_ptr + row * s_sc + grp, mask=mask, other=0.0).to(tl.float32)
-    if QTYPE == 3 or QTYPE == 7:  # Q4_1 / Q5_1: w = d * q + m
+    if QTYPE == 3 or QTYPE == 7:  # Q4_1 / Q5_1: d, m
         m = tl.load(mn_ptr + row * s_sc + grp, mask=mask, other=0.0).to(tl.float32)
-        return d, d, m
-    return d, d, d * 0.0  # Q4_0 / Q5_0 / Q8_0: w = d * (q - zero point)
+        return d, m, d, d
+    return d, d, d, d  # Q4_0 / Q5_0 / Q8_0: d
+
+
+@triton.jit
+def _scale_maps(QTYPE: tl.constexpr, s0, s1, s2, s3):
+    """Per-group affine maps w = a * q + c from _load_scales's fields.
+
+    Returns a_lo, a_hi, c [R, G] fp32; a_lo applies to planes 0..P/2-1 and a_hi to the rest
+    (they differ only for Q6_K, whose scales cover 16 elements = planes 0-3 and 4-7).
+    """
+    if QTYPE == 0 or QTYPE == 1 or QTYPE == 30:
+        return s0, s0, s0 * 0.0
+    if QTYPE == 12 or QTYPE == 13:  # Q4_K / Q5_K: w = d * sc * q - dmin * mn
+        a = s0 * s2
+        return a, a, -(s1 * s3)
+    if QTYPE == 14:  # Q6_K: w = d * sc16 * (q - 32)
+        return s0 * s1, s0 * s2, s0 * 0.0
+    if QTYPE == 3 or QTYPE == 7:  # Q4_1 / Q5_1: w = d * q + m
+        return s0, s0, s1
+    return s0, s0, s0 * 0.0  # Q4_0 / Q5_0 / Q8_0: w = d * (q - zero point)
+
+
+@triton.jit
+def _group_scales(QTYPE: tl.constexpr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp, mask, s_sc, s_d):
+    """Per-group affine maps for a [R, G] tile: w = a * q + c (a_lo, a_hi, c; see _scale_maps)."""
+    s0, s1, s2, s3 = _load_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp, mask, s_sc, s_d)
+    return _scale_maps(QTYPE, s0, s1, s2, s3)
+
+
+@triton.jit
+def _tile_loads(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_G: tl.constexpr, qs_ptr, qh_ptr,
+                sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, g0, g_limit, s_qs, s_qh, s_sc, s_d):
+    """Every load of one K step of a [R rows, BLOCK_G groups] weight tile, groups from `g_limit`
+    on masked off: the words [R, NW], their high bits (_load_high_bits) and the scale fields
+    s0..s3 [R, BLOCK_G] (_load_scales). Apart from _tile_maps so a kernel can issue the next
+    step's loads before it decodes this one."""
+    NW: tl.constexpr = BLOCK_G * WPG
+    j = tl.arange(0, NW)
+    jg = j // WPG
+    jk = j % WPG
+    grp = (g0 + tl.arange(0, BLOCK_G))[None, :]
+    wmask = (g0 + jg < g_limit)[None, :]
+    words = tl.load(qs_ptr + row * s_qs + (g0 * WPG + j)[None, :], mask=wmask, other=0)
+    hb = _load_high_bits(QTYPE, qh_ptr, row, s_qh, ((g0 + jg) * WPG + jk)[None, :], wmask)
+    s0, s1, s2, s3 = _load_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp,
+                                  grp < g_limit, s_sc, s_d)
+    return words, hb, s0, s1, s2, s3
+
+
+@triton.jit
+def _tile_maps(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_G: tl.constexpr, words, hb, s0, s1, s2, s3):
+    """_tile_loads's fields -> the prepared words (lo, hi; see _merge_high_bits) and every word's
+    affine map (a_lo, a_hi, c; see _scale_maps), all [BLOCK_N, BLOCK_G * WPG]."""
+    NW: tl.constexpr = BLOCK_G * WPG
+    lo, hi = _merge_high_bits(QTYPE, words, hb)
+    a_lo, a_hi, c = _scale_maps(QTYPE, s0, s1, s2, s3)  # [BN, BG]
+    # per-word copies of the group maps: [BN, BG] -> [BN, NW]
+    a_lo = tl.reshape(tl.broadcast_to(a_lo[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
+    a_hi = tl.reshape(tl.broadcast_to(a_hi[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
+    c = tl.reshape(tl.broadcast_to(c[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
+    return lo, hi, a_lo, a_hi, c
 
 
 @triton.jit
 def _weight_tile(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_G: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, g0,
                  g_limit, s_qs, s_qh, s_sc, s_d):  # fmt: skip
-    """One K step of a [BLOCK_N rows, BLOCK_G groups] weight tile, groups from `g_limit` on
-    masked off: the prepared words (lo, hi; see _prepare_words) and every word's affine map
-    (a_lo, a_hi, c; see _group_scales), all [BLOCK_N, BLOCK_G * WPG]. For the tensor-core kernels
-    and the dequantizer, which apply the maps per element."""
-    NW: tl.constexpr = BLOCK_G * WPG
-    j = tl.arange(0, NW)
-    jg = j // WPG
-    jk = j % WPG
-    grp = g0 + tl.arange(0, BLOCK_G)
-    gmask = (grp < g_limit)[None, :]
-    wmask = (g0 + jg < g_limit)[None, :]
-    words = tl.load(qs_ptr + row * s_qs + (g0 * WPG + j)[None, :], mask=wmask, other=0)
-    lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, (g0 + jg) * WPG + jk, wmask)
-    a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp[None, :],
-                                  gmask, s_sc, s_d)  # [BN, BG]
-    # per-word copies of the group maps: [BN, BG] -> [BN, NW]
-    a_lo = tl.reshape(tl.broadcast_to(a_lo[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
-    a_hi = tl.reshape(tl.broadcast_to(a_hi[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
-    c = tl.reshape(tl.broadcast_to(c[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
-    return lo, hi, a_lo, a_hi, c
+    """One K step of a [BLOCK_N rows, BLOCK_G groups] weight tile, decoded as far as the
+    per-element maps: _tile_maps of _tile_loads. For the tensor-core kernels and the dequantizer,
+    which apply the maps per element."""
+    words, hb, s0, s1, s2, s3 = _tile_loads(QTYPE, WPG, BLOCK_G, qs_ptr, qh_ptr, sc_ptr, mn_ptr,
+                                            d_ptr, dmin_ptr, row, g0, g_limit, s_qs, s_qh, s_sc,
+                                            s_d)
+    return _tile_maps(QTYPE, WPG, BLOCK_N, BLOCK_G, words, hb, s0, s1, s2, s3)
 
 
 @triton.jit(do_not_specialize=["M", "N", "n_groups", "groups_per_split", "stride_osplit"])
