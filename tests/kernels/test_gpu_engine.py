@@ -54,3 +54,74 @@ def test_gpu_greedy_equals_cpu_and_partial_offload(tiny_path):
         assert c[:4] == g[:4] == p[:4]
         assert sum(a == b for a, b in zip(c, g, strict=False)) >= 9
         assert sum(a == b for a, b in zip(c, p, strict=False)) >= 9
+
+
+def _config(**extra) -> EngineConfig:
+    return EngineConfig(ctx_size=256, n_parallel=2, batch_size=256, ubatch_size=64, gpu_layers=99,
+                        device="cuda", extra=extra)
+
+
+def test_prefill_graphs_match_the_eager_forward(tiny_path):
+    """A prompt chunk replayed through a prefill graph (padded to its bucket) gives the eager
+    forward's last-token logits: a first chunk of 2, 17 and 64 tokens and a 17-token chunk over
+    64 cached ones."""
+    from llcuda.layers.attention import AttentionMetadata
+
+    loaded = load(str(tiny_path), _config(), verbose=False)
+    runner = loaded.llm_engine.model_runner
+    graphs, model, dev = runner.prefill_graphs, runner.model, runner.device
+    assert graphs is not None and graphs.buckets == [16, 32, 64]
+    bs = runner.block_size
+    table = torch.arange(256 // bs, dtype=torch.int32)  # the engine is idle: any blocks will do
+    ids = torch.randint(300, 1000, (81,), generator=torch.Generator().manual_seed(1))
+    failures = []
+    for start, n in ((0, 2), (0, 17), (0, 64), (64, 17)):
+        pos = torch.arange(start, start + n)
+        slots = table[pos // bs].long() * bs + pos % bs
+        x = model.embed(ids[start : start + n])
+        meta = AttentionMetadata(
+            slot_mapping=slots.to(dev), query_start_loc=torch.tensor([0, n], dtype=torch.int32,
+                                                                     device=dev),
+            seq_lens=torch.tensor([start + n], dtype=torch.int32, device=dev),
+            block_tables=table[None].to(dev), max_query_len=n, max_seq_len=start + n,
+        )
+        with torch.inference_mode():
+            hidden = model.forward(x, pos.to(dev), {dev: meta}, runner.kv_caches)
+            eager = model.compute_logits(hidden[-1:]).clone()
+            graph = graphs.run(x, pos, slots, start + n, table).clone()
+        err = ((graph - eager).abs().max() / eager.abs().max()).item()
+        if graph.shape != eager.shape or not err < 2e-2:
+            failures.append(f"start {start} n {n}: {tuple(graph.shape)} rel err {err:.3g}")
+    loaded.close()
+    assert not failures, "; ".join(failures)
+
+
+def test_engine_prefills_one_prompt_through_a_graph(tiny_path, monkeypatch):
+    """A lone prompt's chunks take the prefill graphs, and greedy decoding starts as without."""
+    from llcuda.runner.cuda_graphs import PrefillGraphs
+
+    calls = []
+    run = PrefillGraphs.run
+    monkeypatch.setattr(PrefillGraphs, "run", lambda self, x, *a: calls.append(len(x)) or
+                        run(self, x, *a))
+    prompt = torch.randint(300, 1000, (150,), generator=torch.Generator().manual_seed(2)).tolist()
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    outs = []
+    used = []
+    for extra in ({}, {"prefill_graphs": False}):
+        loaded = load(str(tiny_path), _config(**extra), verbose=False)
+        calls.clear()  # the warm-up's steps
+        outs.append(_run_one(loaded.llm_engine, prompt, params))
+        used.append(list(calls))
+        loaded.close()
+    assert used == [[64, 64, 22], []]  # chunks of ubatch_size 64, only with the graphs on
+    assert outs[0][:4] == outs[1][:4] and sum(a == b for a, b in zip(*outs, strict=True)) >= 6
+
+
+def _run_one(engine, prompt: list[int], params: SamplingParams) -> list[int]:
+    engine.add_request(prompt, params)
+    tokens: list[int] = []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            tokens.extend(o.new_token_ids)
+    return tokens

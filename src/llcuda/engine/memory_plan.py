@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llcuda.config import EngineConfig, ModelConfig
+from llcuda.runner.cuda_graphs import PREFILL_BUCKETS
 
 KV_BYTES_PER_ELEMENT = 2  # fp16 cache on the GPU
 # Triton repacking stores Q4_K / Q5_K scales unpacked (<= 1.03x the raw blocks)
@@ -43,6 +44,11 @@ def plan_gpu_memory(
     # all kept alive, summing to < 4x the largest (runner/cuda_graphs.py BUCKETS)
     widest = max(model.hidden_size, model.q_size + model.kv_size, 2 * model.intermediate_size)
     activations = config.batch_size * widest * 4 * 8
+    # The prefill graphs' pool holds the same for their largest chunk, apart from the allocator's
+    # blocks that eager steps use (runner/cuda_graphs.py PREFILL_BUCKETS).
+    graph_tokens = min(config.ubatch_size, config.batch_size, config.ctx_size,
+                       PREFILL_BUCKETS[-1])
+    activations += graph_tokens * widest * 4 * 8 if head_on_gpu else 0
     logits = 4 * config.n_parallel * model.vocab_size * 4 if head_on_gpu else 0
     weights = int(gpu_weight_bytes * WEIGHT_OVERHEAD)
     return MemoryPlan(weights, kv, activations + logits)

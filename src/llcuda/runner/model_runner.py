@@ -11,7 +11,7 @@ import torch
 from llcuda.config import EngineConfig, ModelConfig
 from llcuda.engine.scheduler import SchedulerOutput
 from llcuda.layers.attention import AttentionMetadata, KVCache
-from llcuda.runner.cuda_graphs import DecodeGraphs
+from llcuda.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
 from llcuda.runner.sampler import sample
 
 
@@ -45,10 +45,21 @@ class ModelRunner:
             for device in model.block_devices
         ]
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         single_gpu = self.device.type == "cuda" and all(d == self.device for d in self.devices)
         # Graphs need the fused attention kernel: the reference reads lengths on the host.
         graphable = single_gpu and engine_config.flash_attn is not False
         if graphable and engine_config.extra.get("cuda_graphs", True):
+            pool = None
+            if engine_config.extra.get("prefill_graphs", True):
+                self.prefill_graphs = PrefillGraphs(
+                    model,
+                    self.kv_caches,
+                    max_tokens=min(engine_config.ubatch_size, engine_config.batch_size),
+                    max_blocks_per_seq=self.max_blocks_per_seq,
+                    max_seq_len=engine_config.ctx_size,
+                )
+                pool = self.prefill_graphs.capture()
             self.graphs = DecodeGraphs(
                 model,
                 self.kv_caches,
@@ -58,7 +69,7 @@ class ModelRunner:
                 scratch_block=self.scratch_block,
                 block_size=self.block_size,
             )
-            self.graphs.capture()
+            self.graphs.capture(pool)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -116,6 +127,12 @@ class ModelRunner:
             torch.tensor(logits_indices, dtype=torch.int64),
         )
 
+    def _prefill_graph_fits(self, step: SchedulerOutput) -> bool:
+        """One sequence, several new tokens, and a graph bucket that holds them."""
+        return (self.prefill_graphs is not None and len(step.scheduled) == 1
+                and step.scheduled[0].num_tokens > 1
+                and self.prefill_graphs.bucket_for(step.scheduled[0].num_tokens) is not None)
+
     def execute_model(self, step: SchedulerOutput) -> dict[str, int]:
         """Run one step; returns the sampled token of each request whose known tokens all ran."""
         return self.launch(step).result()
@@ -133,6 +150,12 @@ class ModelRunner:
             logits = self.graphs.run(
                 x, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables
             )
+        elif self._prefill_graph_fits(step):
+            logits = self.prefill_graphs.run(
+                x, positions, meta.slot_mapping, int(meta.seq_lens[0]), meta.block_tables[0]
+            )
+            if not sampled_items:
+                return SampledTokens([], None)
         else:
             metas = {device: meta.to(device) for device in self.devices}
             hidden = self.model.forward(x, positions, metas, self.kv_caches)
