@@ -31,3 +31,42 @@ def test_bucket_for_a_chunk():
     assert graphs.bucket_for(512) == 512
     assert graphs.bucket_for(513) is None
     assert _graphs(8, 4096).bucket_for(5) is None
+
+
+def test_capture_goes_largest_first_and_shares_one_pool(monkeypatch):
+    """The capture loop's bookkeeping, with torch's graph API replaced by a recorder: every bucket
+    runs once eagerly, then under capture with the pool of the first graph (or the one passed)."""
+    import llcuda.runner.cuda_graphs as cg
+
+    events = []
+
+    class FakeGraph:
+        def pool(self):
+            return "pool-of-first-graph"
+
+    class FakeCapture:
+        def __init__(self, graph, pool=None):
+            events.append(("capture", pool))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(cg.torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(cg.torch.cuda, "graph", FakeCapture)
+    monkeypatch.setattr(cg.torch.cuda, "synchronize", lambda device=None: None)
+    graphs = _graphs(64, 4096)
+    monkeypatch.setattr(graphs, "_step", lambda b: events.append(("step", b)) or f"logits{b}")
+    assert graphs.capture() == "pool-of-first-graph"
+    assert events == [("step", 64), ("capture", None), ("step", 64),
+                      ("step", 32), ("capture", "pool-of-first-graph"), ("step", 32),
+                      ("step", 16), ("capture", "pool-of-first-graph"), ("step", 16)]
+    assert graphs.logits == {64: "logits64", 32: "logits32", 16: "logits16"}
+    assert set(graphs.graphs) == {16, 32, 64}
+    events.clear()
+    small = _graphs(16, 4096)
+    monkeypatch.setattr(small, "_step", lambda b: f"logits{b}")
+    assert small.capture("shared") == "shared"  # a pool passed in is used and kept
+    assert events == [("capture", "shared")]

@@ -19,6 +19,8 @@ All graphs share one memory pool (they never run at the same time), captured lar
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from llcuda.layers.attention import AttentionMetadata, KVCache
@@ -29,7 +31,44 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
-class DecodeGraphs:
+class _BucketGraphs(ABC):
+    """One graph per size bucket, all in one memory pool. Subclasses set `buckets` and `device`
+    and define `_step(bucket)`, the eager step whose output the graph keeps."""
+
+    buckets: list[int]
+    device: torch.device
+
+    def __init__(self):
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # bucket -> its output buffer
+        self.pool = None
+
+    @abstractmethod
+    def _step(self, bucket: int) -> torch.Tensor:
+        """One eager step at `bucket` rows, reading the static buffers; returns its logits."""
+
+    @torch.inference_mode()
+    def capture(self, pool=None):
+        """Capture every bucket, largest first so smaller graphs reuse its memory; returns the
+        memory pool (pass it to the next graphs' capture to share it)."""
+        self.pool = pool
+        for b in reversed(self.buckets):
+            self._step(b)  # warm-up: compiles the Triton kernels for these shapes
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.logits[b] = self._step(b)
+            torch.cuda.synchronize(self.device)
+            self.pool = self.pool if self.pool is not None else graph.pool()
+            self.graphs[b] = graph
+        return self.pool
+
+    def bucket_for(self, size: int) -> int | None:
+        """The smallest bucket that holds `size` (sequences or tokens), None past the largest."""
+        return next((b for b in self.buckets if b >= size), None)
+
+
+class DecodeGraphs(_BucketGraphs):
     def __init__(
         self,
         model,
@@ -40,6 +79,7 @@ class DecodeGraphs:
         scratch_block: int,
         block_size: int,
     ):
+        super().__init__()
         self.model = model
         self.kv_caches = kv_caches
         self.device = model.head_device
@@ -57,9 +97,6 @@ class DecodeGraphs:
         self.block_tables = torch.full(
             (n, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=dev
         )
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab] output buffer
-        self.pool = None
 
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -75,19 +112,6 @@ class DecodeGraphs:
         metas = {self.device: self._meta(b)}
         hidden = self.model.forward(self.x[:b], self.positions[:b], metas, self.kv_caches)
         return self.model.compute_logits(hidden)
-
-    @torch.inference_mode()
-    def capture(self, pool=None):
-        """Capture every bucket, largest first so smaller graphs reuse its memory; returns the
-        memory pool (pass it to the next graphs' capture to share it)."""
-        self.pool = pool
-        for b in reversed(self.buckets):
-            self.graphs[b], self.logits[b], self.pool = _capture(self._step, b, self.device,
-                                                                 self.pool)
-        return self.pool
-
-    def bucket_for(self, batch: int) -> int | None:
-        return next((b for b in self.buckets if b >= batch), None)
 
     def run(
         self,
@@ -116,24 +140,13 @@ class DecodeGraphs:
         return self.logits[b][:batch]
 
 
-def _capture(step, bucket: int, device: torch.device, pool):
-    """(graph, its output, the pool) for step(bucket), after one eager run that compiles the
-    Triton kernels for these shapes."""
-    step(bucket)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = step(bucket)
-    torch.cuda.synchronize(device)
-    return graph, out, graph.pool() if pool is None else pool
-
-
-class PrefillGraphs:
+class PrefillGraphs(_BucketGraphs):
     """Graphs of a step that feeds one sequence T > 1 prompt tokens (its first chunk or a later
     one), T padded to the next token bucket; returns the logits of its last token."""
 
     def __init__(self, model, kv_caches: list[KVCache], max_tokens: int, max_blocks_per_seq: int,
                  max_seq_len: int):
+        super().__init__()
         self.model = model
         self.kv_caches = kv_caches
         self.device = model.head_device
@@ -148,9 +161,6 @@ class PrefillGraphs:
         self.seq_lens = torch.ones(1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros((1, max_blocks_per_seq), dtype=torch.int32, device=dev)
         self.last_row = torch.zeros(1, dtype=torch.int64, device=dev)  # T - 1
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}  # bucket -> [1, vocab]
-        self.pool = None
 
     def _step(self, b: int) -> torch.Tensor:
         meta = AttentionMetadata(
@@ -164,18 +174,6 @@ class PrefillGraphs:
         hidden = self.model.forward(self.x[:b], self.positions[:b], {self.device: meta},
                                     self.kv_caches)
         return self.model.compute_logits(hidden.index_select(0, self.last_row))
-
-    @torch.inference_mode()
-    def capture(self, pool=None):
-        """Capture every bucket, largest first; returns the memory pool (see DecodeGraphs)."""
-        self.pool = pool
-        for b in reversed(self.buckets):
-            self.graphs[b], self.logits[b], self.pool = _capture(self._step, b, self.device,
-                                                                 self.pool)
-        return self.pool
-
-    def bucket_for(self, num_tokens: int) -> int | None:
-        return next((b for b in self.buckets if b >= num_tokens), None)
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
             seq_len: int, block_table: torch.Tensor) -> torch.Tensor:
