@@ -148,3 +148,22 @@ def test_speed(metadata: dict, golden: dict):
     encode_s = best_cpu_time(lambda: tok.encode(prompt))
     assert build_s < 1.0, f"vocab construction took {build_s:.2f}s"
     assert encode_s < 0.1, f"~700-token prompt took {encode_s * 1000:.0f}ms"
+
+
+def test_word_pieces_equal_the_one_pass_merge(metadata):
+    """The real vocabulary (one spanning token, '>▁</'): the cached piece-wise encoder gives the
+    one-pass merge's ids on random text built to hit it, runs of spaces, markup and bytes."""
+    import random
+
+    from llcuda.gguf.tokenizer_spm import spm_tokenize
+
+    tok = Tokenizer.from_metadata(metadata)
+    assert tok._spm._spanning == [">▁</"]
+    rng = random.Random(0)
+    words = ["the", "cat", "<b>", "</b>", ">", "</", "naïve", "日本語", "🙂", "x\ty", "\n", "",
+             "KV", "caches", "1234", "'s", "--", "ß", "Привет", "<start_of_turn>", "a" * 70]
+    for _ in range(300):
+        text = "".join(rng.choice(words) + " " * rng.choice([0, 1, 1, 1, 2, 3])
+                       for _ in range(rng.randint(1, 25))).replace(" ", "▁")
+        one_pass = spm_tokenize(text, tok._token_to_id, tok._scores, tok._byte_to_token)
+        assert tok._spm(text) == one_pass, text

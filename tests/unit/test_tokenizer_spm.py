@@ -198,3 +198,26 @@ def test_phi3_rstrip():
     assert Tokenizer.from_metadata(make()).encode("<|ctl|>  a", add_special=False) == [
         267, 272, 266
     ]  # fmt: skip
+
+
+def test_word_pieces_never_split_a_spanning_token():
+    """SpmEncoder cuts the text at word starts, except inside an occurrence of a vocab token that
+    crosses one ('b▁a' here, score -0.1: it must win over '▁a'), and its ids equal the one-pass
+    merge's, cached or not."""
+    from llcuda.gguf.tokenizer_spm import SpmEncoder, spm_tokenize
+
+    vocab = VOCAB + [("b▁a", -0.1, NORMAL)]  # id 274
+    t = Tokenizer.from_metadata(make(**{
+        "tokenizer.ggml.tokens": [s for s, _, _ in vocab],
+        "tokenizer.ggml.scores": np.array([s for _, s, _ in vocab], dtype=np.float32),
+        "tokenizer.ggml.token_type": np.array([k for _, _, k in vocab], dtype=np.int32),
+    }))  # fmt: skip
+    enc = SpmEncoder(t._token_to_id, t._scores, t._byte_to_token)
+    assert enc.pieces("▁ab▁ca▁▁a") == ["▁ab", "▁ca", "▁▁a"]
+    assert enc.pieces("▁ab▁a▁c") == ["▁ab▁a", "▁c"]  # 'b▁a' covers the cut before '▁a'
+    assert enc.pieces("abc") == ["abc"] and enc.pieces("") == [""]
+    for text in ("▁ab▁a▁c", "▁ab▁ca▁▁a", "b▁ab▁a", "▁cb▁a", "▁▁▁", "a▁", "é▁a🙂▁b▁ax"):
+        one_pass = spm_tokenize(text, t._token_to_id, t._scores, t._byte_to_token)
+        assert enc(text) == one_pass == enc(text), text  # second call: from the cache
+    # "▁cb▁a": ▁a merges, then b + ▁a -> b▁a; cut at the word start it would be ▁ c b ▁a
+    assert t.encode("cb a", add_special=False) == [259, 262, 274]

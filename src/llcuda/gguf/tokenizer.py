@@ -28,7 +28,7 @@ from llcuda.gguf.tokenizer_bpe import (
     byte_decode,
     parse_merges,
 )
-from llcuda.gguf.tokenizer_spm import spm_tokenize
+from llcuda.gguf.tokenizer_spm import SpmEncoder
 
 
 class TokenAttr(IntFlag):
@@ -173,7 +173,9 @@ class Tokenizer:
         pre_name = _as_str(metadata.get("tokenizer.ggml.pre", ""))
         self.pre = pre_name
         self._bpe: BpeModel | None = None
+        self._spm: SpmEncoder | None = None
         if self.model == "llama":
+            self._spm = SpmEncoder(self._token_to_id, self._scores, self._byte_to_token)
             ids = {"bos": 1, "eos": 2, "unk": 0}
             self.add_space_prefix, self.add_bos, self.add_eos = True, True, False
             self.clean_spaces = False
@@ -437,9 +439,7 @@ class Tokenizer:
                 if isinstance(frag, str):
                     if self.add_space_prefix and prev_special:
                         frag = " " + frag
-                    out += spm_tokenize(
-                        frag.replace(" ", "▁"), self._token_to_id, self._scores, self._byte_to_token
-                    )
+                    out += self._spm(frag.replace(" ", "▁"))
                     prev_special = False
                 else:
                     out.append(frag)
