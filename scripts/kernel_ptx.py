@@ -1,5 +1,5 @@
-"""Write the PTX of the quantized-weight kernels (tensor-core GEMM, swapped GEMM, dequantizer)
-for sm_90 and sm_75, without a GPU, with debug labels stripped and registers renamed, so that
+"""Write the PTX of the quantized-weight kernels (GEMV, tensor-core GEMM, swapped GEMM,
+dequantizer) for sm_90 and sm_75, without a GPU, with debug labels stripped and registers renamed, so that
 two checkouts can be diffed: a refactor that leaves every file equal cannot change the GPU code.
 
     python scripts/kernel_ptx.py OUT_DIR      # in each tree, then: diff -r OUT_A OUT_B
@@ -50,6 +50,16 @@ def main() -> None:
                 "stride_osplit": 3}  # fmt: skip
         for cap in (90, 75):
             target = GPUTarget("cuda", cap, 32)
+            for m in (1, 4):  # the decode GEMV
+                cfg = qm.gemv_config(int(qtype), m, n, k // 32, 132)
+                args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w),
+                        **ints}  # fmt: skip
+                ptx = compile_ptx(qm._quant_gemv_kernel, args, {
+                    "QTYPE": int(qtype), "WPG": wpg, "HAS_MIN": int(qtype) in qm._HAS_MIN,
+                    "BLOCK_M": m, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_G": cfg["BLOCK_G"],
+                    "NUM_STAGES": cfg["num_stages"], "USE_ASM": True,
+                }, target, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
+                _write(out, f"gemv_{qtype.name}_sm{cap}_m{m}", ptx)
             for fp16 in (False, True) if cap == 90 else (True,):
                 x = torch.empty(1, dtype=torch.float16 if fp16 else torch.bfloat16)
                 args = {"x_ptr": x, "out_ptr": torch.empty(1), "xscale_ptr": torch.empty(1),

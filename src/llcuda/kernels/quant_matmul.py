@@ -87,27 +87,30 @@ def _spread_bits(v):
 def _load_high_bits(QTYPE: tl.constexpr, qh_ptr, row, s_qh, widx, wmask):
     """The high-bit fields of a [R, NW] word tile as int32 (Q5_*: one byte per word; Q6_K: an
     int16 per word); other types have none and get word indices of the same shape, unused."""
-    idx = row * s_qh + widx
     if QTYPE == 6 or QTYPE == 7 or QTYPE == 13 or QTYPE == 14:
-        return tl.load(qh_ptr + idx, mask=wmask, other=0).to(tl.int32)
-    return idx.to(tl.int32)
+        return tl.load(qh_ptr + row * s_qh + widx, mask=wmask, other=0).to(tl.int32)
+    return (row * s_qh + widx).to(tl.int32)
 
 
 @triton.jit
-def _merge_high_bits(QTYPE: tl.constexpr, words, hb):
-    """Per-word preprocessing of a [R, NW] tile of packed int32 words and their high bits `hb`
-    (_load_high_bits).
+def _nibbles(QTYPE: tl.constexpr, words):
+    """Per-word preprocessing of a [R, NW] tile of packed int32 words, before any high bits.
 
-    4/5/6-bit types: returns (lo, hi), words whose byte b is the full value of plane 2b (lo) and
-    2b+1 (hi), high bits already merged. Q8_0: (q + 128 bytes, same). Floats: (words, words).
+    4/5/6-bit types: (lo, hi), words whose byte b holds the low 4 bits of plane 2b (lo) and
+    2b+1 (hi). Q8_0: (q + 128 bytes, same). Floats: (words, words).
     """
     if QTYPE == 8:  # Q8_0: int8 -> q + 128 in [0, 255], four at a time
         u = words ^ -2139062144  # 0x80808080 as int32
         return u, u
     if QTYPE == 0 or QTYPE == 1 or QTYPE == 30:
         return words, words
-    lo = words & 0x0F0F0F0F
-    hi = (words >> 4) & 0x0F0F0F0F
+    return words & 0x0F0F0F0F, (words >> 4) & 0x0F0F0F0F
+
+
+@triton.jit
+def _with_high_bits(QTYPE: tl.constexpr, lo, hi, hb):
+    """_nibbles' (lo, hi) with the high bits `hb` (_load_high_bits) merged in: every byte then
+    holds its plane's full value."""
     if QTYPE == 6 or QTYPE == 7 or QTYPE == 13:  # Q5_*: one byte of 5th bits per word
         lo = lo | _spread_bits(hb & 15)
         hi = hi | _spread_bits(hb >> 4)
@@ -119,8 +122,10 @@ def _merge_high_bits(QTYPE: tl.constexpr, words, hb):
 
 @triton.jit
 def _prepare_words(QTYPE: tl.constexpr, words, qh_ptr, row, s_qh, widx, wmask):
-    """_merge_high_bits of a word tile, loading its high bits at word indices `widx`."""
-    return _merge_high_bits(QTYPE, words, _load_high_bits(QTYPE, qh_ptr, row, s_qh, widx, wmask))
+    """A word tile's full plane values (see _with_high_bits), loading its high bits at word
+    indices `widx` after the nibbles are split (the order the GEMV was tuned with)."""
+    lo, hi = _nibbles(QTYPE, words)
+    return _with_high_bits(QTYPE, lo, hi, _load_high_bits(QTYPE, qh_ptr, row, s_qh, widx, wmask))
 
 
 @triton.jit
@@ -230,15 +235,12 @@ def _tile_loads(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_G: tl.constexpr, q
 @triton.jit
 def _tile_maps(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_G: tl.constexpr, words, hb, s0, s1, s2, s3):
-    """_tile_loads's fields -> the prepared words (lo, hi; see _merge_high_bits) and every word's
+    """_tile_loads's fields -> the prepared words (lo, hi; see _with_high_bits) and every word's
     affine map (a_lo, a_hi, c; see _scale_maps), all [BLOCK_N, BLOCK_G * WPG]."""
-    NW: tl.constexpr = BLOCK_G * WPG
-    lo, hi = _merge_high_bits(QTYPE, words, hb)
+    lo, hi = _nibbles(QTYPE, words)
+    lo, hi = _with_high_bits(QTYPE, lo, hi, hb)
     a_lo, a_hi, c = _scale_maps(QTYPE, s0, s1, s2, s3)  # [BN, BG]
-    # per-word copies of the group maps: [BN, BG] -> [BN, NW]
-    a_lo = tl.reshape(tl.broadcast_to(a_lo[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
-    a_hi = tl.reshape(tl.broadcast_to(a_hi[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
-    c = tl.reshape(tl.broadcast_to(c[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
+    a_lo, a_hi, c = _per_word(WPG, BLOCK_N, BLOCK_G, a_lo, a_hi, c)
     return lo, hi, a_lo, a_hi, c
 
 
@@ -246,13 +248,34 @@ def _tile_maps(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_N: tl.constexpr,
 def _weight_tile(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_G: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, g0,
                  g_limit, s_qs, s_qh, s_sc, s_d):  # fmt: skip
-    """One K step of a [BLOCK_N rows, BLOCK_G groups] weight tile, decoded as far as the
-    per-element maps: _tile_maps of _tile_loads. For the tensor-core kernels and the dequantizer,
-    which apply the maps per element."""
-    words, hb, s0, s1, s2, s3 = _tile_loads(QTYPE, WPG, BLOCK_G, qs_ptr, qh_ptr, sc_ptr, mn_ptr,
-                                            d_ptr, dmin_ptr, row, g0, g_limit, s_qs, s_qh, s_sc,
-                                            s_d)
-    return _tile_maps(QTYPE, WPG, BLOCK_N, BLOCK_G, words, hb, s0, s1, s2, s3)
+    """One K step of a [BLOCK_N rows, BLOCK_G groups] weight tile, groups from `g_limit` on
+    masked off: the prepared words (lo, hi; see _prepare_words) and every word's affine map
+    (a_lo, a_hi, c; see _group_scales), all [BLOCK_N, BLOCK_G * WPG]. For the fused tensor-core
+    kernel and the dequantizer, which apply the maps per element; each load is issued where its
+    value is first needed (the swapped kernel issues them a step ahead: _tile_loads)."""
+    NW: tl.constexpr = BLOCK_G * WPG
+    j = tl.arange(0, NW)
+    jg = j // WPG
+    jk = j % WPG
+    grp = g0 + tl.arange(0, BLOCK_G)
+    gmask = (grp < g_limit)[None, :]
+    wmask = (g0 + jg < g_limit)[None, :]
+    words = tl.load(qs_ptr + row * s_qs + (g0 * WPG + j)[None, :], mask=wmask, other=0)
+    lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, (g0 + jg) * WPG + jk, wmask)
+    a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp[None, :],
+                                  gmask, s_sc, s_d)  # [BN, BG]
+    a_lo, a_hi, c = _per_word(WPG, BLOCK_N, BLOCK_G, a_lo, a_hi, c)
+    return lo, hi, a_lo, a_hi, c
+
+
+@triton.jit
+def _per_word(WPG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, a_lo, a_hi, c):
+    """Per-word copies of the group maps: [BN, BG] -> [BN, BG * WPG] each."""
+    NW: tl.constexpr = BLOCK_G * WPG
+    a_lo = tl.reshape(tl.broadcast_to(a_lo[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
+    a_hi = tl.reshape(tl.broadcast_to(a_hi[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
+    c = tl.reshape(tl.broadcast_to(c[:, :, None], (BLOCK_N, BLOCK_G, WPG)), (BLOCK_N, NW))
+    return a_lo, a_hi, c
 
 
 @triton.jit(do_not_specialize=["M", "N", "n_groups", "groups_per_split", "stride_osplit"])
