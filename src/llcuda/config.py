@@ -71,6 +71,9 @@ class EngineConfig:
     - enable_prefix_caching: requests whose prompts share a prefix reuse its full KV blocks instead
       of computing them again (vLLM's --enable-prefix-caching; llama-server's prompt cache). The
       old spelling `extra={"enable_prefix_caching": ...}` is still read.
+    - extra: switches for measuring the engine against itself, all on by default on one GPU:
+      "cuda_graphs" (graphs of decode steps and single-sequence prompt chunks), "prefill_graphs"
+      (the latter only; runner/cuda_graphs.py), "warm_up" (the compile workload after load).
     """
 
     gpu_layers: int = 99
