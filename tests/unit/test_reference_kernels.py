@@ -126,3 +126,21 @@ def test_softcap_ref_bounds_logits():
     y = ref.softcap_ref(x, 30.0)
     assert y.abs().max() <= 30.0 and y[2] == 0.0
     torch.testing.assert_close(y[3], torch.tensor(30.0 * math.tanh(0.1)))
+
+
+def test_write_kv_ref_skips_padding_slots():
+    """Slot -1 marks a padding token (as write_kv's kernel skips it): the cache's last slot, which
+    a negative index would reach, stays as it was."""
+    gen = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(3, 4, 2, 8, generator=gen)
+    v_cache = torch.randn(3, 4, 2, 8, generator=gen)
+    k0, v0 = k_cache.clone(), v_cache.clone()
+    k = torch.randn(3, 2, 8, generator=gen)
+    v = torch.randn(3, 2, 8, generator=gen)
+    ref.write_kv_ref(k, v, k_cache, v_cache, torch.tensor([5, -1, 0]))
+    flat_k, flat_v = k_cache.view(-1, 2, 8), v_cache.view(-1, 2, 8)
+    assert torch.equal(flat_k[5], k[0]) and torch.equal(flat_k[0], k[2])
+    assert torch.equal(flat_v[5], v[0]) and torch.equal(flat_v[0], v[2])
+    untouched = [i for i in range(12) if i not in (0, 5)]
+    assert torch.equal(flat_k[untouched], k0.view(-1, 2, 8)[untouched])
+    assert torch.equal(flat_v[untouched], v0.view(-1, 2, 8)[untouched])

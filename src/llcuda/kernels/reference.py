@@ -114,9 +114,14 @@ def write_kv_ref(
     """Store this step's keys and values in the paged cache.
 
     k, v: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads,
-    head_dim]; slot_mapping: [num_tokens] int64, slot = block_id * block_size + offset.
+    head_dim]; slot_mapping: [num_tokens] int64, slot = block_id * block_size + offset. A
+    negative slot marks a padding token (a CUDA-graph batch padded to its bucket): it is skipped,
+    not written to the cache's last slot as a negative index would.
     """
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    real = slot_mapping >= 0
+    if not bool(real.all()):
+        k, v, slot_mapping = k[real], v[real], slot_mapping[real]
     k_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = k.to(k_cache.dtype)
     v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = v.to(v_cache.dtype)
 
