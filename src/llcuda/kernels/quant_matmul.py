@@ -213,22 +213,32 @@ def _group_scales(QTYPE: tl.constexpr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp
 
 
 @triton.jit
+def _tile_words(WPG: tl.constexpr, BLOCK_G: tl.constexpr, qs_ptr, row, g0, g_limit, s_qs):
+    """The packed words [R, BLOCK_G * WPG] of one K step (groups from `g_limit` on masked off),
+    with what the rest of the step indexes by: each word's index for its high bits and the word
+    mask [1, NW], and the step's groups [1, BLOCK_G] with their mask."""
+    NW: tl.constexpr = BLOCK_G * WPG
+    j = tl.arange(0, NW)
+    jg = j // WPG
+    jk = j % WPG
+    grp = g0 + tl.arange(0, BLOCK_G)
+    gmask = (grp < g_limit)[None, :]
+    wmask = (g0 + jg < g_limit)[None, :]
+    words = tl.load(qs_ptr + row * s_qs + (g0 * WPG + j)[None, :], mask=wmask, other=0)
+    return words, ((g0 + jg) * WPG + jk)[None, :], wmask, grp[None, :], gmask
+
+
+@triton.jit
 def _tile_loads(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_G: tl.constexpr, qs_ptr, qh_ptr,
                 sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, g0, g_limit, s_qs, s_qh, s_sc, s_d):
     """Every load of one K step of a [R rows, BLOCK_G groups] weight tile, groups from `g_limit`
     on masked off: the words [R, NW], their high bits (_load_high_bits) and the scale fields
     s0..s3 [R, BLOCK_G] (_load_scales). Apart from _tile_maps so a kernel can issue the next
     step's loads before it decodes this one."""
-    NW: tl.constexpr = BLOCK_G * WPG
-    j = tl.arange(0, NW)
-    jg = j // WPG
-    jk = j % WPG
-    grp = (g0 + tl.arange(0, BLOCK_G))[None, :]
-    wmask = (g0 + jg < g_limit)[None, :]
-    words = tl.load(qs_ptr + row * s_qs + (g0 * WPG + j)[None, :], mask=wmask, other=0)
-    hb = _load_high_bits(QTYPE, qh_ptr, row, s_qh, ((g0 + jg) * WPG + jk)[None, :], wmask)
-    s0, s1, s2, s3 = _load_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp,
-                                  grp < g_limit, s_sc, s_d)
+    words, widx, wmask, grp, gmask = _tile_words(WPG, BLOCK_G, qs_ptr, row, g0, g_limit, s_qs)
+    hb = _load_high_bits(QTYPE, qh_ptr, row, s_qh, widx, wmask)
+    s0, s1, s2, s3 = _load_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp, gmask, s_sc,
+                                  s_d)
     return words, hb, s0, s1, s2, s3
 
 
@@ -253,17 +263,10 @@ def _weight_tile(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_N: tl.constexpr,
     (a_lo, a_hi, c; see _group_scales), all [BLOCK_N, BLOCK_G * WPG]. For the fused tensor-core
     kernel and the dequantizer, which apply the maps per element; each load is issued where its
     value is first needed (the swapped kernel issues them a step ahead: _tile_loads)."""
-    NW: tl.constexpr = BLOCK_G * WPG
-    j = tl.arange(0, NW)
-    jg = j // WPG
-    jk = j % WPG
-    grp = g0 + tl.arange(0, BLOCK_G)
-    gmask = (grp < g_limit)[None, :]
-    wmask = (g0 + jg < g_limit)[None, :]
-    words = tl.load(qs_ptr + row * s_qs + (g0 * WPG + j)[None, :], mask=wmask, other=0)
-    lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, (g0 + jg) * WPG + jk, wmask)
-    a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp[None, :],
-                                  gmask, s_sc, s_d)  # [BN, BG]
+    words, widx, wmask, grp, gmask = _tile_words(WPG, BLOCK_G, qs_ptr, row, g0, g_limit, s_qs)
+    lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, widx, wmask)
+    a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp, gmask, s_sc,
+                                  s_d)  # [BN, BG]
     a_lo, a_hi, c = _per_word(WPG, BLOCK_N, BLOCK_G, a_lo, a_hi, c)
     return lo, hi, a_lo, a_hi, c
 
