@@ -65,33 +65,20 @@ def test_prefill_graphs_match_the_eager_forward(tiny_path):
     """A prompt chunk replayed through a prefill graph (padded to its bucket) gives the eager
     forward's last-token logits: a first chunk of 2, 17 and 64 tokens and a 17-token chunk over
     64 cached ones."""
-    from llcuda.layers.attention import AttentionMetadata
+    from tests.unit.test_prefill_graphs import prefill_chunks
 
     loaded = load(str(tiny_path), _config(), verbose=False)
     runner = loaded.llm_engine.model_runner
-    graphs, model, dev = runner.prefill_graphs, runner.model, runner.device
+    graphs = runner.prefill_graphs
     assert graphs is not None and graphs.buckets == [16, 32, 64]
-    bs = runner.block_size
-    table = torch.arange(256 // bs, dtype=torch.int32)  # the engine is idle: any blocks will do
-    ids = torch.randint(300, 1000, (81,), generator=torch.Generator().manual_seed(1))
     failures = []
-    for start, n in ((0, 2), (0, 17), (0, 64), (64, 17)):
-        pos = torch.arange(start, start + n)
-        slots = table[pos // bs].long() * bs + pos % bs
-        x = model.embed(ids[start : start + n])
-        meta = AttentionMetadata(
-            slot_mapping=slots.to(dev), query_start_loc=torch.tensor([0, n], dtype=torch.int32,
-                                                                     device=dev),
-            seq_lens=torch.tensor([start + n], dtype=torch.int32, device=dev),
-            block_tables=table[None].to(dev), max_query_len=n, max_seq_len=start + n,
-        )
+    for x, pos, slots, seq_len, table, eager in prefill_chunks(runner):
         with torch.inference_mode():
-            hidden = model.forward(x, pos.to(dev), {dev: meta}, runner.kv_caches)
-            eager = model.compute_logits(hidden[-1:]).clone()
-            graph = graphs.run(x, pos, slots, start + n, table).clone()
+            graph = graphs.run(x, pos, slots, seq_len, table).clone()
         err = ((graph - eager).abs().max() / eager.abs().max()).item()
         if graph.shape != eager.shape or not err < 2e-2:
-            failures.append(f"start {start} n {n}: {tuple(graph.shape)} rel err {err:.3g}")
+            failures.append(f"positions {int(pos[0])}+{len(pos)}: {tuple(graph.shape)} rel err "
+                            f"{err:.3g}")
     loaded.close()
     assert not failures, "; ".join(failures)
 

@@ -17,6 +17,32 @@ def _graphs(max_tokens: int, max_seq_len: int) -> PrefillGraphs:
                          max_seq_len=max_seq_len)
 
 
+def prefill_chunks(runner):
+    """One sequence's prompt in the chunks both prefill-graph tests replay: first chunks of 2, 17
+    and 64 tokens, then 17 over 64 cached ones. Yields (x, positions, slots, seq_len, block
+    table, the eager forward's last-token logits [1, vocab]); the eager forward has written the
+    chunk's K/V by then. Any blocks will do: the engine is idle."""
+    from llcuda.layers.attention import AttentionMetadata
+
+    model, dev, bs = runner.model, runner.device, runner.block_size
+    table = torch.arange(runner.max_blocks_per_seq, dtype=torch.int32)
+    ids = torch.randint(300, 1000, (81,), generator=torch.Generator().manual_seed(1))
+    for start, n in ((0, 2), (0, 17), (0, 64), (64, 17)):
+        pos = torch.arange(start, start + n)
+        slots = table[pos // bs].long() * bs + pos % bs
+        x = model.embed(ids[start : start + n])
+        meta = AttentionMetadata(
+            slot_mapping=slots.to(dev),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([start + n], dtype=torch.int32, device=dev),
+            block_tables=table[None].to(dev), max_query_len=n, max_seq_len=start + n,
+        )
+        with torch.inference_mode():
+            hidden = model.forward(x, pos.to(dev), {dev: meta}, runner.kv_caches)
+            eager = model.compute_logits(hidden[-1:])
+        yield x, pos, slots, start + n, table, eager
+
+
 def test_buckets_stop_at_the_chunk_size_and_the_context():
     assert _graphs(512, 4096).buckets == [16, 32, 64, 128, 256, 512]
     assert _graphs(100, 4096).buckets == [16, 32, 64]  # ubatch 100: chunks of <= 100 tokens
@@ -80,14 +106,13 @@ def test_padded_step_equals_the_eager_forward_on_cpu(tmp_path):
     from llcuda.config import EngineConfig
     from llcuda.engine.loader import load
     from llcuda.gguf.synthetic import TINY, write_gemma3_gguf
-    from llcuda.layers.attention import AttentionMetadata
 
     path = write_gemma3_gguf(tmp_path / "tiny.gguf", **{**TINY, "sliding_window": 16}, seed=3)
     config = EngineConfig(ctx_size=256, n_parallel=1, batch_size=256, ubatch_size=64,
                           device="cpu")
     loaded = load(str(path), config, verbose=False)
     runner = loaded.llm_engine.model_runner
-    model, dev, bs = runner.model, runner.device, runner.block_size
+    model = runner.model
     graphs = PrefillGraphs(model, runner.kv_caches, max_tokens=64,
                            max_blocks_per_seq=runner.max_blocks_per_seq, max_seq_len=256)
 
@@ -99,21 +124,10 @@ def test_padded_step_equals_the_eager_forward_on_cpu(tmp_path):
             graphs.logits[self.bucket] = graphs._step(self.bucket)
 
     graphs.graphs = {b: EagerReplay(b) for b in graphs.buckets}
-    table = torch.arange(256 // bs, dtype=torch.int32)
-    ids = torch.randint(300, 1000, (81,), generator=torch.Generator().manual_seed(1))
-    for start, n in ((0, 2), (0, 17), (0, 64), (64, 17)):
-        pos = torch.arange(start, start + n)
-        slots = table[pos // bs].long() * bs + pos % bs
-        x = model.embed(ids[start : start + n])
-        meta = AttentionMetadata(
-            slot_mapping=slots, query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-            seq_lens=torch.tensor([start + n], dtype=torch.int32), block_tables=table[None],
-            max_query_len=n, max_seq_len=start + n,
-        )
+    for x, pos, slots, seq_len, table, eager in prefill_chunks(runner):
         with torch.inference_mode():
-            eager = model.compute_logits(model.forward(x, pos, {dev: meta}, runner.kv_caches)[-1:])
             before = [(c.k.clone(), c.v.clone()) for c in runner.kv_caches]
-            padded = graphs.run(x, pos, slots, start + n, table)
+            padded = graphs.run(x, pos, slots, seq_len, table)
         assert padded.shape == eager.shape == (1, model.config.vocab_size)
         torch.testing.assert_close(padded, eager, rtol=1e-4, atol=1e-4)
         for cache, (k0, v0) in zip(runner.kv_caches, before, strict=True):
