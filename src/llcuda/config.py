@@ -71,6 +71,12 @@ class EngineConfig:
     - enable_prefix_caching: requests whose prompts share a prefix reuse its full KV blocks instead
       of computing them again (vLLM's --enable-prefix-caching; llama-server's prompt cache). The
       old spelling `extra={"enable_prefix_caching": ...}` is still read.
+    - num_scheduler_steps: decode steps run back to back per scheduling round while every running
+      sequence is decoding and no waiting request can be admitted (vLLM's multi-step scheduling):
+      each step's sampled tokens feed the next on the GPU, and the host, which builds and reads
+      one step in about half a millisecond, stays off the GPU's path. Tokens then arrive in
+      bursts; a sequence that stops inside a burst drops the tokens after its stop. None = 8 on
+      a GPU with CUDA graphs, 1 (no bursts) otherwise.
     - extra: switches for measuring the engine against itself, all on by default on one GPU:
       "cuda_graphs" (graphs of decode steps and single-sequence prompt chunks), "prefill_graphs"
       (the latter only; runner/cuda_graphs.py), "warm_up" (the compile workload after load).
@@ -87,6 +93,7 @@ class EngineConfig:
     device: str | None = None  # None: cuda if available and gpu_layers > 0, else cpu
     seed: int | None = None
     enable_prefix_caching: bool = True
+    num_scheduler_steps: int | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -96,6 +103,8 @@ class EngineConfig:
         _check_int("ubatch_size", self.ubatch_size, 1)
         _check_int("n_parallel", self.n_parallel, 1)
         _check_int("block_size", self.block_size, 1)
+        if self.num_scheduler_steps is not None:
+            _check_int("num_scheduler_steps", self.num_scheduler_steps, 1)
         if self.ubatch_size > self.batch_size:
             raise ValueError(
                 f"ubatch_size ({self.ubatch_size}) must not exceed batch_size ({self.batch_size})"

@@ -59,12 +59,20 @@ class FakeDetokenizer:
 
 
 class FakeKVRunner:
-    """Next-token logits = f(context read back from a paged KV cache of token ids)."""
+    """Next-token logits = f(context read back from a paged KV cache of token ids).
+
+    Takes decode bursts as the model runner does (`execute_model(step, num_steps)`): each step's
+    token is written into the next position's KV slot and feeds the next step.
+    """
+
+    supports_decode_bursts = True
 
     def __init__(self, config: EngineConfig) -> None:
         self.block_size = config.block_size
         self.slots: list[tuple[int, int] | None] = [None] * (config.num_blocks * config.block_size)
         self.log: list[SchedulerOutput] = []
+        self.bursts: list[int] = []  # num_steps of each burst run
+        self.burst_requests: list[set[str]] = []  # the request ids of each burst
         self.fail_next = 0  # raise from the next N calls (engine-loop failure tests)
 
     def _slot(self, request, pos: int) -> int:
@@ -72,11 +80,13 @@ class FakeKVRunner:
         assert pos // self.block_size < len(table), f"position {pos} beyond {request!r}"
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def execute_model(self, step: SchedulerOutput) -> dict[str, int]:
+    def execute_model(self, step: SchedulerOutput, num_steps: int = 1) -> dict:
         if self.fail_next:
             self.fail_next -= 1
             raise RuntimeError("boom")
         self.log.append(step)
+        if num_steps > 1:
+            return self._burst(step, num_steps)
         for item in step.scheduled:
             r = item.request
             for pos in range(item.start_pos, item.start_pos + item.num_tokens):
@@ -94,12 +104,34 @@ class FakeKVRunner:
         )
         return {r.request_id: t for r, t in zip(reqs, tokens.tolist(), strict=True)}
 
-    def _context(self, request, n: int) -> list[int]:
+    def _burst(self, step: SchedulerOutput, num_steps: int) -> dict[str, list[int]]:
+        self.bursts.append(num_steps)
+        self.burst_requests.append({x.request_id for x in step.scheduled})
+        assert all(x.num_tokens == 1 and x.sample for x in step.scheduled), step
+        reqs = [x.request for x in step.scheduled]
+        assert all(r.sampling_params.repeat_penalty == 1.0 for r in reqs)
+        seqs = [list(r.all_token_ids) for r in reqs]  # grow through the burst, as on the GPU
+        for j in range(num_steps):
+            for x, seq in zip(step.scheduled, seqs, strict=True):
+                pos = x.start_pos + j
+                self.slots[self._slot(x.request, pos)] = (pos, seq[pos])
+            logits = torch.stack([
+                self._logits(self._context(x.request, x.start_pos + j + 1, seq))
+                for x, seq in zip(step.scheduled, seqs, strict=True)
+            ])  # fmt: skip
+            tokens = sample(logits, [r.sampling_params for r in reqs],
+                            [r.generator for r in reqs], seqs)  # fmt: skip
+            for seq, t in zip(seqs, tokens.tolist(), strict=True):
+                seq.append(t)
+        return {r.request_id: seq[r.num_tokens :] for r, seq in zip(reqs, seqs, strict=True)}
+
+    def _context(self, request, n: int, tokens: list[int] | None = None) -> list[int]:
+        tokens = request.all_token_ids if tokens is None else tokens
         ctx = []
         for pos in range(n):
             entry = self.slots[self._slot(request, pos)]
             assert entry is not None and entry[0] == pos, f"KV slot of position {pos} lost"
-            assert entry[1] == request.all_token_ids[pos], f"KV slot of position {pos} corrupted"
+            assert entry[1] == tokens[pos], f"KV slot of position {pos} corrupted"
             ctx.append(entry[1])
         return ctx
 
@@ -114,19 +146,25 @@ class FakeKVRunner:
 
 
 class ScriptRunner:
-    """Returns scripted tokens: request_id -> the tokens it generates, in order."""
+    """Returns scripted tokens: request_id -> the tokens it generates, in order (a decode burst
+    gets the next num_steps of them)."""
+
+    supports_decode_bursts = True
 
     def __init__(self, scripts: dict[str, list[int]]) -> None:
         self.scripts = scripts
         self.calls = 0
 
-    def execute_model(self, step: SchedulerOutput) -> dict[str, int]:
+    def execute_model(self, step: SchedulerOutput, num_steps: int = 1) -> dict:
         self.calls += 1
-        return {
-            x.request_id: self.scripts[x.request_id][x.request.num_output_tokens]
-            for x in step.scheduled
-            if x.sample
-        }
+        out = {}
+        for x in step.scheduled:
+            if x.sample:
+                done = x.request.num_output_tokens
+                script = self.scripts[x.request_id]
+                out[x.request_id] = (script[done] if num_steps == 1
+                                     else script[done : done + num_steps])  # fmt: skip
+        return out
 
 
 @pytest.fixture(params=[False, True], ids=["sync", "overlap"])
@@ -141,12 +179,13 @@ def _config(**kw) -> EngineConfig:
 
 
 def make_engine(
-    config: EngineConfig, runner=None, prefix: bool = False, overlap: bool = False
+    config: EngineConfig, runner=None, prefix: bool = False, overlap: bool = False,
+    decode_steps: int = 1,
 ) -> LLMEngine:
     runner = FakeKVRunner(config) if runner is None else runner
     return LLMEngine(
         runner, FakeTokenizer(), config, detokenizer_factory=FakeDetokenizer,
-        enable_prefix_caching=prefix, overlap=overlap,
+        enable_prefix_caching=prefix, overlap=overlap, decode_steps=decode_steps,
     )  # fmt: skip
 
 

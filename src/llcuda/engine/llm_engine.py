@@ -83,6 +83,9 @@ class LLMEngine:
     overlap: make the text of step N's tokens while step N+1 runs (default: on a GPU runner with
         `launch(step) -> handle.result()`). Outputs are then returned one step later; a stop
         string costs one wasted token of compute.
+    decode_steps: the longest decode burst (config.num_scheduler_steps; None: the runner's
+        `default_decode_steps`, else 1). A burst needs a runner whose `launch(step, num_steps)`
+        chains decode steps on the device (`supports_decode_bursts`).
     """
 
     def __init__(
@@ -94,6 +97,7 @@ class LLMEngine:
         detokenizer_factory: Callable[[], Any] | None = None,
         enable_prefix_caching: bool | None = None,
         overlap: bool | None = None,
+        decode_steps: int | None = None,
     ) -> None:
         self.model_runner = model_runner
         self.tokenizer = tokenizer
@@ -117,7 +121,15 @@ class LLMEngine:
         if overlap is None:
             overlap = self.device.type == "cuda" and hasattr(model_runner, "launch")
         self._overlap = overlap
-        self._held: list[Request] = []  # sampled last step, text not yet made
+        # (request, tokens it got) sampled last step, text not yet made
+        self._held: list[tuple[Request, int]] = []
+        if decode_steps is None:
+            decode_steps = config.num_scheduler_steps
+        if decode_steps is None:
+            decode_steps = getattr(model_runner, "default_decode_steps", 1)
+        if not getattr(model_runner, "supports_decode_bursts", False):
+            decode_steps = 1
+        self.decode_steps = decode_steps
         self.num_steps = 0
 
     # --- requests -------------------------------------------------------------------------------
@@ -211,23 +223,26 @@ class LLMEngine:
     # --- stepping -------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return a delta for every request that sampled, finished or was aborted."""
+        """Run one batch (or a decode burst); return a delta for every request that sampled,
+        finished or was aborted."""
         outputs, self._pending = self._pending, []
         step = self.scheduler.schedule()
         if step.is_empty:
             return outputs + self._process_held()
+        num_steps = self._burst_length(step)
         if self._overlap:
-            launched = self._launch(step)  # queued on the GPU, not waited for
+            launched = self._launch(step, num_steps)  # queued on the GPU, not waited for
             outputs += self._process_held()
             sampled = launched.result()
         else:
-            sampled = self.model_runner.execute_model(step)
-        self.num_steps += 1
+            sampled = self._launch(step, num_steps).result()
+        self.num_steps += num_steps
+        before = {item.request_id: item.request.num_output_tokens for item in step.scheduled}
         finished = {r.request_id for r in self.scheduler.update_from_output(step, sampled)}
         # requests finished before this step's token arrived (aborted; with overlap, a stop
-        # string in the previous token) drop it
+        # string in the previous tokens) drop it
         self._held = [
-            item.request
+            (item.request, item.request.num_output_tokens - before[item.request_id])
             for item in step.scheduled
             if item.sample and (not item.request.is_finished or item.request_id in finished)
         ]
@@ -235,11 +250,41 @@ class LLMEngine:
             outputs += self._process_held()
         return outputs
 
-    def _launch(self, step: SchedulerOutput):
+    def _burst_length(self, step: SchedulerOutput) -> int:
+        """How many decode steps to chain for this schedule: 1 unless every scheduled request
+        decodes one token, none waits that could be admitted, no request's sampling reads its
+        history (repeat penalty), and every sequence has room; the KV blocks for the extra
+        positions are reserved here (1 if the cache has none to spare)."""
+        limit = self.decode_steps
+        if limit <= 1 or step.preempted_ids:
+            return 1
+        sched = self.scheduler
+        if sched.waiting and sched.num_running < self.config.n_parallel:
+            return 1  # admit the newcomer next step rather than after a burst
+        room = self.config.ctx_size
+        for item in step.scheduled:
+            request, params = item.request, item.request.sampling_params
+            if item.num_tokens != 1 or not item.sample:
+                return 1
+            if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
+                return 1
+            # the token sampled at position ctx_size - 2 fills the context and ends the request
+            room = min(room, self.config.ctx_size - 1 - item.start_pos)
+        num_steps = min(limit, room)
+        if num_steps <= 1:
+            return 1
+        for item in step.scheduled:
+            if not self.block_manager.allocate_slots(item.request, num_steps):
+                return 1  # blocks already reserved for others are used by their next steps
+        return num_steps
+
+    def _launch(self, step: SchedulerOutput, num_steps: int = 1):
+        # runners that take no bursts keep their one-argument methods
+        args = (step, num_steps) if num_steps > 1 else (step,)
         launch = getattr(self.model_runner, "launch", None)
         if launch is not None:
-            return launch(step)
-        return _Ready(self.model_runner.execute_model(step))  # a runner with no async path
+            return launch(*args)
+        return _Ready(self.model_runner.execute_model(*args))  # a runner with no async path
 
     def _process_held(self) -> list[RequestOutput]:
         """Text and output deltas for the tokens sampled by the last step.
@@ -249,7 +294,7 @@ class LLMEngine:
         write lands in freed blocks before any later step can reuse them: one stream, in order).
         """
         held, self._held = self._held, []
-        return [self._process_token(r) for r in held if r.finish_reason != "abort"]
+        return [self._process_tokens(r, n) for r, n in held if r.finish_reason != "abort"]
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
@@ -267,20 +312,32 @@ class LLMEngine:
 
     # --- text -----------------------------------------------------------------------------------
 
-    def _process_token(self, request: Request) -> RequestOutput:
-        """Detokenize the request's newest token, apply stop strings, build its delta."""
-        token_id = request.output_token_ids[-1]
-        finished_by_eog = request.finish_reason == "stop"  # the scheduler saw an EOG token
-        text = "" if finished_by_eog else request.detokenizer.push(token_id)
-        if request.is_finished:
-            text += request.detokenizer.flush()
-        emitted, stopped = self._release_text(request, text, final=request.is_finished)
-        if stopped:
-            if request.is_finished:  # max_tokens / ctx_size hit on the same token: stop wins
-                request.set_finished("stop")
-            else:
-                self.scheduler.finish_request(request.request_id, "stop")
-        return self._output(request, [token_id], emitted)
+    def _process_tokens(self, request: Request, count: int) -> RequestOutput:
+        """Detokenize the request's newest `count` tokens, apply stop strings, build its delta.
+
+        A stop string met before the last of them (a decode burst) ends the request there: the
+        tokens after it are dropped from its output, as if never sampled.
+        """
+        new_ids = request.output_token_ids[len(request.output_token_ids) - count :]
+        emitted: list[str] = []
+        for i, token_id in enumerate(new_ids):
+            last = i == len(new_ids) - 1
+            finished_by_eog = last and request.finish_reason == "stop"  # the scheduler saw EOG
+            text = "" if finished_by_eog else request.detokenizer.push(token_id)
+            final = last and request.is_finished
+            if final:
+                text += request.detokenizer.flush()
+            piece, stopped = self._release_text(request, text, final=final)
+            emitted.append(piece)
+            if stopped:
+                request.truncate_output(len(new_ids) - 1 - i)
+                new_ids = new_ids[: i + 1]
+                if request.is_finished:  # max_tokens / ctx_size hit on the same token: stop wins
+                    request.set_finished("stop")
+                else:
+                    self.scheduler.finish_request(request.request_id, "stop")
+                break
+        return self._output(request, new_ids, "".join(emitted))
 
     def _release_text(self, request: Request, text: str, final: bool) -> tuple[str, bool]:
         """Add `text` to the held-back text; return (text safe to emit, stop string found)."""

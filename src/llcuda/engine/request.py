@@ -132,6 +132,12 @@ class Request:
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
 
+    def truncate_output(self, count: int) -> None:
+        """Drop the last `count` output tokens (sampled past a stop string in a decode burst)."""
+        if count:
+            del self.output_token_ids[-count:]
+            del self._all_token_ids[-count:]
+
     # --- status ---------------------------------------------------------------------------------
 
     @property

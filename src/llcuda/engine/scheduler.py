@@ -224,10 +224,12 @@ class Scheduler:
         return out
 
     def update_from_output(
-        self, output: SchedulerOutput, sampled: Mapping[str, int]
+        self, output: SchedulerOutput, sampled: Mapping[str, int | list[int]]
     ) -> list[Request]:
         """Advance progress after the model ran `output`; append sampled tokens.
 
+        A request's entry is one token, or a decode burst's list of them (each computed from the
+        one before): they are taken in order until one ends the request, and the rest dropped.
         Returns the requests that finished this step: EOG token ("stop", unless ignore_eos),
         max_tokens or ctx_size reached ("length"). Their blocks are already freed. Requests
         finished or aborted between schedule() and now are skipped.
@@ -244,17 +246,21 @@ class Scheduler:
                 self.block_manager.cache_full_blocks(request)
                 continue
             try:
-                token_id = int(sampled[request.request_id])
+                tokens = sampled[request.request_id]
             except KeyError:
                 raise KeyError(
                     f"model runner returned no sampled token for request {request.request_id!r}"
                 ) from None
-            request.append_output_token(token_id)
-            self.block_manager.cache_full_blocks(request)
-            reason = self._stop_reason(request, token_id)
-            if reason is not None:
-                self.finish_request(request.request_id, reason)
-                finished.append(request)
+            for i, token_id in enumerate(tokens if isinstance(tokens, list) else [tokens]):
+                if i:  # a burst's later token: the previous one's KV entry was written
+                    request.num_computed_tokens += 1
+                request.append_output_token(int(token_id))
+                self.block_manager.cache_full_blocks(request)
+                reason = self._stop_reason(request, int(token_id))
+                if reason is not None:
+                    self.finish_request(request.request_id, reason)
+                    finished.append(request)
+                    break
         return finished
 
     # --- helpers --------------------------------------------------------------------------------

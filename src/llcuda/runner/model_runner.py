@@ -14,6 +14,8 @@ from llcuda.layers.attention import AttentionMetadata, KVCache
 from llcuda.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
 from llcuda.runner.sampler import sample
 
+DEFAULT_DECODE_STEPS = 8
+
 
 class ModelRunner:
     def __init__(
@@ -133,18 +135,39 @@ class ModelRunner:
                 and step.scheduled[0].num_tokens > 1
                 and self.prefill_graphs.bucket_for(step.scheduled[0].num_tokens) is not None)
 
-    def execute_model(self, step: SchedulerOutput) -> dict[str, int]:
-        """Run one step; returns the sampled token of each request whose known tokens all ran."""
-        return self.launch(step).result()
+    @property
+    def default_decode_steps(self) -> int:
+        """Decode burst length when the config leaves it open: on a GPU with graphs a decode step
+        is ~1-3 ms of GPU work after ~0.5 ms of host work; 8 chained steps hide the host."""
+        return DEFAULT_DECODE_STEPS if self.graphs is not None else 1
+
+    @property
+    def supports_decode_bursts(self) -> bool:
+        """Whether launch() can chain decode steps: the whole model on one device."""
+        return all(d == self.device for d in self.devices)
+
+    def execute_model(self, step: SchedulerOutput, num_steps: int = 1) -> dict:
+        """Run one step (or a decode burst, see launch); returns the sampled token of each
+        request whose known tokens all ran (a list of num_steps tokens for a burst)."""
+        return self.launch(step, num_steps).result()
 
     @torch.inference_mode()
-    def launch(self, step: SchedulerOutput) -> SampledTokens:
-        """Queue one step on the device; the returned handle waits for its sampled tokens."""
+    def launch(self, step: SchedulerOutput, num_steps: int = 1) -> SampledTokens:
+        """Queue one step on the device; the returned handle waits for its sampled tokens.
+
+        num_steps > 1 (a decode burst: every scheduled request feeds one token and samples, and
+        its block table already covers num_steps new positions): that many decode steps, each
+        fed the tokens the previous one sampled, all queued before any token reaches the host.
+        """
         if not step.scheduled:
             return SampledTokens([], None)
         input_ids, positions, meta, logits_indices = self.prepare_inputs(step)
         sampled_items = [item for item in step.scheduled if item.sample]
         is_decode = meta.max_query_len == 1 and len(sampled_items) == len(step.scheduled)
+        if num_steps > 1:
+            if not (is_decode and self.supports_decode_bursts):
+                raise ValueError("a decode burst needs a pure decode step on a one-device model")
+            return self._launch_burst(step, num_steps, input_ids, positions, meta)
         x = self.model.embed(input_ids)  # [num_tokens, hidden_size] fp32
         if self.graphs is not None and is_decode and self.graphs.bucket_for(len(sampled_items)):
             logits = self.graphs.run(
@@ -171,6 +194,48 @@ class ModelRunner:
         )
         return SampledTokens([r.request_id for r in requests], token_ids)
 
+    def _launch_burst(self, step: SchedulerOutput, num_steps: int, input_ids: torch.Tensor,
+                      positions: torch.Tensor, meta: AttentionMetadata) -> SampledTokens:
+        requests = [item.request for item in step.scheduled]
+        params = [r.sampling_params for r in requests]
+        generators = [r.generator for r in requests]
+        # history feeds only the repeat penalty, which the engine keeps out of bursts
+        history = [r.all_token_ids for r in requests]
+        bs, dev = self.block_size, self.device
+        # every step's positions, cache slots and context lengths, known now: [num_steps, B]
+        pos = positions[None, :] + torch.arange(num_steps, dtype=torch.int64)[:, None]
+        blocks = meta.block_tables.long().gather(1, (pos // bs).T).T
+        slots = blocks * bs + pos % bs
+        lens = (pos + 1).to(torch.int32)
+        pos, slots, lens, tables, starts = (
+            _to_device(t, dev)
+            for t in (pos, slots, lens, meta.block_tables, meta.query_start_loc)
+        )
+        use_graph = self.graphs is not None and self.graphs.bucket_for(len(requests)) is not None
+        tokens = torch.empty((num_steps, len(requests)), dtype=torch.int64, device=dev)
+        ids = input_ids
+        for j in range(num_steps):
+            x = self.model.embed(ids)  # [B, hidden_size]
+            if use_graph:
+                logits = self.graphs.run(x, pos[j], slots[j], lens[j], tables)
+            else:
+                step_meta = AttentionMetadata(
+                    slot_mapping=slots[j], query_start_loc=starts, seq_lens=lens[j],
+                    block_tables=tables, max_query_len=1, max_seq_len=meta.max_seq_len + j,
+                )  # fmt: skip
+                hidden = self.model.forward(x, pos[j], {dev: step_meta}, self.kv_caches)
+                logits = self.model.compute_logits(hidden)
+            tokens[j] = sample(logits, params, generators, history)
+            ids = tokens[j]
+        return SampledTokens([r.request_id for r in requests], tokens)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, queued on the stream (pinned) rather than copied in sync."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
 
 class SampledTokens:
     """The token ids one step sampled, on their way to the host.
@@ -190,9 +255,12 @@ class SampledTokens:
         else:
             self.token_ids = token_ids
 
-    def result(self) -> dict[str, int]:
+    def result(self) -> dict:
+        """{request_id: token id}, or {request_id: [token ids]} for a decode burst."""
         if self.token_ids is None:
             return {}
         if self.event is not None:
             self.event.synchronize()
-        return dict(zip(self.request_ids, self.token_ids.tolist(), strict=True))
+        # a burst's tokens are [num_steps, B]: one list per request, in step order
+        rows = self.token_ids.T.tolist() if self.token_ids.dim() == 2 else self.token_ids.tolist()
+        return dict(zip(self.request_ids, rows, strict=True))

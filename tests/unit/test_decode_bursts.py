@@ -1,0 +1,166 @@
+"""Decode bursts (config.num_scheduler_steps): several decode steps per scheduling round.
+
+A burst must change nothing a user sees except how tokens are grouped into deltas: the same
+tokens, text, finish reasons and counts as one step at a time, with stop strings, EOG, max_tokens
+and ctx_size met inside a burst, and every KV block back in the pool at the end. The fake runners
+of test_llm_engine check the paging (a burst writes positions its block table must already cover).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from llcuda.config import EngineConfig
+from llcuda.engine.llm_engine import LLMEngine, RequestOutput
+from llcuda.sampling_params import SamplingParams
+from tests.unit.test_llm_engine import (
+    EOG, PARAMS, PROMPTS, FakeKVRunner, ScriptRunner, _config, _key, make_engine,
+)  # fmt: skip
+
+
+def _generate(engine: LLMEngine, prompts, params) -> list[RequestOutput]:
+    outs = engine.generate(prompts, params)
+    engine.block_manager.check_invariants([])
+    assert engine.block_manager.num_free_blocks == engine.config.num_blocks
+    return outs
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+@pytest.mark.parametrize("steps", [2, 3, 8])
+def test_bursts_give_the_outputs_of_single_steps(steps, overlap):
+    reference = _generate(make_engine(_config(n_parallel=4)), PROMPTS, PARAMS)
+    engine = make_engine(_config(n_parallel=4), overlap=overlap, decode_steps=steps)
+    outs = _generate(engine, PROMPTS, PARAMS)
+    assert [_key(o) for o in outs] == [_key(o) for o in reference]
+    runner = engine.model_runner
+    assert runner.bursts and max(runner.bursts) == steps
+    # one request uses the repeat penalty, which reads the history: never in a burst
+    penalised = f"req-{next(i for i, p in enumerate(PARAMS) if p.repeat_penalty != 1.0)}"
+    assert all(penalised not in ids for ids in runner.burst_requests)
+
+
+def test_tokens_arrive_in_bursts_that_add_up():
+    engine = make_engine(_config(), decode_steps=4)
+    engine.add_request([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True))
+    deltas: list[RequestOutput] = []
+    while engine.has_unfinished_requests():
+        deltas.extend(engine.step())
+    # the prompt step samples one token; then bursts of 4, the last cut by max_tokens
+    assert [len(d.new_token_ids) for d in deltas] == [1, 4, 4, 2]
+    assert [d.num_output_tokens for d in deltas] == [1, 5, 9, 11]
+    assert deltas[-1].finish_reason == "length"
+
+
+def _script_outputs(script, steps, overlap, **params) -> tuple:
+    runner = ScriptRunner({"r": script + [script[-1]] * 16})
+    engine = make_engine(_config(), runner, overlap=overlap, decode_steps=steps)
+    engine.add_request([1, 2], SamplingParams(temperature=0.0, **params), request_id="r")
+    merged = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            merged = out if merged is None else merged.merge(out)
+    engine.block_manager.check_invariants([])
+    assert engine.block_manager.num_free_blocks == engine.config.num_blocks
+    return _key(merged), engine.scheduler.requests
+
+
+SCRIPTS = [
+    # stop string "</s>" completed by the 7th token: the tokens after it are dropped
+    ([8, 5, 12, 29, 24, 29, 30, 1, 1, 1], {"stop": ["</s>"], "max_tokens": 20}),
+    ([1, 31, 2, 3, 4, 5], {"stop": ["bb"], "max_tokens": 10}),  # a stop inside one token
+    ([1, 2, 3, 4, 5, 6], {"stop": ["cd", "bc"], "max_tokens": 10}),
+    ([1, 29, 5, 5], {"stop": ["</s>"], "max_tokens": 2}),  # held text flushed by max_tokens
+    ([1, 29, 30, 5], {"stop": ["</s>"], "max_tokens": 3}),  # stop on the last allowed token
+    ([1, 2, 3, 28, 5], {"max_tokens": 4}),  # detokenizer's held 'é' flushed at the end
+    ([1, 2, 3, EOG, 2, 2], {"max_tokens": 9}),  # EOG inside a burst
+    ([1, 2, 3, EOG, 2, 2, 2], {"max_tokens": 6, "ignore_eos": True}),
+    ([1] * 80, {"max_tokens": 100}),  # ctx_size (64) ends it
+    ([3, 4, 5, 6, 7, 8, 9, 10, 11], {"max_tokens": 7, "stop": ["gh"]}),
+]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+@pytest.mark.parametrize("steps", [2, 4, 8])
+@pytest.mark.parametrize("case", range(len(SCRIPTS)))
+def test_text_stops_and_limits_inside_bursts_match_single_steps(case, steps, overlap):
+    script, params = SCRIPTS[case]
+    expected, _ = _script_outputs(script, 1, overlap, **params)
+    got, live = _script_outputs(script, steps, overlap, **params)
+    assert got == expected and not live
+
+
+def test_ctx_size_caps_the_burst():
+    runner = FakeKVRunner(config := _config())
+    engine = make_engine(config, runner, decode_steps=8)
+    engine.add_request([1] * 58, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    out = _generate(engine, [], [])  # drain
+    assert out == []
+    # prompt 58 + 1 sampled at prefill; then the context has room for 5 positions, 64 in all
+    assert runner.bursts == [5]
+
+
+def test_no_burst_while_a_waiting_request_could_be_admitted():
+    config = _config(n_parallel=2, batch_size=8, ubatch_size=8)
+    engine = make_engine(config, decode_steps=4)
+    greedy = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
+    engine.add_request([1, 2, 3], greedy)
+    engine.step()  # prefill of the first request
+    engine.add_request([4] * 8, greedy)  # arrives while the first decodes: admitted next step
+    engine.step()
+    assert engine.model_runner.bursts == []
+    assert engine.num_running == 2
+
+
+def test_a_full_cache_falls_back_to_single_steps():
+    # 16 blocks of 4 tokens: two requests of 28-token prompts hold 8 blocks each once they
+    # decode, so neither can reserve the blocks a burst needs (4 tokens fit in those 8 blocks)
+    config = _config(n_parallel=2, cache_size=64, ctx_size=64)
+    engine = make_engine(config, decode_steps=8)
+    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    reference = _generate(make_engine(config), [[5] * 28, [6] * 28], greedy)
+    outs = _generate(engine, [[5] * 28, [6] * 28], greedy)
+    assert [_key(o) for o in outs] == [_key(o) for o in reference]
+    assert engine.model_runner.bursts == []
+
+
+def test_num_scheduler_steps_is_validated_and_read():
+    with pytest.raises(ValueError, match="num_scheduler_steps"):
+        EngineConfig(num_scheduler_steps=0)
+    engine = LLMEngine(FakeKVRunner(c := _config(num_scheduler_steps=5)), None, c)
+    assert engine.decode_steps == 5
+
+    class NoBursts(FakeKVRunner):
+        supports_decode_bursts = False
+
+    assert LLMEngine(NoBursts(c), None, c).decode_steps == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    from llcuda.gguf.synthetic import TINY, write_gemma3_gguf
+
+    return write_gemma3_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf", **TINY)
+
+
+def test_model_runner_bursts_equal_single_steps_on_the_cpu(tiny_path):
+    """The real runner and model: a burst feeds each step's sampled tokens (greedy and seeded)
+    to the next through the paged cache exactly as separate steps do."""
+    from llcuda.engine.loader import load
+
+    prompts = [[300 + i for i in range(n)] for n in (5, 12, 1)]
+    params = [SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_k=20, seed=7, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=10)]  # fmt: skip
+    results = {}
+    for steps in (1, 4):
+        config = EngineConfig(ctx_size=64, n_parallel=4, block_size=8, device="cpu",
+                              gpu_layers=0, num_scheduler_steps=steps)  # fmt: skip
+        loaded = load(str(tiny_path), config, verbose=False)
+        try:
+            engine = loaded.llm_engine
+            assert engine.decode_steps == steps
+            results[steps] = [_key(o) for o in _generate(engine, prompts, params)]
+        finally:
+            loaded.close()
+    assert results[4] == results[1]
+    assert [len(r[0]) for r in results[1]][:2] == [9, 12]
