@@ -14,7 +14,14 @@ from llcuda.config import EngineConfig
 from llcuda.engine.llm_engine import LLMEngine, RequestOutput
 from llcuda.sampling_params import SamplingParams
 from tests.unit.test_llm_engine import (
-    EOG, PARAMS, PROMPTS, FakeKVRunner, ScriptRunner, _config, _key, make_engine,
+    EOG,
+    PARAMS,
+    PROMPTS,
+    FakeKVRunner,
+    ScriptRunner,
+    _config,
+    _key,
+    make_engine,
 )  # fmt: skip
 
 

@@ -263,7 +263,7 @@ class LLMEngine:
             return 1  # admit the newcomer next step rather than after a burst
         room = self.config.ctx_size
         for item in step.scheduled:
-            request, params = item.request, item.request.sampling_params
+            params = item.request.sampling_params
             if item.num_tokens != 1 or not item.sample:
                 return 1
             if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
