@@ -143,7 +143,7 @@ def test_paged_attention_compiles_for_t4_fp16_cache(monkeypatch, max_query_len, 
     }, cfg.num_warps, cfg.num_stages)  # fmt: skip
 
 
-def test_norm_rope_geglu_softcap_and_kv_writes_compile_for_t4():
+def test_norm_rope_kv_store_geglu_softcap_and_merge_compile_for_t4():
     from llcuda.kernels import fused_norm as fn
     from llcuda.kernels import paged_attention as pa
 
@@ -154,20 +154,17 @@ def test_norm_rope_geglu_softcap_and_kv_writes_compile_for_t4():
     compile_for_t4(fn._residual_rms_norm_kernel, {
         "x_ptr": f32, "a_ptr": f32, "w_post_ptr": f32, "w_next_ptr": f32, "x_out_ptr": f32,
         "h_out_ptr": f32, "n": 1152, **eps, "splits": 3, "split_stride": 9}, {"BLOCK": 2048}, 4)
-    compile_for_t4(fn._qk_norm_rope_kernel, {
-        "t_ptr": f32, "w_ptr": f32, "cos_ptr": f32, "sin_ptr": f32, "pos_ptr": i64,
-        "out_ptr": f32, "num_heads": 4, "head_dim": 256, "half": 128, **eps, "scale": 0.0625,
-        "t_stride": 1280}, {"HALF": 128}, 4)  # fmt: skip
-    compile_for_t4(fn._geglu_kernel, {"gu_ptr": f32, "out_ptr": f32, "f": 6912},
-                   {"BLOCK": 1024}, 4)
+    store = {"qk_ptr": f32, "v_ptr": f32, "q_w_ptr": f32, "k_w_ptr": f32, "cos_ptr": f32,
+             "sin_ptr": f32, "pos_ptr": i64, "slot_ptr": i64, "q_out_ptr": f32,
+             "k_cache_ptr": f16, "v_cache_ptr": f16, "num_heads": 4, "head_dim": 256,
+             "half": 128, **eps, "scale": 0.0625, "qk_splits": 3, "v_splits": 3}  # fmt: skip
+    store.update({name: 1536 for name in inspect.signature(
+        fn._qk_norm_rope_store_kv_kernel.fn).parameters if "stride" in name})
+    compile_for_t4(fn._qk_norm_rope_store_kv_kernel, store, {"BLOCK_SIZE": 16, "HALF": 128}, 4)
+    compile_for_t4(fn._geglu_kernel, {"gu_ptr": f32, "out_ptr": f32, "f": 6912, "splits": 2,
+                                      "split_stride": 13824}, {"BLOCK": 1024}, 4)  # fmt: skip
     compile_for_t4(fn._softcap_kernel, {"x_ptr": f32, "n": 262144, "cap": 30.0},
                    {"BLOCK": 4096}, 4)
-    kv = {"k_ptr": f32, "v_ptr": f32, "k_cache_ptr": f16, "v_cache_ptr": f16,
-          "slot_mapping_ptr": i64, "num_kv_heads": 1}  # fmt: skip
-    kv.update({name: 5 for name in inspect.signature(pa._write_kv_kernel.fn).parameters
-               if name.startswith("stride_")})
-    compile_for_t4(pa._write_kv_kernel, kv, {"BLOCK_SIZE": 16, "HEAD_DIM": 256,
-                                            "HEAD_DIM_P": 256, "BLOCK_H": 1}, 4)  # fmt: skip
     i32 = torch.empty(1, dtype=torch.int32)
     compile_for_t4(pa._merge_segments_kernel, {
         "seg_out_ptr": f32, "seg_lse_ptr": f32, "out_ptr": f32, "query_start_loc_ptr": i32,

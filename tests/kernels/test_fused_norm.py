@@ -31,18 +31,38 @@ def test_rms_norm_and_residual(tokens, n):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("heads,head_dim", [(4, 256), (1, 256), (8, 128)])
-def test_qk_norm_rope_on_a_strided_view(heads, head_dim):
-    tokens, extra = 9, 3 * head_dim
-    fused = _rand(tokens, heads * head_dim + extra, scale=5)  # a q|k matmul output
-    view = fused[:, : heads * head_dim]
-    w = _rand(head_dim)
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,splits", [(4, 1, 256, 1), (4, 1, 256, 5),
+                                                            (8, 2, 128, 3), (2, 2, 64, 1)])
+def test_qk_norm_rope_store_kv(heads, kv_heads, head_dim, splits, cache_dtype):
+    """q returned, k and v stored, from split-K partials of one fused q|k|v output (views of it,
+    as the model passes them), over padding slots (-1) that must change nothing."""
+    tokens, block_size = 9, 16
+    qk_size, kv_size = (heads + kv_heads) * head_dim, kv_heads * head_dim
+    qkv = _rand(splits, tokens, qk_size + kv_size, scale=5)  # [S, T, q|k|v]
+    qk, v = qkv[..., :qk_size], qkv[..., qk_size:]
+    q_w, k_w = _rand(head_dim), _rand(head_dim)
     cos, sin = ref.rope_cos_sin_ref(torch.arange(4096), head_dim, 10000.0)
     cos, sin = cos.to(DEVICE), sin.to(DEVICE)
     positions = torch.tensor([0, 1, 5, 511, 512, 700, 2000, 4095, 3], device=DEVICE)
-    got = fused_norm.qk_norm_rope(view, heads, head_dim, w, cos, sin, positions, 1e-6, 0.0625)
-    want = ref.qk_norm_rope_ref(view, heads, head_dim, w, cos, sin, positions, 1e-6, 0.0625)
+    slots = torch.randperm(6 * block_size, generator=_rand.gen)[:tokens].to(DEVICE)
+    slots[3] = slots[7] = -1
+    shape = (6, block_size, kv_heads, head_dim)
+    k_cache, v_cache = _rand(*shape).to(cache_dtype), _rand(*shape).to(cache_dtype)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    args = (heads, kv_heads, head_dim, q_w, k_w, cos, sin, positions, 1e-6, 0.0625)
+    want = ref.qk_norm_rope_store_kv_ref(qk, v, *args, k_want, v_want, slots)
+    got = fused_norm.qk_norm_rope_store_kv(qk, v, *args, k_cache, v_cache, slots)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if cache_dtype == torch.float32 else {}
+    torch.testing.assert_close(k_cache, k_want, **tol)
+    torch.testing.assert_close(v_cache, v_want, **tol)
+    # whole rows: the matmul output unsplit ([T, n]) gives the same
+    k2, v2 = _rand(*shape).to(cache_dtype), _rand(*shape).to(cache_dtype)
+    summed = qkv.sum(0)
+    got2 = fused_norm.qk_norm_rope_store_kv(summed[:, :qk_size], summed[:, qk_size:], *args,
+                                            k2, v2, slots)  # fmt: skip
+    torch.testing.assert_close(got2, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("tokens,f", [(1, 2048), (5, 6912), (2, 1000)])
@@ -50,6 +70,9 @@ def test_geglu(tokens, f):
     gu = _rand(tokens, 2 * f, scale=4)
     gu[0, 0], gu[0, 1] = 60.0, -60.0  # tanh saturation stays finite
     torch.testing.assert_close(fused_norm.geglu(gu), ref.geglu_fused_ref(gu), rtol=1e-5, atol=1e-5)
+    parts = _rand(3, tokens, 2 * f, scale=2)  # split-K partials of the gate|up matmul
+    torch.testing.assert_close(fused_norm.geglu(parts), ref.geglu_fused_ref(parts), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
 
 
 def test_bf16_matmul_outputs_are_read_as_they_are():
@@ -63,12 +86,16 @@ def test_bf16_matmul_outputs_are_read_as_they_are():
         torch.testing.assert_close(g, w)
     gate_up = _rand(5, 2 * 6912).to(torch.bfloat16)
     torch.testing.assert_close(fused_norm.geglu(gate_up), fused_norm.geglu(gate_up.float()))
-    qk = _rand(6, 1280).to(torch.bfloat16)
+    qkv = _rand(6, 1536).to(torch.bfloat16)
     cos, sin = _rand(64, 128), _rand(64, 128)
-    pos = torch.arange(6, device=DEVICE)
-    args = (4, 256, _rand(256), cos, sin, pos, 1e-6, 0.0625)
-    torch.testing.assert_close(fused_norm.qk_norm_rope(qk[:, :1024], *args),
-                               fused_norm.qk_norm_rope(qk[:, :1024].float(), *args))
+    pos, slots = torch.arange(6, device=DEVICE), torch.arange(6, device=DEVICE)
+    args = (4, 1, 256, _rand(256), _rand(256), cos, sin, pos, 1e-6, 0.0625)
+    caches = [torch.zeros(2, 8, 1, 256, device=DEVICE) for _ in range(4)]
+    got = fused_norm.qk_norm_rope_store_kv(qkv[:, :1280], qkv[:, 1280:], *args, *caches[:2], slots)
+    want = fused_norm.qk_norm_rope_store_kv(qkv[:, :1280].float(), qkv[:, 1280:].float(), *args,
+                                            *caches[2:], slots)  # fmt: skip
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(caches[:2], caches[2:])
 
 
 def test_residual_norm_adds_split_k_partials():

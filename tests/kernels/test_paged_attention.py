@@ -1,4 +1,4 @@
-"""Triton paged attention and KV write against reference.paged_attention_ref / write_kv_ref.
+"""Triton paged attention against reference.paged_attention_ref.
 
 Every case builds a random paged cache (fp16, random block order), poisons with NaN the spare
 blocks and the blocks a sliding window has left behind (the kernel must never read them), pads
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llcuda.kernels.reference import paged_attention_ref, write_kv_ref
+from llcuda.kernels.reference import paged_attention_ref
 
 pytestmark = pytest.mark.gpu
 
@@ -190,32 +190,8 @@ def test_cuda_graph_decode():
         torch.testing.assert_close(out, run_ref(b), atol=ATOL, rtol=RTOL)
 
 
-def test_write_kv_matches_reference():
-    from llcuda.kernels.paged_attention import write_kv
-
-    dev = device()
-    gen = torch.Generator().manual_seed(1)
-    for num_kv_heads, head_dim, block_size in ((1, 256, 32), (2, 128, 16), (3, 80, 64)):
-        shape = (9, block_size, num_kv_heads, head_dim)
-        k_cache = torch.randn(shape, generator=gen).half().to(dev)
-        v_cache = torch.randn(shape, generator=gen).half().to(dev)
-        slots = torch.randperm(9 * block_size, generator=gen)[:37].to(dev)
-        k = torch.randn((37, num_kv_heads, head_dim), generator=gen).to(dev)
-        v = torch.randn((37, num_kv_heads, head_dim), generator=gen).to(dev)
-        k_ref, v_ref = k_cache.clone(), v_cache.clone()
-        write_kv_ref(k, v, k_ref, v_ref, slots)
-        write_kv(k, v, k_cache, v_cache, slots)
-        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
-        # padding tokens (slot -1) are skipped: nothing else changes
-        pad = slots.clone()
-        pad[::2] = -1
-        write_kv(k * 2, v * 2, k_cache, v_cache, pad)
-        write_kv_ref(k[1::2] * 2, v[1::2] * 2, k_ref, v_ref, slots[1::2])
-        assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
-
-
 def test_bad_input_is_rejected():
-    from llcuda.kernels.paged_attention import PagedAttentionError, paged_attention, write_kv
+    from llcuda.kernels.paged_attention import PagedAttentionError, paged_attention
 
     b = make_batch([(10, 3)], 4, 2, 64, 16, 0, seed=0)
     args = [b[k] for k in ("q", "k_cache", "v_cache", "query_start_loc", "seq_lens",
@@ -230,5 +206,3 @@ def test_bad_input_is_rejected():
         paged_attention(args[0], args[1], args[2], args[3][:1], *args[4:], 0, 3, 10)
     with pytest.raises(PagedAttentionError, match="int32 or int64"):
         paged_attention(*args[:5], args[5].float(), 0, 3, 10)
-    with pytest.raises(PagedAttentionError, match="slot_mapping"):
-        write_kv(args[1][0], args[1][0], args[1], args[2], torch.zeros(3, dtype=torch.int64))

@@ -8,8 +8,13 @@ checked against the reference in `reference.py` (tests/kernels/test_fused_norm.p
 - `rms_norm(x, w)`: RMSNorm of each row.
 - `residual_rms_norm(x, a, w_post, w_next)`: x + RMSNorm(a)·w_post, then RMSNorm of that sum
   with w_next (Gemma's post-norm, residual add and the next pre-norm in one pass).
-- `qk_norm_rope(t, w, cos, sin, positions, scale)`: per-head RMSNorm, NEOX RoPE, scale.
+- `qk_norm_rope_store_kv(qk, v, ...)`: per-head RMSNorm, NEOX RoPE and scale of q and k, and
+  k, v stored in the paged KV cache: a layer's attention inputs in one kernel.
 - `geglu(gate_up)`: GELU-tanh(gate)·up from the fused [T, 2F] gate|up matmul output.
+
+Matmul outputs may arrive as split-K partial sums [S, T, n] (quant_matmul(..., partials=True)):
+the kernels add them as they load, which saves the reduction kernel a decode step would
+otherwise launch after every narrow projection.
 """
 
 from __future__ import annotations
@@ -58,36 +63,67 @@ def _residual_rms_norm_kernel(
 
 
 @triton.jit
-def _qk_norm_rope_kernel(
-    t_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, num_heads, head_dim, half, eps, scale,
-    t_stride, HALF: tl.constexpr,
+def _load_summed(ptr, offs, mask, splits, split_stride):
+    """ptr[offs] summed over `splits` split-K partials `split_stride` elements apart (fp32)."""
+    x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    for s in range(1, splits):
+        x += tl.load(ptr + s * split_stride + offs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _qk_norm_rope_store_kv_kernel(
+    qk_ptr, v_ptr, q_w_ptr, k_w_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr,
+    k_cache_ptr, v_cache_ptr, num_heads, head_dim, half, eps, scale,
+    qk_splits, qk_split_stride, qk_stride_t, v_splits, v_split_stride, v_stride_t,
+    stride_cb, stride_cs, stride_ch,
+    BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr,
 ):  # fmt: skip
-    # one program per (token, head); t is [num_tokens, row stride t_stride] holding the heads
+    # one program per (token, head): heads [0, num_heads) are q's, the rest k's (with their v)
     token = tl.program_id(0)
     head = tl.program_id(1)
     i = tl.arange(0, HALF)
     mask = i < half
-    base = t_ptr + token * t_stride + head * head_dim
-    x1 = tl.load(base + i, mask=mask, other=0.0)
-    x2 = tl.load(base + half + i, mask=mask, other=0.0)
+    row = token * qk_stride_t + head * head_dim
+    x1 = _load_summed(qk_ptr, row + i, mask, qk_splits, qk_split_stride)
+    x2 = _load_summed(qk_ptr, row + half + i, mask, qk_splits, qk_split_stride)
     inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / head_dim + eps)
+    is_q = head < num_heads
+    w_ptr = tl.where(is_q, q_w_ptr, k_w_ptr)
     x1 = x1 * inv * tl.load(w_ptr + i, mask=mask, other=0.0)
     x2 = x2 * inv * tl.load(w_ptr + half + i, mask=mask, other=0.0)
     pos = tl.load(pos_ptr + token)
     c = tl.load(cos_ptr + pos * half + i, mask=mask, other=0.0)
     s = tl.load(sin_ptr + pos * half + i, mask=mask, other=0.0)
-    out = out_ptr + (token * num_heads + head) * head_dim
-    tl.store(out + i, (x1 * c - x2 * s) * scale, mask=mask)
-    tl.store(out + half + i, (x1 * s + x2 * c) * scale, mask=mask)
+    y1 = x1 * c - x2 * s
+    y2 = x1 * s + x2 * c
+    if is_q:
+        out = q_out_ptr + (token * num_heads + head) * head_dim
+        tl.store(out + i, y1 * scale, mask=mask)
+        tl.store(out + half + i, y2 * scale, mask=mask)
+    else:
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        if slot >= 0:  # negative: a padding token of a CUDA-graph batch
+            kv_head = head - num_heads
+            dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+            dst += kv_head * stride_ch
+            ty = k_cache_ptr.dtype.element_ty
+            tl.store(k_cache_ptr + dst + i, y1.to(ty), mask=mask)
+            tl.store(k_cache_ptr + dst + half + i, y2.to(ty), mask=mask)
+            v_row = token * v_stride_t + kv_head * head_dim
+            v1 = _load_summed(v_ptr, v_row + i, mask, v_splits, v_split_stride)
+            v2 = _load_summed(v_ptr, v_row + half + i, mask, v_splits, v_split_stride)
+            tl.store(v_cache_ptr + dst + i, v1.to(ty), mask=mask)
+            tl.store(v_cache_ptr + dst + half + i, v2.to(ty), mask=mask)
 
 
 @triton.jit
-def _geglu_kernel(gu_ptr, out_ptr, f, BLOCK: tl.constexpr):
+def _geglu_kernel(gu_ptr, out_ptr, f, splits, split_stride, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < f
-    g = tl.load(gu_ptr + row * 2 * f + cols, mask=mask, other=0.0)
-    u = tl.load(gu_ptr + row * 2 * f + f + cols, mask=mask, other=0.0)
+    g = _load_summed(gu_ptr, row * 2 * f + cols, mask, splits, split_stride)
+    u = _load_summed(gu_ptr, row * 2 * f + f + cols, mask, splits, split_stride)
     inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
     tl.store(out_ptr + row * f + cols, 0.5 * g * (1.0 + _tanh(inner)) * u, mask=mask)
 
@@ -142,36 +178,56 @@ def residual_rms_norm(
     return x_out, h_out
 
 
-def qk_norm_rope(
-    t: torch.Tensor,
-    num_heads: int,
-    head_dim: int,
-    weight: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    positions: torch.Tensor,
-    eps: float,
-    scale: float = 1.0,
-) -> torch.Tensor:
-    """t: [T, >= num_heads*head_dim] rows (a view into a fused q|k output is fine) ->
-    per-head RMSNorm * weight, NEOX RoPE over the whole head, times scale: [T, num_heads, head_dim].
-    cos, sin: [max_positions, head_dim // 2] fp32; positions: [T] int64."""
-    if t.stride(-1) != 1 or t.dtype != torch.float32:
+def _partials(t: torch.Tensor) -> torch.Tensor:
+    """A matmul output [T, n] or its split-K partials [S, T, n] as [S, T, n] with unit last
+    stride (a column slice of a fused output keeps its row stride)."""
+    t = t.unsqueeze(0) if t.dim() == 2 else t
+    if t.stride(-1) != 1 or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         t = t.float().contiguous()
-    num_tokens, half = t.shape[0], head_dim // 2
-    out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float32, device=t.device)
-    _qk_norm_rope_kernel[(num_tokens, num_heads)](
-        t, weight, cos, sin, positions, out, num_heads, head_dim, half, eps, scale, t.stride(0),
-        HALF=triton.next_power_of_2(half),
+    return t
+
+
+def qk_norm_rope_store_kv(
+    qk: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+    q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    positions: torch.Tensor, eps: float, scale: float, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """reference.qk_norm_rope_store_kv_ref in one kernel (RoPE over the whole head).
+    qk: [T, (num_heads + num_kv_heads) * head_dim] (q then k), v: [T, num_kv_heads * head_dim],
+    each a matmul output or its split-K partials [S, T, n]; caches [num_blocks, block_size,
+    num_kv_heads, head_dim]. Returns q [T, num_heads, head_dim] fp32."""
+    qk, v = _partials(qk), _partials(v)
+    num_tokens, half = qk.shape[1], head_dim // 2
+    if qk.shape[2] < (num_heads + num_kv_heads) * head_dim or v.shape[2] < num_kv_heads * head_dim:
+        raise ValueError(f"qk {tuple(qk.shape)} / v {tuple(v.shape)} too narrow for the heads")
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError("k_cache and v_cache must have one shape and layout")
+    if k_cache.stride(3) != 1 or 2 * cos.shape[-1] != head_dim:
+        raise ValueError("needs contiguous cache heads and RoPE over the whole head")
+    q = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float32, device=qk.device)
+    if num_tokens == 0:
+        return q
+    _qk_norm_rope_store_kv_kernel[(num_tokens, num_heads + num_kv_heads)](
+        qk, v, q_weight, k_weight, cos, sin, positions, slot_mapping, q, k_cache, v_cache,
+        num_heads, head_dim, half, eps, scale,
+        qk.shape[0], qk.stride(0), qk.stride(1), v.shape[0], v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        BLOCK_SIZE=k_cache.shape[1], HALF=triton.next_power_of_2(half),
     )  # fmt: skip
-    return out
+    return q
 
 
 def geglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up: [T, 2F] (gate then up) -> GELU_tanh(gate) * up: [T, F] fp32."""
-    gate_up = _rows(gate_up)
-    num_tokens, f = gate_up.shape[0], gate_up.shape[1] // 2
+    """gate_up: [T, 2F] (gate then up), or its split-K partials [S, T, 2F] ->
+    GELU_tanh(gate) * up: [T, F] fp32."""
+    gate_up = _partials(gate_up)
+    if gate_up.stride(1) != gate_up.shape[2]:
+        gate_up = gate_up.contiguous()
+    num_tokens, f = gate_up.shape[1], gate_up.shape[2] // 2
     out = torch.empty(num_tokens, f, dtype=torch.float32, device=gate_up.device)
     block = 1024
-    _geglu_kernel[(num_tokens, triton.cdiv(f, block))](gate_up, out, f, BLOCK=block)
+    _geglu_kernel[(num_tokens, triton.cdiv(f, block))](
+        gate_up, out, f, gate_up.shape[0], gate_up.stride(0), BLOCK=block
+    )
     return out

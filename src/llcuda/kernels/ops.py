@@ -36,25 +36,33 @@ def residual_rms_norm(
     return ref.residual_rms_norm_ref(x, a, w_post, w_next, eps)
 
 
-def qk_norm_rope(
-    t: torch.Tensor,
+def qk_norm_rope_store_kv(
+    qk: torch.Tensor,
+    v: torch.Tensor,
     num_heads: int,
+    num_kv_heads: int,
     head_dim: int,
-    weight: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     positions: torch.Tensor,
     eps: float,
-    scale: float = 1.0,
+    scale: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-head RMSNorm + NEOX RoPE (+ q's scale): one kernel on CUDA when RoPE covers the head."""
-    if t.is_cuda and 2 * cos.shape[-1] == head_dim:
+    """q and k's per-head RMSNorm + NEOX RoPE (+ q's scale), k and v stored in the paged cache;
+    returns q [T, num_heads, head_dim]. qk and v may be split-K partials [S, T, n]. One kernel on
+    CUDA when RoPE covers the head (reference.qk_norm_rope_store_kv_ref is the contract)."""
+    args = (qk, v, num_heads, num_kv_heads, head_dim, q_weight, k_weight, cos, sin, positions,
+            eps, scale, k_cache, v_cache, slot_mapping)  # fmt: skip
+    if k_cache.is_cuda and 2 * cos.shape[-1] == head_dim and k_cache.stride() == v_cache.stride():
         from llcuda.kernels import fused_norm
 
-        return fused_norm.qk_norm_rope(
-            t, num_heads, head_dim, weight, cos, sin, positions, eps, scale
-        )
-    return ref.qk_norm_rope_ref(t, num_heads, head_dim, weight, cos, sin, positions, eps, scale)
+        return fused_norm.qk_norm_rope_store_kv(*args)
+    return ref.qk_norm_rope_store_kv_ref(*args)
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -67,27 +75,13 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 def geglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up: [num_tokens, 2 * ffn] -> GELU_tanh(gate) * up [num_tokens, ffn]."""
+    """gate_up: [num_tokens, 2 * ffn], or its split-K partials [S, num_tokens, 2 * ffn] ->
+    GELU_tanh(gate) * up [num_tokens, ffn]."""
     if gate_up.is_cuda:
         from llcuda.kernels import fused_norm
 
         return fused_norm.geglu(gate_up)
     return ref.geglu_fused_ref(gate_up)
-
-
-def write_kv(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    if k_cache.is_cuda:
-        from llcuda.kernels.paged_attention import write_kv as triton_write_kv
-
-        triton_write_kv(k, v, k_cache, v_cache, slot_mapping)
-        return
-    ref.write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(

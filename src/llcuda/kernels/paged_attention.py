@@ -34,7 +34,7 @@ LOG2E = tl.constexpr(1.4426950408889634)  # scores go through exp2
 
 
 class PagedAttentionError(ValueError):
-    """Bad arguments to paged_attention / write_kv (shapes, dtypes, devices)."""
+    """Bad arguments to paged_attention (shapes, dtypes, devices)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,48 +221,6 @@ def _merge_segments_kernel(
     tl.store(
         out_ptr + token * stride_ot + head * stride_oh + offs_d, res, mask=offs_d < HEAD_DIM
     )
-
-
-@triton.jit
-def _write_kv_kernel(
-    k_ptr,  # [num_tokens, num_kv_heads, head_dim]
-    v_ptr,
-    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache_ptr,
-    slot_mapping_ptr,  # [num_tokens] int64; negative = padding token, not stored
-    num_kv_heads,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_kcb,
-    stride_kcs,
-    stride_kch,
-    stride_vcb,
-    stride_vcs,
-    stride_vch,
-    BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_P: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    token = tl.program_id(0)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:
-        return
-    block = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HEAD_DIM_P)
-    mask = (offs_h[:, None] < num_kv_heads) & (offs_d[None, :] < HEAD_DIM)
-    src_k = k_ptr + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :]
-    src_v = v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
-    dst_k = k_cache_ptr + block * stride_kcb + offset * stride_kcs + offs_h[:, None] * stride_kch
-    dst_v = v_cache_ptr + block * stride_vcb + offset * stride_vcs + offs_h[:, None] * stride_vch
-    k = tl.load(src_k, mask=mask)
-    v = tl.load(src_v, mask=mask)
-    tl.store(dst_k + offs_d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst_v + offs_d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,55 +464,3 @@ def paged_attention(
         )
     return out
 
-
-def write_kv(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Store this step's keys and values in the paged cache (reference.write_kv_ref's contract).
-
-    k, v: [num_tokens, num_kv_heads, head_dim] (any float dtype, cast to the cache's);
-    caches: [num_blocks, block_size, num_kv_heads, head_dim]; slot_mapping: [num_tokens] int,
-    slot = block_id * block_size + offset. A negative slot marks a padding token (a CUDA-graph
-    batch padded to its bucket) and is skipped.
-    """
-    if k.dim() != 3 or k.shape != v.shape:
-        raise PagedAttentionError(
-            f"k and v must both be [num_tokens, num_kv_heads, head_dim], got {tuple(k.shape)} "
-            f"and {tuple(v.shape)}"
-        )
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[2:] != k.shape[1:]:
-        raise PagedAttentionError(
-            f"caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not hold k {tuple(k.shape)}"
-        )
-    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise PagedAttentionError(
-            f"slot_mapping must be [num_tokens] int, got {tuple(slot_mapping.shape)} "
-            f"{slot_mapping.dtype}"
-        )
-    if k.device.type != "cuda" and not _interpreting():
-        raise PagedAttentionError(f"write_kv runs on CUDA tensors, k is on {k.device}")
-    for name, t in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache),
-                    ("slot_mapping", slot_mapping)):
-        _check_device(name, t, k.device)
-    if k.shape[0] == 0:
-        return
-    if k.stride(2) != 1:
-        k = k.contiguous()
-    if v.stride(2) != 1:
-        v = v.contiguous()
-    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
-        raise PagedAttentionError("the caches' head_dim must be contiguous")
-    num_tokens, num_kv_heads, head_dim = k.shape
-    _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, num_kv_heads,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim,
-        HEAD_DIM_P=triton.next_power_of_2(head_dim),
-        BLOCK_H=triton.next_power_of_2(num_kv_heads), num_warps=4,
-    )

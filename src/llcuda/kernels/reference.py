@@ -187,9 +187,7 @@ def residual_rms_norm_ref(
     """Gemma's post-norm residual then the next pre-norm: x' = x + RMSNorm(a)*w_post,
     h = RMSNorm(x')*w_next. x, a: [num_tokens, hidden] -> (x', h). `a` may also come as split-K
     partial sums [splits, num_tokens, hidden] (a matmul's `partials` output), summed here."""
-    if a.dim() == 3:
-        a = a.float().sum(dim=0)
-    x = x.float() + rms_norm_ref(a, w_post, eps)
+    x = x.float() + rms_norm_ref(sum_partials_ref(a), w_post, eps)
     return x, rms_norm_ref(x, w_next, eps)
 
 
@@ -211,7 +209,44 @@ def qk_norm_rope_ref(
     return rope_neox_ref(normed, cos[positions], sin[positions]) * scale
 
 
+def sum_partials_ref(t: torch.Tensor) -> torch.Tensor:
+    """A matmul output [T, n], or its split-K partial sums [S, T, n], as [T, n] fp32."""
+    return t.float().sum(dim=0) if t.dim() == 3 else t.float()
+
+
+def qk_norm_rope_store_kv_ref(
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    eps: float,
+    scale: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """A layer's attention inputs in one pass. qk: [T, (num_heads + num_kv_heads) * head_dim]
+    (q then k), v: [T, num_kv_heads * head_dim], either as split-K partials [S, T, n] too.
+    Stores k = RoPE(RMSNorm(k)*k_weight) and v in the cache at slot_mapping (negative: skipped);
+    returns q = RoPE(RMSNorm(q)*q_weight)*scale [T, num_heads, head_dim] fp32."""
+    qk, v = sum_partials_ref(qk), sum_partials_ref(v)
+    q_size = num_heads * head_dim
+    q = qk_norm_rope_ref(qk[:, :q_size], num_heads, head_dim, q_weight, cos, sin, positions,
+                         eps, scale)  # fmt: skip
+    k = qk_norm_rope_ref(qk[:, q_size:], num_kv_heads, head_dim, k_weight, cos, sin, positions,
+                         eps)  # fmt: skip
+    write_kv_ref(k, v.reshape(-1, num_kv_heads, head_dim), k_cache, v_cache, slot_mapping)
+    return q
+
+
 def geglu_fused_ref(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up: [num_tokens, 2 * ffn] (gate | up) -> GELU_tanh(gate) * up: [num_tokens, ffn]."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
+    """gate_up: [num_tokens, 2 * ffn] (gate | up), or its split-K partials [S, num_tokens,
+    2 * ffn] -> GELU_tanh(gate) * up: [num_tokens, ffn]."""
+    gate, up = sum_partials_ref(gate_up).chunk(2, dim=-1)
     return geglu_ref(gate, up)

@@ -1,12 +1,13 @@
-"""Attention over the paged KV cache: per-step metadata, the per-layer cache, and the layer op."""
+"""Attention over the paged KV cache: per-step metadata and the per-layer cache.
+
+The ops that use them: kernels/ops.qk_norm_rope_store_kv (writes a step's k, v) and
+kernels/ops.paged_attention."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
 import torch
-
-from llcuda.kernels import ops
 
 
 @dataclass
@@ -57,20 +58,3 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-
-def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cache: KVCache,
-    meta: AttentionMetadata,
-    sliding_window: int,
-    flash_attn: bool | None = None,
-) -> torch.Tensor:
-    """Write this step's k, v into the cache, then attend every query over its sequence.
-
-    q: [num_tokens, num_heads, head_dim] (pre-scaled); k, v: [num_tokens, num_kv_heads, head_dim].
-    Returns [num_tokens, num_heads, head_dim].
-    """
-    ops.write_kv(k, v, cache.k, cache.v, meta.slot_mapping)
-    return ops.paged_attention(q, cache.k, cache.v, meta, sliding_window, flash_attn)

@@ -53,3 +53,9 @@ class FusedQuantLinear:
         if self.parts is None:
             return ops.quant_matmul(x, self.weight)
         return torch.cat([part(x) for part in self.parts], dim=-1)
+
+    def partials(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, in_features] -> split-K partial sums [splits, num_tokens, sum of outs]
+        if self.parts is None:
+            return ops.quant_matmul(x, self.weight, partials=True)
+        return self(x).unsqueeze(0)

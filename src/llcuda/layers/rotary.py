@@ -1,6 +1,6 @@
 """Rotary position embedding: the cos/sin table of one (base, scale), computed once at load.
 
-The rotation itself is fused with the per-head Q/K norm (`ops.qk_norm_rope`)."""
+The rotation itself is fused with the per-head Q/K norm (`ops.qk_norm_rope_store_kv`)."""
 
 from __future__ import annotations
 

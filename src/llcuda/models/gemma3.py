@@ -14,7 +14,7 @@ import torch
 from llcuda.config import ModelConfig
 from llcuda.gguf.reader import GGUFFile
 from llcuda.kernels import ops
-from llcuda.layers.attention import AttentionMetadata, KVCache, paged_attention
+from llcuda.layers.attention import AttentionMetadata, KVCache
 from llcuda.layers.linear import FusedQuantLinear, QuantLinear
 from llcuda.layers.quant_tensor import QuantTensor, read_float_tensor
 from llcuda.layers.rotary import RotaryEmbedding
@@ -44,9 +44,15 @@ class Gemma3Block:
             return read_float_tensor(gguf, f"blk.{index}.{name}.weight").to(device)
 
         self.attn_norm = norm("attn_norm")
-        # q|k and gate|up read the same input: one matmul each where their quant types agree
-        self.attn_qk = FusedQuantLinear([weight("attn_q"), weight("attn_k")], device)
-        self.attn_v = linear("attn_v")
+        # q|k|v and gate|up read the same input: one matmul each where their quant types agree.
+        # Q4_K_M gives v more bits on some layers: there q|k is one matmul and v another.
+        q, k, v = weight("attn_q"), weight("attn_k"), weight("attn_v")
+        self.attn_v: QuantLinear | None = None
+        if (v.qtype, v.shape[1]) == (q.qtype, q.shape[1]) == (k.qtype, k.shape[1]):
+            self.attn_qkv = FusedQuantLinear([q, k, v], device)
+        else:
+            self.attn_qkv = FusedQuantLinear([q, k], device)
+            self.attn_v = QuantLinear(v, device)
         self.attn_q_norm, self.attn_k_norm = norm("attn_q_norm"), norm("attn_k_norm")
         self.attn_output = linear("attn_output")
         self.post_attention_norm = norm("post_attention_norm")
@@ -70,22 +76,25 @@ class Gemma3Block:
         num_tokens, eps = x.shape[0], cfg.rms_norm_eps
         cos, sin = self.rotary.cos, self.rotary.sin
 
-        qk = self.attn_qk(h)  # [num_tokens, q_size + kv_size]
-        q = ops.qk_norm_rope(
-            qk[:, : cfg.q_size], cfg.num_heads, cfg.head_dim, self.attn_q_norm, cos, sin,
-            positions, eps, self.scale,
-        )  # fmt: skip
-        k = ops.qk_norm_rope(
-            qk[:, cfg.q_size :], cfg.num_kv_heads, cfg.head_dim, self.attn_k_norm, cos, sin,
-            positions, eps,
-        )  # fmt: skip
-        v = self.attn_v(h).view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        attn = paged_attention(q, k, v, cache, meta, self.sliding_window, self.flash_attn)
+        # split-K partial sums [S, num_tokens, n]: the next kernel adds them up as it loads
+        qk_size = cfg.q_size + cfg.num_kv_heads * cfg.head_dim
+        if self.attn_v is None:
+            qkv = self.attn_qkv.partials(h)  # [S, num_tokens, qk_size + kv_size]
+            qk, v = qkv[..., :qk_size], qkv[..., qk_size:]
+        else:
+            qk, v = self.attn_qkv.partials(h), self.attn_v.partials(h)
+        q = ops.qk_norm_rope_store_kv(
+            qk, v, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.attn_q_norm,
+            self.attn_k_norm, cos, sin, positions, eps, self.scale, cache.k, cache.v,
+            meta.slot_mapping,
+        )  # [num_tokens, num_heads, head_dim]; this step's k, v are in the cache
+        attn = ops.paged_attention(q, cache.k, cache.v, meta, self.sliding_window,
+                                   self.flash_attn)  # fmt: skip
         # the two tall-K projections hand their split-K partial sums straight to the norm
         attn = self.attn_output.partials(attn.reshape(num_tokens, cfg.q_size))
         x, h = ops.residual_rms_norm(x, attn, self.post_attention_norm, self.ffn_norm, eps)
 
-        f = self.ffn_down.partials(ops.geglu_fused(self.ffn_gate_up(h)))
+        f = self.ffn_down.partials(ops.geglu_fused(self.ffn_gate_up.partials(h)))
         return ops.residual_rms_norm(x, f, self.post_ffw_norm, self.next_norm, eps)
 
 
