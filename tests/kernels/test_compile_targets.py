@@ -153,16 +153,17 @@ def test_norm_rope_kv_store_geglu_softcap_and_merge_compile_for_t4():
                                          **eps}, {"BLOCK": 2048}, 4)  # fmt: skip
     compile_for_t4(fn._residual_rms_norm_kernel, {
         "x_ptr": f32, "a_ptr": f32, "w_post_ptr": f32, "w_next_ptr": f32, "x_out_ptr": f32,
-        "h_out_ptr": f32, "n": 1152, **eps, "splits": 3, "split_stride": 9}, {"BLOCK": 2048}, 4)
+        "h_out_ptr": f32, "n": 1152, **eps, "split_stride": 9}, {"SPLITS": 16, "BLOCK": 2048}, 4)
     store = {"qk_ptr": f32, "v_ptr": f32, "q_w_ptr": f32, "k_w_ptr": f32, "cos_ptr": f32,
              "sin_ptr": f32, "pos_ptr": i64, "slot_ptr": i64, "q_out_ptr": f32,
              "k_cache_ptr": f16, "v_cache_ptr": f16, "num_heads": 4, "head_dim": 256,
-             "half": 128, **eps, "scale": 0.0625, "qk_splits": 3, "v_splits": 3}  # fmt: skip
+             "half": 128, **eps, "scale": 0.0625}  # fmt: skip
     store.update({name: 1536 for name in inspect.signature(
         fn._qk_norm_rope_store_kv_kernel.fn).parameters if "stride" in name})
-    compile_for_t4(fn._qk_norm_rope_store_kv_kernel, store, {"BLOCK_SIZE": 16, "HALF": 128}, 4)
-    compile_for_t4(fn._geglu_kernel, {"gu_ptr": f32, "out_ptr": f32, "f": 6912, "splits": 2,
-                                      "split_stride": 13824}, {"BLOCK": 1024}, 4)  # fmt: skip
+    compile_for_t4(fn._qk_norm_rope_store_kv_kernel, store,
+                   {"QK_SPLITS": 3, "V_SPLITS": 3, "BLOCK_SIZE": 16, "HALF": 128}, 4)
+    compile_for_t4(fn._geglu_kernel, {"gu_ptr": f32, "out_ptr": f32, "f": 6912,
+                                      "split_stride": 13824}, {"SPLITS": 2, "BLOCK": 1024}, 4)
     compile_for_t4(fn._softcap_kernel, {"x_ptr": f32, "n": 262144, "cap": 30.0},
                    {"BLOCK": 4096}, 4)
     i32 = torch.empty(1, dtype=torch.int32)

@@ -303,9 +303,13 @@ def pick_config(
         kv_len = min(max_seq_len, sliding_window) if sliding_window > 0 else max_seq_len
         tiles = triton.cdiv(kv_len, block_n)
         if programs < num_sms:
-            # Enough pieces to fill the GPU about twice, each at least 4 tiles long.
+            # Enough pieces to fill the GPU about twice. H100, graph replays (BENCHMARKS.md, fifth
+            # session): a lone sequence is latency-bound, so its pieces go down to one tile at
+            # the longest context (B=1, 640 keys: 24 us unsplit, 10.6 in 8 pieces); with many
+            # sequences pieces shorter than 4 tiles cost more in merging than they gain.
             want = triton.cdiv(2 * num_sms, programs)
-            num_segments = max(1, min(triton.next_power_of_2(want), tiles // 4, 64))
+            min_tiles = 1 if programs <= 8 else 4
+            num_segments = max(1, min(triton.next_power_of_2(want), tiles // min_tiles, 64))
             num_segments = 1 << (num_segments.bit_length() - 1)  # power of two for tl.arange
     return AttentionConfig(block_m, block_n, num_segments, num_warps, num_stages)
 

@@ -22,6 +22,7 @@ four by `matmul_path.matmul_path`.
 
 from __future__ import annotations
 
+import math
 import os
 from functools import cache
 
@@ -489,14 +490,44 @@ def gemv_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int) -> dict
     # More rows per program reuse each activation load more, but every plane of the tile stays
     # live across the M rows: fewer rows when M > 1.
     if m == 1:
-        block_n = 128 if n >= 8192 and qtype != Q6_K else 64
-    else:
-        block_n = 32 if m <= 4 else 16
+        return _gemv_config_m1(qtype, n, n_groups, num_sms, block_g)
+    block_n = 32 if m <= 4 else 16
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
     n_tiles = triton.cdiv(n, block_n)
     split_k = 1
     if n_tiles < num_sms // 2:  # few rows, long rows (ffn_down): split K over more programs
         split_k = _split_k(n_tiles, 4 * num_sms, n_groups, block_g)
+    return {"BLOCK_N": block_n, "BLOCK_G": block_g, "SPLIT_K": split_k, "num_warps": 4,
+            "num_stages": 3}
+
+
+# Rows of at most this many 32-element groups (K <= 1152) are never split at M=1.
+GEMV_SHORT_ROW_GROUPS = 36
+
+
+def _gemv_config_m1(qtype: int, n: int, n_groups: int, num_sms: int, block_g: int) -> dict:
+    """The single-token decode GEMV. An H100 sweep over Gemma 3 1B / 270M's projections (graph
+    replays, BENCHMARKS.md, fifth session) found them latency-bound, not bandwidth-bound:
+    - short rows (K <= 1152: q|k|v, gate|up, o of the 270M) were fastest unsplit, in 32-row tiles
+      up to N = 2048 (Q4_K 1024x1152: 5.25 us vs 7.12 at 64 rows and 2 splits; Q5_0 640x1536:
+      4.0 vs 5.7), 64 up to 8192 and 128 above (Q5_0 1152x13824: 9.6 us);
+    - long rows (ffn_down, K = 2048 or 6912) were fastest with ~2 programs per SM, even at one
+      K step each (Q4_K 6912x1152: 9.7 us at 16 splits vs 10.8 at 13; Q4_K 2048x640: 6.3 at 8
+      splits vs 7.1 at 4); Q6_K in 32-row tiles (its planes' registers), the rest in 64.
+    Bigger matrices (Llama-8B FFNs) keep the earlier sweep's 128 rows, 3 stages, no split."""
+    if n_groups <= GEMV_SHORT_ROW_GROUPS:
+        block_n = 32 if n <= 2048 else 64 if n <= 8192 else 128
+    elif n >= 8192:
+        block_n = 64 if qtype == Q6_K else 128
+    else:
+        block_n = 32 if qtype == Q6_K else 64
+    block_n = min(block_n, max(16, triton.next_power_of_2(n)))
+    n_tiles = triton.cdiv(n, block_n)
+    split_k = 1
+    if n_groups > GEMV_SHORT_ROW_GROUPS and n_tiles < num_sms // 2:
+        want = 2 * num_sms / n_tiles  # splits for ~2 programs per SM, to the nearest power of 2
+        split_k = 1 << max(0, round(math.log2(want)))
+        split_k = max(1, min(split_k, n_groups // block_g))  # at least one K step each
     return {"BLOCK_N": block_n, "BLOCK_G": block_g, "SPLIT_K": split_k, "num_warps": 4,
             "num_stages": 3}
 
