@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("-b", "--batch-size", type=int, default=2048)
     ap.add_argument("-ub", "--ubatch-size", type=int, default=512)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--decode-steps", type=int, default=None,
+                    help="EngineConfig.num_scheduler_steps (default: the engine's choice)")
     args = ap.parse_args()
     batches = [int(b) for b in args.npl.split(",")]
     config = EngineConfig(
@@ -62,6 +64,7 @@ def main() -> None:
         ubatch_size=args.ubatch_size,
         n_parallel=max(batches),
         device=args.device,
+        num_scheduler_steps=args.decode_steps,
     )
     t0 = time.perf_counter()
     loaded = load(args.model, config, verbose=False)

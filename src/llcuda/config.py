@@ -75,7 +75,7 @@ class EngineConfig:
       sequence is decoding and no waiting request can be admitted (vLLM's multi-step scheduling):
       each step's sampled tokens feed the next on the GPU, and the host, which builds and reads
       one step in about half a millisecond, stays off the GPU's path. Tokens then arrive in
-      bursts; a sequence that stops inside a burst drops the tokens after its stop. None = 8 on
+      bursts; a sequence that stops inside a burst drops the tokens after its stop. None = 16 on
       a GPU with CUDA graphs, 1 (no bursts) otherwise.
     - extra: switches for measuring the engine against itself, all on by default on one GPU:
       "cuda_graphs" (graphs of decode steps and single-sequence prompt chunks), "prefill_graphs"

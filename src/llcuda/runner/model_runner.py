@@ -14,7 +14,7 @@ from llcuda.layers.attention import AttentionMetadata, KVCache
 from llcuda.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
 from llcuda.runner.sampler import sample
 
-DEFAULT_DECODE_STEPS = 8
+DEFAULT_DECODE_STEPS = 16
 
 
 class ModelRunner:
@@ -138,7 +138,8 @@ class ModelRunner:
     @property
     def default_decode_steps(self) -> int:
         """Decode burst length when the config leaves it open: on a GPU with graphs a decode step
-        is ~1-3 ms of GPU work after ~0.5 ms of host work; 8 chained steps hide the host."""
+        is ~1-3 ms of GPU work after ~0.5 ms of host work; chained steps hide the host. H100,
+        1B twin, B=64 decode: 22,817 tok/s at 8 steps a burst, 26,583 at 16."""
         return DEFAULT_DECODE_STEPS if self.graphs is not None else 1
 
     @property
