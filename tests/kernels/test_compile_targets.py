@@ -87,11 +87,12 @@ def test_quant_matmuls_compile_for_t4(qtype, k, n):
     wpg = qm._WPG[int(qtype)]
     ints = {"M": 3, "N": n, "n_groups": k // 32, "groups_per_split": 8, "stride_xm": k,
             "stride_osplit": 3}  # fmt: skip
-    for m in (1, 4, 16):  # the fp32 GEMV (decode)
+    # the fp32 GEMV (decode), and at one row with ffn_down's GEGLU formed as it loads
+    for m, geglu in ((1, False), (4, False), (16, False), (1, True)):
         cfg = qm.gemv_config(int(qtype), m, n, k // 32, T4_SMS)
         args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w), **ints}
         compile_for_t4(qm._quant_gemv_kernel, args, {
-            "QTYPE": int(qtype), "WPG": wpg, "HAS_MIN": int(qtype) in qm._HAS_MIN,
+            "GEGLU": geglu, "QTYPE": int(qtype), "WPG": wpg, "HAS_MIN": int(qtype) in qm._HAS_MIN,
             "BLOCK_M": triton.next_power_of_2(m), "BLOCK_N": cfg["BLOCK_N"],
             "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"], "USE_ASM": True,
         }, cfg["num_warps"])  # fmt: skip
@@ -131,7 +132,7 @@ def test_paged_attention_compiles_for_t4_fp16_cache(monkeypatch, max_query_len, 
     f32, i32 = torch.empty(1), torch.empty(1, dtype=torch.int32)
     cache = torch.empty(1, dtype=torch.float16)
     args = {"q_ptr": f32, "k_cache_ptr": cache, "v_cache_ptr": cache, "out_ptr": f32,
-            "seg_out_ptr": f32, "seg_lse_ptr": f32, "query_start_loc_ptr": i32,
+            "seg_out_ptr": f32, "seg_lse_ptr": f32, "counter_ptr": i32, "query_start_loc_ptr": i32,
             "seq_lens_ptr": i32, "block_tables_ptr": i32, "num_seqs": 8, "num_heads": 4,
             "sliding_window": sliding}  # fmt: skip
     args.update({name: 7 for name in inspect.signature(pa._paged_attention_kernel.fn).parameters
@@ -143,9 +144,8 @@ def test_paged_attention_compiles_for_t4_fp16_cache(monkeypatch, max_query_len, 
     }, cfg.num_warps, cfg.num_stages)  # fmt: skip
 
 
-def test_norm_rope_kv_store_geglu_softcap_and_merge_compile_for_t4():
+def test_norm_rope_kv_store_geglu_and_softcap_compile_for_t4():
     from llcuda.kernels import fused_norm as fn
-    from llcuda.kernels import paged_attention as pa
 
     f32, i64, f16 = torch.empty(1), torch.empty(1, dtype=torch.int64), torch.empty(1).half()
     eps = {"eps": 1e-6}
@@ -166,8 +166,3 @@ def test_norm_rope_kv_store_geglu_softcap_and_merge_compile_for_t4():
                                       "split_stride": 13824}, {"SPLITS": 2, "BLOCK": 1024}, 4)
     compile_for_t4(fn._softcap_kernel, {"x_ptr": f32, "n": 262144, "cap": 30.0},
                    {"BLOCK": 4096}, 4)
-    i32 = torch.empty(1, dtype=torch.int32)
-    compile_for_t4(pa._merge_segments_kernel, {
-        "seg_out_ptr": f32, "seg_lse_ptr": f32, "out_ptr": f32, "query_start_loc_ptr": i32,
-        "num_seqs": 8, "num_heads": 4, "stride_ot": 1024, "stride_oh": 256},
-        {"HEAD_DIM": 256, "HEAD_DIM_P": 256, "NUM_SEGMENTS": 16}, 4)  # fmt: skip

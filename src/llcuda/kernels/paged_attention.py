@@ -17,7 +17,9 @@ launch configuration, never the answer.
 
 Split-KV (flash-decoding) for decode: when one query per program leaves the GPU idle (few
 sequences x KV heads), each program's key range is cut into NUM_SEGMENTS pieces; each piece writes
-its normalised partial output and its log-sum-exp, and `_merge_segments_kernel` combines them.
+its normalised partial output and its log-sum-exp and counts itself done on a per-tile counter;
+the piece that finishes last merges them all and resets the counter. No second kernel: at one
+sequence a launch is a good part of the whole attention time.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim] fp32 (NUM_SEGMENTS == 1)
     seg_out_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS, HEAD_DIM_P] fp32 (NUM_SEGMENTS > 1)
     seg_lse_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS] fp32, log2 domain (NUM_SEGMENTS > 1)
+    counter_ptr,  # [grid_q * num_kv_heads] int32, zero between calls (NUM_SEGMENTS > 1)
     query_start_loc_ptr,  # [num_seqs + 1]
     seq_lens_ptr,  # [num_seqs]
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq]
@@ -156,6 +159,8 @@ def _paged_attention_kernel(
             mask=d_mask[:, None] & k_valid[None, :],
             other=0.0,
         )  # [HEAD_DIM_P, BLOCK_N]
+        # issued before the scores need K: the two cache reads overlap instead of queueing
+        v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         scores = tl.dot(q, k_t) * LOG2E  # [BLOCK_M, BLOCK_N]
         visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
         if SLIDING:
@@ -168,7 +173,6 @@ def _paged_attention_kernel(
         p = tl.math.exp2(scores - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # [BLOCK_M, HEAD_DIM_P]
         m_i = m_new
 
@@ -189,38 +193,36 @@ def _paged_attention_kernel(
         )
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe), float("-inf"))
         tl.store(seg_lse_ptr + part, lse, mask=row_valid)
+        # acq_rel: this piece's stores are visible to whoever sees its count, and the last piece
+        # sees every other piece's
+        counter = counter_ptr + pid_q * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SEGMENTS - 1:
+            tl.store(counter, 0)  # ready for the next call (a graph replays the same buffer)
+            _merge_segments(seg_out_ptr, seg_lse_ptr, out_ptr, token, head, row_valid, offs_d,
+                            d_mask, num_heads, stride_ot, stride_oh, HEAD_DIM_P, NUM_SEGMENTS)
 
 
 @triton.jit
-def _merge_segments_kernel(
-    seg_out_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS, HEAD_DIM_P] fp32
-    seg_lse_ptr,  # [num_tokens, num_heads, NUM_SEGMENTS] fp32, log2 domain
-    out_ptr,  # [num_tokens, num_heads, head_dim] fp32
-    query_start_loc_ptr,
-    num_seqs,
-    num_heads,
-    stride_ot,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_P: tl.constexpr,
-    NUM_SEGMENTS: tl.constexpr,
-):
-    token = tl.program_id(0)
-    head = tl.program_id(1)
-    # Rows past the last sequence (padding) were never written by the attention kernel.
-    if token >= tl.load(query_start_loc_ptr + num_seqs):
-        return
+def _merge_segments(seg_out_ptr, seg_lse_ptr, out_ptr, token, head, row_valid, offs_d, d_mask,
+                    num_heads, stride_ot, stride_oh, HEAD_DIM_P: tl.constexpr,
+                    NUM_SEGMENTS: tl.constexpr):
+    """out[row] = the pieces' outputs weighted by their share of the softmax mass:
+    sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m), for the tile's rows [BLOCK_M]."""
     offs_s = tl.arange(0, NUM_SEGMENTS)
-    offs_d = tl.arange(0, HEAD_DIM_P)
-    part = (token.to(tl.int64) * num_heads + head) * NUM_SEGMENTS + offs_s  # [NUM_SEGMENTS]
-    lse = tl.load(seg_lse_ptr + part)
-    m = tl.max(lse, 0)  # finite: every query sees itself, in some segment
-    w = tl.math.exp2(lse - m)  # [NUM_SEGMENTS], 0 for empty segments
-    o = tl.load(seg_out_ptr + part[:, None] * HEAD_DIM_P + offs_d[None, :])
-    res = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)  # [HEAD_DIM_P]
-    tl.store(
-        out_ptr + token * stride_ot + head * stride_oh + offs_d, res, mask=offs_d < HEAD_DIM
-    )
+    first = (token.to(tl.int64) * num_heads + head) * NUM_SEGMENTS  # [BLOCK_M] piece 0's index
+    # .cg: read from L2, where the other pieces' stores went, never from this SM's L1
+    lse = tl.load(seg_lse_ptr + first[:, None] + offs_s[None, :], mask=row_valid[:, None],
+                  other=0.0, cache_modifier=".cg")  # [BLOCK_M, NUM_SEGMENTS]
+    m = tl.max(lse, 1)  # finite: every query sees itself, in some piece
+    w = tl.math.exp2(lse - m[:, None])  # 0 for empty pieces
+    acc = tl.zeros([lse.shape[0], HEAD_DIM_P], dtype=tl.float32)
+    for s in tl.static_range(NUM_SEGMENTS):
+        o = tl.load(seg_out_ptr + (first + s)[:, None] * HEAD_DIM_P + offs_d[None, :],
+                    mask=row_valid[:, None], other=0.0, cache_modifier=".cg")
+        acc += o * tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), 1)[:, None]
+    acc = acc / tl.sum(w, 1)[:, None]
+    tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             acc, mask=row_valid[:, None] & d_mask[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +398,25 @@ def _check_attention_args(
         )
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _segment_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The split-KV pieces' done-counters: zeros that every call leaves zero again, one buffer per
+    device (calls on one device run one after another on its stream). Made outside any CUDA
+    graph capture: the decode graphs' eager warm-up step at their largest batch comes first."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise PagedAttentionError(
+                f"split-KV counters for {n} tiles were not made before the CUDA graph capture; "
+                "run the same step once eagerly first"
+            )
+        counters = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -445,10 +466,11 @@ def paged_attention(
                               dtype=torch.float32, device=q.device)
         seg_lse = torch.empty((num_tokens, num_heads, segments), dtype=torch.float32,
                               device=q.device)
+        counters = _segment_counters(q.device, grid_q * num_kv_heads)
     else:
-        seg_out = seg_lse = out  # unused
+        seg_out = seg_lse = counters = out  # unused
     _paged_attention_kernel[(grid_q, num_kv_heads, segments)](
-        q, k_cache, v_cache, out, seg_out, seg_lse,
+        q, k_cache, v_cache, out, seg_out, seg_lse, counters,
         query_start_loc, seq_lens, block_tables,
         num_seqs, num_heads, sliding_window,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -460,11 +482,5 @@ def paged_attention(
         SLIDING=sliding_window > 0, NUM_SEGMENTS=segments,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if segments > 1:
-        _merge_segments_kernel[(num_tokens, num_heads)](
-            seg_out, seg_lse, out, query_start_loc, num_seqs, num_heads,
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, NUM_SEGMENTS=segments, num_warps=4,
-        )
     return out
 
