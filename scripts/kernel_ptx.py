@@ -1,6 +1,7 @@
 """Write the PTX of the quantized-weight kernels (GEMV, tensor-core GEMM, swapped GEMM,
-dequantizer) for sm_90 and sm_75, without a GPU, with debug labels stripped and registers renamed, so that
-two checkouts can be diffed: a refactor that leaves every file equal cannot change the GPU code.
+dequantizer) for sm_90 and sm_75, without a GPU, with debug labels stripped and registers
+renamed, so that two checkouts can be diffed: a refactor that leaves every file equal cannot
+change the GPU code.
 
     python scripts/kernel_ptx.py OUT_DIR      # in each tree, then: diff -r OUT_A OUT_B
 
@@ -55,7 +56,8 @@ def main() -> None:
                 args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w),
                         **ints}  # fmt: skip
                 ptx = compile_ptx(qm._quant_gemv_kernel, args, {
-                    "QTYPE": int(qtype), "WPG": wpg, "HAS_MIN": int(qtype) in qm._HAS_MIN,
+                    "GEGLU": False, "QTYPE": int(qtype), "WPG": wpg,
+                    "HAS_MIN": int(qtype) in qm._HAS_MIN,
                     "BLOCK_M": m, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_G": cfg["BLOCK_G"],
                     "NUM_STAGES": cfg["num_stages"], "USE_ASM": True,
                 }, target, cfg["num_warps"], cfg["num_stages"])  # fmt: skip

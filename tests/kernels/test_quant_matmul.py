@@ -287,3 +287,29 @@ def test_partials_sum_to_the_product(m):
     parts = quant_matmul(x, w, partials=True)
     assert parts.dim() == 3 and parts.shape[1:] == (m, n)
     assert _rel_err(parts.float().sum(dim=0), quant_matmul(x, w)) < 1e-5
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q5_0, GGMLType.Q8_0],
+                         ids=lambda t: t.name)
+def test_gemv_computes_geglu_as_it_loads(qtype, m):
+    """ffn_down on a gate|up output: GELU_tanh(gate) * up formed inside the GEMV equals the GEGLU
+    kernel followed by the plain GEMV, split into partials or not."""
+    from llcuda.kernels.fused_norm import geglu
+    from llcuda.kernels.quant_matmul import QuantMatmulError, gemv_config, quant_gemv
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1
+    gen = torch.Generator(device=dev).manual_seed(int(qtype) + m)
+    k, n = 512, 320
+    w = qp.pack_weight(random_rows(qtype, n, k, gen, device=dev), qtype, k)
+    gate_up = torch.randn((m, 2 * k), generator=gen, device=dev) * 3
+    want = quant_gemv(geglu(gate_up), w)
+    torch.testing.assert_close(quant_gemv(gate_up, w, geglu=True), want, rtol=1e-4, atol=1e-4)
+    split = dict(gemv_config(int(qtype), m, n, k // 32, 132), SPLIT_K=4)
+    parts = quant_gemv(gate_up, w, config=split, partials=True, geglu=True)
+    assert parts.shape[0] > 1
+    torch.testing.assert_close(parts.sum(0), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(QuantMatmulError, match="gate\\|up rows"):
+        quant_gemv(gate_up[:, :k], w, geglu=True)

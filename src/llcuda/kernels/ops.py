@@ -131,6 +131,21 @@ def quant_matmul(x: torch.Tensor, weight: object, partials: bool = False) -> tor
     return triton_quant_matmul(x, weight, partials=partials)
 
 
+def geglu_quant_matmul(gate_up: torch.Tensor, weight: object, partials: bool = False
+                       ) -> torch.Tensor:  # fmt: skip
+    """GELU_tanh(gate) * up @ W.T for a gate|up output [T, 2F] or its split-K partials [S, T, 2F]
+    (ffn_down after ffn_gate|ffn_up). On CUDA, where the product takes the decode GEMV and gate|up
+    came whole, the GEMV computes the GEGLU as it loads its activations: one kernel, not two."""
+    if isinstance(weight, QuantTensor):
+        return quant_matmul(ref.geglu_fused_ref(gate_up), weight, partials)
+    from llcuda.kernels import quant_matmul as qm
+
+    rows = gate_up[0] if gate_up.dim() == 3 and gate_up.shape[0] == 1 else gate_up
+    if rows.dim() == 2 and rows.shape[0] > 0 and qm.uses_gemv(rows.shape[0], weight):
+        return qm.quant_gemv(rows, weight, partials=partials, geglu=True)
+    return quant_matmul(geglu_fused(gate_up), weight, partials)
+
+
 def embedding(weight: object, token_ids: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """scale * rows `token_ids` [T] of a quantized table -> [T, n_embd] fp32, where the table is:
     the memory-mapped blocks (CPU) or the packed weight (one gather kernel on the GPU)."""

@@ -282,9 +282,22 @@ def _per_word(WPG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, a
     return a_lo, a_hi, c
 
 
+@triton.jit
+def _load_activations(ptr, mask, GEGLU: tl.constexpr, up_offset):
+    """Activations at `ptr` as fp32; with GEGLU, GELU_tanh(gate) * up where up lies `up_offset`
+    further on (ffn_down's input computed as it loads: no GEGLU kernel, no [M, F] round trip)."""
+    x = tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    if GEGLU:
+        up = tl.load(ptr + up_offset, mask=mask, other=0.0,
+                     eviction_policy="evict_last").to(tl.float32)
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)) * up  # 1 + tanh(inner)
+    return x
+
+
 @triton.jit(do_not_specialize=["M", "N", "n_groups", "groups_per_split", "stride_osplit"])
 def _quant_gemv_kernel(
-    x_ptr,  # [M, K] activations (fp32/bf16/fp16), unit stride along K
+    x_ptr,  # [M, K] activations (fp32/bf16/fp16), unit stride along K; [M, 2K] with GEGLU
     out_ptr,  # [SPLIT_K, M, N] fp32
     qs_ptr,  # [N, K/32 * WPG] int32 packed words
     qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr,
@@ -292,6 +305,7 @@ def _quant_gemv_kernel(
     stride_xm, stride_osplit,
     s_qs, s_qh, s_sc, s_d,
     magic,  # 0x4B000000, see _byte_plane
+    GEGLU: tl.constexpr,  # x = GELU_tanh(gate) * up of a gate|up row [gate (K) | up (K)]
     QTYPE: tl.constexpr,
     WPG: tl.constexpr,  # int32 words per 32-element group
     HAS_MIN: tl.constexpr,  # w = a*q + c with c != 0: needs sum(x) per group
@@ -337,12 +351,11 @@ def _quant_gemv_kernel(
             xmask = wmask & (m < M)
             # plane p of every word times x[32g + p*WPG + k]. The plane decode does not depend on
             # m: pure ops, computed once and CSE'd across the unrolled m loop.
-            xp = tl.load(x_row, mask=xmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            xp = _load_activations(x_row, xmask, GEGLU, n_groups * 32)
             s_lo = _plane(QTYPE, lo, hi, 0, magic, USE_ASM) * xp  # [BN, NW]
             xs = xp  # [1, NW]
             for p in tl.static_range(1, NP):
-                xp = tl.load(x_row + p * WPG, mask=xmask, other=0.0,
-                             eviction_policy="evict_last").to(tl.float32)
+                xp = _load_activations(x_row + p * WPG, xmask, GEGLU, n_groups * 32)
                 f = _plane(QTYPE, lo, hi, p, magic, USE_ASM)
                 if p < NP // 2:
                     s_lo += f * xp
@@ -597,10 +610,19 @@ def _use_asm() -> bool:
 
 
 def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
-               partials: bool = False) -> torch.Tensor:
+               partials: bool = False, geglu: bool = False) -> torch.Tensor:
     """x [M<=16, K] @ dequant(w).T -> [M, N] fp32 with fp32 FMAs (the decode kernel); with
-    `partials`, the split-K partial sums [S, M, N] unsummed (see quant_matmul)."""
-    x = _check(x, w)
+    `partials`, the split-K partial sums [S, M, N] unsummed (see quant_matmul). With `geglu`, x
+    is a gate|up output [M, 2K] and the product is GELU_tanh(gate) * up @ dequant(w).T."""
+    if geglu:
+        if x.dim() != 2 or x.shape[1] != 2 * w.n_cols:
+            raise QuantMatmulError(
+                f"geglu needs gate|up rows of 2 x {w.n_cols} columns, got {tuple(x.shape)}"
+            )
+        _check(x[:, : w.n_cols], w)
+        x = x if x.stride(1) == 1 else x.contiguous()
+    else:
+        x = _check(x, w)
     m, n, n_groups = x.shape[0], w.n_rows, w.n_cols // GROUP
     if m > GEMV_KERNEL_MAX_M:
         raise QuantMatmulError(f"quant_gemv takes M <= {GEMV_KERNEL_MAX_M}, got {m}")
@@ -612,7 +634,7 @@ def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k)
     _quant_gemv_kernel[grid](
         x, out, *ptrs, m, n, n_groups, groups_per_split, x.stride(0), m * n, *strides, _MAGIC,
-        QTYPE=w.qtype, WPG=_WPG[w.qtype], HAS_MIN=w.qtype in _HAS_MIN,
+        GEGLU=geglu, QTYPE=w.qtype, WPG=_WPG[w.qtype], HAS_MIN=w.qtype in _HAS_MIN,
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"],
         NUM_STAGES=cfg["num_stages"], USE_ASM=_use_asm(), num_warps=cfg["num_warps"],
     )
@@ -697,6 +719,11 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> to
 
         return quant_gemm_swap(x, w, partials=partials)
     return quant_gemm(x, w, partials=partials)
+
+
+def uses_gemv(m: int, w: PackedWeight) -> bool:
+    """Whether quant_matmul sends an M-row product with `w` to the decode GEMV."""
+    return matmul_path(m, w.n_rows, w.n_cols, bf16=True) == "gemv"
 
 
 def quant_matmul_fused(x: torch.Tensor, w: PackedWeight) -> tuple[torch.Tensor, ...]:

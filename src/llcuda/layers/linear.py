@@ -26,6 +26,11 @@ class QuantLinear:
         # for ops.residual_rms_norm, which adds them up instead of a separate reduction kernel
         return ops.quant_matmul(x, self.weight, partials=True)
 
+    def geglu_partials(self, gate_up: torch.Tensor) -> torch.Tensor:
+        # gate_up: [num_tokens, 2 * in_features] (or its split-K partials) -> split-K partial sums
+        # of GELU_tanh(gate) * up @ W.T, the GEGLU fused into the matmul where it can be
+        return ops.geglu_quant_matmul(gate_up, self.weight, partials=True)
+
 
 class FusedQuantLinear:
     """Several weights that read the same input (q|k, gate|up), one output [T, sum of outs].
