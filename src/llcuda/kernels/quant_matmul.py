@@ -523,7 +523,7 @@ def _gemv_config_m1(qtype: int, n: int, n_groups: int, num_sms: int, block_g: in
     replays, BENCHMARKS.md, fifth session) found them latency-bound, not bandwidth-bound:
     - short rows (K <= 1152: q|k|v, gate|up, o of the 270M) were fastest unsplit, in 32-row tiles
       up to N = 2048 (Q4_K 1024x1152: 5.25 us vs 7.12 at 64 rows and 2 splits; Q5_0 640x1536:
-      4.0 vs 5.7), 64 up to 8192 and 128 above (Q5_0 1152x13824: 9.6 us);
+      4.3 vs 5.7), 64 up to 8192 and 128 above (Q5_0 1152x13824: 9.6 us);
     - long rows (ffn_down, K = 2048 or 6912) were fastest with ~2 programs per SM, even at one
       K step each (Q4_K 6912x1152: 9.7 us at 16 splits vs 10.8 at 13; Q4_K 2048x640: 6.3 at 8
       splits vs 7.1 at 4); Q6_K in 32-row tiles (its planes' registers), the rest in 64.

@@ -12,7 +12,7 @@ from llcuda.config import EngineConfig, ModelConfig
 from llcuda.engine.scheduler import SchedulerOutput
 from llcuda.layers.attention import AttentionMetadata, KVCache
 from llcuda.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
-from llcuda.runner.sampler import sample
+from llcuda.runner.sampler import sample, to_device
 
 DEFAULT_DECODE_STEPS = 16
 
@@ -209,7 +209,7 @@ class ModelRunner:
         slots = blocks * bs + pos % bs
         lens = (pos + 1).to(torch.int32)
         pos, slots, lens, tables, starts = (
-            _to_device(t, dev)
+            to_device(t, dev)
             for t in (pos, slots, lens, meta.block_tables, meta.query_start_loc)
         )
         use_graph = self.graphs is not None and self.graphs.bucket_for(len(requests)) is not None
@@ -229,13 +229,6 @@ class ModelRunner:
             tokens[j] = sample(logits, params, generators, history)
             ids = tokens[j]
         return SampledTokens([r.request_id for r in requests], tokens)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`, queued on the stream (pinned) rather than copied in sync."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
 
 
 class SampledTokens:

@@ -167,7 +167,7 @@ def _exponential_noise(
             row_noise = torch.empty(vocab, device=device).exponential_(generator=gen)
         else:  # generator made for another device: correct, but pays a copy
             row_noise = torch.empty(vocab, device=gen.device).exponential_(generator=gen)
-            row_noise = _to_device(row_noise, device)
+            row_noise = to_device(row_noise, device)
         noise[row] = row_noise if indices is None else row_noise.index_select(0, indices[row])
     # Exp(1) can return 0; p / 0 would be inf, or NaN for a masked token
     return noise.clamp_min_(torch.finfo(torch.float32).tiny)
@@ -175,10 +175,12 @@ def _exponential_noise(
 
 def _device_tensor(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list as a tensor on `device`, copied without blocking the host."""
-    return _to_device(torch.tensor(data, dtype=dtype), device)
+    return to_device(torch.tensor(data, dtype=dtype), device)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; a host tensor bound for a GPU goes through pinned memory, so the copy is
+    queued on the stream instead of synchronising the host."""
     if t.device == device:
         return t
     if device.type == "cuda" and t.device.type == "cpu":
