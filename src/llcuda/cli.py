@@ -124,11 +124,20 @@ def _add_prefix_caching(p: argparse.ArgumentParser) -> None:
     p.set_defaults(prefix_caching=True)
 
 
+def _add_scheduler_steps(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-scheduler-steps", type=int, default=None, metavar="N",
+                   help="decode steps chained on the GPU per scheduling round (vLLM's "
+                        "multi-step scheduling; default: 16 on a GPU, 1 on the CPU; 1 streams "
+                        "every token as it is sampled)")  # fmt: skip
+
+
 def _engine_extra(args: argparse.Namespace) -> dict:
     """load_model keyword arguments that are only passed when they differ from its defaults."""
     extra: dict = {"device": args.device} if args.device else {}
     if not args.prefix_caching:
         extra["enable_prefix_caching"] = False
+    if getattr(args, "num_scheduler_steps", None) is not None:
+        extra["num_scheduler_steps"] = args.num_scheduler_steps
     return extra
 
 
@@ -301,6 +310,7 @@ def _add_serve(subparsers) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available")  # fmt: skip
     _add_prefix_caching(p)
+    _add_scheduler_steps(p)
     p.add_argument(
         "--chat-template",
         default=None,

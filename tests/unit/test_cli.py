@@ -246,6 +246,13 @@ def test_prefix_caching_flags(command):
     assert parse([command, *prompt, "--enable-prefix-caching"]).prefix_caching is True
 
 
+def test_serve_num_scheduler_steps_flag():
+    parse = cli.build_parser().parse_args
+    assert cli._engine_extra(parse(["serve"])) == {}  # the engine's default (16 on a GPU)
+    args = parse(["serve", "--num-scheduler-steps", "1"])
+    assert cli._engine_extra(args) == {"num_scheduler_steps": 1}
+
+
 def test_generate_no_prefix_caching_reaches_load_model(fake_engine):
     assert cli.main(["generate", "x", "-q", "--no-prefix-caching"]) == 0
     assert fake_engine.instances[0].calls[0][2]["enable_prefix_caching"] is False
