@@ -40,7 +40,9 @@ from llcuda.streams import InferResult, TextStream
 # infer(**kwargs) may set these SamplingParams fields beyond the explicit arguments
 _EXTRA_SAMPLING_ARGS = ("min_p", "repeat_penalty", "repeat_last_n", "ignore_eos")
 # load_model(**kwargs) may set these EngineConfig fields beyond the explicit arguments
-_EXTRA_ENGINE_ARGS = ("block_size", "device", "seed", "enable_prefix_caching")
+_EXTRA_ENGINE_ARGS = (
+    "block_size", "device", "seed", "enable_prefix_caching", "num_scheduler_steps",
+)
 
 
 class InferenceEngine:
@@ -84,8 +86,9 @@ class InferenceEngine:
         """Load `model` (a .gguf path, a known name, or 'owner/repo:file.gguf'); True on success.
 
         Knobs have llama.cpp's meanings (see EngineConfig); extra keyword arguments may set
-        EngineConfig's block_size, device ('cpu'/'cuda'), seed and enable_prefix_caching (default
-        True: prompts sharing a prefix reuse its KV blocks). Bad values raise ValueError
+        EngineConfig's block_size, device ('cpu'/'cuda'), seed, enable_prefix_caching (default
+        True: prompts sharing a prefix reuse its KV blocks) and num_scheduler_steps (decode steps
+        chained on the GPU per scheduling round; default 16 on a GPU). Bad values raise ValueError
         naming the argument; a missing or unreadable file raises FileNotFoundError / ValueError.
         A model already loaded is unloaded first.
         """

@@ -65,13 +65,14 @@ def bound_socket() -> socket.socket:
     return sock
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model):
+def start_server(model: str, **load_kwargs):
+    """Load `model` on the CPU and serve it on a free port of 127.0.0.1; a generator that yields
+    the RunningServer and stops it when resumed (for module-scoped fixtures)."""
     from llcuda.server.app import make_server
 
     engine = InferenceEngine()
-    engine.load_model(tiny_model, ctx_size=CTX_SIZE, n_parallel=N_PARALLEL, device="cpu",
-                      verbose=False)  # fmt: skip
+    engine.load_model(model, ctx_size=CTX_SIZE, n_parallel=N_PARALLEL, device="cpu",
+                      verbose=False, **load_kwargs)  # fmt: skip
     sock = bound_socket()
     port = sock.getsockname()[1]
     srv = make_server(engine, "127.0.0.1", port, api_key=API_KEY, log_level="warning")
@@ -87,3 +88,8 @@ def server(tiny_model):
     thread.join(15)
     sock.close()
     engine.unload_model()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    yield from start_server(tiny_model)

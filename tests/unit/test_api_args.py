@@ -222,6 +222,7 @@ def test_unloaded_state():
         ({"verbose": 1}, "verbose"),
         ({"chat_template": 3}, "chat_template"),
         ({"n_gpu_layers": 10}, "n_gpu_layers"),
+        ({"num_scheduler_steps": 0}, "num_scheduler_steps"),
     ],
 )
 def test_load_model_rejects_bad_arguments(kwargs, name, fake_loader, model_file):
@@ -240,8 +241,10 @@ def test_load_model_passes_config_and_template(fake_loader, model_file):
     assert e.load_model(
         model_file, ctx_size=256, batch_size=64, ubatch_size=32, n_parallel=3, gpu_layers=0,
         verbose=False, auto_start=False, chat_template="{{ x }}", block_size=16, device="cpu",
+        num_scheduler_steps=4,
     )  # fmt: skip
     path, config, verbose, template, _ = fake_loader.loads[0]
+    assert config.num_scheduler_steps == 4
     assert path == str(model_file.resolve())
     assert (config.ctx_size, config.batch_size, config.ubatch_size) == (256, 64, 32)
     assert (config.n_parallel, config.gpu_layers, config.block_size) == (3, 0, 16)
