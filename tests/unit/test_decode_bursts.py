@@ -22,7 +22,7 @@ from tests.unit.test_llm_engine import (
     _config,
     _key,
     make_engine,
-)  # fmt: skip
+)
 
 
 def _generate(engine: LLMEngine, prompts, params) -> list[RequestOutput]:
