@@ -118,6 +118,22 @@ def test_no_burst_while_a_waiting_request_could_be_admitted():
     assert engine.num_running == 2
 
 
+def test_a_waiting_request_gets_the_first_slot_that_frees():
+    """With every slot taken, a burst stops at the step where a sequence reaches max_tokens, so
+    the waiting request is admitted the step after, not up to a whole burst later."""
+    config = _config(n_parallel=2)
+    engine = make_engine(config, decode_steps=8)
+    for prompt, max_tokens in (([1, 2, 3], 4), ([4, 5], 30), ([6, 7], 5)):
+        engine.add_request(prompt, SamplingParams(temperature=0.0, ignore_eos=True,
+                                                  max_tokens=max_tokens))  # fmt: skip
+    engine.step()  # both prompts: one token each, the third request waits for a slot
+    assert engine.num_waiting == 1
+    engine.step()  # a burst of 3 brings the first request to its 4 tokens
+    assert engine.model_runner.bursts == [3]
+    engine.step()  # so the waiting one is admitted at once
+    assert engine.num_waiting == 0 and engine.num_running == 2
+
+
 def test_a_full_cache_falls_back_to_single_steps():
     # 16 blocks of 4 tokens: two requests of 28-token prompts hold 8 blocks each once they
     # decode, so neither can reserve the blocks a burst needs (4 tokens fit in those 8 blocks)
