@@ -2,7 +2,10 @@
 
 One step = schedule (token budget) -> model runner (flat batch, sample) -> scheduler update
 (append tokens, EOG / max_tokens / ctx_size) -> text (incremental detokenizer, stop strings).
-Nothing here is thread-safe; `EngineLoop` runs it on a background thread.
+When every scheduled sequence is decoding, a step may be a decode burst: the runner chains up to
+`decode_steps` steps on the device and each sequence gets that many tokens at once, taken in order
+until one of them ends it. Nothing here is thread-safe; `EngineLoop` runs it on a background
+thread.
 
 Stop strings: text that matches a stop string is never emitted. Text that could still be the start
 of a stop string is held back until the next tokens decide (llama-server's partial-stop rule), so a

@@ -1,7 +1,9 @@
 """Turns a scheduler step into flat tensors, runs the model over the paged KV cache, samples.
 
 One step's batch is the concatenation of every scheduled request's new tokens (prompt chunks and
-single decode tokens alike). Attention finds each sequence's past through its block table.
+single decode tokens alike). Attention finds each sequence's past through its block table. A
+decode burst (`launch(step, num_steps)`) queues num_steps decode steps at once, each embedding
+the tokens the previous one sampled, so the host reads tokens once per burst.
 """
 
 from __future__ import annotations
