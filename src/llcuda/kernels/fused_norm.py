@@ -167,8 +167,7 @@ def residual_rms_norm(
     """x: [T, n], a: [T, n] or split-K partials [S, T, n] ->
     (x + RMSNorm(a)*w_post, RMSNorm(that)*w_next), both fp32 [T, n]."""
     x = _rows(x)
-    a = a.unsqueeze(0) if a.dim() == 2 else a
-    a = _rows(a)
+    a = _partials(a, whole_rows=True)
     n = x.shape[-1]
     x_out, h_out = torch.empty_like(x), torch.empty_like(x)
     _residual_rms_norm_kernel[(x.shape[0],)](
@@ -178,12 +177,15 @@ def residual_rms_norm(
     return x_out, h_out
 
 
-def _partials(t: torch.Tensor) -> torch.Tensor:
+def _partials(t: torch.Tensor, whole_rows: bool = False) -> torch.Tensor:
     """A matmul output [T, n] or its split-K partials [S, T, n] as [S, T, n] with unit last
-    stride (a column slice of a fused output keeps its row stride)."""
+    stride (a column slice of a fused output keeps its row stride), or with `whole_rows` rows
+    n apart, for kernels that index rows as row * n."""
     t = t.unsqueeze(0) if t.dim() == 2 else t
     if t.stride(-1) != 1 or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         t = t.float().contiguous()
+    elif whole_rows and t.stride(1) != t.shape[2]:
+        t = t.contiguous()
     return t
 
 
@@ -222,9 +224,7 @@ def qk_norm_rope_store_kv(
 def geglu(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [T, 2F] (gate then up), or its split-K partials [S, T, 2F] ->
     GELU_tanh(gate) * up: [T, F] fp32."""
-    gate_up = _partials(gate_up)
-    if gate_up.stride(1) != gate_up.shape[2]:
-        gate_up = gate_up.contiguous()
+    gate_up = _partials(gate_up, whole_rows=True)
     num_tokens, f = gate_up.shape[1], gate_up.shape[2] // 2
     out = torch.empty(num_tokens, f, dtype=torch.float32, device=gate_up.device)
     block = 1024

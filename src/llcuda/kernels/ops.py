@@ -58,7 +58,7 @@ def qk_norm_rope_store_kv(
     CUDA when RoPE covers the head (reference.qk_norm_rope_store_kv_ref is the contract)."""
     args = (qk, v, num_heads, num_kv_heads, head_dim, q_weight, k_weight, cos, sin, positions,
             eps, scale, k_cache, v_cache, slot_mapping)  # fmt: skip
-    if k_cache.is_cuda and 2 * cos.shape[-1] == head_dim and k_cache.stride() == v_cache.stride():
+    if k_cache.is_cuda and 2 * cos.shape[-1] == head_dim:
         from llcuda.kernels import fused_norm
 
         return fused_norm.qk_norm_rope_store_kv(*args)

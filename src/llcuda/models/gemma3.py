@@ -77,7 +77,7 @@ class Gemma3Block:
         cos, sin = self.rotary.cos, self.rotary.sin
 
         # split-K partial sums [S, num_tokens, n]: the next kernel adds them up as it loads
-        qk_size = cfg.q_size + cfg.num_kv_heads * cfg.head_dim
+        qk_size = cfg.q_size + cfg.kv_size
         if self.attn_v is None:
             qkv = self.attn_qkv.partials(h)  # [S, num_tokens, qk_size + kv_size]
             qk, v = qkv[..., :qk_size], qkv[..., qk_size:]

@@ -210,11 +210,11 @@ class ModelRunner:
         blocks = meta.block_tables.long().gather(1, (pos // bs).T).T
         slots = blocks * bs + pos % bs
         lens = (pos + 1).to(torch.int32)
-        pos, slots, lens, tables, starts = (
-            to_device(t, dev)
-            for t in (pos, slots, lens, meta.block_tables, meta.query_start_loc)
+        pos, slots, lens, tables = (
+            to_device(t, dev) for t in (pos, slots, lens, meta.block_tables)
         )
         use_graph = self.graphs is not None and self.graphs.bucket_for(len(requests)) is not None
+        starts = None if use_graph else to_device(meta.query_start_loc, dev)
         tokens = torch.empty((num_steps, len(requests)), dtype=torch.int64, device=dev)
         ids = input_ids
         for j in range(num_steps):
