@@ -1,9 +1,9 @@
 """Engine-level batched decode, the llama-batched-bench experiment on llcuda.
 
 For each B: B requests of npp random prompt tokens are submitted together, each generates ntg
-tokens (greedy, ignore_eos). PP is the time until every request has its first token; TG is the
-time from then until the last token. S_TG = tokens generated after the prefill / TG time, summed
-over all B sequences (llama-batched-bench's S_TG); S = all tokens / total time.
+tokens (greedy, ignore_eos). PP is the time until every request has sampled its first token; TG
+is the time from then until the last token is sampled. S_TG = tokens generated after the prefill /
+TG time, summed over all B sequences (llama-batched-bench's S_TG); S = all tokens / total time.
 
     python benchmarks/batched_bench.py MODEL.gguf [-npp 128] [-ntg 128] [-npl 1,4,8,...]
 """
@@ -23,26 +23,28 @@ from llcuda.sampling_params import SamplingParams
 
 
 def run_batch(engine, prompts: list[list[int]], ntg: int) -> tuple[float, float, int]:
-    """Returns (prefill seconds, decode seconds, tokens generated during decode)."""
+    """Returns (prefill seconds, decode seconds, tokens generated during decode). Counts come
+    from the requests after every step, i.e. when tokens are sampled: a step hands out the
+    previous step's tokens (overlapped output processing) and a decode burst samples many at
+    once, so counting delivered tokens would credit the first burst to the decode time after it
+    (13% too high at ntg 128, the fifth session's numbers; BENCHMARKS.md)."""
     params = SamplingParams(max_tokens=ntg, temperature=0.0, ignore_eos=True)
     sync_device()
     t0 = time.perf_counter()
-    for p in prompts:
-        engine.add_request(p, params)
-    started: set[str] = set()
-    t_first = None
-    decode_tokens = 0
+    requests = [engine.scheduler.requests[engine.add_request(p, params)] for p in prompts]
+    t_first = first_count = None
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if t_first is None:
-                started.add(out.request_id)
-            else:
-                decode_tokens += len(out.new_token_ids)
-        if t_first is None and len(started) == len(prompts):
-            t_first = time.perf_counter()
+        engine.step()
+        counts = [r.num_output_tokens for r in requests]
+        if t_first is None and min(counts) >= 1:
+            t_first, first_count = time.perf_counter(), sum(counts)
+        if t_first is not None and sum(counts) == len(requests) * ntg:
+            break  # every token sampled; the remaining steps only hand them out
     sync_device()
     t_end = time.perf_counter()
-    return t_first - t0, t_end - t_first, decode_tokens
+    while engine.has_unfinished_requests():
+        engine.step()
+    return t_first - t0, t_end - t_first, len(requests) * ntg - first_count
 
 
 def main() -> None:

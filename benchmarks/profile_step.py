@@ -94,18 +94,23 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     for b in batches:
         params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-        for _ in range(b):
-            engine.add_request(torch.randint(10, vocab, (128,), generator=gen).tolist(), params)
-        while engine.num_waiting or any(r.num_output_tokens == 0 for r in engine.scheduler.running):
-            engine.step()
-        for _ in range(3):
+        requests = [
+            engine.scheduler.requests[engine.add_request(
+                torch.randint(10, vocab, (128,), generator=gen).tolist(), params)]
+            for _ in range(b)
+        ]  # fmt: skip
+        while min(r.num_output_tokens for r in requests) == 0:
             engine.step()
         torch.cuda.synchronize()
-        # decode iterations, not engine.step() calls: a step may run a burst of several
-        tokens, t0 = 0, time.perf_counter()
-        while engine.has_unfinished_requests():
-            tokens += sum(len(out.new_token_ids) for out in engine.step())
+        # decode iterations, not engine.step() calls: a step may run a burst of several. Tokens
+        # are counted when sampled (the requests' counts), not when a later step hands them out.
+        start, t0 = sum(r.num_output_tokens for r in requests), time.perf_counter()
+        while sum(r.num_output_tokens for r in requests) < b * params.max_tokens:
+            engine.step()
+        tokens = b * params.max_tokens - start
         step_ms = (time.perf_counter() - t0) * 1e3 / (tokens / b)
+        while engine.has_unfinished_requests():
+            engine.step()
         bucket = runner.graphs.bucket_for(b)
         gpu_ms = graph_replay_ms(runner.graphs, bucket)
         print(

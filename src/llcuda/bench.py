@@ -1,9 +1,17 @@
 """llama-bench-style throughput: pp (prompt tokens/s) and tg (generated tokens/s).
 
-pp: one request of n_prompt random prompt tokens, timed from submission until its first token
-(one prefill step when n_prompt <= batch_size). tg: one request generating n_gen tokens (greedy,
-ignore_eos) after a `depth`-token prompt; the rate counts the n_gen - 1 steps after the first.
-Both run through the whole engine (scheduler, runner, sampler), as a user's request would.
+pp: one request of n_prompt random prompt tokens, timed from submission until its first token is
+sampled (one prefill step when n_prompt <= batch_size). tg: one request generating n_gen tokens
+(greedy, ignore_eos). At depth 0 its prompt is one token, whose step is a decode like the rest, so
+tg is n_gen over the whole request: llama-bench's tg (n_gen one-token decodes from an empty
+context). At depth d > 0 the d-token prompt is prefilled first and tg counts the tokens sampled
+after the prefill's over the time after it. Both run through the whole engine (scheduler, runner,
+sampler), as a user's request would.
+
+Times are taken when the engine has *sampled* a token (the request's count after each step), not
+when it hands the token out: with overlapped output processing a step delivers the previous step's
+tokens, and a decode burst samples many at once, so delivery times credit a burst's tokens to the
+time after it (the fifth session's tg numbers were 13% high this way; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -54,17 +62,31 @@ def sync_device() -> None:
         torch.cuda.synchronize()
 
 
-def _run(engine, prompt: list[int], max_tokens: int) -> list[float]:
-    """Run one request to completion; returns the wall time at which each token appeared."""
-    engine.add_request(
+def _run(engine, prompt: list[int], max_tokens: int) -> list[tuple[float, int]]:
+    """Run one request to completion. Returns (wall time, tokens sampled so far) before it is
+    submitted and after every engine step."""
+    marks = [(time.perf_counter(), 0)]
+    request_id = engine.add_request(
         prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     )
-    stamps: list[float] = []
+    request = engine.scheduler.requests[request_id]
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            stamps.extend(time.perf_counter() for _ in out.new_token_ids)
+        engine.step()
+        marks.append((time.perf_counter(), request.num_output_tokens))
     sync_device()
-    return stamps
+    return marks
+
+
+def _first(marks: list[tuple[float, int]], count: int) -> tuple[float, int]:
+    """The first mark with at least `count` tokens sampled."""
+    return next(mark for mark in marks if mark[1] >= count)
+
+
+def _decode_rate(marks: list[tuple[float, int]], depth: int) -> float:
+    """tg from one request's marks (see the module docstring)."""
+    t0, k0 = marks[0] if depth <= 1 else _first(marks, 1)  # depth 1: the same one-token prompt
+    t1, k1 = _first(marks, marks[-1][1])
+    return (k1 - k0) / (t1 - t0)
 
 
 def run_bench(
@@ -99,11 +121,9 @@ def run_bench(
         _run(engine, tokens(max(depth, 1)), 4)
         pp, tg = [], []
         for _ in range(reps):
-            t = time.perf_counter()
-            _run(engine, tokens(n_prompt), 1)
-            pp.append(n_prompt / (time.perf_counter() - t))
-            stamps = _run(engine, tokens(max(depth, 1)), n_gen)
-            tg.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+            marks = _run(engine, tokens(n_prompt), 1)
+            pp.append(n_prompt / (_first(marks, 1)[0] - marks[0][0]))
+            tg.append(_decode_rate(_run(engine, tokens(max(depth, 1)), n_gen), depth))
         return BenchResult(
             model=loaded.model_config.name, device=loaded.device, load_s=load_s,
             n_prompt=n_prompt, n_gen=n_gen, depth=depth, pp_tok_s=statistics.mean(pp),
