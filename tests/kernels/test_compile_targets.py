@@ -95,6 +95,7 @@ def test_quant_matmuls_compile_for_t4(qtype, k, n):
             "GEGLU": geglu, "QTYPE": int(qtype), "WPG": wpg, "HAS_MIN": int(qtype) in qm._HAS_MIN,
             "BLOCK_M": triton.next_power_of_2(m), "BLOCK_N": cfg["BLOCK_N"],
             "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"], "USE_ASM": True,
+            "PDL": False,
         }, cfg["num_warps"])  # fmt: skip
     for m in (16, 64, 512):  # the fp16 tensor-core GEMM: every batch past the GEMV on sm_75
         assert qm.matmul_path(m, n, k, bf16=False) in ("gemv", "gemm")
@@ -140,7 +141,7 @@ def test_paged_attention_compiles_for_t4_fp16_cache(monkeypatch, max_query_len, 
     compile_for_t4(pa._paged_attention_kernel, args, {
         "HEAD_DIM": head_dim, "HEAD_DIM_P": head_dim, "GROUP": group,
         "BLOCK_Q": max(1, cfg.block_m // group), "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-        "BLOCK_SIZE": 16, "SLIDING": sliding > 0, "NUM_SEGMENTS": cfg.num_segments,
+        "BLOCK_SIZE": 16, "SLIDING": sliding > 0, "NUM_SEGMENTS": cfg.num_segments, "PDL": False,
     }, cfg.num_warps, cfg.num_stages)  # fmt: skip
 
 
@@ -150,10 +151,11 @@ def test_norm_rope_kv_store_geglu_and_softcap_compile_for_t4():
     f32, i64, f16 = torch.empty(1), torch.empty(1, dtype=torch.int64), torch.empty(1).half()
     eps = {"eps": 1e-6}
     compile_for_t4(fn._rms_norm_kernel, {"x_ptr": f32, "w_ptr": f32, "out_ptr": f32, "n": 1152,
-                                         **eps}, {"BLOCK": 2048}, 4)  # fmt: skip
+                                         **eps}, {"BLOCK": 2048, "PDL": False}, 4)  # fmt: skip
     compile_for_t4(fn._residual_rms_norm_kernel, {
         "x_ptr": f32, "a_ptr": f32, "w_post_ptr": f32, "w_next_ptr": f32, "x_out_ptr": f32,
-        "h_out_ptr": f32, "n": 1152, **eps, "split_stride": 9}, {"SPLITS": 16, "BLOCK": 2048}, 4)
+        "h_out_ptr": f32, "n": 1152, **eps, "split_stride": 9},
+        {"SPLITS": 16, "BLOCK": 2048, "PDL": False}, 4)
     store = {"qk_ptr": f32, "v_ptr": f32, "q_w_ptr": f32, "k_w_ptr": f32, "cos_ptr": f32,
              "sin_ptr": f32, "pos_ptr": i64, "slot_ptr": i64, "q_out_ptr": f32,
              "k_cache_ptr": f16, "v_cache_ptr": f16, "num_heads": 4, "head_dim": 256,
@@ -161,8 +163,73 @@ def test_norm_rope_kv_store_geglu_and_softcap_compile_for_t4():
     store.update({name: 1536 for name in inspect.signature(
         fn._qk_norm_rope_store_kv_kernel.fn).parameters if "stride" in name})
     compile_for_t4(fn._qk_norm_rope_store_kv_kernel, store,
-                   {"QK_SPLITS": 3, "V_SPLITS": 3, "BLOCK_SIZE": 16, "HALF": 128}, 4)
+                   {"QK_SPLITS": 3, "V_SPLITS": 3, "BLOCK_SIZE": 16, "HALF": 128, "PDL": False}, 4)
     compile_for_t4(fn._geglu_kernel, {"gu_ptr": f32, "out_ptr": f32, "f": 6912,
-                                      "split_stride": 13824}, {"SPLITS": 2, "BLOCK": 1024}, 4)
+                                      "split_stride": 13824},
+                   {"SPLITS": 2, "BLOCK": 1024, "PDL": False}, 4)
     compile_for_t4(fn._softcap_kernel, {"x_ptr": f32, "n": 262144, "cap": 30.0},
-                   {"BLOCK": 4096}, 4)
+                   {"BLOCK": 4096, "PDL": False}, 4)
+
+
+
+H100 = GPUTarget("cuda", 90, 32)
+
+
+def _before_wait(ptx: str) -> str:
+    """The PTX up to the grid-dependency wait, which must come exactly once."""
+    assert ptx.count("griddepcontrol.wait") == 1 and "griddepcontrol.launch_dependents" in ptx
+    return ptx[: ptx.index("griddepcontrol.wait")]
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_K, GGMLType.Q5_0, GGMLType.Q6_K, GGMLType.Q8_0,
+                                   GGMLType.F16], ids=lambda v: v.name)
+def test_gemv_with_dependent_launch_compiles_for_sm90(qtype):
+    """With PDL the decode GEMV assembles for sm_90 and keeps dependent_launch's rule: no load
+    and no store before the wait."""
+    from llcuda.kernels import quant_matmul as qm
+
+    k, n = 2048, 1024
+    w = _packed(qtype, k, n)
+    cfg = qm.gemv_config(int(qtype), 1, n, k // 32, 132)
+    args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w), "M": 1,
+            "N": n, "n_groups": k // 32, "groups_per_split": 8, "stride_xm": k,
+            "stride_osplit": 3}  # fmt: skip
+    ptx = compile_ptx(qm._quant_gemv_kernel, args, {
+        "GEGLU": False, "QTYPE": int(qtype), "WPG": qm._WPG[int(qtype)],
+        "HAS_MIN": int(qtype) in qm._HAS_MIN, "BLOCK_M": 1, "BLOCK_N": cfg["BLOCK_N"],
+        "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"], "USE_ASM": True, "PDL": True,
+    }, H100, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
+    head = _before_wait(ptx)
+    assert "ld.global" not in head and "st.global" not in head and "cp.async" not in head
+
+
+def test_small_kernels_with_dependent_launch_wait_before_any_memory_access():
+    from llcuda.kernels import fused_norm as fn
+    from llcuda.kernels import paged_attention as pa
+
+    f32, i32, i64, bf16 = (torch.empty(1), torch.empty(1, dtype=torch.int32),
+                           torch.empty(1, dtype=torch.int64), torch.empty(1).bfloat16())
+    norm = {"x_ptr": f32, "a_ptr": f32, "w_post_ptr": f32, "w_next_ptr": f32, "x_out_ptr": f32,
+            "h_out_ptr": f32, "n": 1152, "eps": 1e-6, "split_stride": 9}  # fmt: skip
+    store = {"qk_ptr": f32, "v_ptr": f32, "q_w_ptr": f32, "k_w_ptr": f32, "cos_ptr": f32,
+             "sin_ptr": f32, "pos_ptr": i64, "slot_ptr": i64, "q_out_ptr": f32,
+             "k_cache_ptr": bf16, "v_cache_ptr": bf16, "num_heads": 4, "head_dim": 256,
+             "half": 128, "eps": 1e-6, "scale": 0.0625}  # fmt: skip
+    store.update({name: 1536 for name in inspect.signature(
+        fn._qk_norm_rope_store_kv_kernel.fn).parameters if "stride" in name})
+    attention = {"q_ptr": f32, "k_cache_ptr": bf16, "v_cache_ptr": bf16, "out_ptr": f32,
+                 "seg_out_ptr": f32, "seg_lse_ptr": f32, "counter_ptr": i32,
+                 "query_start_loc_ptr": i32, "seq_lens_ptr": i32, "block_tables_ptr": i32,
+                 "num_seqs": 1, "num_heads": 4, "sliding_window": 512}  # fmt: skip
+    attention.update({name: 7 for name in inspect.signature(
+        pa._paged_attention_kernel.fn).parameters if name.startswith("stride_")})
+    for kernel, args, constexprs in [
+        (fn._residual_rms_norm_kernel, norm, {"SPLITS": 4, "BLOCK": 2048}),
+        (fn._qk_norm_rope_store_kv_kernel, store,
+         {"QK_SPLITS": 1, "V_SPLITS": 1, "BLOCK_SIZE": 16, "HALF": 128}),
+        (pa._paged_attention_kernel, attention,
+         {"HEAD_DIM": 256, "HEAD_DIM_P": 256, "GROUP": 4, "BLOCK_Q": 4, "BLOCK_M": 16,
+          "BLOCK_N": 64, "BLOCK_SIZE": 16, "SLIDING": True, "NUM_SEGMENTS": 8}),
+    ]:  # fmt: skip
+        head = _before_wait(compile_ptx(kernel, args, {**constexprs, "PDL": True}, H100, 4, 2))
+        assert "ld.global" not in head and "st.global" not in head, kernel.fn.__name__

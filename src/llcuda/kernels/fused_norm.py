@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llcuda.kernels.dependent_launch import pdl_enabled, wait_for_previous
+
 
 @triton.jit
 def _tanh(x):
@@ -31,7 +33,8 @@ def _tanh(x):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -55,8 +58,9 @@ def _load_summed(ptr, offs, mask, SPLITS: tl.constexpr, split_stride):
 @triton.jit
 def _residual_rms_norm_kernel(
     x_ptr, a_ptr, w_post_ptr, w_next_ptr, x_out_ptr, h_out_ptr, n, eps, split_stride,
-    SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -77,8 +81,9 @@ def _qk_norm_rope_store_kv_kernel(
     k_cache_ptr, v_cache_ptr, num_heads, head_dim, half, eps, scale,
     qk_split_stride, qk_stride_t, v_split_stride, v_stride_t, stride_cb, stride_cs, stride_ch,
     QK_SPLITS: tl.constexpr, V_SPLITS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HALF: tl.constexpr,
+    HALF: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    wait_for_previous(PDL)
     # one program per (token, head): heads [0, num_heads) are q's, the rest k's (with their v)
     token = tl.program_id(0)
     head = tl.program_id(1)
@@ -118,7 +123,9 @@ def _qk_norm_rope_store_kv_kernel(
 
 
 @triton.jit
-def _geglu_kernel(gu_ptr, out_ptr, f, split_stride, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+def _geglu_kernel(gu_ptr, out_ptr, f, split_stride, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+                 PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < f
@@ -129,7 +136,8 @@ def _geglu_kernel(gu_ptr, out_ptr, f, split_stride, SPLITS: tl.constexpr, BLOCK:
 
 
 @triton.jit
-def _softcap_kernel(x_ptr, n, cap, BLOCK: tl.constexpr):
+def _softcap_kernel(x_ptr, n, cap, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
@@ -142,8 +150,15 @@ def softcap_(x: torch.Tensor, cap: float) -> torch.Tensor:
     if x.dtype != torch.float32 or not x.is_contiguous():
         raise ValueError(f"softcap_ needs contiguous float32, got {x.dtype}")
     block = 4096
-    _softcap_kernel[(triton.cdiv(x.numel(), block),)](x, x.numel(), cap, BLOCK=block)
+    _softcap_kernel[(triton.cdiv(x.numel(), block),)](x, x.numel(), cap, BLOCK=block,
+                                                       **_pdl(x.device))
     return x
+
+
+def _pdl(device: torch.device) -> dict:
+    """The PDL constexpr and launch option of one launch (dependent_launch.py)."""
+    pdl = pdl_enabled(device)
+    return {"PDL": pdl, "launch_pdl": pdl}
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +172,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = _rows(x)
     n = x.shape[-1]
     out = torch.empty_like(x)
-    _rms_norm_kernel[(x.numel() // n,)](x, weight, out, n, eps, BLOCK=triton.next_power_of_2(n))
+    _rms_norm_kernel[(x.numel() // n,)](x, weight, out, n, eps, BLOCK=triton.next_power_of_2(n),
+                                        **_pdl(x.device))
     return out
 
 
@@ -172,7 +188,7 @@ def residual_rms_norm(
     x_out, h_out = torch.empty_like(x), torch.empty_like(x)
     _residual_rms_norm_kernel[(x.shape[0],)](
         x, a, w_post, w_next, x_out, h_out, n, eps, a.shape[1] * n, SPLITS=a.shape[0],
-        BLOCK=triton.next_power_of_2(n),
+        BLOCK=triton.next_power_of_2(n), **_pdl(x.device),
     )
     return x_out, h_out
 
@@ -216,7 +232,7 @@ def qk_norm_rope_store_kv(
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         QK_SPLITS=qk.shape[0], V_SPLITS=v.shape[0], BLOCK_SIZE=k_cache.shape[1],
-        HALF=triton.next_power_of_2(half),
+        HALF=triton.next_power_of_2(half), **_pdl(qk.device),
     )  # fmt: skip
     return q
 
@@ -229,6 +245,7 @@ def geglu(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(num_tokens, f, dtype=torch.float32, device=gate_up.device)
     block = 1024
     _geglu_kernel[(num_tokens, triton.cdiv(f, block))](
-        gate_up, out, f, gate_up.stride(0), SPLITS=gate_up.shape[0], BLOCK=block
+        gate_up, out, f, gate_up.stride(0), SPLITS=gate_up.shape[0], BLOCK=block,
+        **_pdl(gate_up.device),
     )
     return out

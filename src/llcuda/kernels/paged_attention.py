@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llcuda.kernels.dependent_launch import pdl_enabled, wait_for_previous
+
 LOG2E = tl.constexpr(1.4426950408889634)  # scores go through exp2
 
 
@@ -94,7 +96,9 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,  # cache block size (tokens per block)
     SLIDING: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (dependent_launch.py)
 ):
+    wait_for_previous(PDL)
     pid_q = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -469,6 +473,7 @@ def paged_attention(
         counters = _segment_counters(q.device, grid_q * num_kv_heads)
     else:
         seg_out = seg_lse = counters = out  # unused
+    pdl = pdl_enabled(q.device)
     _paged_attention_kernel[(grid_q, num_kv_heads, segments)](
         q, k_cache, v_cache, out, seg_out, seg_lse, counters,
         query_start_loc, seq_lens, block_tables,
@@ -480,7 +485,7 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, GROUP=group, BLOCK_Q=block_q,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_SIZE=block_size,
         SLIDING=sliding_window > 0, NUM_SEGMENTS=segments,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     return out
 
