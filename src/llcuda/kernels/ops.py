@@ -146,11 +146,14 @@ def geglu_quant_matmul(gate_up: torch.Tensor, weight: object, partials: bool = F
     return quant_matmul(geglu_fused(gate_up), weight, partials)
 
 
-def embedding(weight: object, token_ids: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def embedding(weight: object, token_ids: torch.Tensor, scale: float = 1.0,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """scale * rows `token_ids` [T] of a quantized table -> [T, n_embd] fp32, where the table is:
-    the memory-mapped blocks (CPU) or the packed weight (one gather kernel on the GPU)."""
+    the memory-mapped blocks (CPU) or the packed weight (one gather kernel on the GPU). With
+    `out`, the rows land there (the gather kernel writes them in place) and `out` is returned."""
     if isinstance(weight, QuantTensor):
-        return ref.embedding_ref(weight, token_ids) * scale
+        rows = ref.embedding_ref(weight, token_ids) * scale
+        return rows if out is None else out.copy_(rows)
     from llcuda.kernels.quant_dequant import embedding_rows
 
-    return embedding_rows(weight, token_ids.to(weight.device, non_blocking=True), scale)
+    return embedding_rows(weight, token_ids.to(weight.device, non_blocking=True), scale, out)

@@ -95,10 +95,18 @@ def dequantize_bf16(w: PackedWeight) -> torch.Tensor:
     return _launch(w, out, None, 1.0, plane_major=True)
 
 
-def embedding_rows(w: PackedWeight, token_ids: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """token_ids [T] (on w's device) -> scale * rows [T, K] fp32, in the natural column order."""
+def embedding_rows(w: PackedWeight, token_ids: torch.Tensor, scale: float = 1.0,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """token_ids [T] (on w's device) -> scale * rows [T, K] fp32, in the natural column order;
+    written into `out` when given (fp32 [T, K] with unit column stride, e.g. a graph's input)."""
     if token_ids.dim() != 1 or token_ids.device != w.device:
         raise ValueError(f"token_ids must be 1-D on {w.device}, got {tuple(token_ids.shape)} "
                          f"on {token_ids.device}")
-    out = torch.empty((token_ids.shape[0], w.n_cols), device=w.device, dtype=torch.float32)
+    shape = (token_ids.shape[0], w.n_cols)
+    if out is None:
+        out = torch.empty(shape, device=w.device, dtype=torch.float32)
+    elif (out.shape != shape or out.dtype != torch.float32 or out.device != w.device
+          or out.stride(1) != 1):  # fmt: skip
+        raise ValueError(f"out must be float32 {shape} with unit column stride on {w.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     return _launch(w, out, token_ids.to(torch.int64).contiguous(), scale, plane_major=False)

@@ -145,10 +145,10 @@ class Gemma3ForCausalLM:
         if progress is not None:
             progress(1)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: [num_tokens] -> scaled embeddings [num_tokens, hidden_size] fp32, on the
-        first block's device or on the CPU (see __init__)."""
-        return ops.embedding(self.token_embd, input_ids, self.config.embedding_scale)
+        first block's device or on the CPU (see __init__); or written into `out` (any device)."""
+        return ops.embedding(self.token_embd, input_ids, self.config.embedding_scale, out)
 
     def forward(
         self,

@@ -90,13 +90,16 @@ class DecodeGraphs(_BucketGraphs):
         n, dev = self.buckets[-1], self.device
         hidden = model.config.hidden_size
         self.x = torch.zeros(n, hidden, dtype=torch.float32, device=dev)  # [max_batch, hidden]
-        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((n,), self.scratch_slot, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        # positions, cache slots and context lengths: one buffer [3, max_batch], one copy a step
+        self.step_inputs = torch.zeros(3, n, dtype=torch.int64, device=dev)
+        self.positions, self.slot_mapping, self.seq_lens = self.step_inputs.unbind(0)
+        self.slot_mapping.fill_(self.scratch_slot)
+        self.seq_lens.fill_(1)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.full(
             (n, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=dev
         )
+        self._bucket = self._batch = 0  # of the last prepare()
 
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -123,21 +126,38 @@ class DecodeGraphs(_BucketGraphs):
     ) -> torch.Tensor:
         """Replay the decode step for B sequences; returns logits [B, vocab] (a view, valid until
         the next replay). Inputs may be on the CPU; block_tables: [B, <= max_blocks_per_seq]."""
-        batch = x.shape[0]
+        self.prepare(x.shape[0], block_tables)
+        self.x[: x.shape[0]].copy_(x, non_blocking=True)
+        return self.replay(pack_step_inputs(positions, slot_mapping, seq_lens))
+
+    def prepare(self, batch: int, block_tables: torch.Tensor) -> None:
+        """Set up replays for `batch` sequences with these block tables [batch, <= max_blocks_per_
+        seq]: the block tables copied in, the bucket's padding rows pointed at the scratch block.
+        A decode burst calls this once and then, per step, writes `x[:batch]` and replay()s."""
         b = self.bucket_for(batch)
         assert b is not None, f"decode batch {batch} exceeds the largest graph ({self.buckets[-1]})"
-        self.x[:batch].copy_(x, non_blocking=True)
-        self.positions[:batch].copy_(positions, non_blocking=True)
-        self.slot_mapping[:batch].copy_(slot_mapping, non_blocking=True)
-        self.seq_lens[:batch].copy_(seq_lens, non_blocking=True)
         self.block_tables[:batch, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
         # rows past `batch` keep pointing at the scratch block (reset after a larger batch)
         self.slot_mapping[batch:b].fill_(self.scratch_slot)
         self.seq_lens[batch:b].fill_(1)
         self.positions[batch:b].zero_()
         self.block_tables[batch:b].fill_(self.scratch_block)
-        self.graphs[b].replay()
-        return self.logits[b][:batch]
+        self._bucket, self._batch = b, batch
+
+    def replay(self, step_inputs: torch.Tensor) -> torch.Tensor:
+        """One decode step for the prepared batch: step_inputs [3, batch] int64 (positions, cache
+        slots, context lengths; pack_step_inputs) on any device; x[:batch] holds the embeddings.
+        Returns logits [batch, vocab] (a view, valid until the next replay)."""
+        self.step_inputs[:, : self._batch].copy_(step_inputs, non_blocking=True)
+        self.graphs[self._bucket].replay()
+        return self.logits[self._bucket][: self._batch]
+
+
+def pack_step_inputs(positions: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor
+                     ) -> torch.Tensor:  # fmt: skip
+    """[..., 3, B] int64 of a decode step's positions, cache slots and context lengths (each
+    [..., B], on one device): what DecodeGraphs.replay copies in one go."""
+    return torch.stack([t.to(torch.int64) for t in (positions, slot_mapping, seq_lens)], dim=-2)
 
 
 class PrefillGraphs(_BucketGraphs):

@@ -13,7 +13,7 @@ import torch
 from llcuda.config import EngineConfig, ModelConfig
 from llcuda.engine.scheduler import SchedulerOutput
 from llcuda.layers.attention import AttentionMetadata, KVCache
-from llcuda.runner.cuda_graphs import DecodeGraphs, PrefillGraphs
+from llcuda.runner.cuda_graphs import DecodeGraphs, PrefillGraphs, pack_step_inputs
 from llcuda.runner.sampler import sample, to_device
 
 DEFAULT_DECODE_STEPS = 16
@@ -209,28 +209,35 @@ class ModelRunner:
         pos = positions[None, :] + torch.arange(num_steps, dtype=torch.int64)[:, None]
         blocks = meta.block_tables.long().gather(1, (pos // bs).T).T
         slots = blocks * bs + pos % bs
-        lens = (pos + 1).to(torch.int32)
-        pos, slots, lens, tables = (
-            to_device(t, dev) for t in (pos, slots, lens, meta.block_tables)
-        )
+        lens = pos + 1
         use_graph = self.graphs is not None and self.graphs.bucket_for(len(requests)) is not None
-        starts = None if use_graph else to_device(meta.query_start_loc, dev)
-        tokens = torch.empty((num_steps, len(requests)), dtype=torch.int64, device=dev)
+        tokens: list[torch.Tensor] = []  # [B] per step, stacked once at the end
         ids = input_ids
+        if use_graph:
+            # per step: the embedding gather into the graph's input, one copy, the replay and
+            # the sampler: the block tables stay put for the whole burst (its blocks reserved)
+            graphs = self.graphs
+            graphs.prepare(len(requests), meta.block_tables)
+            step_inputs = to_device(pack_step_inputs(pos, slots, lens), dev)  # [num_steps, 3, B]
+            for j in range(num_steps):
+                self.model.embed(ids, out=graphs.x[: len(requests)])
+                ids = sample(graphs.replay(step_inputs[j]), params, generators, history)
+                tokens.append(ids)
+            return SampledTokens([r.request_id for r in requests], torch.stack(tokens))
+        pos, slots, lens, tables, starts = (
+            to_device(t, dev)
+            for t in (pos, slots, lens.to(torch.int32), meta.block_tables, meta.query_start_loc)
+        )
         for j in range(num_steps):
-            x = self.model.embed(ids)  # [B, hidden_size]
-            if use_graph:
-                logits = self.graphs.run(x, pos[j], slots[j], lens[j], tables)
-            else:
-                step_meta = AttentionMetadata(
-                    slot_mapping=slots[j], query_start_loc=starts, seq_lens=lens[j],
-                    block_tables=tables, max_query_len=1, max_seq_len=meta.max_seq_len + j,
-                )  # fmt: skip
-                hidden = self.model.forward(x, pos[j], {dev: step_meta}, self.kv_caches)
-                logits = self.model.compute_logits(hidden)
-            tokens[j] = sample(logits, params, generators, history)
-            ids = tokens[j]
-        return SampledTokens([r.request_id for r in requests], tokens)
+            step_meta = AttentionMetadata(
+                slot_mapping=slots[j], query_start_loc=starts, seq_lens=lens[j],
+                block_tables=tables, max_query_len=1, max_seq_len=meta.max_seq_len + j,
+            )  # fmt: skip
+            hidden = self.model.forward(self.model.embed(ids), pos[j], {dev: step_meta},
+                                        self.kv_caches)  # fmt: skip
+            ids = sample(self.model.compute_logits(hidden), params, generators, history)
+            tokens.append(ids)
+        return SampledTokens([r.request_id for r in requests], torch.stack(tokens))
 
 
 class SampledTokens:
