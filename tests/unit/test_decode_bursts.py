@@ -52,10 +52,12 @@ def test_tokens_arrive_in_bursts_that_add_up():
     deltas: list[RequestOutput] = []
     while engine.has_unfinished_requests():
         deltas.extend(engine.step())
-    # the prompt step samples one token; then bursts of 4, the last cut by max_tokens
+    # the prompt step samples one token; then bursts of 4, the last only as long as max_tokens
+    # needs (no steps computing tokens that would be dropped)
     assert [len(d.new_token_ids) for d in deltas] == [1, 4, 4, 2]
     assert [d.num_output_tokens for d in deltas] == [1, 5, 9, 11]
     assert deltas[-1].finish_reason == "length"
+    assert engine.model_runner.bursts == [4, 4, 2]
 
 
 def _script_outputs(script, steps, overlap, **params) -> tuple:
@@ -135,15 +137,19 @@ def test_a_waiting_request_gets_the_first_slot_that_frees():
 
 
 def test_a_full_cache_falls_back_to_single_steps():
-    # 16 blocks of 4 tokens: two requests of 28-token prompts hold 8 blocks each once they
-    # decode, so neither can reserve the blocks a burst needs (4 tokens fit in those 8 blocks)
+    # 16 blocks of 4 tokens and two 26-token prompts. An 8-step burst of both would need 9 blocks
+    # each (positions up to 33); one step at a time they fit, because the first request ends (8
+    # blocks) before the second needs its 9th. So they decode in single steps, and the second
+    # bursts only once it runs alone.
     config = _config(n_parallel=2, cache_size=64, ctx_size=64)
     engine = make_engine(config, decode_steps=8)
-    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    reference = _generate(make_engine(config), [[5] * 28, [6] * 28], greedy)
-    outs = _generate(engine, [[5] * 28, [6] * 28], greedy)
+    prompts = [[5] * 26, [6] * 26]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (6, 10)]
+    reference = _generate(make_engine(config), prompts, params)
+    outs = _generate(engine, prompts, params)
     assert [_key(o) for o in outs] == [_key(o) for o in reference]
-    assert engine.model_runner.bursts == []
+    runner = engine.model_runner
+    assert runner.burst_requests and all(ids == {"req-1"} for ids in runner.burst_requests)
 
 
 def test_num_scheduler_steps_is_validated_and_read():

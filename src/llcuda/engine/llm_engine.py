@@ -256,9 +256,10 @@ class LLMEngine:
     def _burst_length(self, step: SchedulerOutput) -> int:
         """How many decode steps to chain for this schedule: 1 unless every scheduled request
         decodes one token, none waits that could be admitted, no request's sampling reads its
-        history (repeat penalty), and every sequence has room. While a request waits for a slot
-        the burst ends where the first sequence reaches max_tokens. The KV blocks for the extra
-        positions are reserved here (1 if the cache has none to spare)."""
+        history (repeat penalty), and every sequence has room. A burst never outlasts the last
+        sequence's max_tokens; while a request waits for a slot it ends where the first sequence
+        reaches it. The KV blocks for the extra positions are reserved here (1 if the cache has
+        none to spare)."""
         limit = self.decode_steps
         if limit <= 1 or step.preempted_ids:
             return 1
@@ -267,6 +268,7 @@ class LLMEngine:
             return 1  # admit the newcomer next step rather than after a burst
         room = self.config.ctx_size
         first_done = limit  # steps until the first sequence reaches its max_tokens
+        last_done = 0  # ... and the last: steps past it would compute tokens nobody keeps
         for item in step.scheduled:
             params = item.request.sampling_params
             if item.num_tokens != 1 or not item.sample:
@@ -275,8 +277,9 @@ class LLMEngine:
                 return 1
             # the token sampled at position ctx_size - 2 fills the context and ends the request
             room = min(room, self.config.ctx_size - 1 - item.start_pos)
-            first_done = min(first_done, params.max_tokens - item.request.num_output_tokens)
-        num_steps = min(limit, room)
+            left = params.max_tokens - item.request.num_output_tokens
+            first_done, last_done = min(first_done, left), max(last_done, left)
+        num_steps = min(limit, room, last_done)
         if sched.waiting:
             # a request waits for a free slot: end the burst when the first one frees
             num_steps = min(num_steps, first_done)
