@@ -141,7 +141,8 @@ def test_paged_attention_compiles_for_t4_fp16_cache(monkeypatch, max_query_len, 
     compile_for_t4(pa._paged_attention_kernel, args, {
         "HEAD_DIM": head_dim, "HEAD_DIM_P": head_dim, "GROUP": group,
         "BLOCK_Q": max(1, cfg.block_m // group), "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-        "BLOCK_SIZE": 16, "SLIDING": sliding > 0, "NUM_SEGMENTS": cfg.num_segments, "PDL": False,
+        "BLOCK_SIZE": 16, "SLIDING": sliding > 0, "NUM_SEGMENTS": cfg.num_segments,
+        "ONE_QUERY_EACH": max_query_len == 1, "PDL": False,
     }, cfg.num_warps, cfg.num_stages)  # fmt: skip
 
 
@@ -229,7 +230,8 @@ def test_small_kernels_with_dependent_launch_wait_before_any_memory_access():
          {"QK_SPLITS": 1, "V_SPLITS": 1, "BLOCK_SIZE": 16, "HALF": 128}),
         (pa._paged_attention_kernel, attention,
          {"HEAD_DIM": 256, "HEAD_DIM_P": 256, "GROUP": 4, "BLOCK_Q": 4, "BLOCK_M": 16,
-          "BLOCK_N": 64, "BLOCK_SIZE": 16, "SLIDING": True, "NUM_SEGMENTS": 8}),
+          "BLOCK_N": 64, "BLOCK_SIZE": 16, "SLIDING": True, "NUM_SEGMENTS": 8,
+          "ONE_QUERY_EACH": True}),
     ]:  # fmt: skip
         head = _before_wait(compile_ptx(kernel, args, {**constexprs, "PDL": True}, H100, 4, 2))
         assert "ld.global" not in head and "st.global" not in head, kernel.fn.__name__

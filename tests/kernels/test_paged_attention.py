@@ -144,6 +144,38 @@ def test_decode_split_kv(num_heads, num_kv_heads, window):
     assert not _COUNTERS[b["q"].device].any()
 
 
+@pytest.mark.parametrize("window", [0, 512])
+@pytest.mark.parametrize("num_seqs", [1, 5, 64])
+def test_decode_with_one_query_each(num_seqs, window):
+    """A decode step's promise (token s is sequence s's only query) skips the sequence search:
+    same output as without it and as the reference, split into pieces or not."""
+    from llcuda.kernels.paged_attention import AttentionConfig
+
+    gen = torch.Generator().manual_seed(num_seqs)
+    seqs = [(int(n), 1) for n in torch.randint(1, 1500, (num_seqs,), generator=gen)]
+    b = make_batch(seqs, 4, 1, 256, 16, window, seed=num_seqs + window)
+    ref = run_ref(b)
+    for config in (None, AttentionConfig(16, 64, 1, 4, 2), AttentionConfig(16, 64, 8, 4, 2)):
+        out = run_kernel_decode(b, config)
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+
+
+def run_kernel_decode(b: dict, config=None) -> torch.Tensor:
+    from llcuda.kernels.paged_attention import paged_attention
+
+    return paged_attention(b["q"], b["k_cache"], b["v_cache"], b["query_start_loc"],
+                           b["seq_lens"], b["block_tables"], b["sliding_window"], 1,
+                           b["max_seq_len"], config=config, one_query_each=True)
+
+
+def test_one_query_each_needs_a_token_per_sequence():
+    from llcuda.kernels.paged_attention import PagedAttentionError
+
+    b = make_batch([(40, 2), (9, 1)], 4, 1, 256, 16, 0, seed=1)
+    with pytest.raises(PagedAttentionError, match="one token per sequence"):
+        run_kernel_decode(b)
+
+
 @pytest.mark.parametrize("segments", [1, 4, 16])
 def test_any_config_is_correct(segments):
     """Tile shapes only change speed: forced segments on a mixed batch, decode tiles on prefill."""

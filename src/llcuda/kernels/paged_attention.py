@@ -10,10 +10,11 @@ key some row of the tile can see (causal, and the sliding window on local layers
 Grid without host syncs: sequence s's query tiles get program ids starting at
 query_start_loc[s] // BLOCK_Q + s (an upper bound on the tiles before it), so the grid is
 num_tokens // BLOCK_Q + num_seqs programs and each finds its sequence by a binary search over
-query_start_loc. With BLOCK_Q == 1 (decode) the start is query_start_loc[s] itself and the grid is
-num_tokens. Programs past their sequence's last tile return at once. Nothing reads a tensor on the
-host, so the wrapper can be captured in a CUDA graph; max_query_len and max_seq_len only pick the
-launch configuration, never the answer.
+query_start_loc. With BLOCK_Q == 1 the start is query_start_loc[s] itself and the grid is
+num_tokens. Programs past their sequence's last tile return at once. A decode step whose caller
+promises one query per sequence (`one_query_each`) skips all that: program s is token s. Nothing
+reads a tensor on the host, so the wrapper can be captured in a CUDA graph; max_query_len and
+max_seq_len only pick the launch configuration, never the answer.
 
 Split-KV (flash-decoding) for decode: when one query per program leaves the GPU idle (few
 sequences x KV heads), each program's key range is cut into NUM_SEGMENTS pieces; each piece writes
@@ -96,6 +97,7 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,  # cache block size (tokens per block)
     SLIDING: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr,
+    ONE_QUERY_EACH: tl.constexpr,  # a decode batch: sequence s's one query is token s
     PDL: tl.constexpr,  # launched with programmatic dependent launch (dependent_launch.py)
 ):
     wait_for_previous(PDL)
@@ -103,13 +105,21 @@ def _paged_attention_kernel(
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
 
-    seq = _find_sequence(query_start_loc_ptr, num_seqs, pid_q, BLOCK_Q)
-    q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
-    q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
-    if BLOCK_Q > 1:
-        q_block = pid_q - (q_start // BLOCK_Q + seq)
+    if ONE_QUERY_EACH:
+        # program s is sequence s's query tile, token s: no search and no loads (at 64
+        # sequences the binary search is six dependent reads)
+        seq = pid_q
+        q_start = pid_q
+        q_len = tl.full((), 1, tl.int32)
+        q_block = pid_q * 0
     else:
-        q_block = pid_q - q_start
+        seq = _find_sequence(query_start_loc_ptr, num_seqs, pid_q, BLOCK_Q)
+        q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
+        q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
+        if BLOCK_Q > 1:
+            q_block = pid_q - (q_start // BLOCK_Q + seq)
+        else:
+            q_block = pid_q - q_start
     if q_block * BLOCK_Q >= q_len:
         return
     ctx = tl.load(seq_lens_ptr + seq).to(tl.int32)
@@ -432,6 +442,7 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     config: AttentionConfig | None = None,
+    one_query_each: bool = False,
 ) -> torch.Tensor:
     """Causal attention of a flat batch of queries over each sequence's paged KV cache.
 
@@ -441,6 +452,9 @@ def paged_attention(
     max_blocks_per_seq]; sliding_window 0 = global. Returns [num_tokens, num_heads, head_dim] fp32
     (rows past query_start_loc[-1] are left unwritten). max_query_len / max_seq_len are the
     caller's Python ints and only choose tile shapes; `config` overrides that choice.
+    `one_query_each` is the caller's promise that every sequence has exactly one query, token s
+    of sequence s (a decode step): programs then skip finding their sequence. It needs as many
+    tokens as sequences, else it is an error; a wrong promise beyond that gives wrong output.
     """
     _check_attention_args(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
                           sliding_window, max_query_len, max_seq_len)
@@ -448,6 +462,10 @@ def paged_attention(
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
     group = num_heads // num_kv_heads
+    if one_query_each and num_tokens != num_seqs:
+        raise PagedAttentionError(
+            f"one_query_each needs one token per sequence, got {num_tokens} for {num_seqs}"
+        )
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=torch.float32, device=q.device)
     if num_tokens == 0 or num_seqs == 0:
         return out
@@ -460,7 +478,7 @@ def paged_attention(
                              num_kv_heads, sliding_window, q.device, k_cache.element_size())
     head_dim_p = triton.next_power_of_2(head_dim)
     block_q = max(1, config.block_m // group)
-    if block_q == 1:
+    if one_query_each or block_q == 1:
         grid_q = num_tokens
     else:
         grid_q = num_tokens // block_q + num_seqs
@@ -485,7 +503,8 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, GROUP=group, BLOCK_Q=block_q,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_SIZE=block_size,
         SLIDING=sliding_window > 0, NUM_SEGMENTS=segments,
-        PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
+        ONE_QUERY_EACH=one_query_each, PDL=pdl, num_warps=config.num_warps,
+        num_stages=config.num_stages, launch_pdl=pdl,
     )
     return out
 

@@ -19,9 +19,12 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block_id * block_size + offset)
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32: offsets of each sequence in the batch
-    seq_lens: torch.Tensor  # [num_seqs] int32: context length after this step's tokens
+    seq_lens: torch.Tensor  # [num_seqs] int32 (int64 in the decode graphs): context length
+    # after this step's tokens
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32: cache blocks per sequence
-    max_query_len: int  # longest run of new tokens of one sequence (1 in a pure decode step)
+    # Longest run of new tokens of one sequence (1 in a pure decode step). Exact: the attention
+    # kernel takes 1 with as many tokens as sequences for a decode step (one query each).
+    max_query_len: int
     max_seq_len: int  # longest context in the step
 
     def to(self, device: torch.device | str) -> AttentionMetadata:
