@@ -43,3 +43,22 @@ def test_embedding_rows_rejects_ids_elsewhere():
     w = qp.pack_weight(random_rows(qp.Q8_0, 10, 64, gen, device="cuda"), qp.Q8_0, 64)
     with pytest.raises(ValueError, match="1-D"):
         embedding_rows(w, torch.tensor([1, 2]))  # on the CPU
+
+
+@pytest.mark.gpu
+def test_embedding_rows_into_a_buffer():
+    """A decode burst gathers each step's embeddings straight into the graph's input rows."""
+    from llcuda.kernels.quant_dequant import embedding_rows
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1
+    gen = torch.Generator(device=dev).manual_seed(3)
+    w = qp.pack_weight(random_rows(qp.Q8_0, 50, 64, gen, device=dev), qp.Q8_0, 64)
+    ids = torch.tensor([4, 49, 4], device=dev)
+    buffer = torch.full((5, 64), float("nan"), device=dev)
+    out = embedding_rows(w, ids, 2.5, out=buffer[:3])
+    assert out.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer[:3], embedding_rows(w, ids, 2.5), rtol=0, atol=0)
+    assert buffer[3:].isnan().all()  # rows past the batch untouched
+    for bad in (buffer[:2], buffer[:3].double(), buffer[:3, :32]):
+        with pytest.raises(ValueError, match="out must be"):
+            embedding_rows(w, ids, 2.5, out=bad)
