@@ -19,8 +19,8 @@ simply starts when it completes. The stream capture of a CUDA graph keeps these 
 
 H100, graph replays of one decode step (BENCHMARKS.md, sixth session): Gemma 3 1B 1.43 -> 1.29 ms,
 270M 0.72 -> 0.62 ms. Prefetching each GEMV's weight slice into L2 before the wait (cp.async.bulk
-.prefetch) was slower than not (1.41 / 0.69 ms): it competes for DRAM with the kernel still
-running, whose loads are the critical path.
+.prefetch) was slower than not (1.41 / 0.69 ms), presumably because it competes for DRAM with
+the kernel still running, whose loads are the critical path.
 """
 
 from __future__ import annotations
