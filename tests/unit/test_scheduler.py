@@ -379,3 +379,38 @@ def _check_live_state_mid_step(s: Scheduler, prefix: bool) -> None:
         for r in s.running:
             assert seen.isdisjoint(r.block_table)
             seen.update(r.block_table)
+
+
+@pytest.mark.parametrize("tokens,max_tokens,ignore_eos,kept,reason", [
+    ([5, 6, 7], 16, False, 3, None),  # nothing ends it
+    ([5, EOG, 7], 16, False, 2, "stop"),  # the EOG is kept, what follows dropped
+    ([5, EOG, 7], 16, True, 3, None),
+    ([5, 6, EOG], 3, False, 3, "stop"),  # EOG on the max_tokens-th token: "stop" wins
+    ([5, 6, 7, EOG], 3, False, 3, "length"),  # max_tokens first
+    ([5, 6, 7], 3, False, 3, "length"),
+], ids=["none", "eog", "ignore-eos", "tie", "max-first", "max-last"])  # fmt: skip
+def test_a_bursts_tokens_are_cut_where_the_request_ends(tokens, max_tokens, ignore_eos, kept,
+                                                         reason):  # fmt: skip
+    """update_from_output takes a burst's tokens in order up to the first that ends the request,
+    exactly as one token a step would (the prompt step samples one; the burst brings the rest)."""
+    s = _scheduler()
+    s.add_request(_req("a", 5, max_tokens=max_tokens + 1, ignore_eos=ignore_eos))
+    _step(s)  # the prompt, and its first token
+    request = s.requests["a"]
+    out = s.schedule()
+    assert s.block_manager.allocate_slots(request, len(tokens))
+    finished = s.update_from_output(out, {"a": tokens})
+    assert request.output_token_ids == [7] + tokens[:kept]
+    assert request.num_computed_tokens == 5 + kept  # the prompt and the fed tokens
+    assert (request.finish_reason, bool(finished)) == (reason, reason is not None)
+
+
+def test_a_burst_stops_at_the_context_size():
+    s = _scheduler(ctx_size=12)
+    s.add_request(_req("a", 8, max_tokens=50))
+    _step(s)  # 8 prompt tokens + 1: three more fill the context
+    request = s.requests["a"]
+    out = s.schedule()
+    assert s.block_manager.allocate_slots(request, 5)
+    assert s.update_from_output(out, {"a": [1, 2, 3, 4, 5]}) == [request]
+    assert request.output_token_ids == [7, 1, 2, 3] and request.finish_reason == "length"

@@ -127,9 +127,13 @@ class Request:
         return self._all_token_ids[-1]
 
     def append_output_token(self, token_id: int) -> None:
-        self.output_token_ids.append(token_id)
-        self._all_token_ids.append(token_id)
-        if self.first_token_time is None:
+        self.extend_output_tokens([token_id])
+
+    def extend_output_tokens(self, token_ids: list[int]) -> None:
+        """Append sampled tokens (one step's, or a decode burst's in order)."""
+        self.output_token_ids.extend(token_ids)
+        self._all_token_ids.extend(token_ids)
+        if self.first_token_time is None and token_ids:
             self.first_token_time = time.monotonic()
 
     def truncate_output(self, count: int) -> None:

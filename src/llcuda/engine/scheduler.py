@@ -251,16 +251,15 @@ class Scheduler:
                 raise KeyError(
                     f"model runner returned no sampled token for request {request.request_id!r}"
                 ) from None
-            for i, token_id in enumerate(tokens if isinstance(tokens, list) else [tokens]):
-                if i:  # a burst's later token: the previous one's KV entry was written
-                    request.num_computed_tokens += 1
-                request.append_output_token(int(token_id))
-                self.block_manager.cache_full_blocks(request)
-                reason = self._stop_reason(request, int(token_id))
-                if reason is not None:
-                    self.finish_request(request.request_id, reason)
-                    finished.append(request)
-                    break
+            tokens = [int(t) for t in tokens] if isinstance(tokens, list) else [int(tokens)]
+            kept, reason = self._tokens_kept(request, tokens)
+            # a burst's later tokens: the KV entry of each one before them was written
+            request.num_computed_tokens += kept - 1
+            request.extend_output_tokens(tokens[:kept])
+            self.block_manager.cache_full_blocks(request)
+            if reason is not None:
+                self.finish_request(request.request_id, reason)
+                finished.append(request)
         return finished
 
     # --- helpers --------------------------------------------------------------------------------
@@ -277,12 +276,21 @@ class Scheduler:
         request.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _stop_reason(self, request: Request, token_id: int) -> str | None:
+    def _tokens_kept(self, request: Request, tokens: list[int]) -> tuple[int, str | None]:
+        """How many of `tokens` (sampled in order) the request keeps, and why it then ends: the
+        first EOG token ("stop", unless ignore_eos), max_tokens or ctx_size reached ("length";
+        on the same token as an EOG, "stop" wins), or None when it goes on. One pass over a
+        burst's tokens instead of a check after each."""
         params = request.sampling_params
-        if token_id in self.eog_ids and not params.ignore_eos:
-            return "stop"
-        if request.num_output_tokens >= params.max_tokens:
-            return "length"
-        if request.num_tokens >= self.config.ctx_size:
-            return "length"
-        return None
+        kept, reason = len(tokens), None
+        if not params.ignore_eos and self.eog_ids:
+            for i, token_id in enumerate(tokens):
+                if token_id in self.eog_ids:
+                    kept, reason = i + 1, "stop"
+                    break
+        # tokens until max_tokens / ctx_size: >= 1 for a running request (else it had ended)
+        limit = max(1, min(params.max_tokens - request.num_output_tokens,
+                           self.config.ctx_size - request.num_tokens))  # fmt: skip
+        if limit < kept or (limit == kept and reason is None):
+            kept, reason = limit, "length"
+        return kept, reason
