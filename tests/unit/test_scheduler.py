@@ -414,3 +414,12 @@ def test_a_burst_stops_at_the_context_size():
     assert s.block_manager.allocate_slots(request, 5)
     assert s.update_from_output(out, {"a": [1, 2, 3, 4, 5]}) == [request]
     assert request.output_token_ids == [7, 1, 2, 3] and request.finish_reason == "length"
+
+
+def test_an_empty_burst_is_an_error_not_a_silent_rewind():
+    s = _scheduler()
+    s.add_request(_req("a", 5))
+    _step(s)
+    out = s.schedule()
+    with pytest.raises(ValueError, match="empty burst"):
+        s.update_from_output(out, {"a": []})

@@ -252,6 +252,8 @@ class Scheduler:
                     f"model runner returned no sampled token for request {request.request_id!r}"
                 ) from None
             tokens = [int(t) for t in tokens] if isinstance(tokens, list) else [int(tokens)]
+            if not tokens:
+                raise ValueError(f"model runner returned an empty burst for {request!r}")
             kept, reason = self._tokens_kept(request, tokens)
             # a burst's later tokens: the KV entry of each one before them was written
             request.num_computed_tokens += kept - 1
