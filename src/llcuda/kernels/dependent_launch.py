@@ -55,3 +55,10 @@ def pdl_enabled(device: torch.device) -> bool:
     if os.environ.get("LLCUDA_PDL", "1") == "0":
         return False
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pdl_launch_args(device: torch.device) -> dict:
+    """The keyword arguments of one launch of a kernel that takes a `PDL` constexpr: the
+    constexpr and Triton's `launch_pdl` option, both pdl_enabled(device)."""
+    pdl = pdl_enabled(device)
+    return {"PDL": pdl, "launch_pdl": pdl}

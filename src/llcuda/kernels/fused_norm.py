@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llcuda.kernels.dependent_launch import pdl_enabled, wait_for_previous
+from llcuda.kernels.dependent_launch import pdl_launch_args, wait_for_previous
 
 
 @triton.jit
@@ -151,14 +151,8 @@ def softcap_(x: torch.Tensor, cap: float) -> torch.Tensor:
         raise ValueError(f"softcap_ needs contiguous float32, got {x.dtype}")
     block = 4096
     _softcap_kernel[(triton.cdiv(x.numel(), block),)](x, x.numel(), cap, BLOCK=block,
-                                                       **_pdl(x.device))
+                                                       **pdl_launch_args(x.device))
     return x
-
-
-def _pdl(device: torch.device) -> dict:
-    """The PDL constexpr and launch option of one launch (dependent_launch.py)."""
-    pdl = pdl_enabled(device)
-    return {"PDL": pdl, "launch_pdl": pdl}
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +167,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n = x.shape[-1]
     out = torch.empty_like(x)
     _rms_norm_kernel[(x.numel() // n,)](x, weight, out, n, eps, BLOCK=triton.next_power_of_2(n),
-                                        **_pdl(x.device))
+                                        **pdl_launch_args(x.device))
     return out
 
 
@@ -188,7 +182,7 @@ def residual_rms_norm(
     x_out, h_out = torch.empty_like(x), torch.empty_like(x)
     _residual_rms_norm_kernel[(x.shape[0],)](
         x, a, w_post, w_next, x_out, h_out, n, eps, a.shape[1] * n, SPLITS=a.shape[0],
-        BLOCK=triton.next_power_of_2(n), **_pdl(x.device),
+        BLOCK=triton.next_power_of_2(n), **pdl_launch_args(x.device),
     )
     return x_out, h_out
 
@@ -232,7 +226,7 @@ def qk_norm_rope_store_kv(
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         QK_SPLITS=qk.shape[0], V_SPLITS=v.shape[0], BLOCK_SIZE=k_cache.shape[1],
-        HALF=triton.next_power_of_2(half), **_pdl(qk.device),
+        HALF=triton.next_power_of_2(half), **pdl_launch_args(qk.device),
     )  # fmt: skip
     return q
 
@@ -246,6 +240,6 @@ def geglu(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     _geglu_kernel[(num_tokens, triton.cdiv(f, block))](
         gate_up, out, f, gate_up.stride(0), SPLITS=gate_up.shape[0], BLOCK=block,
-        **_pdl(gate_up.device),
+        **pdl_launch_args(gate_up.device),
     )
     return out

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llcuda.kernels.dependent_launch import pdl_enabled, wait_for_previous
+from llcuda.kernels.dependent_launch import pdl_launch_args, wait_for_previous
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores go through exp2
 
@@ -491,7 +491,6 @@ def paged_attention(
         counters = _segment_counters(q.device, grid_q * num_kv_heads)
     else:
         seg_out = seg_lse = counters = out  # unused
-    pdl = pdl_enabled(q.device)
     _paged_attention_kernel[(grid_q, num_kv_heads, segments)](
         q, k_cache, v_cache, out, seg_out, seg_lse, counters,
         query_start_loc, seq_lens, block_tables,
@@ -503,8 +502,8 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, GROUP=group, BLOCK_Q=block_q,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_SIZE=block_size,
         SLIDING=sliding_window > 0, NUM_SEGMENTS=segments,
-        ONE_QUERY_EACH=one_query_each, PDL=pdl, num_warps=config.num_warps,
-        num_stages=config.num_stages, launch_pdl=pdl,
+        ONE_QUERY_EACH=one_query_each, num_warps=config.num_warps,
+        num_stages=config.num_stages, **pdl_launch_args(q.device),
     )
     return out
 

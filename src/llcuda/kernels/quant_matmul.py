@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llcuda.kernels.dependent_launch import pdl_enabled, wait_for_previous
+from llcuda.kernels.dependent_launch import pdl_launch_args, wait_for_previous
 from llcuda.kernels.matmul_path import GEMV_KERNEL_MAX_M, matmul_path
 from llcuda.kernels.quant_pack import (
     BF16,
@@ -635,13 +635,12 @@ def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
     out = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
     ptrs, strides = _weight_args(w)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k)
-    pdl = pdl_enabled(x.device)
     _quant_gemv_kernel[grid](
         x, out, *ptrs, m, n, n_groups, groups_per_split, x.stride(0), m * n, *strides, _MAGIC,
         GEGLU=geglu, QTYPE=w.qtype, WPG=_WPG[w.qtype], HAS_MIN=w.qtype in _HAS_MIN,
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"],
-        NUM_STAGES=cfg["num_stages"], USE_ASM=_use_asm(), PDL=pdl, num_warps=cfg["num_warps"],
-        launch_pdl=pdl,
+        NUM_STAGES=cfg["num_stages"], USE_ASM=_use_asm(), num_warps=cfg["num_warps"],
+        **pdl_launch_args(x.device),
     )
     return _reduce_splits(out, partials)
 
