@@ -186,11 +186,11 @@ def test_growing_a_table_keeps_its_registered_blocks_registered():
     r = _req(range(14), "r")
     _compute(bm, r)
     assert r.num_hashed_blocks == 3
-    r.append_output_token(99)
+    r.extend_output_tokens([99])
     assert bm.allocate_slots(r, 1)  # position 14: no new block
     assert r.num_hashed_blocks == 3
     r.num_computed_tokens += 1
-    r.append_output_token(98)
+    r.extend_output_tokens([98])
     bm.cache_full_blocks(r)
     assert r.num_hashed_blocks == 3  # 15 tokens computed: block 3 is not full yet
     assert bm.allocate_slots(r, 1)

@@ -126,9 +126,6 @@ class Request:
     def last_token_id(self) -> int:
         return self._all_token_ids[-1]
 
-    def append_output_token(self, token_id: int) -> None:
-        self.extend_output_tokens([token_id])
-
     def extend_output_tokens(self, token_ids: list[int]) -> None:
         """Append sampled tokens (one step's, or a decode burst's in order)."""
         self.output_token_ids.extend(token_ids)
