@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from llcuda.config import EngineConfig
-from llcuda.engine.llm_engine import LLMEngine, RequestOutput
+from llcuda.engine.llm_engine import LLMEngine, RequestOutput, _Ready
 from llcuda.sampling_params import SamplingParams
 from tests.unit.test_llm_engine import (
     EOG,
@@ -44,6 +44,85 @@ def test_bursts_give_the_outputs_of_single_steps(steps, overlap):
     # one request uses the repeat penalty, which reads the history: never in a burst
     penalised = f"req-{next(i for i, p in enumerate(PARAMS) if p.repeat_penalty != 1.0)}"
     assert all(penalised not in ids for ids in runner.burst_requests)
+
+
+class ChainingRunner(FakeKVRunner):
+    """FakeKVRunner that takes `launch(step, num_steps, after=handle)`: a chained burst starts
+    from the tokens `after` sampled, before the engine has appended them (as on the GPU)."""
+
+    supports_chained_bursts = True
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.chained: list[int] = []  # num_steps of each chained burst
+
+    def launch(self, step, num_steps: int = 1, after=None) -> _Ready:
+        if after is None:
+            return _Ready(self.execute_model(step, num_steps))
+        self.chained.append(num_steps)
+        self.log.append(step)
+        ahead = {rid: t if isinstance(t, list) else [t] for rid, t in after.result().items()}
+        return _Ready(self._burst(step, num_steps, ahead))
+
+
+@pytest.mark.parametrize("steps", [2, 3, 8])
+def test_chained_bursts_give_the_outputs_of_single_steps(steps):
+    """Bursts queued behind the running one (fed its tokens on the device) change nothing a
+    user sees, with EOG, max_tokens, ctx_size and a waiting request among them."""
+    reference = _generate(make_engine(_config(n_parallel=4)), PROMPTS, PARAMS)
+    engine = make_engine(_config(n_parallel=4), ChainingRunner(_config(n_parallel=4)),
+                         overlap=True, decode_steps=steps)  # fmt: skip
+    outs = _generate(engine, PROMPTS, PARAMS)
+    assert [_key(o) for o in outs] == [_key(o) for o in reference]
+    assert engine.model_runner.chained
+
+
+def test_a_chained_burst_needs_overlap_and_a_runner_that_takes_it():
+    config = _config()
+    assert make_engine(config, ChainingRunner(config), overlap=True, decode_steps=4)._chain
+    assert not make_engine(config, ChainingRunner(config), overlap=False, decode_steps=4)._chain
+    assert not make_engine(config, ChainingRunner(config), overlap=True, decode_steps=1)._chain
+    assert not make_engine(config, FakeKVRunner(config), overlap=True, decode_steps=4)._chain
+
+
+def test_a_chained_burst_follows_a_burst_with_positions_after_it():
+    config = _config()
+    engine = make_engine(config, ChainingRunner(config), overlap=True, decode_steps=4)
+    engine.add_request([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    outs = _generate(engine, [], [])
+    assert outs == []
+    runner = engine.model_runner
+    # the prompt (samples 1), 7 bursts of 4, each after the first queued behind the one before
+    # it, then one step for the 30th token (a 1-step burst is not chained)
+    assert runner.bursts == [4] * 7 and runner.chained == [4] * 6
+    starts = [step.scheduled[0].start_pos for step in runner.log]
+    assert starts == [0] + [3 + 4 * i for i in range(8)]
+
+
+def test_no_chain_while_a_request_waits_and_an_abort_drops_its_tokens():
+    config = _config(n_parallel=2)
+    runner = ChainingRunner(config)
+    engine = make_engine(config, runner, overlap=True, decode_steps=4)
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    a = engine.add_request([1, 2, 3], greedy)
+    b = engine.add_request([4, 5], greedy)
+    engine.step(), engine.step(), engine.step()  # prompts, a burst, a chained burst queued
+    assert runner.chained
+    engine.abort_request(a)
+    c = engine.add_request([6], greedy)  # waits: the queued burst runs, nothing more is chained
+    chained = len(runner.chained)
+    outs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            prev = outs.get(out.request_id)
+            outs[out.request_id] = out if prev is None else prev.merge(out)
+        if engine.num_waiting:
+            assert len(runner.chained) == chained
+    engine.block_manager.check_invariants([])
+    assert engine.block_manager.num_free_blocks == config.num_blocks
+    assert outs[a].finish_reason == "abort" and outs[b].num_output_tokens == 40
+    ref = _generate(make_engine(config), [[6]], greedy)[0]
+    assert _key(outs[c]) == _key(ref)
 
 
 def test_tokens_arrive_in_bursts_that_add_up():
@@ -181,15 +260,18 @@ def test_model_runner_bursts_equal_single_steps_on_the_cpu(tiny_path):
               SamplingParams(temperature=0.9, top_k=20, seed=7, max_tokens=12, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=10)]  # fmt: skip
     results = {}
-    for steps in (1, 4):
+    for steps, chained in ((1, False), (4, False), (4, True)):
         config = EngineConfig(ctx_size=64, n_parallel=4, block_size=8, device="cpu",
                               gpu_layers=0, num_scheduler_steps=steps)  # fmt: skip
         loaded = load(str(tiny_path), config, verbose=False)
         try:
             engine = loaded.llm_engine
+            if chained:  # what a GPU does: bursts queued behind bursts, fed on the device
+                engine = LLMEngine(engine.model_runner, engine.tokenizer, config, overlap=True)
+                assert engine._chain
             assert engine.decode_steps == steps
-            results[steps] = [_key(o) for o in _generate(engine, prompts, params)]
+            results[steps, chained] = [_key(o) for o in _generate(engine, prompts, params)]
         finally:
             loaded.close()
-    assert results[4] == results[1]
-    assert [len(r[0]) for r in results[1]][:2] == [9, 12]
+    assert results[4, False] == results[4, True] == results[1, False]
+    assert [len(r[0]) for r in results[1, False]][:2] == [9, 12]

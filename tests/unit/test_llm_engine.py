@@ -104,13 +104,20 @@ class FakeKVRunner:
         )
         return {r.request_id: t for r, t in zip(reqs, tokens.tolist(), strict=True)}
 
-    def _burst(self, step: SchedulerOutput, num_steps: int) -> dict[str, list[int]]:
+    def _burst(self, step: SchedulerOutput, num_steps: int,
+               ahead: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+        """ahead: tokens a chained burst's requests have beyond all_token_ids (sampled by the
+        burst before it, not yet appended by the engine)."""
         self.bursts.append(num_steps)
         self.burst_requests.append({x.request_id for x in step.scheduled})
         assert all(x.num_tokens == 1 and x.sample for x in step.scheduled), step
         reqs = [x.request for x in step.scheduled]
         assert all(r.sampling_params.repeat_penalty == 1.0 for r in reqs)
-        seqs = [list(r.all_token_ids) for r in reqs]  # grow through the burst, as on the GPU
+        ahead = ahead or {}
+        # grow through the burst, as on the GPU
+        seqs = [list(r.all_token_ids) + ahead.get(r.request_id, []) for r in reqs]
+        known = [len(seq) for seq in seqs]
+        assert all(x.start_pos == n - 1 for x, n in zip(step.scheduled, known, strict=True))
         for j in range(num_steps):
             for x, seq in zip(step.scheduled, seqs, strict=True):
                 pos = x.start_pos + j
@@ -123,7 +130,7 @@ class FakeKVRunner:
                             [r.generator for r in reqs], seqs)  # fmt: skip
             for seq, t in zip(seqs, tokens.tolist(), strict=True):
                 seq.append(t)
-        return {r.request_id: seq[r.num_tokens :] for r, seq in zip(reqs, seqs, strict=True)}
+        return {r.request_id: seq[n:] for r, seq, n in zip(reqs, seqs, known, strict=True)}
 
     def _context(self, request, n: int, tokens: list[int] | None = None) -> list[int]:
         tokens = request.all_token_ids if tokens is None else tokens

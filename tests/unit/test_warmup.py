@@ -15,3 +15,14 @@ def test_warm_up_runs_mixed_steps_and_leaves_the_engine_clean():
     assert len(sizes) >= 4  # several matmul row counts
     mixed = [s for s in log if len({item.num_tokens == 1 for item in s.scheduled}) == 2]
     assert mixed, "no step mixed prefill chunks with decode tokens"
+
+
+def test_warm_up_runs_a_burst_and_one_chained_behind_it():
+    from tests.unit.test_decode_bursts import ChainingRunner
+
+    config = _config(n_parallel=4)
+    runner = ChainingRunner(config)
+    engine = make_engine(config, runner, overlap=True, decode_steps=4)
+    warm_up(engine, VOCAB)
+    assert runner.bursts and runner.chained
+    assert not engine.has_unfinished_requests() and engine.block_manager.num_used_blocks == 0

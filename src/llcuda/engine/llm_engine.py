@@ -24,8 +24,8 @@ import torch
 
 from llcuda.config import EngineConfig
 from llcuda.engine.block_manager import BlockManager
-from llcuda.engine.request import Request
-from llcuda.engine.scheduler import Scheduler, SchedulerOutput
+from llcuda.engine.request import Request, RequestStatus
+from llcuda.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from llcuda.sampling_params import SamplingParams
 
 
@@ -89,6 +89,12 @@ class LLMEngine:
     decode_steps: the longest decode burst (config.num_scheduler_steps; None: the runner's
         `default_decode_steps`, else 1). A burst needs a runner whose `launch(step, num_steps)`
         chains decode steps on the device (`supports_decode_bursts`).
+
+    With overlap and a runner whose `launch(step, num_steps, after=handle)` feeds a burst the
+    tokens an unfinished one sampled (`supports_chained_bursts`), steady decoding queues the next
+    burst before the current one's tokens reach the host: the GPU never waits for the host's
+    scheduling, bookkeeping and launches between bursts. It is dropped unused if every request it
+    feeds has ended meanwhile; tokens it samples for an ended request are dropped as after EOG.
     """
 
     def __init__(
@@ -133,6 +139,11 @@ class LLMEngine:
         if not getattr(model_runner, "supports_decode_bursts", False):
             decode_steps = 1
         self.decode_steps = decode_steps
+        self._chain = overlap and decode_steps > 1 and getattr(
+            model_runner, "supports_chained_bursts", False
+        )
+        # (step, num_steps, handle) of a burst queued behind the one step() waits for
+        self._ahead: tuple[SchedulerOutput, int, Any] | None = None
         self.num_steps = 0
 
     # --- requests -------------------------------------------------------------------------------
@@ -229,16 +240,22 @@ class LLMEngine:
         """Run one batch (or a decode burst); return a delta for every request that sampled,
         finished or was aborted."""
         outputs, self._pending = self._pending, []
-        step = self.scheduler.schedule()
-        if step.is_empty:
-            return outputs + self._process_held()
-        num_steps = self._burst_length(step)
-        if self._overlap:
-            launched = self._launch(step, num_steps)  # queued on the GPU, not waited for
-            outputs += self._process_held()
-            sampled = launched.result()
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and any(
+            item.request.status is RequestStatus.RUNNING for item in ahead[0].scheduled
+        ):
+            step, num_steps, launched = ahead  # queued by the previous step()
         else:
-            sampled = self._launch(step, num_steps).result()
+            step = self.scheduler.schedule()
+            if step.is_empty:
+                return outputs + self._process_held()
+            num_steps = self._burst_length(step)
+            launched = self._launch(step, num_steps)  # queued on the GPU, not waited for
+        if self._overlap:
+            if self._chain:
+                self._ahead = self._chain_burst(step, num_steps, launched)
+            outputs += self._process_held()
+        sampled = launched.result()
         self.num_steps += num_steps
         before = {item.request_id: item.request.num_output_tokens for item in step.scheduled}
         finished = {r.request_id for r in self.scheduler.update_from_output(step, sampled)}
@@ -289,6 +306,37 @@ class LLMEngine:
             if not self.block_manager.allocate_slots(item.request, num_steps):
                 return 1  # blocks already reserved for others are used by their next steps
         return num_steps
+
+    def _chain_burst(self, step: SchedulerOutput, num_steps: int, launched: Any
+                     ) -> tuple[SchedulerOutput, int, Any] | None:  # fmt: skip
+        """Queue the burst that follows `step` (a burst still running) for the same requests,
+        fed on the device by the tokens it samples; None when the next schedule may differ: a
+        request waits (it could be admitted), a request ends by max_tokens or ctx_size within
+        this burst, a stop string ended one, or the cache lacks the blocks. A request that meets
+        EOG within this burst makes the next one's tokens for it wasted work, never wrong."""
+        if num_steps < 2 or self.scheduler.waiting:
+            return None
+        ctx = self.config.ctx_size
+        limit = self.decode_steps
+        for item in step.scheduled:
+            request = item.request
+            if request.status is not RequestStatus.RUNNING:
+                return None
+            start = item.start_pos + num_steps  # the chained burst's first position
+            left = request.sampling_params.max_tokens - request.num_output_tokens - num_steps
+            # as in _burst_length: the token sampled at position ctx_size - 2 fills the context
+            limit = min(limit, left, ctx - 1 - start)
+        if limit < 2:
+            return None
+        for item in step.scheduled:
+            if not self.block_manager.allocate_slots(item.request, num_steps + limit):
+                return None  # blocks taken stay with their requests for their next steps
+        chained = SchedulerOutput(
+            scheduled=[ScheduledRequest(item.request, 1, item.start_pos + num_steps, True)
+                       for item in step.scheduled],
+            total_num_tokens=len(step.scheduled),
+        )  # fmt: skip
+        return chained, limit, self.model_runner.launch(chained, limit, after=launched)
 
     def _launch(self, step: SchedulerOutput, num_steps: int = 1):
         # runners that take no bursts keep their one-argument methods

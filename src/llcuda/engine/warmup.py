@@ -3,7 +3,8 @@
 Triton compiles a kernel the first time it meets new block shapes (the matmul tiles depend on
 the number of rows) or new integer specializations; the first request of each kind would
 otherwise wait seconds for that. CUDA graphs already cover pure decode steps; this covers
-prefill chunks of several sizes and steps that mix prefill with decode.
+prefill chunks of several sizes, steps that mix prefill with decode, and decode bursts (one
+scheduled, one chained behind it: its first step reads the tokens from the device).
 """
 
 from __future__ import annotations
@@ -30,9 +31,15 @@ def warm_up(engine: LLMEngine, vocab_size: int) -> int:
     lengths = [max(1, min(n, longest)) for n in lengths]
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     steps = engine.num_steps
-    for wave in (lengths[:1], lengths[1:6], lengths[6:]):
+    waves = [(lengths[:1], params), (lengths[1:6], params), (lengths[6:], params)]
+    if engine.decode_steps > 1:  # a burst, then another queued behind it
+        burst = SamplingParams(max_tokens=2 * engine.decode_steps + 1, temperature=0.0,
+                               ignore_eos=True)  # fmt: skip
+        waves.append(([2], burst))
+    for wave, wave_params in waves:
         for n in wave[: config.n_parallel]:
-            engine.add_request(torch.randint(10, vocab_size, (n,), generator=gen).tolist(), params)
+            prompt = torch.randint(10, vocab_size, (n,), generator=gen).tolist()
+            engine.add_request(prompt, wave_params)
         while engine.has_unfinished_requests():
             engine.step()
     taken = engine.num_steps - steps

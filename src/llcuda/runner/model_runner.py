@@ -80,9 +80,12 @@ class ModelRunner:
         return sum(c.nbytes for c in self.kv_caches)
 
     def prepare_inputs(
-        self, step: SchedulerOutput
+        self, step: SchedulerOutput, known_ids: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """Flat batch tensors on the CPU: input_ids, positions, metadata, logits_indices.
+
+        known_ids=False: a decode step whose input tokens are still on the device (a chained
+        burst, see launch): input_ids are zeros, for the caller to replace.
 
         Built with list operations and one tensor per field: at a few hundred sequences a step
         the host work here runs between GPU steps, so it is kept to a few microseconds a row.
@@ -101,7 +104,7 @@ class ModelRunner:
             table = req.block_table
             end += n
             if n == 1:  # a decode row
-                input_ids.append(req.all_token_ids[start])
+                input_ids.append(req.all_token_ids[start] if known_ids else 0)
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
@@ -115,21 +118,27 @@ class ModelRunner:
             if item.sample:
                 logits_indices.append(end - 1)
         width = max(len(t) for t in tables)  # [num_seqs, width] (<= max_blocks_per_seq)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        host = self._host_tensor
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=block_tables,
+            slot_mapping=host(slots, torch.int64),
+            query_start_loc=host(query_start_loc, torch.int32),
+            seq_lens=host(seq_lens, torch.int32),
+            block_tables=host([t + [0] * (width - len(t)) for t in tables], torch.int32),
             max_query_len=max(item.num_tokens for item in step.scheduled),
             max_seq_len=max(seq_lens),
         )
         return (
-            torch.tensor(input_ids, dtype=torch.int64),
-            torch.tensor(positions, dtype=torch.int64),
+            host(input_ids, torch.int64),
+            host(positions, torch.int64),
             meta,
-            torch.tensor(logits_indices, dtype=torch.int64),
+            host(logits_indices, torch.int64),
         )
+
+    def _host_tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor the GPU copies without blocking: a copy from pageable memory waits for
+        the stream to drain first, which would stall a launch queued behind a running burst."""
+        t = torch.tensor(data, dtype=dtype)
+        return t.pin_memory() if self.device.type == "cuda" else t
 
     def _prefill_graph_fits(self, step: SchedulerOutput) -> bool:
         """One sequence, several new tokens, and a graph bucket that holds them."""
@@ -149,25 +158,39 @@ class ModelRunner:
         """Whether launch() can chain decode steps: the whole model on one device."""
         return all(d == self.device for d in self.devices)
 
+    @property
+    def supports_chained_bursts(self) -> bool:
+        """Whether launch() takes `after`: a burst fed by a running one's tokens on the device,
+        which hides the host's work between bursts (the engine chains only with overlap, i.e.
+        on a GPU; on the CPU a launch computes before it returns)."""
+        return self.supports_decode_bursts
+
     def execute_model(self, step: SchedulerOutput, num_steps: int = 1) -> dict:
         """Run one step (or a decode burst, see launch); returns the sampled token of each
         request whose known tokens all ran (a list of num_steps tokens for a burst)."""
         return self.launch(step, num_steps).result()
 
     @torch.inference_mode()
-    def launch(self, step: SchedulerOutput, num_steps: int = 1) -> SampledTokens:
+    def launch(self, step: SchedulerOutput, num_steps: int = 1,
+               after: SampledTokens | None = None) -> SampledTokens:
         """Queue one step on the device; the returned handle waits for its sampled tokens.
 
         num_steps > 1 (a decode burst: every scheduled request feeds one token and samples, and
         its block table already covers num_steps new positions): that many decode steps, each
         fed the tokens the previous one sampled, all queued before any token reaches the host.
+        after: a burst chained behind that still-running burst of the same requests in the same
+        order; its input tokens are the last ones `after` sampled, read on the device.
         """
         if not step.scheduled:
             return SampledTokens([], None)
-        input_ids, positions, meta, logits_indices = self.prepare_inputs(step)
+        input_ids, positions, meta, logits_indices = self.prepare_inputs(step, after is None)
         sampled_items = [item for item in step.scheduled if item.sample]
         is_decode = meta.max_query_len == 1 and len(sampled_items) == len(step.scheduled)
-        if num_steps > 1:
+        if after is not None:
+            if after.last_ids is None or after.last_ids.shape[0] != len(step.scheduled):
+                raise ValueError("a chained burst needs the previous burst of the same requests")
+            input_ids = after.last_ids
+        if num_steps > 1 or after is not None:
             if not (is_decode and self.supports_decode_bursts):
                 raise ValueError("a decode burst needs a pure decode step on a one-device model")
             return self._launch_burst(step, num_steps, input_ids, positions, meta)
@@ -223,7 +246,7 @@ class ModelRunner:
                 self.model.embed(ids, out=graphs.x[: len(requests)])
                 ids = sample(graphs.replay(step_inputs[j]), params, generators, history)
                 tokens.append(ids)
-            return SampledTokens([r.request_id for r in requests], torch.stack(tokens))
+            return SampledTokens([r.request_id for r in requests], torch.stack(tokens), ids)
         pos, slots, lens, tables, starts = (
             to_device(t, dev)
             for t in (pos, slots, lens.to(torch.int32), meta.block_tables, meta.query_start_loc)
@@ -237,7 +260,7 @@ class ModelRunner:
                                         self.kv_caches)  # fmt: skip
             ids = sample(self.model.compute_logits(hidden), params, generators, history)
             tokens.append(ids)
-        return SampledTokens([r.request_id for r in requests], torch.stack(tokens))
+        return SampledTokens([r.request_id for r in requests], torch.stack(tokens), ids)
 
 
 class SampledTokens:
@@ -247,9 +270,14 @@ class SampledTokens:
     caller can do host work while the step runs; result() waits for that event only.
     """
 
-    def __init__(self, request_ids: list[str], token_ids: torch.Tensor | None):
+    def __init__(self, request_ids: list[str], token_ids: torch.Tensor | None,
+                 last_ids: torch.Tensor | None = None):
         self.request_ids = request_ids
         self.event = None
+        # [B] on the device, the last step's tokens: what a chained burst feeds (launch's
+        # `after`). A burst passes its last step's own tensor: a row view into the stacked
+        # [num_steps, B] may sit at an offset that makes Triton compile the embedding again.
+        self.last_ids = last_ids if last_ids is not None else token_ids
         if token_ids is not None and token_ids.device.type == "cuda":
             host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
             self.token_ids = host.copy_(token_ids, non_blocking=True)
