@@ -522,17 +522,28 @@ GEMV_SHORT_ROW_GROUPS = 36
 
 
 def _gemv_config_m1(qtype: int, n: int, n_groups: int, num_sms: int, block_g: int) -> dict:
-    """The single-token decode GEMV. An H100 sweep over Gemma 3 1B / 270M's projections (graph
-    replays, BENCHMARKS.md, fifth session) found them latency-bound, not bandwidth-bound:
-    - short rows (K <= 1152: q|k|v, gate|up, o of the 270M) were fastest unsplit, in 32-row tiles
-      up to N = 2048 (Q4_K 1024x1152: 5.25 us vs 7.12 at 64 rows and 2 splits; Q5_0 640x1536:
-      4.3 vs 5.7), 64 up to 8192 and 128 above (Q5_0 1152x13824: 9.6 us);
+    """The single-token decode GEMV. The projections of Gemma 3 1B / 270M are latency-bound, not
+    bandwidth-bound (H100 sweeps of graph replays: BENCHMARKS.md, fifth and seventh sessions):
+    - short rows (K <= 1152: q|k|v, gate|up, o) run unsplit. Narrow outputs (N <= 1152) in
+      16-row tiles, 8 warps for the K-quants, 4 for the rest (in a chain of PDL launches: Q4_K
+      1024x1152 3.42 us vs 4.61 at 32 rows and 4 warps, 1024x640 2.59 vs 3.44; Q8_0 1152x256
+      2.61 vs 3.78); wider ones 32 rows up to N = 2048, 64 up to 8192 and 128 above (Q5_0
+      1152x13824: 9.0 us), with 8 warps for an LM head (Q8_0 1152x262144: 121 us vs 129, 2.65
+      TB/s; in the 1B twin's decode step, 125 -> 118 us);
     - long rows (ffn_down, K = 2048 or 6912) were fastest with ~2 programs per SM, even at one
       K step each (Q4_K 6912x1152: 9.7 us at 16 splits vs 10.8 at 13; Q4_K 2048x640: 6.3 at 8
-      splits vs 7.1 at 4); Q6_K in 32-row tiles (its planes' registers), the rest in 64.
+      splits vs 7.1 at 4); Q6_K in 32-row tiles (its planes' registers), the rest in 64. The
+      plain GEMV was faster still in 16-row tiles unsplit (2048x640: 5.2 us), but ffn_down runs
+      with GEGLU on its input, which every program then recomputes over the whole row: 8.1 us
+      instead of 3.7 in the 270M twin's step.
     Bigger matrices (Llama-8B FFNs) keep the earlier sweep's 128 rows, 3 stages, no split."""
+    warps = 4
     if n_groups <= GEMV_SHORT_ROW_GROUPS:
-        block_n = 32 if n <= 2048 else 64 if n <= 8192 else 128
+        if n <= 1152:
+            block_n, warps = 16, 8 if qtype in (Q4_K, Q5_K, Q6_K) else 4
+        else:
+            block_n = 32 if n <= 2048 else 64 if n <= 8192 else 128
+            warps = 8 if n >= 65536 else 4
     elif n >= 8192:
         block_n = 64 if qtype == Q6_K else 128
     else:
@@ -544,7 +555,7 @@ def _gemv_config_m1(qtype: int, n: int, n_groups: int, num_sms: int, block_g: in
         want = 2 * num_sms / n_tiles  # splits for ~2 programs per SM, to the nearest power of 2
         split_k = 1 << max(0, round(math.log2(want)))
         split_k = max(1, min(split_k, n_groups // block_g))  # at least one K step each
-    return {"BLOCK_N": block_n, "BLOCK_G": block_g, "SPLIT_K": split_k, "num_warps": 4,
+    return {"BLOCK_N": block_n, "BLOCK_G": block_g, "SPLIT_K": split_k, "num_warps": warps,
             "num_stages": 3}
 
 
