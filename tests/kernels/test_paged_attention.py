@@ -160,6 +160,20 @@ def test_decode_with_one_query_each(num_seqs, window):
         torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("window", [0, 512])
+def test_decode_pieces_follow_the_context_length(window):
+    """Split-KV pieces beyond the context's last tile write nothing: one piece stores its output
+    directly, a few are merged without the slots the others left from a longer call."""
+    from llcuda.kernels.paged_attention import _COUNTERS, AttentionConfig
+
+    config = AttentionConfig(16, 64, 16, 4, 2)
+    for ctx in (3000, 100, 40, 130, 64, 65):  # 47, 2, 1, 3, 1 and 2 tiles of 64 keys
+        b = make_batch([(ctx, 1), (ctx // 2 + 1, 1)], 4, 1, 256, 16, window, seed=ctx)
+        torch.testing.assert_close(run_kernel_decode(b, config), run_ref(b), atol=ATOL,
+                                   rtol=RTOL)  # fmt: skip
+        assert not _COUNTERS[b["q"].device].any()
+
+
 def run_kernel_decode(b: dict, config=None) -> torch.Tensor:
     from llcuda.kernels.paged_attention import paged_attention
 

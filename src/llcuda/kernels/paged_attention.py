@@ -150,8 +150,14 @@ def _paged_attention_kernel(
         key_lo = tl.maximum(ctx - q_len + first_q - sliding_window + 1, 0)
     tile_lo = key_lo // BLOCK_N
     tile_hi = tl.cdiv(key_hi, BLOCK_N)
+    pieces = 1  # pieces of this tile's key range that hold keys: the ones that write
     if NUM_SEGMENTS > 1:
+        # >= 1 tile: every query sees itself. A short context fills only the first pieces; the
+        # rest leave at once, and a context of one piece writes its output directly.
         per_segment = tl.cdiv(tile_hi - tile_lo, NUM_SEGMENTS)
+        pieces = tl.cdiv(tile_hi - tile_lo, per_segment)
+        if segment >= pieces:
+            return
         tile_lo = tile_lo + segment * per_segment
         tile_hi = tl.minimum(tile_lo + per_segment, tile_hi)
 
@@ -192,7 +198,7 @@ def _paged_attention_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_safe[:, None]
-    if NUM_SEGMENTS == 1:
+    if pieces == 1:
         tl.store(
             out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
             acc,
@@ -210,31 +216,36 @@ def _paged_attention_kernel(
         # acq_rel: this piece's stores are visible to whoever sees its count, and the last piece
         # sees every other piece's
         counter = counter_ptr + pid_q * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SEGMENTS - 1:
+        if tl.atomic_add(counter, 1, sem="acq_rel") == pieces - 1:
             tl.store(counter, 0)  # ready for the next call (a graph replays the same buffer)
             _merge_segments(seg_out_ptr, seg_lse_ptr, out_ptr, token, head, row_valid, offs_d,
-                            d_mask, num_heads, stride_ot, stride_oh, HEAD_DIM_P, NUM_SEGMENTS)
+                            d_mask, num_heads, stride_ot, stride_oh, pieces, HEAD_DIM_P,
+                            NUM_SEGMENTS)
 
 
 @triton.jit
 def _merge_segments(seg_out_ptr, seg_lse_ptr, out_ptr, token, head, row_valid, offs_d, d_mask,
-                    num_heads, stride_ot, stride_oh, HEAD_DIM_P: tl.constexpr,
+                    num_heads, stride_ot, stride_oh, pieces, HEAD_DIM_P: tl.constexpr,
                     NUM_SEGMENTS: tl.constexpr):
-    """out[row] = the pieces' outputs weighted by their share of the softmax mass:
-    sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m), for the tile's rows [BLOCK_M]."""
+    """out[row] = the first `pieces` pieces' outputs weighted by their share of the softmax
+    mass: sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m), for the tile's rows [BLOCK_M]. Pieces
+    from `pieces` on wrote nothing this call (their slots hold an earlier call's values)."""
     offs_s = tl.arange(0, NUM_SEGMENTS)
     first = (token.to(tl.int64) * num_heads + head) * NUM_SEGMENTS  # [BLOCK_M] piece 0's index
+    written = row_valid[:, None] & (offs_s[None, :] < pieces)  # [BLOCK_M, NUM_SEGMENTS]
     # .cg: read from L2, where the other pieces' stores went, never from this SM's L1
-    lse = tl.load(seg_lse_ptr + first[:, None] + offs_s[None, :], mask=row_valid[:, None],
-                  other=0.0, cache_modifier=".cg")  # [BLOCK_M, NUM_SEGMENTS]
-    m = tl.max(lse, 1)  # finite: every query sees itself, in some piece
-    w = tl.math.exp2(lse - m[:, None])  # 0 for empty pieces
+    lse = tl.load(seg_lse_ptr + first[:, None] + offs_s[None, :], mask=written,
+                  other=float("-inf"), cache_modifier=".cg")  # [BLOCK_M, NUM_SEGMENTS]
+    m = tl.max(lse, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # finite for a valid row: a query sees itself
+    w = tl.math.exp2(lse - m[:, None])  # 0 for pieces with no visible key, or none written
     acc = tl.zeros([lse.shape[0], HEAD_DIM_P], dtype=tl.float32)
     for s in tl.static_range(NUM_SEGMENTS):
         o = tl.load(seg_out_ptr + (first + s)[:, None] * HEAD_DIM_P + offs_d[None, :],
-                    mask=row_valid[:, None], other=0.0, cache_modifier=".cg")
+                    mask=row_valid[:, None] & (s < pieces), other=0.0, cache_modifier=".cg")
         acc += o * tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), 1)[:, None]
-    acc = acc / tl.sum(w, 1)[:, None]
+    total = tl.sum(w, 1)
+    acc = acc / tl.where(total == 0.0, 1.0, total)[:, None]  # 0 only in rows never stored
     tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              acc, mask=row_valid[:, None] & d_mask[None, :])
 
