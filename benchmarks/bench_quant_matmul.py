@@ -1,13 +1,15 @@
 """Quantized matmul kernels (llcuda.kernels.quant_matmul) next to cuBLAS on a dense bf16 copy.
 
-    python benchmarks/bench_quant_matmul.py [--quick] [--sweep] [--json out.jsonl]
+    python benchmarks/bench_quant_matmul.py [--quick] [--sweep] [--m1-sweep] [--json out.jsonl]
 
 Per (type, K, N, M): kernel time in us (median of CUDA-graph replays, so launch gaps are not
 counted), GB/s of packed weight bytes at M=1 (the decode roofline: ~3.35 TB/s on H100 SXM),
 TFLOP/s at M=512, and torch's `x_bf16 @ W_bf16.T` (cuBLAS) at the same M. Each call reads one of
 several weight copies in turn, so small weights are not timed out of L2 (the `L2` column marks
 shapes whose copies still fit in it). --sweep times other launch configurations of the biggest
-shapes, to tune the heuristics in quant_matmul.gemv_config / gemm_config.
+shapes, to tune the heuristics in quant_matmul.gemv_config / gemm_config; --m1-sweep those of the
+single-token GEMV over every Gemma 3 1B / 270M decode projection and LM head (on sm_90 the graph's
+launches are PDL-chained, each waiting for the one before, as in a decode step).
 """
 
 from __future__ import annotations
@@ -158,6 +160,56 @@ def sweep_shape(tname: str, k: int, n: int, gen) -> list[dict]:
     return out
 
 
+# (type, K, N) of the Gemma 3 1B / 270M twins' single-token projections: q|k|v (or q|k and v),
+# o, gate|up, ffn_down (Q4_K or Q6_K), the tied LM heads
+M1_SWEEP = [("Q5_0", 1152, 1536), ("Q8_0", 1152, 256), ("Q4_K", 1024, 1152),
+            ("Q5_0", 1152, 13824), ("Q4_K", 6912, 1152), ("Q6_K", 6912, 1152),
+            ("Q5_0", 640, 1536), ("Q4_K", 1024, 640), ("Q5_0", 640, 4096), ("Q4_K", 2048, 640),
+            ("Q8_0", 1152, 262144), ("Q8_0", 640, 262144)]
+
+
+def m1_sweep(gen) -> list[dict]:
+    """Tile rows, warps, pipeline stages and K splits of the M=1 GEMV per M1_SWEEP shape; prints
+    the default and the four fastest."""
+    out = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for tname, k, n in M1_SWEEP:
+        qid = T[tname]
+        w0 = qp.pack_weight(random_rows(qid, n, k, gen), qid, k)
+        copies = max(1, min(64, -(-TARGET_BYTES // w0.nbytes)))
+        ws = [w0] + [qp.pack_weight(random_rows(qid, n, k, gen), qid, k)
+                     for _ in range(copies - 1)]
+        x = torch.randn((1, k), generator=gen, device="cuda")
+        base = gemv_config(qid, 1, n, k // 32, sms)
+        base_us = time_calls([lambda w=w, x=x: quant_gemv(x, w) for w in ws])
+        head = n > 100_000  # an LM head: wide tiles, deeper pipelines
+        results = []
+        for bn in (64, 128, 256) if head else (16, 32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4) if head else (1, 2, 3):
+                    for split in sorted({1, base["SPLIT_K"], 2 * base["SPLIT_K"]}):
+                        if (k // 32) // base["BLOCK_G"] < split:
+                            continue
+                        cfg = dict(base, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+                                   SPLIT_K=split)
+                        try:
+                            us = time_calls([lambda w=w, c=cfg, x=x: quant_gemv(x, w, config=c)
+                                             for w in ws])
+                        except Exception as e:  # e.g. out of registers
+                            print(f"  {tname} {cfg}: failed {type(e).__name__}")
+                            continue
+                        results.append((us, cfg))
+        results.sort(key=lambda r: r[0])
+        best = " ".join(f"{us:.2f}(rows {c['BLOCK_N']} warps {c['num_warps']} stages "
+                        f"{c['num_stages']} splits {c['SPLIT_K']})" for us, c in results[:4])
+        print(f"m1-sweep {tname} K={k} N={n} {w0.nbytes / 1e6:.2f} MB: default {base_us:.2f}us "
+              f"({w0.nbytes / base_us / 1e3:.0f} GB/s, rows {base['BLOCK_N']} warps "
+              f"{base['num_warps']} splits {base['SPLIT_K']}); best {best}", flush=True)
+        out.append({"type": tname, "K": k, "N": n, "M": 1, "default_us": base_us,
+                    "best_us": results[0][0], "best": results[0][1]})
+    return out
+
+
 # the 1B twin's projections as a decode batch meets them (q|k, gate|up fused; K=1152 is Q5_0)
 DECODE_SWEEP = [("Q5_0", 1152, 13824), ("Q4_K", 6912, 1152), ("Q5_0", 1152, 1280)]
 
@@ -216,6 +268,8 @@ def main() -> None:
     ap.add_argument("--no-table", action="store_true", help="skip the table (with --sweep)")
     ap.add_argument("--decode-sweep", action="store_true",
                     help="only: tile configs of the 1B twin's projections at M = 64, 128")
+    ap.add_argument("--m1-sweep", action="store_true",
+                    help="only: GEMV configs of the 1B / 270M twins' decode projections at M = 1")
     ap.add_argument("--json", default=None, help="append one JSON line per row to this file")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -223,6 +277,9 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}")
     if args.decode_sweep:
         decode_sweep(gen)
+        return
+    if args.m1_sweep:
+        m1_sweep(gen)
         return
     rows = []
     for tname, k, n in [] if args.no_table else QUICK if args.quick else SHAPES:
