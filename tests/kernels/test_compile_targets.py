@@ -121,6 +121,16 @@ def test_embedding_gather_compiles_for_t4():
         "PLANE_MAJOR": False, "USE_ASM": True}, 4)  # fmt: skip
 
 
+def test_argmax_compiles_for_t4():
+    from llcuda.kernels import argmax as am
+
+    i32 = torch.empty(1, dtype=torch.int32)
+    args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1, dtype=torch.int64),
+            "piece_val_ptr": torch.empty(1), "piece_idx_ptr": i32, "counter_ptr": i32,
+            "n": 262144, "stride_row": 262144}  # fmt: skip
+    compile_for_t4(am._argmax_kernel, args, {"PIECES": 64, "BLOCK": am.BLOCK}, 4)
+
+
 @pytest.mark.parametrize("max_query_len", [1, 512])
 @pytest.mark.parametrize("sliding", [0, 512])
 def test_paged_attention_compiles_for_t4_fp16_cache(monkeypatch, max_query_len, sliding):
