@@ -121,6 +121,29 @@ def test_embedding_gather_compiles_for_t4():
         "PLANE_MAJOR": False, "USE_ASM": True}, 4)  # fmt: skip
 
 
+def test_gemv_pair_compiles_for_t4_and_waits_first_on_sm90():
+    """The q|k + v launch (two quant types in one kernel): sm_75, and on sm_90 with PDL no
+    memory access before the wait."""
+    from llcuda.kernels import quant_matmul as qm
+
+    k = 1152
+    wa, wb = _packed(GGMLType.Q5_0, k, 1280), _packed(GGMLType.Q8_0, k, 256)
+    ptrs = {w: {f"{name[:-4]}_{w}": t for name, t in _weight_args(weight).items()
+                if name.endswith("_ptr")} for w, weight in (("a", wa), ("b", wb))}
+    args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **ptrs["a"], **ptrs["b"],
+            "M": 1, "n_a": 1280, "n_b": 256, "n_groups": k // 32, "tiles_a": 40, "stride_xm": k,
+            **{f"{name}_{w}": 7 for name in ("s_qs", "s_qh", "s_sc", "s_d") for w in "ab"},
+            "magic": 0x4B000000}  # fmt: skip
+    constexprs = {"QTYPE_A": int(GGMLType.Q5_0), "WPG_A": 4, "HAS_MIN_A": False, "BLOCK_N_A": 32,
+                  "BLOCK_G_A": 4, "QTYPE_B": int(GGMLType.Q8_0), "WPG_B": 8, "HAS_MIN_B": False,
+                  "BLOCK_N_B": 16, "BLOCK_G_B": 4, "BLOCK_M": 1, "NUM_STAGES": 3,
+                  "USE_ASM": True}  # fmt: skip
+    compile_for_t4(qm._quant_gemv_pair_kernel, args, {**constexprs, "PDL": False}, 4, 3)
+    ptx = compile_ptx(qm._quant_gemv_pair_kernel, args, {**constexprs, "PDL": True}, H100, 4, 3)
+    head = _before_wait(ptx)
+    assert "ld.global" not in head and "st.global" not in head and "cp.async" not in head
+
+
 def test_argmax_compiles_for_t4():
     from llcuda.kernels import argmax as am
 

@@ -313,3 +313,36 @@ def test_gemv_computes_geglu_as_it_loads(qtype, m):
     torch.testing.assert_close(parts.sum(0), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(QuantMatmulError, match="gate\\|up rows"):
         quant_gemv(gate_up[:, :k], w, geglu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,types", [
+    (1152, (GGMLType.Q5_0, GGMLType.Q8_0)),  # Gemma 3 1B: q|k, and v on a use_more_bits layer
+    (640, (GGMLType.Q5_0, GGMLType.Q8_0)),  # 270M
+    (1024, (GGMLType.Q4_K, GGMLType.Q6_K)),
+], ids=["1152-q5_0-q8_0", "640-q5_0-q8_0", "1024-q4_k-q6_k"])  # fmt: skip
+def test_gemv_pair_equals_two_gemvs(k, types):
+    """Two weights of different types over one input in one launch: [A | B] equals each GEMV
+    alone, bit for bit (the same programs compute them)."""
+    from llcuda.kernels.quant_matmul import gemv_pair_config, quant_gemv, quant_gemv_pair
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1
+    gen = torch.Generator(device=dev).manual_seed(k)
+    m = 1
+    wa = qp.pack_weight(random_rows(types[0], 1280, k, gen, device=dev), types[0], k)
+    wb = qp.pack_weight(random_rows(types[1], 256, k, gen, device=dev), types[1], k)
+    x = torch.randn((m, k), generator=gen, device=dev)
+    both = quant_gemv_pair(x, wa, wb)
+    assert both.shape == (m, 1536)
+    torch.testing.assert_close(both[:, :1280], quant_gemv(x, wa), rtol=0, atol=0)
+    torch.testing.assert_close(both[:, 1280:], quant_gemv(x, wb), rtol=0, atol=0)
+    want = x @ torch.cat([qp.dequantize_packed(wa), qp.dequantize_packed(wb)]).T
+    torch.testing.assert_close(both, want, rtol=1e-4, atol=1e-3)
+    # no shared launch: another K, a K-split weight, several rows (their narrow outputs split K)
+    assert gemv_pair_config(torch.zeros(3, k, device=dev), wa, wb) is None
+    other = qp.pack_weight(random_rows(types[1], 256, 2 * k, gen, device=dev), types[1], 2 * k)
+    assert gemv_pair_config(x, wa, other) is None
+    tall = qp.pack_weight(random_rows(GGMLType.Q4_K, 64, 6912, gen, device=dev), GGMLType.Q4_K,
+                          6912)  # fmt: skip
+    assert gemv_pair_config(torch.zeros(1, 6912, device=dev), tall, tall) is None
+    assert gemv_pair_config(torch.zeros(64, k, device=dev), wa, wb) is None

@@ -133,6 +133,19 @@ def quant_matmul(x: torch.Tensor, weight: object, partials: bool = False) -> tor
     return triton_quant_matmul(x, weight, partials=partials)
 
 
+def quant_matmul_pair(x: torch.Tensor, wa: object, wb: object) -> torch.Tensor | None:
+    """[x @ Wa.T | x @ Wb.T] [num_tokens, na + nb] in one launch where the GPU's decode GEMV can
+    take both (two weights of one input in different quant types); None elsewhere, for the
+    caller to run them apart."""
+    if isinstance(wa, QuantTensor) or isinstance(wb, QuantTensor):
+        return None
+    from llcuda.kernels import quant_matmul as qm
+
+    if qm.gemv_pair_config(x, wa, wb) is None:
+        return None
+    return qm.quant_gemv_pair(x, wa, wb)
+
+
 def geglu_quant_matmul(gate_up: torch.Tensor, weight: object, partials: bool = False
                        ) -> torch.Tensor:  # fmt: skip
     """GELU_tanh(gate) * up @ W.T for a gate|up output [T, 2F] or its split-K partials [S, T, 2F]

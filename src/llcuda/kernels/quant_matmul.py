@@ -317,10 +317,62 @@ def _quant_gemv_kernel(
     USE_ASM: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (dependent_launch.py)
 ):
+    wait_for_previous(PDL)
+    _gemv_tile(x_ptr, out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, M, N, n_groups,
+               groups_per_split, stride_xm, stride_osplit, N, 0, s_qs, s_qh, s_sc, s_d, magic,
+               tl.program_id(0), tl.program_id(1), GEGLU, QTYPE, WPG, HAS_MIN, BLOCK_M, BLOCK_N,
+               BLOCK_G, NUM_STAGES, USE_ASM)  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["M", "n_a", "n_b", "tiles_a"])
+def _quant_gemv_pair_kernel(
+    x_ptr,  # [M, K] activations, unit stride along K
+    out_ptr,  # [M, n_a + n_b] fp32: A's outputs, then B's
+    qs_a, qh_a, sc_a, mn_a, d_a, dmin_a,  # weight A (n_a rows), as _quant_gemv_kernel's
+    qs_b, qh_b, sc_b, mn_b, d_b, dmin_b,  # weight B (n_b rows), another quant type
+    M, n_a, n_b, n_groups, tiles_a, stride_xm,
+    s_qs_a, s_qh_a, s_sc_a, s_d_a, s_qs_b, s_qh_b, s_sc_b, s_d_b,
+    magic,
+    QTYPE_A: tl.constexpr, WPG_A: tl.constexpr, HAS_MIN_A: tl.constexpr, BLOCK_N_A: tl.constexpr,
+    BLOCK_G_A: tl.constexpr,
+    QTYPE_B: tl.constexpr, WPG_B: tl.constexpr, HAS_MIN_B: tl.constexpr, BLOCK_N_B: tl.constexpr,
+    BLOCK_G_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Two unsplit GEMVs of one input in one launch (q|k and a v stored in another type): the
+    first `tiles_a` programs take weight A, the rest weight B, one output row [A | B]."""
+    wait_for_previous(PDL)
+    pid = tl.program_id(0)
+    n_out = n_a + n_b
+    if pid < tiles_a:
+        _gemv_tile(x_ptr, out_ptr, qs_a, qh_a, sc_a, mn_a, d_a, dmin_a, M, n_a, n_groups,
+                   n_groups, stride_xm, 0, n_out, 0, s_qs_a, s_qh_a, s_sc_a, s_d_a, magic, pid, 0,
+                   False, QTYPE_A, WPG_A, HAS_MIN_A, BLOCK_M, BLOCK_N_A, BLOCK_G_A, NUM_STAGES,
+                   USE_ASM)  # fmt: skip
+    else:
+        _gemv_tile(x_ptr, out_ptr, qs_b, qh_b, sc_b, mn_b, d_b, dmin_b, M, n_b, n_groups,
+                   n_groups, stride_xm, 0, n_out, n_a, s_qs_b, s_qh_b, s_sc_b, s_d_b, magic,
+                   pid - tiles_a, 0, False, QTYPE_B, WPG_B, HAS_MIN_B, BLOCK_M, BLOCK_N_B,
+                   BLOCK_G_B, NUM_STAGES, USE_ASM)  # fmt: skip
+
+
+@triton.jit
+def _gemv_tile(
+    x_ptr, out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr,
+    M, N, n_groups, groups_per_split, stride_xm, stride_osplit,
+    out_n,  # the output's row width (N, or more when it holds another weight's outputs too)
+    out_col0,  # this weight's first output column
+    s_qs, s_qh, s_sc, s_d, magic,
+    pid_n,  # BLOCK_N-row tile of the weight
+    pid_k,  # split of K
+    GEGLU: tl.constexpr, QTYPE: tl.constexpr, WPG: tl.constexpr, HAS_MIN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    NUM_STAGES: tl.constexpr, USE_ASM: tl.constexpr,
+):  # fmt: skip
+    """One program of the decode GEMV (see the module docstring): rows pid_n * BLOCK_N.. of the
+    weight over split pid_k of K, for every activation row."""
     NP: tl.constexpr = 32 // WPG  # planes
     NW: tl.constexpr = BLOCK_G * WPG  # words per row per K step
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     # Clamp rather than mask: rows past N re-read row N-1 and are never stored, so the weight loads
     # carry only the K mask.
@@ -331,7 +383,6 @@ def _quant_gemv_kernel(
     m_idx = tl.arange(0, BLOCK_M)
     g_begin = pid_k * groups_per_split
     g_end = tl.minimum(g_begin + groups_per_split, n_groups)
-    wait_for_previous(PDL)
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)  # reduced over groups once, after the loop
     else:
@@ -378,11 +429,12 @@ def _quant_gemv_kernel(
                 acc += part
             else:
                 acc = tl.where(m_idx[:, None] == m, acc + tl.sum(part, axis=1)[None, :], acc)
+    cols = out_col0 + rows
     if BLOCK_M == 1:
-        out = out_ptr + pid_k * stride_osplit + rows
+        out = out_ptr + pid_k * stride_osplit + cols
         tl.store(out, tl.sum(acc, axis=1), mask=rows < N)
     else:
-        out = out_ptr + pid_k * stride_osplit + m_idx[:, None] * N + rows[None, :]
+        out = out_ptr + pid_k * stride_osplit + m_idx[:, None] * out_n + cols[None, :]
         tl.store(out, acc, mask=(m_idx[:, None] < M) & (rows[None, :] < N))
 
 
@@ -654,6 +706,52 @@ def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
         **pdl_launch_args(x.device),
     )
     return _reduce_splits(out, partials)
+
+
+def gemv_pair_config(x: torch.Tensor, wa: PackedWeight, wb: PackedWeight) -> tuple | None:
+    """The configs of quant_gemv_pair's two halves, or None when the pair cannot share one
+    launch: not the decode GEMV, K split, or a different K."""
+    if not (isinstance(wa, PackedWeight) and isinstance(wb, PackedWeight)) or x.dim() != 2:
+        return None
+    m, k = x.shape
+    on_gpu = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    if not (0 < m <= GEMV_KERNEL_MAX_M and wa.n_cols == wb.n_cols == k and on_gpu):
+        return None
+    if not (uses_gemv(m, wa) and uses_gemv(m, wb)):
+        return None
+    sms = _num_sms(x.device.index or 0) if x.is_cuda else 132
+    configs = [gemv_config(w.qtype, m, w.n_rows, k // GROUP, sms) for w in (wa, wb)]
+    if any(c["SPLIT_K"] != 1 for c in configs):
+        return None
+    return tuple(configs)
+
+
+def quant_gemv_pair(x: torch.Tensor, wa: PackedWeight, wb: PackedWeight) -> torch.Tensor:
+    """[x @ dequant(wa).T | x @ dequant(wb).T] -> [M, Na + Nb] fp32 in one launch, for two weights
+    of one input in different quant types (a Q4_K_M layer's q|k and its higher-bit v). Needs
+    gemv_pair_config(x, wa, wb) to be a pair of configs."""
+    configs = gemv_pair_config(x, wa, wb)
+    if configs is None:
+        raise QuantMatmulError("quant_gemv_pair needs two unsplit decode GEMVs of the same K")
+    x = _check(x, wa)
+    cfg_a, cfg_b = configs
+    m, na, nb = x.shape[0], wa.n_rows, wb.n_rows
+    out = torch.empty((m, na + nb), device=x.device, dtype=torch.float32)
+    (ptrs_a, strides_a), (ptrs_b, strides_b) = _weight_args(wa), _weight_args(wb)
+    tiles_a = triton.cdiv(na, cfg_a["BLOCK_N"])
+    grid = (tiles_a + triton.cdiv(nb, cfg_b["BLOCK_N"]),)
+    _quant_gemv_pair_kernel[grid](
+        x, out, *ptrs_a, *ptrs_b, m, na, nb, x.shape[1] // GROUP, tiles_a, x.stride(0),
+        *strides_a, *strides_b, _MAGIC,
+        QTYPE_A=wa.qtype, WPG_A=_WPG[wa.qtype], HAS_MIN_A=wa.qtype in _HAS_MIN,
+        BLOCK_N_A=cfg_a["BLOCK_N"], BLOCK_G_A=cfg_a["BLOCK_G"],
+        QTYPE_B=wb.qtype, WPG_B=_WPG[wb.qtype], HAS_MIN_B=wb.qtype in _HAS_MIN,
+        BLOCK_N_B=cfg_b["BLOCK_N"], BLOCK_G_B=cfg_b["BLOCK_G"],
+        BLOCK_M=max(1, triton.next_power_of_2(m)), NUM_STAGES=cfg_a["num_stages"],
+        USE_ASM=_use_asm(), num_warps=max(cfg_a["num_warps"], cfg_b["num_warps"]),
+        **pdl_launch_args(x.device),
+    )  # fmt: skip
+    return out
 
 
 def _reduce_splits(out: torch.Tensor, partials: bool) -> torch.Tensor:

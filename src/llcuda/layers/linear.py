@@ -64,3 +64,16 @@ class FusedQuantLinear:
         if self.parts is None:
             return ops.quant_matmul(x, self.weight, partials=True)
         return self(x).unsqueeze(0)
+
+
+def paired_partials(first: FusedQuantLinear | QuantLinear, second: QuantLinear,
+                    x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(first.partials(x), second.partials(x)): two layers that read the same input but keep
+    their weights in different quant types (a Q4_K_M layer's q|k and its v). A GPU decode step
+    runs both in one launch ([1, T, n] views of one output); anything else, one after another."""
+    weight = getattr(first, "weight", None) if getattr(first, "parts", None) is None else None
+    if weight is not None:
+        both = ops.quant_matmul_pair(x, weight, second.weight)  # [T, n1 + n2] or None
+        if both is not None:
+            return both[None, :, : first.out_features], both[None, :, first.out_features :]
+    return first.partials(x), second.partials(x)

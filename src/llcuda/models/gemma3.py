@@ -15,7 +15,7 @@ from llcuda.config import ModelConfig
 from llcuda.gguf.reader import GGUFFile
 from llcuda.kernels import ops
 from llcuda.layers.attention import AttentionMetadata, KVCache
-from llcuda.layers.linear import FusedQuantLinear, QuantLinear
+from llcuda.layers.linear import FusedQuantLinear, QuantLinear, paired_partials
 from llcuda.layers.quant_tensor import QuantTensor, read_float_tensor
 from llcuda.layers.rotary import RotaryEmbedding
 
@@ -82,7 +82,7 @@ class Gemma3Block:
             qkv = self.attn_qkv.partials(h)  # [S, num_tokens, qk_size + kv_size]
             qk, v = qkv[..., :qk_size], qkv[..., qk_size:]
         else:
-            qk, v = self.attn_qkv.partials(h), self.attn_v.partials(h)
+            qk, v = paired_partials(self.attn_qkv, self.attn_v, h)
         q = ops.qk_norm_rope_store_kv(
             qk, v, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.attn_q_norm,
             self.attn_k_norm, cos, sin, positions, eps, self.scale, cache.k, cache.v,
