@@ -62,6 +62,14 @@ def random_rows(qid: int, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return raw.reshape(n, -1)
 
 
+def weight_copies(qid: int, n: int, k: int, gen: torch.Generator) -> list:
+    """Packed random [n, k] weights of type qid: enough copies (at most 64) that timing calls
+    that take them in turn reads at least TARGET_BYTES, so small weights are not timed from L2."""
+    ws = [qp.pack_weight(random_rows(qid, n, k, gen), qid, k)]
+    copies = max(1, min(64, -(-TARGET_BYTES // ws[0].nbytes)))
+    return ws + [qp.pack_weight(random_rows(qid, n, k, gen), qid, k) for _ in range(copies - 1)]
+
+
 def time_calls(calls: list, reps: int = 15) -> float:
     """Median microseconds per call: all calls captured in one CUDA graph, replayed `reps` times."""
     side = torch.cuda.Stream()
@@ -123,9 +131,8 @@ def bench_shape(tname: str, k: int, n: int, batches, gen, both: bool = False) ->
 def sweep_shape(tname: str, k: int, n: int, gen) -> list[dict]:
     """Time other launch configurations of one shape at M=1 (GEMV) and M=512 (GEMM)."""
     qid = T[tname]
-    w0 = qp.pack_weight(random_rows(qid, n, k, gen), qid, k)
-    copies = max(1, min(64, -(-TARGET_BYTES // w0.nbytes)))
-    ws = [w0] + [qp.pack_weight(random_rows(qid, n, k, gen), qid, k) for _ in range(copies - 1)]
+    ws = weight_copies(qid, n, k, gen)
+    w0 = ws[0]
     out = []
     x1 = torch.randn((1, k), generator=gen, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -175,10 +182,8 @@ def m1_sweep(gen) -> list[dict]:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for tname, k, n in M1_SWEEP:
         qid = T[tname]
-        w0 = qp.pack_weight(random_rows(qid, n, k, gen), qid, k)
-        copies = max(1, min(64, -(-TARGET_BYTES // w0.nbytes)))
-        ws = [w0] + [qp.pack_weight(random_rows(qid, n, k, gen), qid, k)
-                     for _ in range(copies - 1)]
+        ws = weight_copies(qid, n, k, gen)
+        w0 = ws[0]
         x = torch.randn((1, k), generator=gen, device="cuda")
         base = gemv_config(qid, 1, n, k // 32, sms)
         base_us = time_calls([lambda w=w, x=x: quant_gemv(x, w) for w in ws])
@@ -222,10 +227,7 @@ def decode_sweep(gen, batches=(64, 128)) -> list[dict]:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for tname, k, n in DECODE_SWEEP:
         qid = T[tname]
-        w0 = qp.pack_weight(random_rows(qid, n, k, gen), qid, k)
-        copies = max(1, min(64, -(-TARGET_BYTES // w0.nbytes)))
-        ws = [w0] + [qp.pack_weight(random_rows(qid, n, k, gen), qid, k)
-                     for _ in range(copies - 1)]
+        ws = weight_copies(qid, n, k, gen)
         for m in batches:
             x = torch.randn((m, k), generator=gen, device="cuda")
             base = gemm_config(qid, m, n, k // 32, sms)
