@@ -10,7 +10,8 @@ decode, multiply and accumulate stay in one register layout. Two kernels here:
   (PRMT under a 2^23 exponent, then one FADD that also removes the zero point) and FMA with fp32
   activations; group scales are applied once per group to the partial sums (w = a*q + c  =>
   sum(w*x) = a*sum(q*x) + c*sum(x)). Tall-K matrices with few rows (ffn_down) are split along K
-  on a second grid axis.
+  on a second grid axis. Its program body is `_gemv_tile`, which `_quant_gemv_pair_kernel` also
+  runs for two weights of different quant types in one launch (a Q4_K_M layer's q|k and v).
 * `_quant_gemm_kernel` (larger M): each plane of a [BLOCK_N, 32*BLOCK_G] tile is
   dequantized in registers to bf16 (fp16 below sm_80, with each activation row scaled by a power of
   two to stay in fp16 range) and multiplied on tensor cores by `tl.dot` with fp32 accumulation.
