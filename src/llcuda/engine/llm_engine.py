@@ -270,13 +270,14 @@ class LLMEngine:
             outputs += self._process_held()
         return outputs
 
-    def _burst_length(self, step: SchedulerOutput) -> int:
+    def _burst_length(self, step: SchedulerOutput, ahead: int = 0) -> int:
         """How many decode steps to chain for this schedule: 1 unless every scheduled request
         decodes one token, none waits that could be admitted, no request's sampling reads its
         history (repeat penalty), and every sequence has room. A burst never outlasts the last
         sequence's max_tokens; while a request waits for a slot it ends where the first sequence
         reaches it. The KV blocks for the extra positions are reserved here (1 if the cache has
-        none to spare)."""
+        none to spare). `ahead`: the steps of a burst still running before this one (a chained
+        burst), whose tokens are not yet the requests' own."""
         limit = self.decode_steps
         if limit <= 1 or step.preempted_ids:
             return 1
@@ -293,8 +294,8 @@ class LLMEngine:
             if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
                 return 1
             # the token sampled at position ctx_size - 2 fills the context and ends the request
-            room = min(room, self.config.ctx_size - 1 - item.start_pos)
-            left = params.max_tokens - item.request.num_output_tokens
+            room = min(room, self.config.ctx_size - 1 - (item.start_pos + ahead))
+            left = params.max_tokens - item.request.num_output_tokens - ahead
             first_done, last_done = min(first_done, left), max(last_done, left)
         num_steps = min(limit, room, last_done)
         if sched.waiting:
@@ -303,40 +304,31 @@ class LLMEngine:
         if num_steps <= 1:
             return 1
         for item in step.scheduled:
-            if not self.block_manager.allocate_slots(item.request, num_steps):
+            if not self.block_manager.allocate_slots(item.request, ahead + num_steps):
                 return 1  # blocks already reserved for others are used by their next steps
         return num_steps
 
     def _chain_burst(self, step: SchedulerOutput, num_steps: int, launched: Any
                      ) -> tuple[SchedulerOutput, int, Any] | None:  # fmt: skip
         """Queue the burst that follows `step` (a burst still running) for the same requests,
-        fed on the device by the tokens it samples; None when the next schedule may differ: a
-        request waits (it could be admitted), a request ends by max_tokens or ctx_size within
-        this burst, a stop string ended one, or the cache lacks the blocks. A request that meets
-        EOG within this burst makes the next one's tokens for it wasted work, never wrong."""
+        fed on the device by the tokens it samples, as long as _burst_length allows; None when
+        a request waits (the next schedule could admit it) or one has ended (a stop string, an
+        abort). A request that meets EOG or its max_tokens within the running burst makes the
+        next one's tokens for it wasted work, never wrong: they are dropped."""
         if num_steps < 2 or self.scheduler.waiting:
             return None
-        ctx = self.config.ctx_size
-        limit = self.decode_steps
-        for item in step.scheduled:
-            request = item.request
-            if request.status is not RequestStatus.RUNNING:
-                return None
-            start = item.start_pos + num_steps  # the chained burst's first position
-            left = request.sampling_params.max_tokens - request.num_output_tokens - num_steps
-            # as in _burst_length: the token sampled at position ctx_size - 2 fills the context
-            limit = min(limit, left, ctx - 1 - start)
-        if limit < 2:
+        if any(item.request.status is not RequestStatus.RUNNING for item in step.scheduled):
             return None
-        for item in step.scheduled:
-            if not self.block_manager.allocate_slots(item.request, num_steps + limit):
-                return None  # blocks taken stay with their requests for their next steps
+        chained_steps = self._burst_length(step, ahead=num_steps)
+        if chained_steps < 2:
+            return None
         chained = SchedulerOutput(
             scheduled=[ScheduledRequest(item.request, 1, item.start_pos + num_steps, True)
                        for item in step.scheduled],
             total_num_tokens=len(step.scheduled),
         )  # fmt: skip
-        return chained, limit, self.model_runner.launch(chained, limit, after=launched)
+        return chained, chained_steps, self.model_runner.launch(chained, chained_steps,
+                                                                after=launched)  # fmt: skip
 
     def _launch(self, step: SchedulerOutput, num_steps: int = 1):
         # runners that take no bursts keep their one-argument methods
