@@ -1,5 +1,5 @@
-"""kernels/argmax.argmax_rows against torch.argmax (argmax_ref): ties to the lowest index, NaN
-largest, rows that end inside a piece, counters left at zero for the next call.
+"""kernels/argmax.argmax_rows against reference.argmax_ref (torch.argmax): ties to the lowest
+index, NaN largest, rows that end inside a piece, counters left at zero for the next call.
 
 Set TRITON_INTERPRET=1 and call the tests directly to run them on the CPU."""
 
@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llcuda.kernels.reference import argmax_ref
+
 argmax = pytest.importorskip("llcuda.kernels.argmax", reason="needs triton (GPU builds of torch)")
-BLOCK, argmax_ref, argmax_rows = argmax.BLOCK, argmax.argmax_ref, argmax.argmax_rows
+BLOCK, argmax_rows = argmax.BLOCK, argmax.argmax_rows
 
 pytestmark = pytest.mark.gpu
 

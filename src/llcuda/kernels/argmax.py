@@ -5,8 +5,8 @@ torch's argmax of one 262k-entry row takes ~14 us on an H100 (a decode step of G
 its best (value, index) and counts itself done on the row's counter, and the piece that finishes
 last picks the row's winner and resets the counter (as paged_attention's split-KV pieces do).
 
-Ties go to the lowest index, as torch.argmax (the reference, `argmax_ref`) does; NaN counts as
-larger than every number, as in torch, so a NaN row is never silently read as a valid token.
+Ties go to the lowest index and NaN counts as larger than every number, as in
+reference.argmax_ref (torch.argmax), so a NaN row is never silently read as a valid token.
 """
 
 from __future__ import annotations
@@ -85,8 +85,3 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     _argmax_kernel[(rows, pieces)](x, out, piece_val, piece_idx, counters, n, x.stride(0),
                                    PIECES=pieces, BLOCK=BLOCK)  # fmt: skip
     return out
-
-
-def argmax_ref(x: torch.Tensor) -> torch.Tensor:
-    """The specification: torch.argmax over the last dimension (first maximum; NaN largest)."""
-    return x.argmax(dim=-1)

@@ -84,6 +84,16 @@ def geglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
     return ref.geglu_fused_ref(gate_up)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] -> [rows] int64, each row's first maximum (greedy sampling): one Triton
+    kernel for contiguous fp32 rows on CUDA, else reference.argmax_ref."""
+    if logits.is_cuda and logits.dtype == torch.float32 and logits.stride(1) == 1:
+        from llcuda.kernels.argmax import argmax_rows
+
+        return argmax_rows(logits)
+    return ref.argmax_ref(logits)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -250,3 +250,9 @@ def geglu_fused_ref(gate_up: torch.Tensor) -> torch.Tensor:
     2 * ffn] -> GELU_tanh(gate) * up: [num_tokens, ffn]."""
     gate, up = sum_partials_ref(gate_up).chunk(2, dim=-1)
     return geglu_ref(gate, up)
+
+
+def argmax_ref(x: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] -> [rows] int64: each row's first maximum, NaN above every number
+    (torch.argmax; greedy sampling's choice)."""
+    return x.argmax(dim=-1)

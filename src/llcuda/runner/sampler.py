@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from llcuda.kernels import ops
 from llcuda.sampling_params import SamplingParams
 
 
@@ -53,9 +54,8 @@ def sample(
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if len(rows) == num_seqs:
         return _sample_random(logits, params, generators)
-    # ties: the first maximal index, i.e. the lowest token id (torch.argmax; on a GPU one
-    # Triton kernel, kernels/argmax.py)
-    tokens = _argmax(logits)  # [num_seqs]
+    # ties: the first maximal index, i.e. the lowest token id (as torch.argmax)
+    tokens = ops.argmax(logits)  # [num_seqs]
     if not rows:
         return tokens
     index = _device_tensor(rows, torch.int64, logits.device)  # [num_random]
@@ -63,15 +63,6 @@ def sample(
         logits.index_select(0, index), [params[i] for i in rows], [generators[i] for i in rows]
     )
     return tokens.index_copy(0, index, random_tokens)
-
-
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    """[num_seqs, vocab] -> [num_seqs] int64, each row's first maximum."""
-    if logits.is_cuda and logits.dtype == torch.float32 and logits.stride(1) == 1:
-        from llcuda.kernels.argmax import argmax_rows
-
-        return argmax_rows(logits)
-    return logits.argmax(dim=-1)
 
 
 def apply_repeat_penalty(
