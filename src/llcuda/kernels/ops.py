@@ -151,9 +151,8 @@ def quant_matmul_pair(x: torch.Tensor, wa: object, wb: object) -> torch.Tensor |
         return None
     from llcuda.kernels import quant_matmul as qm
 
-    if qm.gemv_pair_config(x, wa, wb) is None:
-        return None
-    return qm.quant_gemv_pair(x, wa, wb)
+    configs = qm.gemv_pair_config(x, wa, wb)
+    return None if configs is None else qm.quant_gemv_pair(x, wa, wb, configs)
 
 
 def geglu_quant_matmul(gate_up: torch.Tensor, weight: object, partials: bool = False

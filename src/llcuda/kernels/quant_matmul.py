@@ -727,11 +727,13 @@ def gemv_pair_config(x: torch.Tensor, wa: PackedWeight, wb: PackedWeight) -> tup
     return tuple(configs)
 
 
-def quant_gemv_pair(x: torch.Tensor, wa: PackedWeight, wb: PackedWeight) -> torch.Tensor:
+def quant_gemv_pair(x: torch.Tensor, wa: PackedWeight, wb: PackedWeight,
+                    configs: tuple | None = None) -> torch.Tensor:
     """[x @ dequant(wa).T | x @ dequant(wb).T] -> [M, Na + Nb] fp32 in one launch, for two weights
     of one input in different quant types (a Q4_K_M layer's q|k and its higher-bit v). Needs
-    gemv_pair_config(x, wa, wb) to be a pair of configs."""
-    configs = gemv_pair_config(x, wa, wb)
+    gemv_pair_config(x, wa, wb) to be a pair of configs (pass it as `configs` if already
+    asked)."""
+    configs = configs or gemv_pair_config(x, wa, wb)
     if configs is None:
         raise QuantMatmulError("quant_gemv_pair needs two unsplit decode GEMVs of the same K")
     x = _check(x, wa)
