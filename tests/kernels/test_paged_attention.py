@@ -139,9 +139,9 @@ def test_decode_split_kv(num_heads, num_kv_heads, window):
     for _ in range(2):  # the pieces' counters come back to zero, so a second call merges too
         out = run_kernel(b)
         torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
-    from llcuda.kernels.done_counters import COUNTERS
+    from llcuda.kernels.paged_attention import _COUNTERS
 
-    assert not COUNTERS[b["q"].device].any()
+    assert not _COUNTERS[b["q"].device].any()
 
 
 @pytest.mark.parametrize("window", [0, 512])
@@ -164,15 +164,14 @@ def test_decode_with_one_query_each(num_seqs, window):
 def test_decode_pieces_follow_the_context_length(window):
     """Split-KV pieces beyond the context's last tile write nothing: one piece stores its output
     directly, a few are merged without the slots the others left from a longer call."""
-    from llcuda.kernels.done_counters import COUNTERS
-    from llcuda.kernels.paged_attention import AttentionConfig
+    from llcuda.kernels.paged_attention import _COUNTERS, AttentionConfig
 
     config = AttentionConfig(16, 64, 16, 4, 2)
     for ctx in (3000, 100, 40, 130, 64, 65):  # 47, 2, 1, 3, 1 and 2 tiles of 64 keys
         b = make_batch([(ctx, 1), (ctx // 2 + 1, 1)], 4, 1, 256, 16, window, seed=ctx)
         torch.testing.assert_close(run_kernel_decode(b, config), run_ref(b), atol=ATOL,
                                    rtol=RTOL)  # fmt: skip
-        assert not COUNTERS[b["q"].device].any()
+        assert not _COUNTERS[b["q"].device].any()
 
 
 def run_kernel_decode(b: dict, config=None) -> torch.Tensor:

@@ -3,8 +3,7 @@
 torch's argmax of one 262k-entry row takes ~14 us on an H100 (a decode step of Gemma 3 270M is
 ~590 us). Here each row is cut into pieces of BLOCK entries, one program each; every piece stores
 its best (value, index) and counts itself done on the row's counter, and the piece that finishes
-last picks the row's winner and resets the counter (kernels/done_counters.py, shared with the
-split-KV attention pieces).
+last picks the row's winner and resets the counter (as paged_attention's split-KV pieces do).
 
 Ties go to the lowest index and NaN counts as larger than every number, as in
 reference.argmax_ref (torch.argmax), so a NaN row is never silently read as a valid token.
@@ -17,8 +16,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from llcuda.kernels.done_counters import done_counters
 
 BLOCK = 4096  # entries per piece: 64 pieces for a 262,144-entry vocabulary
 
@@ -60,6 +57,9 @@ def _first_max(x, index, n):
     return tl.where(has_nan, float("nan"), best), tl.where(has_nan, nan_index, best_index)
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x [B, V] float32 on CUDA (unit stride along V) -> [B] int64: each row's first maximum."""
     if x.dim() != 2 or x.dtype != torch.float32 or x.stride(1) != 1:
@@ -76,7 +76,10 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     if n == 0:
         raise ValueError("argmax of an empty row")
     pieces = triton.next_power_of_2(triton.cdiv(n, BLOCK))
-    counters = done_counters(x.device, rows)
+    counters = _COUNTERS.get(x.device)
+    if counters is None or counters.numel() < rows:
+        counters = torch.zeros(max(rows, 1024), dtype=torch.int32, device=x.device)
+        _COUNTERS[x.device] = counters
     piece_val = torch.empty(rows * pieces, dtype=torch.float32, device=x.device)
     piece_idx = torch.empty(rows * pieces, dtype=torch.int32, device=x.device)
     _argmax_kernel[(rows, pieces)](x, out, piece_val, piece_idx, counters, n, x.stride(0),

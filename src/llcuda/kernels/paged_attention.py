@@ -34,7 +34,6 @@ import triton
 import triton.language as tl
 
 from llcuda.kernels.dependent_launch import pdl_launch_args, wait_for_previous
-from llcuda.kernels.done_counters import done_counters
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores go through exp2
 
@@ -424,6 +423,25 @@ def _check_attention_args(
         )
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _segment_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The split-KV pieces' done-counters: zeros that every call leaves zero again, one buffer per
+    device (calls on one device run one after another on its stream). Made outside any CUDA
+    graph capture: the decode graphs' eager warm-up step at their largest batch comes first."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise PagedAttentionError(
+                f"split-KV counters for {n} tiles were not made before the CUDA graph capture; "
+                "run the same step once eagerly first"
+            )
+        counters = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -481,7 +499,7 @@ def paged_attention(
                               dtype=torch.float32, device=q.device)
         seg_lse = torch.empty((num_tokens, num_heads, segments), dtype=torch.float32,
                               device=q.device)
-        counters = done_counters(q.device, grid_q * num_kv_heads)
+        counters = _segment_counters(q.device, grid_q * num_kv_heads)
     else:
         seg_out = seg_lse = counters = out  # unused
     _paged_attention_kernel[(grid_q, num_kv_heads, segments)](
