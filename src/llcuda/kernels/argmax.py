@@ -57,6 +57,8 @@ def _first_max(x, index, n):
     return tl.where(has_nan, float("nan"), best), tl.where(has_nan, nan_index, best_index)
 
 
+# its own zero-left counters, apart from paged_attention's: those are baked into captured decode
+# graphs, so a larger buffer made here must never replace them
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
