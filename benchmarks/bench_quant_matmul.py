@@ -9,7 +9,8 @@ several weight copies in turn, so small weights are not timed out of L2 (the `L2
 shapes whose copies still fit in it). --sweep times other launch configurations of the biggest
 shapes, to tune the heuristics in quant_matmul.gemv_config / gemm_config; --m1-sweep those of the
 single-token GEMV over every Gemma 3 1B / 270M decode projection and LM head (on sm_90 the graph's
-launches are PDL-chained, each waiting for the one before, as in a decode step).
+launches are PDL-chained, each waiting for the one before, as in a decode step; gate|up with its
+GEGLU epilogue).
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ import statistics
 import torch
 
 from llcuda.kernels import quant_pack as qp
-from llcuda.kernels.quant_matmul import gemm_config, gemv_config, quant_gemm, quant_gemv
+from llcuda.kernels.quant_matmul import (
+    GEMV_SHORT_ROW_GROUPS,
+    gemm_config,
+    gemv_config,
+    quant_gemm,
+    quant_gemv,
+)
 
 T = {name: qid for qid, (_, _, name) in qp.QUANT_BLOCKS.items()}
 
@@ -173,46 +180,77 @@ M1_SWEEP = [("Q5_0", 1152, 1536), ("Q8_0", 1152, 256), ("Q4_K", 1024, 1152),
             ("Q5_0", 1152, 13824), ("Q4_K", 6912, 1152), ("Q6_K", 6912, 1152),
             ("Q5_0", 640, 1536), ("Q4_K", 1024, 640), ("Q5_0", 640, 4096), ("Q4_K", 2048, 640),
             ("Q8_0", 1152, 262144), ("Q8_0", 640, 262144)]
+GATE_UP = {("Q5_0", 1152, 13824), ("Q5_0", 640, 4096)}
 
 
-def m1_sweep(gen) -> list[dict]:
-    """Tile rows, warps, pipeline stages and K splits of the M=1 GEMV per M1_SWEEP shape; prints
-    the default and the four fastest."""
+def m1_candidates(qid: int, k: int, n: int, sms: int) -> list[dict]:
+    """Launch configs of the M=1 GEMV to time for one shape: the tiles from before PRELOAD with
+    the loads after the PDL wait and before it; one whole-row K step, preloaded, at several rows
+    per program and warps; split rows also at other splits and tile heights."""
+    n_groups = k // 32
+    before = gemv_config(qid, 1, n, n_groups, sms, preload=False)
+    out = [before, dict(before, PRELOAD=True)]
+    if n > 100_000:  # an LM head: bandwidth-bound, its sweep is the earlier one
+        return out
+    whole = 1 << (n_groups - 1).bit_length()
+    for bn in (4, 8, 16, 32) if n_groups <= GEMV_SHORT_ROW_GROUPS else (4, 8, 16):
+        for warps in (4, 8):
+            out.append(dict(before, BLOCK_N=bn, BLOCK_G=whole, SPLIT_K=1, num_warps=warps,
+                            PRELOAD=True))
+    if n_groups <= GEMV_SHORT_ROW_GROUPS and n > 4096:  # wide: bigger tiles share x loads
+        for bn in (64, 128):
+            out.append(dict(before, BLOCK_N=bn, BLOCK_G=whole, SPLIT_K=1, num_warps=16,
+                            PRELOAD=True))
+    if n_groups <= GEMV_SHORT_ROW_GROUPS:
+        return out
+    for bn in (32, 64):
+        for split in (before["SPLIT_K"], 2 * before["SPLIT_K"]):
+            if n_groups // before["BLOCK_G"] >= split:
+                out.append(dict(before, BLOCK_N=bn, SPLIT_K=split, PRELOAD=True))
+    return out
+
+
+def m1_sweep(gen, only: str | None = None) -> list[dict]:
+    """The M=1 GEMV per M1_SWEEP shape in a PDL chain: the default config, the one from before
+    PRELOAD, and the four fastest of m1_candidates."""
     out = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for tname, k, n in M1_SWEEP:
+        if only and only not in f"{tname} {k} {n}":
+            continue
         qid = T[tname]
         ws = weight_copies(qid, n, k, gen)
         w0 = ws[0]
+        # gate|up stores GELU_tanh(gate) * up, as in a Gemma decode step
+        geglu = (tname, k, n) in GATE_UP
         x = torch.randn((1, k), generator=gen, device="cuda")
         base = gemv_config(qid, 1, n, k // 32, sms)
-        base_us = time_calls([lambda w=w, x=x: quant_gemv(x, w) for w in ws])
-        head = n > 100_000  # an LM head: wide tiles, deeper pipelines
+        base_us = time_calls([lambda w=w, x=x, g=geglu: quant_gemv(x, w, geglu_out=g)
+                              for w in ws])  # fmt: skip
         results = []
-        for bn in (64, 128, 256) if head else (16, 32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3, 4) if head else (1, 2, 3):
-                    for split in sorted({1, base["SPLIT_K"], 2 * base["SPLIT_K"]}):
-                        if (k // 32) // base["BLOCK_G"] < split:
-                            continue
-                        cfg = dict(base, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-                                   SPLIT_K=split)
-                        try:
-                            us = time_calls([lambda w=w, c=cfg, x=x: quant_gemv(x, w, config=c)
-                                             for w in ws])
-                        except Exception as e:  # e.g. out of registers
-                            print(f"  {tname} {cfg}: failed {type(e).__name__}")
-                            continue
-                        results.append((us, cfg))
+        for cfg in m1_candidates(qid, k, n, sms):
+            try:
+                us = time_calls([lambda w=w, c=cfg, x=x, g=geglu:
+                                 quant_gemv(x, w, config=c, geglu_out=g) for w in ws])
+            except Exception as e:  # e.g. out of registers or shared memory
+                print(f"  {tname} {cfg}: failed {type(e).__name__}")
+                continue
+            results.append((us, cfg))
+        before_us = results[0][0]
         results.sort(key=lambda r: r[0])
-        best = " ".join(f"{us:.2f}(rows {c['BLOCK_N']} warps {c['num_warps']} stages "
-                        f"{c['num_stages']} splits {c['SPLIT_K']})" for us, c in results[:4])
-        print(f"m1-sweep {tname} K={k} N={n} {w0.nbytes / 1e6:.2f} MB: default {base_us:.2f}us "
-              f"({w0.nbytes / base_us / 1e3:.0f} GB/s, rows {base['BLOCK_N']} warps "
-              f"{base['num_warps']} splits {base['SPLIT_K']}); best {best}", flush=True)
+        best = " ".join(f"{us:.2f}({_short(c)})" for us, c in results[:4])
+        print(f"m1-sweep {tname} K={k} N={n}{' GEGLU out' if geglu else ''} "
+              f"{w0.nbytes / 1e6:.2f} MB: default {base_us:.2f}us "
+              f"({w0.nbytes / base_us / 1e3:.0f} GB/s, {_short(base)}); before PRELOAD "
+              f"{before_us:.2f}us; best {best}", flush=True)
         out.append({"type": tname, "K": k, "N": n, "M": 1, "default_us": base_us,
-                    "best_us": results[0][0], "best": results[0][1]})
+                    "before_us": before_us, "best_us": results[0][0], "best": results[0][1]})
     return out
+
+
+def _short(cfg: dict) -> str:
+    return (f"rows {cfg['BLOCK_N']} groups {cfg['BLOCK_G']} warps {cfg['num_warps']} splits "
+            f"{cfg['SPLIT_K']}{' preload' if cfg.get('PRELOAD') else ''}")
 
 
 # the 1B twin's projections as a decode batch meets them (q|k, gate|up fused; K=1152 is Q5_0)
@@ -272,6 +310,8 @@ def main() -> None:
                     help="only: tile configs of the 1B twin's projections at M = 64, 128")
     ap.add_argument("--m1-sweep", action="store_true",
                     help="only: GEMV configs of the 1B / 270M twins' decode projections at M = 1")
+    ap.add_argument("--only", default=None,
+                    help="with --m1-sweep: only shapes whose 'type K N' contains this")
     ap.add_argument("--json", default=None, help="append one JSON line per row to this file")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -281,7 +321,7 @@ def main() -> None:
         decode_sweep(gen)
         return
     if args.m1_sweep:
-        m1_sweep(gen)
+        m1_sweep(gen, args.only)
         return
     rows = []
     for tname, k, n in [] if args.no_table else QUICK if args.quick else SHAPES:

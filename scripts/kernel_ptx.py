@@ -56,10 +56,11 @@ def main() -> None:
                 args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w),
                         **ints}  # fmt: skip
                 ptx = compile_ptx(qm._quant_gemv_kernel, args, {
-                    "GEGLU": False, "QTYPE": int(qtype), "WPG": wpg,
+                    "GEGLU_OUT": False, "QTYPE": int(qtype), "WPG": wpg,
                     "HAS_MIN": int(qtype) in qm._HAS_MIN,
                     "BLOCK_M": m, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_G": cfg["BLOCK_G"],
-                    "NUM_STAGES": cfg["num_stages"], "USE_ASM": True, "PDL": False,
+                    "NUM_STAGES": cfg["num_stages"], "PRELOAD": cfg["PRELOAD"], "USE_ASM": True,
+                    "PDL": False,
                 }, target, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
                 _write(out, f"gemv_{qtype.name}_sm{cap}_m{m}", ptx)
             for fp16 in (False, True) if cap == 90 else (True,):

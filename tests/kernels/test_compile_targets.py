@@ -5,6 +5,7 @@ the ptxas it ships. Skipped where triton is not installed (the CPU-only CI)."""
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 import torch
@@ -87,15 +88,16 @@ def test_quant_matmuls_compile_for_t4(qtype, k, n):
     wpg = qm._WPG[int(qtype)]
     ints = {"M": 3, "N": n, "n_groups": k // 32, "groups_per_split": 8, "stride_xm": k,
             "stride_osplit": 3}  # fmt: skip
-    # the fp32 GEMV (decode), and at one row with ffn_down's GEGLU formed as it loads
-    for m, geglu in ((1, False), (4, False), (16, False), (1, True)):
+    # the fp32 GEMV (decode), and at one and four rows with the GEGLU epilogue of gate|up
+    for m, geglu in ((1, False), (4, False), (16, False), (1, True), (4, True)):
         cfg = qm.gemv_config(int(qtype), m, n, k // 32, T4_SMS)
         args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w), **ints}
         compile_for_t4(qm._quant_gemv_kernel, args, {
-            "GEGLU": geglu, "QTYPE": int(qtype), "WPG": wpg, "HAS_MIN": int(qtype) in qm._HAS_MIN,
-            "BLOCK_M": triton.next_power_of_2(m), "BLOCK_N": cfg["BLOCK_N"],
-            "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"], "USE_ASM": True,
-            "PDL": False,
+            "GEGLU_OUT": geglu, "QTYPE": int(qtype), "WPG": wpg,
+            "HAS_MIN": int(qtype) in qm._HAS_MIN, "BLOCK_M": triton.next_power_of_2(m),
+            "BLOCK_N": cfg["BLOCK_N"],
+            "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"],
+            "PRELOAD": cfg["PRELOAD"], "USE_ASM": True, "PDL": False,
         }, cfg["num_warps"])  # fmt: skip
     for m in (16, 64, 512):  # the fp16 tensor-core GEMM: every batch past the GEMV on sm_75
         assert qm.matmul_path(m, n, k, bf16=False) in ("gemv", "gemm")
@@ -122,8 +124,9 @@ def test_embedding_gather_compiles_for_t4():
 
 
 def test_gemv_pair_compiles_for_t4_and_waits_first_on_sm90():
-    """The q|k + v launch (two quant types in one kernel): sm_75, and on sm_90 with PDL no
-    memory access before the wait."""
+    """The q|k + v launch (two quant types in one kernel): sm_75, and on sm_90 with PDL each half
+    waits for the previous grid itself, with no memory access before its wait but, with PRELOAD,
+    its weight loads."""
     from llcuda.kernels import quant_matmul as qm
 
     k = 1152
@@ -138,10 +141,14 @@ def test_gemv_pair_compiles_for_t4_and_waits_first_on_sm90():
                   "BLOCK_G_A": 4, "QTYPE_B": int(GGMLType.Q8_0), "WPG_B": 8, "HAS_MIN_B": False,
                   "BLOCK_N_B": 16, "BLOCK_G_B": 4, "BLOCK_M": 1, "NUM_STAGES": 3,
                   "USE_ASM": True}  # fmt: skip
-    compile_for_t4(qm._quant_gemv_pair_kernel, args, {**constexprs, "PDL": False}, 4, 3)
-    ptx = compile_ptx(qm._quant_gemv_pair_kernel, args, {**constexprs, "PDL": True}, H100, 4, 3)
-    head = _before_wait(ptx)
-    assert "ld.global" not in head and "st.global" not in head and "cp.async" not in head
+    compile_for_t4(qm._quant_gemv_pair_kernel, args,
+                   {**constexprs, "PRELOAD": True, "PDL": False}, 4, 3)  # fmt: skip
+    for preload in (False, True):
+        ptx = compile_ptx(qm._quant_gemv_pair_kernel, args,
+                          {**constexprs, "PRELOAD": preload, "PDL": True}, H100, 4, 3)
+        for head in _before_waits(ptx, 2):
+            assert "st.global" not in head and "cp.async" not in head
+            assert ("ld.global" in head) == preload
 
 
 def test_argmax_compiles_for_t4():
@@ -211,30 +218,51 @@ H100 = GPUTarget("cuda", 90, 32)
 
 def _before_wait(ptx: str) -> str:
     """The PTX up to the grid-dependency wait, which must come exactly once."""
-    assert ptx.count("griddepcontrol.wait") == 1 and "griddepcontrol.launch_dependents" in ptx
-    return ptx[: ptx.index("griddepcontrol.wait")]
+    return _before_waits(ptx, 1)[0]
 
 
+def _before_waits(ptx: str, count: int) -> list[str]:
+    """Per grid-dependency wait (there must be `count`), the PTX of its basic block before it:
+    from the previous label or wait (the code that runs on the way to it)."""
+    assert ptx.count("griddepcontrol.wait") == count
+    assert "griddepcontrol.launch_dependents" in ptx
+    heads, start = [], 0
+    for _ in range(count):
+        at = ptx.index("griddepcontrol.wait", start)
+        block = ptx[start:at]
+        labels = list(re.finditer(r"^\$L__BB\d+_\d+:", block, flags=re.M))
+        heads.append(block[labels[-1].end():] if labels and start else block)
+        start = at + len("griddepcontrol.wait")
+    return heads
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["after-wait", "preload"])
+@pytest.mark.parametrize("k", [1152, 2048])
 @pytest.mark.parametrize("qtype", [GGMLType.Q4_K, GGMLType.Q5_0, GGMLType.Q6_K, GGMLType.Q8_0,
                                    GGMLType.F16], ids=lambda v: v.name)
-def test_gemv_with_dependent_launch_compiles_for_sm90(qtype):
-    """With PDL the decode GEMV assembles for sm_90 and keeps dependent_launch's rule: no load
-    and no store before the wait."""
+def test_gemv_with_dependent_launch_compiles_for_sm90(qtype, k, preload):
+    """With PDL the decode GEMV assembles for sm_90 and keeps dependent_launch's rule: nothing
+    before the wait but, with PRELOAD, the weight loads of its first K step. The compiler must not
+    sink those past the wait (that would undo the overlap), and no store may come before it."""
     from llcuda.kernels import quant_matmul as qm
 
-    k, n = 2048, 1024
+    if qtype in (GGMLType.Q4_K, GGMLType.Q6_K) and k % 256:
+        pytest.skip(f"{qtype.name} rows need a multiple of 256 elements")
+    n = 1024
     w = _packed(qtype, k, n)
     cfg = qm.gemv_config(int(qtype), 1, n, k // 32, 132)
     args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w), "M": 1,
             "N": n, "n_groups": k // 32, "groups_per_split": 8, "stride_xm": k,
             "stride_osplit": 3}  # fmt: skip
     ptx = compile_ptx(qm._quant_gemv_kernel, args, {
-        "GEGLU": False, "QTYPE": int(qtype), "WPG": qm._WPG[int(qtype)],
+        "GEGLU_OUT": False, "QTYPE": int(qtype), "WPG": qm._WPG[int(qtype)],
         "HAS_MIN": int(qtype) in qm._HAS_MIN, "BLOCK_M": 1, "BLOCK_N": cfg["BLOCK_N"],
-        "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"], "USE_ASM": True, "PDL": True,
+        "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"], "PRELOAD": preload,
+        "USE_ASM": True, "PDL": True,
     }, H100, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
     head = _before_wait(ptx)
-    assert "ld.global" not in head and "st.global" not in head and "cp.async" not in head
+    assert "st.global" not in head and "cp.async" not in head
+    assert ("ld.global" in head) == preload
 
 
 def test_small_kernels_with_dependent_launch_wait_before_any_memory_access():

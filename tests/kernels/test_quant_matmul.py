@@ -292,27 +292,65 @@ def test_partials_sum_to_the_product(m):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("qtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q5_0, GGMLType.Q8_0],
-                         ids=lambda t: t.name)
-def test_gemv_computes_geglu_as_it_loads(qtype, m):
-    """ffn_down on a gate|up output: GELU_tanh(gate) * up formed inside the GEMV equals the GEGLU
-    kernel followed by the plain GEMV, split into partials or not."""
+@pytest.mark.parametrize("qtype,k,ffn", [
+    (GGMLType.Q5_0, 640, 2048), (GGMLType.Q5_0, 1152, 6912), (GGMLType.Q4_K, 1024, 300),
+    (GGMLType.Q6_K, 256, 40), (GGMLType.F16, 64, 24),
+], ids=lambda v: getattr(v, "name", str(v)))  # fmt: skip
+def test_gemv_geglu_epilogue(qtype, k, ffn, m):
+    """A gate|up weight's GEMV with GEGLU_OUT stores GELU_tanh(gate) * up: each program pairs
+    gate rows with the up rows of the same outputs. Equals the GEGLU of the plain product, and
+    ops.quant_matmul_geglu takes it for decode rows."""
+    from llcuda.kernels import ops
     from llcuda.kernels.fused_norm import geglu
-    from llcuda.kernels.quant_matmul import QuantMatmulError, gemv_config, quant_gemv
+    from llcuda.kernels.quant_matmul import QuantMatmulError, quant_gemv
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1
-    gen = torch.Generator(device=dev).manual_seed(int(qtype) + m)
-    k, n = 512, 320
-    w = qp.pack_weight(random_rows(qtype, n, k, gen, device=dev), qtype, k)
-    gate_up = torch.randn((m, 2 * k), generator=gen, device=dev) * 3
-    want = quant_gemv(geglu(gate_up), w)
-    torch.testing.assert_close(quant_gemv(gate_up, w, geglu=True), want, rtol=1e-4, atol=1e-4)
-    split = dict(gemv_config(int(qtype), m, n, k // 32, 132), SPLIT_K=4)
-    parts = quant_gemv(gate_up, w, config=split, partials=True, geglu=True)
-    assert parts.shape[0] > 1
-    torch.testing.assert_close(parts.sum(0), want, rtol=1e-4, atol=1e-4)
-    with pytest.raises(QuantMatmulError, match="gate\\|up rows"):
-        quant_gemv(gate_up[:, :k], w, geglu=True)
+    gen = torch.Generator(device=dev).manual_seed(int(qtype) + k + m)
+    parts = [qp.pack_weight(random_rows(qtype, ffn, k, gen, device=dev), qtype, k)
+             for _ in range(2)]  # fmt: skip
+    w = qp.fuse_packed(parts)
+    x = torch.randn((m, k), generator=gen, device=dev) * 4
+    want = geglu(quant_gemv(x, w))
+    got = quant_gemv(x, w, geglu_out=True)
+    assert got.shape == (m, ffn)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ops.quant_matmul_geglu(x, w), want, rtol=1e-4, atol=1e-4)
+    uneven = qp.fuse_packed([parts[0], qp.pack_weight(random_rows(qtype, 2 * ffn, k, gen,
+                                                                  device=dev), qtype, k)])
+    with pytest.raises(QuantMatmulError, match="two equal halves"):
+        quant_gemv(x, uneven, geglu_out=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("qtype,k,n", [
+    p for p in _cases([(1152, 1280), (1024, 300), (6912, 1152)])
+    if p.values[0] in (GGMLType.Q5_0, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F16)
+])  # fmt: skip
+def test_gemv_preload_moves_loads_not_sums(qtype, k, n, m):
+    """The first K step's weights loaded before the PDL wait (PRELOAD) give the same sums as
+    loading them after it (to rounding: the peeled first step may contract its multiply-adds
+    differently), in one whole-row step (the default at one row) and in the first of several
+    K steps (at 3 rows); both agree with the reference."""
+    from llcuda.kernels.quant_matmul import (
+        GEMV_PRELOAD_MAX_GROUPS,
+        GEMV_PRELOAD_MAX_N,
+        gemv_config,
+        quant_gemv,
+    )
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1
+    gen = torch.Generator(device=dev).manual_seed(int(qtype) + k + m)
+    raw = random_rows(qtype, n, k, gen, device=dev)
+    w = qp.pack_weight(raw, qtype, k)
+    x = torch.randn((m, k), generator=gen, device=dev)
+    cfg = gemv_config(int(qtype), m, n, k // 32, 132)
+    if m == 1 and k // 32 <= GEMV_PRELOAD_MAX_GROUPS and n <= GEMV_PRELOAD_MAX_N:
+        assert cfg["PRELOAD"] and cfg["BLOCK_G"] >= k // 32  # the whole row in one step
+    preloaded = quant_gemv(x, w, config=dict(cfg, PRELOAD=True))
+    assert _rel_err(preloaded, quant_gemv(x, w, config=dict(cfg, PRELOAD=False))) < 1e-6
+    want = x @ dequantize_ref(raw, qtype).float().T
+    assert _rel_err(preloaded, want) < 2e-5
 
 
 @pytest.mark.gpu
@@ -342,7 +380,7 @@ def test_gemv_pair_equals_two_gemvs(k, types):
     assert gemv_pair_config(torch.zeros(3, k, device=dev), wa, wb) is None
     other = qp.pack_weight(random_rows(types[1], 256, 2 * k, gen, device=dev), types[1], 2 * k)
     assert gemv_pair_config(x, wa, other) is None
-    tall = qp.pack_weight(random_rows(GGMLType.Q4_K, 64, 6912, gen, device=dev), GGMLType.Q4_K,
-                          6912)  # fmt: skip
-    assert gemv_pair_config(torch.zeros(1, 6912, device=dev), tall, tall) is None
+    tall = qp.pack_weight(random_rows(GGMLType.Q4_K, 64, 14336, gen, device=dev), GGMLType.Q4_K,
+                          14336)  # fmt: skip
+    assert gemv_pair_config(torch.zeros(1, 14336, device=dev), tall, tall) is None
     assert gemv_pair_config(torch.zeros(64, k, device=dev), wa, wb) is None

@@ -7,7 +7,9 @@ the previous kernel still runs, once every block of that kernel has passed
 `gdc_launch_dependents`; its blocks are then resident and waiting when the previous grid ends.
 So that this stays correct, every kernel launched this way follows one rule:
 
-    before `wait_for_previous`: no load, no store (index arithmetic only);
+    before `wait_for_previous`: no store, and no load of anything the previous kernel may write
+    (index arithmetic, and loads of what was written before the kernel before it: weights, the
+    step's metadata, older KV-cache entries);
     `wait_for_previous` waits until the previous grid has completed and its writes are visible,
     then lets the next grid launch.
 
@@ -17,10 +19,16 @@ reading the output of any earlier kernel is safe after the wait. A kernel launch
 way (torch's, cuBLAS's) waits for everything before it, as always; one that follows a PDL kernel
 simply starts when it completes. The stream capture of a CUDA graph keeps these edges.
 
+When this kernel starts, the kernel two back has completed (the previous one passed its wait), so
+everything written before the previous kernel is visible. The decode GEMVs (quant_matmul PRELOAD)
+load their weights before the wait, so that those DRAM round trips overlap the previous kernel
+instead of following it.
+
 H100, graph replays of one decode step (BENCHMARKS.md, sixth session): Gemma 3 1B 1.43 -> 1.29 ms,
 270M 0.72 -> 0.62 ms. Prefetching each GEMV's weight slice into L2 before the wait (cp.async.bulk
 .prefetch) was slower than not (1.41 / 0.69 ms), presumably because it competes for DRAM with
-the kernel still running, whose loads are the critical path.
+the kernel still running, whose loads are the critical path; loading whole-row weight tiles into
+registers instead pays (quant_matmul._gemv_config_preloaded).
 """
 
 from __future__ import annotations

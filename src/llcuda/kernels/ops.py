@@ -155,19 +155,17 @@ def quant_matmul_pair(x: torch.Tensor, wa: object, wb: object) -> torch.Tensor |
     return None if configs is None else qm.quant_gemv_pair(x, wa, wb, configs)
 
 
-def geglu_quant_matmul(gate_up: torch.Tensor, weight: object, partials: bool = False
-                       ) -> torch.Tensor:  # fmt: skip
-    """GELU_tanh(gate) * up @ W.T for a gate|up output [T, 2F] or its split-K partials [S, T, 2F]
-    (ffn_down after ffn_gate|ffn_up). On CUDA, where the product takes the decode GEMV and gate|up
-    came whole, the GEMV computes the GEGLU as it loads its activations: one kernel, not two."""
-    if isinstance(weight, QuantTensor):
-        return quant_matmul(ref.geglu_fused_ref(gate_up), weight, partials)
-    from llcuda.kernels import quant_matmul as qm
+def quant_matmul_geglu(x: torch.Tensor, weight: object) -> torch.Tensor:
+    """GELU_tanh(x @ gate.T) * (x @ up.T) [num_tokens, ffn] for a gate|up weight [gate | up]
+    (ffn_gate|ffn_up, fused at load). On CUDA, where the product takes the decode GEMV, the GEGLU
+    is its epilogue: one kernel, and ffn_down reads its input ready; elsewhere the matmul, then
+    the GEGLU."""
+    if not isinstance(weight, QuantTensor):
+        from llcuda.kernels import quant_matmul as qm
 
-    rows = gate_up[0] if gate_up.dim() == 3 and gate_up.shape[0] == 1 else gate_up
-    if rows.dim() == 2 and rows.shape[0] > 0 and qm.uses_gemv(rows.shape[0], weight):
-        return qm.quant_gemv(rows, weight, partials=partials, geglu=True)
-    return quant_matmul(geglu_fused(gate_up), weight, partials)
+        if x.dim() == 2 and x.shape[0] > 0 and qm.uses_gemv(x.shape[0], weight):
+            return qm.quant_gemv(x, weight, geglu_out=True)
+    return geglu_fused(quant_matmul(x, weight))
 
 
 def embedding(weight: object, token_ids: torch.Tensor, scale: float = 1.0,

@@ -285,29 +285,29 @@ def _per_word(WPG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, a
 
 
 @triton.jit
-def _load_activations(ptr, mask, GEGLU: tl.constexpr, up_offset):
-    """Activations at `ptr` as fp32; with GEGLU, GELU_tanh(gate) * up where up lies `up_offset`
-    further on (ffn_down's input computed as it loads: no GEGLU kernel, no [M, F] round trip)."""
-    x = tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-    if GEGLU:
-        up = tl.load(ptr + up_offset, mask=mask, other=0.0,
-                     eviction_policy="evict_last").to(tl.float32)
-        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        x = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)) * up  # 1 + tanh(inner)
-    return x
+def _load_activations(ptr, mask):
+    """Activations at `ptr` as fp32, kept in L1/L2 for the other programs that read them."""
+    return tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+
+
+@triton.jit
+def _geglu(gate, up):
+    """GELU_tanh(gate) * up in fp32."""
+    inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+    return 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)) * up  # 1 + tanh(inner)
 
 
 @triton.jit(do_not_specialize=["M", "N", "n_groups", "groups_per_split", "stride_osplit"])
 def _quant_gemv_kernel(
-    x_ptr,  # [M, K] activations (fp32/bf16/fp16), unit stride along K; [M, 2K] with GEGLU
-    out_ptr,  # [SPLIT_K, M, N] fp32
+    x_ptr,  # [M, K] activations (fp32/bf16/fp16), unit stride along K
+    out_ptr,  # [SPLIT_K, M, N] fp32; [M, N / 2] with GEGLU_OUT
     qs_ptr,  # [N, K/32 * WPG] int32 packed words
     qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr,
     M, N, n_groups, groups_per_split,
     stride_xm, stride_osplit,
     s_qs, s_qh, s_sc, s_d,
     magic,  # 0x4B000000, see _byte_plane
-    GEGLU: tl.constexpr,  # x = GELU_tanh(gate) * up of a gate|up row [gate (K) | up (K)]
+    GEGLU_OUT: tl.constexpr,  # a gate|up weight [gate (N/2 rows) | up]: GELU_tanh(gate) * up out
     QTYPE: tl.constexpr,
     WPG: tl.constexpr,  # int32 words per 32-element group
     HAS_MIN: tl.constexpr,  # w = a*q + c with c != 0: needs sum(x) per group
@@ -315,14 +315,14 @@ def _quant_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # software pipelining of the K loop (1 = off)
+    PRELOAD: tl.constexpr,  # first K step's weights loaded before the PDL wait (_gemv_tile)
     USE_ASM: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (dependent_launch.py)
 ):
-    wait_for_previous(PDL)
     _gemv_tile(x_ptr, out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, M, N, n_groups,
                groups_per_split, stride_xm, stride_osplit, N, 0, s_qs, s_qh, s_sc, s_d, magic,
-               tl.program_id(0), tl.program_id(1), GEGLU, QTYPE, WPG, HAS_MIN, BLOCK_M, BLOCK_N,
-               BLOCK_G, NUM_STAGES, USE_ASM)  # fmt: skip
+               tl.program_id(0), tl.program_id(1), GEGLU_OUT, QTYPE, WPG, HAS_MIN, BLOCK_M,
+               BLOCK_N, BLOCK_G, NUM_STAGES, PRELOAD, USE_ASM, PDL)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "n_a", "n_b", "tiles_a"])
@@ -338,23 +338,23 @@ def _quant_gemv_pair_kernel(
     BLOCK_G_A: tl.constexpr,
     QTYPE_B: tl.constexpr, WPG_B: tl.constexpr, HAS_MIN_B: tl.constexpr, BLOCK_N_B: tl.constexpr,
     BLOCK_G_B: tl.constexpr,
-    BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr, PRELOAD: tl.constexpr,
+    USE_ASM: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Two unsplit GEMVs of one input in one launch (q|k and a v stored in another type): the
     first `tiles_a` programs take weight A, the rest weight B, one output row [A | B]."""
-    wait_for_previous(PDL)
     pid = tl.program_id(0)
     n_out = n_a + n_b
     if pid < tiles_a:
         _gemv_tile(x_ptr, out_ptr, qs_a, qh_a, sc_a, mn_a, d_a, dmin_a, M, n_a, n_groups,
                    n_groups, stride_xm, 0, n_out, 0, s_qs_a, s_qh_a, s_sc_a, s_d_a, magic, pid, 0,
-                   False, QTYPE_A, WPG_A, HAS_MIN_A, BLOCK_M, BLOCK_N_A, BLOCK_G_A, NUM_STAGES,
-                   USE_ASM)  # fmt: skip
+                   False, QTYPE_A, WPG_A, HAS_MIN_A, BLOCK_M, BLOCK_N_A, BLOCK_G_A,
+                   NUM_STAGES, PRELOAD, USE_ASM, PDL)  # fmt: skip
     else:
         _gemv_tile(x_ptr, out_ptr, qs_b, qh_b, sc_b, mn_b, d_b, dmin_b, M, n_b, n_groups,
                    n_groups, stride_xm, 0, n_out, n_a, s_qs_b, s_qh_b, s_sc_b, s_d_b, magic,
                    pid - tiles_a, 0, False, QTYPE_B, WPG_B, HAS_MIN_B, BLOCK_M, BLOCK_N_B,
-                   BLOCK_G_B, NUM_STAGES, USE_ASM)  # fmt: skip
+                   BLOCK_G_B, NUM_STAGES, PRELOAD, USE_ASM, PDL)  # fmt: skip
 
 
 @triton.jit
@@ -366,30 +366,56 @@ def _gemv_tile(
     s_qs, s_qh, s_sc, s_d, magic,
     pid_n,  # BLOCK_N-row tile of the weight
     pid_k,  # split of K
-    GEGLU: tl.constexpr, QTYPE: tl.constexpr, WPG: tl.constexpr, HAS_MIN: tl.constexpr,
+    GEGLU_OUT: tl.constexpr, QTYPE: tl.constexpr, WPG: tl.constexpr, HAS_MIN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-    NUM_STAGES: tl.constexpr, USE_ASM: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PRELOAD: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program of the decode GEMV (see the module docstring): rows pid_n * BLOCK_N.. of the
-    weight over split pid_k of K, for every activation row."""
-    NP: tl.constexpr = 32 // WPG  # planes
-    NW: tl.constexpr = BLOCK_G * WPG  # words per row per K step
+    weight over split pid_k of K, for every activation row. With GEGLU_OUT (one split) the weight
+    is a gate|up pair [gate | up], N/2 rows each: the program takes gate rows c.. and the up rows
+    of the same outputs, BLOCK_N/2 of each, and stores GELU_tanh(gate) * up (ffn_down's input).
+
+    It waits for the previous grid itself (dependent_launch.wait_for_previous). With PRELOAD it
+    first issues the loads of its first K step's weights: no earlier kernel writes the weights,
+    so their DRAM round trip overlaps the kernel before instead of following it, and only the
+    activations (in L2, just written) are loaded after the wait. A K step that spans the whole
+    row (BLOCK_G >= the row's groups) leaves nothing to load from DRAM after the wait."""
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     # Clamp rather than mask: rows past N re-read row N-1 and are never stored, so the weight loads
     # carry only the K mask.
     row = tl.minimum(rows, N - 1).to(tl.int64)[:, None]  # [BN, 1]
-    j = tl.arange(0, NW)
-    jg = j // WPG  # group of word slot j
-    jk = j % WPG  # word within its group
+    if GEGLU_OUT:
+        HALF: tl.constexpr = BLOCK_N // 2
+        i = tl.arange(0, BLOCK_N)
+        col = tl.minimum(pid_n * HALF + i % HALF, N // 2 - 1)  # [BN] the output of row i
+        row = (col + tl.where(i < HALF, 0, N // 2)).to(tl.int64)[:, None]  # gate rows, up rows
     m_idx = tl.arange(0, BLOCK_M)
     g_begin = pid_k * groups_per_split
     g_end = tl.minimum(g_begin + groups_per_split, n_groups)
+    if PRELOAD:
+        words, hb, s0, s1, s2, s3 = _tile_loads(QTYPE, WPG, BLOCK_G, qs_ptr, qh_ptr, sc_ptr,
+                                                mn_ptr, d_ptr, dmin_ptr, row, g_begin, g_end,
+                                                s_qs, s_qh, s_sc, s_d)  # fmt: skip
+    wait_for_previous(PDL)
     if BLOCK_M == 1:
         acc = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)  # reduced over groups once, after the loop
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    g_loop = g_begin
+    if PRELOAD:
+        lo, hi = _nibbles(QTYPE, words)
+        lo, hi = _with_high_bits(QTYPE, lo, hi, hb)
+        a_lo, a_hi, c = _scale_maps(QTYPE, s0, s1, s2, s3)  # [BN, BG]
+        acc = _gemv_step(acc, x_ptr, M, stride_xm, n_groups, g_begin, g_end, lo, hi, a_lo, a_hi,
+                         c, magic, QTYPE, WPG, HAS_MIN, BLOCK_M, BLOCK_N, BLOCK_G,
+                         USE_ASM)  # fmt: skip
+        g_loop = g_begin + BLOCK_G
+    NW: tl.constexpr = BLOCK_G * WPG  # words per row per K step
+    j = tl.arange(0, NW)
+    jg = j // WPG  # group of word slot j
+    jk = j % WPG  # word within its group
     # The last split may run a few fully masked steps; bounds from arguments keep the loop simple.
-    for g0 in tl.range(g_begin, g_begin + groups_per_split, BLOCK_G, num_stages=NUM_STAGES):
+    for g0 in tl.range(g_loop, g_begin + groups_per_split, BLOCK_G, num_stages=NUM_STAGES):
         grp = g0 + tl.arange(0, BLOCK_G)  # [BG]
         gmask = (grp < g_end)[None, :]  # [1, BG]
         wmask = (g0 + jg < g_end)[None, :]  # [1, NW]
@@ -400,43 +426,87 @@ def _gemv_tile(
         lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, (g0 + jg) * WPG + jk, wmask)
         a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp[None, :],
                                       gmask, s_sc, s_d)  # [BN, BG]
-        xcol = ((g0 + jg) * 32 + jk)[None, :]  # [1, NW] column of plane 0
-        for m in tl.static_range(BLOCK_M):
-            x_row = x_ptr + m * stride_xm + xcol
-            xmask = wmask & (m < M)
-            # plane p of every word times x[32g + p*WPG + k]. The plane decode does not depend on
-            # m: pure ops, computed once and CSE'd across the unrolled m loop.
-            xp = _load_activations(x_row, xmask, GEGLU, n_groups * 32)
-            s_lo = _plane(QTYPE, lo, hi, 0, magic, USE_ASM) * xp  # [BN, NW]
-            xs = xp  # [1, NW]
-            for p in tl.static_range(1, NP):
-                xp = _load_activations(x_row + p * WPG, xmask, GEGLU, n_groups * 32)
-                f = _plane(QTYPE, lo, hi, p, magic, USE_ASM)
-                if p < NP // 2:
-                    s_lo += f * xp
-                elif p == NP // 2:
-                    s_hi = f * xp
-                else:
-                    s_hi += f * xp
-                if HAS_MIN:
-                    xs += xp
-            # per-group sums: [BN, BG, WPG] -> [BN, BG]
-            part = a_lo * tl.sum(tl.reshape(s_lo, (BLOCK_N, BLOCK_G, WPG)), axis=2)
-            if NP > 1:
-                part += a_hi * tl.sum(tl.reshape(s_hi, (BLOCK_N, BLOCK_G, WPG)), axis=2)
-            if HAS_MIN:
-                part += c * tl.sum(tl.reshape(xs, (1, BLOCK_G, WPG)), axis=2)
-            if BLOCK_M == 1:
-                acc += part
-            else:
-                acc = tl.where(m_idx[:, None] == m, acc + tl.sum(part, axis=1)[None, :], acc)
+        acc = _gemv_step(acc, x_ptr, M, stride_xm, n_groups, g0, g_end, lo, hi, a_lo, a_hi, c,
+                         magic, QTYPE, WPG, HAS_MIN, BLOCK_M, BLOCK_N, BLOCK_G, USE_ASM)
     cols = out_col0 + rows
-    if BLOCK_M == 1:
+    if GEGLU_OUT:
+        _store_geglu(out_ptr, acc, M, N // 2, pid_n, BLOCK_M, BLOCK_N)
+    elif BLOCK_M == 1:
         out = out_ptr + pid_k * stride_osplit + cols
         tl.store(out, tl.sum(acc, axis=1), mask=rows < N)
     else:
         out = out_ptr + pid_k * stride_osplit + m_idx[:, None] * out_n + cols[None, :]
         tl.store(out, acc, mask=(m_idx[:, None] < M) & (rows[None, :] < N))
+
+
+@triton.jit
+def _store_geglu(out_ptr, acc, M, F, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store GELU_tanh(gate) * up [M, F] from a GEGLU_OUT tile's sums: acc [BN, BG] (M = 1) or
+    [BM, BN], its first BN/2 rows gates and the rest the ups of the same outputs."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    cols = pid_n * HALF + tl.arange(0, HALF)  # [H]
+    if BLOCK_M == 1:
+        pairs = tl.trans(tl.reshape(tl.sum(acc, axis=1), (2, HALF)))  # [H, 2]: (gate, up)
+        gate, up = tl.split(pairs)
+        tl.store(out_ptr + cols, _geglu(gate, up), mask=cols < F)
+    else:
+        pairs = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1))  # [BM, H, 2]
+        gate, up = tl.split(pairs)
+        m_idx = tl.arange(0, BLOCK_M)[:, None]
+        tl.store(out_ptr + m_idx * F + cols[None, :], _geglu(gate, up),
+                 mask=(m_idx < M) & (cols[None, :] < F))
+
+
+@triton.jit
+def _gemv_step(
+    acc, x_ptr, M, stride_xm, n_groups, g0, g_end,
+    lo, hi,  # [BN, NW] prepared words of the K step's groups g0.. (_with_high_bits)
+    a_lo, a_hi, c,  # [BN, BG] their group maps (_scale_maps)
+    magic,
+    QTYPE: tl.constexpr, WPG: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, USE_ASM: tl.constexpr,
+):  # fmt: skip
+    """acc plus one K step of the decode GEMV: every plane of the step's words times its
+    activations, for every activation row. acc is [BN, BG] at M=1 (summed over groups at the
+    end), else [BM, BN]."""
+    NP: tl.constexpr = 32 // WPG  # planes
+    NW: tl.constexpr = BLOCK_G * WPG
+    j = tl.arange(0, NW)
+    jg = j // WPG
+    jk = j % WPG
+    m_idx = tl.arange(0, BLOCK_M)
+    wmask = (g0 + jg < g_end)[None, :]  # [1, NW]
+    xcol = ((g0 + jg) * 32 + jk)[None, :]  # [1, NW] column of plane 0
+    for m in tl.static_range(BLOCK_M):
+        x_row = x_ptr + m * stride_xm + xcol
+        xmask = wmask & (m < M)
+        # plane p of every word times x[32g + p*WPG + k]. The plane decode does not depend on
+        # m: pure ops, computed once and CSE'd across the unrolled m loop.
+        xp = _load_activations(x_row, xmask)
+        s_lo = _plane(QTYPE, lo, hi, 0, magic, USE_ASM) * xp  # [BN, NW]
+        xs = xp  # [1, NW]
+        for p in tl.static_range(1, NP):
+            xp = _load_activations(x_row + p * WPG, xmask)
+            f = _plane(QTYPE, lo, hi, p, magic, USE_ASM)
+            if p < NP // 2:
+                s_lo += f * xp
+            elif p == NP // 2:
+                s_hi = f * xp
+            else:
+                s_hi += f * xp
+            if HAS_MIN:
+                xs += xp
+        # per-group sums: [BN, BG, WPG] -> [BN, BG]
+        part = a_lo * tl.sum(tl.reshape(s_lo, (BLOCK_N, BLOCK_G, WPG)), axis=2)
+        if NP > 1:
+            part += a_hi * tl.sum(tl.reshape(s_hi, (BLOCK_N, BLOCK_G, WPG)), axis=2)
+        if HAS_MIN:
+            part += c * tl.sum(tl.reshape(xs, (1, BLOCK_G, WPG)), axis=2)
+        if BLOCK_M == 1:
+            acc += part
+        else:
+            acc = tl.where(m_idx[:, None] == m, acc + tl.sum(part, axis=1)[None, :], acc)
+    return acc
 
 
 @triton.jit(do_not_specialize=["M", "N", "n_groups", "groups_per_split", "stride_osplit"])
@@ -543,8 +613,10 @@ def _split_groups(n_groups: int, split_k: int, block_g: int) -> tuple[int, int]:
     return groups_per_split, triton.cdiv(n_groups, groups_per_split)
 
 
-def gemv_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int) -> dict:
-    """BLOCK_N, BLOCK_G, SPLIT_K, num_warps, num_stages for the decode kernel.
+def gemv_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int,
+                preload: bool | None = None) -> dict:
+    """BLOCK_N, BLOCK_G, SPLIT_K, num_warps, num_stages, PRELOAD for the decode kernel; `preload`
+    (None: gemv_preload()) allows the preloaded whole-row configs of _gemv_config_preloaded.
 
     From the H100 sweep (bench_quant_matmul.py --sweep): at M=1, 128 rows per program and a
     3-stage cp.async pipeline were best on big matrices (Q4_K 4096x14336: 33.5 us vs 38.8 us with
@@ -556,10 +628,11 @@ def gemv_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int) -> dict
     # 32 words (128 B) per row per K step: 8 threads x 16 B across a row, coalesced; a BLOCK_G
     # that divides K/32 keeps every step full.
     block_g = _largest_pow2_divisor(n_groups, 32 // wpg)
+    preload = gemv_preload() if preload is None else preload
     # More rows per program reuse each activation load more, but every plane of the tile stays
     # live across the M rows: fewer rows when M > 1.
     if m == 1:
-        return _gemv_config_m1(qtype, n, n_groups, num_sms, block_g)
+        return _gemv_config_m1(qtype, n, n_groups, num_sms, block_g, preload)
     block_n = 32 if m <= 4 else 16
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
     n_tiles = triton.cdiv(n, block_n)
@@ -567,14 +640,15 @@ def gemv_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int) -> dict
     if n_tiles < num_sms // 2:  # few rows, long rows (ffn_down): split K over more programs
         split_k = _split_k(n_tiles, 4 * num_sms, n_groups, block_g)
     return {"BLOCK_N": block_n, "BLOCK_G": block_g, "SPLIT_K": split_k, "num_warps": 4,
-            "num_stages": 3}
+            "num_stages": 3, "PRELOAD": False}
 
 
 # Rows of at most this many 32-element groups (K <= 1152) are never split at M=1.
 GEMV_SHORT_ROW_GROUPS = 36
 
 
-def _gemv_config_m1(qtype: int, n: int, n_groups: int, num_sms: int, block_g: int) -> dict:
+def _gemv_config_m1(qtype: int, n: int, n_groups: int, num_sms: int, block_g: int,
+                    preload: bool) -> dict:
     """The single-token decode GEMV. The projections of Gemma 3 1B / 270M are latency-bound, not
     bandwidth-bound (H100 sweeps of graph replays: BENCHMARKS.md, fifth and seventh sessions):
     - short rows (K <= 1152: q|k|v, gate|up, o) run unsplit. Narrow outputs (N <= 1152) in
@@ -585,11 +659,10 @@ def _gemv_config_m1(qtype: int, n: int, n_groups: int, num_sms: int, block_g: in
       TB/s; in the 1B twin's decode step, 125 -> 118 us);
     - long rows (ffn_down, K = 2048 or 6912) were fastest with ~2 programs per SM, even at one
       K step each (Q4_K 6912x1152: 9.7 us at 16 splits vs 10.8 at 13; Q4_K 2048x640: 6.3 at 8
-      splits vs 7.1 at 4); Q6_K in 32-row tiles (its planes' registers), the rest in 64. The
-      plain GEMV was faster still in 16-row tiles unsplit (2048x640: 5.2 us), but ffn_down runs
-      with GEGLU on its input, which every program then recomputes over the whole row: 8.1 us
-      instead of 3.7 in the 270M twin's step.
-    Bigger matrices (Llama-8B FFNs) keep the earlier sweep's 128 rows, 3 stages, no split."""
+      splits vs 7.1 at 4); Q6_K in 32-row tiles (its planes' registers), the rest in 64.
+    Bigger matrices (Llama-8B FFNs) keep the earlier sweep's 128 rows, 3 stages, no split.
+    With `preload`, short rows of up to GEMV_PRELOAD_MAX_N outputs take _gemv_config_preloaded
+    instead."""
     warps = 4
     if n_groups <= GEMV_SHORT_ROW_GROUPS:
         if n <= 1152:
@@ -602,6 +675,8 @@ def _gemv_config_m1(qtype: int, n: int, n_groups: int, num_sms: int, block_g: in
     else:
         block_n = 32 if qtype == Q6_K else 64
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
+    if preload and n_groups <= GEMV_PRELOAD_MAX_GROUPS and n <= GEMV_PRELOAD_MAX_N:
+        return _gemv_config_preloaded(qtype, n, n_groups)
     n_tiles = triton.cdiv(n, block_n)
     split_k = 1
     if n_groups > GEMV_SHORT_ROW_GROUPS and n_tiles < num_sms // 2:
@@ -609,7 +684,43 @@ def _gemv_config_m1(qtype: int, n: int, n_groups: int, num_sms: int, block_g: in
         split_k = 1 << max(0, round(math.log2(want)))
         split_k = max(1, min(split_k, n_groups // block_g))  # at least one K step each
     return {"BLOCK_N": block_n, "BLOCK_G": block_g, "SPLIT_K": split_k, "num_warps": warps,
-            "num_stages": 3}
+            "num_stages": 3, "PRELOAD": False}
+
+
+# Rows of at most this many groups (K <= 8192) and at most this many outputs take
+# _gemv_config_preloaded at M=1.
+GEMV_PRELOAD_MAX_GROUPS = 256
+GEMV_PRELOAD_MAX_N = 4096
+
+
+def _gemv_config_preloaded(qtype: int, n: int, n_groups: int) -> dict:
+    """A GEMV of rows up to K = 8192 in one whole-row K step, every weight load issued before the
+    PDL wait (PRELOAD, see _gemv_tile). H100, PDL chain (bench_quant_matmul.py --m1-sweep,
+    BENCHMARKS.md eighth session), us from the tiles before to these: Q5_0 1152x1536 4.82 ->
+    2.74, Q8_0 1152x256 2.65 -> 1.56, Q4_K 1024x1152 3.41 -> 2.58, Q5_0 640x1536 3.12 -> 2.21,
+    Q4_K 1024x640 2.57 -> 1.85, the 270M's gate|up with its GEGLU epilogue Q5_0 640x4096 3.73
+    -> 2.30, ffn_down Q4_K 2048x640 6.69 -> 2.38, Q4_K 6912x1152 9.65 -> 8.53, Q6_K 6912x1152
+    10.41 -> 10.18. Rows per program: the most (8 to 32) that still give ~128 programs; 8 warps
+    once a 4-warp thread would hold more than 32 registers of the tile (words, and their high
+    bits for Q5_* / Q6_K). Not for wider outputs: the 1B's gate|up (Q5_0 1152x13824) took 22.6
+    us this way (19.3 in 64-row tiles of 16 warps), 9.1 before: every program reloads the whole
+    activation row, ~1.7x the weight's bytes at 16 rows. Split rows with only their first K step
+    preloaded were slower (Q4_K 6912x1152 with GEGLU 13.1 -> 14.6 us), and LM heads gain
+    nothing (126 us either way); they keep their tiles, loaded after the wait."""
+    block_g = triton.next_power_of_2(n_groups)  # masked past the row's end
+    block_n = 32
+    while block_n > 8 and triton.cdiv(n, block_n) < 128:
+        block_n //= 2
+    registers = block_n * block_g * _WPG[qtype] * (2 if qtype in (Q5_0, Q5_1, Q5_K, Q6_K) else 1)
+    warps = 8 if registers > 32 * 128 else 4
+    return {"BLOCK_N": block_n, "BLOCK_G": block_g, "SPLIT_K": 1, "num_warps": warps,
+            "num_stages": 1, "PRELOAD": True}
+
+
+def gemv_preload() -> bool:
+    """Whether short-row decode GEMVs may load their weights before the PDL wait
+    (_gemv_config_preloaded); LLCUDA_GEMV_PRELOAD=0 switches it off, to compare."""
+    return os.environ.get("LLCUDA_GEMV_PRELOAD", "1") != "0"
 
 
 def gemm_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int = 132) -> dict:
@@ -677,33 +788,33 @@ def _use_asm() -> bool:
 
 
 def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
-               partials: bool = False, geglu: bool = False) -> torch.Tensor:
+               partials: bool = False, geglu_out: bool = False) -> torch.Tensor:
     """x [M<=16, K] @ dequant(w).T -> [M, N] fp32 with fp32 FMAs (the decode kernel); with
-    `partials`, the split-K partial sums [S, M, N] unsummed (see quant_matmul). With `geglu`, x
-    is a gate|up output [M, 2K] and the product is GELU_tanh(gate) * up @ dequant(w).T."""
-    if geglu:
-        if x.dim() != 2 or x.shape[1] != 2 * w.n_cols:
-            raise QuantMatmulError(
-                f"geglu needs gate|up rows of 2 x {w.n_cols} columns, got {tuple(x.shape)}"
-            )
-        _check(x[:, : w.n_cols], w)
-        x = x if x.stride(1) == 1 else x.contiguous()
-    else:
-        x = _check(x, w)
+    `partials`, the split-K partial sums [S, M, N] unsummed (see quant_matmul). With
+    `geglu_out`, w is a gate|up weight [gate | up] of N/2 rows each and the result is
+    GELU_tanh(x @ gate.T) * (x @ up.T) [M, N/2] (K unsplit): ffn_down's input, in one kernel."""
+    if geglu_out and (w.n_rows % 2 or (w.split_sizes and len(set(w.split_sizes)) != 1)):
+        raise QuantMatmulError(f"geglu_out needs a gate|up weight of two equal halves, got "
+                               f"{w.split_sizes or w.n_rows} rows")  # fmt: skip
+    x = _check(x, w)
     m, n, n_groups = x.shape[0], w.n_rows, w.n_cols // GROUP
     if m > GEMV_KERNEL_MAX_M:
         raise QuantMatmulError(f"quant_gemv takes M <= {GEMV_KERNEL_MAX_M}, got {m}")
     dev = x.device.index if x.device.type == "cuda" else 0
     cfg = config or gemv_config(w.qtype, m, n, n_groups, _num_sms(dev))
+    if geglu_out:  # GELU needs whole sums: one split; a tile holds pairs of rows
+        cfg = dict(cfg, SPLIT_K=1, BLOCK_N=max(2, cfg["BLOCK_N"]))
     groups_per_split, split_k = _split_groups(n_groups, cfg["SPLIT_K"], cfg["BLOCK_G"])
-    out = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
+    out = torch.empty((split_k, m, n // 2 if geglu_out else n), device=x.device,
+                      dtype=torch.float32)  # fmt: skip
     ptrs, strides = _weight_args(w)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k)
     _quant_gemv_kernel[grid](
         x, out, *ptrs, m, n, n_groups, groups_per_split, x.stride(0), m * n, *strides, _MAGIC,
-        GEGLU=geglu, QTYPE=w.qtype, WPG=_WPG[w.qtype], HAS_MIN=w.qtype in _HAS_MIN,
+        GEGLU_OUT=geglu_out, QTYPE=w.qtype, WPG=_WPG[w.qtype], HAS_MIN=w.qtype in _HAS_MIN,
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"],
-        NUM_STAGES=cfg["num_stages"], USE_ASM=_use_asm(), num_warps=cfg["num_warps"],
+        NUM_STAGES=cfg["num_stages"], PRELOAD=cfg.get("PRELOAD", False), USE_ASM=_use_asm(),
+        num_warps=cfg["num_warps"],
         **pdl_launch_args(x.device),
     )
     return _reduce_splits(out, partials)
@@ -751,7 +862,8 @@ def quant_gemv_pair(x: torch.Tensor, wa: PackedWeight, wb: PackedWeight,
         QTYPE_B=wb.qtype, WPG_B=_WPG[wb.qtype], HAS_MIN_B=wb.qtype in _HAS_MIN,
         BLOCK_N_B=cfg_b["BLOCK_N"], BLOCK_G_B=cfg_b["BLOCK_G"],
         BLOCK_M=max(1, triton.next_power_of_2(m)), NUM_STAGES=cfg_a["num_stages"],
-        USE_ASM=_use_asm(), num_warps=max(cfg_a["num_warps"], cfg_b["num_warps"]),
+        PRELOAD=cfg_a.get("PRELOAD", False) and cfg_b.get("PRELOAD", False), USE_ASM=_use_asm(),
+        num_warps=max(cfg_a["num_warps"], cfg_b["num_warps"]),
         **pdl_launch_args(x.device),
     )  # fmt: skip
     return out

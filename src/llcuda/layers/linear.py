@@ -26,11 +26,6 @@ class QuantLinear:
         # for ops.residual_rms_norm, which adds them up instead of a separate reduction kernel
         return ops.quant_matmul(x, self.weight, partials=True)
 
-    def geglu_partials(self, gate_up: torch.Tensor) -> torch.Tensor:
-        # gate_up: [num_tokens, 2 * in_features] (or its split-K partials) -> split-K partial sums
-        # of GELU_tanh(gate) * up @ W.T, the GEGLU fused into the matmul where it can be
-        return ops.geglu_quant_matmul(gate_up, self.weight, partials=True)
-
 
 class FusedQuantLinear:
     """Several weights that read the same input (q|k, gate|up), one output [T, sum of outs].
@@ -64,6 +59,13 @@ class FusedQuantLinear:
         if self.parts is None:
             return ops.quant_matmul(x, self.weight, partials=True)
         return self(x).unsqueeze(0)
+
+    def geglu(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, in_features] -> GELU_tanh(gate) * up [num_tokens, ffn] for a gate|up
+        # pair of equal halves, the GEGLU in the matmul's epilogue where it can be
+        if self.parts is None:
+            return ops.quant_matmul_geglu(x, self.weight)
+        return ops.geglu_fused(self(x))
 
 
 def paired_partials(first: FusedQuantLinear | QuantLinear, second: QuantLinear,

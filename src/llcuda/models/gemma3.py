@@ -94,7 +94,7 @@ class Gemma3Block:
         attn = self.attn_output.partials(attn.reshape(num_tokens, cfg.q_size))
         x, h = ops.residual_rms_norm(x, attn, self.post_attention_norm, self.ffn_norm, eps)
 
-        f = self.ffn_down.geglu_partials(self.ffn_gate_up.partials(h))
+        f = self.ffn_down.partials(self.ffn_gate_up.geglu(h))  # GEGLU in gate|up's epilogue
         return ops.residual_rms_norm(x, f, self.post_ffw_norm, self.next_norm, eps)
 
 
