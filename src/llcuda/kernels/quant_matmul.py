@@ -9,9 +9,11 @@ decode, multiply and accumulate stay in one register layout. Two kernels here:
   owns BLOCK_N rows and walks K in BLOCK_G groups; planes decode to exact integer-valued floats
   (PRMT under a 2^23 exponent, then one FADD that also removes the zero point) and FMA with fp32
   activations; group scales are applied once per group to the partial sums (w = a*q + c  =>
-  sum(w*x) = a*sum(q*x) + c*sum(x)). Tall-K matrices with few rows (ffn_down) are split along K
-  on a second grid axis. Its program body is `_gemv_tile`, which `_quant_gemv_pair_kernel` also
-  runs for two weights of different quant types in one launch (a Q4_K_M layer's q|k and v).
+  sum(w*x) = a*sum(q*x) + c*sum(x)). Tall-K matrices with few rows are split along K on a second
+  grid axis. Its program body is `_gemv_tile`, which `_quant_gemv_pair_kernel` also runs for two
+  weights of different quant types in one launch (a Q4_K_M layer's q|k and v). At one token,
+  rows up to K = 8192 load their whole weight tile before the PDL wait (PRELOAD), and a gate|up
+  weight can store GELU_tanh(gate) * up directly (GEGLU_OUT).
 * `_quant_gemm_kernel` (larger M): each plane of a [BLOCK_N, 32*BLOCK_G] tile is
   dequantized in registers to bf16 (fp16 below sm_80, with each activation row scaled by a power of
   two to stay in fp16 range) and multiplied on tensor cores by `tl.dot` with fp32 accumulation.
@@ -661,8 +663,8 @@ def _gemv_config_m1(qtype: int, n: int, n_groups: int, num_sms: int, block_g: in
       K step each (Q4_K 6912x1152: 9.7 us at 16 splits vs 10.8 at 13; Q4_K 2048x640: 6.3 at 8
       splits vs 7.1 at 4); Q6_K in 32-row tiles (its planes' registers), the rest in 64.
     Bigger matrices (Llama-8B FFNs) keep the earlier sweep's 128 rows, 3 stages, no split.
-    With `preload`, short rows of up to GEMV_PRELOAD_MAX_N outputs take _gemv_config_preloaded
-    instead."""
+    With `preload`, rows of up to GEMV_PRELOAD_MAX_GROUPS groups and GEMV_PRELOAD_MAX_N outputs
+    take _gemv_config_preloaded instead."""
     warps = 4
     if n_groups <= GEMV_SHORT_ROW_GROUPS:
         if n <= 1152:
@@ -718,8 +720,8 @@ def _gemv_config_preloaded(qtype: int, n: int, n_groups: int) -> dict:
 
 
 def gemv_preload() -> bool:
-    """Whether short-row decode GEMVs may load their weights before the PDL wait
-    (_gemv_config_preloaded); LLCUDA_GEMV_PRELOAD=0 switches it off, to compare."""
+    """Whether single-token GEMVs may take _gemv_config_preloaded (whole-row weight tiles loaded
+    before the PDL wait); LLCUDA_GEMV_PRELOAD=0 switches it off, to compare."""
     return os.environ.get("LLCUDA_GEMV_PRELOAD", "1") != "0"
 
 
