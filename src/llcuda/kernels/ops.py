@@ -159,13 +159,13 @@ def quant_matmul_geglu(x: torch.Tensor, weight: object) -> torch.Tensor:
     """GELU_tanh(x @ gate.T) * (x @ up.T) [num_tokens, ffn] for a gate|up weight [gate | up]
     (ffn_gate|ffn_up, fused at load). On CUDA, where the product takes the decode GEMV, the GEGLU
     is its epilogue: one kernel, and ffn_down reads its input ready; elsewhere the matmul, then
-    the GEGLU."""
+    the GEGLU kernel, which adds up the matmul's split-K partials as it loads them."""
     if not isinstance(weight, QuantTensor):
         from llcuda.kernels import quant_matmul as qm
 
         if x.dim() == 2 and x.shape[0] > 0 and qm.uses_gemv(x.shape[0], weight):
             return qm.quant_gemv(x, weight, geglu_out=True)
-    return geglu_fused(quant_matmul(x, weight))
+    return geglu_fused(quant_matmul(x, weight, partials=True))
 
 
 def embedding(weight: object, token_ids: torch.Tensor, scale: float = 1.0,

@@ -665,6 +665,8 @@ def _gemv_config_m1(qtype: int, n: int, n_groups: int, num_sms: int, block_g: in
     Bigger matrices (Llama-8B FFNs) keep the earlier sweep's 128 rows, 3 stages, no split.
     With `preload`, rows of up to GEMV_PRELOAD_MAX_GROUPS groups and GEMV_PRELOAD_MAX_N outputs
     take _gemv_config_preloaded instead."""
+    if preload and n_groups <= GEMV_PRELOAD_MAX_GROUPS and n <= GEMV_PRELOAD_MAX_N:
+        return _gemv_config_preloaded(qtype, n, n_groups)
     warps = 4
     if n_groups <= GEMV_SHORT_ROW_GROUPS:
         if n <= 1152:
@@ -677,8 +679,6 @@ def _gemv_config_m1(qtype: int, n: int, n_groups: int, num_sms: int, block_g: in
     else:
         block_n = 32 if qtype == Q6_K else 64
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
-    if preload and n_groups <= GEMV_PRELOAD_MAX_GROUPS and n <= GEMV_PRELOAD_MAX_N:
-        return _gemv_config_preloaded(qtype, n, n_groups)
     n_tiles = triton.cdiv(n, block_n)
     split_k = 1
     if n_groups > GEMV_SHORT_ROW_GROUPS and n_tiles < num_sms // 2:
