@@ -41,7 +41,7 @@ from llcuda.streams import InferResult, TextStream
 _EXTRA_SAMPLING_ARGS = ("min_p", "repeat_penalty", "repeat_last_n", "ignore_eos")
 # load_model(**kwargs) may set these EngineConfig fields beyond the explicit arguments
 _EXTRA_ENGINE_ARGS = (
-    "block_size", "device", "seed", "enable_prefix_caching", "num_scheduler_steps",
+    "block_size", "device", "seed", "enable_prefix_caching", "num_scheduler_steps", "swa_full",
 )
 
 
@@ -87,10 +87,11 @@ class InferenceEngine:
 
         Knobs have llama.cpp's meanings (see EngineConfig); extra keyword arguments may set
         EngineConfig's block_size, device ('cpu'/'cuda'), seed, enable_prefix_caching (default
-        True: prompts sharing a prefix reuse its KV blocks) and num_scheduler_steps (decode steps
-        chained on the GPU per scheduling round; default 16 on a GPU). Bad values raise ValueError
-        naming the argument; a missing or unreadable file raises FileNotFoundError / ValueError.
-        A model already loaded is unloaded first.
+        True: prompts sharing a prefix reuse its KV blocks), num_scheduler_steps (decode steps
+        chained on the GPU per scheduling round; default 16 on a GPU) and swa_full (default
+        False: sliding-window layers keep only the KV blocks their window sees, as llama.cpp).
+        Bad values raise ValueError naming the argument; a missing or unreadable file raises
+        FileNotFoundError / ValueError. A model already loaded is unloaded first.
         """
         if self._remote is not None:
             raise RuntimeError(

@@ -113,7 +113,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _add_prefix_caching(p: argparse.ArgumentParser) -> None:
-    """On by default; --no-prefix-caching (or vLLM's --no-enable-prefix-caching) turns it off."""
+    """On by default; --no-prefix-caching (or vLLM's --no-enable-prefix-caching) turns it off.
+    Also --swa-full, the other switch of what the KV cache keeps."""
     p.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="prefix_caching",
                    action="store_false",
                    help="compute every prompt in full instead of reusing the KV blocks of a "
@@ -122,6 +123,9 @@ def _add_prefix_caching(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", dest="prefix_caching", action="store_true",
                    help=argparse.SUPPRESS)  # fmt: skip
     p.set_defaults(prefix_caching=True)
+    p.add_argument("--swa-full", action="store_true",
+                   help="keep the sliding-window layers' KV cache at full size (llama.cpp's "
+                        "--swa-full); by default they keep what their window sees")  # fmt: skip
 
 
 def _add_scheduler_steps(p: argparse.ArgumentParser) -> None:
@@ -136,6 +140,8 @@ def _engine_extra(args: argparse.Namespace) -> dict:
     extra: dict = {"device": args.device} if args.device else {}
     if not args.prefix_caching:
         extra["enable_prefix_caching"] = False
+    if getattr(args, "swa_full", False):
+        extra["swa_full"] = True
     if getattr(args, "num_scheduler_steps", None) is not None:
         extra["num_scheduler_steps"] = args.num_scheduler_steps
     return extra

@@ -77,6 +77,9 @@ class EngineConfig:
       one step in about half a millisecond, stays off the GPU's path. Tokens then arrive in
       bursts; a sequence that stops inside a burst drops the tokens after its stop. None = 16 on
       a GPU with CUDA graphs, 1 (no bursts) otherwise.
+    - swa_full: keep the sliding-window layers' cache at full size (llama.cpp `--swa-full`).
+      By default those layers keep only the blocks their window can still see, in a pool of
+      their own (engine/kv_cache_manager.py): a fraction of the memory at long contexts.
     - extra: switches for measuring the engine against itself, all on by default on one GPU:
       "cuda_graphs" (graphs of decode steps and single-sequence prompt chunks), "prefill_graphs"
       (the latter only; runner/cuda_graphs.py), "warm_up" (the compile workload after load).
@@ -94,6 +97,7 @@ class EngineConfig:
     seed: int | None = None
     enable_prefix_caching: bool = True
     num_scheduler_steps: int | None = None
+    swa_full: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -120,6 +124,8 @@ class EngineConfig:
             raise ValueError(f"flash_attn must be None, True or False, got {self.flash_attn!r}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if not isinstance(self.swa_full, bool):
+            raise ValueError(f"swa_full must be True or False, got {self.swa_full!r}")
         if "enable_prefix_caching" in self.extra:  # where the flag lived before it was a field
             self.extra = dict(self.extra)
             self.enable_prefix_caching = self.extra.pop("enable_prefix_caching")

@@ -72,9 +72,9 @@ def test_prefill_graphs_match_the_eager_forward(tiny_path):
     graphs = runner.prefill_graphs
     assert graphs is not None and graphs.buckets == [16, 32, 64]
     failures = []
-    for x, pos, slots, seq_len, table, eager in prefill_chunks(runner):
+    for x, pos, slots, seq_len, table, swa, eager in prefill_chunks(runner):
         with torch.inference_mode():
-            graph = graphs.run(x, pos, slots, seq_len, table).clone()
+            graph = graphs.run(x, pos, slots, seq_len, table, *swa).clone()
         err = ((graph - eager).abs().max() / eager.abs().max()).item()
         if graph.shape != eager.shape or not err < 2e-2:
             failures.append(f"positions {int(pos[0])}+{len(pos)}: {tuple(graph.shape)} rel err "

@@ -20,27 +20,35 @@ def _graphs(max_tokens: int, max_seq_len: int) -> PrefillGraphs:
 def prefill_chunks(runner):
     """One sequence's prompt in the chunks both prefill-graph tests replay: first chunks of 2, 17
     and 64 tokens, then 17 over 64 cached ones. Yields (x, positions, slots, seq_len, block
-    table, the eager forward's last-token logits [1, vocab]); the eager forward has written the
-    chunk's K/V by then. Any blocks will do: the engine is idle."""
+    table, the sliding group's (slots, table) or (None, None) where the cache has one group,
+    the eager forward's last-token logits [1, vocab]); the eager forward has written the chunk's
+    K/V by then. Any blocks will do: the engine is idle."""
     from llcuda.layers.attention import AttentionMetadata
 
     model, dev, bs = runner.model, runner.device, runner.block_size
     table = torch.arange(runner.max_blocks_per_seq, dtype=torch.int32)
+    # the sliding group's pool is smaller: 81 tokens take its first 3 blocks all the same
+    swa_table = table % runner.kv_cache_groups[-1].num_blocks
     ids = torch.randint(300, 1000, (81,), generator=torch.Generator().manual_seed(1))
     for start, n in ((0, 2), (0, 17), (0, 64), (64, 17)):
         pos = torch.arange(start, start + n)
         slots = table[pos // bs].long() * bs + pos % bs
+        swa = (None, None)
+        if runner.num_groups > 1:
+            swa = (swa_table[pos // bs].long() * bs + pos % bs, swa_table)
         x = model.embed(ids[start : start + n])
         meta = AttentionMetadata(
             slot_mapping=slots.to(dev),
             query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
             seq_lens=torch.tensor([start + n], dtype=torch.int32, device=dev),
             block_tables=table[None].to(dev), max_query_len=n, max_seq_len=start + n,
+            swa_slot_mapping=None if swa[0] is None else swa[0].to(dev),
+            swa_block_tables=None if swa[1] is None else swa[1][None].to(dev),
         )
         with torch.inference_mode():
             hidden = model.forward(x, pos.to(dev), {dev: meta}, runner.kv_caches)
             eager = model.compute_logits(hidden[-1:])
-        yield x, pos, slots, start + n, table, eager
+        yield x, pos, slots, start + n, table, swa, eager
 
 
 def test_buckets_stop_at_the_chunk_size_and_the_context():
@@ -124,16 +132,17 @@ def test_padded_step_equals_the_eager_forward_on_cpu(tmp_path):
             graphs.logits[self.bucket] = graphs._step(self.bucket)
 
     graphs.graphs = {b: EagerReplay(b) for b in graphs.buckets}
-    for x, pos, slots, seq_len, table, eager in prefill_chunks(runner):
+    assert runner.num_groups == 2  # the sliding layers keep a cache group of their own
+    for x, pos, slots, seq_len, table, swa, eager in prefill_chunks(runner):
         with torch.inference_mode():
             before = [(c.k.clone(), c.v.clone()) for c in runner.kv_caches]
-            padded = graphs.run(x, pos, slots, seq_len, table)
+            padded = graphs.run(x, pos, slots, seq_len, table, *swa)
         assert padded.shape == eager.shape == (1, model.config.vocab_size)
         torch.testing.assert_close(padded, eager, rtol=1e-4, atol=1e-4)
         for cache, (k0, v0) in zip(runner.kv_caches, before, strict=True):
             for now, was in ((cache.k, k0), (cache.v, v0)):
                 now, was = now.flatten(0, 1), was.flatten(0, 1)  # [slots, kv_heads, head_dim]
                 others = torch.ones(now.shape[0], dtype=torch.bool)
-                others[slots] = False
+                others[swa[0] if cache.group else slots] = False
                 assert torch.equal(now[others], was[others])
     loaded.close()

@@ -35,7 +35,7 @@ def _engine(config: EngineConfig, prefix: bool | None, overlap: bool = False) ->
     runner = CheckedKVRunner(config)
     engine = LLMEngine(runner, FakeTokenizer(), config, detokenizer_factory=FakeDetokenizer,
                        enable_prefix_caching=prefix, overlap=overlap)  # fmt: skip
-    runner.block_manager = engine.block_manager
+    runner.block_manager = engine.block_manager.main  # the one (full-attention) group
     return engine
 
 

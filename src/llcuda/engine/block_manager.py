@@ -17,6 +17,12 @@ first). Rules that keep sharing safe:
   the logits to sample from (a fully cached prompt recomputes its last block);
 - "KV use" (`usage`, `num_free_blocks`) counts blocks referenced by live requests: cached blocks
   that no request holds are free, since they are evicted on demand.
+
+A manager serves one cache group (`group`: which of a request's `kv_tables` it keeps). With a
+`sliding_window` W its layers attend to the last W positions only: once a request has computed
+n tokens, no later query sees a key before n - W + 1, so the blocks wholly before it go back to
+the pool (with their prefix hash, findable until evicted) and the table keeps a placeholder.
+engine/kv_cache_manager.py puts a full-attention group and a sliding one side by side.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from llcuda.engine.request import Request
+from llcuda.engine.request import BlockTable, Request
 
 
 class KVBlock:
@@ -82,14 +88,19 @@ class PrefixCacheStats:
 class BlockManager:
     """Free list + reference counts over `num_blocks` KV blocks, with optional prefix caching."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 sliding_window: int = 0, group: int = 0):  # fmt: skip
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if sliding_window < 0:
+            raise ValueError(f"sliding_window must be >= 0, got {sliding_window}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window  # 0: full attention, every block stays live
+        self.group = group
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         # blocks with ref_count 0, in eviction order: the front is handed out first. An OrderedDict
         # because a prefix-cache hit takes a block out of the middle.
@@ -122,74 +133,115 @@ class BlockManager:
     def num_blocks_needed(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
 
-    def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
-        """Whether `allocate_slots(request, num_new_tokens)` would succeed now."""
-        return self._num_new_blocks(request, num_new_tokens, 0) <= len(self._free)
+    def can_allocate(self, request: Request, num_new_tokens: int,
+                     cached_blocks: Sequence[int | None] = ()) -> bool:  # fmt: skip
+        """Whether `allocate_slots(request, num_new_tokens, cached_blocks)` would succeed now."""
+        table = self._table(request)
+        # blocks behind a sliding window that allocate_slots releases first
+        freed = sum(1 for i in range(table.num_dropped, self._first_live_block(request, table))
+                    if self.blocks[table.blocks[i]].ref_count == 1)  # fmt: skip
+        # adopting a free cached block takes it off the free list too
+        taken = sum(1 for b in cached_blocks if b is not None and self.blocks[b].ref_count == 0)
+        num_new = self._num_new_blocks(request, table, num_new_tokens, len(cached_blocks))
+        return num_new <= len(self._free) + freed - taken
+
+    def first_needed_block(self, num_computed_tokens: int) -> int:
+        """The first block a query at position >= num_computed_tokens can see."""
+        if not self.sliding_window:
+            return 0
+        return max(0, num_computed_tokens - self.sliding_window + 1) // self.block_size
 
     # --- allocation -----------------------------------------------------------------------------
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, cached_blocks: Sequence[int] = ()
+        self, request: Request, num_new_tokens: int, cached_blocks: Sequence[int | None] = ()
     ) -> bool:
-        """Grow `request.block_table` to cover `num_computed_tokens + num_new_tokens` tokens.
+        """Grow the request's table to cover `num_computed_tokens + num_new_tokens` tokens.
 
-        All or nothing: returns False and changes nothing when the free list is too short.
-        `cached_blocks` (from `find_cached_blocks`, for a request holding no blocks yet) are
-        adopted first and count as computed: the caller then sets `num_computed_tokens` to
-        `len(cached_blocks) * block_size`, and `num_new_tokens` counts tokens after them.
+        All or nothing: returns False and allocates nothing when the free list is too short
+        (blocks that fell out of a sliding window are released either way). `cached_blocks`
+        (from `find_cached_blocks`, for a request holding no blocks yet) are adopted first and
+        count as computed: the caller then sets `num_computed_tokens` to `len(cached_blocks) *
+        block_size`, and `num_new_tokens` counts tokens after them. In a sliding-window group
+        leading entries may be None: blocks out of the window, kept as placeholders.
         """
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
-        if cached_blocks and (request.block_table or request.num_computed_tokens):
+        table = self._table(request)
+        if cached_blocks and (table.blocks or request.num_computed_tokens):
             raise ValueError(
                 f"request {request.request_id!r}: cached blocks can only start an empty table"
             )
-        num_new = self._num_new_blocks(request, num_new_tokens, len(cached_blocks))
-        # adopting a free cached block takes it off the free list too
-        num_free_after_hits = len(self._free) - sum(
-            1 for b in cached_blocks if self.blocks[b].ref_count == 0
-        )
-        if num_new > num_free_after_hits:
+        self._drop_out_of_window(request, table)
+        if not self.can_allocate(request, num_new_tokens, cached_blocks):
             return False
+        num_new = self._num_new_blocks(request, table, num_new_tokens, len(cached_blocks))
         for block_id in cached_blocks:
+            if block_id is None:
+                assert self.sliding_window and table.num_dropped == len(table.blocks), (
+                    f"placeholder after a live block in {table}")
+                table.blocks.append(0)
+                table.num_dropped += 1
+                continue
             block = self.blocks[block_id]
             assert block.hash is not None, f"block {block_id} offered as cached but has no hash"
             if block.ref_count == 0:
                 del self._free[block_id]
             block.ref_count += 1
-            request.block_table.append(block_id)
+            table.blocks.append(block_id)
         if cached_blocks:
             # (only here: resetting it on every call made cache_full_blocks rescan whole tables)
-            request.num_hashed_blocks = len(cached_blocks)
+            table.num_hashed = len(cached_blocks)
         for _ in range(num_new):
             block_id, _ = self._free.popitem(last=False)
             block = self.blocks[block_id]
             assert block.ref_count == 0, f"free block {block_id} has ref_count {block.ref_count}"
             self._evict(block)
             block.ref_count = 1
-            request.block_table.append(block_id)
+            table.blocks.append(block_id)
         return True
 
     def free(self, request: Request) -> None:
         """Release every block the request holds. Idempotent: a second call frees nothing."""
+        table = self._table(request)
         # tail blocks first, so that under prefix caching a prompt's tail is evicted before its head
-        for block_id in reversed(request.block_table):
-            block = self.blocks[block_id]
-            assert block.ref_count > 0, f"double free of block {block_id} by {request.request_id!r}"
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[block_id] = None
-                if block.hash is not None and self._cached.get(block.hash) != block_id:
-                    block.hash = None  # no lookup can reach it (reset_prefix_cache ran)
-                if block.hash is None:
-                    # nothing worth keeping in it: hand it out before the cached ones
-                    self._free.move_to_end(block_id, last=False)
-        request.block_table = []
-        request.num_hashed_blocks = 0
+        for i in range(len(table.blocks) - 1, table.num_dropped - 1, -1):
+            self._release(table.blocks[i], request)
+        table.clear()
 
-    def _num_new_blocks(self, request: Request, num_new_tokens: int, num_cached: int) -> int:
+    def _release(self, block_id: int, request: Request) -> None:
+        block = self.blocks[block_id]
+        assert block.ref_count > 0, f"double free of block {block_id} by {request.request_id!r}"
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._free[block_id] = None
+            if block.hash is not None and self._cached.get(block.hash) != block_id:
+                block.hash = None  # no lookup can reach it (reset_prefix_cache ran)
+            if block.hash is None:
+                # nothing worth keeping in it: hand it out before the cached ones
+                self._free.move_to_end(block_id, last=False)
+
+    def _table(self, request: Request) -> BlockTable:
+        return request.kv_tables[self.group]
+
+    def _first_live_block(self, request: Request, table: BlockTable) -> int:
+        return min(self.first_needed_block(request.num_computed_tokens), len(table.blocks))
+
+    def _drop_out_of_window(self, request: Request, table: BlockTable) -> None:
+        """Release the blocks no query from num_computed_tokens on can see (sliding window).
+
+        Safe while a step of this request still runs: its queries sit at positions >= the
+        num_computed_tokens the host knows, so they never reach back past the window start."""
+        first_live = self._first_live_block(request, table)
+        for i in range(table.num_dropped, first_live):
+            self._release(table.blocks[i], request)
+            table.blocks[i] = 0
+        table.num_dropped = max(table.num_dropped, first_live)
+
+    def _num_new_blocks(self, request: Request, table: BlockTable, num_new_tokens: int,
+                        num_cached: int) -> int:  # fmt: skip
         num_tokens = request.num_computed_tokens + num_cached * self.block_size + num_new_tokens
-        return max(0, cdiv(num_tokens, self.block_size) - len(request.block_table) - num_cached)
+        return max(0, cdiv(num_tokens, self.block_size) - len(table.blocks) - num_cached)
 
     def _evict(self, block: KVBlock) -> None:
         """Forget a free block's cached prefix before it is overwritten."""
@@ -210,6 +262,10 @@ class BlockManager:
             parent = hashes[-1] if hashes else None
             hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs]))
         return hashes[:num_full_blocks]
+
+    def cached_block(self, block_hash: bytes) -> int | None:
+        """The block holding the prefix named `block_hash`, if the cache still has it."""
+        return self._cached.get(block_hash)
 
     def find_cached_blocks(self, request: Request) -> list[int]:
         """Blocks holding the longest cached prefix of the request's tokens (nothing is taken).
@@ -232,18 +288,20 @@ class BlockManager:
         """Register the request's full, computed blocks so that other requests can reuse them."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_table))
-        if num_full <= request.num_hashed_blocks:
+        table = self._table(request)
+        num_full = min(request.num_computed_tokens // self.block_size, len(table.blocks))
+        if num_full <= table.num_hashed:
             return
         hashes = self.block_hashes(request, num_full)
-        for i in range(request.num_hashed_blocks, num_full):
-            block = self.blocks[request.block_table[i]]
+        # (a dropped block went back to the pool before it could be registered: nothing to do)
+        for i in range(max(table.num_hashed, table.num_dropped), num_full):
+            block = self.blocks[table.blocks[i]]
             if block.hash is None and hashes[i] not in self._cached:
                 block.hash = hashes[i]
                 self._cached[block.hash] = block.block_id
             # else: adopted from the cache, or a twin of a block another request computed in the
             # same steps; the twin stays private (and unhashed): the registered one serves lookups
-        request.num_hashed_blocks = num_full
+        table.num_hashed = num_full
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (e.g. after the weights change). Held blocks keep working.
@@ -263,8 +321,10 @@ class BlockManager:
         """Assert that ref counts, free list and hash map agree with the live block tables."""
         counts = [0] * self.num_blocks
         for req in live_requests:
-            assert len(set(req.block_table)) == len(req.block_table), f"repeated block in {req}"
-            for block_id in req.block_table:
+            table = self._table(req)
+            live = table.blocks[table.num_dropped :]
+            assert len(set(live)) == len(live), f"repeated block in {req}"
+            for block_id in live:
                 counts[block_id] += 1
         for block in self.blocks:
             assert block.ref_count == counts[block.block_id], (

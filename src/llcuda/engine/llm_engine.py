@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from llcuda.config import EngineConfig
-from llcuda.engine.block_manager import BlockManager
+from llcuda.engine.kv_cache_manager import KVCacheGroup, KVCacheManager
 from llcuda.engine.request import Request, RequestStatus
 from llcuda.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from llcuda.sampling_params import SamplingParams
@@ -113,9 +113,11 @@ class LLMEngine:
         self.config = config
         if enable_prefix_caching is None:
             enable_prefix_caching = config.enable_prefix_caching
-        self.block_manager = BlockManager(
-            config.num_blocks, config.block_size, enable_prefix_caching=enable_prefix_caching
-        )
+        # the runner's cache layout (full / sliding-window groups); one group for runners without
+        groups = getattr(model_runner, "kv_cache_groups", None) or [
+            KVCacheGroup(config.num_blocks, 0, ())
+        ]
+        self.block_manager = KVCacheManager(groups, config.block_size, enable_prefix_caching)
         eog = getattr(tokenizer, "eog_ids", ())
         self.eog_ids = frozenset(eog() if callable(eog) else eog)
         self.scheduler = Scheduler(config, self.block_manager, eog_ids=self.eog_ids)

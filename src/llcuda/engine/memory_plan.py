@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llcuda.config import EngineConfig, ModelConfig
+from llcuda.engine.kv_cache_manager import kv_cache_groups
 from llcuda.runner.cuda_graphs import PREFILL_BUCKETS
 
 KV_BYTES_PER_ELEMENT = 2  # fp16 cache on the GPU
 # Triton repacking stores Q4_K / Q5_K scales unpacked (<= 1.03x the raw blocks)
 WEIGHT_OVERHEAD = 1.03
-RESERVE_BYTES = 512 * 2**20  # CUDA context extras, allocator slack, Triton/cuBLAS workspaces
+RESERVE_BYTES = 512 * 2**20  # CUDA context extras, allocator slack, Triton modules
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,15 @@ def plan_gpu_memory(
     num_gpu_layers: int,
     head_on_gpu: bool,
 ) -> MemoryPlan:
-    kv = (
-        (config.num_blocks + 1) * config.block_size * model.num_kv_heads * model.head_dim
-        * KV_BYTES_PER_ELEMENT * 2 * num_gpu_layers
-    )  # fmt: skip
+    # per cache group (sliding-window layers keep a pool of their own): its blocks + 1 scratch
+    # block, on each of its layers that sits on the GPU (the last num_gpu_layers)
+    block_bytes = (config.block_size * model.num_kv_heads * model.head_dim
+                   * KV_BYTES_PER_ELEMENT * 2)  # fmt: skip
+    first_gpu_layer = model.num_layers - num_gpu_layers
+    kv = sum(
+        (group.num_blocks + 1) * block_bytes * sum(1 for i in group.layers if i >= first_gpu_layer)
+        for group in kv_cache_groups(model, config)
+    )
     # fp32 activations of one step: residual, norm, q|k|v, attention, gate|up, GEGLU (~8 rows of
     # the widest tensor per token), and the decode graphs' logits buffers: one per batch bucket,
     # all kept alive, summing to < 4x the largest (runner/cuda_graphs.py BUCKETS)

@@ -46,6 +46,28 @@ FINISH_STATUS = {
 }
 
 
+class BlockTable:
+    """A request's KV blocks in one cache group: token i lives in blocks[i // block_size].
+
+    num_hashed: leading blocks registered in the prefix cache. num_dropped: in a sliding-window
+    group, leading blocks that no later query can see any more; they went back to the pool and
+    their entries hold 0, a placeholder that attention never reads (it starts at the window).
+    """
+
+    __slots__ = ("blocks", "num_hashed", "num_dropped")
+
+    def __init__(self) -> None:
+        self.blocks: list[int] = []
+        self.num_hashed = 0
+        self.num_dropped = 0
+
+    def clear(self) -> None:
+        self.blocks, self.num_hashed, self.num_dropped = [], 0, 0
+
+    def __repr__(self) -> str:
+        return f"BlockTable({self.blocks}, hashed={self.num_hashed}, dropped={self.num_dropped})"
+
+
 class Request:
     """A prompt, the tokens generated so far, and the engine's bookkeeping for it.
 
@@ -77,12 +99,13 @@ class Request:
         self.num_computed_tokens = 0  # tokens whose KV entries are written (or scheduled to be)
         self.num_cached_tokens = 0  # of those, how many came from the prefix cache on admission
         self.num_preemptions = 0
-        self.block_table: list[int] = []  # KV block ids; token i lives in block_table[i // bs]
+        # KV blocks per cache group: [0] the full-attention layers', [1] the sliding-window
+        # layers' where the model has both (engine/kv_cache_manager.py); token i lives in
+        # block i // block_size of each
+        self.kv_tables = (BlockTable(), BlockTable())
         # prefix caching: chained hashes of the full blocks of all_token_ids (memoised; tokens only
-        # grow, so they stay valid across preemption) and how many leading blocks of block_table
-        # are already registered in the cache
+        # grow, so they stay valid across preemption)
         self.block_hashes: list[bytes] = []
-        self.num_hashed_blocks = 0
 
         if seed is None:
             seed = sampling_params.seed
@@ -102,6 +125,22 @@ class Request:
         self.detokenizer: Any = None  # IncrementalDetokenizer-like: push(id) -> str, flush() -> str
         self.pending_text = ""  # decoded but held back: might be the start of a stop string
         self.output_text = ""  # text emitted so far
+
+    # --- KV blocks of the full-attention group (the only group of most models) -----------------
+
+    @property
+    def block_table(self) -> list[int]:
+        """KV block ids of the first cache group; token i lives in block_table[i // bs]."""
+        return self.kv_tables[0].blocks
+
+    @block_table.setter
+    def block_table(self, blocks: list[int]) -> None:
+        self.kv_tables[0].blocks = blocks
+
+    @property
+    def num_hashed_blocks(self) -> int:
+        """Leading blocks of block_table already registered in the prefix cache."""
+        return self.kv_tables[0].num_hashed
 
     # --- tokens ---------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from llcuda.config import EngineConfig
 from llcuda.engine.block_manager import BlockManager, cdiv
+from llcuda.engine.kv_cache_manager import KVCacheManager
 from llcuda.engine.request import Request, RequestStatus
 
 
@@ -85,7 +86,10 @@ class Scheduler:
     """Owns the waiting queue and the running set; hands out the per-step token budget."""
 
     def __init__(
-        self, config: EngineConfig, block_manager: BlockManager, eog_ids: Iterable[int] = ()
+        self,
+        config: EngineConfig,
+        block_manager: BlockManager | KVCacheManager,
+        eog_ids: Iterable[int] = (),
     ) -> None:
         blocks_per_seq = cdiv(config.ctx_size, block_manager.block_size)
         if blocks_per_seq > block_manager.num_blocks:

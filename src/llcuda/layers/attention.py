@@ -5,7 +5,7 @@ kernels/ops.paged_attention."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -26,6 +26,19 @@ class AttentionMetadata:
     # kernel takes 1 with as many tokens as sequences for a decode step (one query each).
     max_query_len: int
     max_seq_len: int  # longest context in the step
+    # Where the sliding-window layers keep a cache group of their own (engine/kv_cache_manager.py):
+    # that group's slot_mapping [num_tokens] and block_tables [num_seqs, max_blocks_per_seq]
+    swa_slot_mapping: torch.Tensor | None = None
+    swa_block_tables: torch.Tensor | None = None
+
+    def for_group(self, group: int) -> AttentionMetadata:
+        """The metadata a layer of cache group `group` reads: 0 full attention, 1 sliding."""
+        if group == 0:
+            return self
+        if self.swa_slot_mapping is None or self.swa_block_tables is None:
+            raise ValueError("a sliding-window cache group needs swa_slot_mapping/swa_block_tables")
+        return replace(self, slot_mapping=self.swa_slot_mapping,
+                       block_tables=self.swa_block_tables)  # fmt: skip
 
     def to(self, device: torch.device | str) -> AttentionMetadata:
         moved = {}
@@ -41,6 +54,7 @@ class KVCache:
 
     k: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
     v: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    group: int = 0  # cache group (0 full attention, 1 sliding window): which metadata it reads
 
     @staticmethod
     def allocate(
@@ -50,11 +64,13 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        group: int = 0,
     ) -> KVCache:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         return KVCache(
             torch.zeros(shape, dtype=dtype, device=device),
             torch.zeros(shape, dtype=dtype, device=device),
+            group,
         )
 
     @property

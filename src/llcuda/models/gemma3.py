@@ -164,9 +164,13 @@ class Gemma3ForCausalLM:
         first = self.layers[0]
         x = x.to(first.device)
         h = ops.rms_norm(x, first.attn_norm, self.config.rms_norm_eps)
+        group_metas: dict[tuple[torch.device, int], AttentionMetadata] = {}
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             dev = layer.device
-            x, h = layer(x.to(dev), h.to(dev), positions.to(dev), metas[dev], cache)
+            key = (dev, cache.group)  # sliding layers may read a cache group of their own
+            if key not in group_metas:
+                group_metas[key] = metas[dev].for_group(cache.group)
+            x, h = layer(x.to(dev), h.to(dev), positions.to(dev), group_metas[key], cache)
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,12 @@ A step of a small model is a few hundred short kernels; launched one by one from
 more than they compute (a 512-token prefill of Gemma 3 1B: ~5 ms of GPU work, ~20 ms of host
 time). Capturing the step once per bucket and replaying it costs one launch. What changes between
 steps lives in static buffers that are refilled before each replay: the embeddings, positions,
-cache slots, context lengths and block tables. Two kinds:
+cache slots, context lengths and block tables (of each KV-cache group: the sliding-window layers
+may keep their own, engine/kv_cache_manager.py). Two kinds:
 
 * `DecodeGraphs`: one new token for each of B sequences, B padded to a batch bucket. Padding rows
-  write their K/V into a scratch block that no sequence owns and attend to it alone, so they can
-  never disturb a real sequence; their logits are dropped.
+  write their K/V into a scratch block (one per cache group) that no sequence owns and attend to
+  it alone, so they can never disturb a real sequence; their logits are dropped.
 * `PrefillGraphs`: one sequence's chunk of T prompt tokens, T padded to a token bucket. Padding
   rows come after the sequence's last query (query_start_loc[-1] = T): attention leaves them
   unwritten, write_kv skips their negative slots, and every other op is row-wise, so whatever
@@ -76,7 +77,7 @@ class DecodeGraphs(_BucketGraphs):
         max_batch: int,
         max_blocks_per_seq: int,
         max_seq_len: int,
-        scratch_block: int,
+        scratch_blocks: list[int],
         block_size: int,
     ):
         super().__init__()
@@ -85,30 +86,42 @@ class DecodeGraphs(_BucketGraphs):
         self.device = model.head_device
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         self.max_seq_len = max_seq_len
-        self.scratch_slot = scratch_block * block_size
-        self.scratch_block = scratch_block
+        self.scratch_blocks = scratch_blocks  # per cache group
+        self.scratch_slots = [b * block_size for b in scratch_blocks]
         n, dev = self.buckets[-1], self.device
         hidden = model.config.hidden_size
         self.x = torch.zeros(n, hidden, dtype=torch.float32, device=dev)  # [max_batch, hidden]
-        # positions, cache slots and context lengths: one buffer [3, max_batch], one copy a step
-        self.step_inputs = torch.zeros(3, n, dtype=torch.int64, device=dev)
-        self.positions, self.slot_mapping, self.seq_lens = self.step_inputs.unbind(0)
-        self.slot_mapping.fill_(self.scratch_slot)
+        # positions, cache slots, context lengths (and the sliding group's slots): one buffer
+        # [3 or 4, max_batch], one copy a step (pack_step_inputs)
+        self.step_inputs = torch.zeros(2 + len(scratch_blocks), n, dtype=torch.int64, device=dev)
+        self.positions, self.slot_mapping, self.seq_lens, *swa = self.step_inputs.unbind(0)
+        self.swa_slot_mapping = swa[0] if swa else None
         self.seq_lens.fill_(1)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.block_tables = torch.full(
-            (n, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=dev
-        )
+        self.block_tables = [
+            torch.full((n, max_blocks_per_seq), block, dtype=torch.int32, device=dev)
+            for block in scratch_blocks
+        ]  # per cache group
+        for slots, scratch in zip(self._slot_mappings(), self.scratch_slots, strict=True):
+            slots.fill_(scratch)
         self._bucket = self._batch = 0  # of the last prepare()
 
+    def _slot_mappings(self) -> list[torch.Tensor]:
+        """The step's cache slots per group: [max_batch] views into step_inputs."""
+        swa = [self.swa_slot_mapping] if self.swa_slot_mapping is not None else []
+        return [self.slot_mapping, *swa]
+
     def _meta(self, b: int) -> AttentionMetadata:
+        swa = self.swa_slot_mapping is not None
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:b],
             query_start_loc=self.query_start_loc[: b + 1],
             seq_lens=self.seq_lens[:b],
-            block_tables=self.block_tables[:b],
+            block_tables=self.block_tables[0][:b],
             max_query_len=1,
             max_seq_len=self.max_seq_len,
+            swa_slot_mapping=self.swa_slot_mapping[:b] if swa else None,
+            swa_block_tables=self.block_tables[1][:b] if swa else None,
         )
 
     def _step(self, b: int) -> torch.Tensor:
@@ -123,41 +136,56 @@ class DecodeGraphs(_BucketGraphs):
         slot_mapping: torch.Tensor,
         seq_lens: torch.Tensor,
         block_tables: torch.Tensor,
+        swa_slot_mapping: torch.Tensor | None = None,
+        swa_block_tables: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Replay the decode step for B sequences; returns logits [B, vocab] (a view, valid until
-        the next replay). Inputs may be on the CPU; block_tables: [B, <= max_blocks_per_seq]."""
-        self.prepare(x.shape[0], block_tables)
+        the next replay). Inputs may be on the CPU; block_tables: [B, <= max_blocks_per_seq];
+        the swa_ pair: the sliding-window group's, where the cache has one."""
+        self.prepare(x.shape[0], block_tables, swa_block_tables)
         self.x[: x.shape[0]].copy_(x, non_blocking=True)
-        return self.replay(pack_step_inputs(positions, slot_mapping, seq_lens))
+        return self.replay(pack_step_inputs(positions, slot_mapping, seq_lens, swa_slot_mapping))
 
-    def prepare(self, batch: int, block_tables: torch.Tensor) -> None:
+    def prepare(self, batch: int, block_tables: torch.Tensor,
+                swa_block_tables: torch.Tensor | None = None) -> None:  # fmt: skip
         """Set up replays for `batch` sequences with these block tables [batch, <= max_blocks_per_
-        seq]: the block tables copied in, the bucket's padding rows pointed at the scratch block.
-        A decode burst calls this once and then, per step, writes `x[:batch]` and replay()s."""
+        seq] (and the sliding group's): the tables copied in, the bucket's padding rows pointed at
+        the scratch blocks. A decode burst calls this once and then, per step, writes
+        `x[:batch]` and replay()s."""
         b = self.bucket_for(batch)
         assert b is not None, f"decode batch {batch} exceeds the largest graph ({self.buckets[-1]})"
-        self.block_tables[:batch, : block_tables.shape[1]].copy_(block_tables, non_blocking=True)
-        # rows past `batch` keep pointing at the scratch block (reset after a larger batch)
-        self.slot_mapping[batch:b].fill_(self.scratch_slot)
+        tables = [block_tables, swa_block_tables][: len(self.block_tables)]
+        assert all(t is not None for t in tables), "the sliding group's block tables are missing"
+        for static, table, scratch in zip(self.block_tables, tables, self.scratch_blocks,
+                                          strict=True):  # fmt: skip
+            static[:batch, : table.shape[1]].copy_(table, non_blocking=True)
+            # rows past `batch` keep pointing at the scratch block (reset after a larger batch)
+            static[batch:b].fill_(scratch)
+        for slots, scratch in zip(self._slot_mappings(), self.scratch_slots, strict=True):
+            slots[batch:b].fill_(scratch)
         self.seq_lens[batch:b].fill_(1)
         self.positions[batch:b].zero_()
-        self.block_tables[batch:b].fill_(self.scratch_block)
         self._bucket, self._batch = b, batch
 
     def replay(self, step_inputs: torch.Tensor) -> torch.Tensor:
-        """One decode step for the prepared batch: step_inputs [3, batch] int64 (positions, cache
-        slots, context lengths; pack_step_inputs) on any device; x[:batch] holds the embeddings.
-        Returns logits [batch, vocab] (a view, valid until the next replay)."""
+        """One decode step for the prepared batch: step_inputs [3 or 4, batch] int64 (positions,
+        cache slots, context lengths, the sliding group's slots; pack_step_inputs) on any device;
+        x[:batch] holds the embeddings. Returns logits [batch, vocab] (a view, valid until the
+        next replay)."""
         self.step_inputs[:, : self._batch].copy_(step_inputs, non_blocking=True)
         self.graphs[self._bucket].replay()
         return self.logits[self._bucket][: self._batch]
 
 
-def pack_step_inputs(positions: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor
-                     ) -> torch.Tensor:  # fmt: skip
-    """[..., 3, B] int64 of a decode step's positions, cache slots and context lengths (each
-    [..., B], on one device): what DecodeGraphs.replay copies in one go."""
-    return torch.stack([t.to(torch.int64) for t in (positions, slot_mapping, seq_lens)], dim=-2)
+def pack_step_inputs(positions: torch.Tensor, slot_mapping: torch.Tensor, seq_lens: torch.Tensor,
+                     swa_slot_mapping: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """[..., 3 or 4, B] int64 of a decode step's positions, cache slots, context lengths and the
+    sliding group's cache slots if any (each [..., B], on one device): what DecodeGraphs.replay
+    copies in one go."""
+    rows = [positions, slot_mapping, seq_lens]
+    if swa_slot_mapping is not None:
+        rows.append(swa_slot_mapping)
+    return torch.stack([t.to(torch.int64) for t in rows], dim=-2)
 
 
 class PrefillGraphs(_BucketGraphs):
@@ -180,6 +208,11 @@ class PrefillGraphs(_BucketGraphs):
         self.query_start_loc = torch.tensor([0, 1], dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros((1, max_blocks_per_seq), dtype=torch.int32, device=dev)
+        # the sliding-window group's, where its layers keep one (engine/kv_cache_manager.py)
+        self.swa_slot_mapping = self.swa_block_tables = None
+        if any(cache.group for cache in kv_caches):
+            self.swa_slot_mapping = self.slot_mapping.clone()
+            self.swa_block_tables = self.block_tables.clone()
         self.last_row = torch.zeros(1, dtype=torch.int64, device=dev)  # T - 1
 
     def _step(self, b: int) -> torch.Tensor:
@@ -190,16 +223,20 @@ class PrefillGraphs(_BucketGraphs):
             block_tables=self.block_tables,
             max_query_len=b,
             max_seq_len=self.max_seq_len,
+            swa_slot_mapping=None if self.swa_slot_mapping is None else self.swa_slot_mapping[:b],
+            swa_block_tables=self.swa_block_tables,
         )
         hidden = self.model.forward(self.x[:b], self.positions[:b], {self.device: meta},
                                     self.kv_caches)
         return self.model.compute_logits(hidden.index_select(0, self.last_row))
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            seq_len: int, block_table: torch.Tensor) -> torch.Tensor:
+            seq_len: int, block_table: torch.Tensor, swa_slot_mapping: torch.Tensor | None = None,
+            swa_block_table: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Replay for one sequence's T new tokens: x [T, hidden] (on the device), positions and
         slot_mapping [T], seq_len its context including them, block_table [<= max_blocks_per_seq]
-        int32. Returns logits [1, vocab] of token T - 1 (a view, valid until the next replay)."""
+        int32 (and the sliding group's slots and table, where the cache has one). Returns logits
+        [1, vocab] of token T - 1 (a view, valid until the next replay)."""
         t = x.shape[0]
         b = self.bucket_for(t)
         assert b is not None and t > 1, f"no prefill graph for {t} tokens"
@@ -214,5 +251,12 @@ class PrefillGraphs(_BucketGraphs):
         self.seq_lens.copy_(meta[2:3])
         self.last_row.copy_(meta[3:4])
         self.block_tables[0, : block_table.shape[0]].copy_(block_table, non_blocking=True)
+        if self.swa_slot_mapping is not None:
+            assert swa_slot_mapping is not None and swa_block_table is not None, (
+                "the sliding group's slots and block table are missing")
+            self.swa_slot_mapping[:t].copy_(swa_slot_mapping, non_blocking=True)
+            self.swa_slot_mapping[t:b].fill_(-1)
+            self.swa_block_tables[0, : swa_block_table.shape[0]].copy_(swa_block_table,
+                                                                       non_blocking=True)
         self.graphs[b].replay()
         return self.logits[b]

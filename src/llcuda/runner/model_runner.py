@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from llcuda.config import EngineConfig, ModelConfig
+from llcuda.engine.kv_cache_manager import kv_cache_groups
 from llcuda.engine.scheduler import SchedulerOutput
 from llcuda.layers.attention import AttentionMetadata, KVCache
 from llcuda.runner.cuda_graphs import DecodeGraphs, PrefillGraphs, pack_step_inputs
@@ -34,19 +35,25 @@ class ModelRunner:
         self.max_blocks_per_seq = engine_config.max_blocks_per_seq
         self.devices = list(dict.fromkeys(model.block_devices))
         self.device = model.head_device  # where logits (and seeded samplers' generators) live
-        # On a GPU one extra block, owned by no sequence, takes CUDA-graph padding rows' writes.
-        self.scratch_block = engine_config.num_blocks
-        num_cache_blocks = engine_config.num_blocks + (self.device.type == "cuda")
+        # full-attention layers and (unless swa_full) sliding-window layers: one block pool each
+        self.kv_cache_groups = kv_cache_groups(model_config, engine_config)
+        self.num_groups = len(self.kv_cache_groups)
+        group_of = {i: g for g, group in enumerate(self.kv_cache_groups) for i in group.layers}
+        # On a GPU one extra block per group, owned by no sequence, takes CUDA-graph padding
+        # rows' writes.
+        self.scratch_blocks = [group.num_blocks for group in self.kv_cache_groups]
+        extra = int(self.device.type == "cuda")
         self.kv_caches = [
             KVCache.allocate(
-                num_cache_blocks,
+                self.kv_cache_groups[group_of[i]].num_blocks + extra,
                 engine_config.block_size,
                 model_config.num_kv_heads,
                 model_config.head_dim,
                 kv_cache_dtype,
                 device,
+                group=group_of[i],
             )
-            for device in model.block_devices
+            for i, device in enumerate(model.block_devices)
         ]
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
@@ -70,7 +77,7 @@ class ModelRunner:
                 max_batch=engine_config.n_parallel,
                 max_blocks_per_seq=self.max_blocks_per_seq,
                 max_seq_len=engine_config.ctx_size,
-                scratch_block=self.scratch_block,
+                scratch_blocks=self.scratch_blocks,
                 block_size=self.block_size,
             )
             self.graphs.capture(pool)
@@ -92,40 +99,50 @@ class ModelRunner:
         """
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
         logits_indices: list[int] = []
-        tables: list[list[int]] = []
+        # per cache group (full attention, then sliding window if the layers keep two)
+        slots: list[list[int]] = [[] for _ in range(self.num_groups)]
+        tables: list[list[list[int]]] = [[] for _ in range(self.num_groups)]
         bs = self.block_size
         end = 0
         for item in step.scheduled:
             req, start, n = item.request, item.start_pos, item.num_tokens
-            table = req.block_table
             end += n
             if n == 1:  # a decode row
                 input_ids.append(req.all_token_ids[start] if known_ids else 0)
                 positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
             else:
                 input_ids.extend(req.all_token_ids[start : start + n])
-                span = range(start, start + n)
-                positions.extend(span)
-                slots.extend([table[p // bs] * bs + p % bs for p in span])
+                positions.extend(range(start, start + n))
+            for g in range(self.num_groups):
+                table = req.kv_tables[g].blocks
+                if n == 1:
+                    slots[g].append(table[start // bs] * bs + start % bs)
+                else:
+                    slots[g].extend([table[p // bs] * bs + p % bs for p in range(start, start + n)])
+                tables[g].append(table)
             query_start_loc.append(end)
             seq_lens.append(start + n)
-            tables.append(table)
             if item.sample:
                 logits_indices.append(end - 1)
-        width = max(len(t) for t in tables)  # [num_seqs, width] (<= max_blocks_per_seq)
         host = self._host_tensor
+
+        def block_tables(group_tables: list[list[int]]) -> torch.Tensor:
+            width = max(len(t) for t in group_tables)  # [num_seqs, width] (<= max_blocks_per_seq)
+            return host([t + [0] * (width - len(t)) for t in group_tables], torch.int32)
+
+        swa = self.num_groups > 1
         meta = AttentionMetadata(
-            slot_mapping=host(slots, torch.int64),
+            slot_mapping=host(slots[0], torch.int64),
             query_start_loc=host(query_start_loc, torch.int32),
             seq_lens=host(seq_lens, torch.int32),
-            block_tables=host([t + [0] * (width - len(t)) for t in tables], torch.int32),
+            block_tables=block_tables(tables[0]),
             max_query_len=max(item.num_tokens for item in step.scheduled),
             max_seq_len=max(seq_lens),
+            swa_slot_mapping=host(slots[1], torch.int64) if swa else None,
+            swa_block_tables=block_tables(tables[1]) if swa else None,
         )
         return (
             host(input_ids, torch.int64),
@@ -197,12 +214,15 @@ class ModelRunner:
         x = self.model.embed(input_ids)  # [num_tokens, hidden_size] fp32
         if self.graphs is not None and is_decode and self.graphs.bucket_for(len(sampled_items)):
             logits = self.graphs.run(
-                x, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables
-            )
+                x, positions, meta.slot_mapping, meta.seq_lens, meta.block_tables,
+                meta.swa_slot_mapping, meta.swa_block_tables,
+            )  # fmt: skip
         elif self._prefill_graph_fits(step):
+            swa_table = meta.swa_block_tables[0] if meta.swa_block_tables is not None else None
             logits = self.prefill_graphs.run(
-                x, positions, meta.slot_mapping, int(meta.seq_lens[0]), meta.block_tables[0]
-            )
+                x, positions, meta.slot_mapping, int(meta.seq_lens[0]), meta.block_tables[0],
+                meta.swa_slot_mapping, swa_table,
+            )  # fmt: skip
             if not sampled_items:
                 return SampledTokens([], None)
         else:
@@ -230,8 +250,13 @@ class ModelRunner:
         bs, dev = self.block_size, self.device
         # every step's positions, cache slots and context lengths, known now: [num_steps, B]
         pos = positions[None, :] + torch.arange(num_steps, dtype=torch.int64)[:, None]
-        blocks = meta.block_tables.long().gather(1, (pos // bs).T).T
-        slots = blocks * bs + pos % bs
+
+        def step_slots(tables: torch.Tensor | None) -> torch.Tensor | None:  # [num_steps, B]
+            if tables is None:
+                return None
+            return tables.long().gather(1, (pos // bs).T).T * bs + pos % bs
+
+        slots, swa_slots = step_slots(meta.block_tables), step_slots(meta.swa_block_tables)
         lens = pos + 1
         use_graph = self.graphs is not None and self.graphs.bucket_for(len(requests)) is not None
         tokens: list[torch.Tensor] = []  # [B] per step, stacked once at the end
@@ -240,21 +265,25 @@ class ModelRunner:
             # per step: the embedding gather into the graph's input, one copy, the replay and
             # the sampler: the block tables stay put for the whole burst (its blocks reserved)
             graphs = self.graphs
-            graphs.prepare(len(requests), meta.block_tables)
-            step_inputs = to_device(pack_step_inputs(pos, slots, lens), dev)  # [num_steps, 3, B]
+            graphs.prepare(len(requests), meta.block_tables, meta.swa_block_tables)
+            # [num_steps, 3 or 4, B]
+            step_inputs = to_device(pack_step_inputs(pos, slots, lens, swa_slots), dev)
             for j in range(num_steps):
                 self.model.embed(ids, out=graphs.x[: len(requests)])
                 ids = sample(graphs.replay(step_inputs[j]), params, generators, history)
                 tokens.append(ids)
             return SampledTokens([r.request_id for r in requests], torch.stack(tokens), ids)
-        pos, slots, lens, tables, starts = (
-            to_device(t, dev)
-            for t in (pos, slots, lens.to(torch.int32), meta.block_tables, meta.query_start_loc)
-        )
+        pos, slots, lens, tables, starts, swa_slots, swa_tables = (
+            to_device(t, dev) if t is not None else None
+            for t in (pos, slots, lens.to(torch.int32), meta.block_tables, meta.query_start_loc,
+                      swa_slots, meta.swa_block_tables)
+        )  # fmt: skip
         for j in range(num_steps):
             step_meta = AttentionMetadata(
                 slot_mapping=slots[j], query_start_loc=starts, seq_lens=lens[j],
                 block_tables=tables, max_query_len=1, max_seq_len=meta.max_seq_len + j,
+                swa_slot_mapping=swa_slots[j] if swa_slots is not None else None,
+                swa_block_tables=swa_tables,
             )  # fmt: skip
             hidden = self.model.forward(self.model.embed(ids), pos[j], {dev: step_meta},
                                         self.kv_caches)  # fmt: skip
