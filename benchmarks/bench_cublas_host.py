@@ -1,4 +1,5 @@
-"""Host time per cuBLAS bf16 matmul call by output dtype (the dense path's fp32-output cost).
+"""Host time per cuBLAS bf16 matmul call by output dtype (the dense path's fp32-output cost
+while its GEMM was cuBLAS's; it is now quant_tc.dense_gemm, a Triton kernel).
 
     python benchmarks/bench_cublas_host.py      # on the GPU machine
 

@@ -5,8 +5,12 @@
 Per (type, K, N, M), microseconds (median of CUDA-graph replays over enough weight copies that
 L2 does not hold them): `gemm` (quant_matmul.quant_gemm: x as the left operand), `swap`
 (quant_tc.quant_gemm_swap: the dequantized weight as the left operand), `dense` (quant_tc:
-dequantize into a bf16 workspace, then cuBLAS), its two halves (`dequant`, `cublas`), and the
-GB/s of packed weight bytes each achieves. --sweep also times other swap configurations.
+dequantize into a bf16 workspace, then a Triton bf16 GEMM over the expanded workspace), its two
+halves (`dequant`, `bf16 gemm`: quant_tc.dense_gemm with the split-K count S that dense_config
+picks, its partial sums added up; `parts`: dense_gemm(partials=True), the partial sums left for
+the consumer as the engine takes them, with the S picked for that), cuBLAS on the same bf16
+operands for comparison (`cublas`; the dense path no longer calls it), and the GB/s of packed
+weight bytes each achieves. --sweep also times other swap configurations.
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ from bench_quant_matmul import TARGET_BYTES, T, random_rows, time_calls
 from llcuda.kernels import quant_pack as qp
 from llcuda.kernels.quant_dequant import dequantize_bf16
 from llcuda.kernels.quant_matmul import quant_gemm
-from llcuda.kernels.quant_tc import quant_gemm_dense, quant_gemm_swap, swap_config
+from llcuda.kernels.quant_tc import (
+    dense_config,
+    dense_gemm,
+    quant_gemm_dense,
+    quant_gemm_swap,
+    swap_config,
+)
 
 # (type, K, N) as the engine meets them (q|k|v and gate|up fused): Gemma 3 1B, then 270M
 SHAPES = [
@@ -44,7 +54,6 @@ def bench(tname, k, n, gen, batches, sweep: bool, out) -> None:
     nbytes = ws[0].nbytes
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     dense = [dequantize_bf16(w) for w in ws[: max(1, min(len(ws), TARGET_BYTES // (2 * n * k)))]]
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for m in batches:
         x = torch.randn((m, k), generator=gen, device="cuda")
         xb = x.to(torch.bfloat16)
@@ -53,6 +62,13 @@ def bench(tname, k, n, gen, batches, sweep: bool, out) -> None:
         row["swap_us"] = time_calls([lambda w=w, x=x: quant_gemm_swap(x, w) for w in ws])
         row["dense_us"] = time_calls([lambda w=w, x=x: quant_gemm_dense(x, w) for w in ws])
         row["dequant_us"] = time_calls([lambda w=w: dequantize_bf16(w) for w in ws])
+        row["bf16_gemm_us"] = time_calls([lambda d=d, xb=xb: dense_gemm(xb, d) for d in dense])
+        row["split_k"] = dense_config(m, n, k, sms)["SPLIT_K"]
+        row["split_k_parts"] = dense_config(m, n, k, sms, partials=True)["SPLIT_K"]
+        row["bf16_parts_us"] = (time_calls([lambda d=d, xb=xb: dense_gemm(xb, d, partials=True)
+                                            for d in dense])
+                                if max(row["split_k"], row["split_k_parts"]) > 1
+                                else row["bf16_gemm_us"])
         row["cublas_us"] = time_calls([lambda d=d, xb=xb: torch.mm(xb, d.t(),
                                                                    out_dtype=torch.float32)
                                        for d in dense])
@@ -77,7 +93,9 @@ def bench(tname, k, n, gen, batches, sweep: bool, out) -> None:
             row[f"{key}_GBps"] = round(nbytes / row[f"{key}_us"] / 1e3)
         print(f"{tname} K={k:5d} N={n:6d} M={m:4d}  gemm {row['gemm_us']:7.1f}  swap "
               f"{row['swap_us']:7.1f}  dense {row['dense_us']:7.1f} (dequant "
-              f"{row['dequant_us']:6.1f} + cublas {row['cublas_us']:6.1f})"
+              f"{row['dequant_us']:6.1f} + bf16 gemm {row['bf16_gemm_us']:6.1f} S={row['split_k']}"
+              f", parts {row['bf16_parts_us']:6.1f} S={row['split_k_parts']}; cublas "
+              f"{row['cublas_us']:6.1f})"
               + (f"  swap best {row['swap_best_us']:7.1f} {row['swap_best']}" if sweep else ""),
               flush=True)
         if out:

@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--kernels", type=int, default=64, help="batch size for the kernel table")
     ap.add_argument("--prefill", type=int, default=0, help="profile one prompt of this length")
     ap.add_argument("--no-dense", action="store_true",
-                    help="keep large batches on the fused kernel (no bf16 workspace + cuBLAS)")
+                    help="keep large batches on the fused kernel (no bf16 workspace + GEMM)")
     args = ap.parse_args()
     if args.no_dense:
         from llcuda.kernels import matmul_path

@@ -296,3 +296,37 @@ def test_small_kernels_with_dependent_launch_wait_before_any_memory_access():
     ]:  # fmt: skip
         head = _before_wait(compile_ptx(kernel, args, {**constexprs, "PDL": True}, H100, 4, 2))
         assert "ld.global" not in head and "st.global" not in head, kernel.fn.__name__
+
+
+def test_dense_gemm_compiles_for_sm90_with_wgmma():
+    """The dense path's bf16 GEMM (quant_tc.dense_gemm, in place of cuBLAS) with each tile
+    dense_config picks for Gemma 3 1B / 270M prefills: on sm_90 its dots are asynchronous wgmma,
+    and its shared memory stays within the 99 KiB per block of sm_86 / sm_89 (on sm_90 too: two
+    blocks per SM). sm_75 never takes the dense path (no bf16: matmul_path sends it to the fused
+    fp16 kernel)."""
+    from llcuda.kernels import quant_tc as tc
+
+    bf16 = torch.empty(1, dtype=torch.bfloat16)
+    args = {"a_ptr": bf16, "b_ptr": bf16, "c_ptr": torch.empty(1), "M": 513, "N": 1152,
+            "K": 1152, "K_PER_SPLIT": 1152, "stride_am": 1152, "stride_bn": 1152,
+            "stride_cm": 1152, "stride_cs": 513 * 1152}  # fmt: skip
+    configs = {}
+    for n, k in ((1536, 1152), (13824, 1152), (1152, 6912), (1280, 640), (640, 2048)):
+        for m in (32, 128, 512, 2048):
+            for partials in (False, True):
+                cfg = tc.dense_config(m, n, k, partials=partials)
+                # SPLIT_K changes the grid, not the compiled kernel
+                configs[tuple(sorted((key, v) for key, v in cfg.items() if key != "SPLIT_K"))] = cfg
+    assert len(configs) > 1
+    assert tc.dense_config(512, 1152, 6912)["SPLIT_K"] > 1  # the tall-K product splits K
+    for cfg, even_k in [(c, True) for c in configs.values()] + [(tc.dense_config(512, 13824, 96),
+                                                                 False)]:  # fmt: skip
+        constexprs = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                      "BLOCK_K": cfg["BLOCK_K"], "GROUP_M": cfg["GROUP_M"], "EVEN_K": even_k,
+                      "F32_DOT": False}  # fmt: skip
+        compiled = _compile(tc._dense_gemm_kernel, args, constexprs, H100, cfg["num_warps"],
+                            cfg["num_stages"])
+        assert "wgmma.mma_async" in compiled.asm["ptx"], cfg
+        ampere = _compile(tc._dense_gemm_kernel, args, constexprs, GPUTarget("cuda", 86, 32),
+                          cfg["num_warps"], cfg["num_stages"])
+        assert max(compiled.metadata.shared, ampere.metadata.shared) <= 99 * 1024, cfg

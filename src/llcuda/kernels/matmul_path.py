@@ -12,12 +12,13 @@ from __future__ import annotations
 GEMV_MAX_M = 4
 GEMV_KERNEL_MAX_M = 16  # what quant_gemv accepts (its M loop is unrolled)
 # Past the GEMV, three tensor-core paths (see matmul_path; H100 times in us from
-# benchmarks/bench_gemm_paths.py, Gemma 3 1B shapes, fused kernel / swapped / dense):
+# benchmarks/bench_gemm_paths.py, Gemma 3 1B shapes, fused kernel / swapped / dense; measured
+# when the dense path's GEMM was cuBLAS's, before the Triton GEMM that keeps cuBLAS unloaded):
 #   Q5_0 1152x1536  M=64: 18.5 / 17.4 / 10.7   M=512:  42.3 /  28.0 / 13.9
 #   Q5_0 1152x13824 M=64: 34.7 / 25.2 / 32.8   M=512: 118.0 / 115.1 / 54.4
 #   Q4_K 6912x1152  M=64: 28.9 / 23.1 / 23.8   M=512: 149.1 /  73.5 / 42.2
 #   Q8_0 1152x262144 (LM head) M=64: 281.5 / 202.1 / 652.7
-DENSE_MIN_M = 32  # dense (bf16 workspace + cuBLAS) from here on, for small enough workspaces
+DENSE_MIN_M = 32  # dense (bf16 workspace + Triton GEMM) from here on, for small enough ones
 DENSE_SMALL_BYTES = 8 * 2**20  # workspaces this small go dense from DENSE_MIN_M rows on
 DENSE_MAX_BYTES = 64 * 2**20  # larger ones from SWAP_MAX_M rows on; past this, never
 SWAP_MIN_M, SWAP_MAX_M = 32, 128  # the swapped kernel's range, for the larger matrices
@@ -26,9 +27,10 @@ SWAP_MIN_M, SWAP_MAX_M = 32, 128  # the swapped kernel's range, for the larger m
 def matmul_path(m: int, n: int, k: int, bf16: bool = True) -> str:
     """Which kernel serves an [m, k] @ [k, n] product: "gemv", "swap", "dense" or "gemm".
 
-    Expanding a matrix into a bf16 workspace (3 bytes of traffic per weight) and calling cuBLAS
-    wins once enough rows share it; the LM head (262144 rows) is never expanded. In between, the
-    swapped kernel (weights as the MMA's left operand) beats the fused one on large matrices.
+    Expanding a matrix into a bf16 workspace (3 bytes of traffic per weight) and running a Triton
+    bf16 GEMM over the expanded workspace wins once enough rows share it (the thresholds were
+    measured with cuBLAS as that GEMM); the LM head (262144 rows) is never expanded. In between,
+    the swapped kernel (weights as the MMA's left operand) beats the fused one on large matrices.
     Below sm_80 (no bf16) every batch takes the fused kernel's fp16 path.
     """
     if m <= GEMV_MAX_M:

@@ -19,8 +19,8 @@ decode, multiply and accumulate stay in one register layout. Two kernels here:
   two to stay in fp16 range) and multiplied on tensor cores by `tl.dot` with fp32 accumulation.
 
 Neither materialises the dequantized matrix in device memory. quant_tc adds two tensor-core paths
-(a swapped kernel; a one-matmul bf16 workspace + cuBLAS), and `quant_matmul` picks one of the
-four by `matmul_path.matmul_path`.
+(a swapped kernel; a one-matmul bf16 workspace + a Triton bf16 GEMM), and `quant_matmul` picks
+one of the four by `matmul_path.matmul_path`.
 """
 
 from __future__ import annotations
@@ -942,8 +942,7 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> to
     if path == "dense":
         from llcuda.kernels.quant_tc import quant_gemm_dense
 
-        out = quant_gemm_dense(x, w)
-        return out.unsqueeze(0) if partials else out
+        return quant_gemm_dense(x, w, partials=partials)
     if path == "swap":
         from llcuda.kernels.quant_tc import quant_gemm_swap
 

@@ -7,11 +7,15 @@
   same order once per call (`word_major`). The next step's weight loads are issued before this
   step's decode (software pipelining by hand). One dot per step instead of one per plane, and
   the hand pipelining, took Q5_0 1152x13824 at M=64 from 25.4 to 18.2 us on an H200.
-* `quant_gemm_dense` (quant_dequant.dequantize_bf16 + cuBLAS): for long prefills, expand one
-  matrix into a bf16 workspace and let cuBLAS run at tensor-core peak; the expansion costs
-  ~3 bytes of traffic per weight, which a 512-token batch amortizes."""
+* `quant_gemm_dense` (quant_dequant.dequantize_bf16 + `dense_gemm`): for long prefills, expand
+  one matrix into a bf16 workspace and run a Triton bf16 GEMM over the expanded workspace at
+  tensor-core speed; the expansion costs ~3 bytes of traffic per weight, which a 512-token batch
+  amortizes. The GEMM is ours rather than cuBLAS's so that cuBLAS is never loaded on the GPU
+  path: its handle, module and 32 MiB workspace cost ~98 MiB of VRAM."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -190,17 +194,142 @@ def quant_gemm_swap(x: torch.Tensor, w: PackedWeight, config: dict | None = None
     return _reduce_splits(out, partials)
 
 
-def quant_gemm_dense(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-    """x [M, K] @ dequant(w).T -> [M, N] fp32 via a bf16 workspace and cuBLAS (both operands in
-    plane-major column order: the same permutation of K on each side leaves the product as is).
+@triton.jit(do_not_specialize=["M", "stride_cs"])
+def _dense_gemm_kernel(
+    a_ptr,  # [M, K] bf16, unit stride along K (the tokens)
+    b_ptr,  # [N, K] bf16, unit stride along K (the expanded weight)
+    c_ptr,  # [S, M, N] fp32 split-K partial sums, unit stride along N (S = 1: the product)
+    M, N, K,
+    K_PER_SPLIT,  # K elements per split, a multiple of BLOCK_K (the last split may get fewer)
+    stride_am, stride_bn, stride_cm, stride_cs,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # row tiles per band of the launch order (L2 reuse)
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask on the K loads
+    F32_DOT: tl.constexpr,  # Triton's interpreter multiplies bf16 as raw integers: fp32 there
+):
+    """c[s] = a[:, Ks] @ b[:, Ks].T with fp32 accumulation over split s's K range Ks: the classic
+    tiled GEMM (Triton pipelines the loads), one output tile and one K range per program."""
+    # Grouped order: GROUP_M row tiles sweep the column tiles together, so each weight tile is
+    # fetched from DRAM about once per band and re-read from L2 by its neighbours.
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)  # the K split
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_band = GROUP_M * tiles_n
+    first_m = (pid // per_band) * GROUP_M
+    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_band) % band_m
+    pid_n = (pid % per_band) // band_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+    # Split boundaries are multiples of BLOCK_K, so every step but the last of the last split
+    # lies wholly inside K: with EVEN_K none is masked, otherwise the mask below (against K, not
+    # the split's end) cuts only that last step's tail.
+    k_begin = pid_s * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+    # Rows past M or N re-read the last row (no mask on the hot loads); their sums are not stored.
+    rows_a = tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_am  # [BM, 1]
+    rows_b = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_bn  # [BN, 1]
+    a_ptrs = a_ptr + rows_a + (k_begin + offs_k)[None, :]  # [BM, BK]
+    b_ptrs = b_ptr + rows_b + (k_begin + offs_k)[None, :]  # [BN, BK]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+        if F32_DOT:
+            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    c_ptrs = (c_ptr + pid_s.to(tl.int64) * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm
+              + offs_n[None, :])
+    tl.store(c_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
-    The output stays fp32 although cuBLAS's fp32-output call costs more host time (143 vs 24 us
-    per call on the H100 host): with a bf16 output, teacher-forced Gemma 3 270M left llama.cpp's
-    noise band on one golden step (a 0.83 nat gap; 0.50 with fp32 output, 0.42 fused).
+
+def dense_config(m: int, n: int, k: int, num_sms: int = 132, partials: bool = False) -> dict:
+    """Tiles for dense_gemm. 128x128 tiles with 8 warps (two warpgroups of 64-row wgmma) reuse
+    each loaded byte most; up to 64 rows a 64-row tile (one warpgroup, 4 warps) wastes none of the
+    MMA on padding. Gemma's N of 640..1536 gives few tiles at prefill sizes (N=1152 at M=512: 36
+    of 128x128 for 132 SMs on an H100), so while fewer than half the SMs would get a tile the tile
+    shrinks (rows first, then columns, to 64). K steps of 64 (128 bytes of bf16: one swizzled
+    shared-memory row); stages keep the buffers within 96 KiB ((BM + BN) * 64 * 2 bytes each),
+    which also fits the 99 KiB per block of sm_86 / sm_89. GROUP_M = 8 bands the launch order.
+
+    SPLIT_K: even the smallest tiles leave the tall-K products with few programs, each running a
+    long K loop on one SM while the others idle (K=6912 N=1152: 72 tiles of 64x128 at M=512, 36
+    of 64x64 at M=128: 34.0 and 31.2 us on an H100 before the split, cuBLAS 16.7 and 13.1). So K
+    splits into the S that brings tiles * S nearest the SM count (72 tiles: S = 2; 36: S = 4),
+    while every split keeps at least 8 K steps of 64 (the pipeline's prologue and epilogue, about
+    a step per stage, stay a small share of each program), 16 where dense_gemm adds the splits
+    itself (a second kernel moving (S + 1) * M * N * 4 bytes, which only a long K loop repays);
+    at most 8 splits. With `partials` the consumer adds them as it loads them (fused_norm), as
+    every engine caller of quant_matmul does. About a full wave of tiles (K=1152 N=13824 from
+    M=128 on: 108+ tiles) and, when adding, K < 2048 stay whole.
+    A first guess from the shapes, not yet swept on an H100 (bench_gemm_paths.py times it)."""
+    bm, bn = (64 if m <= 64 else 128), 128
+    while triton.cdiv(m, bm) * triton.cdiv(n, bn) < num_sms // 2 and bn > 64:
+        if bm > 64:
+            bm = 64
+        else:
+            bn = 64
+    stages = 3 if bm == bn == 128 else 4
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    steps = triton.cdiv(k, 64)
+    split_k = max(1, min((2 * num_sms + tiles) // (2 * tiles),  # round(num_sms / tiles)
+                         steps // (8 if partials else 16), 8))
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_K": split_k,
+            "num_warps": 8 if bm == 128 else 4, "num_stages": stages}
+
+
+def dense_gemm(a: torch.Tensor, b: torch.Tensor, config: dict | None = None,
+               partials: bool = False) -> torch.Tensor:
+    """a [M, K] bf16 @ b [N, K] bf16 .T -> [M, N] fp32 (fp32 accumulation), with the Triton
+    kernel above: on the GPU path this stands in for torch.mm(a, b.t(), out_dtype=torch.float32),
+    which would load cuBLAS. Both operands need unit stride along K. With `partials`, the split-K
+    partial sums [S, M, N] unsummed (S >= 1; config["SPLIT_K"] or fewer, none of them empty)."""
+    if (a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or a.dtype != torch.bfloat16
+            or b.dtype != torch.bfloat16 or a.stride(1) != 1 or b.stride(1) != 1):
+        raise ValueError(f"dense_gemm takes bf16 [M, K] and [N, K] with unit stride along K, got "
+                         f"{a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
+    (m, k), n = a.shape, b.shape[0]
+    if m == 0 or n == 0 or k == 0:
+        out = torch.zeros((1, m, n), device=a.device, dtype=torch.float32)
+        return _reduce_splits(out, partials)
+    dev = a.device.index if a.device.type == "cuda" else 0
+    cfg = config or dense_config(m, n, k, _num_sms(dev), partials)
+    k_per_split, split_k = _split_groups(k, cfg.get("SPLIT_K", 1), cfg["BLOCK_K"])
+    out = torch.empty((split_k, m, n), device=a.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
+    _dense_gemm_kernel[grid](
+        a, b, out, m, n, k, k_per_split, a.stride(0), b.stride(0), out.stride(1), out.stride(0),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"], EVEN_K=k % cfg["BLOCK_K"] == 0,
+        F32_DOT=os.environ.get("TRITON_INTERPRET") == "1",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return _reduce_splits(out, partials)
+
+
+def quant_gemm_dense(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> torch.Tensor:
+    """x [M, K] @ dequant(w).T -> [M, N] fp32 via a bf16 workspace and a Triton bf16 GEMM over the
+    expanded workspace (`dense_gemm`; both operands in plane-major column order: the same
+    permutation of K on each side leaves the product as is). With `partials`, the GEMM's split-K
+    partial sums [S, M, N] unsummed (S >= 1).
+
+    The output is fp32: with a bf16 output, teacher-forced Gemma 3 270M left llama.cpp's noise
+    band on one golden step (a 0.83 nat gap; 0.50 with fp32 output, 0.42 fused; measured when this
+    GEMM was cuBLAS's, whose fp32-output call also cost more host time: 143 vs 24 us per call on
+    the H100 host).
     """
-    x = _check(x, w)
-    wd = dequantize_bf16(w)
-    xp = plane_major(x, _WPG[w.qtype])
-    if x.device.type == "cuda":
-        return torch.mm(xp, wd.t(), out_dtype=torch.float32)
-    return xp.float() @ wd.float().t()
+    x = _check(x, w)  # CUDA, or the CPU under TRITON_INTERPRET=1 (dense_gemm runs there too)
+    wd = dequantize_bf16(w)  # [N, K] bf16
+    xp = plane_major(x, _WPG[w.qtype])  # [M, K] bf16
+    return dense_gemm(xp, wd, partials=partials)
