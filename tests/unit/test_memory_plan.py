@@ -39,3 +39,18 @@ def test_a_plan_that_fits_passes():
     check_fits(plan, free_bytes=plan.total + RESERVE_BYTES, config=config, device="cuda:0")
     with pytest.raises(ValueError):
         check_fits(plan, free_bytes=plan.total + RESERVE_BYTES - 1, config=config, device="cuda:0")
+
+
+def test_expandable_segments_unless_the_user_configured_the_allocator(monkeypatch):
+    import torch
+
+    from llcuda.engine.memory_plan import use_expandable_segments
+
+    calls = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append,
+                        raising=False)  # fmt: skip
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    assert use_expandable_segments() and calls == ["expandable_segments:True"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert not use_expandable_segments() and len(calls) == 1

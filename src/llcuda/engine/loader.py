@@ -9,12 +9,18 @@ import torch
 
 from llcuda.config import EngineConfig, ModelConfig
 from llcuda.engine.llm_engine import LLMEngine
-from llcuda.engine.memory_plan import MemoryPlan, check_fits, plan_gpu_memory
+from llcuda.engine.memory_plan import (
+    MemoryPlan,
+    check_fits,
+    plan_gpu_memory,
+    use_expandable_segments,
+)
 from llcuda.engine.warmup import warm_up
 from llcuda.gguf.chat_template import ChatTemplate, chat_template_from_metadata
 from llcuda.gguf.model_config import model_config_from_gguf
 from llcuda.gguf.reader import GGUFFile
 from llcuda.gguf.tokenizer import Tokenizer
+from llcuda.layers.weight_arena import compact
 from llcuda.models.registry import build_model
 from llcuda.runner.model_runner import ModelRunner
 
@@ -82,6 +88,11 @@ def load(
         )
         if progress is not None:
             progress.close()
+        gpu = next((d for d in [*block_devices, head_device] if d.type == "cuda"), None)
+        if gpu is not None:
+            # the weights back to back, and the holes repacking left handed back to the driver
+            compact(model, gpu)
+            torch.cuda.empty_cache()
         kv_dtype = torch.float16 if head_device.type == "cuda" else torch.float32
         runner = ModelRunner(model, model_config, config, kv_cache_dtype=kv_dtype)
         engine = LLMEngine(runner, tokenizer, config)
@@ -111,6 +122,7 @@ def _check_gpu_memory(
     gpu = next((d for d in [*block_devices, head_device] if d.type == "cuda"), None)
     if gpu is None:
         return None
+    use_expandable_segments()  # before the first weight is allocated
     gpu_layers = {i for i, d in enumerate(block_devices) if d.type == "cuda"}
     head_on_gpu = head_device.type == "cuda"
     head_name = "token_embd.weight" if model_config.tie_word_embeddings else "output.weight"

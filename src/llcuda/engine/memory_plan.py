@@ -6,7 +6,10 @@ out-of-memory error halfway through loading (or, worse, at the first long reques
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+import torch
 
 from llcuda.config import EngineConfig, ModelConfig
 from llcuda.engine.kv_cache_manager import kv_cache_groups
@@ -74,3 +77,18 @@ def check_fits(plan: MemoryPlan, free_bytes: int, config: EngineConfig, device: 
         f"{RESERVE_BYTES / mib:,.0f}) but {free_bytes / mib:,.0f} MiB are free; lower ctx_size, "
         f"cache_size, n_parallel or batch_size, or offload fewer layers (gpu_layers)"
     )
+
+
+def use_expandable_segments() -> bool:
+    """Let torch's CUDA allocator grow segments in place (expandable_segments) unless the user set
+    PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF; returns whether it did. Loading packs weights
+    through short-lived buffers between the long-lived ones, which leaves fixed-size segments
+    partly used; expandable ones map memory in 2 MiB pages. H100, 1B twin at ctx 4096 (llcuda
+    serve, nvidia-smi): 1,620 -> 1,600 MiB. It changes only segments allocated from now on."""
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"):
+        return False
+    set_settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if set_settings is None:  # torch < 2.9
+        set_settings = torch.cuda.memory._set_allocator_settings
+    set_settings("expandable_segments:True")
+    return True
