@@ -20,7 +20,6 @@ from llcuda.gguf.chat_template import ChatTemplate, chat_template_from_metadata
 from llcuda.gguf.model_config import model_config_from_gguf
 from llcuda.gguf.reader import GGUFFile
 from llcuda.gguf.tokenizer import Tokenizer
-from llcuda.layers.weight_arena import compact
 from llcuda.models.registry import build_model
 from llcuda.runner.model_runner import ModelRunner
 
@@ -88,11 +87,6 @@ def load(
         )
         if progress is not None:
             progress.close()
-        gpu = next((d for d in [*block_devices, head_device] if d.type == "cuda"), None)
-        if gpu is not None:
-            # the weights back to back, and the holes repacking left handed back to the driver
-            compact(model, gpu)
-            torch.cuda.empty_cache()
         kv_dtype = torch.float16 if head_device.type == "cuda" else torch.float32
         runner = ModelRunner(model, model_config, config, kv_cache_dtype=kv_dtype)
         engine = LLMEngine(runner, tokenizer, config)
