@@ -511,6 +511,19 @@ def _gemv_step(
     return acc
 
 
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GROUP_M: tl.constexpr):  # fmt: skip
+    """(row tile, column tile) of program `pid` in grouped order: GROUP_M row tiles run next to
+    each other and share weight tiles in L2, so each weight tile is fetched from DRAM about once."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    first_m = (pid // num_in_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % num_in_group) % group_size, (pid % num_in_group) // group_size
+
+
 @triton.jit(do_not_specialize=["M", "N", "n_groups", "groups_per_split", "stride_osplit"])
 def _quant_gemm_kernel(
     x_ptr,  # [M, K] bf16 activations (fp16 pre-divided by xscale when USE_FP16), unit stride
@@ -533,16 +546,7 @@ def _quant_gemm_kernel(
 ):
     NP: tl.constexpr = 32 // WPG
     NW: tl.constexpr = BLOCK_G * WPG
-    # Grouped program order: GROUP_M row-tiles of x run next to each other and share weight tiles
-    # in L2, so each weight tile is fetched from DRAM about once.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_in_group = GROUP_M * num_pid_n
-    first_m = (pid // num_in_group) * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % num_in_group) % group_size
-    pid_n = (pid % num_in_group) // group_size
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]

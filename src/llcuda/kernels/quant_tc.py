@@ -26,6 +26,7 @@ from llcuda.kernels.quant_matmul import (
     _MAGIC,
     _WPG,
     _check,
+    _grouped_tile,
     _num_sms,
     _plane,
     _reduce_splits,
@@ -211,17 +212,8 @@ def _dense_gemm_kernel(
 ):
     """c[s] = a[:, Ks] @ b[:, Ks].T with fp32 accumulation over split s's K range Ks: the classic
     tiled GEMM (Triton pipelines the loads), one output tile and one K range per program."""
-    # Grouped order: GROUP_M row tiles sweep the column tiles together, so each weight tile is
-    # fetched from DRAM about once per band and re-read from L2 by its neighbours.
-    pid = tl.program_id(0)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_s = tl.program_id(1)  # the K split
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_band = GROUP_M * tiles_n
-    first_m = (pid // per_band) * GROUP_M
-    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_band) % band_m
-    pid_n = (pid % per_band) // band_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
