@@ -135,8 +135,15 @@ class BlockManager:
 
     def can_allocate(self, request: Request, num_new_tokens: int,
                      cached_blocks: Sequence[int | None] = ()) -> bool:  # fmt: skip
-        """Whether `allocate_slots(request, num_new_tokens, cached_blocks)` would succeed now."""
+        """Whether `allocate_slots(request, num_new_tokens, cached_blocks)` would succeed now.
+        Raises ValueError for arguments it never takes."""
+        if num_new_tokens < 0:
+            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         table = self._table(request)
+        if cached_blocks and (table.blocks or request.num_computed_tokens):
+            raise ValueError(
+                f"request {request.request_id!r}: cached blocks can only start an empty table"
+            )
         # blocks behind a sliding window that allocate_slots releases first
         freed = sum(1 for i in range(table.num_dropped, self._first_live_block(request, table))
                     if self.blocks[table.blocks[i]].ref_count == 1)  # fmt: skip
@@ -165,17 +172,20 @@ class BlockManager:
         block_size`, and `num_new_tokens` counts tokens after them. In a sliding-window group
         leading entries may be None: blocks out of the window, kept as placeholders.
         """
-        if num_new_tokens < 0:
-            raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         table = self._table(request)
-        if cached_blocks and (table.blocks or request.num_computed_tokens):
-            raise ValueError(
-                f"request {request.request_id!r}: cached blocks can only start an empty table"
-            )
         self._drop_out_of_window(request, table)
         if not self.can_allocate(request, num_new_tokens, cached_blocks):
             return False
+        self.commit_slots(request, num_new_tokens, cached_blocks)
+        return True
+
+    def commit_slots(self, request: Request, num_new_tokens: int,
+                     cached_blocks: Sequence[int | None] = ()) -> None:  # fmt: skip
+        """allocate_slots once `can_allocate` said yes (KVCacheManager asks every group first)."""
+        table = self._table(request)
+        self._drop_out_of_window(request, table)
         num_new = self._num_new_blocks(request, table, num_new_tokens, len(cached_blocks))
+        assert num_new <= len(self._free), f"commit_slots without room: {num_new} blocks"
         for block_id in cached_blocks:
             if block_id is None:
                 assert self.sliding_window and table.num_dropped == len(table.blocks), (
@@ -199,7 +209,6 @@ class BlockManager:
             self._evict(block)
             block.ref_count = 1
             table.blocks.append(block_id)
-        return True
 
     def free(self, request: Request) -> None:
         """Release every block the request holds. Idempotent: a second call frees nothing."""

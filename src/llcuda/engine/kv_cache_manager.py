@@ -24,8 +24,9 @@ from llcuda.config import EngineConfig, ModelConfig
 from llcuda.engine.block_manager import BlockManager, PrefixCacheStats, cdiv
 from llcuda.engine.request import Request
 
-# Decode bursts reserve blocks for their steps ahead of time: a burst plus one chained behind it
-# (engine/llm_engine.py _burst_length), each at most num_scheduler_steps long.
+# Decode steps per burst when num_scheduler_steps is left open on a GPU with CUDA graphs
+# (runner/model_runner.py default_decode_steps). Bursts reserve blocks for their steps ahead of
+# time: a burst plus one chained behind it (engine/llm_engine.py _burst_length).
 DEFAULT_DECODE_STEPS = 16
 
 
@@ -117,12 +118,10 @@ class KVCacheManager:
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        cached_blocks: PrefixHit | Sequence[int] = ()) -> bool:  # fmt: skip
         """BlockManager.allocate_slots in every group, all or nothing."""
-        hits = self._hits(cached_blocks)
         if not self.can_allocate(request, num_new_tokens, cached_blocks):
             return False
-        for group, group_hits in zip(self.groups, hits, strict=True):
-            allocated = group.allocate_slots(request, num_new_tokens, group_hits)
-            assert allocated, f"group {group.group} refused what it said it could allocate"
+        for group, group_hits in zip(self.groups, self._hits(cached_blocks), strict=True):
+            group.commit_slots(request, num_new_tokens, group_hits)
         return True
 
     def _hits(self, cached_blocks: PrefixHit | Sequence[int]) -> list[Sequence[int | None]]:

@@ -96,20 +96,16 @@ class DecodeGraphs(_BucketGraphs):
         self.step_inputs = torch.zeros(2 + len(scratch_blocks), n, dtype=torch.int64, device=dev)
         self.positions, self.slot_mapping, self.seq_lens, *swa = self.step_inputs.unbind(0)
         self.swa_slot_mapping = swa[0] if swa else None
+        self.slot_mappings = [self.slot_mapping, *swa]  # per cache group
         self.seq_lens.fill_(1)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_tables = [
             torch.full((n, max_blocks_per_seq), block, dtype=torch.int32, device=dev)
             for block in scratch_blocks
         ]  # per cache group
-        for slots, scratch in zip(self._slot_mappings(), self.scratch_slots, strict=True):
+        for slots, scratch in zip(self.slot_mappings, self.scratch_slots, strict=True):
             slots.fill_(scratch)
         self._bucket = self._batch = 0  # of the last prepare()
-
-    def _slot_mappings(self) -> list[torch.Tensor]:
-        """The step's cache slots per group: [max_batch] views into step_inputs."""
-        swa = [self.swa_slot_mapping] if self.swa_slot_mapping is not None else []
-        return [self.slot_mapping, *swa]
 
     def _meta(self, b: int) -> AttentionMetadata:
         swa = self.swa_slot_mapping is not None
@@ -161,7 +157,7 @@ class DecodeGraphs(_BucketGraphs):
             static[:batch, : table.shape[1]].copy_(table, non_blocking=True)
             # rows past `batch` keep pointing at the scratch block (reset after a larger batch)
             static[batch:b].fill_(scratch)
-        for slots, scratch in zip(self._slot_mappings(), self.scratch_slots, strict=True):
+        for slots, scratch in zip(self.slot_mappings, self.scratch_slots, strict=True):
             slots[batch:b].fill_(scratch)
         self.seq_lens[batch:b].fill_(1)
         self.positions[batch:b].zero_()

@@ -11,13 +11,11 @@ from __future__ import annotations
 import torch
 
 from llcuda.config import EngineConfig, ModelConfig
-from llcuda.engine.kv_cache_manager import kv_cache_groups
+from llcuda.engine.kv_cache_manager import DEFAULT_DECODE_STEPS, kv_cache_groups
 from llcuda.engine.scheduler import SchedulerOutput
 from llcuda.layers.attention import AttentionMetadata, KVCache
 from llcuda.runner.cuda_graphs import DecodeGraphs, PrefillGraphs, pack_step_inputs
 from llcuda.runner.sampler import sample, to_device
-
-DEFAULT_DECODE_STEPS = 16
 
 
 class ModelRunner:
