@@ -42,9 +42,8 @@ def test_qk_norm_rope_store_kv(heads, kv_heads, head_dim, splits, cache_dtype):
     qkv = _rand(splits, tokens, qk_size + kv_size, scale=5)  # [S, T, q|k|v]
     qk, v = qkv[..., :qk_size], qkv[..., qk_size:]
     q_w, k_w = _rand(head_dim), _rand(head_dim)
-    cos, sin = ref.rope_cos_sin_ref(torch.arange(4096), head_dim, 10000.0)
-    cos, sin = cos.to(DEVICE), sin.to(DEVICE)
-    positions = torch.tensor([0, 1, 5, 511, 512, 700, 2000, 4095, 3], device=DEVICE)
+    cos, sin = ref.rope_table_ref(32768, head_dim, 10000.0, device=DEVICE)
+    positions = torch.tensor([0, 1, 5, 511, 512, 700, 2000, 32767, 3], device=DEVICE)
     slots = torch.randperm(6 * block_size, generator=_rand.gen)[:tokens].to(DEVICE)
     slots[3] = slots[7] = -1
     shape = (6, block_size, kv_heads, head_dim)
@@ -87,7 +86,7 @@ def test_bf16_matmul_outputs_are_read_as_they_are():
     gate_up = _rand(5, 2 * 6912).to(torch.bfloat16)
     torch.testing.assert_close(fused_norm.geglu(gate_up), fused_norm.geglu(gate_up.float()))
     qkv = _rand(6, 1536).to(torch.bfloat16)
-    cos, sin = _rand(64, 128), _rand(64, 128)
+    cos, sin = _rand(ref.ROPE_FINE_STEPS + 1, 128), _rand(ref.ROPE_FINE_STEPS + 1, 128)
     pos, slots = torch.arange(6, device=DEVICE), torch.arange(6, device=DEVICE)
     args = (4, 1, 256, _rand(256), _rand(256), cos, sin, pos, 1e-6, 0.0625)
     caches = [torch.zeros(2, 8, 1, 256, device=DEVICE) for _ in range(4)]

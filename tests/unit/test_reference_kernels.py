@@ -98,6 +98,21 @@ def test_rope_norm_rotates_adjacent_pairs():
     torch.testing.assert_close(out, torch.tensor(expect), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("base,scale", [(10000.0, 1.0), (1000000.0, 0.125)])
+def test_rope_table_gives_every_position_s_angles(base, scale):
+    """The factored table (256 fine rows + one row per 256 positions) gives the cos/sin of the
+    whole table at every position, the far end of a 128k context included."""
+    max_positions, rope_dim = 131072, 256
+    cos_t, sin_t = ref.rope_table_ref(max_positions, rope_dim, base, scale)
+    assert cos_t.shape == (256 + 512, 128)
+    positions = torch.cat((torch.arange(600), torch.randint(0, max_positions, (2000,)),
+                           torch.tensor([max_positions - 1])))  # fmt: skip
+    cos, sin = ref.rope_at_ref(cos_t, sin_t, positions)
+    cos_want, sin_want = ref.rope_cos_sin_ref(positions, rope_dim, base, scale)
+    torch.testing.assert_close(cos, cos_want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, sin_want, rtol=0, atol=1e-6)
+
+
 def test_rms_norm_and_gelu_match_formulas():
     x = torch.tensor([[3.0, 4.0]])
     w = torch.tensor([2.0, 0.5])

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from llcuda.kernels.dependent_launch import pdl_launch_args, wait_for_previous
+from llcuda.kernels.reference import ROPE_FINE_STEPS
 
 
 @triton.jit
@@ -81,7 +82,7 @@ def _qk_norm_rope_store_kv_kernel(
     k_cache_ptr, v_cache_ptr, num_heads, head_dim, half, eps, scale,
     qk_split_stride, qk_stride_t, v_split_stride, v_stride_t, stride_cb, stride_cs, stride_ch,
     QK_SPLITS: tl.constexpr, V_SPLITS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HALF: tl.constexpr, PDL: tl.constexpr,
+    HALF: tl.constexpr, ROPE_FINE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     wait_for_previous(PDL)
     # one program per (token, head): heads [0, num_heads) are q's, the rest k's (with their v)
@@ -97,9 +98,16 @@ def _qk_norm_rope_store_kv_kernel(
     w_ptr = tl.where(is_q, q_w_ptr, k_w_ptr)
     x1 = x1 * inv * tl.load(w_ptr + i, mask=mask, other=0.0)
     x2 = x2 * inv * tl.load(w_ptr + half + i, mask=mask, other=0.0)
+    # cos/sin at pos from the factored tables (reference.rope_at_ref)
     pos = tl.load(pos_ptr + token)
-    c = tl.load(cos_ptr + pos * half + i, mask=mask, other=0.0)
-    s = tl.load(sin_ptr + pos * half + i, mask=mask, other=0.0)
+    fine = (pos % ROPE_FINE) * half + i
+    coarse = (ROPE_FINE + pos // ROPE_FINE) * half + i
+    c_f = tl.load(cos_ptr + fine, mask=mask, other=0.0)
+    s_f = tl.load(sin_ptr + fine, mask=mask, other=0.0)
+    c_c = tl.load(cos_ptr + coarse, mask=mask, other=0.0)
+    s_c = tl.load(sin_ptr + coarse, mask=mask, other=0.0)
+    c = c_c * c_f - s_c * s_f
+    s = s_c * c_f + c_c * s_f
     y1 = x1 * c - x2 * s
     y2 = x1 * s + x2 * c
     if is_q:
@@ -207,8 +215,9 @@ def qk_norm_rope_store_kv(
 ) -> torch.Tensor:  # fmt: skip
     """reference.qk_norm_rope_store_kv_ref in one kernel (RoPE over the whole head).
     qk: [T, (num_heads + num_kv_heads) * head_dim] (q then k), v: [T, num_kv_heads * head_dim],
-    each a matmul output or its split-K partials [S, T, n]; caches [num_blocks, block_size,
-    num_kv_heads, head_dim]. Returns q [T, num_heads, head_dim] fp32."""
+    each a matmul output or its split-K partials [S, T, n]; cos, sin: reference.rope_table_ref's
+    factored tables; caches [num_blocks, block_size, num_kv_heads, head_dim].
+    Returns q [T, num_heads, head_dim] fp32."""
     qk, v = _partials(qk), _partials(v)
     num_tokens, half = qk.shape[1], head_dim // 2
     if qk.shape[2] < (num_heads + num_kv_heads) * head_dim or v.shape[2] < num_kv_heads * head_dim:
@@ -217,6 +226,8 @@ def qk_norm_rope_store_kv(
         raise ValueError("k_cache and v_cache must have one shape and layout")
     if k_cache.stride(3) != 1 or 2 * cos.shape[-1] != head_dim:
         raise ValueError("needs contiguous cache heads and RoPE over the whole head")
+    if cos.shape != sin.shape or cos.shape[0] <= ROPE_FINE_STEPS or not cos.is_contiguous():
+        raise ValueError(f"cos/sin {tuple(cos.shape)} are not rope_table_ref's tables")
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float32, device=qk.device)
     if num_tokens == 0:
         return q
@@ -226,7 +237,8 @@ def qk_norm_rope_store_kv(
         qk.stride(0), qk.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         QK_SPLITS=qk.shape[0], V_SPLITS=v.shape[0], BLOCK_SIZE=k_cache.shape[1],
-        HALF=triton.next_power_of_2(half), **pdl_launch_args(qk.device),
+        HALF=triton.next_power_of_2(half), ROPE_FINE=ROPE_FINE_STEPS,
+        **pdl_launch_args(qk.device),
     )  # fmt: skip
     return q
 

@@ -50,6 +50,35 @@ def rope_cos_sin_ref(
     return torch.cos(theta).float(), torch.sin(theta).float()
 
 
+# The factored cos/sin table: position p = coarse + fine, coarse a multiple of ROPE_FINE_STEPS.
+ROPE_FINE_STEPS = 256
+
+
+def rope_table_ref(
+    max_positions: int, rope_dim: int, base: float, scale: float = 1.0, device="cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of positions [0, max_positions), factored: [F + ceil(max_positions / F),
+    rope_dim // 2] fp32 each (F = ROPE_FINE_STEPS). Rows [0, F) hold the angles of positions
+    0..F-1, row F + j that of position j * F. The angle is linear in the position, so any
+    position's cos/sin is two rows and the angle-sum identity (rope_at_ref): at 32k positions
+    384 rows instead of 32,768 (0.4 MB instead of 32 MB for a 256-wide head)."""
+    fine = torch.arange(ROPE_FINE_STEPS, device=device)
+    coarse = torch.arange(0, max_positions, ROPE_FINE_STEPS, device=device)
+    return rope_cos_sin_ref(torch.cat((fine, coarse)), rope_dim, base, scale)
+
+
+def rope_at_ref(
+    cos_table: torch.Tensor, sin_table: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [num_tokens, rope_dim // 2] fp32 at positions, from rope_table_ref's tables:
+    cos(a + b) = cos a cos b - sin a sin b, sin(a + b) = sin a cos b + cos a sin b."""
+    fine = positions % ROPE_FINE_STEPS
+    coarse = ROPE_FINE_STEPS + positions // ROPE_FINE_STEPS
+    cf, sf = cos_table[fine], sin_table[fine]
+    cc, sc = cos_table[coarse], sin_table[coarse]
+    return cc * cf - sc * sf, sc * cf + cc * sf
+
+
 def rope_neox_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """NEOX rotation: element i pairs with i + rope_dim/2.
 
@@ -203,10 +232,10 @@ def qk_norm_rope_ref(
     scale: float = 1.0,
 ) -> torch.Tensor:
     """Per-head RMSNorm, NEOX RoPE, then a scale. t: [num_tokens, num_heads * head_dim];
-    cos, sin: [max_positions, rope_dim // 2] -> [num_tokens, num_heads, head_dim] fp32."""
+    cos, sin: rope_table_ref's tables -> [num_tokens, num_heads, head_dim] fp32."""
     heads = t.reshape(t.shape[0], num_heads, head_dim)
     normed = rms_norm_ref(heads, weight, eps)
-    return rope_neox_ref(normed, cos[positions], sin[positions]) * scale
+    return rope_neox_ref(normed, *rope_at_ref(cos, sin, positions)) * scale
 
 
 def sum_partials_ref(t: torch.Tensor) -> torch.Tensor:
