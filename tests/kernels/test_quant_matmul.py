@@ -107,6 +107,32 @@ def test_fuse_packed_concatenates_rows():
                                        512)])
 
 
+
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q5_0],
+                         ids=lambda t: t.name)
+def test_pack_in_row_chunks_equals_one_chunk(qtype, monkeypatch):
+    raw = random_rows(qtype, 8, 512, torch.Generator().manual_seed(5))
+    whole = qp.pack_weight(raw, qtype, 512)
+    monkeypatch.setattr(qp, "_PACK_CHUNK_ROWS", 3)  # chunks of 3, 3 and 2 rows
+    chunked = qp.pack_weight(raw, qtype, 512)
+    for a, b in zip(whole.tensors(), chunked.tensors(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.Q6_K, GGMLType.F16], ids=lambda t: t.name)
+def test_packed_clone_owns_its_memory(qtype):
+    """clone() (how weights leave the load's scratch pool) copies every array: a float type's
+    packed weight is a view of the raw rows, its clone is not."""
+    raw = random_rows(qtype, 4, 512, torch.Generator().manual_seed(3))
+    packed = qp.pack_weight(raw, qtype, 512)
+    copy = packed.clone()
+    assert (copy.qtype, copy.n_rows, copy.n_cols) == (packed.qtype, 4, 512)
+    for a, b in zip(packed.tensors(), copy.tensors(), strict=True):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr() and b.is_contiguous()
+    raw.zero_()
+    assert torch.equal(qp.dequantize_packed(copy), dequantize_ref(
+        random_rows(qtype, 4, 512, torch.Generator().manual_seed(3)), qtype))
+
 # ---------------------------------------------------------------------------------------------
 # Kernels (CUDA)
 

@@ -20,6 +20,7 @@ from llcuda.gguf.chat_template import ChatTemplate, chat_template_from_metadata
 from llcuda.gguf.model_config import model_config_from_gguf
 from llcuda.gguf.reader import GGUFFile
 from llcuda.gguf.tokenizer import Tokenizer
+from llcuda.layers.weight_staging import staging_scope
 from llcuda.models.registry import build_model
 from llcuda.runner.model_runner import ModelRunner
 
@@ -76,15 +77,17 @@ def load(
         block_devices, head_device = choose_devices(config, model_config.num_layers)
         plan = _check_gpu_memory(gguf, model_config, config, block_devices, head_device)
         progress = _progress_bar(verbose, model_config.num_layers + 1, model_path)
-        model = build_model(
-            gguf,
-            model_config,
-            block_devices,
-            head_device,
-            max_positions=config.ctx_size,
-            flash_attn=config.flash_attn,
-            progress=progress.update if progress is not None else None,
-        )
+        gpu = next((d for d in [*block_devices, head_device] if d.type == "cuda"), None)
+        with staging_scope(gpu):  # repacking's temporaries in a pool released after the build
+            model = build_model(
+                gguf,
+                model_config,
+                block_devices,
+                head_device,
+                max_positions=config.ctx_size,
+                flash_attn=config.flash_attn,
+                progress=progress.update if progress is not None else None,
+            )
         if progress is not None:
             progress.close()
         kv_dtype = torch.float16 if head_device.type == "cuda" else torch.float32

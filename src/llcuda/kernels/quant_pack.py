@@ -88,11 +88,21 @@ class PackedWeight:
         return QUANT_BLOCKS[self.qtype][2]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.qs, self.qh, self.sc, self.mn, self.d, self.dmin) if t is not None]
+        return [t for t in self._arrays().values() if t is not None]
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def clone(self) -> PackedWeight:
+        """The same weight in memory of its own (contiguous copies of every array)."""
+        arrays = {name: None if t is None else t.clone(memory_format=torch.contiguous_format)
+                  for name, t in self._arrays().items()}  # fmt: skip
+        return replace(self, **arrays)
+
+    def _arrays(self) -> dict[str, torch.Tensor | None]:
+        return {"qs": self.qs, "qh": self.qh, "sc": self.sc, "mn": self.mn, "d": self.d,
+                "dmin": self.dmin}  # fmt: skip
 
 
 def qtype_id(qtype) -> int:
@@ -244,9 +254,13 @@ def pack_weight(data: torch.Tensor, qtype, n_cols: int) -> PackedWeight:
     n_rows = data.shape[0]
     if qid in FLOAT_TYPES:
         return PackedWeight(qid, n_rows, n_cols, **_pack_rows(data, qid, n_cols))
-    parts = [_pack_rows(data[i : i + _PACK_CHUNK_ROWS], qid, n_cols)
-             for i in range(0, n_rows, _PACK_CHUNK_ROWS)]
-    fields = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
+    fields: dict[str, torch.Tensor] = {}
+    for i in range(0, n_rows, _PACK_CHUNK_ROWS):  # into the arrays in place: no second copy
+        part = _pack_rows(data[i : i + _PACK_CHUNK_ROWS], qid, n_cols)
+        for name, t in part.items():
+            if name not in fields:
+                fields[name] = t.new_empty((n_rows, *t.shape[1:]))
+            fields[name][i : i + t.shape[0]] = t
     return PackedWeight(qid, n_rows, n_cols, **fields)
 
 
@@ -262,7 +276,7 @@ def fuse_packed(weights: list[PackedWeight]) -> PackedWeight:
         if (w.qtype, w.n_cols, w.device) != (w0.qtype, w0.n_cols, w0.device):
             raise QuantPackError("fused weights must share qtype, n_cols and device")
     fields = {}
-    for name in ("qs", "qh", "sc", "mn", "d", "dmin"):
+    for name in w0._arrays():
         ts = [getattr(w, name) for w in weights]
         fields[name] = None if ts[0] is None else torch.cat(ts).contiguous()
     sizes = tuple(s for w in weights for s in (w.split_sizes or (w.n_rows,)))

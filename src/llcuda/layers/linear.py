@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from llcuda.kernels import ops
+from llcuda.layers import weight_staging
 from llcuda.layers.quant_tensor import QuantTensor
 
 
@@ -14,7 +15,7 @@ class QuantLinear:
     def __init__(self, weight: QuantTensor, device: torch.device | str = "cpu"):
         self.out_features, self.in_features = weight.shape
         self.qtype = weight.qtype
-        self.weight = ops.prepare_weight(weight, device)
+        self.weight = _place([weight], device)
         self.nbytes = getattr(self.weight, "nbytes", weight.nbytes)  # bytes where it lives
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,9 +41,7 @@ class FusedQuantLinear:
         same_kind = len({(int(w.qtype), w.shape[1]) for w in weights}) == 1
         self.parts: list[QuantLinear] | None = None
         if torch.device(device).type == "cuda" and same_kind:
-            from llcuda.kernels.quant_pack import fuse_packed
-
-            self.weight = fuse_packed([ops.prepare_weight(w, device) for w in weights])
+            self.weight = _place(weights, device)
             self.nbytes = self.weight.nbytes
         else:
             self.parts = [QuantLinear(w, device) for w in weights]
@@ -66,6 +65,21 @@ class FusedQuantLinear:
         if self.parts is None:
             return ops.quant_matmul_geglu(x, self.weight)
         return ops.geglu_fused(self(x))
+
+
+def _place(weights: list[QuantTensor], device: torch.device | str) -> object:
+    """The weights where they will be used (ops.prepare_weight); on CUDA several of one kind are
+    concatenated along N. The raw uploads and the repacking's temporaries come from the load's
+    scratch pool (weight_staging); the result is copied out of it into memory of its own."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        (weight,) = weights
+        return ops.prepare_weight(weight, device)
+    from llcuda.kernels.quant_pack import fuse_packed
+
+    with weight_staging.scratch(device):
+        packed = [ops.prepare_weight(w, device) for w in weights]
+    return fuse_packed(packed) if len(packed) > 1 else packed[0].clone()
 
 
 def paired_partials(first: FusedQuantLinear | QuantLinear, second: QuantLinear,
