@@ -204,7 +204,8 @@ def test_norm_rope_kv_store_geglu_and_softcap_compile_for_t4():
     store.update({name: 1536 for name in inspect.signature(
         fn._qk_norm_rope_store_kv_kernel.fn).parameters if "stride" in name})
     compile_for_t4(fn._qk_norm_rope_store_kv_kernel, store,
-                   {"QK_SPLITS": 3, "V_SPLITS": 3, "BLOCK_SIZE": 16, "HALF": 128, "PDL": False}, 4)
+                   {"QK_SPLITS": 3, "V_SPLITS": 3, "BLOCK_SIZE": 16, "HALF": 128, "ROPE_FINE": 256,
+                    "PDL": False}, 4)
     compile_for_t4(fn._geglu_kernel, {"gu_ptr": f32, "out_ptr": f32, "f": 6912,
                                       "split_stride": 13824},
                    {"SPLITS": 2, "BLOCK": 1024, "PDL": False}, 4)
@@ -288,7 +289,7 @@ def test_small_kernels_with_dependent_launch_wait_before_any_memory_access():
     for kernel, args, constexprs in [
         (fn._residual_rms_norm_kernel, norm, {"SPLITS": 4, "BLOCK": 2048}),
         (fn._qk_norm_rope_store_kv_kernel, store,
-         {"QK_SPLITS": 1, "V_SPLITS": 1, "BLOCK_SIZE": 16, "HALF": 128}),
+         {"QK_SPLITS": 1, "V_SPLITS": 1, "BLOCK_SIZE": 16, "HALF": 128, "ROPE_FINE": 256}),
         (pa._paged_attention_kernel, attention,
          {"HEAD_DIM": 256, "HEAD_DIM_P": 256, "GROUP": 4, "BLOCK_Q": 4, "BLOCK_M": 16,
           "BLOCK_N": 64, "BLOCK_SIZE": 16, "SLIDING": True, "NUM_SEGMENTS": 8,
