@@ -77,8 +77,8 @@ def load(
         block_devices, head_device = choose_devices(config, model_config.num_layers)
         plan = _check_gpu_memory(gguf, model_config, config, block_devices, head_device)
         progress = _progress_bar(verbose, model_config.num_layers + 1, model_path)
-        gpu = next((d for d in [*block_devices, head_device] if d.type == "cuda"), None)
-        with staging_scope(gpu):  # repacking's temporaries in a pool released after the build
+        # repacking's temporaries come from a pool released after the build
+        with staging_scope(_first_gpu(block_devices, head_device)):
             model = build_model(
                 gguf,
                 model_config,
@@ -108,6 +108,11 @@ def load(
     return LoadedModel(engine, tokenizer, template, model_config, config, device, gguf, memory)
 
 
+def _first_gpu(block_devices: list[torch.device], head_device: torch.device
+               ) -> torch.device | None:  # fmt: skip
+    return next((d for d in [*block_devices, head_device] if d.type == "cuda"), None)
+
+
 def _check_gpu_memory(
     gguf: GGUFFile,
     model_config: ModelConfig,
@@ -116,7 +121,7 @@ def _check_gpu_memory(
     head_device: torch.device,
 ) -> MemoryPlan | None:
     """The GPU share of the model, checked against the free memory before any allocation."""
-    gpu = next((d for d in [*block_devices, head_device] if d.type == "cuda"), None)
+    gpu = _first_gpu(block_devices, head_device)
     if gpu is None:
         return None
     use_expandable_segments()  # before the first weight is allocated

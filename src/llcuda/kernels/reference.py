@@ -227,15 +227,15 @@ def qk_norm_rope_ref(
     weight: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    positions: torch.Tensor,
     eps: float,
     scale: float = 1.0,
 ) -> torch.Tensor:
     """Per-head RMSNorm, NEOX RoPE, then a scale. t: [num_tokens, num_heads * head_dim];
-    cos, sin: rope_table_ref's tables -> [num_tokens, num_heads, head_dim] fp32."""
+    cos, sin: [num_tokens, rope_dim // 2] at each token's position (rope_at_ref) ->
+    [num_tokens, num_heads, head_dim] fp32."""
     heads = t.reshape(t.shape[0], num_heads, head_dim)
     normed = rms_norm_ref(heads, weight, eps)
-    return rope_neox_ref(normed, *rope_at_ref(cos, sin, positions)) * scale
+    return rope_neox_ref(normed, cos, sin) * scale
 
 
 def sum_partials_ref(t: torch.Tensor) -> torch.Tensor:
@@ -266,9 +266,10 @@ def qk_norm_rope_store_kv_ref(
     returns q = RoPE(RMSNorm(q)*q_weight)*scale [T, num_heads, head_dim] fp32."""
     qk, v = sum_partials_ref(qk), sum_partials_ref(v)
     q_size = num_heads * head_dim
-    q = qk_norm_rope_ref(qk[:, :q_size], num_heads, head_dim, q_weight, cos, sin, positions,
-                         eps, scale)  # fmt: skip
-    k = qk_norm_rope_ref(qk[:, q_size:], num_kv_heads, head_dim, k_weight, cos, sin, positions,
+    cos_at, sin_at = rope_at_ref(cos, sin, positions)  # [T, rope_dim // 2], shared by q and k
+    q = qk_norm_rope_ref(qk[:, :q_size], num_heads, head_dim, q_weight, cos_at, sin_at, eps,
+                         scale)  # fmt: skip
+    k = qk_norm_rope_ref(qk[:, q_size:], num_kv_heads, head_dim, k_weight, cos_at, sin_at,
                          eps)  # fmt: skip
     write_kv_ref(k, v.reshape(-1, num_kv_heads, head_dim), k_cache, v_cache, slot_mapping)
     return q
