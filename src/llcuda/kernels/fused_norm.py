@@ -207,6 +207,13 @@ def _partials(t: torch.Tensor, whole_rows: bool = False) -> torch.Tensor:
     return t
 
 
+def qk_norm_rope_store_kv_supports(
+    q_weight: torch.Tensor | None, rope_neox: bool, bias: torch.Tensor | None
+) -> bool:
+    """Whether qk_norm_rope_store_kv's kernel takes this variant (ops falls back otherwise)."""
+    return q_weight is not None and rope_neox and bias is None
+
+
 def qk_norm_rope_store_kv(
     qk: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
     q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -241,6 +248,18 @@ def qk_norm_rope_store_kv(
         **pdl_launch_args(qk.device),
     )  # fmt: skip
     return q
+
+
+# The gated activations gated_act has a kernel for (ops.gated_act falls back to the reference).
+GATED_ACTS = ("gelu_tanh",)
+
+
+def gated_act(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """gate_up: [T, 2F] (gate then up), or its split-K partials [S, T, 2F] -> act(gate) * up:
+    [T, F] fp32, act one of GATED_ACTS."""
+    if act not in GATED_ACTS:
+        raise ValueError(f"no gated_act kernel for {act!r}; kernels: {GATED_ACTS}")
+    return geglu(gate_up)
 
 
 def geglu(gate_up: torch.Tensor) -> torch.Tensor:

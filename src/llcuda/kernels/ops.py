@@ -25,11 +25,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def residual_rms_norm(
-    x: torch.Tensor, a: torch.Tensor, w_post: torch.Tensor, w_next: torch.Tensor, eps: float
+    x: torch.Tensor,
+    a: torch.Tensor,
+    w_post: torch.Tensor | None,
+    w_next: torch.Tensor,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + RMSNorm(a)*w_post, RMSNorm of that * w_next): one kernel on CUDA. `a` is [T, n] or a
-    matmul's split-K partial sums [S, T, n] (quant_matmul(..., partials=True))."""
-    if x.is_cuda:
+    matmul's split-K partial sums [S, T, n] (quant_matmul(..., partials=True)). w_post None: no
+    post-norm, x + a (the Llama family)."""
+    if x.is_cuda and w_post is not None:
         from llcuda.kernels import fused_norm
 
         return fused_norm.residual_rms_norm(x, a, w_post, w_next, eps)
@@ -42,8 +47,8 @@ def qk_norm_rope_store_kv(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
     cos: torch.Tensor,
     sin: torch.Tensor,
     positions: torch.Tensor,
@@ -52,17 +57,25 @@ def qk_norm_rope_store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    rope_neox: bool = True,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q and k's per-head RMSNorm + NEOX RoPE (+ q's scale), k and v stored in the paged cache;
-    returns q [T, num_heads, head_dim]. qk and v may be split-K partials [S, T, n]. One kernel on
-    CUDA when RoPE covers the head (reference.qk_norm_rope_store_kv_ref is the contract)."""
+    """q and k's per-head RMSNorm (none where the weights are None) + RoPE (NEOX, or NORM with
+    rope_neox False) (+ q's scale), k and v stored in the paged cache; returns q [T, num_heads,
+    head_dim]. qk and v may be split-K partials [S, T, n]; bias None or [bq | bk | bv] added
+    first. One kernel on CUDA when RoPE covers the head (reference.qk_norm_rope_store_kv_ref is
+    the contract)."""
     args = (qk, v, num_heads, num_kv_heads, head_dim, q_weight, k_weight, cos, sin, positions,
             eps, scale, k_cache, v_cache, slot_mapping)  # fmt: skip
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("q_weight and k_weight must both be given or both be None")
     if k_cache.is_cuda and 2 * cos.shape[-1] == head_dim:
         from llcuda.kernels import fused_norm
 
-        return fused_norm.qk_norm_rope_store_kv(*args)
-    return ref.qk_norm_rope_store_kv_ref(*args)
+        if fused_norm.qk_norm_rope_store_kv_supports(q_weight, rope_neox, bias):
+            return fused_norm.qk_norm_rope_store_kv(*args)
+    return ref.qk_norm_rope_store_kv_ref(*args, rope_neox=rope_neox, bias=bias)
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -74,14 +87,21 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return ref.softcap_ref(x, cap)
 
 
-def geglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
+def gated_act(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     """gate_up: [num_tokens, 2 * ffn], or its split-K partials [S, num_tokens, 2 * ffn] ->
-    GELU_tanh(gate) * up [num_tokens, ffn]."""
+    act(gate) * up [num_tokens, ffn] fp32; act "gelu_tanh" (GEGLU) or "silu" (SwiGLU)."""
+    ref.check_gated_act(act)
     if gate_up.is_cuda:
         from llcuda.kernels import fused_norm
 
-        return fused_norm.geglu(gate_up)
-    return ref.geglu_fused_ref(gate_up)
+        if act in fused_norm.GATED_ACTS:
+            return fused_norm.gated_act(gate_up, act)
+    return ref.gated_act_ref(gate_up, act)
+
+
+def geglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
+    """gated_act(gate_up, "gelu_tanh"): GELU_tanh(gate) * up [num_tokens, ffn]."""
+    return gated_act(gate_up, "gelu_tanh")
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -101,21 +121,31 @@ def paged_attention(
     meta: AttentionMetadata,
     sliding_window: int,
     flash_attn: bool | None = None,
+    *,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """flash_attn None (auto) or True: the fused Triton kernel on CUDA; False, or on the CPU: the
-    reference, which materialises each sequence's score matrix."""
+    reference, which materialises each sequence's score matrix. softcap > 0: Gemma 2's
+    attention logit soft-capping, softcap * tanh(scores / softcap) before the mask."""
+    if softcap < 0.0:
+        raise ValueError(f"attention softcap must be 0 (off) or positive, got {softcap}")
     if q.is_cuda and flash_attn is not False:
-        from llcuda.kernels.paged_attention import paged_attention as triton_paged_attention
+        from llcuda.kernels import paged_attention as pa
 
-        # max_query_len is exact in the runner's metadata: 1 with a token per sequence is decode
-        decode = meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]
-        return triton_paged_attention(
-            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            sliding_window, meta.max_query_len, meta.max_seq_len, one_query_each=decode,
-        )  # fmt: skip
+        if softcap == 0.0 or pa.SUPPORTS_SOFTCAP:
+            # max_query_len is exact in the runner's metadata: 1 with a token per sequence is
+            # decode
+            decode = meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]
+            extra = {"softcap": softcap} if softcap else {}
+            return pa.paged_attention(
+                q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                sliding_window, meta.max_query_len, meta.max_seq_len, one_query_each=decode,
+                **extra,
+            )  # fmt: skip
     return ref.paged_attention_ref(
-        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, sliding_window
-    )
+        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        sliding_window, softcap=softcap,
+    )  # fmt: skip
 
 
 def prepare_weight(weight: QuantTensor, device: torch.device | str) -> object:
@@ -155,17 +185,25 @@ def quant_matmul_pair(x: torch.Tensor, wa: object, wb: object) -> torch.Tensor |
     return None if configs is None else qm.quant_gemv_pair(x, wa, wb, configs)
 
 
-def quant_matmul_geglu(x: torch.Tensor, weight: object) -> torch.Tensor:
-    """GELU_tanh(x @ gate.T) * (x @ up.T) [num_tokens, ffn] for a gate|up weight [gate | up]
-    (ffn_gate|ffn_up, fused at load). On CUDA, where the product takes the decode GEMV, the GEGLU
-    is its epilogue: one kernel, and ffn_down reads its input ready; elsewhere the matmul, then
-    the GEGLU kernel, which adds up the matmul's split-K partials as it loads them."""
+def quant_matmul_gated(x: torch.Tensor, weight: object, act: str) -> torch.Tensor:
+    """act(x @ gate.T) * (x @ up.T) [num_tokens, ffn] for a gate|up weight [gate | up]
+    (ffn_gate|ffn_up fused at load, or Phi-3's ffn_up that holds both); act "gelu_tanh" (GEGLU)
+    or "silu" (SwiGLU). On CUDA, where the product takes the decode GEMV, the activation is its
+    epilogue: one kernel, and ffn_down reads its input ready; elsewhere the matmul, then the
+    gated_act kernel, which adds up the matmul's split-K partials as it loads them."""
+    ref.check_gated_act(act)
     if not isinstance(weight, QuantTensor):
         from llcuda.kernels import quant_matmul as qm
 
-        if x.dim() == 2 and x.shape[0] > 0 and qm.uses_gemv(x.shape[0], weight):
-            return qm.quant_gemv(x, weight, geglu_out=True)
-    return geglu_fused(quant_matmul(x, weight, partials=True))
+        if (act in qm.GEMV_GATED_ACTS and x.dim() == 2 and x.shape[0] > 0
+                and qm.uses_gemv(x.shape[0], weight)):  # fmt: skip
+            return qm.quant_gemv(x, weight, gated_act=act)
+    return gated_act(quant_matmul(x, weight, partials=True), act)
+
+
+def quant_matmul_geglu(x: torch.Tensor, weight: object) -> torch.Tensor:
+    """quant_matmul_gated(x, weight, "gelu_tanh")."""
+    return quant_matmul_gated(x, weight, "gelu_tanh")
 
 
 def embedding(weight: object, token_ids: torch.Tensor, scale: float = 1.0,

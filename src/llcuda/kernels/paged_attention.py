@@ -38,6 +38,10 @@ from llcuda.kernels.dependent_launch import pdl_launch_args, wait_for_previous
 LOG2E = tl.constexpr(1.4426950408889634)  # scores go through exp2
 
 
+# Whether the kernel takes an attention logit soft-cap (ops.paged_attention falls back otherwise).
+SUPPORTS_SOFTCAP = False
+
+
 class PagedAttentionError(ValueError):
     """Bad arguments to paged_attention (shapes, dtypes, devices)."""
 

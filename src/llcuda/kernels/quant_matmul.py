@@ -793,12 +793,24 @@ def _use_asm() -> bool:
     return os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter cannot run inline PTX
 
 
+# The gated activations the decode GEMV's epilogue computes (quant_gemv's gated_act).
+GEMV_GATED_ACTS = ("gelu_tanh",)
+
+
 def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
-               partials: bool = False, geglu_out: bool = False) -> torch.Tensor:
+               partials: bool = False, geglu_out: bool = False,
+               gated_act: str | None = None) -> torch.Tensor:  # fmt: skip
     """x [M<=16, K] @ dequant(w).T -> [M, N] fp32 with fp32 FMAs (the decode kernel); with
     `partials`, the split-K partial sums [S, M, N] unsummed (see quant_matmul). With
-    `geglu_out`, w is a gate|up weight [gate | up] of N/2 rows each and the result is
-    GELU_tanh(x @ gate.T) * (x @ up.T) [M, N/2] (K unsplit): ffn_down's input, in one kernel."""
+    `gated_act` (one of GEMV_GATED_ACTS), w is a gate|up weight [gate | up] of N/2 rows each and
+    the result is act(x @ gate.T) * (x @ up.T) [M, N/2] (K unsplit): ffn_down's input, in one
+    kernel. `geglu_out` is gated_act="gelu_tanh"."""
+    if geglu_out:
+        gated_act = "gelu_tanh"
+    if gated_act is not None and gated_act not in GEMV_GATED_ACTS:
+        raise QuantMatmulError(f"no GEMV epilogue for {gated_act!r}; epilogues: "
+                               f"{GEMV_GATED_ACTS}")  # fmt: skip
+    geglu_out = gated_act is not None
     if geglu_out and (w.n_rows % 2 or (w.split_sizes and len(set(w.split_sizes)) != 1)):
         raise QuantMatmulError(f"geglu_out needs a gate|up weight of two equal halves, got "
                                f"{w.split_sizes or w.n_rows} rows")  # fmt: skip

@@ -35,17 +35,48 @@ def geglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return gelu_tanh_ref(gate) * up
 
 
-def rope_cos_sin_ref(
-    positions: torch.Tensor, rope_dim: int, base: float, scale: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of theta_i = pos * scale * base^(-2i / rope_dim), i < rope_dim / 2.
+def silu_ref(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(x) in fp32, llama.cpp's ggml_silu (SwiGLU's gate activation)."""
+    x = x.float()
+    return x * torch.sigmoid(x)
 
-    positions: [num_tokens] int -> cos, sin: [num_tokens, rope_dim // 2] float32.
+
+# The gated FFN activations by name: act(gate) * up. "gelu_tanh" is Gemma's GEGLU, "silu" the
+# Llama / Qwen / Phi SwiGLU.
+GATED_ACTS = {"gelu_tanh": gelu_tanh_ref, "silu": silu_ref}
+
+
+def check_gated_act(act: str) -> None:
+    if act not in GATED_ACTS:
+        raise ValueError(f"unknown gated FFN activation {act!r}; known: {sorted(GATED_ACTS)}")
+
+
+def rope_cos_sin_ref(
+    positions: torch.Tensor,
+    rope_dim: int,
+    base: float,
+    scale: float = 1.0,
+    *,
+    freq_factors: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of theta_i = pos * scale * base^(-2i / rope_dim) / freq_factors[i], i < rope_dim/2.
+
+    positions: [num_tokens] int -> cos, sin: [num_tokens, rope_dim // 2] float32. freq_factors:
+    None (all ones) or [rope_dim // 2] (GGUF `rope_freqs.weight`: Llama 3's rope scaling, Phi-3's
+    rope_factors_long / _short): llama.cpp's ggml_rope_ext divides each pair's angle by its factor.
     """
-    i = torch.arange(0, rope_dim // 2, dtype=torch.float64, device=positions.device)
+    half = rope_dim // 2
+    i = torch.arange(0, half, dtype=torch.float64, device=positions.device)
     inv_freq = base ** (
         -2.0 * i / rope_dim
     )  # float64 then fp32 angles, like llama.cpp's powf chain
+    if freq_factors is not None:
+        if freq_factors.shape != (half,):
+            raise ValueError(
+                f"freq_factors has shape {tuple(freq_factors.shape)}, expected ({half},) for "
+                f"rope_dim {rope_dim}"
+            )
+        inv_freq = inv_freq / freq_factors.to(device=positions.device, dtype=torch.float64)
     theta = positions.to(torch.float64)[:, None] * scale * inv_freq[None, :]
     return torch.cos(theta).float(), torch.sin(theta).float()
 
@@ -55,16 +86,24 @@ ROPE_FINE_STEPS = 256
 
 
 def rope_table_ref(
-    max_positions: int, rope_dim: int, base: float, scale: float = 1.0, device="cpu"
+    max_positions: int,
+    rope_dim: int,
+    base: float,
+    scale: float = 1.0,
+    device="cpu",
+    *,
+    freq_factors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables of positions [0, max_positions), factored: [F + ceil(max_positions / F),
     rope_dim // 2] fp32 each (F = ROPE_FINE_STEPS). Rows [0, F) hold the angles of positions
     0..F-1, row F + j that of position j * F. The angle is linear in the position, so any
     position's cos/sin is two rows and the angle-sum identity (rope_at_ref): at 32k positions
-    384 rows instead of 32,768 (0.4 MB instead of 32 MB for a 256-wide head)."""
+    384 rows instead of 32,768 (0.4 MB instead of 32 MB for a 256-wide head). freq_factors
+    (rope_cos_sin_ref) keep the angle linear in the position, so the factoring still holds."""
     fine = torch.arange(ROPE_FINE_STEPS, device=device)
     coarse = torch.arange(0, max_positions, ROPE_FINE_STEPS, device=device)
-    return rope_cos_sin_ref(torch.cat((fine, coarse)), rope_dim, base, scale)
+    return rope_cos_sin_ref(torch.cat((fine, coarse)), rope_dim, base, scale,
+                            freq_factors=freq_factors)  # fmt: skip
 
 
 def rope_at_ref(
@@ -163,6 +202,8 @@ def paged_attention_ref(
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
     sliding_window: int = 0,
+    *,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of a flat batch of queries over each sequence's paged KV cache.
 
@@ -171,7 +212,9 @@ def paged_attention_ref(
     query_start_loc: [num_seqs + 1] offsets of each sequence's queries in q;
     seq_lens: [num_seqs] context length of each sequence including this step's tokens;
     block_tables: [num_seqs, max_blocks_per_seq] block ids;
-    sliding_window: 0 for global attention, else a query at position p sees keys p-window+1 .. p.
+    sliding_window: 0 for global attention, else a query at position p sees keys p-window+1 .. p;
+    softcap: 0 for none, else Gemma 2's attention logit soft-capping, scores = softcap *
+    tanh(scores / softcap) after q.k and before the mask and softmax.
     Returns [num_tokens, num_heads, head_dim] float32.
 
     The queries of a sequence are its last tokens: query i of sequence s sits at position
@@ -199,6 +242,8 @@ def paged_attention_ref(
         v = v.float().repeat_interleave(group, dim=1)
         qs = q[q_start:q_end].float()  # [num_q, num_heads, head_dim]
         scores = torch.einsum("qhd,khd->hqk", qs, k)  # [num_heads, num_q, num_keys]
+        if softcap > 0.0:
+            scores = softcap_ref(scores, softcap)
         q_pos = torch.arange(first_q_pos, ctx, device=q.device)[:, None]
         k_pos = torch.arange(key_start, ctx, device=q.device)[None, :]
         visible = k_pos <= q_pos
@@ -211,12 +256,18 @@ def paged_attention_ref(
 
 
 def residual_rms_norm_ref(
-    x: torch.Tensor, a: torch.Tensor, w_post: torch.Tensor, w_next: torch.Tensor, eps: float
+    x: torch.Tensor,
+    a: torch.Tensor,
+    w_post: torch.Tensor | None,
+    w_next: torch.Tensor,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gemma's post-norm residual then the next pre-norm: x' = x + RMSNorm(a)*w_post,
     h = RMSNorm(x')*w_next. x, a: [num_tokens, hidden] -> (x', h). `a` may also come as split-K
-    partial sums [splits, num_tokens, hidden] (a matmul's `partials` output), summed here."""
-    x = x.float() + rms_norm_ref(sum_partials_ref(a), w_post, eps)
+    partial sums [splits, num_tokens, hidden] (a matmul's `partials` output), summed here.
+    w_post None: no post-norm, x' = x + a (the Llama family's plain residual)."""
+    a = sum_partials_ref(a)
+    x = x.float() + (a if w_post is None else rms_norm_ref(a, w_post, eps))
     return x, rms_norm_ref(x, w_next, eps)
 
 
@@ -224,18 +275,22 @@ def qk_norm_rope_ref(
     t: torch.Tensor,
     num_heads: int,
     head_dim: int,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     cos: torch.Tensor,
     sin: torch.Tensor,
     eps: float,
     scale: float = 1.0,
+    *,
+    rope_neox: bool = True,
 ) -> torch.Tensor:
-    """Per-head RMSNorm, NEOX RoPE, then a scale. t: [num_tokens, num_heads * head_dim];
-    cos, sin: [num_tokens, rope_dim // 2] at each token's position (rope_at_ref) ->
-    [num_tokens, num_heads, head_dim] fp32."""
-    heads = t.reshape(t.shape[0], num_heads, head_dim)
-    normed = rms_norm_ref(heads, weight, eps)
-    return rope_neox_ref(normed, cos, sin) * scale
+    """Per-head RMSNorm (weight None: none), RoPE (NEOX halves, or with rope_neox False NORM
+    adjacent pairs), then a scale. t: [num_tokens, num_heads * head_dim]; cos, sin: [num_tokens,
+    rope_dim // 2] at each token's position (rope_at_ref) -> [num_tokens, num_heads, head_dim]
+    fp32."""
+    heads = t.float().reshape(t.shape[0], num_heads, head_dim)
+    normed = heads if weight is None else rms_norm_ref(heads, weight, eps)
+    rope = rope_neox_ref if rope_neox else rope_norm_ref
+    return rope(normed, cos, sin) * scale
 
 
 def sum_partials_ref(t: torch.Tensor) -> torch.Tensor:
@@ -259,27 +314,48 @@ def qk_norm_rope_store_kv_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    rope_neox: bool = True,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A layer's attention inputs in one pass. qk: [T, (num_heads + num_kv_heads) * head_dim]
     (q then k), v: [T, num_kv_heads * head_dim], either as split-K partials [S, T, n] too.
     Stores k = RoPE(RMSNorm(k)*k_weight) and v in the cache at slot_mapping (negative: skipped);
-    returns q = RoPE(RMSNorm(q)*q_weight)*scale [T, num_heads, head_dim] fp32."""
+    returns q = RoPE(RMSNorm(q)*q_weight)*scale [T, num_heads, head_dim] fp32.
+
+    q_weight / k_weight None: no per-head RMSNorm (Llama, Qwen2, Phi-3, Gemma 2). rope_neox False:
+    NORM RoPE on adjacent pairs (llama.cpp's `llama` architecture), True: NEOX halves. bias: None
+    or fp32 [q_size + 2 * kv_size] = [bq | bk | bv] (Qwen2), added to the summed q | k | v before
+    the norm and RoPE (v before it is stored). RoPE covers the first 2 * cos.shape[-1] dims."""
     qk, v = sum_partials_ref(qk), sum_partials_ref(v)
-    q_size = num_heads * head_dim
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qk, v = qk[:, : q_size + kv_size], v[:, :kv_size]
+    if bias is not None:
+        if bias.shape != (q_size + 2 * kv_size,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected "
+                             f"({q_size + 2 * kv_size},) = [bq | bk | bv]")  # fmt: skip
+        bias = bias.float()
+        qk, v = qk + bias[: q_size + kv_size], v + bias[q_size + kv_size :]
     cos_at, sin_at = rope_at_ref(cos, sin, positions)  # [T, rope_dim // 2], shared by q and k
     q = qk_norm_rope_ref(qk[:, :q_size], num_heads, head_dim, q_weight, cos_at, sin_at, eps,
-                         scale)  # fmt: skip
+                         scale, rope_neox=rope_neox)  # fmt: skip
     k = qk_norm_rope_ref(qk[:, q_size:], num_kv_heads, head_dim, k_weight, cos_at, sin_at,
-                         eps)  # fmt: skip
+                         eps, rope_neox=rope_neox)  # fmt: skip
     write_kv_ref(k, v.reshape(-1, num_kv_heads, head_dim), k_cache, v_cache, slot_mapping)
     return q
 
 
-def geglu_fused_ref(gate_up: torch.Tensor) -> torch.Tensor:
+def gated_act_ref(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     """gate_up: [num_tokens, 2 * ffn] (gate | up), or its split-K partials [S, num_tokens,
-    2 * ffn] -> GELU_tanh(gate) * up: [num_tokens, ffn]."""
+    2 * ffn] -> act(gate) * up: [num_tokens, ffn] fp32, act one of GATED_ACTS."""
+    check_gated_act(act)
     gate, up = sum_partials_ref(gate_up).chunk(2, dim=-1)
-    return geglu_ref(gate, up)
+    return GATED_ACTS[act](gate) * up
+
+
+def geglu_fused_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """gated_act_ref(gate_up, "gelu_tanh"): GELU_tanh(gate) * up."""
+    return gated_act_ref(gate_up, "gelu_tanh")
 
 
 def argmax_ref(x: torch.Tensor) -> torch.Tensor:

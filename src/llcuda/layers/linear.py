@@ -59,12 +59,17 @@ class FusedQuantLinear:
             return ops.quant_matmul(x, self.weight, partials=True)
         return self(x).unsqueeze(0)
 
-    def geglu(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, in_features] -> GELU_tanh(gate) * up [num_tokens, ffn] for a gate|up
-        # pair of equal halves, the GEGLU in the matmul's epilogue where it can be
+    def gated(self, x: torch.Tensor, act: str) -> torch.Tensor:
+        # x: [num_tokens, in_features] -> act(gate) * up [num_tokens, ffn] for a gate|up pair of
+        # equal halves (act "gelu_tanh": GEGLU, "silu": SwiGLU), the activation in the matmul's
+        # epilogue where it can be
         if self.parts is None:
-            return ops.quant_matmul_geglu(x, self.weight)
-        return ops.geglu_fused(self(x))
+            return ops.quant_matmul_gated(x, self.weight, act)
+        return ops.gated_act(self(x), act)
+
+    def geglu(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, in_features] -> GELU_tanh(gate) * up [num_tokens, ffn]
+        return self.gated(x, "gelu_tanh")
 
 
 def _place(weights: list[QuantTensor], device: torch.device | str) -> object:
