@@ -36,6 +36,19 @@ class ModelConfig:
     final_logit_softcapping: float = 0.0  # 0: off
     embedding_scale: float = 1.0  # Gemma: sqrt(hidden_size)
     tie_word_embeddings: bool = True  # no `output.weight`: the LM head is token_embd
+    # How the shared decoder (models/decoder.py) computes a block; each architecture's reader in
+    # gguf/model_config.py sets these from what llama.cpp does for that family.
+    rope_neox: bool = True  # False: llama.cpp's NORM rope on adjacent pairs (`llama` files)
+    hidden_act: str = "silu"  # the gated FFN: "silu" (SwiGLU) or "gelu_tanh" (GEGLU)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Gemma 3, Qwen 3)
+    post_norms: bool = False  # Gemma's RMSNorm of the attention and FFN outputs before the add
+    attn_logit_softcapping: float = 0.0  # Gemma 2: scores = c * tanh(scores / c); 0: off
+    # RoPE frequency factors (theta_i / factor_i): a tensor name, "" for none. Llama 3 files carry
+    # `rope_freqs.weight`; Phi-3 LongRoPE files `rope_factors_short/long.weight`, the long ones
+    # taken when a sequence's context exceeds the trained `rope_original_context` (llama.cpp).
+    rope_freq_factors: str = ""
+    rope_long_factors: str = ""
+    rope_original_context: int = 0
 
     @property
     def q_size(self) -> int:
@@ -47,6 +60,12 @@ class ModelConfig:
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.sliding_window_layers) and self.sliding_window_layers[layer]
+
+    def rope_factors_for(self, ctx_size: int) -> str:
+        """The frequency-factor tensor RoPE uses at a per-sequence context of ctx_size ("": none)."""
+        if self.rope_long_factors and ctx_size > self.rope_original_context:
+            return self.rope_long_factors
+        return self.rope_freq_factors
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:

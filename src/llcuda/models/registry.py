@@ -1,14 +1,16 @@
-"""Which model class serves which `general.architecture`."""
+"""Which model class serves which `general.architecture`: every supported one runs on the shared
+decoder, its differences read into ModelConfig by gguf/model_config.py."""
 
 from __future__ import annotations
 
 import torch
 
 from llcuda.config import ModelConfig
-from llcuda.gguf.reader import GGUFFile
-from llcuda.models.gemma3 import Gemma3ForCausalLM
+from llcuda.gguf.model_config import SUPPORTED_ARCHITECTURES
+from llcuda.gguf.reader import GGUFFile, UnsupportedModelError
+from llcuda.models.decoder import DecoderForCausalLM
 
-MODELS = {"gemma3": Gemma3ForCausalLM}
+MODELS = dict.fromkeys(SUPPORTED_ARCHITECTURES, DecoderForCausalLM)
 
 
 def build_model(
@@ -22,8 +24,8 @@ def build_model(
 ):
     cls = MODELS.get(config.architecture)
     if cls is None:
-        raise ValueError(
-            f"{gguf.path}: architecture {config.architecture!r} has no model implementation yet "
+        raise UnsupportedModelError(
+            f"{gguf.path}: architecture {config.architecture!r} has no model implementation "
             f"(supported: {', '.join(sorted(MODELS))})"
         )
     return cls(gguf, config, block_devices, head_device, max_positions, flash_attn, progress)

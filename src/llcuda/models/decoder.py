@@ -1,10 +1,18 @@
-"""Gemma 3 (`gemma3`) computed as llama.cpp computes it (src/models/gemma3.cpp).
+"""The one decoder every supported architecture runs on, computed as llama.cpp computes it.
 
-Per block: RMSNorm -> Q/K/V -> per-head Q/K RMSNorm -> NEOX RoPE (local or global base) -> scaled
-paged attention (sliding window on local layers) -> O -> post-attention RMSNorm -> residual; then
-RMSNorm -> GEGLU(tanh) FFN -> post-FFN RMSNorm -> residual. The embedding is scaled by sqrt(n_embd)
-and the LM head is tied to `token_embd` unless the file has `output.weight`.
-Weights keep their GGUF names: `blk.{i}.attn_q.weight` is `layers[i].attn_q`.
+Per block (src/models/{llama,qwen2,qwen3,phi3,gemma2,gemma3}.cpp):
+    h = RMSNorm(x) * attn_norm
+    q|k|v = h @ W (+ bias, Qwen 2)         -> per-head q/k RMSNorm (Gemma 3, Qwen 3)
+    RoPE (NEOX, or NORM on adjacent pairs for `llama`) -> paged attention, scaled q, soft-capped
+    scores (Gemma 2), sliding window on local layers -> o = attn @ W_o
+    x += RMSNorm(o) * post_attention_norm  (Gemma's sandwich norms), else x += o
+    f = W_down(act(h2 @ W_gate) * (h2 @ W_up)), h2 = RMSNorm(x) * ffn_norm; act SiLU or GELU-tanh
+    x += RMSNorm(f) * post_ffw_norm  (Gemma), else x += f
+Then logits = RMSNorm(x) * output_norm @ W_out (tied to token_embd where the file has no
+`output.weight`), soft-capped for Gemma 2 and 3. What varies is ModelConfig's (read from the GGUF
+metadata by gguf/model_config.py) or found in the tensor list, as llama.cpp finds it: a fused
+`attn_qkv` (Phi 3), an `ffn_up` holding [gate | up] with no `ffn_gate` (Phi 3), q/k/v biases.
+Weights keep their GGUF names: `blk.{i}.attn_q.weight` is `layers[i].attn_q...`.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from llcuda.config import ModelConfig
-from llcuda.gguf.reader import GGUFFile
+from llcuda.gguf.reader import GGUFError, GGUFFile
 from llcuda.kernels import ops
 from llcuda.layers.attention import AttentionMetadata, KVCache
 from llcuda.layers.linear import FusedQuantLinear, QuantLinear, paired_partials
@@ -20,7 +28,30 @@ from llcuda.layers.quant_tensor import QuantTensor, read_float_tensor
 from llcuda.layers.rotary import RotaryEmbedding
 
 
-class Gemma3Block:
+class _BlockTensors:
+    """blk.{index}.* of one GGUF file, with errors that name the missing tensor."""
+
+    def __init__(self, gguf: GGUFFile, index: int, device: torch.device):
+        self.gguf, self.prefix, self.device = gguf, f"blk.{index}.", device
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.gguf.tensors
+
+    def _require(self, name: str) -> str:
+        full = self.prefix + name
+        if full not in self.gguf.tensors:
+            raise GGUFError(f"{self.gguf.path}: missing tensor {full!r}")
+        return full
+
+    def weight(self, name: str) -> QuantTensor:
+        return QuantTensor.from_gguf(self.gguf, self._require(f"{name}.weight"))
+
+    def vector(self, name: str) -> torch.Tensor:
+        """A norm weight or a bias, fp32 on the block's device."""
+        return read_float_tensor(self.gguf, self._require(name)).to(self.device)
+
+
+class DecoderBlock:
     def __init__(
         self,
         gguf: GGUFFile,
@@ -32,35 +63,39 @@ class Gemma3Block:
     ):
         self.config, self.device, self.rotary, self.flash_attn = config, device, rotary, flash_attn
         self.sliding_window = config.sliding_window if config.is_sliding(index) else 0
-        self.scale = config.attention_scale or config.head_dim**-0.5
+        t = _BlockTensors(gguf, index, device)
 
-        def weight(name: str) -> QuantTensor:
-            return QuantTensor.from_gguf(gguf, f"blk.{index}.{name}.weight")
-
-        def linear(name: str) -> QuantLinear:
-            return QuantLinear(weight(name), device)
-
-        def norm(name: str) -> torch.Tensor:
-            return read_float_tensor(gguf, f"blk.{index}.{name}.weight").to(device)
-
-        self.attn_norm = norm("attn_norm")
-        # q|k|v and gate|up read the same input: one matmul each where their quant types agree.
-        # Q4_K_M gives v more bits on some layers: there q|k is one matmul and v another.
-        q, k, v = weight("attn_q"), weight("attn_k"), weight("attn_v")
+        self.attn_norm = t.vector("attn_norm.weight")
+        # q|k|v read the same input: one matmul where their quant types agree. Q4_K_M gives v
+        # more bits on some layers: there q|k is one matmul and v another (one launch in decode).
         self.attn_v: QuantLinear | None = None
-        if (v.qtype, v.shape[1]) == (q.qtype, q.shape[1]) == (k.qtype, k.shape[1]):
-            self.attn_qkv = FusedQuantLinear([q, k, v], device)
+        if t.has("attn_qkv.weight"):  # Phi 3 stores them fused: [q | k | v] rows
+            self.attn_qkv = FusedQuantLinear([t.weight("attn_qkv")], device)
         else:
-            self.attn_qkv = FusedQuantLinear([q, k], device)
-            self.attn_v = QuantLinear(v, device)
-        self.attn_q_norm, self.attn_k_norm = norm("attn_q_norm"), norm("attn_k_norm")
-        self.attn_output = linear("attn_output")
-        self.post_attention_norm = norm("post_attention_norm")
-        self.ffn_norm = norm("ffn_norm")
-        self.ffn_gate_up = FusedQuantLinear([weight("ffn_gate"), weight("ffn_up")], device)
-        self.ffn_down = linear("ffn_down")
-        self.post_ffw_norm = norm("post_ffw_norm")
-        self.next_norm = self.post_ffw_norm  # replaced by the model: the next block's attn_norm
+            q, k, v = t.weight("attn_q"), t.weight("attn_k"), t.weight("attn_v")
+            if (v.qtype, v.shape[1]) == (q.qtype, q.shape[1]) == (k.qtype, k.shape[1]):
+                self.attn_qkv = FusedQuantLinear([q, k, v], device)
+            else:
+                self.attn_qkv = FusedQuantLinear([q, k], device)
+                self.attn_v = QuantLinear(v, device)
+        # Qwen 2's biases [bq | bk | bv], added by the kernel that reads the matmul's partials
+        self.qkv_bias: torch.Tensor | None = None
+        if t.has("attn_q.bias"):
+            self.qkv_bias = torch.cat([t.vector(f"attn_{n}.bias") for n in "qkv"])
+        self.attn_q_norm = t.vector("attn_q_norm.weight") if config.qk_norm else None
+        self.attn_k_norm = t.vector("attn_k_norm.weight") if config.qk_norm else None
+        self.attn_output = QuantLinear(t.weight("attn_output"), device)
+        self.post_attention_norm = (
+            t.vector("post_attention_norm.weight") if config.post_norms else None
+        )
+        self.ffn_norm = t.vector("ffn_norm.weight")
+        if t.has("ffn_gate.weight"):
+            self.ffn_gate_up = FusedQuantLinear([t.weight("ffn_gate"), t.weight("ffn_up")], device)
+        else:  # Phi 3: ffn_up is [gate | up], 2 * n_ff rows
+            self.ffn_gate_up = FusedQuantLinear([t.weight("ffn_up")], device)
+        self.ffn_down = QuantLinear(t.weight("ffn_down"), device)
+        self.post_ffw_norm = t.vector("post_ffw_norm.weight") if config.post_norms else None
+        self.next_norm = self.ffn_norm  # replaced by the model: the next block's attn_norm
 
     def __call__(
         self,
@@ -74,7 +109,6 @@ class Gemma3Block:
         the previous block. Returns the new residual and its norm for the next block."""
         cfg = self.config
         num_tokens, eps = x.shape[0], cfg.rms_norm_eps
-        cos, sin = self.rotary.cos, self.rotary.sin
 
         # split-K partial sums [S, num_tokens, n]: the next kernel adds them up as it loads
         qk_size = cfg.q_size + cfg.kv_size
@@ -85,20 +119,23 @@ class Gemma3Block:
             qk, v = paired_partials(self.attn_qkv, self.attn_v, h)
         q = ops.qk_norm_rope_store_kv(
             qk, v, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.attn_q_norm,
-            self.attn_k_norm, cos, sin, positions, eps, self.scale, cache.k, cache.v,
-            meta.slot_mapping,
-        )  # [num_tokens, num_heads, head_dim]; this step's k, v are in the cache
-        attn = ops.paged_attention(q, cache.k, cache.v, meta, self.sliding_window,
-                                   self.flash_attn)  # fmt: skip
+            self.attn_k_norm, self.rotary.cos, self.rotary.sin, positions, eps,
+            cfg.attention_scale, cache.k, cache.v, meta.slot_mapping, rope_neox=cfg.rope_neox,
+            bias=self.qkv_bias,
+        )  # fmt: skip  [num_tokens, num_heads, head_dim]; this step's k, v are in the cache
+        attn = ops.paged_attention(
+            q, cache.k, cache.v, meta, self.sliding_window, self.flash_attn,
+            softcap=cfg.attn_logit_softcapping,
+        )  # fmt: skip
         # the two tall-K projections hand their split-K partial sums straight to the norm
         attn = self.attn_output.partials(attn.reshape(num_tokens, cfg.q_size))
         x, h = ops.residual_rms_norm(x, attn, self.post_attention_norm, self.ffn_norm, eps)
 
-        f = self.ffn_down.partials(self.ffn_gate_up.geglu(h))  # GEGLU in gate|up's epilogue
+        f = self.ffn_down.partials(self.ffn_gate_up.gated(h, cfg.hidden_act))  # act in epilogue
         return ops.residual_rms_norm(x, f, self.post_ffw_norm, self.next_norm, eps)
 
 
-class Gemma3ForCausalLM:
+class DecoderForCausalLM:
     """The whole model. Blocks may live on different devices (partial GPU offload)."""
 
     def __init__(
@@ -115,6 +152,8 @@ class Gemma3ForCausalLM:
         self.block_devices = block_devices
         self.head_device = head_device
         rope_dim = config.rope_dim or config.head_dim
+        factors_name = config.rope_factors_for(max_positions)
+        factors = read_float_tensor(gguf, factors_name).reshape(-1) if factors_name else None
         rotaries: dict[tuple[bool, torch.device], RotaryEmbedding] = {}
         self.layers = []
         for i, device in enumerate(block_devices):
@@ -123,8 +162,10 @@ class Gemma3ForCausalLM:
             if key not in rotaries:
                 base = config.rope_theta_local if local else config.rope_theta
                 scale = 1.0 if local else 1.0 / config.rope_scaling_factor
-                rotaries[key] = RotaryEmbedding(rope_dim, max_positions, base, scale, device)
-            self.layers.append(Gemma3Block(gguf, config, i, device, rotaries[key], flash_attn))
+                rotaries[key] = RotaryEmbedding(
+                    rope_dim, max_positions, base, scale, device, freq_factors=factors
+                )
+            self.layers.append(DecoderBlock(gguf, config, i, device, rotaries[key], flash_attn))
             if progress is not None:
                 progress(1)
         head_name = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
