@@ -62,7 +62,7 @@ class ModelConfig:
         return bool(self.sliding_window_layers) and self.sliding_window_layers[layer]
 
     def rope_factors_for(self, ctx_size: int) -> str:
-        """The frequency-factor tensor RoPE uses at a per-sequence context of ctx_size ("": none)."""
+        """The frequency-factor tensor RoPE uses at a per-sequence context of ctx_size, or ""."""
         if self.rope_long_factors and ctx_size > self.rope_original_context:
             return self.rope_long_factors
         return self.rope_freq_factors

@@ -96,8 +96,8 @@ def test_gemma2_defaults(tmp_path):
                                            "attention.sliding_window": 256})  # fmt: skip
     assert (c.attn_logit_softcapping, c.final_logit_softcapping, c.sliding_window) == (
         20.0, 10.0, 256)  # fmt: skip
-    big = arch_config(tmp_path, "gemma2", n_layers=46, **{"attention.key_length": 32,
-                                                           "attention.value_length": 32})  # fmt: skip
+    head_32 = {"attention.key_length": 32, "attention.value_length": 32}
+    big = arch_config(tmp_path, "gemma2", n_layers=46, **head_32)
     assert big.attention_scale == float(np.float32(1 / math.sqrt(64 // 4)))  # 27B: n_embd/n_head
 
 
