@@ -1,0 +1,84 @@
+"""Every architecture's twin on the GPU path against the CPU path and against transformers' fp32.
+
+The twins (llcuda.gguf.twins) and the oracle data (tests/data/oracle, scripts/make_oracle.py) are
+those of tests/models/test_arch_oracle.py, where the CPU path agrees with transformers to float
+rounding. The GPU path rounds differently (fp16 KV cache, bf16 tensor-core products for
+prefill-sized matmuls, fp32 GEMV for decode), which moves log-probs by hundredths of a nat.
+Then the whole engine on the GPU (CUDA graphs, decode bursts, continuous batching): every token
+it picks greedily must be an argmax of the CPU path up to near-ties.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llcuda.config import EngineConfig
+from llcuda.engine.loader import load
+from llcuda.gguf.twins import TWINS, write_twin
+from llcuda.sampling_params import SamplingParams
+from tests.models.forward_helpers import open_gemma, sequence_logits
+from tests.models.test_arch_oracle import compare_to_oracle, load_oracle
+
+pytestmark = pytest.mark.gpu
+
+GPU_ORACLE_TOL = 0.1  # nats over the oracle's top-20: fp16 KV and bf16 prefill products
+NEAR_TIE = 0.1  # a greedy pick within this of the CPU's best counts as an argmax
+
+
+@pytest.fixture(scope="module", params=list(TWINS))
+def twin(request, tmp_path_factory):
+    name = request.param
+    oracle = load_oracle(name)
+    path = write_twin(tmp_path_factory.mktemp("twins") / f"{name}.gguf", name, oracle["seed"])
+    return name, path, oracle
+
+
+def _logprobs(path, device: str, ids: list[int]) -> torch.Tensor:
+    gguf, model = open_gemma(path, device)
+    try:
+        logits = sequence_logits(model, ids, list(range(len(ids))), chunk=24, block_size=16)
+    finally:
+        gguf.close()
+    return torch.log_softmax(logits.float().cpu(), dim=-1)  # [num_tokens, vocab]
+
+
+def test_gpu_teacher_forced_matches_cpu_and_oracle(twin):
+    name, path, oracle = twin
+    ids = oracle["token_ids"]
+    cpu, gpu = _logprobs(path, "cpu", ids), _logprobs(path, "cuda", ids)
+    top = torch.topk(cpu, 5).indices
+    diff = (cpu.gather(1, top) - gpu.gather(1, top)).abs()
+    assert diff.max().item() < GPU_ORACLE_TOL, (name, diff.mean().item(), diff.max().item())
+    max_diff, wrong = compare_to_oracle(gpu, oracle)
+    assert max_diff < GPU_ORACLE_TOL, f"{name}: GPU vs transformers {max_diff:.3g}"
+    gaps = torch.topk(cpu, 2).values
+    near = gaps[:, 0] - gaps[:, 1] < NEAR_TIE
+    assert all(near[p] for p in wrong), (name, wrong)
+
+
+def test_gpu_engine_greedy_is_cpu_argmax(twin):
+    """Prompts of several lengths batched together through the GPU engine; each picked token
+    teacher-forced through the CPU path must be its argmax or within NEAR_TIE of it."""
+    name, path, oracle = twin
+    vocab = TWINS[name].vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, vocab, (n,), generator=gen).tolist() for n in (3, 17, 45)]
+    config = EngineConfig(ctx_size=128, n_parallel=4, batch_size=128, ubatch_size=32,
+                          device="cuda")  # fmt: skip
+    loaded = load(str(path), config, verbose=False)
+    engine = loaded.llm_engine
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    out: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out[o.request_id].extend(o.new_token_ids)
+    loaded.close()
+    for prompt, rid in zip(prompts, ids, strict=True):
+        picked = out[rid]
+        assert len(picked) == 10, (name, picked)
+        lp = _logprobs(path, "cpu", prompt + picked)[len(prompt) - 1 : -1]  # [10, vocab]
+        chosen = lp.gather(1, torch.tensor(picked)[:, None])[:, 0]
+        shortfall = lp.max(dim=-1).values - chosen
+        assert (shortfall < NEAR_TIE).all(), (name, len(prompt), shortfall.tolist())
