@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -198,6 +200,12 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return await api_error(request, APIError(exc.status_code, message, kind))
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        # a bug of ours, not the client's: still a JSON error body (uvicorn logs the traceback)
+        error = APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+        return await api_error(request, error)
+
     async def body_of(request: Request) -> dict:
         if state.stopping:
             raise APIError(503, "the server is shutting down", "unavailable_error")
@@ -210,7 +218,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
             else:
                 stream = engine.infer_stream(req.prompt, **req.sampling)
         except ValueError as exc:  # prompt over ctx_size, bad messages, bad sampling values
-            raise bad(str(exc)) from None
+            raise bad(str(exc), _engine_param(str(exc), req)) from None
         return state.start(stream, endpoint)
 
     # --- OpenAI ---------------------------------------------------------------------------------
@@ -287,6 +295,17 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
     return app
 
 
+def _engine_param(message: str, req: GenerateRequest) -> str | None:
+    """The field an engine ValueError is about: its messages start with the argument's name
+    ("messages[0] must be ...", "prompt is 300 tokens ..."); a chat template that fails on
+    the messages names none."""
+    head = re.match(r"[a-z_]+", message)
+    name = head.group(0) if head else ""
+    if name in ("prompt", "messages") or name in req.sampling:
+        return name
+    return "messages" if req.messages is not None else None
+
+
 # --- response bodies ------------------------------------------------------------------------------
 
 
@@ -318,6 +337,11 @@ def _sse(pump: _Pump, events: AsyncIterator[dict | str],
                     yield event if isinstance(event, str) else _sse_event(event)
             except APIError as exc:  # headers are sent: report the failure in the stream
                 yield _sse_event(exc.body())
+            except Exception as exc:  # a bug of ours: still an error event, not a dropped stream
+                logging.getLogger("llcuda.server").exception("stream failed")
+                error = APIError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                 "server_error")  # fmt: skip
+                yield _sse_event(error.body())
             if done_marker:
                 yield "data: [DONE]\n\n"
         finally:
