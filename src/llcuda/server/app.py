@@ -43,6 +43,7 @@ from llcuda.server.schemas import APIError, GenerateRequest, bad
 from llcuda.streams import TextStream
 
 _END = object()
+logger = logging.getLogger("llcuda.server")
 OPEN_PATHS = frozenset({"/health", "/v1/health"})  # reachable without the API key (llama-server)
 
 
@@ -184,6 +185,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
 
     app = FastAPI(title="llcuda", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.llcuda = state
+    app.add_middleware(_ServerErrorMiddleware, metrics=state.metrics)  # innermost
     if api_key:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key, metrics=state.metrics)
 
@@ -199,12 +201,6 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return await api_error(request, APIError(exc.status_code, message, kind))
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        # a bug of ours, not the client's: still a JSON error body (uvicorn logs the traceback)
-        error = APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
-        return await api_error(request, error)
 
     async def body_of(request: Request) -> dict:
         if state.stopping:
@@ -338,7 +334,7 @@ def _sse(pump: _Pump, events: AsyncIterator[dict | str],
             except APIError as exc:  # headers are sent: report the failure in the stream
                 yield _sse_event(exc.body())
             except Exception as exc:  # a bug of ours: still an error event, not a dropped stream
-                logging.getLogger("llcuda.server").exception("stream failed")
+                logger.exception("stream failed")
                 error = APIError(500, f"internal error: {type(exc).__name__}: {exc}",
                                  "server_error")  # fmt: skip
                 yield _sse_event(error.body())
@@ -497,6 +493,39 @@ class _APIKeyMiddleware:
                 await JSONResponse(error.body(), status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _ServerErrorMiddleware:
+    """A bug of ours (an exception no route turned into an APIError) answered as a JSON 500.
+    Caught here rather than left to Starlette's ServerErrorMiddleware, which re-raises it to
+    uvicorn, and uvicorn then resets the connection: a keep-alive client lost its next request
+    too. Streams report their failures in the stream (`_sse`)."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def noting_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_send)
+        except Exception as exc:
+            if started:  # part of the answer is out: nothing sound to add
+                raise
+            logger.exception("%s %s failed", scope["method"], scope["path"])
+            route = scope.get("route")
+            self.metrics.observe_error(getattr(route, "path", "unmatched"), 500)
+            error = APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+            await JSONResponse(error.body(), status_code=500)(scope, receive, send)
 
 
 # --- running it -----------------------------------------------------------------------------------
