@@ -6,6 +6,8 @@ request log. Generation is held to a token or two so the sweep runs in seconds."
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -379,3 +381,76 @@ def test_many_clients_vanishing_mid_stream_leak_nothing(server):
                                             "temperature": 0})  # fmt: skip
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
     assert engine_idle(server)
+
+
+# --- the request log ----------------------------------------------------------------------------
+
+LINE = re.compile(
+    r"(?P<client>\S+) (?P<method>[A-Z]+) (?P<path>\S+) (?P<status>\d{3}|-) "
+    r"prompt_tokens=(?P<prompt>\d+|-) generated_tokens=(?P<generated>\d+|-) "
+    r"finish_reason=(?P<finish>\w+|-) duration_ms=(?P<ms>\d+\.\d)$"
+)
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def request_log():
+    """The `llcuda.server` logger's lines while the test runs (the server runs in-process)."""
+    logger = logging.getLogger("llcuda.server")
+    handler, level = _Lines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def logged(lines: list[str], method: str, path: str) -> list[dict]:
+    found = [LINE.match(line) for line in list(lines)]
+    return [m.groupdict() for m in found if m and (m["method"], m["path"]) == (method, path)]
+
+
+def test_request_log_has_one_line_per_finished_request(server, request_log):
+    with server.client() as c:
+        done = c.post("/v1/completions", json={"prompt": "The river", "max_tokens": 3,
+                                               "ignore_eos": True}).json()  # fmt: skip
+        c.post("/v1/chat/completions", json={"messages": [], "max_tokens": 1})  # a 400
+        c.post("/tokenize", json={"content": "hi"})
+        path, body = STREAMS[1]
+        with c.stream("POST", path, json=body) as r:  # a chat stream left after two events
+            events = (line for line in r.iter_lines() if line.startswith("data: "))
+            next(events), next(events)
+    with server.client(key=None) as c:
+        c.get("/v1/models")  # a 401
+    assert wait_until(lambda: logged(request_log, "POST", "/v1/chat/completions")[1:], 5.0)
+    assert wait_until(lambda: logged(request_log, "GET", "/v1/models"), 5.0)
+
+    [completion] = logged(request_log, "POST", "/v1/completions")
+    assert completion["client"] == "127.0.0.1" and completion["status"] == "200"
+    assert completion["prompt"] == str(done["usage"]["prompt_tokens"])
+    assert completion["generated"] == "3" and completion["finish"] == "length"
+    assert float(completion["ms"]) > 0.0
+    refused, aborted = logged(request_log, "POST", "/v1/chat/completions")
+    assert refused["status"] == "400" and refused["finish"] == "-" and refused["prompt"] == "-"
+    assert aborted["status"] == "200" and aborted["finish"] == "abort"
+    assert int(aborted["prompt"]) > 0 and int(aborted["generated"]) < LONG["max_tokens"]
+    [tokenize] = logged(request_log, "POST", "/tokenize")
+    assert tokenize["status"] == "200" and tokenize["generated"] == "-"
+    [unauthorized] = logged(request_log, "GET", "/v1/models")
+    assert unauthorized["status"] == "401"
+    assert all(LINE.match(line) for line in request_log), request_log
+
+
+def test_request_log_can_be_silenced(server, request_log):
+    logging.getLogger("llcuda.server").setLevel(logging.WARNING)
+    with server.client() as c:
+        assert c.post("/tokenize", json={"content": "hi"}).status_code == 200
+    assert request_log == []

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import os
 import re
 import signal
@@ -39,11 +38,11 @@ from llcuda import openai_format
 from llcuda.api import InferenceEngine
 from llcuda.server import schemas
 from llcuda.server.metrics import ServerMetrics, engine_counters, engine_gauges
+from llcuda.server.request_log import RequestLogMiddleware, log_to_stderr, logger, record_of
 from llcuda.server.schemas import APIError, GenerateRequest, bad
 from llcuda.streams import TextStream
 
 _END = object()
-logger = logging.getLogger("llcuda.server")
 OPEN_PATHS = frozenset({"/health", "/v1/health"})  # reachable without the API key (llama-server)
 
 
@@ -188,6 +187,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
     app.add_middleware(_ServerErrorMiddleware, metrics=state.metrics)  # innermost
     if api_key:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key, metrics=state.metrics)
+    app.add_middleware(RequestLogMiddleware)  # outermost: 401s are logged too
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -207,7 +207,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
             raise APIError(503, "the server is shutting down", "unavailable_error")
         return schemas.parse_json_body(await request.body())
 
-    def submit(req: GenerateRequest, endpoint: str) -> _Pump:
+    def submit(req: GenerateRequest, endpoint: str, request: Request) -> _Pump:
         try:
             if req.messages is not None:
                 stream = engine.chat_stream(req.messages, **req.sampling)
@@ -215,14 +215,18 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
                 stream = engine.infer_stream(req.prompt, **req.sampling)
         except ValueError as exc:  # prompt over ctx_size, bad messages, bad sampling values
             raise bad(str(exc), _engine_param(str(exc), req)) from None
-        return state.start(stream, endpoint)
+        pump = state.start(stream, endpoint)
+        record = record_of(request.scope)
+        if record is not None:
+            record.stream, record.done = stream, pump.done
+        return pump
 
     # --- OpenAI ---------------------------------------------------------------------------------
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = schemas.parse_completion(await body_of(request), state.ctx_size)
-        pump = submit(req, "completions")
+        pump = submit(req, "completions", request)
         prefix = req.prompt if req.echo else ""
         fmt = _OpenAIFormat("text_completion", state.model_name, req.return_tokens)
         if req.stream:
@@ -233,7 +237,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = schemas.parse_chat(await body_of(request), state.ctx_size)
-        pump = submit(req, "chat")
+        pump = submit(req, "chat", request)
         fmt = _OpenAIFormat("chat.completion", state.model_name, req.return_tokens)
         if req.stream:
             return _sse(pump, fmt.stream_chat(pump, req.include_usage))
@@ -271,7 +275,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
     @app.post("/completion")
     async def llama_completion(request: Request):
         req = schemas.parse_llama_completion(await body_of(request), state.ctx_size)
-        pump = submit(req, "completion")
+        pump = submit(req, "completion", request)
         final = _LlamaFormat(state, req)
         if req.stream:
             return _sse(pump, final.stream(pump), done_marker=False)
@@ -551,6 +555,7 @@ def make_server(engine: InferenceEngine, host: str = "127.0.0.1", port: int = 80
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, lifespan="on",
         timeout_graceful_shutdown=10,  # a backstop: aborted streams end within a step
+        access_log=False,  # the request log (request_log.py) says more, once per request
     )  # fmt: skip
     return _Server(config, on_exit=app.state.llcuda.begin_shutdown)
 
@@ -559,6 +564,7 @@ def serve(engine: InferenceEngine, host: str = "127.0.0.1", port: int = 8080,
           api_key: str | None = None, model_name: str | None = None) -> int:  # fmt: skip
     """Run until SIGTERM/SIGINT; 0 after a clean shutdown."""
     server = make_server(engine, host, port, api_key, model_name)
+    log_to_stderr()
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises the caught signal under the previous handler once it has shut down;
         # SIGTERM's default handler would kill us (exit -15) after a clean shutdown
