@@ -14,12 +14,14 @@ that decodes 15,781 (H100, gemma3 1B twin).
 Lifecycle: a client that disconnects mid-stream has its request aborted (its KV blocks are freed
 at the engine's next step). SIGTERM aborts what is in flight, so streams end at once with
 finish_reason "abort" and `data: [DONE]`, and the process exits 0.
+
+Errors: a bad request is a 4xx JSON body naming the field (schemas.py), a bug of ours a JSON 500
+(middleware.py); every finished request is one line of the request log (request_log.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import os
 import re
@@ -38,12 +40,12 @@ from llcuda import openai_format
 from llcuda.api import InferenceEngine
 from llcuda.server import schemas
 from llcuda.server.metrics import ServerMetrics, engine_counters, engine_gauges
+from llcuda.server.middleware import APIKeyMiddleware, ServerErrorMiddleware
 from llcuda.server.request_log import RequestLogMiddleware, log_to_stderr, logger, record_of
 from llcuda.server.schemas import APIError, GenerateRequest, bad
 from llcuda.streams import TextStream
 
 _END = object()
-OPEN_PATHS = frozenset({"/health", "/v1/health"})  # reachable without the API key (llama-server)
 
 
 class _Dispatcher:
@@ -184,9 +186,9 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
 
     app = FastAPI(title="llcuda", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.llcuda = state
-    app.add_middleware(_ServerErrorMiddleware, metrics=state.metrics)  # innermost
+    app.add_middleware(ServerErrorMiddleware, metrics=state.metrics)  # innermost
     if api_key:
-        app.add_middleware(_APIKeyMiddleware, api_key=api_key, metrics=state.metrics)
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, metrics=state.metrics)
     app.add_middleware(RequestLogMiddleware)  # outermost: 401s are logged too
 
     @app.exception_handler(APIError)
@@ -476,60 +478,6 @@ class _LlamaFormat:
         async for piece in pump.pieces():
             yield event(piece)
         yield {"content": "", "index": 0, **self.summary(pump.stream)}
-
-
-class _APIKeyMiddleware:
-    """401 unless `Authorization: Bearer <key>` (pure ASGI: streaming and disconnects untouched)."""
-
-    def __init__(self, app: Any, api_key: str, metrics: ServerMetrics) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-        self.metrics = metrics
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                what = "missing" if not given else "invalid"
-                self.metrics.observe_error(scope["path"], 401)
-                error = APIError(401, f"{what} API key: send 'Authorization: Bearer <key>'",
-                                 "authentication_error")  # fmt: skip
-                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-class _ServerErrorMiddleware:
-    """A bug of ours (an exception no route turned into an APIError) answered as a JSON 500.
-    Caught here rather than left to Starlette's ServerErrorMiddleware, which re-raises it to
-    uvicorn, and uvicorn then resets the connection: a keep-alive client lost its next request
-    too. Streams report their failures in the stream (`_sse`)."""
-
-    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def noting_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, noting_send)
-        except Exception as exc:
-            if started:  # part of the answer is out: nothing sound to add
-                raise
-            logger.exception("%s %s failed", scope["method"], scope["path"])
-            route = scope.get("route")
-            self.metrics.observe_error(getattr(route, "path", "unmatched"), 500)
-            error = APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
-            await JSONResponse(error.body(), status_code=500)(scope, receive, send)
 
 
 # --- running it -----------------------------------------------------------------------------------
