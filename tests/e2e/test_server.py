@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -379,6 +380,10 @@ def test_sigterm_mid_stream_ends_the_stream_and_exits_0(tiny_model):
         log = proc.stdout.read().decode(errors="replace")
         proc.stdout.close()
     assert "Traceback" not in log, log
+    # the request log (stderr): the aborted stream's line, the health polls'
+    line = r"POST /v1/completions 200 prompt_tokens=\d+ generated_tokens=\d+ finish_reason=abort "
+    assert re.search(line + r"duration_ms=\d+\.\d", log), log
+    assert "GET /health 200 prompt_tokens=-" in log, log
 
 
 def _healthy(url: str) -> bool:

@@ -14,14 +14,17 @@ that decodes 15,781 (H100, gemma3 1B twin).
 Lifecycle: a client that disconnects mid-stream has its request aborted (its KV blocks are freed
 at the engine's next step). SIGTERM aborts what is in flight, so streams end at once with
 finish_reason "abort" and `data: [DONE]`, and the process exits 0.
+
+Errors: a bad request is a 4xx JSON body naming the field (schemas.py), a bug of ours a JSON 500
+(middleware.py); every finished request is one line of the request log (request_log.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -37,11 +40,12 @@ from llcuda import openai_format
 from llcuda.api import InferenceEngine
 from llcuda.server import schemas
 from llcuda.server.metrics import ServerMetrics, engine_counters, engine_gauges
+from llcuda.server.middleware import APIKeyMiddleware, ServerErrorMiddleware
+from llcuda.server.request_log import RequestLogMiddleware, log_to_stderr, logger, record_of
 from llcuda.server.schemas import APIError, GenerateRequest, bad
 from llcuda.streams import TextStream
 
 _END = object()
-OPEN_PATHS = frozenset({"/health", "/v1/health"})  # reachable without the API key (llama-server)
 
 
 class _Dispatcher:
@@ -182,8 +186,10 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
 
     app = FastAPI(title="llcuda", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.llcuda = state
+    app.add_middleware(ServerErrorMiddleware, metrics=state.metrics)  # innermost
     if api_key:
-        app.add_middleware(_APIKeyMiddleware, api_key=api_key, metrics=state.metrics)
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, metrics=state.metrics)
+    app.add_middleware(RequestLogMiddleware)  # outermost: 401s are logged too
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -203,22 +209,26 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
             raise APIError(503, "the server is shutting down", "unavailable_error")
         return schemas.parse_json_body(await request.body())
 
-    def submit(req: GenerateRequest, endpoint: str) -> _Pump:
+    def submit(req: GenerateRequest, endpoint: str, request: Request) -> _Pump:
         try:
             if req.messages is not None:
                 stream = engine.chat_stream(req.messages, **req.sampling)
             else:
                 stream = engine.infer_stream(req.prompt, **req.sampling)
         except ValueError as exc:  # prompt over ctx_size, bad messages, bad sampling values
-            raise bad(str(exc)) from None
-        return state.start(stream, endpoint)
+            raise bad(str(exc), _engine_param(str(exc), req)) from None
+        pump = state.start(stream, endpoint)
+        record = record_of(request.scope)
+        if record is not None:
+            record.stream, record.done = stream, pump.done
+        return pump
 
     # --- OpenAI ---------------------------------------------------------------------------------
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = schemas.parse_completion(await body_of(request), state.ctx_size)
-        pump = submit(req, "completions")
+        pump = submit(req, "completions", request)
         prefix = req.prompt if req.echo else ""
         fmt = _OpenAIFormat("text_completion", state.model_name, req.return_tokens)
         if req.stream:
@@ -229,7 +239,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = schemas.parse_chat(await body_of(request), state.ctx_size)
-        pump = submit(req, "chat")
+        pump = submit(req, "chat", request)
         fmt = _OpenAIFormat("chat.completion", state.model_name, req.return_tokens)
         if req.stream:
             return _sse(pump, fmt.stream_chat(pump, req.include_usage))
@@ -267,7 +277,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
     @app.post("/completion")
     async def llama_completion(request: Request):
         req = schemas.parse_llama_completion(await body_of(request), state.ctx_size)
-        pump = submit(req, "completion")
+        pump = submit(req, "completion", request)
         final = _LlamaFormat(state, req)
         if req.stream:
             return _sse(pump, final.stream(pump), done_marker=False)
@@ -285,6 +295,17 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         return {"content": engine.detokenize(tokens)}
 
     return app
+
+
+def _engine_param(message: str, req: GenerateRequest) -> str | None:
+    """The field an engine ValueError is about: its messages start with the argument's name
+    ("messages[0] must be ...", "prompt is 300 tokens ..."); a chat template that fails on
+    the messages names none."""
+    head = re.match(r"[a-z_]+", message)
+    name = head.group(0) if head else ""
+    if name in ("prompt", "messages") or name in req.sampling:
+        return name
+    return "messages" if req.messages is not None else None
 
 
 # --- response bodies ------------------------------------------------------------------------------
@@ -318,6 +339,11 @@ def _sse(pump: _Pump, events: AsyncIterator[dict | str],
                     yield event if isinstance(event, str) else _sse_event(event)
             except APIError as exc:  # headers are sent: report the failure in the stream
                 yield _sse_event(exc.body())
+            except Exception as exc:  # a bug of ours: still an error event, not a dropped stream
+                logger.exception("stream failed")
+                error = APIError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                 "server_error")  # fmt: skip
+                yield _sse_event(error.body())
             if done_marker:
                 yield "data: [DONE]\n\n"
         finally:
@@ -454,27 +480,6 @@ class _LlamaFormat:
         yield {"content": "", "index": 0, **self.summary(pump.stream)}
 
 
-class _APIKeyMiddleware:
-    """401 unless `Authorization: Bearer <key>` (pure ASGI: streaming and disconnects untouched)."""
-
-    def __init__(self, app: Any, api_key: str, metrics: ServerMetrics) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-        self.metrics = metrics
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                what = "missing" if not given else "invalid"
-                self.metrics.observe_error(scope["path"], 401)
-                error = APIError(401, f"{what} API key: send 'Authorization: Bearer <key>'",
-                                 "authentication_error")  # fmt: skip
-                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 # --- running it -----------------------------------------------------------------------------------
 
 
@@ -498,6 +503,7 @@ def make_server(engine: InferenceEngine, host: str = "127.0.0.1", port: int = 80
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, lifespan="on",
         timeout_graceful_shutdown=10,  # a backstop: aborted streams end within a step
+        access_log=False,  # the request log (request_log.py) says more, once per request
     )  # fmt: skip
     return _Server(config, on_exit=app.state.llcuda.begin_shutdown)
 
@@ -506,6 +512,7 @@ def serve(engine: InferenceEngine, host: str = "127.0.0.1", port: int = 8080,
           api_key: str | None = None, model_name: str | None = None) -> int:  # fmt: skip
     """Run until SIGTERM/SIGINT; 0 after a clean shutdown."""
     server = make_server(engine, host, port, api_key, model_name)
+    log_to_stderr()
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises the caught signal under the previous handler once it has shut down;
         # SIGTERM's default handler would kill us (exit -15) after a clean shutdown

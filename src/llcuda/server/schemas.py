@@ -8,6 +8,8 @@ the field and what was wrong with it. Unknown fields are ignored (clients send m
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +48,56 @@ def bad(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
+MAX_DEPTH = 32  # no field of any route nests deeper than a few levels (chat content parts)
+MAX_INT_DIGITS = 32  # seeds are below 2**64 (20 digits); token ids, counts and lengths far less
+
+
+class BadNumber:
+    """A JSON number no field can use (NaN, Infinity, 1e400, a 5,000-digit integer), kept as a
+    marker by the parser so that the field it sits in is named in the error, not the body.
+    Converting such integers would raise Python's int-string limit (4,300 digits) as a 500."""
+
+    def __init__(self, text: str, why: str) -> None:
+        self.text = text if len(text) <= 24 else f"{text[:12]}...({len(text)} characters)"
+        self.why = why
+
+    def __repr__(self) -> str:
+        return f"{self.text} ({self.why})"
+
+
+def _parse_int(text: str) -> int | BadNumber:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        return BadNumber(text, f"a {digits}-digit integer is out of range")
+    return int(text)
+
+
+def _parse_float(text: str) -> float | BadNumber:
+    value = float(text)
+    if not math.isfinite(value):
+        return BadNumber(text, "beyond the range of a double")
+    return value
+
+
+def _parse_constant(text: str) -> BadNumber:
+    return BadNumber(text, "NaN and Infinity are not JSON numbers")
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """`value` as JSON for an error message, cut to `limit` characters."""
+    text = repr(value) if isinstance(value, BadNumber) else json.dumps(value, default=repr)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def parse_json_body(raw: bytes) -> dict:
-    """The request body as a JSON object, or a 400 naming what is wrong with it."""
+    """The request body as a JSON object, or a 400 naming what is wrong with it.
+
+    Bounded for hostile bodies: nesting past the C parser's recursion limit is a 400, not a
+    RecursionError; the parsed object is walked without recursion and refused past MAX_DEPTH
+    (so later checks and error messages cannot recurse deeply); every string, key or value,
+    must be valid Unicode (a lone surrogate such as \\ud800 cannot be encoded as UTF-8, so the
+    answer that echoes it would fail half-sent).
+    """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -57,12 +107,72 @@ def parse_json_body(raw: bytes) -> dict:
     if not text.strip():
         raise bad("request body is empty: send a JSON object")
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
+                          parse_constant=_parse_constant)  # fmt: skip
     except json.JSONDecodeError as exc:
         raise bad(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad(f"request body nests deeper than {MAX_DEPTH} levels") from None
     if not isinstance(body, dict):
         raise bad(f"request body must be a JSON object, got {type(body).__name__}")
+    _check_tree(body)
     return body
+
+
+def _check_tree(body: dict) -> None:
+    """Refuse nesting past MAX_DEPTH and strings that are not valid Unicode, naming the place.
+    Paths are (parent, key) links, rendered only for the error: a long key costs nothing more."""
+    stack: list[tuple[Any, tuple | None, int]] = [(body, None, 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, str):
+            _check_unicode(value, where)
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_DEPTH:
+                path = _render(where)
+                raise bad(f"'{_printable(path)}' nests deeper than {MAX_DEPTH} levels", _top(path))
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    _check_unicode(key, (where, key))
+                    stack.append((item, (where, key), depth + 1))
+            else:
+                stack.extend((item, (where, i), depth + 1) for i, item in enumerate(value))
+
+
+def _check_unicode(text: str, where: tuple | None) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = f"\\u{ord(text[exc.start]):04x}"
+        path = _render(where)
+        raise bad(
+            f"'{_printable(path)}' holds a lone surrogate ({char}) at index {exc.start}: "
+            f"strings must be valid Unicode",
+            _top(path),
+        ) from None
+
+
+def _render(where: tuple | None) -> str:
+    """`messages[0].content` from the links ((((None, 'messages'), 0), 'content'))."""
+    parts = []
+    while where is not None:
+        where, key = where
+        parts.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    return "".join(reversed(parts)).lstrip(".")
+
+
+def _printable(path: str, limit: int = 80) -> str:
+    """`path` cut to `limit` characters, non-ASCII (surrogates too) as escapes."""
+    text = path.encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _top(path: str) -> str:
+    """The top-level field of a path such as `messages[0].content` (printable: the field's
+    own name may hold the surrogate)."""
+    return _printable(re.split(r"[.\[]", path, maxsplit=1)[0])
 
 
 # --- typed field getters ------------------------------------------------------------------------
@@ -75,8 +185,10 @@ def get_int(body: dict, name: str, default: Any, low: int | None = None, high: i
     # JSON has one number type: 16.0 is an acceptable 16, 16.5 is not
     if isinstance(value, float) and value.is_integer():
         value = int(value)
+    if isinstance(value, BadNumber):
+        raise bad(f"'{name}' is not a usable number: {value!r}", name)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise bad(f"'{name}' must be an integer, got {json.dumps(value)}", name)
+        raise bad(f"'{name}' must be an integer, got {show(value)}", name)
     if low is not None and value < low:
         raise bad(f"'{name}' must be >= {low}, got {value}", name)
     if high is not None and value > high:
@@ -89,8 +201,10 @@ def get_float(body: dict, name: str, default: Any, low: float | None = None,
     value = body.get(name, _MISSING)
     if value is _MISSING or value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise bad(f"'{name}' must be a number, got {json.dumps(value)}", name)
+    if isinstance(value, BadNumber):
+        raise bad(f"'{name}' is not a usable number: {value!r}", name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad(f"'{name}' must be a number, got {show(value)}", name)
     if low is not None and value < low:
         raise bad(f"'{name}' must be >= {low}, got {value}", name)
     if high is not None and value > high:
@@ -103,7 +217,7 @@ def get_bool(body: dict, name: str, default: bool) -> bool:
     if value is _MISSING or value is None:
         return default
     if not isinstance(value, bool):
-        raise bad(f"'{name}' must be true or false, got {json.dumps(value)}", name)
+        raise bad(f"'{name}' must be true or false, got {show(value)}", name)
     return value
 
 
@@ -113,7 +227,7 @@ def get_str(body: dict, name: str) -> str:
         raise bad(f"'{name}' is required", name)
     value = body[name]
     if not isinstance(value, str):
-        raise bad(f"'{name}' must be a string, got {json.dumps(value)}", name)
+        raise bad(f"'{name}' must be a string, got {show(value)}", name)
     return value
 
 
@@ -124,7 +238,7 @@ def get_stop(body: dict) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise bad(f"'stop' must be a string or a list of strings, got {json.dumps(value)}", "stop")
+        raise bad(f"'stop' must be a string or a list of strings, got {show(value)}", "stop")
     return [s for s in value if s]  # OpenAI ignores empty stop strings
 
 
@@ -144,7 +258,7 @@ def get_prompt(body: dict) -> str:
     if not isinstance(prompt, str):
         raise bad(
             f"'prompt' must be a string (batches and token-id prompts are not supported), "
-            f"got {json.dumps(prompt)[:80]}",
+            f"got {show(prompt)}",
             "prompt",
         )
     return prompt
@@ -204,7 +318,11 @@ def _stream_options(body: dict, stream: bool) -> bool:
         raise bad("'stream_options' must be an object", "stream_options")
     if not stream:
         raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
-    return get_bool(options, "include_usage", False)
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise bad(f"'stream_options.include_usage' must be true or false, got "
+                  f"{show(include_usage)}", "stream_options")  # fmt: skip
+    return bool(include_usage)
 
 
 _OPENAI_DEFAULTS = {"max_tokens": None, "temperature": 1.0, "top_p": 1.0}
@@ -269,8 +387,9 @@ def parse_detokenize(body: dict, vocab_size: int) -> list[int]:
     if tokens is _MISSING:
         raise bad("'tokens' is required", "tokens")
     if not isinstance(tokens, list):
-        raise bad(f"'tokens' must be a list of token ids, got {json.dumps(tokens)[:80]}", "tokens")
+        raise bad(f"'tokens' must be a list of token ids, got {show(tokens)}", "tokens")
     for i, t in enumerate(tokens):
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-            raise bad(f"'tokens[{i}]' must be a token id in [0, {vocab_size}), got {t!r}", "tokens")
+            raise bad(f"'tokens[{i}]' must be a token id in [0, {vocab_size}), got {show(t)}",
+                      "tokens")  # fmt: skip
     return tokens
