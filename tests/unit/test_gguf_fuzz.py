@@ -321,6 +321,7 @@ TARGETED = [
 ]  # fmt: skip
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero")  # key_length 0: 1/sqrt(0) before the check
 @pytest.mark.parametrize("edit,match", [(e, m) for _, e, m in TARGETED],
                          ids=[d for d, _, _ in TARGETED])  # fmt: skip
 def test_targeted_edit_is_refused_naming_the_problem(base, tmp_path, edit, match):
@@ -493,3 +494,54 @@ def test_cli_prints_one_error_line(base, tmp_path, capsys, monkeypatch, desc):
     err = capsys.readouterr().err
     assert err.startswith("llcuda: error: ") and err.count("\n") == 1, err
     assert re.search(match, err), err
+
+
+# ------------------------------------------------------------------- other architectures' layouts
+
+
+def _shapes_error(tmp_path: Path, tensors: list[Tensor], kvs: list[KV], arch: str) -> str | None:
+    """check_tensor_shapes under `arch` (the config read as gemma3, then relabelled)."""
+    path = tmp_path / "a.gguf"
+    path.write_bytes(join(kvs, tensors)[0])
+    with GGUFFile(path) as g:
+        config = replace(model_config_from_gguf(g), architecture=arch)
+        try:
+            check_tensor_shapes(g, config)
+        except GGUFError as exc:
+            return str(exc)
+    return None
+
+
+def test_fused_qkv_and_gate_up_layouts(base, tmp_path):
+    """phi3: attn_qkv [n_embd, (n_head + 2 n_kv_head) head_dim], ffn_up [n_embd, 2 n_ff], no
+    ffn_gate; llama: no Gemma norms; qwen2: q/k/v biases."""
+    kvs, tensors = base
+    fused = []
+    for t in tensors:
+        kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+        i = t.name.split(".")[1] if kind else ""
+        if kind in ("attn_q", "attn_k", "ffn_gate", "attn_q_norm", "attn_k_norm",
+                    "post_attention_norm", "post_ffw_norm"):  # fmt: skip
+            continue
+        if kind == "attn_v":
+            t = Tensor(f"blk.{i}.attn_qkv.weight", (64, 64 + 2 * 32), 0, b"")
+        elif kind == "ffn_up":
+            t = Tensor(t.name, (64, 2 * 256), 0, b"")
+        fused.append(t)
+    assert _shapes_error(tmp_path, fused, kvs, "phi3") is None
+    bad = set_tensor(fused, "blk.1.attn_qkv.weight", ne=(64, 96))
+    assert "'blk.1.attn_qkv.weight' has shape (64, 96), expected (64, 128)" in _shapes_error(
+        tmp_path, bad, kvs, "phi3")  # fmt: skip
+    assert "missing tensor 'blk.0.ffn_gate.weight'" in _shapes_error(tmp_path, fused, kvs, "llama")
+    # llama reads no Gemma norms: without them the Gemma layout passes as llama, not as gemma3
+    plain = [t for t in tensors if not t.name.endswith(("q_norm.weight", "k_norm.weight",
+             "post_attention_norm.weight", "post_ffw_norm.weight"))]  # fmt: skip
+    assert _shapes_error(tmp_path, plain, kvs, "llama") is None
+    assert "missing tensor 'blk.0.ffn_norm.weight'" in _shapes_error(
+        tmp_path, drop_tensor(plain, "blk.0.ffn_norm.weight"), kvs, "llama")  # fmt: skip
+    biased = [*plain, Tensor("blk.0.attn_q.bias", (64,), 0, b""),
+              Tensor("blk.0.attn_v.bias", (32,), 0, b"")]  # fmt: skip
+    assert _shapes_error(tmp_path, biased, kvs, "qwen2") is None
+    biased = set_tensor(biased, "blk.0.attn_q.bias", ne=(32,))
+    assert "'blk.0.attn_q.bias' has shape (32,), expected (64,)" in _shapes_error(
+        tmp_path, biased, kvs, "qwen2")  # fmt: skip
