@@ -362,3 +362,61 @@ def test_real_model():
 def test_value_type_ids():
     assert GGUFValueType.STRING == 8 and GGUFValueType.ARRAY == 9 and GGUFValueType.FLOAT64 == 12
     assert GGMLType.Q4_K == 12 and GGMLType.BF16 == 30 and GGMLType.IQ4_XS == 23
+
+
+# ------------------------------------------------------------------- data layout and dimensions
+
+
+def test_zero_and_overflowing_dimensions(tmp_path):
+    data = b"\0" * 32
+    with pytest.raises(GGUFError, match=r"tensor 'w' has a zero dimension: \(4, 0\)"):
+        parse(tmp_path, make_gguf(tensors=[("w", (4, 0), 0, 0)], data=data))
+    # 2**62 * 4 elements: the product overflows int64 (ggml's ne and nbytes would wrap)
+    with pytest.raises(GGUFError, match=r"tensor 'w': dimensions \(4, 4611686018427387904\) over"):
+        parse(tmp_path, make_gguf(tensors=[("w", (4, 2**62), 0, 0)], data=data))
+    # fits int64 but not the file
+    with pytest.raises(GGUFError, match="truncated file: tensor 'w' data"):
+        parse(tmp_path, make_gguf(tensors=[("w", (2**20, 2**20), 0, 0)], data=data))
+
+
+def test_overlapping_tensor_data(tmp_path):
+    data = b"\0" * 64
+    tensors = [("a", (8,), 0, 0), ("b", (8,), 0, 0)]  # both at offset 0
+    with pytest.raises(GGUFError, match=r"tensor 'b' data \[\d+, \d+\) overlaps tensor 'a'"):
+        parse(tmp_path, make_gguf(tensors=tensors, data=data))
+    tensors = [("a", (16,), 0, 0), ("b", (8,), 0, 32)]  # a is 64 bytes: b starts inside it
+    with pytest.raises(GGUFError, match="overlaps tensor 'a'"):
+        parse(tmp_path, make_gguf(tensors=tensors, data=data + b"\0" * 32))
+    tensors = [("a", (8,), 0, 0), ("b", (8,), 0, 32)]  # back to back: fine
+    g = parse(tmp_path, make_gguf(tensors=tensors, data=data))
+    assert g.tensors["b"].offset == g.tensors["a"].offset + 32
+
+
+def test_misaligned_data_start(tmp_path):
+    """A file written with alignment 32 whose general.alignment says 16: the data start we compute
+    lands 16 bytes early and every tensor would read shifted bytes; the unexplained tail says so."""
+    kv = [("general.alignment", 4, struct.pack("<I", 16))]
+    data = np.arange(8, dtype=np.float32).tobytes()
+    good = make_gguf(kv=kv, tensors=[("w", (8,), 0, 0)], data=data)
+    assert parse(tmp_path, good).tensors["w"].nbytes == 32  # the consistent file parses
+    header_end = len(good) - len(data)
+    # the writer padded the header to 32 bytes, 16 more than alignment 16 accounts for
+    shifted = good[:header_end] + b"\0" * 16 + data
+    with pytest.raises(GGUFError, match="16 bytes unaccounted for .*general.alignment 16"):
+        parse(tmp_path, shifted)
+    # trailing bytes short of the alignment are padding and accepted
+    assert parse(tmp_path, good + b"\0" * 15).tensors["w"].nbytes == 32
+    with pytest.raises(GGUFError, match="bytes unaccounted for"):
+        parse(tmp_path, good + b"\0" * 16)
+
+
+def test_deep_array_nesting_is_refused(tmp_path):
+    # arrays of arrays nested 9 deep (the limit is 8), each of length 1
+    payload = struct.pack("<iQ", 9, 1) * 9 + struct.pack("<iQ", 4, 1) + struct.pack("<I", 7)
+    with pytest.raises(GGUFError, match="metadata 'k': arrays nested deeper than 8"):
+        parse(tmp_path, make_gguf(kv=[("k", 9, payload)]))
+    payload = struct.pack("<iQ", 9, 1) * 7 + struct.pack("<iQ", 4, 1) + struct.pack("<I", 7)
+    value = parse(tmp_path, make_gguf(kv=[("k", 9, payload)])).metadata["k"]
+    for _ in range(8):
+        (value,) = value
+    assert value == 7

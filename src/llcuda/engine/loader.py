@@ -17,9 +17,11 @@ from llcuda.engine.memory_plan import (
 )
 from llcuda.engine.warmup import warm_up
 from llcuda.gguf.chat_template import ChatTemplate, chat_template_from_metadata
-from llcuda.gguf.model_config import model_config_from_gguf
+from llcuda.gguf.model_config import SUPPORTED_ARCHITECTURES, model_config_from_gguf
 from llcuda.gguf.reader import GGUFFile
+from llcuda.gguf.tensor_shapes import check_tensor_shapes
 from llcuda.gguf.tokenizer import Tokenizer
+from llcuda.kernels.dequant_ref import SUPPORTED_TYPES
 from llcuda.layers.weight_staging import staging_scope
 from llcuda.models.registry import build_model
 from llcuda.runner.model_runner import ModelRunner
@@ -71,7 +73,10 @@ def load(
 ) -> LoadedModel:
     gguf = GGUFFile(model_path)
     try:
+        # refuse a bad file here, naming the key or tensor, not at the first request
         model_config = model_config_from_gguf(gguf)
+        gguf.check_supported(SUPPORTED_ARCHITECTURES, SUPPORTED_TYPES)
+        check_tensor_shapes(gguf, model_config)
         tokenizer = Tokenizer.from_metadata(gguf.metadata)
         template = chat_template_from_metadata(gguf.metadata, override=chat_template)
         block_devices, head_device = choose_devices(config, model_config.num_layers)

@@ -18,6 +18,7 @@ Both Gemmas scale q by 1/sqrt(head_dim), 1/sqrt(n_embd / n_head) for the 27B.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ import numpy as np
 from llcuda.config import ModelConfig
 from llcuda.gguf.reader import GGUFError, GGUFFile, UnsupportedModelError
 
+MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
 _MISSING = object()
 
 
@@ -47,6 +49,11 @@ class _Meta:
         value = self.raw(key, default)
         if per_layer and isinstance(value, (np.ndarray, list)):
             # llama.cpp accepts a per-layer array; we only run models whose layers agree
+            if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu":
+                raise GGUFError(
+                    f"{self.g.path}: {self.arch}.{key} must be an integer or an array of "
+                    f"integers, got {value!r:.80}"
+                )
             values = {int(v) for v in value}
             if len(values) != 1:
                 raise UnsupportedModelError(
@@ -55,13 +62,17 @@ class _Meta:
                 )
             value = values.pop()
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise GGUFError(f"{self.g.path}: {self.arch}.{key} must be an integer, got {value!r}")
+            raise GGUFError(
+                f"{self.g.path}: {self.arch}.{key} must be an integer, got {value!r:.80}"
+            )
         return int(value)
 
     def get_float(self, key: str, default: Any = _MISSING) -> float:
         value = self.raw(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise GGUFError(f"{self.g.path}: {self.arch}.{key} must be a number, got {value!r}")
+            raise GGUFError(f"{self.g.path}: {self.arch}.{key} must be a number, got {value!r:.80}")
+        if not math.isfinite(value):
+            raise GGUFError(f"{self.g.path}: {self.arch}.{key} must be finite, got {value!r}")
         return float(value)
 
 
@@ -79,6 +90,8 @@ def _vocab_size(g: GGUFFile, n_embd: int) -> int:
             f"{g.path}: token_embd.weight has shape {emb.shape}, expected ({n_embd}, n_vocab)"
         )
     tokens = g.metadata.get("tokenizer.ggml.tokens")
+    if tokens is not None and not isinstance(tokens, list):
+        raise GGUFError(f"{g.path}: tokenizer.ggml.tokens must be an array of strings")
     if tokens is not None and len(tokens) != emb.shape[1]:
         raise GGUFError(
             f"{g.path}: tokenizer.ggml.tokens has {len(tokens)} tokens but token_embd.weight has "
@@ -126,6 +139,11 @@ def _common(m: _Meta) -> dict[str, Any]:
         raise GGUFError(
             f"{g.path}: bad model shape: embedding_length={n_embd}, block_count={n_layers}, "
             f"head_count={n_head}, head_count_kv={n_kv_head}"
+        )
+    if n_layers > MAX_LAYERS:  # before any per-layer loop; check_tensor_shapes counts blocks
+        raise GGUFError(
+            f"{g.path}: {m.arch}.block_count is {n_layers}, more than the {MAX_LAYERS} layers "
+            f"llama.cpp supports (LLAMA_MAX_LAYERS)"
         )
     head_dim = m.get_int("attention.key_length", n_embd // n_head)
     v_dim = m.get_int("attention.value_length", n_embd // n_head)

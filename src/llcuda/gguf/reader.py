@@ -34,6 +34,7 @@ from llcuda.gguf.constants import (
 
 SUPPORTED_VERSIONS = (2, 3)
 _MAX_ARRAY_NESTING = 8
+_INT64_MAX = 2**63 - 1
 
 _U32 = struct.Struct("<I")
 _I32 = struct.Struct("<i")
@@ -233,6 +234,33 @@ class GGUFFile:
         self.tensors: dict[str, GGUFTensorInfo] = {}
         for name, shape, gtype, rel_offset in raw_infos:
             self.tensors[name] = self._make_info(name, shape, gtype, rel_offset)
+        self._check_data_layout()
+
+    def _check_data_layout(self) -> None:
+        """No two tensors share bytes, and the data section accounts for the end of the file.
+
+        Writers (llama.cpp's gguf_write, gguf-py) pad every tensor to the alignment, so the last
+        tensor ends at most `alignment - 1` bytes before the end of the file. More bytes left over
+        means the data start we computed is not where the writer put the data (a wrong
+        `general.alignment` or a corrupt header): every tensor would read shifted garbage.
+        """
+        if not self.tensors:
+            return
+        by_offset = sorted(self.tensors.values(), key=lambda t: (t.offset, t.nbytes))
+        for prev, cur in zip(by_offset, by_offset[1:], strict=False):
+            if cur.offset < prev.offset + prev.nbytes:
+                raise self._fail(
+                    f"tensor {cur.name!r} data [{cur.offset}, {cur.offset + cur.nbytes}) overlaps "
+                    f"tensor {prev.name!r} [{prev.offset}, {prev.offset + prev.nbytes})"
+                )
+        data_end = max(t.offset + t.nbytes for t in by_offset)
+        if self._size - data_end >= self.alignment:
+            raise self._fail(
+                f"tensor data ends at byte {data_end} but the file has {self._size} bytes: "
+                f"{self._size - data_end} bytes unaccounted for (data section expected to start "
+                f"at {self.data_offset}, general.alignment {self.alignment}; a wrong alignment "
+                f"or a corrupt tensor offset?)"
+            )
 
     def _value(self, vtype: int, key: str, depth: int) -> Any:
         try:
@@ -310,8 +338,9 @@ class GGUFFile:
             ggml_type = GGMLType(gtype)
         except ValueError:
             raise self._fail(f"tensor {name!r} has unknown ggml type id {gtype}") from None
-        if any(d < 0 for d in shape):
-            raise self._fail(f"tensor {name!r} has a negative dimension: {shape}")
+        if any(d <= 0 for d in shape):
+            what = "negative" if any(d < 0 for d in shape) else "zero"
+            raise self._fail(f"tensor {name!r} has a {what} dimension: {shape}")
         block_elems, block_bytes = QUANT_SIZES[ggml_type]
         if shape and shape[0] % block_elems:
             raise self._fail(
@@ -319,6 +348,10 @@ class GGUFFile:
                 f"of the block size {block_elems}"
             )
         n_elements = math.prod(shape)
+        if n_elements > _INT64_MAX:  # ggml's int64 ne / size_t nbytes would wrap
+            raise self._fail(
+                f"tensor {name!r}: dimensions {shape} overflow int64 ({n_elements} elements)"
+            )
         nbytes = n_elements // block_elems * block_bytes
         offset = self.data_offset + rel_offset
         if rel_offset % self.alignment:

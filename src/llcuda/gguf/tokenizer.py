@@ -15,12 +15,14 @@ Engine note: chat templates that begin with the BOS text (Gemma's does) must be 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from enum import IntFlag
 from typing import Any
 
 import numpy as np
 
+from llcuda.gguf.reader import GGUFError
 from llcuda.gguf.tokenizer_bpe import (
     BpeModel,
     apply_clean_spaces,
@@ -116,17 +118,72 @@ _DEPRECATED_ID_KEYS = {
 }
 
 
+_FLAG_KEYS = (
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_eos_token",
+    "tokenizer.ggml.add_sep_token",
+    "tokenizer.ggml.add_space_prefix",
+)
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
 def _as_str(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _array(metadata: Mapping[str, Any], key: str, n: int, dtype: type) -> np.ndarray | None:
+def _describe(value: Any) -> str:
+    """A short name of what a metadata value is, for errors: 'str', 'array of 3 INT32', ..."""
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.size} {value.dtype.name}"
+    if isinstance(value, (list, tuple)):
+        kinds = sorted({type(v).__name__ for v in value[:1000]})
+        return f"an array of {len(value)} {'/'.join(kinds) or 'values'}"
+    return f"{type(value).__name__} {value!r:.40}"
+
+
+def _strings(metadata: Mapping[str, Any], key: str) -> list[str | bytes]:
+    value = metadata[key]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, bytes)) for v in value):
+        raise GGUFError(f"{key} must be an array of strings, got {_describe(value)}")
+    return list(value)
+
+
+def _array(metadata: Mapping[str, Any], key: str, n: int, kinds: str) -> np.ndarray | None:
+    """metadata[key] as a 1-D numpy array of n numbers of a dtype kind in `kinds` ('iu', 'fiu')."""
     if key not in metadata:
         return None
-    arr = np.asarray(metadata[key], dtype=dtype)
-    if arr.ndim != 1 or arr.shape[0] < n:
-        raise ValueError(f"{key} must be an array of at least {n} values, got shape {arr.shape}")
-    return arr[:n]
+    value = metadata[key]
+    what = "integers" if kinds == "iu" else "numbers"
+    arr = None
+    if isinstance(value, (np.ndarray, list, tuple)):
+        try:
+            arr = np.asarray(value)
+        except ValueError:  # ragged nested lists
+            arr = None
+    if arr is None or arr.ndim != 1 or arr.dtype.kind not in kinds or arr.shape[0] != n:
+        raise GGUFError(
+            f"{key} must be an array of {n} {what} (one per token), got {_describe(value)}"
+        )
+    return arr
+
+
+def _validate_metadata(metadata: Mapping[str, Any]) -> None:
+    """Refuse wrongly typed `tokenizer.ggml.*` values at load, naming the key and the type wanted
+    (llama.cpp's gguf_get_* refuse a key of the wrong type the same way)."""
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
+        if key in metadata and not isinstance(metadata[key], (str, bytes)):
+            raise GGUFError(f"{key} must be a string, got {_describe(metadata[key])}")
+    for key in _FLAG_KEYS:
+        if key in metadata and not isinstance(metadata[key], (bool, np.bool_)):
+            raise GGUFError(f"{key} must be a bool, got {_describe(metadata[key])}")
+    for key in (*_ID_KEYS.values(), *_DEPRECATED_ID_KEYS.values()):
+        value = metadata.get(key)
+        if value is not None and (
+            isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
+        ):
+            raise GGUFError(f"{key} must be an integer token id, got {_describe(value)}")
+    if "tokenizer.ggml.merges" in metadata:
+        _strings(metadata, "tokenizer.ggml.merges")
 
 
 class Tokenizer:
@@ -138,33 +195,46 @@ class Tokenizer:
 
     def __init__(self, metadata: Mapping[str, Any]) -> None:
         if "tokenizer.ggml.model" not in metadata:
-            raise ValueError("GGUF metadata has no tokenizer.ggml.model")
+            raise GGUFError("GGUF metadata has no tokenizer.ggml.model")
+        _validate_metadata(metadata)
         self.model = _as_str(metadata["tokenizer.ggml.model"])
         if self.model not in ("llama", "gpt2"):
-            raise ValueError(
+            raise GGUFError(
                 f"unsupported tokenizer model tokenizer.ggml.model={self.model!r} "
                 "(supported: 'llama' (SPM), 'gpt2' (BPE))"
             )
         if "tokenizer.ggml.tokens" not in metadata:
-            raise ValueError("GGUF metadata has no tokenizer.ggml.tokens")
-        texts = list(metadata["tokenizer.ggml.tokens"])
+            raise GGUFError("GGUF metadata has no tokenizer.ggml.tokens")
+        texts = _strings(metadata, "tokenizer.ggml.tokens")
         if set(map(type, texts)) != {str}:
             texts = [_as_str(t) for t in texts]
         n = len(texts)
         if n == 0:
-            raise ValueError("tokenizer.ggml.tokens is empty")
+            raise GGUFError("tokenizer.ggml.tokens is empty")
         if "" in texts:  # llama.cpp renames empty tokens so they stay distinct
             texts = [t or f"[EMPTY_{i}]" for i, t in enumerate(texts)]
         self._texts = texts
         # Later duplicates win, as with llama.cpp's `token_to_id[word] = i`.
         self._token_to_id: dict[str, int] = dict(zip(texts, range(n), strict=True))
 
-        scores = _array(metadata, "tokenizer.ggml.scores", n, np.float32)
-        self._scores: list[float] = [0.0] * n if scores is None else scores.tolist()
-        types = _array(metadata, "tokenizer.ggml.token_type", n, np.int64)
+        scores = _array(metadata, "tokenizer.ggml.scores", n, "fiu")
+        if scores is not None and not np.isfinite(scores).all():
+            bad = int(np.flatnonzero(~np.isfinite(scores))[0])
+            raise GGUFError(f"tokenizer.ggml.scores[{bad}] is {scores[bad]}, not a finite number")
+        self._scores: list[float] = (
+            [0.0] * n if scores is None else scores.astype(np.float32).tolist()
+        )
+        types = _array(metadata, "tokenizer.ggml.token_type", n, "iu")
         if types is None:
             attrs = np.full(n, _NORMAL, dtype=np.int32)
         else:
+            types = types.astype(np.int64)  # uint64 ids above 2**63 wrap negative: UNDEFINED
+            for tid in np.flatnonzero(types == 6).tolist():  # BYTE tokens render as <0xNN>
+                if not _BYTE_TOKEN.fullmatch(texts[tid]):
+                    raise GGUFError(
+                        f"tokenizer.ggml.token_type[{tid}] marks {texts[tid]!r:.40} as a byte "
+                        f"token, but byte tokens are written <0xNN>"
+                    )
             in_range = (types >= 0) & (types < len(_TYPE_TO_ATTR))
             attrs = np.where(in_range, _TYPE_TO_ATTR[np.clip(types, 0, len(_TYPE_TO_ATTR) - 1)], 0)
         # A numpy array while the load-time fixes below run, a list afterwards (fast indexing).
@@ -181,9 +251,12 @@ class Tokenizer:
             self.clean_spaces = False
         else:
             if "tokenizer.ggml.merges" not in metadata:
-                raise ValueError("BPE tokenizer (gpt2) needs tokenizer.ggml.merges")
-            pre = bpe_pre(pre_name)
-            merges = parse_merges(list(metadata["tokenizer.ggml.merges"]))
+                raise GGUFError("BPE tokenizer (gpt2) needs tokenizer.ggml.merges")
+            try:
+                pre = bpe_pre(pre_name)
+            except ValueError as exc:
+                raise GGUFError(str(exc)) from None
+            merges = parse_merges(_strings(metadata, "tokenizer.ggml.merges"))
             self._bpe = BpeModel(pre, self._token_to_id, merges)
             ids = {"bos": 11, "eos": 11}
             self.add_space_prefix, self.add_bos, self.add_eos = False, bool(pre.add_bos), False
@@ -205,6 +278,20 @@ class Tokenizer:
             self.add_bos = bool(metadata["tokenizer.ggml.add_bos_token"])
         if "tokenizer.ggml.add_eos_token" in metadata:
             self.add_eos = bool(metadata["tokenizer.ggml.add_eos_token"])
+        # out-of-range ids are ignored above (llama.cpp warns and keeps the default), but a
+        # prompt cannot start with a BOS that does not exist: refuse now, not at the first prompt
+        for name, flag in (("bos", self.add_bos), ("eos", self.add_eos)):
+            if flag and self._ids[name] is None:
+                key = _ID_KEYS[name]
+                why = (
+                    f"{key} = {metadata[key]} is not an id in [0, {n})"
+                    if key in metadata
+                    else f"no {key} and the default id is not in the vocabulary of {n}"
+                )
+                raise GGUFError(
+                    f"tokenizer.ggml.add_{name}_token is set but there is no {name.upper()} "
+                    f"token: {why}"
+                )
 
         self._detect_special_by_text()
         self.eog_ids: frozenset[int] = self._find_eog()
