@@ -500,11 +500,14 @@ def test_cli_prints_one_error_line(base, tmp_path, capsys, monkeypatch, desc):
 
 
 def _shapes_error(tmp_path: Path, tensors: list[Tensor], kvs: list[KV], arch: str) -> str | None:
-    """check_tensor_shapes under `arch` (the config read as gemma3, then relabelled)."""
+    """check_tensor_shapes under `arch` (the config read as gemma3, then relabelled with the
+    norms that architecture's reader sets)."""
     path = tmp_path / "a.gguf"
     path.write_bytes(join(kvs, tensors)[0])
     with GGUFFile(path) as g:
-        config = replace(model_config_from_gguf(g), architecture=arch)
+        config = replace(model_config_from_gguf(g), architecture=arch,
+                         qk_norm=arch in ("gemma3", "qwen3"),
+                         post_norms=arch in ("gemma2", "gemma3"))  # fmt: skip
         try:
             check_tensor_shapes(g, config)
         except GGUFError as exc:

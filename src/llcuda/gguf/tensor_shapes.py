@@ -130,7 +130,7 @@ def _check_block(g: GGUFFile, c: ModelConfig, i: int) -> None:
         blk("attn_k", (n_embd, kv_dim))
         blk("attn_v", (n_embd, kv_dim))
     blk("attn_output", (q_dim, n_embd))
-    if f"blk.{i}.ffn_gate.weight" not in g.tensors:  # ffn_up holds [gate | up] (phi3)
+    if c.architecture == "phi3":  # only llama.cpp's phi3 builder reads ffn_up as [gate | up]
         blk("ffn_up", (n_embd, 2 * n_ff))
     else:
         blk("ffn_gate", (n_embd, n_ff))
