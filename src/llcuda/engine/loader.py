@@ -12,8 +12,10 @@ from llcuda.engine.llm_engine import LLMEngine
 from llcuda.engine.memory_plan import (
     MemoryPlan,
     check_fits,
+    check_host_memory,
     plan_gpu_memory,
     use_expandable_segments,
+    warn_beyond_trained_context,
 )
 from llcuda.engine.warmup import warm_up
 from llcuda.gguf.chat_template import ChatTemplate, chat_template_from_metadata
@@ -80,7 +82,9 @@ def load(
         tokenizer = Tokenizer.from_metadata(gguf.metadata)
         template = chat_template_from_metadata(gguf.metadata, override=chat_template)
         block_devices, head_device = choose_devices(config, model_config.num_layers)
+        warn_beyond_trained_context(model_config, config)
         plan = _check_gpu_memory(gguf, model_config, config, block_devices, head_device)
+        check_host_memory(gguf.tensors, model_config, config, block_devices, head_device)
         progress = _progress_bar(verbose, model_config.num_layers + 1, model_path)
         # repacking's temporaries come from a pool released after the build
         with staging_scope(_first_gpu(block_devices, head_device)):

@@ -1,12 +1,17 @@
-"""What a model and its KV cache will take on the GPU, checked before anything is allocated.
+"""What a model and its KV cache will take on the GPU and in host RAM, checked before anything
+is allocated.
 
 A ctx_size / cache_size / n_parallel that cannot fit must fail at once with numbers, not with an
-out-of-memory error halfway through loading (or, worse, at the first long request).
+out-of-memory error halfway through loading (or, worse, at the first long request). On the CPU
+that error would be the kernel's OOM killer: ctx_size=10**7 on Gemma 3 270M asks for 61 GB of
+fp32 K/V, which torch.zeros touches page by page until the process is killed with no message.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +24,9 @@ KV_BYTES_PER_ELEMENT = 2  # fp16 cache on the GPU
 # Triton repacking stores Q4_K / Q5_K scales unpacked (<= 1.03x the raw blocks)
 WEIGHT_OVERHEAD = 1.03
 RESERVE_BYTES = 512 * 2**20  # CUDA context extras, allocator slack, Triton modules
+HOST_KV_BYTES_PER_ELEMENT = 4  # fp32 cache on the CPU (loader.py: kv_dtype)
+HOST_RESERVE_BYTES = 256 * 2**20  # allocator slack, the scheduler's tensors, Python objects
+HOST_BYTES_PER_BLOCK = 128  # a KVBlock (3 slots) and its free-list entry, per block and group
 
 
 @dataclass(frozen=True)
@@ -39,15 +47,10 @@ def plan_gpu_memory(
     num_gpu_layers: int,
     head_on_gpu: bool,
 ) -> MemoryPlan:
-    # per cache group (sliding-window layers keep a pool of their own): its blocks + 1 scratch
-    # block, on each of its layers that sits on the GPU (the last num_gpu_layers)
-    block_bytes = (config.block_size * model.num_kv_heads * model.head_dim
-                   * KV_BYTES_PER_ELEMENT * 2)  # fmt: skip
+    # per cache group: its blocks + 1 scratch block, on the last num_gpu_layers layers
     first_gpu_layer = model.num_layers - num_gpu_layers
-    kv = sum(
-        (group.num_blocks + 1) * block_bytes * sum(1 for i in group.layers if i >= first_gpu_layer)
-        for group in kv_cache_groups(model, config)
-    )
+    gpu_layers = range(first_gpu_layer, model.num_layers)
+    kv = _kv_cache_bytes(model, config, gpu_layers, KV_BYTES_PER_ELEMENT, scratch_blocks=1)
     # fp32 activations of one step: residual, norm, q|k|v, attention, gate|up, GEGLU (~8 rows of
     # the widest tensor per token), and the decode graphs' logits buffers: one per batch bucket,
     # all kept alive, summing to < 4x the largest (runner/cuda_graphs.py BUCKETS)
@@ -63,20 +66,122 @@ def plan_gpu_memory(
     return MemoryPlan(weights, kv, activations + logits)
 
 
-def check_fits(plan: MemoryPlan, free_bytes: int, config: EngineConfig, device: str) -> None:
+def _kv_cache_bytes(
+    model: ModelConfig,
+    config: EngineConfig,
+    layers: Iterable[int],
+    bytes_per_element: int,
+    scratch_blocks: int,
+) -> int:
+    """K and V of every cache group (sliding-window layers keep a pool of their own), on each of
+    the group's layers that is in `layers`."""
+    block_bytes = (config.block_size * model.num_kv_heads * model.head_dim
+                   * bytes_per_element * 2)  # fmt: skip
+    wanted = set(layers)
+    return sum(
+        (group.num_blocks + scratch_blocks) * block_bytes * len(wanted.intersection(group.layers))
+        for group in kv_cache_groups(model, config)
+    )
+
+
+def plan_host_memory(
+    model: ModelConfig,
+    config: EngineConfig,
+    host_weight_bytes: int,
+    host_layers: Iterable[int],
+) -> MemoryPlan:
+    """What the process will hold in RAM: the weights the CPU computes with (memory-mapped from
+    the file, and every step reads them all), the fp32 K/V of the layers on the CPU (no scratch
+    block there), and a step's activations and logits plus the block bookkeeping."""
+    host_layers = list(host_layers)
+    kv = _kv_cache_bytes(model, config, host_layers, HOST_KV_BYTES_PER_ELEMENT, scratch_blocks=0)
+    workspace = sum(g.num_blocks for g in kv_cache_groups(model, config)) * HOST_BYTES_PER_BLOCK
+    if host_layers:
+        widest = max(model.hidden_size, model.q_size + model.kv_size, 2 * model.intermediate_size)
+        workspace += config.batch_size * widest * 4 * 8 + config.n_parallel * model.vocab_size * 4
+    return MemoryPlan(host_weight_bytes, kv, workspace)
+
+
+def check_fits(
+    plan: MemoryPlan,
+    free_bytes: int,
+    config: EngineConfig,
+    device: str,
+    reserve: int = RESERVE_BYTES,
+    free_what: str = "free",
+) -> None:
     """Raise ValueError naming the knobs to change when the plan needs more than is free."""
-    need = plan.total + RESERVE_BYTES
+    need = plan.total + reserve
     if need <= free_bytes:
         return
     mib = 2**20
+    fewer = "offload fewer layers (gpu_layers)" if device != "cpu" else "use a GPU"
     raise ValueError(
         f"the model does not fit on {device}: it needs about {need / mib:,.0f} MiB "
-        f"(weights {plan.weights / mib:,.0f}, KV cache {plan.kv_cache / mib:,.0f} for "
-        f"{config.num_cache_tokens:,} tokens = ctx_size {config.ctx_size} x n_parallel "
-        f"{config.n_parallel} or cache_size, workspace {plan.workspace / mib:,.0f}, reserve "
-        f"{RESERVE_BYTES / mib:,.0f}) but {free_bytes / mib:,.0f} MiB are free; lower ctx_size, "
-        f"cache_size, n_parallel or batch_size, or offload fewer layers (gpu_layers)"
+        f"({need:,} bytes: weights {plan.weights / mib:,.0f}, KV cache "
+        f"{plan.kv_cache / mib:,.0f} for {config.num_cache_tokens:,} tokens = ctx_size "
+        f"{config.ctx_size} x n_parallel {config.n_parallel} or cache_size "
+        f"{config.cache_size}, workspace {plan.workspace / mib:,.0f}, reserve "
+        f"{reserve / mib:,.0f}) but {free_bytes / mib:,.0f} MiB are {free_what} "
+        f"({free_bytes:,} bytes); lower ctx_size, cache_size, n_parallel or batch_size, or {fewer}"
     )
+
+
+def available_host_memory(meminfo: str = "/proc/meminfo") -> int | None:
+    """MemAvailable in bytes (what can be allocated without swapping, page cache included), or
+    None where the file does not exist or has no such line (not Linux)."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel writes kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_memory(
+    tensors: dict,
+    model: ModelConfig,
+    config: EngineConfig,
+    block_devices: list[torch.device],
+    head_device: torch.device,
+    available: int | None = None,
+) -> MemoryPlan:
+    """The host share of the model (`tensors`: GGUF name -> info with .nbytes), checked against
+    MemAvailable before any allocation; returns the plan. `available` overrides /proc/meminfo."""
+    host_layers = [i for i, d in enumerate(block_devices) if d.type == "cpu"]
+    head_name = "token_embd.weight" if model.tie_word_embeddings else "output.weight"
+    on_host = set(host_layers)
+    weight_bytes = 0
+    for name, info in tensors.items():
+        if name.startswith("blk."):
+            weight_bytes += info.nbytes if int(name.split(".")[1]) in on_host else 0
+        elif name == head_name:
+            weight_bytes += info.nbytes if head_device.type == "cpu" else 0
+        else:
+            weight_bytes += info.nbytes  # the embedding (when untied) and final norm stay here
+    plan = plan_host_memory(model, config, weight_bytes, host_layers)
+    if available is None:
+        available = available_host_memory()
+    if available is not None:
+        check_fits(plan, available, config, "cpu", HOST_RESERVE_BYTES,
+                   "available in RAM (MemAvailable)")  # fmt: skip
+    return plan
+
+
+def warn_beyond_trained_context(model: ModelConfig, config: EngineConfig) -> None:
+    """A ctx_size past the model's context_length runs, but positions it never saw in training
+    give degraded text (llama.cpp warns the same: n_ctx_seq > n_ctx_train)."""
+    trained = model.max_position_embeddings
+    if trained and config.ctx_size > trained:
+        name = model.name or "the model"
+        warnings.warn(
+            f"ctx_size {config.ctx_size} is above the {trained} positions {name} was trained "
+            f"for (GGUF context_length); text past {trained} tokens may degrade",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def use_expandable_segments() -> bool:
