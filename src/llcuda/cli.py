@@ -108,7 +108,7 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         if verbose:
-            print(_perf_report(stream.result, engine.model_info["load_time_s"]), file=sys.stderr)
+            print(_perf_report(stream.result, engine.model_info()["load_time_s"]), file=sys.stderr)
     return 0
 
 

@@ -165,7 +165,6 @@ class FakeEngine:
         self.calls.append(("chat_stream", messages, kwargs))
         return FakeStream(["Hi"])
 
-    @property
     def model_info(self):
         return {"load_time_s": 1.5}
 
