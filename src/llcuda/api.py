@@ -507,9 +507,15 @@ def _load_notices(loaded: Any) -> list[str]:
     that did not come from the file (or none at all)."""
     notices = []
     if str(loaded.device) == "cpu":
+        config = loaded.engine_config
+        why = (
+            "device='cpu'" if config.device == "cpu"
+            else "gpu_layers=0" if config.gpu_layers == 0
+            else "no CUDA device"
+        )  # fmt: skip
         notices.append(
-            "running on the CPU reference path (pure PyTorch; no CUDA device, or device='cpu' / "
-            "gpu_layers=0): gpu_layers and flash_attn have no effect here"
+            f"running on the CPU reference path (pure PyTorch; {why}): gpu_layers and "
+            f"flash_attn have no effect here"
         )
     template = loaded.chat_template
     if not template.available:

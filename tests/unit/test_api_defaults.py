@@ -9,12 +9,15 @@ from __future__ import annotations
 import pytest
 
 from llcuda import InferenceEngine
-from llcuda.gguf.synthetic import TINY, write_gemma3_gguf
+from llcuda.gguf.synthetic import write_gemma3_gguf
+
+# smaller than synthetic.TINY: this file checks the facade's defaults, not the model's numbers
+SMALL = dict(n_embd=64, n_layers=2, n_ff=128, n_head=2, n_kv_head=1, head_dim=32, vocab_size=640)
 
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    return write_gemma3_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf", **TINY)
+    return write_gemma3_gguf(tmp_path_factory.mktemp("models") / "small.gguf", **SMALL)
 
 
 def _max_running(engine: InferenceEngine) -> list[int]:
@@ -33,7 +36,7 @@ def _max_running(engine: InferenceEngine) -> list[int]:
 
 def test_batch_infer_batches_with_default_settings(tiny_path, capsys):
     with InferenceEngine() as engine:
-        engine.load_model(tiny_path, ctx_size=256, auto_start=False)  # everything else default
+        engine.load_model(tiny_path, ctx_size=256)  # everything else default
         err = capsys.readouterr().err
         assert "CPU reference path" in err  # verbose by default: said once at load
         info = engine.model_info()
