@@ -106,8 +106,9 @@ def _generate(args: argparse.Namespace) -> int:
     verbose = not args.quiet
     extra = _engine_extra(args)
     with InferenceEngine() as engine:
+        # one request: one slot (an automatic n_parallel would only capture more CUDA graphs)
         engine.load_model(args.model, gpu_layers=args.gpu_layers, ctx_size=args.ctx_size,
-                          verbose=verbose, **extra)  # fmt: skip
+                          n_parallel=1, verbose=verbose, **extra)  # fmt: skip
         sampling = dict(
             max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k,
             top_p=args.top_p, seed=args.seed, stop=args.stop, min_p=args.min_p,

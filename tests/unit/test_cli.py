@@ -237,8 +237,8 @@ def test_generate_streams_and_reports(fake_engine, capsys):
     assert out == "Hello world\n"
     engine = fake_engine.instances[0]
     load, infer, unload = engine.calls
-    assert load == ("load", "m.gguf", {"gpu_layers": 0, "ctx_size": 512, "verbose": True,
-                                      "device": "cpu"})  # fmt: skip
+    assert load == ("load", "m.gguf", {"gpu_layers": 0, "ctx_size": 512, "n_parallel": 1,
+                                      "verbose": True, "device": "cpu"})  # fmt: skip
     assert infer[1] == "Say"
     assert infer[2]["max_tokens"] == 5 and infer[2]["temperature"] == 0.0
     assert infer[2]["seed"] == 3
