@@ -33,7 +33,7 @@ def main() -> None:
     engine.load_model(args.model, n_parallel=args.n_parallel, ctx_size=4096, batch_size=8192,
                       device="cpu")
     runner = engine._loaded.llm_engine.model_runner
-    vocab = engine.model_info["vocab_size"]
+    vocab = engine.model_info()["vocab_size"]
     gen = torch.Generator().manual_seed(0)
 
     def launch(step) -> SampledTokens:

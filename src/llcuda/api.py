@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -34,7 +35,7 @@ from llcuda.config import EngineConfig
 from llcuda.hub import resolve_model
 from llcuda.metrics import MetricsCollector
 from llcuda.remote import UNTIL_FULL, RemoteBackend, RemoteStream
-from llcuda.sampling_params import SamplingParams
+from llcuda.sampling_params import DEFAULT_TEMPERATURE, SamplingParams
 from llcuda.streams import InferResult, TextStream
 
 # infer(**kwargs) may set these SamplingParams fields beyond the explicit arguments
@@ -75,7 +76,7 @@ class InferenceEngine:
         ctx_size: int = 2048,
         batch_size: int = 512,
         ubatch_size: int = 128,
-        n_parallel: int = 1,
+        n_parallel: int | None = None,
         cache_size: int | None = None,
         flash_attn: bool | None = None,
         auto_start: bool = True,
@@ -85,7 +86,11 @@ class InferenceEngine:
     ) -> bool:
         """Load `model` (a .gguf path, a known name, or 'owner/repo:file.gguf'); True on success.
 
-        Knobs have llama.cpp's meanings (see EngineConfig); extra keyword arguments may set
+        Knobs have llama.cpp's meanings (see EngineConfig). n_parallel=None (or -1), the
+        default, is llama-server's automatic `-np -1`: 4 sequences sharing one KV pool of
+        ctx_size tokens, so that concurrent calls and batch_infer batch without more KV memory
+        than one context; an integer gives that many slots of ctx_size each (cache_size
+        overrides the pool's size). Extra keyword arguments may set
         EngineConfig's block_size, device ('cpu'/'cuda'), seed, enable_prefix_caching (default
         True: prompts sharing a prefix reuse its KV blocks), num_scheduler_steps (decode steps
         chained on the GPU per scheduling round; default 16 on a GPU) and swa_full (default
@@ -104,9 +109,8 @@ class InferenceEngine:
                 f"unknown load_model argument(s) {', '.join(unknown)}; "
                 f"extra arguments may be: {', '.join(_EXTRA_ENGINE_ARGS)}"
             )
-        for name, value in (("auto_start", auto_start), ("verbose", verbose)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
+        _check_bool(auto_start, "auto_start")
+        _check_bool(verbose, "verbose")
         if chat_template is not None and not isinstance(chat_template, str):
             raise ValueError(
                 f"chat_template must be a Jinja template string, got {chat_template!r}"
@@ -135,6 +139,9 @@ class InferenceEngine:
             self._loaded = loaded
             self._model_path = str(path)
             self._metrics.reset()
+        if verbose:
+            for line in _load_notices(loaded):
+                print(f"llcuda: {line}", file=sys.stderr, flush=True)
         return True
 
     def start(self) -> None:
@@ -186,16 +193,23 @@ class InferenceEngine:
             return not self._remote.closed
         return self._loaded is not None
 
-    @property
     def model_info(self) -> dict:
-        """What is loaded: file, architecture, size, shape, tokenizer, device and engine knobs.
+        """What is loaded: file, architecture, size, shape, device, chat template, engine knobs.
 
+        The knobs are the effective ones: `gpu_layers` counts the layers really on the GPU as
+        llama.cpp's -ngl does (the blocks, plus one for the output head; 0 on the CPU, where
+        `flash_attn` is False too), `n_parallel` the slots an automatic setting resolved to
+        (`n_parallel_auto` says it was one), `cache_size` the KV pool's tokens over all slots.
+        `chat_template` names the template chat uses and `chat_template_source` where it came
+        from (None and the reason where there is none: chat then raises).
         With server_url: server_url, name, and what the server's GET /v1/models says of it.
         """
         if self._remote is not None:
             return self._remote.model_info()
         loaded = self._require_loaded()
         mc, ec, gguf = loaded.model_config, loaded.engine_config, loaded.gguf
+        on_cpu = str(loaded.device) == "cpu"
+        template = loaded.chat_template
         return {
             "path": self._model_path,
             "name": mc.name,
@@ -212,14 +226,18 @@ class InferenceEngine:
             "device": str(loaded.device),
             "ctx_size": ec.ctx_size,
             "n_parallel": ec.n_parallel,
+            "n_parallel_auto": ec.n_parallel_auto,
+            "cache_size": ec.num_cache_tokens,
             "batch_size": ec.batch_size,
             "ubatch_size": ec.ubatch_size,
-            "gpu_layers": ec.gpu_layers,
+            "gpu_layers": 0 if on_cpu else min(ec.gpu_layers, mc.num_layers + 1),
+            "flash_attn": False if on_cpu else ec.flash_attn,
+            "chat_template": getattr(template, "name", None) if template.available else None,
+            "chat_template_source": template.origin,
             "background_thread": self._loop.is_threaded,
             "load_time_s": self._load_time_s,
         }
 
-    @property
     def memory_report(self) -> dict:
         """Bytes held by the loaded model (weights, kv_cache, ...) and, on CUDA, by torch."""
         if self._remote is not None:
@@ -244,7 +262,7 @@ class InferenceEngine:
         self,
         prompt: str,
         max_tokens: int = 128,
-        temperature: float = 0.7,
+        temperature: float = DEFAULT_TEMPERATURE,
         top_k: int = 40,
         top_p: float = 0.95,
         seed: int | None = None,
@@ -259,7 +277,7 @@ class InferenceEngine:
         self,
         prompt: str,
         max_tokens: int = 128,
-        temperature: float = 0.7,
+        temperature: float = DEFAULT_TEMPERATURE,
         top_k: int = 40,
         top_p: float = 0.95,
         seed: int | None = None,
@@ -274,7 +292,7 @@ class InferenceEngine:
         self,
         prompts: Iterable[str],
         max_tokens: int = 128,
-        temperature: float = 0.7,
+        temperature: float = DEFAULT_TEMPERATURE,
         top_k: int = 40,
         top_p: float = 0.95,
         seed: int | None = None,
@@ -297,7 +315,7 @@ class InferenceEngine:
         self,
         messages: list[dict],
         max_tokens: int = 128,
-        temperature: float = 0.7,
+        temperature: float = DEFAULT_TEMPERATURE,
         top_k: int = 40,
         top_p: float = 0.95,
         seed: int | None = None,
@@ -312,7 +330,7 @@ class InferenceEngine:
         self,
         messages: list[dict],
         max_tokens: int = 128,
-        temperature: float = 0.7,
+        temperature: float = DEFAULT_TEMPERATURE,
         top_k: int = 40,
         top_p: float = 0.95,
         seed: int | None = None,
@@ -328,6 +346,8 @@ class InferenceEngine:
         self, text: str, add_special: bool = True, parse_special: bool = True
     ) -> list[int]:
         _check_text(text, "text")
+        _check_bool(add_special, "add_special")
+        _check_bool(parse_special, "parse_special")
         if self._remote is not None:
             return self._remote.tokenize(text, add_special, parse_special)
         tok = self._require_loaded().tokenizer
@@ -364,6 +384,8 @@ class InferenceEngine:
         echo: bool = False,
     ) -> dict | Iterator[dict]:
         """A `text_completion` dict (or, with stream=True, an iterator of chunks)."""
+        _check_bool(stream, "stream")
+        _check_bool(echo, "echo")
         if isinstance(prompt, str):  # with server_url, the server tokenizes it
             ids = None if self._remote is not None else self._encode_prompt(prompt)
         else:
@@ -394,6 +416,7 @@ class InferenceEngine:
         repeat_penalty: float = 1.0,
     ) -> dict | Iterator[dict]:
         """A `chat.completion` dict (or, with stream=True, `chat.completion.chunk` dicts)."""
+        _check_bool(stream, "stream")
         if self._remote is not None:  # the server applies its chat template
             messages, ids = _check_messages(messages), None
         else:
@@ -479,6 +502,32 @@ class InferenceEngine:
         return TextStream(handle, len(prompt_ids), self._metrics)
 
 
+def _load_notices(loaded: Any) -> list[str]:
+    """What a user would not otherwise see: the CPU path ignoring GPU knobs, a chat template
+    that did not come from the file (or none at all)."""
+    notices = []
+    if str(loaded.device) == "cpu":
+        config = loaded.engine_config
+        why = (
+            "device='cpu'" if config.device == "cpu"
+            else "gpu_layers=0" if config.gpu_layers == 0
+            else "no CUDA device"
+        )  # fmt: skip
+        notices.append(
+            f"running on the CPU reference path (pure PyTorch; {why}): gpu_layers and "
+            f"flash_attn have no effect here"
+        )
+    template = loaded.chat_template
+    if not template.available:
+        notices.append(f"chat is unavailable: {template.origin}")
+    elif template.origin.startswith("builtin"):
+        notices.append(
+            f"chat template: {template.origin}; a file without one is often a base model, "
+            f"not tuned to chat, whose chat answers may be poor"
+        )
+    return notices
+
+
 def _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, extra) -> SamplingParams:
     unknown = sorted(set(extra) - set(_EXTRA_SAMPLING_ARGS))
     if unknown:
@@ -492,6 +541,12 @@ def _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, extra) -
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         stop=stop, **extra,
     )  # fmt: skip
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def _check_text(text: Any, name: str) -> str:

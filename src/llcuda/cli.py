@@ -13,12 +13,25 @@ import sys
 from collections.abc import Sequence
 
 from llcuda import __version__
+from llcuda.config import AUTO_N_PARALLEL
 from llcuda.hub import EMBEDDED_MODEL, resolve_model
+from llcuda.sampling_params import DEFAULT_TEMPERATURE
+
+
+class _HelpFormat(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, as llama.cpp's does; not for on/off flags (their
+    help says what they change) nor for a None default (the help says what None means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.nargs == 0 or action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="llcuda", description="Run GGUF language models on NVIDIA GPUs (or the CPU)."
+        prog="llcuda", description="Run GGUF language models on NVIDIA GPUs (or the CPU).",
+        formatter_class=_HelpFormat,
     )
     parser.add_argument("--version", action="version", version=f"llcuda {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -55,30 +68,35 @@ def _add_generate(subparsers) -> None:
         "generate",
         help="stream a completion of PROMPT to stdout",
         description="Stream a completion of PROMPT to stdout; timings go to stderr at the end.",
+        formatter_class=_HelpFormat,
     )
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("-m", "--model", default=EMBEDDED_MODEL,
-                   help=f"a .gguf path, a known name or owner/repo:file.gguf "
-                        f"(default: {EMBEDDED_MODEL}, shipped on PyPI)")  # fmt: skip
+                   help="a .gguf path, a known name or owner/repo:file.gguf (the default is "
+                        "shipped on PyPI)")  # fmt: skip
     p.add_argument("-n", "--max-tokens", type=int, default=128, help="tokens to generate")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--temp", type=float, default=DEFAULT_TEMPERATURE,
+                   help="temperature (llama.cpp's default); 0 is greedy")  # fmt: skip
+    p.add_argument("--top-k", type=int, default=40, help="top-k sampling; 0 disables it")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling; 1.0 disables it")
+    p.add_argument("--min-p", type=float, default=0.05, help="min-p sampling; 0.0 disables it")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="1.0 is off")
     p.add_argument("--seed", type=int, default=None, help="RNG seed (default: random)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens")
-    p.add_argument("-ngl", "--gpu-layers", type=int, default=99, help="layers on the GPU")
+    p.add_argument("-ngl", "--gpu-layers", type=int, default=99,
+                   help="layers on the GPU (no effect on the CPU)")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available")  # fmt: skip
     _add_prefix_caching(p)
     p.add_argument(
         "--chat",
         action="store_true",
-        help="send PROMPT as a user message through the model's chat template",
+        help="send PROMPT as a user message through the model's chat template (the file's, "
+        "else the architecture's builtin; a model with neither refuses)",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no timings")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar, no notices, no timings")  # fmt: skip
     p.set_defaults(func=_generate)
 
 
@@ -88,8 +106,9 @@ def _generate(args: argparse.Namespace) -> int:
     verbose = not args.quiet
     extra = _engine_extra(args)
     with InferenceEngine() as engine:
+        # one request: one slot (an automatic n_parallel would only capture more CUDA graphs)
         engine.load_model(args.model, gpu_layers=args.gpu_layers, ctx_size=args.ctx_size,
-                          verbose=verbose, **extra)  # fmt: skip
+                          n_parallel=1, verbose=verbose, **extra)  # fmt: skip
         sampling = dict(
             max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k,
             top_p=args.top_p, seed=args.seed, stop=args.stop, min_p=args.min_p,
@@ -108,7 +127,7 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         if verbose:
-            print(_perf_report(stream.result, engine.model_info["load_time_s"]), file=sys.stderr)
+            print(_perf_report(stream.result, engine.model_info()["load_time_s"]), file=sys.stderr)
     return 0
 
 
@@ -180,7 +199,9 @@ def _add_info(subparsers) -> None:
     p = subparsers.add_parser(
         "info",
         help="describe a GGUF file: architecture, size, shape, tokenizer, tensor types",
-        description="Describe a GGUF file without loading its weights.",
+        description="Describe a GGUF file without loading its weights: what it is, and "
+        "whether llcuda can run its architecture and tensor types.",
+        formatter_class=_HelpFormat,
     )
     p.add_argument("model", metavar="FILE_OR_NAME", help="a .gguf path or a known model name")
     p.set_defaults(func=_info)
@@ -209,7 +230,7 @@ def describe_gguf(gguf) -> str:
     tokens = md.get("tokenizer.ggml.tokens")
     rows = [
         ("file", f"{gguf.path} ({_size(gguf.file_size)})"),
-        ("architecture", arch),
+        ("architecture", f"{arch} ({_architecture_support(arch)})"),
         ("name", md.get("general.name", "?")),
         ("file type", _file_type(md.get("general.file_type"))),
         ("parameters", f"{n_params / 1e6:.1f} M ({n_params:,})"),
@@ -218,13 +239,13 @@ def describe_gguf(gguf) -> str:
         ("embedding dim", key("embedding_length")),
         ("feed-forward dim", key("feed_forward_length")),
         ("heads", f"{heads} (kv heads {kv_heads if kv_heads is not None else heads})"),
-        ("head dim", key("attention.key_length", "embedding / heads")),
+        ("head dim", key("attention.key_length", _head_dim(key("embedding_length"), heads))),
         (
             "tokenizer",
             f"{md.get('tokenizer.ggml.model', '?')} "
             f"(vocab {len(tokens) if tokens is not None else '?'})",
         ),  # fmt: skip
-        ("chat template", "yes" if md.get("tokenizer.chat_template") else "no"),
+        ("chat template", _chat_template_row(md)),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name + ':':<{width + 1}} {value}" for name, value in rows]
@@ -235,12 +256,64 @@ def describe_gguf(gguf) -> str:
         count_bytes = by_type.setdefault(name, [0, 0])
         count_bytes[0] += 1
         count_bytes[1] += t.nbytes
-    lines += ["", f"{'tensor type':<12} {'count':>6} {'bytes':>14} {'size':>10}"]
+    computable = _computable_types()
+    lines += ["", f"{'tensor type':<12} {'count':>6} {'bytes':>14} {'size':>10}  supported"]
     for name, (count, nbytes) in sorted(by_type.items(), key=lambda kv: -kv[1][1]):
-        lines.append(f"{name:<12} {count:>6} {nbytes:>14,} {_size(nbytes):>10}")
+        ok = "yes" if name in computable else "no"
+        lines.append(f"{name:<12} {count:>6} {nbytes:>14,} {_size(nbytes):>10}  {ok}")
     total = sum(b for _, b in by_type.values())
     lines.append(f"{'total':<12} {len(tensors):>6} {total:>14,} {_size(total):>10}")
+    unsupported = sorted(set(by_type) - computable)
+    if unsupported:
+        lines.append(
+            f"llcuda cannot compute tensor type(s) {', '.join(unsupported)}: the file will not "
+            f"load (supported: {', '.join(sorted(computable))})"
+        )
     return "\n".join(lines)
+
+
+def _chat_template_row(metadata) -> str:
+    from llcuda.gguf.chat_template import ChatTemplateError, chat_template_from_metadata
+
+    try:
+        template = chat_template_from_metadata(metadata)
+    except ChatTemplateError as exc:  # the file's template does not compile
+        return f"yes, but it does not compile: {exc}"
+    if template.origin.startswith("the file's"):
+        return "yes"
+    if not template.available:
+        return f"no; chat is refused: {template.origin}"
+    return f"no; chat uses the {template.origin.split(' (the file')[0]}"
+
+
+def _head_dim(n_embd: object, n_head: object) -> object:
+    """llama.cpp's default when attention.key_length is absent: n_embd / n_head."""
+    if isinstance(n_embd, int) and isinstance(n_head, int) and n_head > 0:
+        return n_embd // n_head
+    return "?"
+
+
+def _architecture_support(arch: object) -> str:
+    """Whether llcuda runs `arch`: it needs a model class (models/registry.py's MODELS)."""
+    from llcuda.gguf.model_config import SUPPORTED_ARCHITECTURES
+    from llcuda.models.registry import MODELS
+
+    runs = ", ".join(sorted(MODELS))
+    if arch in MODELS:
+        return f"supported: llcuda runs it with {MODELS[arch].__name__}"
+    if arch in SUPPORTED_ARCHITECTURES:
+        return (
+            f"not supported yet: llcuda reads its metadata and tokenizer but has no model for "
+            f"it; it runs: {runs}"
+        )
+    return f"not supported: llcuda does not know this architecture; it runs: {runs}"
+
+
+def _computable_types() -> set[str]:
+    """Names of the GGML tensor types the reference path computes (kernels/dequant_ref.py)."""
+    from llcuda.kernels.dequant_ref import SUPPORTED_TYPES
+
+    return {t.name for t in SUPPORTED_TYPES}
 
 
 def _size(nbytes: int) -> str:
@@ -270,13 +343,14 @@ def _add_bench(subparsers) -> None:
         "bench",
         help="prompt and generation speed, like llama-bench (pp / tg tokens per second)",
         description="Measure prompt processing (pp) and generation (tg) speed, as llama-bench.",
+        formatter_class=_HelpFormat,
     )
     p.add_argument("model", metavar="FILE_OR_NAME", help="a .gguf path or a known model name")
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (pp)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (tg)")
-    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("-r", "--repetitions", type=int, default=3, help="runs of each test")
     p.add_argument("-d", "--depth", type=int, default=0, help="tokens already in context for tg")
-    p.add_argument("-ngl", "--gpu-layers", type=int, default=99)
+    p.add_argument("-ngl", "--gpu-layers", type=int, default=99, help="layers on the GPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.set_defaults(func=_bench)
 
@@ -303,16 +377,21 @@ def _add_serve(subparsers) -> None:
         description="Serve MODEL over HTTP: /v1/completions, /v1/chat/completions, /v1/models, "
         "/completion, /tokenize, /detokenize, /health, /metrics. SIGTERM aborts what is in "
         "flight and exits 0.",
+        formatter_class=_HelpFormat,
     )
     p.add_argument("model", metavar="FILE_OR_NAME", nargs="?", default=EMBEDDED_MODEL,
-                   help=f"a .gguf path or a known name (default: {EMBEDDED_MODEL})")  # fmt: skip
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("-np", "--n-parallel", type=int, default=4, help="sequences decoded together")
-    p.add_argument("-c", "--ctx-size", type=int, default=2048, help="tokens per sequence")
+                   help="a .gguf path or a known name")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on")
+    p.add_argument("-np", "--n-parallel", type=int, default=-1,
+                   help=f"sequences decoded together; -1 = auto, as llama-server: "
+                        f"{AUTO_N_PARALLEL} sharing one KV pool of -c tokens")  # fmt: skip
+    p.add_argument("-c", "--ctx-size", type=int, default=2048,
+                   help="the most tokens one sequence holds (prompt + generated)")  # fmt: skip
     p.add_argument("-b", "--batch-size", type=int, default=512, help="tokens per step")
     p.add_argument("-ub", "--ubatch-size", type=int, default=128, help="prefill chunk per sequence")
-    p.add_argument("-ngl", "--gpu-layers", type=int, default=99)
+    p.add_argument("-ngl", "--gpu-layers", type=int, default=99,
+                   help="layers on the GPU (no effect on the CPU)")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available")  # fmt: skip
     _add_prefix_caching(p)
@@ -320,15 +399,20 @@ def _add_serve(subparsers) -> None:
     p.add_argument(
         "--chat-template",
         default=None,
-        help="a Jinja chat template (text, or @FILE to read it from a file)",
+        help="a Jinja chat template (text, @FILE to read it from a file, or a builtin name: "
+        "gemma, llama3, chatml, phi3); default: the file's, else the architecture's builtin",
     )
+    # read from the environment in _serve, not as the default: --help prints defaults
     p.add_argument(
         "--api-key",
-        default=os.environ.get("LLCUDA_API_KEY"),
-        help="require 'Authorization: Bearer KEY' (default: $LLCUDA_API_KEY)",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (default: $LLCUDA_API_KEY if set, else "
+        "no key)",
     )
-    p.add_argument("--alias", default=None, help="model id reported by /v1/models")
-    p.add_argument("-q", "--quiet", action="store_true", help="no load progress")
+    p.add_argument("--alias", default=None,
+                   help="model id reported by /v1/models (default: the file's name)")  # fmt: skip
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no load progress, notices or start-up summary")  # fmt: skip
     p.set_defaults(func=_serve)
 
 
@@ -347,13 +431,44 @@ def _serve(args: argparse.Namespace) -> int:
         with open(template[1:], encoding="utf-8") as f:
             template = f.read()
     extra = _engine_extra(args)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("LLCUDA_API_KEY")
     with InferenceEngine() as engine:
         engine.load_model(
             args.model, gpu_layers=args.gpu_layers, ctx_size=args.ctx_size,
             batch_size=args.batch_size, ubatch_size=args.ubatch_size, n_parallel=args.n_parallel,
             chat_template=template, verbose=not args.quiet, **extra,
         )  # fmt: skip
-        return serve(engine, args.host, args.port, api_key=args.api_key, model_name=args.alias)
+        if not args.quiet:
+            summary = serve_summary(engine.model_info(), engine.memory_report(), args.host,
+                                    args.port, api_key is not None)  # fmt: skip
+            print(summary, file=sys.stderr, flush=True)
+        return serve(engine, args.host, args.port, api_key=api_key, model_name=args.alias)
+
+
+def serve_summary(info: dict, memory: dict, host: str, port: int, api_key: bool) -> str:
+    """What `llcuda serve` runs, printed once before it listens (llama-server logs the same)."""
+    np_flag = "auto" if info.get("n_parallel_auto") else info["n_parallel"]
+    pool = info["cache_size"]
+    if pool < info["ctx_size"] * info["n_parallel"]:
+        shared = "one pool shared by the slots"
+    else:
+        shared = f"{info['n_parallel']} x {info['ctx_size']}"
+    kv = memory.get("kv_cache", 0)
+    template = info.get("chat_template")
+    rows = [
+        ("model", f"{info['name']} ({info['path']})"),
+        ("architecture", info["architecture"]),
+        ("device", f"{info['device']} (gpu layers {info['gpu_layers']}/{info['num_layers'] + 1})"),
+        ("context", f"{info['ctx_size']} tokens per sequence (model trained for "
+                    f"{info['context_length']})"),
+        ("slots", f"{info['n_parallel']} sequences decoded together (-np {np_flag})"),
+        ("kv cache", f"{pool:,} tokens, {shared}, {_size(kv)}"),
+        ("chat template", template if template else f"none: {info.get('chat_template_source')}"),
+        ("listening", f"http://{host}:{port}"),
+        ("api key", "on" if api_key else "off (anyone who reaches the port may use it)"),
+    ]  # fmt: skip
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"llcuda serve: {name + ':':<{width + 1}} {value}" for name, value in rows)
 
 
 if __name__ == "__main__":

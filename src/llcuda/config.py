@@ -68,6 +68,12 @@ class ModelConfig:
         return self.rope_freq_factors
 
 
+# llama-server resolves `-np -1` (its default) to 4 slots over one unified KV buffer
+# ("n_parallel is set to auto, using n_parallel = 4 and kv_unified = true")
+AUTO_N_PARALLEL = 4
+AUTO_N_PARALLEL_FLAG = -1  # llama.cpp's spelling of "auto"; None means the same
+
+
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -83,8 +89,15 @@ class EngineConfig:
     - ctx_size: the most tokens (prompt + generated) one sequence holds (llama.cpp `-c` per slot).
     - batch_size: token budget of one engine step, summed over all sequences (`-b`).
     - ubatch_size: the most prompt tokens one sequence feeds in one step (chunked prefill, `-ub`).
-    - n_parallel: the most sequences decoded together (`-np`).
-    - cache_size: KV-cache capacity in tokens over all sequences; None = ctx_size * n_parallel.
+    - n_parallel: the most sequences decoded together (`-np`). None (or -1) = automatic, as
+      llama-server's default `-np -1`: AUTO_N_PARALLEL (4) sequences sharing one unified KV
+      pool (llama.cpp's `--kv-unified`) of ctx_size tokens, so that concurrent requests batch
+      out of the box while the KV memory stays that of one full context. Each sequence may
+      still grow to ctx_size alone; when several long ones fill the pool, the scheduler
+      preempts the newest (it recomputes later). An explicit integer gives that many slots
+      and, unless cache_size says otherwise, ctx_size * n_parallel tokens of cache.
+    - cache_size: KV-cache capacity in tokens over all sequences; None = ctx_size with an
+      automatic n_parallel, ctx_size * n_parallel with an explicit one.
     - gpu_layers: layers placed on the GPU (99 = all); the rest run on the CPU.
     - flash_attn: None = auto, True/False forces the fused attention kernel on or off.
     - enable_prefix_caching: requests whose prompts share a prefix reuse its full KV blocks instead
@@ -108,7 +121,7 @@ class EngineConfig:
     ctx_size: int = 2048
     batch_size: int = 512
     ubatch_size: int = 128
-    n_parallel: int = 1
+    n_parallel: int | None = None  # None / -1: automatic (resolved in __post_init__)
     cache_size: int | None = None
     flash_attn: bool | None = None
     block_size: int = 32  # tokens per KV-cache block
@@ -118,12 +131,24 @@ class EngineConfig:
     num_scheduler_steps: int | None = None
     swa_full: bool = False
     extra: dict = field(default_factory=dict)
+    # True when n_parallel was automatic (it then holds AUTO_N_PARALLEL)
+    n_parallel_auto: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
+        if self.n_parallel is None or self.n_parallel == AUTO_N_PARALLEL_FLAG:
+            self.n_parallel, self.n_parallel_auto = AUTO_N_PARALLEL, True
+            if self.cache_size is None:  # one unified pool: no more KV memory than one slot's
+                _check_int("ctx_size", self.ctx_size, 8)
+                self.cache_size = self.ctx_size
         _check_int("gpu_layers", self.gpu_layers, 0)
         _check_int("ctx_size", self.ctx_size, 8)
         _check_int("batch_size", self.batch_size, 1)
         _check_int("ubatch_size", self.ubatch_size, 1)
+        if isinstance(self.n_parallel, int) and not isinstance(self.n_parallel, bool):
+            if self.n_parallel < 1:
+                raise ValueError(
+                    f"n_parallel must be >= 1, or None / -1 for automatic, got {self.n_parallel}"
+                )
         _check_int("n_parallel", self.n_parallel, 1)
         _check_int("block_size", self.block_size, 1)
         if self.num_scheduler_steps is not None:

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# llama.cpp's default temperature (common_params_sampling.temp, llama-server's and llama-cli's
+# `--temp`): InferenceEngine's methods, `llcuda generate` and the server's /completion use it
+DEFAULT_TEMPERATURE = 0.8
 
 
 @dataclass
 class SamplingParams:
     """How one request picks tokens and when it stops.
 
-    temperature 0 is greedy. top_k <= 0 disables top-k; top_p 1.0 and min_p 0.0 disable theirs.
+    Every field's type is checked (bool must be a bool, numbers finite, ...): a ValueError names
+    the field. temperature 0 is greedy. top_k <= 0 disables top-k; top_p 1.0 and min_p 0.0
+    disable theirs.
     repeat_penalty 1.0 is off; it applies to the last `repeat_last_n` tokens (prompt included),
     dividing positive logits and multiplying negative ones, as llama.cpp does.
     """
 
     max_tokens: int = 128
-    temperature: float = 0.7
+    temperature: float = DEFAULT_TEMPERATURE
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
@@ -41,6 +48,8 @@ class SamplingParams:
         _integer("repeat_last_n", self.repeat_last_n, -1)
         if self.seed is not None:
             _integer("seed", self.seed, None)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
@@ -53,7 +62,9 @@ class SamplingParams:
 def _number(name: str, value: object, low: float, high: float | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    if value != value or value < low or (high is not None and value > high):
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if value < low or (high is not None and value > high):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be {bound}, got {value}")
 

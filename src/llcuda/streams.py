@@ -1,7 +1,8 @@
 """One request's stream of text and its result.
 
 `TextStream` turns the `RequestOutput` deltas of an `EngineLoop` request handle into text pieces
-and, at the end, an `InferResult` with latency and TTFT measured from submission.
+and, at the end, an `InferResult` with latency and TTFT measured from submission and the
+request's own decode speed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from llcuda.metrics import MetricsCollector
 
 @dataclass
 class InferResult:
-    """One finished request. tokens_per_sec = tokens_generated / latency (prefill included)."""
+    """One finished request.
+
+    latency_ms runs from submission to the end, ttft_ms from submission to the first token: both
+    include any time queued behind other requests. tokens_per_sec is the request's own decode
+    speed: the tokens after the first over the time from its first token to its last (llama.cpp's
+    "eval" rate; the first token's cost is in ttft_ms), so neither the queue nor the prefill
+    counts. 0.0 with fewer than two tokens, or when all of them arrived at once.
+    """
 
     success: bool
     text: str = ""
@@ -40,6 +48,9 @@ class ResultStream(Iterator[str]):
     """
 
     result: InferResult | None
+    # ms from _start to the last generated token; a subclass that does not track it gets the
+    # end of the stream instead (a remote stream: its last event carries the last token)
+    _last_token_ms: float = 0.0
 
     def close(self) -> None:
         raise NotImplementedError
@@ -73,10 +84,11 @@ class ResultStream(Iterator[str]):
             ttft_ms=self._ttft_ms if n else None, success=error is None,
             cached_tokens=self._cached_tokens,
         )  # fmt: skip
+        decode_ms = (self._last_token_ms or latency) - self._ttft_ms
         self.result = InferResult(
             success=error is None, text="".join(self._pieces), tokens_generated=n,
             prompt_tokens=prompt_tokens, latency_ms=latency, ttft_ms=self._ttft_ms,
-            tokens_per_sec=n / (latency / 1000.0) if latency > 0 else 0.0,
+            tokens_per_sec=(n - 1) / (decode_ms / 1000.0) if n > 1 and decode_ms > 0 else 0.0,
             finish_reason=finish_reason if error is None else None,
             error_message=None if error is None else f"{type(error).__name__}: {error}",
             token_ids=list(self._token_ids), cached_tokens=self._cached_tokens,
@@ -129,8 +141,10 @@ class TextStream(ResultStream):
         For consumers that receive the deltas themselves (`RequestHandle.listen`, as the HTTP
         server's event loop does) instead of iterating; they call `end()` after the finished one.
         """
-        if out.new_token_ids and not self._token_ids:
-            self._ttft_ms = (time.perf_counter() - self._start) * 1000.0
+        if out.new_token_ids:
+            self._last_token_ms = (time.perf_counter() - self._start) * 1000.0
+            if not self._token_ids:
+                self._ttft_ms = self._last_token_ms
         self._token_ids.extend(out.new_token_ids)
         self._cached_tokens = max(self._cached_tokens, out.num_cached_tokens)
         if out.finished:

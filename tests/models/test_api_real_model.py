@@ -39,13 +39,13 @@ def golden_greedy(golden):
 
 
 def test_model_info(engine):
-    info = engine.model_info
+    info = engine.model_info()
     assert info["architecture"] == "gemma3"
     assert info["num_layers"] == 18
     assert info["vocab_size"] == 262144
     assert info["parameters"] == 268_098_176
     assert info["background_thread"] is True
-    report = engine.memory_report
+    report = engine.memory_report()
     assert report["weights"] > 200_000_000
     assert report["kv_cache"] > 0
 

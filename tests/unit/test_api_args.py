@@ -46,6 +46,10 @@ class FakeTokenizer:
 
 
 class FakeTemplate:
+    available = True
+    name = "fake"
+    origin = "the file's tokenizer.chat_template"
+
     def __init__(self, adds_bos: bool) -> None:
         self.adds_bos = adds_bos
 
@@ -188,8 +192,8 @@ def fake_engine(e: InferenceEngine) -> FakeLLMEngine:
         lambda e: e.tokenize("hi"),
         lambda e: e.detokenize([1]),
         lambda e: e.create_completion("hi"),
-        lambda e: e.model_info,
-        lambda e: e.memory_report,
+        lambda e: e.model_info(),
+        lambda e: e.memory_report(),
     ],
 )
 def test_calls_before_load_model_say_to_load(call):
@@ -289,7 +293,7 @@ def test_infer_result(engine):
     assert result.prompt_tokens == 6  # BOS + 5 characters
     assert result.finish_reason == "length"
     assert 0 < result.ttft_ms <= result.latency_ms
-    assert result.tokens_per_sec == pytest.approx(5 / (result.latency_ms / 1000))
+    assert result.tokens_per_sec > 0
     text, add_special, parse_special = engine._loaded.tokenizer.calls[-1]
     assert (text, add_special, parse_special) == ("hello", True, True)
 
@@ -324,6 +328,14 @@ def test_infer_passes_sampling_params(engine):
         ({"stop": [""]}, "stop"),
         ({"min_p": 2.0}, "min_p"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+        ({"temperature": True}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"repeat_penalty": float("nan")}, "repeat_penalty"),
+        ({"repeat_last_n": 1.0}, "repeat_last_n"),
+        ({"seed": True}, "seed"),
+        ({"stop": ["ok", 3]}, "stop"),
     ],
 )
 def test_infer_rejects_bad_arguments(engine, kwargs, name):
@@ -458,12 +470,14 @@ def test_metrics_and_reset(engine):
 
 
 def test_model_info_and_memory(engine):
-    info = engine.model_info
+    info = engine.model_info()
     assert info["architecture"] == "fake"
     assert info["parameters"] == 15
     assert info["ctx_size"] == 64
     assert info["background_thread"] is False
-    mem = engine.memory_report
+    assert info["chat_template"] == "fake"
+    assert info["chat_template_source"] == "the file's tokenizer.chat_template"
+    mem = engine.memory_report()
     assert mem["weights"] == 100 and mem["kv_cache"] == 50 and mem["total"] == 150
 
 
@@ -521,7 +535,7 @@ def test_create_completion_engine_error_raises(engine):
 def test_background_thread_serves_requests(fake_loader, model_file):
     with InferenceEngine() as e:
         e.load_model(model_file, verbose=False, n_parallel=4)
-        assert e.model_info["background_thread"] is True
+        assert e.model_info()["background_thread"] is True
         assert e.infer("hi", max_tokens=3).text == "abc"
         fake_engine(e).step_delay = 0.01  # the four submissions land while step 1 runs
         results = e.batch_infer(["a", "b", "c", "d"], max_tokens=5)
@@ -566,3 +580,110 @@ def test_load_model_prefix_caching_knob(fake_loader, model_file):
     with pytest.raises(ValueError, match="enable_prefix_caching"):
         e.load_model(model_file, verbose=False, enable_prefix_caching="no")
     e.unload_model()
+
+
+# --- honest defaults: effective knobs, load notices, automatic n_parallel -----------------------
+
+
+def test_model_info_reports_effective_knobs_on_the_cpu(fake_loader, model_file, capsys):
+    with InferenceEngine() as e:
+        e.load_model(model_file, auto_start=False, gpu_layers=99, flash_attn=True, verbose=True)
+        info = e.model_info()
+        assert info["device"] == "cpu"
+        assert info["gpu_layers"] == 0 and info["flash_attn"] is False
+        err = capsys.readouterr().err
+        assert err.count("CPU reference path") == 1
+        assert "gpu_layers and flash_attn have no effect" in err
+        e.load_model(model_file, auto_start=False, verbose=False)
+        assert capsys.readouterr().err == ""  # verbose=False: silent
+
+
+def test_model_info_counts_layers_on_the_gpu(fake_loader, model_file):
+    with InferenceEngine() as e:
+        e.load_model(model_file, auto_start=False, verbose=False, gpu_layers=99)
+        e._loaded.device = "cuda:0"  # the fake model has 2 blocks: 2 + the head at most
+        assert e.model_info()["gpu_layers"] == 3
+        e.load_model(model_file, auto_start=False, verbose=False, gpu_layers=1)
+        e._loaded.device = "cuda:0"
+        assert e.model_info()["gpu_layers"] == 1
+
+
+def test_builtin_or_missing_chat_template_is_announced(fake_loader, model_file, capsys):
+    from llcuda.gguf.chat_template import UnavailableChatTemplate, chat_template_from_metadata
+
+    with InferenceEngine() as e:
+        e.load_model(model_file, auto_start=False, verbose=False)
+        e._loaded.chat_template = UnavailableChatTemplate("no template for 'mamba'")
+        assert e.model_info()["chat_template"] is None
+        assert e.model_info()["chat_template_source"] == "no template for 'mamba'"
+        with pytest.raises(ValueError, match="cannot chat: no template for 'mamba'"):
+            e.chat(MESSAGES)
+        with pytest.raises(ValueError, match="cannot chat"):
+            e.create_chat_completion(MESSAGES)
+        assert e.infer("hi", max_tokens=2).text == "ab"  # completions still work
+
+    from llcuda.api import _load_notices
+
+    loaded = FakeLoaded(EngineConfig(), adds_bos=False)
+    md = {"general.architecture": "gemma3", "tokenizer.ggml.tokens": ["<start_of_turn>",
+                                                                      "<end_of_turn>"]}
+    loaded.chat_template = chat_template_from_metadata(md)
+    notices = _load_notices(loaded)
+    assert any("builtin 'gemma'" in n and "base model" in n for n in notices)
+    loaded.chat_template = UnavailableChatTemplate("why")
+    assert "chat is unavailable: why" in _load_notices(loaded)
+
+
+def test_n_parallel_is_automatic_by_default(fake_loader, model_file):
+    e = InferenceEngine()
+    e.load_model(model_file, auto_start=False, verbose=False, ctx_size=256)
+    config = fake_loader.loads[-1][1]
+    assert (config.n_parallel, config.n_parallel_auto) == (4, True)
+    assert config.num_cache_tokens == 256  # one unified pool: no more KV than one context
+    info = e.model_info()
+    assert (info["n_parallel"], info["n_parallel_auto"], info["cache_size"]) == (4, True, 256)
+    e.load_model(model_file, auto_start=False, verbose=False, ctx_size=256, n_parallel=-1,
+                 cache_size=1024)  # fmt: skip
+    config = fake_loader.loads[-1][1]
+    assert (config.n_parallel, config.num_cache_tokens) == (4, 1024)
+    e.load_model(model_file, auto_start=False, verbose=False, ctx_size=256, n_parallel=2)
+    config = fake_loader.loads[-1][1]
+    assert (config.n_parallel, config.n_parallel_auto, config.num_cache_tokens) == (2, False, 512)
+    with pytest.raises(ValueError, match="n_parallel must be >= 1, or None / -1"):
+        e.load_model(model_file, verbose=False, n_parallel=-2)
+    with pytest.raises(ValueError, match="n_parallel"):
+        e.load_model(model_file, verbose=False, n_parallel="auto")
+    e.unload_model()
+
+
+def test_openai_and_token_flags_must_be_bools(engine):
+    with pytest.raises(ValueError, match="stream"):
+        engine.create_completion("Hi", stream="yes")
+    with pytest.raises(ValueError, match="echo"):
+        engine.create_completion("Hi", echo=1)
+    with pytest.raises(ValueError, match="stream"):
+        engine.create_chat_completion(MESSAGES, stream=0)
+    with pytest.raises(ValueError, match="add_special"):
+        engine.tokenize("hi", add_special="no")
+    with pytest.raises(ValueError, match="parse_special"):
+        engine.tokenize("hi", parse_special=None)
+    assert fake_engine(engine).requests == {}
+
+
+def test_tokens_per_sec_is_the_request_s_own_decode_speed(engine):
+    fake = fake_engine(engine)
+    original_step = fake.step
+
+    def step():  # the first token waits 150 ms (a queue, a long prefill), then 10 ms a token
+        fake.step_delay = 0.15 if fake.steps == 0 else 0.01
+        return original_step()
+
+    fake.step = step
+    result = engine.infer("hi", max_tokens=5)
+    assert result.ttft_ms >= 150
+    # 4 tokens after the first over the ~40 ms from first to last: ~100 tok/s (counting the
+    # wait, 5 tokens over ~190 ms, it would read ~26)
+    decode_s = (result.latency_ms - result.ttft_ms) / 1000
+    assert result.tokens_per_sec == pytest.approx(4 / decode_s, rel=0.2)
+    assert result.tokens_per_sec > 2 * 5 / (result.latency_ms / 1000)
+    assert engine.infer("hi", max_tokens=1).tokens_per_sec == 0.0  # no decode step at all

@@ -7,6 +7,7 @@ import pytest
 from llcuda.gguf.chat_template import (
     ChatTemplate,
     ChatTemplateError,
+    UnavailableChatTemplate,
     chat_template_from_metadata,
 )
 from llcuda.gguf.reader import GGUFFile
@@ -15,7 +16,7 @@ from llcuda.gguf.tokenizer import Tokenizer
 GEMMA_MD = {
     "general.architecture": "gemma3",
     "tokenizer.ggml.model": "llama",
-    "tokenizer.ggml.tokens": ["<pad>", "<eos>", "<bos>"],
+    "tokenizer.ggml.tokens": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
     "tokenizer.ggml.bos_token_id": 2,
     "tokenizer.ggml.eos_token_id": 1,
 }
@@ -59,7 +60,8 @@ def test_llama3_and_chatml_builtins():
     md = {
         "general.architecture": "llama",
         "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.tokens": ["<|begin_of_text|>", "<|eot_id|>"],
+        "tokenizer.ggml.tokens": ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>",
+                                  "<|end_header_id|>", "<|im_start|>", "<|im_end|>"],
         "tokenizer.ggml.bos_token_id": 0,
         "tokenizer.ggml.eos_token_id": 1,
     }
@@ -89,8 +91,46 @@ def test_selection_order():
     assert t.name == "override" and t.render([USER, USER]) == "2"
     with pytest.raises(ValueError, match="'nope'"):
         chat_template_from_metadata(gguf_md, override="nope")
-    with pytest.raises(ValueError, match="'mamba'"):
-        chat_template_from_metadata({"general.architecture": "mamba"})
+    assert t.origin == "override (Jinja)"
+    assert chat_template_from_metadata(gguf_md).origin == "the file's tokenizer.chat_template"
+    builtin = chat_template_from_metadata(GEMMA_MD)
+    assert "architecture 'gemma3'" in builtin.origin
+    assert "no tokenizer.chat_template" in builtin.origin
+
+
+def test_no_usable_template_refuses_chat_but_loads():
+    t = chat_template_from_metadata({"general.architecture": "mamba"})
+    assert isinstance(t, UnavailableChatTemplate) and not t.available and not t.adds_bos
+    with pytest.raises(ChatTemplateError, match="cannot chat.*'mamba'.*chat_template"):
+        t.render([USER])
+    # gemma's template, but a vocabulary without its turn tokens: the markers would be plain text
+    plain = {**GEMMA_MD, "tokenizer.ggml.tokens": ["<pad>", "<eos>", "<bos>", "a"]}
+    t = chat_template_from_metadata(plain)
+    assert not t.available
+    with pytest.raises(ValueError, match="<start_of_turn>, <end_of_turn>"):
+        t.render([USER])
+
+
+def test_builtin_chosen_by_vocabulary_and_phi3():
+    # a `llama` file without Llama 3's header tokens but with ChatML's (SmolLM2's case)
+    smollm = {
+        "general.architecture": "llama",
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a"],
+        "tokenizer.ggml.bos_token_id": 1,
+    }
+    t = chat_template_from_metadata(smollm)
+    assert t.name == "chatml" and "<|im_start|>" in t.origin
+    phi3 = {
+        "general.architecture": "phi3",
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"],
+    }
+    t = chat_template_from_metadata(phi3)
+    assert t.name == "phi3" and not t.adds_bos  # the tokenizer adds <s>
+    chat = [{"role": "system", "content": "S"}, USER]
+    assert t.render(chat) == "<|system|>\nS<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
+    assert chat_template_from_metadata(GEMMA_MD, override="phi-3").name == "phi3"
 
 
 def test_content_parts_are_joined():

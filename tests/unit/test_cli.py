@@ -78,7 +78,12 @@ def test_generate_rejects_non_numbers(capsys):
 def test_info(tiny_gguf, capsys):
     assert cli.main(["info", str(tiny_gguf)]) == 0
     out = capsys.readouterr().out
-    assert "architecture:     llama" in out
+    from llcuda.models.registry import MODELS
+
+    assert "architecture:     llama (" in out
+    if "llama" not in MODELS:
+        assert "not supported yet" in out and "it runs: gemma3" in out
+    assert "head dim:         4" in out  # no attention.key_length: n_embd / n_head
     assert "Tiny Test" in out
     assert "F16 (1)" in out
     assert "context length:   512" in out
@@ -86,11 +91,58 @@ def test_info(tiny_gguf, capsys):
     assert "heads:            2 (kv heads 1)" in out
     assert "gpt2 (vocab 4)" in out
     assert "chat template:    yes" in out
+    assert lines_with(out, "F16")[-1] == "yes"  # the supported column
     assert "parameters:       0.0 M (104)" in out
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line}
     assert lines["F16"][1:3] == ["2", "192"]  # 2 tensors, (32 + 64) * 2 bytes
     assert lines["F32"][1:3] == ["1", "32"]
     assert lines["total"][1:3] == ["3", "224"]
+
+
+def lines_with(out: str, first: str) -> list[str]:
+    return next(line.split() for line in out.splitlines() if line.startswith(first + " "))
+
+
+def _write(path, arch: str, tensors: dict, tokens=("a", "b")) -> None:
+    w = GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_embedding_length(8)
+    w.add_head_count(2)
+    w.add_token_list(list(tokens))
+    for name, (array, raw_dtype) in tensors.items():
+        w.add_tensor(name, array, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_info_names_what_llcuda_cannot_run(tmp_path, capsys):
+    from gguf import GGMLQuantizationType
+
+    path = tmp_path / "mamba.gguf"
+    # one IQ2_XXS block (66 bytes for 256 weights): a type the reference path cannot compute
+    iq2 = np.zeros((1, 66), dtype=np.uint8)
+    _write(path, "mamba", {"blk.0.ssm_x.weight": (iq2, GGMLQuantizationType.IQ2_XXS),
+                           "output_norm.weight": (np.ones(8, dtype=np.float32), None)})
+    assert cli.main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "architecture:     mamba (not supported: llcuda does not know" in out
+    assert lines_with(out, "IQ2_XXS")[-1] == "no" and lines_with(out, "F32")[-1] == "yes"
+    assert "cannot compute tensor type(s) IQ2_XXS" in out
+    assert "chat template:    no; chat is refused" in out
+    assert "head dim:         4" in out
+
+
+def test_info_supported_architecture(tmp_path, capsys):
+    path = tmp_path / "g.gguf"
+    _write(path, "gemma3", {"output_norm.weight": (np.ones(8, dtype=np.float32), None)},
+           tokens=("<start_of_turn>", "<end_of_turn>"))  # fmt: skip
+    assert cli.main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "gemma3 (supported: llcuda runs it with Gemma3ForCausalLM)" in out
+    assert "chat template:    no; chat uses the builtin 'gemma'" in out
+    assert "cannot compute" not in out
 
 
 @pytest.mark.parametrize(
@@ -165,7 +217,6 @@ class FakeEngine:
         self.calls.append(("chat_stream", messages, kwargs))
         return FakeStream(["Hi"])
 
-    @property
     def model_info(self):
         return {"load_time_s": 1.5}
 
@@ -186,8 +237,8 @@ def test_generate_streams_and_reports(fake_engine, capsys):
     assert out == "Hello world\n"
     engine = fake_engine.instances[0]
     load, infer, unload = engine.calls
-    assert load == ("load", "m.gguf", {"gpu_layers": 0, "ctx_size": 512, "verbose": True,
-                                      "device": "cpu"})  # fmt: skip
+    assert load == ("load", "m.gguf", {"gpu_layers": 0, "ctx_size": 512, "n_parallel": 1,
+                                      "verbose": True, "device": "cpu"})  # fmt: skip
     assert infer[1] == "Say"
     assert infer[2]["max_tokens"] == 5 and infer[2]["temperature"] == 0.0
     assert infer[2]["seed"] == 3
@@ -258,3 +309,96 @@ def test_generate_no_prefix_caching_reaches_load_model(fake_engine):
     assert fake_engine.instances[0].calls[0][2]["enable_prefix_caching"] is False
     assert cli.main(["generate", "x", "-q"]) == 0  # the default is load_model's own (on)
     assert "enable_prefix_caching" not in fake_engine.instances[1].calls[0][2]
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["generate", "--help"], ["(default: 128)", "(default: 0.8)", "(default: 2048)",
+                                  "(default: 99)", "(default: 40)", "(default: 0.95)"]),
+        (["serve", "--help"], ["(default: 8080)", "(default: -1)", "(default: 2048)",
+                               "(default: 512)", "(default: 127.0.0.1)"]),
+        (["bench", "--help"], ["(default: 512)", "(default: 128)", "(default: 3)"]),
+    ],
+)  # fmt: skip
+def test_help_lists_defaults(capsys, command, shown):
+    with pytest.raises(SystemExit):
+        cli.main(command)
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for text in shown:
+        assert text in out
+    assert "(default: False)" not in out and "(default: None)" not in out
+
+
+def test_one_temperature_default_everywhere():
+    import inspect
+
+    from llcuda import InferenceEngine, SamplingParams
+    from llcuda.sampling_params import DEFAULT_TEMPERATURE
+
+    assert DEFAULT_TEMPERATURE == 0.8  # llama.cpp's
+    assert cli.build_parser().parse_args(["generate", "x"]).temp == DEFAULT_TEMPERATURE
+    assert SamplingParams().temperature == DEFAULT_TEMPERATURE
+    for method in ("infer", "infer_stream", "batch_infer", "chat", "chat_stream"):
+        default = inspect.signature(getattr(InferenceEngine, method)).parameters["temperature"]
+        assert default.default == DEFAULT_TEMPERATURE, method
+
+
+def test_api_key_default_is_not_printed(monkeypatch, capsys):
+    monkeypatch.setenv("LLCUDA_API_KEY", "s3cret")
+    assert cli.build_parser().parse_args(["serve"]).api_key is None  # read in _serve instead
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    assert "s3cret" not in capsys.readouterr().out
+
+
+class FakeServeEngine(FakeEngine):
+    def model_info(self):
+        return {
+            "name": "Tiny", "path": "/m/tiny.gguf", "architecture": "gemma3", "device": "cpu",
+            "gpu_layers": 0, "num_layers": 4, "ctx_size": 2048, "context_length": 32768,
+            "n_parallel": 4, "n_parallel_auto": True, "cache_size": 2048,
+            "chat_template": "gemma", "chat_template_source": "builtin",
+        }  # fmt: skip
+
+    def memory_report(self):
+        return {"kv_cache": 3 * 2**20}
+
+
+def test_serve_prints_a_summary_and_passes_auto_n_parallel(monkeypatch, capsys):
+    import llcuda.api
+    import llcuda.server.app
+
+    served = []
+    FakeEngine.instances = []
+    monkeypatch.setattr(llcuda.api, "InferenceEngine", FakeServeEngine)
+    monkeypatch.setattr(llcuda.server.app, "serve",
+                        lambda engine, host, port, api_key, model_name: served.append(
+                            (host, port, api_key)) or 0)  # fmt: skip
+    monkeypatch.setenv("LLCUDA_API_KEY", "k")
+    assert cli.main(["serve", "m.gguf", "--port", "9000"]) == 0
+    load = FakeEngine.instances[0].calls[0]
+    assert load[2]["n_parallel"] == -1  # automatic, resolved by EngineConfig
+    assert served == [("127.0.0.1", 9000, "k")]
+    err = capsys.readouterr().err
+    for text in ("model:         Tiny (/m/tiny.gguf)", "architecture:  gemma3",
+                 "device:        cpu (gpu layers 0/5)", "context:       2048 tokens per sequence",
+                 "slots:         4 sequences decoded together (-np auto)",
+                 "kv cache:      2,048 tokens, one pool shared",
+                 "3.0 MiB", "listening:     http://127.0.0.1:9000", "api key:       on"):
+        assert text in err, text
+    monkeypatch.delenv("LLCUDA_API_KEY")
+    assert cli.main(["serve", "m.gguf", "-np", "2", "-q"]) == 0
+    assert FakeEngine.instances[1].calls[0][2]["n_parallel"] == 2
+    assert served[-1][2] is None
+    assert capsys.readouterr().err == ""  # -q: no summary
+
+
+def test_serve_summary_for_explicit_slots():
+    info = FakeServeEngine().model_info() | {"n_parallel": 2, "n_parallel_auto": False,
+                                             "cache_size": 4096, "chat_template": None,
+                                             "chat_template_source": "no template"}
+    text = cli.serve_summary(info, {"kv_cache": 0}, "0.0.0.0", 80, api_key=False)
+    assert "(-np 2)" in text and "4,096 tokens, 2 x 2048" in text
+    assert "chat template: none: no template" in text
+    assert "api key:       off" in text

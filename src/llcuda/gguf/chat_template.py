@@ -4,8 +4,14 @@ Templates are Jinja, rendered the way Hugging Face `transformers` does
 (`ImmutableSandboxedEnvironment`, `trim_blocks`, `lstrip_blocks`, loop controls, a
 `raise_exception` helper, `strftime_now`, and a `tojson` that keeps non-ASCII text).
 `chat_template_from_metadata` picks, in order: an explicit override (a template string or a
-builtin name), the GGUF's `tokenizer.chat_template`, or a builtin chosen by
-`general.architecture`.
+builtin name), the GGUF's `tokenizer.chat_template`, or -- as llama.cpp falls back to its
+built-in templates (llm_chat_apply_template) -- a builtin: the one of `general.architecture`
+(gemma*: gemma, llama: llama3, qwen2/qwen3: chatml, phi3: phi3), else the one whose turn
+markers the vocabulary has (a `llama` file of SmolLM2 carries ChatML's). A builtin is only
+chosen when the vocabulary holds its turn markers as tokens: without them the markers would be
+tokenized as plain text and the model would answer gibberish. Where nothing fits, the result is
+an `UnavailableChatTemplate` whose `render` raises a ChatTemplateError saying so: the model
+loads, completions work, chat is refused. Every template says where it came from (`origin`).
 
 Engine note: a rendered chat that already starts with the BOS text (the Gemma template does,
 see `ChatTemplate.adds_bos`) must be tokenized with `add_special=False`, or the prompt gets two
@@ -73,12 +79,32 @@ CHATML_TEMPLATE = """{%- for message in messages -%}
 {%- endif -%}
 """
 
+# Phi-3 format, as llama.cpp's LLM_CHAT_TEMPLATE_PHI_3: "<|{role}|>\n{content}<|end|>\n" per
+# message; no BOS in the text (the tokenizer adds it where the file says so).
+PHI3_TEMPLATE = """{%- for message in messages -%}
+    {{- '<|' + message.role + '|>\n' + message.content + '<|end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|assistant|>\n' -}}
+{%- endif -%}
+"""
+
 BUILTIN_TEMPLATES: dict[str, str] = {
     "gemma": GEMMA_TEMPLATE,
     "llama3": LLAMA3_TEMPLATE,
     "chatml": CHATML_TEMPLATE,
+    "phi3": PHI3_TEMPLATE,
 }
-_ALIASES = {"gemma2": "gemma", "gemma3": "gemma", "llama-3": "llama3", "qwen": "chatml"}
+# the tokens each builtin's turns are made of: a vocabulary without them cannot use it
+BUILTIN_MARKERS: dict[str, tuple[str, ...]] = {
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "phi3": ("<|user|>", "<|assistant|>", "<|end|>"),
+}
+_ALIASES = {
+    "gemma2": "gemma", "gemma3": "gemma", "llama-3": "llama3", "qwen": "chatml", "phi-3": "phi3",
+}  # fmt: skip
 _ARCH_TEMPLATES = {
     "gemma": "gemma",
     "gemma2": "gemma",
@@ -86,6 +112,7 @@ _ARCH_TEMPLATES = {
     "llama": "llama3",
     "qwen2": "chatml",
     "qwen3": "chatml",
+    "phi3": "phi3",
 }
 
 
@@ -168,13 +195,17 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
 class ChatTemplate:
     """A compiled Jinja chat template plus the BOS/EOS texts it may refer to."""
 
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", name: str = "custom"):
+    available = True  # UnavailableChatTemplate: False
+
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", name: str = "custom",
+                 origin: str = "given as source"):  # fmt: skip
         if not isinstance(source, str) or not source.strip():
             raise ChatTemplateError("chat template source must be a non-empty string")
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.name = name
+        self.origin = origin  # where the template came from, for model_info and load messages
         try:
             self._template = _environment().from_string(source)
         except jinja2.TemplateError as e:
@@ -222,6 +253,24 @@ class ChatTemplate:
         return f"ChatTemplate(name={self.name!r}, bos_token={self.bos_token!r})"
 
 
+class UnavailableChatTemplate:
+    """Stands where a model has no usable chat template: `render` raises, saying why."""
+
+    available = False
+    name = None
+    adds_bos = False
+
+    def __init__(self, reason: str) -> None:
+        self.origin = reason
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True,
+               **kwargs: Any) -> str:  # fmt: skip
+        raise ChatTemplateError(f"this model cannot chat: {self.origin}")
+
+    def __repr__(self) -> str:
+        return f"UnavailableChatTemplate({self.origin!r})"
+
+
 def builtin_template_source(name: str) -> str:
     """Source of a builtin template by name ("gemma", "llama3", "chatml" or an alias)."""
     key = _ALIASES.get(name, name)
@@ -243,11 +292,42 @@ def _special_text(metadata: Mapping[str, Any], key: str, default: int | None) ->
     return text.decode("utf-8") if isinstance(text, bytes) else str(text)
 
 
+def _vocab_texts(metadata: Mapping[str, Any]) -> set[str] | None:
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, (list, tuple)):
+        return None
+    return {t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in tokens}
+
+
+def _builtin_for(metadata: Mapping[str, Any], arch: Any) -> tuple[str | None, str]:
+    """(builtin name or None, why): the architecture's builtin if the vocabulary has its turn
+    markers (or there is no vocabulary to check), else the first builtin whose markers it has."""
+    vocab = _vocab_texts(metadata)
+    arch_key = _ARCH_TEMPLATES.get(arch) if isinstance(arch, str) else None
+    if arch_key is not None and (vocab is None or set(BUILTIN_MARKERS[arch_key]) <= vocab):
+        return arch_key, f"builtin {arch_key!r}, the known template of architecture {arch!r}"
+    for key, markers in BUILTIN_MARKERS.items():
+        if vocab is not None and set(markers) <= vocab:
+            found = ", ".join(markers)
+            return key, f"builtin {key!r}, chosen because the vocabulary has its tokens {found}"
+    if arch_key is not None:
+        missing = ", ".join(m for m in BUILTIN_MARKERS[arch_key] if m not in (vocab or ()))
+        return None, (
+            f"the known template of architecture {arch!r} ({arch_key!r}) needs the tokens "
+            f"{missing}, which the vocabulary lacks, and no other builtin's tokens are there"
+        )
+    return None, (
+        f"no builtin template for architecture {arch!r} and the vocabulary has none of the "
+        f"builtins' turn tokens"
+    )
+
+
 def chat_template_from_metadata(
     metadata: Mapping[str, Any], override: str | None = None
-) -> ChatTemplate:
+) -> ChatTemplate | UnavailableChatTemplate:
     """The chat template for a GGUF model: `override` (template source or builtin name), else
-    `tokenizer.chat_template`, else the builtin for `general.architecture`."""
+    `tokenizer.chat_template`, else a builtin (see the module doc), else an
+    UnavailableChatTemplate that refuses chat with the reason."""
     # BOS/EOS texts with llama.cpp's default ids (SPM 1/2, BPE 11/11) when the file has none.
     model = metadata.get("tokenizer.ggml.model")
     bos_default, eos_default = (11, 11) if model == "gpt2" else (1, 2)
@@ -259,18 +339,21 @@ def chat_template_from_metadata(
                 f"chat template override must be a string, got {type(override).__name__}"
             )
         if "{{" in override or "{%" in override:
-            return ChatTemplate(override, bos, eos, name="override")
+            return ChatTemplate(override, bos, eos, name="override", origin="override (Jinja)")
         key = _ALIASES.get(override, override)
-        return ChatTemplate(builtin_template_source(override), bos, eos, name=key)
+        source = builtin_template_source(override)
+        return ChatTemplate(source, bos, eos, name=key, origin=f"override (builtin {key!r})")
     source = metadata.get("tokenizer.chat_template")
     if isinstance(source, str) and source.strip():
-        return ChatTemplate(source, bos, eos, name="gguf")
+        origin = "the file's tokenizer.chat_template"
+        return ChatTemplate(source, bos, eos, name="gguf", origin=origin)
     arch = metadata.get("general.architecture")
-    key = _ARCH_TEMPLATES.get(arch) if isinstance(arch, str) else None
+    key, why = _builtin_for(metadata, arch)
     if key is None:
-        raise ChatTemplateError(
-            f"GGUF has no tokenizer.chat_template and there is no builtin template for "
-            f"architecture {arch!r}; pass a chat template override "
-            f"(one of {', '.join(sorted(BUILTIN_TEMPLATES))}, or Jinja source)"
+        return UnavailableChatTemplate(
+            f"the file has no tokenizer.chat_template and {why}; pass a chat template "
+            f"(load_model(chat_template=...) or --chat-template: one of "
+            f"{', '.join(sorted(BUILTIN_TEMPLATES))}, or Jinja source)"
         )
-    return ChatTemplate(BUILTIN_TEMPLATES[key], bos, eos, name=key)
+    origin = f"{why} (the file has no tokenizer.chat_template)"
+    return ChatTemplate(BUILTIN_TEMPLATES[key], bos, eos, name=key, origin=origin)

@@ -131,7 +131,7 @@ class ServerState:
     """What the routes share: the engine, metrics, requests in flight, the shutdown flag."""
 
     def __init__(self, engine: InferenceEngine, api_key: str | None, model_name: str | None):
-        info = engine.model_info
+        info = engine.model_info()
         self.engine = engine
         # the engine's internals, for /metrics gauges and EOS-vs-stop-word only; never stepped here
         self.llm_engine = engine._loaded.llm_engine
@@ -249,7 +249,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
     @app.get("/v1/models")
     @app.get("/models")
     async def models() -> dict:
-        info = engine.model_info
+        info = engine.model_info()
         keys = ("architecture", "parameters", "file_size", "vocab_size", "context_length",
                 "ctx_size", "n_parallel", "device")  # fmt: skip
         meta = {k: info[k] for k in keys}
