@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from llcuda.sampling_params import DEFAULT_TEMPERATURE
+
 _MISSING = object()
 _SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below this
 
@@ -325,7 +327,9 @@ def _stream_options(body: dict, stream: bool) -> bool:
     return bool(include_usage)
 
 
-_OPENAI_DEFAULTS = {"max_tokens": None, "temperature": 1.0, "top_p": 1.0}
+# llama-server's sampling defaults on its OpenAI routes too (not OpenAI's 1.0 / 1.0): the same
+# temperature and top_p as the Python API and `llcuda generate`
+_OPENAI_DEFAULTS = {"max_tokens": None, "temperature": DEFAULT_TEMPERATURE, "top_p": 0.95}
 
 
 def parse_completion(body: dict, ctx_size: int) -> GenerateRequest:
