@@ -28,6 +28,19 @@ absence of output.weight, rms eps (float32 values on both sides), sliding-window
 (transformers keeps kv > q - window, llama.cpp masks q - kv >= window: the same), phi3's window
 (llama.cpp disables Phi-3 SWA; transformers' GGUF config has none), qwen2's biases.
 
+With `--llama-server PATH` (the CPU build in ../shared/peer/llamacpp-cpu), each twin also goes
+through llama.cpp itself: one /completion request per prefix, n_probs 20, and the data file
+records how far llama.cpp's log-probs sit from the oracle's, with and without the adjustments.
+On the quantized twin llama.cpp's CPU kernels round activations to 8 bits (hundredths to tenths
+of a nat of noise), so the same weights are also written unquantized (F32) and compared: there
+both sides compute in fp32 and should meet to float rounding.
+Measured with llama.cpp 0c1e570 (CPU build, fp32 KV cache, flash attention off), 64 positions,
+llama.cpp's top-20: on the F32 twins the adjusted transformers meets llama.cpp to 1.1e-5-2.4e-5
+nats at most for llama3, llama, qwen2, qwen3, phi3, and 1.3e-3 for gemma2 / gemma3 (probably
+ggml's CPU GELU, which goes through an fp16 table); on the quantized twins to 0.09-0.45 (8-bit
+activations). Without the adjustments llama.cpp and transformers part by up to 10.0 nats (llama3,
+rope_freqs), 1.07 (gemma2), 0.84 (gemma3); qwen3 does not load at all.
+
 Run in a separate venv (transformers is an oracle, never a dependency of llcuda):
     python3 -m venv /work/oracle-venv && /work/oracle-venv/bin/pip install torch==2.13.0
     /work/oracle-venv/bin/pip install transformers gguf numpy sentencepiece accelerate
@@ -38,8 +51,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import gguf
@@ -48,6 +65,8 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from llcuda.gguf.constants import GGMLType
+from llcuda.gguf.tokenizer_bpe import bytes_to_unicode
 from llcuda.gguf.twins import TWINS, sha256_file, write_twin
 
 OUT_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "oracle"
@@ -116,34 +135,132 @@ def model_adjustments(twin: str, reader: gguf.GGUFReader, model) -> list[str]:
     return done
 
 
+class LlamaServer:
+    """llama.cpp's llama-server on one twin (started and stopped by its own process id)."""
+
+    def __init__(self, binary: Path, model: Path, banned: list[int], port: int = 8097) -> None:
+        self.banned = banned
+        env = {**os.environ, "LD_LIBRARY_PATH": str(binary.parent)}
+        # fp32 KV cache and no flash attention: llama.cpp's defaults (f16 cache; CPU flash
+        # attention converts to f16) round K, V and Q, up to 0.03 nats on the F32 twins
+        cmd = [str(binary), "-m", str(model), "-c", "256", "-np", "1", "-t", "2",
+               "-ctk", "f32", "-ctv", "f32", "-fa", "off",
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if json.loads(r.read()).get("status") == "ok":
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.close()
+        raise RuntimeError(f"llama-server did not come up for {model}")
+
+    def top_logprobs(self, prefix: list[int]) -> dict[int, float]:
+        """llama.cpp's top-20 log-probs for the token after `prefix` (pre-sampling)."""
+        # A sampled end-of-generation token, or a byte token that is not whole UTF-8, ends the
+        # reply without probabilities: ban them from sampling (ignore_eos, logit_bias). The
+        # reported log-probs come from the raw logits (post_sampling_probs off), before any bias.
+        body = {"prompt": prefix, "n_predict": 1, "n_probs": TOP_K, "temperature": 0,
+                "cache_prompt": True, "samplers": [], "ignore_eos": True,
+                "logit_bias": [[t, False] for t in self.banned]}  # fmt: skip
+        req = urllib.request.Request(
+            self.url + "/completion", json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(req, timeout=60) as r:
+            probs = json.loads(r.read())["completion_probabilities"][0]["top_logprobs"]
+        return {p["id"]: p["logprob"] for p in probs}
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def partial_utf8_tokens(reader: gguf.GGUFReader) -> list[int]:
+    """Ids of the byte tokens 0x80-0xFF (GPT-2 byte characters or SPM's <0xXX>)."""
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if _field(reader, "tokenizer.ggml.model") == "llama":
+        return [i for i, t in enumerate(tokens) if t.startswith("<0x") and int(t[3:5], 16) >= 128]
+    high = {bytes_to_unicode()[b] for b in range(128, 256)}
+    return [i for i, t in enumerate(tokens) if t in high]
+
+
+def llama_cpp_distance(theirs_all: list[dict[int, float]], logprobs: torch.Tensor) -> dict:
+    """Max / mean |llama.cpp - logprobs| over llama.cpp's top-20 at every position, and the
+    positions where the argmaxes differ."""
+    diffs, argmax_differs = [], []
+    for p, theirs in enumerate(theirs_all):
+        diffs += [abs(lp - logprobs[p, tid].item()) for tid, lp in theirs.items()]
+        if max(theirs, key=theirs.get) != int(logprobs[p].argmax()):
+            argmax_differs.append(p)
+    return {"max": round(max(diffs), 6), "mean": round(sum(diffs) / len(diffs), 6),
+            "argmax_differs_at": argmax_differs}  # fmt: skip
+
+
+def _logprobs(model, ids: list[int]) -> torch.Tensor:
+    return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def load_transformers(twin: str, path: Path, adjust: bool = True):
+    """(model, adjustments made) for the twin file at `path`, in fp32."""
+    reader = gguf.GGUFReader(path)
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    adjustments = config_adjustments(twin, reader, config) if adjust else []
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, config=config, dtype=torch.float32
+    ).eval()
+    if adjust:
+        adjustments += model_adjustments(twin, reader, model)
+    return model, adjustments
+
+
+def llama_cpp_top_logprobs(binary: Path, path: Path, ids: list[int]) -> list[dict[int, float]]:
+    """llama.cpp's top-20 log-probs after every prefix of `ids`, through the twin at `path`."""
+    server = LlamaServer(binary, path, partial_utf8_tokens(gguf.GGUFReader(path)))
+    try:
+        return [server.top_logprobs(ids[: p + 1]) for p in range(len(ids))]
+    finally:
+        server.close()
+
+
 @torch.inference_mode()
-def oracle(twin: str, seed: int, folder: Path) -> dict:
+def oracle(twin: str, seed: int, folder: Path, llama_server: Path | None = None) -> dict:
     spec = TWINS[twin]
     path = write_twin(folder / f"{twin}.gguf", twin, seed)
     reader = gguf.GGUFReader(path)
-    config = AutoConfig.from_pretrained(folder, gguf_file=path.name)
-    adjustments = config_adjustments(twin, reader, config)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=path.name, config=config, dtype=torch.float32
-    )
-    model.eval()
-    adjustments += model_adjustments(twin, reader, model)
+    model, adjustments = load_transformers(twin, path)
     add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
     bos = int(_field(reader, "tokenizer.ggml.bos_token_id")) if add_bos else None
     ids = token_sequence(spec.vocab_size, bos)
-    logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    logprobs = _logprobs(model, ids)  # [NUM_TOKENS, vocab]
     top = torch.topk(logprobs, TOP_K, dim=-1)  # [NUM_TOKENS, TOP_K]
-    unadjusted_diff = None
+    unadjusted_diff, plain_lp = None, None
     if adjustments:  # how far transformers' own reading of the file lands: each fix matters
         try:
-            plain = AutoModelForCausalLM.from_pretrained(
-                folder, gguf_file=path.name, dtype=torch.float32
-            ).eval()
+            plain, _ = load_transformers(twin, path, adjust=False)
         except RuntimeError as e:  # qwen3: head_dim 128 gives the wrong q/k/v shapes
             unadjusted_diff = f"does not load: {str(e).splitlines()[0][:120]}"
         else:
-            plain_lp = torch.log_softmax(plain(torch.tensor([ids])).logits[0].float(), dim=-1)
+            plain_lp = _logprobs(plain, ids)
             unadjusted_diff = (plain_lp.gather(1, top.indices) - top.values).abs().max().item()
+    llama_cpp = None
+    if llama_server is not None:
+        theirs = llama_cpp_top_logprobs(llama_server, path, ids)
+        llama_cpp = {"twin": llama_cpp_distance(theirs, logprobs)}
+        if plain_lp is not None:
+            llama_cpp["twin_transformers_unadjusted"] = llama_cpp_distance(theirs, plain_lp)
+        # the same weights unquantized: llama.cpp computes in fp32 too, so the adjusted
+        # transformers and llama.cpp should meet to float rounding
+        f32 = write_twin(folder / f"{twin}-f32.gguf", twin, seed, type_cycle=(GGMLType.F32,))
+        f32_model, _ = load_transformers(twin, f32)
+        theirs = llama_cpp_top_logprobs(llama_server, f32, ids)
+        llama_cpp["f32_twin"] = llama_cpp_distance(theirs, _logprobs(f32_model, ids))
+        print(f"{twin}: llama.cpp distances: {llama_cpp}")
     gaps = (top.values[:, 0] - top.values[:, 1]).tolist()
     print(
         f"{twin}: {path.stat().st_size:,} bytes; top-1 logprob mean "
@@ -168,6 +285,7 @@ def oracle(twin: str, seed: int, folder: Path) -> dict:
         },
         "adjustments": adjustments,
         "unadjusted_max_logprob_diff": unadjusted_diff,
+        "llama_cpp_logprob_distance": llama_cpp,
         "sequence_seed": SEQUENCE_SEED,
         "token_ids": ids,
         "top_ids": top.indices.tolist(),
@@ -180,12 +298,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--twin", action="append", choices=sorted(TWINS), help="default: all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
+    parser.add_argument("--llama-server", type=Path, help="llama-server binary to cross-check")
     args = parser.parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         for twin in args.twin or list(TWINS):
-            data = oracle(twin, args.seed, Path(tmp))
+            data = oracle(twin, args.seed, Path(tmp), args.llama_server)
             out = args.out_dir / f"{twin}.json"
             out.write_text(json.dumps(data, separators=(",", ":")) + "\n")
             print(f"  -> {out} ({out.stat().st_size:,} bytes)")

@@ -120,8 +120,11 @@ def hf_weights(spec: ArchSpec, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def gguf_tensors(spec: ArchSpec, seed: int) -> list[tuple[str, np.ndarray, GGMLType]]:
-    """(GGUF name, data, type) in file order, converted and quantized as described above."""
+def gguf_tensors(
+    spec: ArchSpec, seed: int, type_cycle: tuple[GGMLType, ...] = TYPE_CYCLE
+) -> list[tuple[str, np.ndarray, GGMLType]]:
+    """(GGUF name, data, type) in file order, converted and quantized as described above (the
+    2-D weights take the types of `type_cycle` in turn)."""
     weights = hf_weights(spec, seed)
     out, n_matrices = [], 0
     for hf_name, name, _ in tensor_list(spec):
@@ -133,7 +136,7 @@ def gguf_tensors(spec: ArchSpec, seed: int) -> list[tuple[str, np.ndarray, GGMLT
         if w.ndim == 1:
             out.append((name, np.ascontiguousarray(w, dtype=np.float32), GGMLType.F32))
             continue
-        qtype = TYPE_CYCLE[n_matrices % len(TYPE_CYCLE)]
+        qtype = type_cycle[n_matrices % len(type_cycle)]
         n_matrices += 1
         if w.shape[1] % QUANT_SIZES[qtype][0]:
             raise ValueError(f"{name}: row length {w.shape[1]} does not fit {qtype.name} blocks")
@@ -206,8 +209,12 @@ def twin_metadata(spec: ArchSpec, file_type: int = _FILE_TYPE_Q4_K_M) -> list[tu
 # ------------------------------------------------------------------------ writing
 
 
-def write_twin(path: str | Path, twin: str, seed: int = 0) -> Path:
-    """Write twin `twin` (a key of TWINS) to `path`; the bytes depend on (twin, seed) only."""
+def write_twin(
+    path: str | Path, twin: str, seed: int = 0, type_cycle: tuple[GGMLType, ...] = TYPE_CYCLE
+) -> Path:
+    """Write twin `twin` (a key of TWINS) to `path`; the bytes depend on (twin, seed) only.
+    type_cycle=(GGMLType.F32,) writes the same weights unquantized (a cross-check where
+    llama.cpp's CPU kernels do not round activations to 8 bits)."""
     if twin not in TWINS:
         raise ValueError(f"unknown twin {twin!r} (known: {', '.join(TWINS)})")
     spec = TWINS[twin]
@@ -215,7 +222,7 @@ def write_twin(path: str | Path, twin: str, seed: int = 0) -> Path:
     writer = GGUFWriter(path, spec.arch)
     for key, value, vtype, sub in twin_metadata(spec):
         writer.add_key_value(key, value, vtype, sub_type=sub)
-    for name, data, qtype in gguf_tensors(spec, seed):
+    for name, data, qtype in gguf_tensors(spec, seed, type_cycle):
         raw = None if qtype in (GGMLType.F32, GGMLType.F16) else GGMLQuantizationType(int(qtype))
         writer.add_tensor(name, data, raw_dtype=raw)
     writer.write_header_to_file()
