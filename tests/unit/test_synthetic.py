@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import gguf
@@ -10,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from llcuda.gguf.arch_spec import llama3_rope_factors
+from llcuda.gguf.bench_twins import BENCH_PRESETS, bench_plan
 from llcuda.gguf.constants import QUANT_SIZES, GGMLType
 from llcuda.gguf.model_config import model_config_from_gguf
+from llcuda.gguf.quantize import quantize
 from llcuda.gguf.reader import GGUFFile
 from llcuda.gguf.synthetic import (
     GEMMA3_1B,
@@ -25,7 +29,11 @@ from llcuda.gguf.synthetic import (
     use_more_bits,
     write_gemma3_gguf,
 )
+from llcuda.gguf.synthetic_vocab import bpe_vocab
+from llcuda.gguf.tokenizer import Tokenizer
+from llcuda.gguf.twins import TWINS, TYPE_CYCLE, permute_for_norm_rope, sha256_file, write_twin
 from llcuda.kernels.dequant_ref import dequantize_ref
+from llcuda.layers.quant_tensor import read_float_tensor
 
 
 def data_nbytes(plan) -> int:
@@ -209,3 +217,146 @@ def test_cli(tmp_path, capsys):
     main([str(out), "--preset", "tiny", "--seed", "1"])
     assert out.stat().st_size == synthetic_file_size(**TINY)
     assert "wrote" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------ architecture twins
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_quantize_round_trips_through_gguf_and_llcuda(qtype):
+    rng = np.random.default_rng(0)
+    x = (0.05 * rng.standard_normal((6, 512))).astype(np.float32)
+    x[0] = 0.0  # an all-zero block
+    x[1] = np.abs(x[1])  # no negative values: min 0
+    t = GGMLType[qtype]
+    data = quantize(x, t)
+    ref = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype])
+    assert ref.shape == x.shape and np.isfinite(ref).all()
+    assert (ref[0] == 0).all()
+    # relative RMS error of a plain fit: 4-bit ~8%, 5-bit ~4%, 6-bit ~2%, 8-bit ~0.5%
+    bound = {"F16": 1e-3, "Q4_0": 0.1, "Q8_0": 0.01, "Q4_K": 0.1, "Q5_K": 0.05, "Q6_K": 0.03}
+    assert np.sqrt(((ref - x) ** 2).mean()) / x.std() < bound[qtype]
+    if qtype != "F16":  # llcuda's dequantizer reads our blocks exactly as gguf-py does
+        ours = dequantize_ref(torch.from_numpy(data.copy()), t)
+        assert np.array_equal(ours.numpy(), ref)
+
+
+def test_quantize_rejects_bad_input():
+    with pytest.raises(ValueError, match="multiple of 256"):
+        quantize(np.zeros((2, 96), np.float32), GGMLType.Q4_K)
+    with pytest.raises(ValueError, match="cannot quantize to Q2_K"):
+        quantize(np.zeros((2, 256), np.float32), GGMLType.Q2_K)
+    with pytest.raises(ValueError, match="2-D"):
+        quantize(np.zeros(256, np.float32), GGMLType.Q8_0)
+
+
+def test_llama_permutation_is_undone_by_the_reverse_permutation():
+    w = np.arange(2 * 8 * 3, dtype=np.float32).reshape(2 * 8, 3)  # 2 heads of head_dim 8
+    p = permute_for_norm_rope(w, 2)
+    # transformers' reverse permutation (LlamaTensorProcessor._reverse_permute_weights)
+    back = p.reshape(2, 4, 2, 3).swapaxes(2, 1).reshape(w.shape)
+    assert np.array_equal(back, w)
+    # within a head, HF rows i and i + 4 (a rotate-half pair) become adjacent rows 2i, 2i + 1
+    assert np.array_equal(p[:2], w[[0, 4]]) and np.array_equal(p[8:10], w[[8, 12]])
+
+
+def test_llama3_rope_factors():
+    f = llama3_rope_factors(TWINS["llama3"])
+    assert f.shape == (32,) and f.dtype == np.float32
+    assert f[0] == 1.0 and f[-1] == 8.0  # short wavelengths untouched, long ones divided by 8
+    assert ((f[1:] - f[:-1]) >= 0).all() and ((f > 1) & (f < 8)).any()
+
+
+@pytest.mark.parametrize("twin", list(TWINS))
+def test_twin_file(twin, tmp_path):
+    spec = TWINS[twin]
+    path = write_twin(tmp_path / "t.gguf", twin)
+    assert path.stat().st_size < 4_000_000
+    with GGUFFile(path) as g:
+        assert g.architecture == spec.arch
+        names = set(g.tensors)
+        assert ("output.weight" in names) == (not spec.tied)
+        assert ("rope_freqs.weight" in names) == (spec.llama3_rope is not None)
+        assert ("blk.0.attn_q.bias" in names) == spec.has_biases
+        assert ("blk.0.attn_q_norm.weight" in names) == spec.has_qk_norm
+        assert ("blk.0.attn_qkv.weight" in names) == (spec.arch == "phi3")
+        types = {t.ggml_type for t in g.tensors.values() if len(t.shape) == 2}
+        assert types == set(TYPE_CYCLE)
+        assert all(t.ggml_type == GGMLType.F32 for t in g.tensors.values() if len(t.shape) == 1)
+        m = g.metadata
+        assert m[f"{spec.arch}.embedding_length"] == spec.n_embd
+        assert m[f"{spec.arch}.attention.head_count_kv"] == spec.n_kv_head
+        if spec.arch in ("qwen3", "gemma2", "gemma3", "llama"):
+            assert m[f"{spec.arch}.attention.key_length"] == spec.head_dim
+        if spec.arch == "gemma2":
+            assert m["gemma2.attn_logit_softcapping"] == spec.attn_softcap
+            assert "gemma2.rope.freq_base" not in m
+        tok = Tokenizer.from_metadata(m)
+        text = "hello world, the quick brown fox 123"
+        assert tok.decode(tok.encode(text)).strip() == text
+        if spec.is_gemma:  # GGUF norms hold 1 + w
+            norm = read_float_tensor(g, "blk.0.attn_norm.weight")
+            assert abs(norm.mean().item() - 1.0) < 0.05
+
+
+def test_twin_determinism_and_qwen3_head_dim(tmp_path):
+    a = sha256_file(write_twin(tmp_path / "a.gguf", "qwen3", seed=0))
+    b = sha256_file(write_twin(tmp_path / "b.gguf", "qwen3", seed=0))
+    c = sha256_file(write_twin(tmp_path / "c.gguf", "qwen3", seed=1))
+    assert a == b != c
+    with GGUFFile(tmp_path / "a.gguf") as g:
+        c = model_config_from_gguf(g)
+        assert (c.head_dim, c.num_heads, c.hidden_size) == (64, 8, 256)  # 64 != 256 / 8
+        assert g.tensors["blk.0.attn_q.weight"].shape == (256, 512)
+    with pytest.raises(ValueError, match="unknown twin 'mistral'"):
+        write_twin(tmp_path / "x.gguf", "mistral")
+
+
+def test_bpe_vocab_merges_are_well_formed():
+    tokens, types, merges, bos, eos = bpe_vocab(1024, "llama-bpe")
+    assert len(tokens) == len(set(tokens)) == len(types) == 1024
+    assert tokens[bos] == "<|begin_of_text|>" and tokens[eos] == "<|eot_id|>"
+    vocab = set(tokens)
+    for merge in merges:
+        left, right = merge.split(" ")
+        assert left in vocab and right in vocab and left + right in vocab
+
+
+def test_bench_plans_match_real_q4_k_m_files():
+    # llama-quantize's own summaries of the real Q4_K_M files
+    counts = {
+        "llama-3.2-1b": (96, 17, 34),
+        "llama-3.2-3b": (168, 29, 58),
+        "llama-3.1-8b": (193, 33, 66),
+        "qwen2.5-7b": (169, 29, 141),
+    }
+    for preset, (n_q4, n_q6, n_f32) in counts.items():
+        types = [t for _, _, t in bench_plan(BENCH_PRESETS[preset])]
+        got = (types.count(GGMLType.Q4_K), types.count(GGMLType.Q6_K), types.count(GGMLType.F32))
+        assert got == (n_q4, n_q6, n_f32), preset
+    plan = {name: t for name, _, t in bench_plan(BENCH_PRESETS["llama-3.1-8b"])}
+    assert plan["output.weight"] == GGMLType.Q6_K and plan["token_embd.weight"] == GGMLType.Q4_K
+    tied = {name: t for name, _, t in bench_plan(BENCH_PRESETS["llama-3.2-1b"])}
+    assert tied["token_embd.weight"] == GGMLType.Q6_K and "output.weight" not in tied
+
+
+def test_bench_twin_cli(tmp_path, monkeypatch, capsys):
+    small = dataclasses.replace(
+        BENCH_PRESETS["qwen2.5-7b"], n_embd=256, n_layers=2, n_ff=512, n_head=4, n_kv_head=2,
+        head_dim=64, vocab_size=1024,
+    )  # fmt: skip
+    monkeypatch.setitem(BENCH_PRESETS, "qwen2.5-7b", small)
+    out = tmp_path / "bench.gguf"
+    main([str(out), "--preset", "qwen2.5-7b"])
+    assert "wrote" in capsys.readouterr().out
+    with GGUFFile(out) as g:
+        c = model_config_from_gguf(g)
+        assert (c.architecture, c.num_layers, c.tie_word_embeddings) == ("qwen2", 2, False)
+        for info in g.tensors.values():
+            rows, _ = info.rows_cols
+            raw = g.tensor_bytes(info.name).reshape(rows, info.row_bytes)
+            assert torch.isfinite(
+                dequantize_ref(torch.from_numpy(raw.copy()), info.ggml_type)
+            ).all()
+    with pytest.raises(SystemExit):
+        main([str(out), "--preset", "qwen2.5-7b", "--mix", "Q8_0"])

@@ -12,6 +12,9 @@ Quantized blocks are random bytes with every f16 scale field overwritten by a fi
 The file also carries a small but usable SPM ("llama") vocabulary with Gemma's special tokens.
 
     python -m llcuda.gguf.synthetic OUT.gguf --preset 1b
+
+The same CLI writes the llama / qwen2 benchmark twins of bench_twins.py
+(`--preset llama-3.2-1b`, `llama-3.2-3b`, `llama-3.1-8b`, `qwen2.5-7b`, Q4_K_M only).
 """
 
 from __future__ import annotations
@@ -429,22 +432,31 @@ def write_gemma3_gguf(
 
 
 def main(argv: list[str] | None = None) -> None:
+    from llcuda.gguf.bench_twins import BENCH_PRESETS, write_bench_gguf  # imports this module
+
     parser = argparse.ArgumentParser(
         prog="python -m llcuda.gguf.synthetic",
-        description="Write a random-weight Gemma 3 GGUF in the tensor-type mix of Q4_K_M files.",
+        description="Write a random-weight GGUF (Gemma 3, or a Llama / Qwen2.5 benchmark twin) in "
+        "the tensor-type mix of Q4_K_M files.",
     )
     parser.add_argument("out", type=Path, help="output .gguf path")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--preset", choices=sorted(PRESETS) + list(BENCH_PRESETS), default="tiny")
     parser.add_argument("--mix", choices=MIXES, default="Q4_K_M")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--no-pad", action="store_true", help="do not pad 270m/1b twins to the real file size"
     )
     args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    if args.preset in BENCH_PRESETS:
+        if args.mix != "Q4_K_M":
+            parser.error(f"--preset {args.preset} is written in the Q4_K_M mix only")
+        path = write_bench_gguf(args.out, args.preset, seed=args.seed)
+        print(f"wrote {path} ({path.stat().st_size:,} bytes) in {time.perf_counter() - t0:.1f} s")
+        return
     kw: dict[str, Any] = dict(PRESETS[args.preset])
     if args.preset in REAL_FILE_SIZES and args.mix == "Q4_K_M" and not args.no_pad:
         kw["file_size"] = REAL_FILE_SIZES[args.preset]
-    t0 = time.perf_counter()
     path = write_gemma3_gguf(args.out, seed=args.seed, mix=args.mix, **kw)
     size = path.stat().st_size
     print(f"wrote {path} ({size:,} bytes) in {time.perf_counter() - t0:.1f} s")

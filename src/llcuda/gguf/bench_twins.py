@@ -1,0 +1,107 @@
+"""Benchmark twins of Llama 3.2 1B / 3B, Llama 3.1 8B and Qwen2.5 7B in their Q4_K_M tensor-type
+mix, with random blocks (for speed measurements on the device; their output is noise).
+
+The mix is llama.cpp's `llama_tensor_get_type` for Q4_K_M (src/llama-quant.cpp): Q4_K by default;
+Q6_K for attn_v and ffn_down on `use_more_bits` layers and for output.weight (or the token
+embedding when it is tied); F32 for norms, biases and `rope_freqs`. For Llama 3.1 8B that is
+193 Q4_K, 33 Q6_K and 66 F32 tensors, as in the real file. Metadata, tensor names and order come
+from arch_spec (the converter's), the vocabulary from synthetic_vocab (real vocab sizes). Blocks
+are random bytes with finite scale fields (synthetic._random_tensor), streamed one tensor at a
+time, so an 8B twin (~4.9 GB) takes about as long as the disk needs.
+
+    python -m llcuda.gguf.synthetic OUT.gguf --preset llama-3.1-8b
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter
+
+from llcuda.gguf.arch_spec import ArchSpec, llama3_rope_factors, tensor_list
+from llcuda.gguf.constants import QK_K, QUANT_SIZES, GGMLType
+from llcuda.gguf.synthetic import _fallback, _random_tensor, use_more_bits
+from llcuda.gguf.twins import twin_metadata
+
+BENCH_PRESETS: dict[str, ArchSpec] = {
+    "llama-3.2-1b": ArchSpec(
+        "llama", n_embd=2048, n_layers=16, n_ff=8192, n_head=32, n_kv_head=8, head_dim=64,
+        vocab_size=128256, context_length=131072, rope_theta=500000.0, tied=True,
+        llama3_rope=(32.0, 1.0, 4.0, 8192), name="Synthetic Llama 3.2 1B",
+    ),
+    "llama-3.2-3b": ArchSpec(
+        "llama", n_embd=3072, n_layers=28, n_ff=8192, n_head=24, n_kv_head=8, head_dim=128,
+        vocab_size=128256, context_length=131072, rope_theta=500000.0, tied=True,
+        llama3_rope=(32.0, 1.0, 4.0, 8192), name="Synthetic Llama 3.2 3B",
+    ),
+    "llama-3.1-8b": ArchSpec(
+        "llama", n_embd=4096, n_layers=32, n_ff=14336, n_head=32, n_kv_head=8, head_dim=128,
+        vocab_size=128256, context_length=131072, rope_theta=500000.0, tied=False,
+        llama3_rope=(8.0, 1.0, 4.0, 8192), name="Synthetic Llama 3.1 8B",
+    ),
+    "qwen2.5-7b": ArchSpec(
+        "qwen2", n_embd=3584, n_layers=28, n_ff=18944, n_head=28, n_kv_head=4, head_dim=128,
+        vocab_size=152064, context_length=32768, rope_theta=1e6, rms_eps=1e-6, tied=False,
+        tokenizer="qwen2", name="Synthetic Qwen2.5 7B",
+    ),
+}  # fmt: skip
+
+
+def q4_k_m_type(name: str, ne0: int, n_layers: int, tied: bool) -> GGMLType:
+    """llama_tensor_get_type for LLAMA_FTYPE_MOSTLY_Q4_K_M on a 2-D llama / qwen2 weight."""
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        return GGMLType.Q6_K if ne0 % QK_K == 0 else GGMLType.Q8_0
+    kind = name.split(".")[-2]
+    if kind in ("attn_v", "ffn_down") and use_more_bits(int(name.split(".")[1]), n_layers):
+        return _fallback(GGMLType.Q6_K, ne0)
+    return _fallback(GGMLType.Q4_K, ne0)
+
+
+def bench_plan(spec: ArchSpec) -> list[tuple[str, tuple[int, ...], GGMLType]]:
+    """(GGUF name, ne innermost-first, type) for every tensor, in file order."""
+    plan = []
+    for _, name, shape in tensor_list(spec):
+        ne = tuple(reversed(shape))
+        qtype = GGMLType.F32 if len(ne) == 1 else q4_k_m_type(name, ne[0], spec.n_layers, spec.tied)
+        plan.append((name, ne, qtype))
+    return plan
+
+
+def _data(rng: np.random.Generator, spec: ArchSpec, name: str, ne: tuple[int, ...], qtype):
+    if name == "rope_freqs.weight":
+        return llama3_rope_factors(spec)
+    if name.endswith(".bias"):
+        return (0.02 * rng.standard_normal(ne[0])).astype(np.float32)
+    return _random_tensor(rng, ne, qtype)
+
+
+def write_bench_gguf(path: str | Path, preset: str, seed: int = 0) -> Path:
+    """Write benchmark twin `preset` (a key of BENCH_PRESETS), streaming one tensor at a time."""
+    if preset not in BENCH_PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (known: {', '.join(BENCH_PRESETS)})")
+    spec = BENCH_PRESETS[preset]
+    path = Path(path)
+    plan = bench_plan(spec)
+    writer = GGUFWriter(path, spec.arch)
+    for key, value, vtype, sub in twin_metadata(spec):
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for name, ne, qtype in plan:
+        rows_shape = tuple(reversed(ne))
+        if qtype == GGMLType.F32:
+            writer.add_tensor_info(name, rows_shape, np.dtype(np.float32), 4 * int(np.prod(ne)))
+            continue
+        block_elems, block_bytes = QUANT_SIZES[qtype]
+        byte_shape = (*rows_shape[:-1], ne[0] // block_elems * block_bytes)
+        writer.add_tensor_info(
+            name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+            raw_dtype=GGMLQuantizationType(int(qtype)),
+        )  # fmt: skip
+    rng = np.random.default_rng(seed)
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, ne, qtype in plan:
+        writer.write_tensor_data(_data(rng, spec, name, ne, qtype))
+    writer.close()
+    return path
