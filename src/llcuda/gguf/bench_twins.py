@@ -17,11 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGUFWriter
 
 from llcuda.gguf.arch_spec import ArchSpec, llama3_rope_factors, tensor_list
-from llcuda.gguf.constants import QK_K, QUANT_SIZES, GGMLType
-from llcuda.gguf.synthetic import _fallback, _random_tensor, use_more_bits
+from llcuda.gguf.constants import QK_K, GGMLType
+from llcuda.gguf.synthetic import _fallback, _random_tensor, add_tensor_infos, use_more_bits
 from llcuda.gguf.twins import twin_metadata
 
 BENCH_PRESETS: dict[str, ArchSpec] = {
@@ -86,17 +86,7 @@ def write_bench_gguf(path: str | Path, preset: str, seed: int = 0) -> Path:
     writer = GGUFWriter(path, spec.arch)
     for key, value, vtype, sub in twin_metadata(spec):
         writer.add_key_value(key, value, vtype, sub_type=sub)
-    for name, ne, qtype in plan:
-        rows_shape = tuple(reversed(ne))
-        if qtype == GGMLType.F32:
-            writer.add_tensor_info(name, rows_shape, np.dtype(np.float32), 4 * int(np.prod(ne)))
-            continue
-        block_elems, block_bytes = QUANT_SIZES[qtype]
-        byte_shape = (*rows_shape[:-1], ne[0] // block_elems * block_bytes)
-        writer.add_tensor_info(
-            name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
-            raw_dtype=GGMLQuantizationType(int(qtype)),
-        )  # fmt: skip
+    add_tensor_infos(writer, plan)
     rng = np.random.default_rng(seed)
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()

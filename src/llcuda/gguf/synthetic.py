@@ -371,6 +371,24 @@ def synthetic_file_size(
     return _pad(header) + data
 
 
+def add_tensor_infos(writer: GGUFWriter, plan: list[tuple[str, tuple[int, ...], GGMLType]]) -> None:
+    """Declare each (name, ne, qtype) of `plan` to the writer, so the data can be streamed after
+    the header one tensor at a time."""
+    for name, ne, qtype in plan:
+        rows_shape = tuple(reversed(ne))
+        if qtype in (GGMLType.F32, GGMLType.F16):
+            dtype = np.float32 if qtype == GGMLType.F32 else np.float16
+            nbytes = int(np.prod(ne)) * np.dtype(dtype).itemsize
+            writer.add_tensor_info(name, rows_shape, np.dtype(dtype), nbytes)
+        else:
+            block_elems, block_bytes = QUANT_SIZES[qtype]
+            byte_shape = (*rows_shape[:-1], ne[0] // block_elems * block_bytes)
+            writer.add_tensor_info(
+                name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                raw_dtype=GGMLQuantizationType(int(qtype)),
+            )  # fmt: skip
+
+
 def write_gemma3_gguf(
     path: str | Path, *, n_embd: int, n_layers: int, n_ff: int, n_head: int, n_kv_head: int,
     head_dim: int, vocab_size: int, sliding_window: int = 512, seed: int = 0,
@@ -408,19 +426,7 @@ def write_gemma3_gguf(
     writer = GGUFWriter(path, "gemma3")
     for key, value, vtype, sub in meta:
         writer.add_key_value(key, value, vtype, sub_type=sub)
-    for name, ne, qtype in plan:
-        rows_shape = tuple(reversed(ne))
-        if qtype in (GGMLType.F32, GGMLType.F16):
-            dtype = np.float32 if qtype == GGMLType.F32 else np.float16
-            nbytes = int(np.prod(ne)) * np.dtype(dtype).itemsize
-            writer.add_tensor_info(name, rows_shape, np.dtype(dtype), nbytes)
-        else:
-            block_elems, block_bytes = QUANT_SIZES[qtype]
-            byte_shape = (*rows_shape[:-1], ne[0] // block_elems * block_bytes)
-            writer.add_tensor_info(
-                name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
-                raw_dtype=GGMLQuantizationType(int(qtype)),
-            )  # fmt: skip
+    add_tensor_infos(writer, plan)
     rng = np.random.default_rng(seed)
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
