@@ -64,8 +64,9 @@ def test_gpu_engine_greedy_is_cpu_argmax(twin):
     vocab = TWINS[name].vocab_size
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(4, vocab, (n,), generator=gen).tolist() for n in (3, 17, 45)]
+    # no warm-up workload: it compiles kernels for every batch shape, minutes over eight twins
     config = EngineConfig(ctx_size=128, n_parallel=4, batch_size=128, ubatch_size=32,
-                          device="cuda")  # fmt: skip
+                          device="cuda", extra={"warm_up": False})  # fmt: skip
     loaded = load(str(path), config, verbose=False)
     engine = loaded.llm_engine
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)

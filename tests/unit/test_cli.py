@@ -140,7 +140,7 @@ def test_info_supported_architecture(tmp_path, capsys):
            tokens=("<start_of_turn>", "<end_of_turn>"))  # fmt: skip
     assert cli.main(["info", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "gemma3 (supported: llcuda runs it with Gemma3ForCausalLM)" in out
+    assert "gemma3 (supported: llcuda runs it with DecoderForCausalLM)" in out
     assert "chat template:    no; chat uses the builtin 'gemma'" in out
     assert "cannot compute" not in out
 

@@ -182,7 +182,8 @@ def test_load_refuses_a_context_beyond_ram_before_allocating(tiny_path, monkeypa
     monkeypatch.setattr(loader, "build_model", must_not_run)
     engine = InferenceEngine()
     with pytest.warns(UserWarning, match="above the 256 positions"):
-        with pytest.raises(ValueError, match="ctx_size 1000000000 x n_parallel 1"):
+        wanted = "cache_size 1000000000, shared by n_parallel 4 sequences of up to ctx_size 10"
+        with pytest.raises(ValueError, match=wanted):
             engine.load_model(str(tiny_path), ctx_size=10**9, device="cpu", verbose=False,
                               auto_start=False)  # fmt: skip
 

@@ -16,6 +16,7 @@ from llcuda.engine.memory_plan import (
     plan_gpu_memory,
     use_expandable_segments,
     warn_beyond_trained_context,
+    weight_bytes_on,
 )
 from llcuda.engine.warmup import warm_up
 from llcuda.gguf.chat_template import ChatTemplate, chat_template_from_metadata
@@ -134,16 +135,10 @@ def _check_gpu_memory(
     if gpu is None:
         return None
     use_expandable_segments()  # before the first weight is allocated
-    gpu_layers = {i for i, d in enumerate(block_devices) if d.type == "cuda"}
+    num_gpu_layers = sum(d.type == "cuda" for d in block_devices)
     head_on_gpu = head_device.type == "cuda"
-    head_name = "token_embd.weight" if model_config.tie_word_embeddings else "output.weight"
-    weight_bytes = 0
-    for name, info in gguf.tensors.items():
-        on_gpu = (name == head_name and head_on_gpu) or (
-            name.startswith("blk.") and int(name.split(".")[1]) in gpu_layers
-        )
-        weight_bytes += info.nbytes if on_gpu else 0
-    plan = plan_gpu_memory(model_config, config, weight_bytes, len(gpu_layers), head_on_gpu)
+    weight_bytes = weight_bytes_on("cuda", gguf.tensors, model_config, block_devices, head_device)
+    plan = plan_gpu_memory(model_config, config, weight_bytes, num_gpu_layers, head_on_gpu)
     free, _total = torch.cuda.mem_get_info(gpu)
     check_fits(plan, free, config, str(gpu))
     return plan

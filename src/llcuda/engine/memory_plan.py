@@ -116,12 +116,16 @@ def check_fits(
         return
     mib = 2**20
     fewer = "offload fewer layers (gpu_layers)" if device != "cpu" else "use a GPU"
+    if config.cache_size is None:
+        tokens = f"ctx_size {config.ctx_size} x n_parallel {config.n_parallel}"
+    else:
+        tokens = (f"cache_size {config.cache_size}, shared by n_parallel {config.n_parallel} "
+                  f"sequences of up to ctx_size {config.ctx_size}")  # fmt: skip
     raise ValueError(
         f"the model does not fit on {device}: it needs about {need / mib:,.0f} MiB "
         f"({need:,} bytes: weights {plan.weights / mib:,.0f}, KV cache "
-        f"{plan.kv_cache / mib:,.0f} for {config.num_cache_tokens:,} tokens = ctx_size "
-        f"{config.ctx_size} x n_parallel {config.n_parallel} or cache_size "
-        f"{config.cache_size}, workspace {plan.workspace / mib:,.0f}, reserve "
+        f"{plan.kv_cache / mib:,.0f} for {config.num_cache_tokens:,} tokens = {tokens}, "
+        f"workspace {plan.workspace / mib:,.0f}, reserve "
         f"{reserve / mib:,.0f}) but {free_bytes / mib:,.0f} MiB are {free_what} "
         f"({free_bytes:,} bytes); lower ctx_size, cache_size, n_parallel or batch_size, or {fewer}"
     )
@@ -140,6 +144,27 @@ def available_host_memory(meminfo: str = "/proc/meminfo") -> int | None:
     return None
 
 
+def weight_bytes_on(
+    device_type: str,
+    tensors: dict,
+    model: ModelConfig,
+    block_devices: list[torch.device],
+    head_device: torch.device,
+) -> int:
+    """Bytes of the GGUF tensors (name -> info with .nbytes) that live on devices of device_type
+    ("cpu" or "cuda"): each block's where block_devices puts it, the LM head on head_device, the
+    rest (an untied embedding, the final norm) on the host."""
+    head_name = "token_embd.weight" if model.tie_word_embeddings else "output.weight"
+    total = 0
+    for name, info in tensors.items():
+        if name.startswith("blk."):
+            device = block_devices[int(name.split(".")[1])]
+        else:
+            device = head_device if name == head_name else torch.device("cpu")
+        total += info.nbytes if device.type == device_type else 0
+    return total
+
+
 def check_host_memory(
     tensors: dict,
     model: ModelConfig,
@@ -151,16 +176,7 @@ def check_host_memory(
     """The host share of the model (`tensors`: GGUF name -> info with .nbytes), checked against
     MemAvailable before any allocation; returns the plan. `available` overrides /proc/meminfo."""
     host_layers = [i for i, d in enumerate(block_devices) if d.type == "cpu"]
-    head_name = "token_embd.weight" if model.tie_word_embeddings else "output.weight"
-    on_host = set(host_layers)
-    weight_bytes = 0
-    for name, info in tensors.items():
-        if name.startswith("blk."):
-            weight_bytes += info.nbytes if int(name.split(".")[1]) in on_host else 0
-        elif name == head_name:
-            weight_bytes += info.nbytes if head_device.type == "cpu" else 0
-        else:
-            weight_bytes += info.nbytes  # the embedding (when untied) and final norm stay here
+    weight_bytes = weight_bytes_on("cpu", tensors, model, block_devices, head_device)
     plan = plan_host_memory(model, config, weight_bytes, host_layers)
     if available is None:
         available = available_host_memory()
