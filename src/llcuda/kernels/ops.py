@@ -34,7 +34,7 @@ def residual_rms_norm(
     """(x + RMSNorm(a)*w_post, RMSNorm of that * w_next): one kernel on CUDA. `a` is [T, n] or a
     matmul's split-K partial sums [S, T, n] (quant_matmul(..., partials=True)). w_post None: no
     post-norm, x + a (the Llama family)."""
-    if x.is_cuda and w_post is not None:
+    if x.is_cuda:
         from llcuda.kernels import fused_norm
 
         return fused_norm.residual_rms_norm(x, a, w_post, w_next, eps)
@@ -73,8 +73,7 @@ def qk_norm_rope_store_kv(
     if k_cache.is_cuda and 2 * cos.shape[-1] == head_dim:
         from llcuda.kernels import fused_norm
 
-        if fused_norm.qk_norm_rope_store_kv_supports(q_weight, rope_neox, bias):
-            return fused_norm.qk_norm_rope_store_kv(*args)
+        return fused_norm.qk_norm_rope_store_kv(*args, rope_neox=rope_neox, bias=bias)
     return ref.qk_norm_rope_store_kv_ref(*args, rope_neox=rope_neox, bias=bias)
 
 
