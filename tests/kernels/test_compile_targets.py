@@ -89,11 +89,12 @@ def test_quant_matmuls_compile_for_t4(qtype, k, n):
     ints = {"M": 3, "N": n, "n_groups": k // 32, "groups_per_split": 8, "stride_xm": k,
             "stride_osplit": 3}  # fmt: skip
     # the fp32 GEMV (decode), and at one and four rows with the GEGLU epilogue of gate|up
-    for m, geglu in ((1, False), (4, False), (16, False), (1, True), (4, True)):
+    # and SwiGLU (GATED_OUT 1 / 2)
+    for m, gated in ((1, 0), (4, 0), (16, 0), (1, 1), (4, 1), (1, 2), (4, 2)):
         cfg = qm.gemv_config(int(qtype), m, n, k // 32, T4_SMS)
         args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w), **ints}
         compile_for_t4(qm._quant_gemv_kernel, args, {
-            "GEGLU_OUT": geglu, "QTYPE": int(qtype), "WPG": wpg,
+            "GATED_OUT": gated, "QTYPE": int(qtype), "WPG": wpg,
             "HAS_MIN": int(qtype) in qm._HAS_MIN, "BLOCK_M": triton.next_power_of_2(m),
             "BLOCK_N": cfg["BLOCK_N"],
             "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"],
@@ -246,9 +247,10 @@ def test_norm_rope_kv_store_geglu_and_softcap_compile_for_t4():
     compile_for_t4(fn._qk_norm_rope_store_kv_kernel, store,
                    {"QK_SPLITS": 3, "V_SPLITS": 3, "BLOCK_SIZE": 16, "HALF": 128, "ROPE_FINE": 256,
                     **GEMMA3_ROPE_FLAGS, "PDL": False}, 4)
-    compile_for_t4(fn._geglu_kernel, {"gu_ptr": f32, "out_ptr": f32, "f": 6912,
-                                      "split_stride": 13824},
-                   {"SPLITS": 2, "BLOCK": 1024, "PDL": False}, 4)
+    for silu in (False, True):
+        compile_for_t4(fn._gated_act_kernel, {"gu_ptr": f32, "out_ptr": f32, "f": 6912,
+                                              "split_stride": 13824},
+                       {"SPLITS": 2, "BLOCK": 1024, "SILU": silu, "PDL": False}, 4)
     compile_for_t4(fn._softcap_kernel, {"x_ptr": f32, "n": 262144, "cap": 30.0},
                    {"BLOCK": 4096, "PDL": False}, 4)
 
@@ -296,7 +298,7 @@ def test_gemv_with_dependent_launch_compiles_for_sm90(qtype, k, preload):
             "N": n, "n_groups": k // 32, "groups_per_split": 8, "stride_xm": k,
             "stride_osplit": 3}  # fmt: skip
     ptx = compile_ptx(qm._quant_gemv_kernel, args, {
-        "GEGLU_OUT": False, "QTYPE": int(qtype), "WPG": qm._WPG[int(qtype)],
+        "GATED_OUT": 0, "QTYPE": int(qtype), "WPG": qm._WPG[int(qtype)],
         "HAS_MIN": int(qtype) in qm._HAS_MIN, "BLOCK_M": 1, "BLOCK_N": cfg["BLOCK_N"],
         "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"], "PRELOAD": preload,
         "USE_ASM": True, "PDL": True,

@@ -64,14 +64,20 @@ def test_qk_norm_rope_store_kv(heads, kv_heads, head_dim, splits, cache_dtype):
     torch.testing.assert_close(got2, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("tokens,f", [(1, 2048), (5, 6912), (2, 1000)])
-def test_geglu(tokens, f):
+@pytest.mark.parametrize("act", ["gelu_tanh", "silu"])
+@pytest.mark.parametrize("tokens,f", [(1, 2048), (5, 6912), (2, 1000), (37, 8192), (1, 18944)])
+def test_gated_act(tokens, f, act):
+    """GEGLU and SwiGLU of a gate|up output, whole or as split-K partials."""
     gu = _rand(tokens, 2 * f, scale=4)
-    gu[0, 0], gu[0, 1] = 60.0, -60.0  # tanh saturation stays finite
-    torch.testing.assert_close(fused_norm.geglu(gu), ref.geglu_fused_ref(gu), rtol=1e-5, atol=1e-5)
+    gu[0, 0], gu[0, 1] = 60.0, -60.0  # tanh / exp saturation stays finite
+    got = fused_norm.gated_act(gu, act)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref.gated_act_ref(gu, act), rtol=1e-5, atol=1e-5)
     parts = _rand(3, tokens, 2 * f, scale=2)  # split-K partials of the gate|up matmul
-    torch.testing.assert_close(fused_norm.geglu(parts), ref.geglu_fused_ref(parts), rtol=1e-5,
-                               atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(fused_norm.gated_act(parts, act), ref.gated_act_ref(parts, act),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    if act == "gelu_tanh":
+        torch.testing.assert_close(fused_norm.geglu(gu), got)
 
 
 def test_bf16_matmul_outputs_are_read_as_they_are():

@@ -13,7 +13,8 @@ checked against the reference in `reference.py` (tests/kernels/test_fused_norm.p
   k, v stored in the paged KV cache: a layer's attention inputs in one kernel. The q/k norm, the
   RoPE style (NEOX / NORM) and the q|k|v bias are compile-time flags, so Gemma 3's variant
   compiles to the code it had before they existed.
-- `geglu(gate_up)`: GELU-tanh(gate)·up from the fused [T, 2F] gate|up matmul output.
+- `gated_act(gate_up, act)`: act(gate)·up from the fused [T, 2F] gate|up matmul output, act
+  GELU-tanh (GEGLU, `geglu`) or SiLU (SwiGLU), a compile-time flag.
 
 Matmul outputs may arrive as split-K partial sums [S, T, n] (quant_matmul(..., partials=True)):
 the kernels add them as they load, which saves the reduction kernel a decode step would
@@ -159,16 +160,21 @@ def _qk_norm_rope_store_kv_kernel(
 
 
 @triton.jit
-def _geglu_kernel(gu_ptr, out_ptr, f, split_stride, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
-                 PDL: tl.constexpr):
+def _gated_act_kernel(gu_ptr, out_ptr, f, split_stride, SPLITS: tl.constexpr,
+                      BLOCK: tl.constexpr,
+                      SILU: tl.constexpr,  # silu(gate) * up (SwiGLU); else GELU_tanh (GEGLU)
+                      PDL: tl.constexpr):  # fmt: skip
     wait_for_previous(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < f
     g = _load_summed(gu_ptr, row * 2 * f + cols, mask, SPLITS, split_stride)
     u = _load_summed(gu_ptr, row * 2 * f + f + cols, mask, SPLITS, split_stride)
-    inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-    tl.store(out_ptr + row * f + cols, 0.5 * g * (1.0 + _tanh(inner)) * u, mask=mask)
+    if SILU:  # x * sigmoid(x); exp(-x) overflows to inf for x << 0, giving -0
+        tl.store(out_ptr + row * f + cols, g / (1.0 + tl.exp(-g)) * u, mask=mask)
+    else:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        tl.store(out_ptr + row * f + cols, 0.5 * g * (1.0 + _tanh(inner)) * u, mask=mask)
 
 
 @triton.jit
@@ -288,26 +294,25 @@ def qk_norm_rope_store_kv(
 
 
 # The gated activations gated_act has a kernel for (ops.gated_act falls back to the reference).
-GATED_ACTS = ("gelu_tanh",)
+GATED_ACTS = ("gelu_tanh", "silu")
 
 
 def gated_act(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     """gate_up: [T, 2F] (gate then up), or its split-K partials [S, T, 2F] -> act(gate) * up:
-    [T, F] fp32, act one of GATED_ACTS."""
+    [T, F] fp32, act "gelu_tanh" (GEGLU) or "silu" (SwiGLU)."""
     if act not in GATED_ACTS:
         raise ValueError(f"no gated_act kernel for {act!r}; kernels: {GATED_ACTS}")
-    return geglu(gate_up)
-
-
-def geglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up: [T, 2F] (gate then up), or its split-K partials [S, T, 2F] ->
-    GELU_tanh(gate) * up: [T, F] fp32."""
     gate_up = _partials(gate_up, whole_rows=True)
     num_tokens, f = gate_up.shape[1], gate_up.shape[2] // 2
     out = torch.empty(num_tokens, f, dtype=torch.float32, device=gate_up.device)
     block = 1024
-    _geglu_kernel[(num_tokens, triton.cdiv(f, block))](
+    _gated_act_kernel[(num_tokens, triton.cdiv(f, block))](
         gate_up, out, f, gate_up.stride(0), SPLITS=gate_up.shape[0], BLOCK=block,
-        **pdl_launch_args(gate_up.device),
+        SILU=act == "silu", **pdl_launch_args(gate_up.device),
     )
     return out
+
+
+def geglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """gated_act(gate_up, "gelu_tanh"): GELU_tanh(gate) * up [T, F] fp32."""
+    return gated_act(gate_up, "gelu_tanh")
