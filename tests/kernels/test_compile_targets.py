@@ -162,9 +162,11 @@ def test_argmax_compiles_for_t4():
     compile_for_t4(am._argmax_kernel, args, {"PIECES": 64, "BLOCK": am.BLOCK}, 4)
 
 
-@pytest.mark.parametrize("max_query_len", [1, 512])
-@pytest.mark.parametrize("sliding", [0, 512])
-def test_paged_attention_compiles_for_t4_fp16_cache(monkeypatch, max_query_len, sliding):
+@pytest.mark.parametrize("max_query_len,sliding,softcap", [(1, 0, 0.0), (1, 512, 0.0),
+                                                            (512, 0, 0.0), (512, 512, 0.0),
+                                                            (1, 512, 50.0), (512, 0, 50.0)])
+def test_paged_attention_compiles_for_t4_fp16_cache(monkeypatch, max_query_len, sliding,
+                                                    softcap):  # fmt: skip
     from llcuda.kernels import paged_attention as pa
 
     monkeypatch.setattr(pa, "_limits", lambda device: (T4_SMS, T4_SMEM))
@@ -183,7 +185,7 @@ def test_paged_attention_compiles_for_t4_fp16_cache(monkeypatch, max_query_len, 
         "HEAD_DIM": head_dim, "HEAD_DIM_P": head_dim, "GROUP": group,
         "BLOCK_Q": max(1, cfg.block_m // group), "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
         "BLOCK_SIZE": 16, "SLIDING": sliding > 0, "NUM_SEGMENTS": cfg.num_segments,
-        "ONE_QUERY_EACH": max_query_len == 1, "PDL": False,
+        "ONE_QUERY_EACH": max_query_len == 1, "SOFTCAP": softcap, "PDL": False,
     }, cfg.num_warps, cfg.num_stages)  # fmt: skip
 
 
@@ -331,7 +333,11 @@ def test_small_kernels_with_dependent_launch_wait_before_any_memory_access():
         (pa._paged_attention_kernel, attention,
          {"HEAD_DIM": 256, "HEAD_DIM_P": 256, "GROUP": 4, "BLOCK_Q": 4, "BLOCK_M": 16,
           "BLOCK_N": 64, "BLOCK_SIZE": 16, "SLIDING": True, "NUM_SEGMENTS": 8,
-          "ONE_QUERY_EACH": True}),
+          "ONE_QUERY_EACH": True, "SOFTCAP": 0.0}),
+        (pa._paged_attention_kernel, attention,  # Gemma 2 2B: 8 heads of 256 on 4 KV heads
+         {"HEAD_DIM": 256, "HEAD_DIM_P": 256, "GROUP": 2, "BLOCK_Q": 8, "BLOCK_M": 16,
+          "BLOCK_N": 64, "BLOCK_SIZE": 16, "SLIDING": True, "NUM_SEGMENTS": 8,
+          "ONE_QUERY_EACH": True, "SOFTCAP": 50.0}),
     ]:  # fmt: skip
         head = _before_wait(compile_ptx(kernel, args, {**constexprs, "PDL": True}, H100, 4, 2))
         assert "ld.global" not in head and "st.global" not in head, kernel.fn.__name__
