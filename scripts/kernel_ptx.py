@@ -56,7 +56,7 @@ def main() -> None:
                 args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w),
                         **ints}  # fmt: skip
                 ptx = compile_ptx(qm._quant_gemv_kernel, args, {
-                    "GEGLU_OUT": False, "QTYPE": int(qtype), "WPG": wpg,
+                    "GATED_OUT": 0, "QTYPE": int(qtype), "WPG": wpg,
                     "HAS_MIN": int(qtype) in qm._HAS_MIN,
                     "BLOCK_M": m, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_G": cfg["BLOCK_G"],
                     "NUM_STAGES": cfg["num_stages"], "PRELOAD": cfg["PRELOAD"], "USE_ASM": True,

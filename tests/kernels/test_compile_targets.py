@@ -89,11 +89,12 @@ def test_quant_matmuls_compile_for_t4(qtype, k, n):
     ints = {"M": 3, "N": n, "n_groups": k // 32, "groups_per_split": 8, "stride_xm": k,
             "stride_osplit": 3}  # fmt: skip
     # the fp32 GEMV (decode), and at one and four rows with the GEGLU epilogue of gate|up
-    for m, geglu in ((1, False), (4, False), (16, False), (1, True), (4, True)):
+    # and SwiGLU (GATED_OUT 1 / 2)
+    for m, gated in ((1, 0), (4, 0), (16, 0), (1, 1), (4, 1), (1, 2), (4, 2)):
         cfg = qm.gemv_config(int(qtype), m, n, k // 32, T4_SMS)
         args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w), **ints}
         compile_for_t4(qm._quant_gemv_kernel, args, {
-            "GEGLU_OUT": geglu, "QTYPE": int(qtype), "WPG": wpg,
+            "GATED_OUT": gated, "QTYPE": int(qtype), "WPG": wpg,
             "HAS_MIN": int(qtype) in qm._HAS_MIN, "BLOCK_M": triton.next_power_of_2(m),
             "BLOCK_N": cfg["BLOCK_N"],
             "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"],
@@ -161,9 +162,11 @@ def test_argmax_compiles_for_t4():
     compile_for_t4(am._argmax_kernel, args, {"PIECES": 64, "BLOCK": am.BLOCK}, 4)
 
 
-@pytest.mark.parametrize("max_query_len", [1, 512])
-@pytest.mark.parametrize("sliding", [0, 512])
-def test_paged_attention_compiles_for_t4_fp16_cache(monkeypatch, max_query_len, sliding):
+@pytest.mark.parametrize("max_query_len,sliding,softcap", [(1, 0, 0.0), (1, 512, 0.0),
+                                                            (512, 0, 0.0), (512, 512, 0.0),
+                                                            (1, 512, 50.0), (512, 0, 50.0)])
+def test_paged_attention_compiles_for_t4_fp16_cache(monkeypatch, max_query_len, sliding,
+                                                    softcap):  # fmt: skip
     from llcuda.kernels import paged_attention as pa
 
     monkeypatch.setattr(pa, "_limits", lambda device: (T4_SMS, T4_SMEM))
@@ -182,8 +185,48 @@ def test_paged_attention_compiles_for_t4_fp16_cache(monkeypatch, max_query_len, 
         "HEAD_DIM": head_dim, "HEAD_DIM_P": head_dim, "GROUP": group,
         "BLOCK_Q": max(1, cfg.block_m // group), "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
         "BLOCK_SIZE": 16, "SLIDING": sliding > 0, "NUM_SEGMENTS": cfg.num_segments,
-        "ONE_QUERY_EACH": max_query_len == 1, "PDL": False,
+        "ONE_QUERY_EACH": max_query_len == 1, "SOFTCAP": softcap, "PDL": False,
     }, cfg.num_warps, cfg.num_stages)  # fmt: skip
+
+
+# Gemma 3's variant of the q/k norm + RoPE + KV-store kernel (the flags' defaults in its wrapper)
+GEMMA3_ROPE_FLAGS = {"HAS_QK_NORM": True, "ROPE_NEOX": True, "HAS_BIAS": False}
+
+
+def _store_args(cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> dict:
+    from llcuda.kernels import fused_norm as fn
+
+    f32, i64 = torch.empty(1), torch.empty(1, dtype=torch.int64)
+    store = {"qk_ptr": f32, "v_ptr": f32, "q_w_ptr": f32, "k_w_ptr": f32, "bias_ptr": f32,
+             "cos_ptr": f32, "sin_ptr": f32, "pos_ptr": i64, "slot_ptr": i64, "q_out_ptr": f32,
+             "k_cache_ptr": cache, "v_cache_ptr": cache, "num_heads": num_heads,
+             "num_kv_heads": num_kv_heads, "head_dim": head_dim, "half": head_dim // 2,
+             "eps": 1e-6, "scale": head_dim**-0.5}  # fmt: skip
+    store.update({name: (num_heads + 2 * num_kv_heads) * head_dim for name in inspect.signature(
+        fn._qk_norm_rope_store_kv_kernel.fn).parameters if "stride" in name})
+    return store
+
+
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(64, 32, 4), (96, 32, 32),
+                                                             (128, 28, 4), (256, 8, 1)])
+def test_qk_rope_store_kv_flag_variants_compile(head_dim, num_heads, num_kv_heads):
+    """Every variant of the q/k (norm) + RoPE + KV-store kernel (q/k norm on or off, NEOX or NORM
+    RoPE, q|k|v bias on or off) for the head sizes of the supported architectures: on sm_90 with
+    PDL it touches no memory before its wait; for sm_75 (fp16 cache) it compiles and fits."""
+    from llcuda.kernels import fused_norm as fn
+
+    half = triton.next_power_of_2(head_dim // 2)
+    for norm, neox, bias in [(a, b, c) for a in (True, False) for b in (True, False)
+                             for c in (True, False)]:  # fmt: skip
+        flags = {"QK_SPLITS": 2, "V_SPLITS": 1, "BLOCK_SIZE": 16, "HALF": half,
+                 "ROPE_FINE": 256, "HAS_QK_NORM": norm, "ROPE_NEOX": neox, "HAS_BIAS": bias}
+        args = _store_args(torch.empty(1).bfloat16(), num_heads, num_kv_heads, head_dim)
+        ptx = compile_ptx(fn._qk_norm_rope_store_kv_kernel, args, {**flags, "PDL": True}, H100,
+                          4, 2)  # fmt: skip
+        head = _before_wait(ptx)
+        assert "ld.global" not in head and "st.global" not in head, flags
+        args = _store_args(torch.empty(1).half(), num_heads, num_kv_heads, head_dim)
+        compile_for_t4(fn._qk_norm_rope_store_kv_kernel, args, {**flags, "PDL": False}, 4)
 
 
 def test_norm_rope_kv_store_geglu_and_softcap_compile_for_t4():
@@ -196,19 +239,20 @@ def test_norm_rope_kv_store_geglu_and_softcap_compile_for_t4():
     compile_for_t4(fn._residual_rms_norm_kernel, {
         "x_ptr": f32, "a_ptr": f32, "w_post_ptr": f32, "w_next_ptr": f32, "x_out_ptr": f32,
         "h_out_ptr": f32, "n": 1152, **eps, "split_stride": 9},
-        {"SPLITS": 16, "BLOCK": 2048, "PDL": False}, 4)
-    store = {"qk_ptr": f32, "v_ptr": f32, "q_w_ptr": f32, "k_w_ptr": f32, "cos_ptr": f32,
-             "sin_ptr": f32, "pos_ptr": i64, "slot_ptr": i64, "q_out_ptr": f32,
-             "k_cache_ptr": f16, "v_cache_ptr": f16, "num_heads": 4, "head_dim": 256,
-             "half": 128, **eps, "scale": 0.0625}  # fmt: skip
+        {"SPLITS": 16, "BLOCK": 2048, "HAS_POST": True, "PDL": False}, 4)
+    store = {"qk_ptr": f32, "v_ptr": f32, "q_w_ptr": f32, "k_w_ptr": f32, "bias_ptr": f32,
+             "cos_ptr": f32, "sin_ptr": f32, "pos_ptr": i64, "slot_ptr": i64, "q_out_ptr": f32,
+             "k_cache_ptr": f16, "v_cache_ptr": f16, "num_heads": 4, "num_kv_heads": 1,
+             "head_dim": 256, "half": 128, **eps, "scale": 0.0625}  # fmt: skip
     store.update({name: 1536 for name in inspect.signature(
         fn._qk_norm_rope_store_kv_kernel.fn).parameters if "stride" in name})
     compile_for_t4(fn._qk_norm_rope_store_kv_kernel, store,
                    {"QK_SPLITS": 3, "V_SPLITS": 3, "BLOCK_SIZE": 16, "HALF": 128, "ROPE_FINE": 256,
-                    "PDL": False}, 4)
-    compile_for_t4(fn._geglu_kernel, {"gu_ptr": f32, "out_ptr": f32, "f": 6912,
-                                      "split_stride": 13824},
-                   {"SPLITS": 2, "BLOCK": 1024, "PDL": False}, 4)
+                    **GEMMA3_ROPE_FLAGS, "PDL": False}, 4)
+    for silu in (False, True):
+        compile_for_t4(fn._gated_act_kernel, {"gu_ptr": f32, "out_ptr": f32, "f": 6912,
+                                              "split_stride": 13824},
+                       {"SPLITS": 2, "BLOCK": 1024, "SILU": silu, "PDL": False}, 4)
     compile_for_t4(fn._softcap_kernel, {"x_ptr": f32, "n": 262144, "cap": 30.0},
                    {"BLOCK": 4096, "PDL": False}, 4)
 
@@ -256,7 +300,7 @@ def test_gemv_with_dependent_launch_compiles_for_sm90(qtype, k, preload):
             "N": n, "n_groups": k // 32, "groups_per_split": 8, "stride_xm": k,
             "stride_osplit": 3}  # fmt: skip
     ptx = compile_ptx(qm._quant_gemv_kernel, args, {
-        "GEGLU_OUT": False, "QTYPE": int(qtype), "WPG": qm._WPG[int(qtype)],
+        "GATED_OUT": 0, "QTYPE": int(qtype), "WPG": qm._WPG[int(qtype)],
         "HAS_MIN": int(qtype) in qm._HAS_MIN, "BLOCK_M": 1, "BLOCK_N": cfg["BLOCK_N"],
         "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"], "PRELOAD": preload,
         "USE_ASM": True, "PDL": True,
@@ -270,16 +314,10 @@ def test_small_kernels_with_dependent_launch_wait_before_any_memory_access():
     from llcuda.kernels import fused_norm as fn
     from llcuda.kernels import paged_attention as pa
 
-    f32, i32, i64, bf16 = (torch.empty(1), torch.empty(1, dtype=torch.int32),
-                           torch.empty(1, dtype=torch.int64), torch.empty(1).bfloat16())
+    f32, i32, bf16 = torch.empty(1), torch.empty(1, dtype=torch.int32), torch.empty(1).bfloat16()
     norm = {"x_ptr": f32, "a_ptr": f32, "w_post_ptr": f32, "w_next_ptr": f32, "x_out_ptr": f32,
             "h_out_ptr": f32, "n": 1152, "eps": 1e-6, "split_stride": 9}  # fmt: skip
-    store = {"qk_ptr": f32, "v_ptr": f32, "q_w_ptr": f32, "k_w_ptr": f32, "cos_ptr": f32,
-             "sin_ptr": f32, "pos_ptr": i64, "slot_ptr": i64, "q_out_ptr": f32,
-             "k_cache_ptr": bf16, "v_cache_ptr": bf16, "num_heads": 4, "head_dim": 256,
-             "half": 128, "eps": 1e-6, "scale": 0.0625}  # fmt: skip
-    store.update({name: 1536 for name in inspect.signature(
-        fn._qk_norm_rope_store_kv_kernel.fn).parameters if "stride" in name})
+    store = _store_args(bf16, 4, 1, 256)
     attention = {"q_ptr": f32, "k_cache_ptr": bf16, "v_cache_ptr": bf16, "out_ptr": f32,
                  "seg_out_ptr": f32, "seg_lse_ptr": f32, "counter_ptr": i32,
                  "query_start_loc_ptr": i32, "seq_lens_ptr": i32, "block_tables_ptr": i32,
@@ -287,13 +325,19 @@ def test_small_kernels_with_dependent_launch_wait_before_any_memory_access():
     attention.update({name: 7 for name in inspect.signature(
         pa._paged_attention_kernel.fn).parameters if name.startswith("stride_")})
     for kernel, args, constexprs in [
-        (fn._residual_rms_norm_kernel, norm, {"SPLITS": 4, "BLOCK": 2048}),
+        (fn._residual_rms_norm_kernel, norm, {"SPLITS": 4, "BLOCK": 2048, "HAS_POST": True}),
+        (fn._residual_rms_norm_kernel, norm, {"SPLITS": 4, "BLOCK": 4096, "HAS_POST": False}),
         (fn._qk_norm_rope_store_kv_kernel, store,
-         {"QK_SPLITS": 1, "V_SPLITS": 1, "BLOCK_SIZE": 16, "HALF": 128, "ROPE_FINE": 256}),
+         {"QK_SPLITS": 1, "V_SPLITS": 1, "BLOCK_SIZE": 16, "HALF": 128, "ROPE_FINE": 256,
+          **GEMMA3_ROPE_FLAGS}),
         (pa._paged_attention_kernel, attention,
          {"HEAD_DIM": 256, "HEAD_DIM_P": 256, "GROUP": 4, "BLOCK_Q": 4, "BLOCK_M": 16,
           "BLOCK_N": 64, "BLOCK_SIZE": 16, "SLIDING": True, "NUM_SEGMENTS": 8,
-          "ONE_QUERY_EACH": True}),
+          "ONE_QUERY_EACH": True, "SOFTCAP": 0.0}),
+        (pa._paged_attention_kernel, attention,  # Gemma 2 2B: 8 heads of 256 on 4 KV heads
+         {"HEAD_DIM": 256, "HEAD_DIM_P": 256, "GROUP": 2, "BLOCK_Q": 8, "BLOCK_M": 16,
+          "BLOCK_N": 64, "BLOCK_SIZE": 16, "SLIDING": True, "NUM_SEGMENTS": 8,
+          "ONE_QUERY_EACH": True, "SOFTCAP": 50.0}),
     ]:  # fmt: skip
         head = _before_wait(compile_ptx(kernel, args, {**constexprs, "PDL": True}, H100, 4, 2))
         assert "ld.global" not in head and "st.global" not in head, kernel.fn.__name__

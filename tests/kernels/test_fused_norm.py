@@ -64,14 +64,20 @@ def test_qk_norm_rope_store_kv(heads, kv_heads, head_dim, splits, cache_dtype):
     torch.testing.assert_close(got2, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("tokens,f", [(1, 2048), (5, 6912), (2, 1000)])
-def test_geglu(tokens, f):
+@pytest.mark.parametrize("act", ["gelu_tanh", "silu"])
+@pytest.mark.parametrize("tokens,f", [(1, 2048), (5, 6912), (2, 1000), (37, 8192), (1, 18944)])
+def test_gated_act(tokens, f, act):
+    """GEGLU and SwiGLU of a gate|up output, whole or as split-K partials."""
     gu = _rand(tokens, 2 * f, scale=4)
-    gu[0, 0], gu[0, 1] = 60.0, -60.0  # tanh saturation stays finite
-    torch.testing.assert_close(fused_norm.geglu(gu), ref.geglu_fused_ref(gu), rtol=1e-5, atol=1e-5)
+    gu[0, 0], gu[0, 1] = 60.0, -60.0  # tanh / exp saturation stays finite
+    got = fused_norm.gated_act(gu, act)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref.gated_act_ref(gu, act), rtol=1e-5, atol=1e-5)
     parts = _rand(3, tokens, 2 * f, scale=2)  # split-K partials of the gate|up matmul
-    torch.testing.assert_close(fused_norm.geglu(parts), ref.geglu_fused_ref(parts), rtol=1e-5,
-                               atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(fused_norm.gated_act(parts, act), ref.gated_act_ref(parts, act),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    if act == "gelu_tanh":
+        torch.testing.assert_close(fused_norm.geglu(gu), got)
 
 
 def test_bf16_matmul_outputs_are_read_as_they_are():
@@ -114,3 +120,55 @@ def test_softcap_in_place():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="float32"):
         fused_norm.softcap_(x.to(torch.bfloat16), 30.0)
+
+
+# (head_dim, num_heads, num_kv_heads) of the issue-17 architectures: GQA ratios 1 to 8
+ARCH_HEADS = [(64, 32, 8), (64, 8, 8), (96, 32, 32), (128, 24, 8), (128, 28, 4), (128, 16, 2),
+              (256, 8, 4), (256, 4, 1)]  # fmt: skip
+ROPE_VARIANTS = [(norm, neox, bias) for norm in (True, False) for neox in (True, False)
+                 for bias in (True, False)]  # fmt: skip
+
+
+@pytest.mark.parametrize("tokens,splits", [(1, 3), (37, 1)], ids=["decode", "prefill"])
+@pytest.mark.parametrize("norm,neox,bias", ROPE_VARIANTS,
+                         ids=lambda v: str(v))  # fmt: skip
+@pytest.mark.parametrize("head_dim,heads,kv_heads", ARCH_HEADS)
+def test_qk_rope_store_kv_variants(head_dim, heads, kv_heads, norm, neox, bias, tokens, splits):
+    """Every flag of the kernel (q/k norm, NEOX / NORM RoPE, q|k|v bias) against the reference:
+    q returned, k and v stored (bf16 cache), a padding slot untouched; Llama 3-style factored
+    rope tables."""
+    block_size = 16
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    qkv = _rand(splits, tokens, q_size + 2 * kv_size, scale=3)
+    qk, v = qkv[..., : q_size + kv_size], qkv[..., q_size + kv_size :]
+    q_w, k_w = (_rand(head_dim), _rand(head_dim)) if norm else (None, None)
+    b = _rand(q_size + 2 * kv_size) if bias else None
+    cos, sin = ref.rope_table_ref(8192, head_dim, 500000.0, device=DEVICE,
+                                  freq_factors=torch.linspace(1, 8, head_dim // 2))
+    positions = torch.randint(0, 8192, (tokens,), generator=_rand.gen).to(DEVICE)
+    slots = torch.randperm(4 * block_size * ((tokens + 15) // 16 + 1),
+                           generator=_rand.gen)[:tokens].to(DEVICE)  # fmt: skip
+    slots[tokens // 2] = -1
+    shape = (slots.max().item() // block_size + 1, block_size, kv_heads, head_dim)
+    k_cache, v_cache = _rand(*shape).bfloat16(), _rand(*shape).bfloat16()
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    args = (heads, kv_heads, head_dim, q_w, k_w, cos, sin, positions, 1e-6, head_dim**-0.5)
+    kw = {"rope_neox": neox, "bias": b}
+    want = ref.qk_norm_rope_store_kv_ref(qk, v, *args, k_want, v_want, slots, **kw)
+    got = fused_norm.qk_norm_rope_store_kv(qk, v, *args, k_cache, v_cache, slots, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(k_cache, k_want)
+    torch.testing.assert_close(v_cache, v_want)
+
+
+@pytest.mark.parametrize("splits", [1, 6])
+@pytest.mark.parametrize("tokens,n", [(1, 2048), (1, 3072), (37, 4096), (3, 3584), (64, 896)])
+def test_residual_without_post_norm(tokens, n, splits):
+    """The Llama family's residual (HAS_POST off): x + a, then the next pre-norm; `a` as split-K
+    partials of a matmul or whole."""
+    x, w = _rand(tokens, n, scale=30), _rand(n)
+    a = _rand(splits, tokens, n, scale=50)
+    got = fused_norm.residual_rms_norm(x, a, None, w, 1e-5)
+    want = ref.residual_rms_norm_ref(x, a, None, w, 1e-5)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)

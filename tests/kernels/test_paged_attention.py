@@ -81,7 +81,8 @@ def make_batch(
 
 def run_ref(b: dict) -> torch.Tensor:
     return paged_attention_ref(b["q"], b["k_cache"], b["v_cache"], b["query_start_loc"],
-                               b["seq_lens"], b["block_tables"], b["sliding_window"])
+                               b["seq_lens"], b["block_tables"], b["sliding_window"],
+                               softcap=b.get("softcap", 0.0))  # fmt: skip
 
 
 def run_kernel(b: dict, config=None) -> torch.Tensor:
@@ -89,7 +90,8 @@ def run_kernel(b: dict, config=None) -> torch.Tensor:
 
     return paged_attention(b["q"], b["k_cache"], b["v_cache"], b["query_start_loc"],
                            b["seq_lens"], b["block_tables"], b["sliding_window"],
-                           b["max_query_len"], b["max_seq_len"], config=config)
+                           b["max_query_len"], b["max_seq_len"], config=config,
+                           softcap=b.get("softcap", 0.0))  # fmt: skip
 
 
 def check_case(seqs, num_heads, num_kv_heads, head_dim, block_size, window, seed=0, config=None):
@@ -179,7 +181,8 @@ def run_kernel_decode(b: dict, config=None) -> torch.Tensor:
 
     return paged_attention(b["q"], b["k_cache"], b["v_cache"], b["query_start_loc"],
                            b["seq_lens"], b["block_tables"], b["sliding_window"], 1,
-                           b["max_seq_len"], config=config, one_query_each=True)
+                           b["max_seq_len"], config=config, one_query_each=True,
+                           softcap=b.get("softcap", 0.0))  # fmt: skip
 
 
 def test_one_query_each_needs_a_token_per_sequence():
@@ -256,3 +259,54 @@ def test_bad_input_is_rejected():
         paged_attention(args[0], args[1], args[2], args[3][:1], *args[4:], 0, 3, 10)
     with pytest.raises(PagedAttentionError, match="int32 or int64"):
         paged_attention(*args[:5], args[5].float(), 0, 3, 10)
+
+
+@pytest.mark.parametrize("window", [0, 512])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [
+    (8, 4, 256), (16, 8, 256), (32, 8, 128), (28, 4, 128), (8, 8, 64), (16, 2, 64),
+], ids=lambda v: str(v))  # fmt: skip
+def test_softcap(num_heads, num_kv_heads, head_dim, window):
+    """Gemma 2's attention logit soft-cap (SOFTCAP * tanh(q.k / SOFTCAP) before the mask), on a
+    mixed batch and on a decode batch split into pieces, GQA 1 to 8: scores scaled up so that
+    the cap bends them, and the capped output differs from the uncapped one."""
+    from llcuda.kernels.paged_attention import AttentionConfig
+
+    b = make_batch(MIXED, num_heads, num_kv_heads, head_dim, 32, window, seed=head_dim + window)
+    b["q"] = b["q"] * 8  # scores of a few tens: tanh(score / 5) saturates
+    capped = {**b, "softcap": 5.0}
+    want = run_ref(capped)
+    out = run_kernel(capped)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL)
+    assert (run_kernel(b) - want).abs().max() > 10 * ATOL  # the cap changed the answer
+    decode = make_batch([(3000, 1), (1, 1), (513, 1), (64, 1)], num_heads, num_kv_heads,
+                        head_dim, 32, window, seed=3)  # fmt: skip
+    decode["q"] = decode["q"] * 8
+    decode["softcap"] = 5.0
+    want = run_ref(decode)
+    for config in (None, AttentionConfig(16, 64, 8, 4, 2)):
+        torch.testing.assert_close(run_kernel_decode(decode, config), want, atol=ATOL,
+                                   rtol=RTOL)  # fmt: skip
+
+
+def test_softcap_through_ops_and_bad_softcap():
+    """ops.paged_attention passes the soft-cap to the kernel on CUDA and to the reference on the
+    CPU; a negative cap is an error."""
+    from llcuda.kernels import ops
+    from llcuda.kernels.paged_attention import PagedAttentionError, paged_attention
+    from llcuda.layers.attention import AttentionMetadata
+
+    b = make_batch([(40, 40), (70, 1)], 8, 4, 256, 16, 0, seed=2)
+    b["q"] = b["q"] * 8
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(41, dtype=torch.int64, device=b["q"].device),  # unread here
+        query_start_loc=b["query_start_loc"], seq_lens=b["seq_lens"],
+        block_tables=b["block_tables"], max_query_len=b["max_query_len"],
+        max_seq_len=b["max_seq_len"],
+    )  # fmt: skip
+    got = ops.paged_attention(b["q"], b["k_cache"], b["v_cache"], meta, 0, softcap=50.0)
+    torch.testing.assert_close(got, run_ref({**b, "softcap": 50.0}), atol=ATOL, rtol=RTOL)
+    args = [b[k] for k in ("q", "k_cache", "v_cache", "query_start_loc", "seq_lens",
+                           "block_tables")]
+    with pytest.raises(PagedAttentionError, match="softcap"):
+        paged_attention(*args, 0, 40, 70, softcap=-1.0)

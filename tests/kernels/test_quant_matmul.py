@@ -317,17 +317,20 @@ def test_partials_sum_to_the_product(m):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("act", ["gelu_tanh", "silu"])
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("qtype,k,ffn", [
     (GGMLType.Q5_0, 640, 2048), (GGMLType.Q5_0, 1152, 6912), (GGMLType.Q4_K, 1024, 300),
-    (GGMLType.Q6_K, 256, 40), (GGMLType.F16, 64, 24),
+    (GGMLType.Q6_K, 256, 40), (GGMLType.F16, 64, 24), (GGMLType.Q4_K, 2048, 8192),
+    (GGMLType.Q8_0, 896, 4864),
 ], ids=lambda v: getattr(v, "name", str(v)))  # fmt: skip
-def test_gemv_geglu_epilogue(qtype, k, ffn, m):
-    """A gate|up weight's GEMV with GEGLU_OUT stores GELU_tanh(gate) * up: each program pairs
-    gate rows with the up rows of the same outputs. Equals the GEGLU of the plain product, and
-    ops.quant_matmul_geglu takes it for decode rows."""
+def test_gemv_gated_epilogue(qtype, k, ffn, m, act):
+    """A gate|up weight's GEMV with GATED_OUT stores act(gate) * up (GEGLU or SwiGLU): each
+    program pairs gate rows with the up rows of the same outputs. Equals the activation of the
+    plain product (reference.gated_act_ref), and ops.quant_matmul_gated takes it for decode
+    rows (Llama 3.2 1B's and Qwen2.5 0.5B's gate|up among the shapes)."""
     from llcuda.kernels import ops
-    from llcuda.kernels.fused_norm import geglu
+    from llcuda.kernels import reference as ref
     from llcuda.kernels.quant_matmul import QuantMatmulError, quant_gemv
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1
@@ -336,15 +339,20 @@ def test_gemv_geglu_epilogue(qtype, k, ffn, m):
              for _ in range(2)]  # fmt: skip
     w = qp.fuse_packed(parts)
     x = torch.randn((m, k), generator=gen, device=dev) * 4
-    want = geglu(quant_gemv(x, w))
-    got = quant_gemv(x, w, geglu_out=True)
+    want = ref.gated_act_ref(quant_gemv(x, w), act)
+    got = quant_gemv(x, w, gated_act=act)
     assert got.shape == (m, ffn)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ops.quant_matmul_geglu(x, w), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ops.quant_matmul_gated(x, w, act), want, rtol=1e-4, atol=1e-4)
+    if act == "gelu_tanh":  # the old names stay
+        torch.testing.assert_close(quant_gemv(x, w, geglu_out=True), got)
+        torch.testing.assert_close(ops.quant_matmul_geglu(x, w), want, rtol=1e-4, atol=1e-4)
     uneven = qp.fuse_packed([parts[0], qp.pack_weight(random_rows(qtype, 2 * ffn, k, gen,
                                                                   device=dev), qtype, k)])
     with pytest.raises(QuantMatmulError, match="two equal halves"):
-        quant_gemv(x, uneven, geglu_out=True)
+        quant_gemv(x, uneven, gated_act=act)
+    with pytest.raises(QuantMatmulError, match="relu"):
+        quant_gemv(x, w, gated_act="relu")
 
 
 @pytest.mark.gpu

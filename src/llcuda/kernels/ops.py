@@ -34,7 +34,7 @@ def residual_rms_norm(
     """(x + RMSNorm(a)*w_post, RMSNorm of that * w_next): one kernel on CUDA. `a` is [T, n] or a
     matmul's split-K partial sums [S, T, n] (quant_matmul(..., partials=True)). w_post None: no
     post-norm, x + a (the Llama family)."""
-    if x.is_cuda and w_post is not None:
+    if x.is_cuda:
         from llcuda.kernels import fused_norm
 
         return fused_norm.residual_rms_norm(x, a, w_post, w_next, eps)
@@ -73,8 +73,7 @@ def qk_norm_rope_store_kv(
     if k_cache.is_cuda and 2 * cos.shape[-1] == head_dim:
         from llcuda.kernels import fused_norm
 
-        if fused_norm.qk_norm_rope_store_kv_supports(q_weight, rope_neox, bias):
-            return fused_norm.qk_norm_rope_store_kv(*args)
+        return fused_norm.qk_norm_rope_store_kv(*args, rope_neox=rope_neox, bias=bias)
     return ref.qk_norm_rope_store_kv_ref(*args, rope_neox=rope_neox, bias=bias)
 
 
@@ -130,18 +129,15 @@ def paged_attention(
     if softcap < 0.0:
         raise ValueError(f"attention softcap must be 0 (off) or positive, got {softcap}")
     if q.is_cuda and flash_attn is not False:
-        from llcuda.kernels import paged_attention as pa
+        from llcuda.kernels.paged_attention import paged_attention as triton_paged_attention
 
-        if softcap == 0.0 or pa.SUPPORTS_SOFTCAP:
-            # max_query_len is exact in the runner's metadata: 1 with a token per sequence is
-            # decode
-            decode = meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]
-            extra = {"softcap": softcap} if softcap else {}
-            return pa.paged_attention(
-                q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                sliding_window, meta.max_query_len, meta.max_seq_len, one_query_each=decode,
-                **extra,
-            )  # fmt: skip
+        # max_query_len is exact in the runner's metadata: 1 with a token per sequence is decode
+        decode = meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]
+        return triton_paged_attention(
+            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+            sliding_window, meta.max_query_len, meta.max_seq_len, one_query_each=decode,
+            softcap=softcap,
+        )  # fmt: skip
     return ref.paged_attention_ref(
         q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
         sliding_window, softcap=softcap,

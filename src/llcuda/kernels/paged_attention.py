@@ -38,10 +38,6 @@ from llcuda.kernels.dependent_launch import pdl_launch_args, wait_for_previous
 LOG2E = tl.constexpr(1.4426950408889634)  # scores go through exp2
 
 
-# Whether the kernel takes an attention logit soft-cap (ops.paged_attention falls back otherwise).
-SUPPORTS_SOFTCAP = False
-
-
 class PagedAttentionError(ValueError):
     """Bad arguments to paged_attention (shapes, dtypes, devices)."""
 
@@ -103,6 +99,9 @@ def _paged_attention_kernel(
     NUM_SEGMENTS: tl.constexpr,
     ONE_QUERY_EACH: tl.constexpr,  # a decode batch: sequence s's one query is token s
     PDL: tl.constexpr,  # launched with programmatic dependent launch (dependent_launch.py)
+    # Gemma 2's attention logit soft-cap: score = SOFTCAP * tanh(q.k / SOFTCAP); 0.0 = off. A
+    # compile-time value (one per model), so the off path has no extra instruction.
+    SOFTCAP: tl.constexpr = 0.0,
 ):
     wait_for_previous(PDL)
     pid_q = tl.program_id(0)
@@ -185,7 +184,10 @@ def _paged_attention_kernel(
         )  # [HEAD_DIM_P, BLOCK_N]
         # issued before the scores need K: the two cache reads overlap instead of queueing
         v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        scores = tl.dot(q, k_t) * LOG2E  # [BLOCK_M, BLOCK_N]
+        scores = tl.dot(q, k_t)  # [BLOCK_M, BLOCK_N]
+        if SOFTCAP > 0.0:  # tanh(x) = 1 - 2 / (exp(2x) + 1): exact in fp32, safe for large |x|
+            scores = SOFTCAP * (1.0 - 2.0 / (tl.exp(scores * (2.0 / SOFTCAP)) + 1.0))
+        scores = scores * LOG2E
         visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
         if SLIDING:
             visible = visible & (k_pos[None, :] > q_pos[:, None] - sliding_window)
@@ -458,6 +460,7 @@ def paged_attention(
     max_seq_len: int,
     config: AttentionConfig | None = None,
     one_query_each: bool = False,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of a flat batch of queries over each sequence's paged KV cache.
 
@@ -470,7 +473,10 @@ def paged_attention(
     `one_query_each` is the caller's promise that every sequence has exactly one query, token s
     of sequence s (a decode step): programs then skip finding their sequence. It needs as many
     tokens as sequences, else it is an error; a wrong promise beyond that gives wrong output.
+    `softcap` > 0: scores = softcap * tanh(scores / softcap) before the mask (Gemma 2).
     """
+    if not softcap >= 0.0:
+        raise PagedAttentionError(f"softcap must be 0 (off) or positive, got {softcap}")
     _check_attention_args(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
                           sliding_window, max_query_len, max_seq_len)
     num_tokens, num_heads, head_dim = q.shape
@@ -517,7 +523,7 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, GROUP=group, BLOCK_Q=block_q,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_SIZE=block_size,
         SLIDING=sliding_window > 0, NUM_SEGMENTS=segments,
-        ONE_QUERY_EACH=one_query_each, num_warps=config.num_warps,
+        ONE_QUERY_EACH=one_query_each, SOFTCAP=float(softcap), num_warps=config.num_warps,
         num_stages=config.num_stages, **pdl_launch_args(q.device),
     )
     return out

@@ -13,7 +13,7 @@ decode, multiply and accumulate stay in one register layout. Two kernels here:
   grid axis. Its program body is `_gemv_tile`, which `_quant_gemv_pair_kernel` also runs for two
   weights of different quant types in one launch (a Q4_K_M layer's q|k and v). At one token,
   rows up to K = 8192 load their whole weight tile before the PDL wait (PRELOAD), and a gate|up
-  weight can store GELU_tanh(gate) * up directly (GEGLU_OUT).
+  weight can store act(gate) * up directly (GATED_OUT: GELU_tanh for GEGLU, SiLU for SwiGLU).
 * `_quant_gemm_kernel` (larger M): each plane of a [BLOCK_N, 32*BLOCK_G] tile is
   dequantized in registers to bf16 (fp16 below sm_80, with each activation row scaled by a power of
   two to stay in fp16 range) and multiplied on tensor cores by `tl.dot` with fp32 accumulation.
@@ -293,8 +293,10 @@ def _load_activations(ptr, mask):
 
 
 @triton.jit
-def _geglu(gate, up):
-    """GELU_tanh(gate) * up in fp32."""
+def _gated(gate, up, GATED_OUT: tl.constexpr):
+    """act(gate) * up in fp32: GATED_OUT 1 GELU_tanh (GEGLU), 2 SiLU (SwiGLU, x * sigmoid(x))."""
+    if GATED_OUT == 2:
+        return gate / (1.0 + tl.exp(-gate)) * up  # exp overflows to inf for gate << 0: -> -0
     inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
     return 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)) * up  # 1 + tanh(inner)
 
@@ -302,14 +304,15 @@ def _geglu(gate, up):
 @triton.jit(do_not_specialize=["M", "N", "n_groups", "groups_per_split", "stride_osplit"])
 def _quant_gemv_kernel(
     x_ptr,  # [M, K] activations (fp32/bf16/fp16), unit stride along K
-    out_ptr,  # [SPLIT_K, M, N] fp32; [M, N / 2] with GEGLU_OUT
+    out_ptr,  # [SPLIT_K, M, N] fp32; [M, N / 2] with GATED_OUT
     qs_ptr,  # [N, K/32 * WPG] int32 packed words
     qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr,
     M, N, n_groups, groups_per_split,
     stride_xm, stride_osplit,
     s_qs, s_qh, s_sc, s_d,
     magic,  # 0x4B000000, see _byte_plane
-    GEGLU_OUT: tl.constexpr,  # a gate|up weight [gate (N/2 rows) | up]: GELU_tanh(gate) * up out
+    # 0, or a gate|up weight [gate (N/2 rows) | up] and act(gate) * up out: 1 GELU_tanh, 2 SiLU
+    GATED_OUT: tl.constexpr,
     QTYPE: tl.constexpr,
     WPG: tl.constexpr,  # int32 words per 32-element group
     HAS_MIN: tl.constexpr,  # w = a*q + c with c != 0: needs sum(x) per group
@@ -323,7 +326,7 @@ def _quant_gemv_kernel(
 ):
     _gemv_tile(x_ptr, out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, M, N, n_groups,
                groups_per_split, stride_xm, stride_osplit, N, 0, s_qs, s_qh, s_sc, s_d, magic,
-               tl.program_id(0), tl.program_id(1), GEGLU_OUT, QTYPE, WPG, HAS_MIN, BLOCK_M,
+               tl.program_id(0), tl.program_id(1), GATED_OUT, QTYPE, WPG, HAS_MIN, BLOCK_M,
                BLOCK_N, BLOCK_G, NUM_STAGES, PRELOAD, USE_ASM, PDL)  # fmt: skip
 
 
@@ -350,12 +353,12 @@ def _quant_gemv_pair_kernel(
     if pid < tiles_a:
         _gemv_tile(x_ptr, out_ptr, qs_a, qh_a, sc_a, mn_a, d_a, dmin_a, M, n_a, n_groups,
                    n_groups, stride_xm, 0, n_out, 0, s_qs_a, s_qh_a, s_sc_a, s_d_a, magic, pid, 0,
-                   False, QTYPE_A, WPG_A, HAS_MIN_A, BLOCK_M, BLOCK_N_A, BLOCK_G_A,
+                   0, QTYPE_A, WPG_A, HAS_MIN_A, BLOCK_M, BLOCK_N_A, BLOCK_G_A,
                    NUM_STAGES, PRELOAD, USE_ASM, PDL)  # fmt: skip
     else:
         _gemv_tile(x_ptr, out_ptr, qs_b, qh_b, sc_b, mn_b, d_b, dmin_b, M, n_b, n_groups,
                    n_groups, stride_xm, 0, n_out, n_a, s_qs_b, s_qh_b, s_sc_b, s_d_b, magic,
-                   pid - tiles_a, 0, False, QTYPE_B, WPG_B, HAS_MIN_B, BLOCK_M, BLOCK_N_B,
+                   pid - tiles_a, 0, 0, QTYPE_B, WPG_B, HAS_MIN_B, BLOCK_M, BLOCK_N_B,
                    BLOCK_G_B, NUM_STAGES, PRELOAD, USE_ASM, PDL)  # fmt: skip
 
 
@@ -368,14 +371,14 @@ def _gemv_tile(
     s_qs, s_qh, s_sc, s_d, magic,
     pid_n,  # BLOCK_N-row tile of the weight
     pid_k,  # split of K
-    GEGLU_OUT: tl.constexpr, QTYPE: tl.constexpr, WPG: tl.constexpr, HAS_MIN: tl.constexpr,
+    GATED_OUT: tl.constexpr, QTYPE: tl.constexpr, WPG: tl.constexpr, HAS_MIN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
     NUM_STAGES: tl.constexpr, PRELOAD: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program of the decode GEMV (see the module docstring): rows pid_n * BLOCK_N.. of the
-    weight over split pid_k of K, for every activation row. With GEGLU_OUT (one split) the weight
+    weight over split pid_k of K, for every activation row. With GATED_OUT (one split) the weight
     is a gate|up pair [gate | up], N/2 rows each: the program takes gate rows c.. and the up rows
-    of the same outputs, BLOCK_N/2 of each, and stores GELU_tanh(gate) * up (ffn_down's input).
+    of the same outputs, BLOCK_N/2 of each, and stores act(gate) * up (ffn_down's input).
 
     It waits for the previous grid itself (dependent_launch.wait_for_previous). With PRELOAD it
     first issues the loads of its first K step's weights: no earlier kernel writes the weights,
@@ -386,7 +389,7 @@ def _gemv_tile(
     # Clamp rather than mask: rows past N re-read row N-1 and are never stored, so the weight loads
     # carry only the K mask.
     row = tl.minimum(rows, N - 1).to(tl.int64)[:, None]  # [BN, 1]
-    if GEGLU_OUT:
+    if GATED_OUT:
         HALF: tl.constexpr = BLOCK_N // 2
         i = tl.arange(0, BLOCK_N)
         col = tl.minimum(pid_n * HALF + i % HALF, N // 2 - 1)  # [BN] the output of row i
@@ -431,8 +434,8 @@ def _gemv_tile(
         acc = _gemv_step(acc, x_ptr, M, stride_xm, n_groups, g0, g_end, lo, hi, a_lo, a_hi, c,
                          magic, QTYPE, WPG, HAS_MIN, BLOCK_M, BLOCK_N, BLOCK_G, USE_ASM)
     cols = out_col0 + rows
-    if GEGLU_OUT:
-        _store_geglu(out_ptr, acc, M, N // 2, pid_n, BLOCK_M, BLOCK_N)
+    if GATED_OUT:
+        _store_gated(out_ptr, acc, M, N // 2, pid_n, GATED_OUT, BLOCK_M, BLOCK_N)
     elif BLOCK_M == 1:
         out = out_ptr + pid_k * stride_osplit + cols
         tl.store(out, tl.sum(acc, axis=1), mask=rows < N)
@@ -442,20 +445,21 @@ def _gemv_tile(
 
 
 @triton.jit
-def _store_geglu(out_ptr, acc, M, F, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Store GELU_tanh(gate) * up [M, F] from a GEGLU_OUT tile's sums: acc [BN, BG] (M = 1) or
+def _store_gated(out_ptr, acc, M, F, pid_n, GATED_OUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):  # fmt: skip
+    """Store act(gate) * up [M, F] from a GATED_OUT tile's sums: acc [BN, BG] (M = 1) or
     [BM, BN], its first BN/2 rows gates and the rest the ups of the same outputs."""
     HALF: tl.constexpr = BLOCK_N // 2
     cols = pid_n * HALF + tl.arange(0, HALF)  # [H]
     if BLOCK_M == 1:
         pairs = tl.trans(tl.reshape(tl.sum(acc, axis=1), (2, HALF)))  # [H, 2]: (gate, up)
         gate, up = tl.split(pairs)
-        tl.store(out_ptr + cols, _geglu(gate, up), mask=cols < F)
+        tl.store(out_ptr + cols, _gated(gate, up, GATED_OUT), mask=cols < F)
     else:
         pairs = tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1))  # [BM, H, 2]
         gate, up = tl.split(pairs)
         m_idx = tl.arange(0, BLOCK_M)[:, None]
-        tl.store(out_ptr + m_idx * F + cols[None, :], _geglu(gate, up),
+        tl.store(out_ptr + m_idx * F + cols[None, :], _gated(gate, up, GATED_OUT),
                  mask=(m_idx < M) & (cols[None, :] < F))
 
 
@@ -794,7 +798,8 @@ def _use_asm() -> bool:
 
 
 # The gated activations the decode GEMV's epilogue computes (quant_gemv's gated_act).
-GEMV_GATED_ACTS = ("gelu_tanh",)
+# name -> the kernel's GATED_OUT.
+GEMV_GATED_ACTS = {"gelu_tanh": 1, "silu": 2}
 
 
 def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
@@ -809,10 +814,10 @@ def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
         gated_act = "gelu_tanh"
     if gated_act is not None and gated_act not in GEMV_GATED_ACTS:
         raise QuantMatmulError(f"no GEMV epilogue for {gated_act!r}; epilogues: "
-                               f"{GEMV_GATED_ACTS}")  # fmt: skip
-    geglu_out = gated_act is not None
-    if geglu_out and (w.n_rows % 2 or (w.split_sizes and len(set(w.split_sizes)) != 1)):
-        raise QuantMatmulError(f"geglu_out needs a gate|up weight of two equal halves, got "
+                               f"{sorted(GEMV_GATED_ACTS)}")  # fmt: skip
+    gated = 0 if gated_act is None else GEMV_GATED_ACTS[gated_act]  # the kernel's GATED_OUT
+    if gated and (w.n_rows % 2 or (w.split_sizes and len(set(w.split_sizes)) != 1)):
+        raise QuantMatmulError(f"gated_act needs a gate|up weight of two equal halves, got "
                                f"{w.split_sizes or w.n_rows} rows")  # fmt: skip
     x = _check(x, w)
     m, n, n_groups = x.shape[0], w.n_rows, w.n_cols // GROUP
@@ -820,16 +825,16 @@ def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
         raise QuantMatmulError(f"quant_gemv takes M <= {GEMV_KERNEL_MAX_M}, got {m}")
     dev = x.device.index if x.device.type == "cuda" else 0
     cfg = config or gemv_config(w.qtype, m, n, n_groups, _num_sms(dev))
-    if geglu_out:  # GELU needs whole sums: one split; a tile holds pairs of rows
+    if gated:  # the activation needs whole sums: one split; a tile holds pairs of rows
         cfg = dict(cfg, SPLIT_K=1, BLOCK_N=max(2, cfg["BLOCK_N"]))
     groups_per_split, split_k = _split_groups(n_groups, cfg["SPLIT_K"], cfg["BLOCK_G"])
-    out = torch.empty((split_k, m, n // 2 if geglu_out else n), device=x.device,
+    out = torch.empty((split_k, m, n // 2 if gated else n), device=x.device,
                       dtype=torch.float32)  # fmt: skip
     ptrs, strides = _weight_args(w)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k)
     _quant_gemv_kernel[grid](
         x, out, *ptrs, m, n, n_groups, groups_per_split, x.stride(0), m * n, *strides, _MAGIC,
-        GEGLU_OUT=geglu_out, QTYPE=w.qtype, WPG=_WPG[w.qtype], HAS_MIN=w.qtype in _HAS_MIN,
+        GATED_OUT=gated, QTYPE=w.qtype, WPG=_WPG[w.qtype], HAS_MIN=w.qtype in _HAS_MIN,
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"],
         NUM_STAGES=cfg["num_stages"], PRELOAD=cfg.get("PRELOAD", False), USE_ASM=_use_asm(),
         num_warps=cfg["num_warps"],
