@@ -22,7 +22,12 @@ from tests.models.test_arch_oracle import compare_to_oracle, load_oracle
 
 pytestmark = pytest.mark.gpu
 
-GPU_ORACLE_TOL = 0.1  # nats over the oracle's top-20: fp16 KV and bf16 prefill products
+# The twins' weights are scaled to give sharp logits (a wrong rope or mask must show), so the GPU's
+# rounding moves them more than a real model's: on the H100, mean |GPU - CPU| over the CPU's top-5
+# 0.02 nats and max 0.11 (qwen2), 0.14 from transformers (phi3). A wrong rope style, scale or
+# mask is off by a nat or more (tests/models/test_arch_oracle.py).
+GPU_MEAN_TOL = 0.05
+GPU_MAX_TOL = 0.3
 NEAR_TIE = 0.1  # a greedy pick within this of the CPU's best counts as an argmax
 
 
@@ -49,9 +54,10 @@ def test_gpu_teacher_forced_matches_cpu_and_oracle(twin):
     cpu, gpu = _logprobs(path, "cpu", ids), _logprobs(path, "cuda", ids)
     top = torch.topk(cpu, 5).indices
     diff = (cpu.gather(1, top) - gpu.gather(1, top)).abs()
-    assert diff.max().item() < GPU_ORACLE_TOL, (name, diff.mean().item(), diff.max().item())
+    assert diff.mean().item() < GPU_MEAN_TOL and diff.max().item() < GPU_MAX_TOL, (
+        name, diff.mean().item(), diff.max().item())  # fmt: skip
     max_diff, wrong = compare_to_oracle(gpu, oracle)
-    assert max_diff < GPU_ORACLE_TOL, f"{name}: GPU vs transformers {max_diff:.3g}"
+    assert max_diff < GPU_MAX_TOL, f"{name}: GPU vs transformers {max_diff:.3g}"
     gaps = torch.topk(cpu, 2).values
     near = gaps[:, 0] - gaps[:, 1] < NEAR_TIE
     assert all(near[p] for p in wrong), (name, wrong)
