@@ -243,7 +243,7 @@ def describe_gguf(gguf) -> str:
         (
             "tokenizer",
             f"{md.get('tokenizer.ggml.model', '?')} "
-            f"(vocab {len(tokens) if tokens is not None else '?'})",
+            f"(vocab {len(tokens) if isinstance(tokens, list) else '?'})",
         ),  # fmt: skip
         ("chat template", _chat_template_row(md)),
     ]

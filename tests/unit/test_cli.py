@@ -402,3 +402,17 @@ def test_serve_summary_for_explicit_slots():
     assert "(-np 2)" in text and "4,096 tokens, 2 x 2048" in text
     assert "chat template: none: no template" in text
     assert "api key:       off" in text
+
+
+def test_info_on_wrongly_typed_tokens_is_no_traceback(tmp_path, capsys):
+    """`llcuda info` describes what it can of a file whose tokenizer.ggml.tokens is no array."""
+    path = tmp_path / "bad.gguf"
+    w = GGUFWriter(path, "llama")
+    w.add_uint32("tokenizer.ggml.tokens", 7)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert cli.main(["info", str(path)]) == 0
+    assert "(vocab ?)" in capsys.readouterr().out

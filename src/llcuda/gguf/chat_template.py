@@ -286,7 +286,10 @@ def builtin_template_source(name: str) -> str:
 def _special_text(metadata: Mapping[str, Any], key: str, default: int | None) -> str:
     tokens = metadata.get("tokenizer.ggml.tokens")
     tid = metadata.get(key, default)
-    if tokens is None or tid is None or not 0 <= int(tid) < len(tokens):
+    # wrongly typed metadata (the tokenizer refuses it at load; `llcuda info` still describes it)
+    if not isinstance(tokens, list) or isinstance(tid, bool) or not isinstance(tid, int):
+        return ""
+    if not 0 <= tid < len(tokens):
         return ""
     text = tokens[int(tid)]
     return text.decode("utf-8") if isinstance(text, bytes) else str(text)
