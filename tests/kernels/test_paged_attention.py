@@ -272,9 +272,11 @@ def test_softcap(num_heads, num_kv_heads, head_dim, window):
     from llcuda.kernels.paged_attention import AttentionConfig
 
     b = make_batch(MIXED, num_heads, num_kv_heads, head_dim, 32, window, seed=head_dim + window)
-    b["q"] = b["q"] * 8  # scores of a few tens: tanh(score / 5) saturates
-    # the kernel rounds q to the fp16 cache type: 8x the scores, up to ~2x the usual error
-    tol = {"atol": 2 * ATOL, "rtol": 2 * RTOL}
+    # scores of a few tens: tanh(score / 5) saturates. The kernel rounds q to the fp16 cache
+    # type, which at 8x the scores moves them by ~1e-2 (the H100 run failed 2x the usual
+    # tolerance): q is handed to both sides already rounded, so the tolerance stays the usual one
+    b["q"] = (b["q"] * 8).half().float()
+    tol = {"atol": ATOL, "rtol": RTOL}
     capped = {**b, "softcap": 5.0}
     want = run_ref(capped)
     out = run_kernel(capped)
@@ -283,7 +285,7 @@ def test_softcap(num_heads, num_kv_heads, head_dim, window):
     assert (run_kernel(b) - want).abs().max() > 10 * ATOL  # the cap changed the answer
     decode = make_batch([(3000, 1), (1, 1), (513, 1), (64, 1)], num_heads, num_kv_heads,
                         head_dim, 32, window, seed=3)  # fmt: skip
-    decode["q"] = decode["q"] * 8
+    decode["q"] = (decode["q"] * 8).half().float()
     decode["softcap"] = 5.0
     want = run_ref(decode)
     for config in (None, AttentionConfig(16, 64, 8, 4, 2)):
@@ -298,7 +300,7 @@ def test_softcap_through_ops_and_bad_softcap():
     from llcuda.layers.attention import AttentionMetadata
 
     b = make_batch([(40, 40), (70, 1)], 8, 4, 256, 16, 0, seed=2)
-    b["q"] = b["q"] * 8
+    b["q"] = (b["q"] * 8).half().float()  # as the kernel rounds it (test_softcap)
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(41, dtype=torch.int64, device=b["q"].device),  # unread here
         query_start_loc=b["query_start_loc"], seq_lens=b["seq_lens"],

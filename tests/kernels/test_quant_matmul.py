@@ -342,11 +342,15 @@ def test_gemv_gated_epilogue(qtype, k, ffn, m, act):
     want = ref.gated_act_ref(quant_gemv(x, w), act)
     got = quant_gemv(x, w, gated_act=act)
     assert got.shape == (m, ffn)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ops.quant_matmul_gated(x, w, act), want, rtol=1e-4, atol=1e-4)
+    # GELU_tanh(g) = 0.5 g (1 + tanh(..)) cancels for large negative g: the kernel's tanh and
+    # torch's differ by an ulp of 1, i.e. ~|g| |up| 6e-8 absolute (K=2048 failed 1e-4 on the
+    # H100), so the absolute tolerance scales with the products' size
+    tol = {"rtol": 1e-4, "atol": 1e-4 * max(1.0, want.abs().max().item())}
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(ops.quant_matmul_gated(x, w, act), want, **tol)
     if act == "gelu_tanh":  # the old names stay
         torch.testing.assert_close(quant_gemv(x, w, geglu_out=True), got)
-        torch.testing.assert_close(ops.quant_matmul_geglu(x, w), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ops.quant_matmul_geglu(x, w), want, **tol)
     uneven = qp.fuse_packed([parts[0], qp.pack_weight(random_rows(qtype, 2 * ffn, k, gen,
                                                                   device=dev), qtype, k)])
     with pytest.raises(QuantMatmulError, match="two equal halves"):
