@@ -17,11 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter
 
 from llcuda.gguf.arch_spec import ArchSpec, llama3_rope_factors, tensor_list
 from llcuda.gguf.constants import QK_K, GGMLType
-from llcuda.gguf.synthetic import _fallback, _random_tensor, add_tensor_infos, use_more_bits
+from llcuda.gguf.synthetic import _fallback, _random_tensor, use_more_bits, write_streamed
 from llcuda.gguf.twins import twin_metadata
 
 BENCH_PRESETS: dict[str, ArchSpec] = {
@@ -81,17 +80,7 @@ def write_bench_gguf(path: str | Path, preset: str, seed: int = 0) -> Path:
     if preset not in BENCH_PRESETS:
         raise ValueError(f"unknown preset {preset!r} (known: {', '.join(BENCH_PRESETS)})")
     spec = BENCH_PRESETS[preset]
-    path = Path(path)
     plan = bench_plan(spec)
-    writer = GGUFWriter(path, spec.arch)
-    for key, value, vtype, sub in twin_metadata(spec):
-        writer.add_key_value(key, value, vtype, sub_type=sub)
-    add_tensor_infos(writer, plan)
     rng = np.random.default_rng(seed)
-    writer.write_header_to_file(path)
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for name, ne, qtype in plan:
-        writer.write_tensor_data(_data(rng, spec, name, ne, qtype))
-    writer.close()
-    return path
+    data = (_data(rng, spec, name, ne, qtype) for name, ne, qtype in plan)
+    return write_streamed(path, spec.arch, twin_metadata(spec), plan, data)

@@ -422,17 +422,26 @@ def write_gemma3_gguf(
         text = (text + " " * n_pad)[:n_pad]
         meta.append((key, text, GGUFValueType.STRING, None))
 
+    rng = np.random.default_rng(seed)
+    data = (_random_tensor(rng, ne, qtype) for _, ne, qtype in plan)
+    return write_streamed(path, "gemma3", meta, plan, data)
+
+
+def write_streamed(path: str | Path, arch: str, meta: list[tuple], plan: list[tuple],
+                   data: Iterator[np.ndarray]) -> Path:  # fmt: skip
+    """A GGUF of metadata `meta` ((key, value, type, sub_type)) and the tensors of `plan`
+    ((name, ne, qtype)), whose bytes `data` yields in plan order: one tensor in memory at a time,
+    so multi-GB twins stream to disk."""
     path = Path(path)
-    writer = GGUFWriter(path, "gemma3")
+    writer = GGUFWriter(path, arch)
     for key, value, vtype, sub in meta:
         writer.add_key_value(key, value, vtype, sub_type=sub)
     add_tensor_infos(writer, plan)
-    rng = np.random.default_rng(seed)
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, ne, qtype in plan:  # stream: one tensor in memory at a time
-        writer.write_tensor_data(_random_tensor(rng, ne, qtype))
+    for tensor in data:
+        writer.write_tensor_data(tensor)
     writer.close()
     return path
 
