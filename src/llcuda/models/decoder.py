@@ -95,7 +95,8 @@ class DecoderBlock:
             self.ffn_gate_up = FusedQuantLinear([t.weight("ffn_up")], device)
         self.ffn_down = QuantLinear(t.weight("ffn_down"), device)
         self.post_ffw_norm = t.vector("post_ffw_norm.weight") if config.post_norms else None
-        self.next_norm = self.ffn_norm  # replaced by the model: the next block's attn_norm
+        # the pre-norm of what follows (the next block's attn_norm, or output_norm): the model's
+        self.next_norm: torch.Tensor | None = None
 
     def __call__(
         self,
