@@ -22,6 +22,11 @@ into the data file). Checked against transformers 5.25.0:
 - llama with `rope_freqs.weight`: the tensor is ignored (rope_parameters stays "default");
   llama.cpp divides each rotary frequency by it (ggml_rope_ext freq_factors). Set the rotary
   module's inv_freq to base^(-2i/d) / rope_freqs[i].
+- phi3 with `rope_factors_long/short.weight` (LongRoPE): the tensors, `rope.scaling.
+  original_context_length` and `rope.scaling.attn_factor` are ignored; set rope_parameters to
+  longrope with the file's factors, trained context and attention factor (transformers takes the
+  long factors when the sequence outgrows the trained context, llama.cpp when the context size
+  does: the twin's trained context of 32 is below both the 64 tokens and llcuda's context).
 Checked and needing nothing: llama's Q/K un-permutation (LlamaTensorProcessor), Gemma's 1 + w
 norms (Gemma2TensorProcessor subtracts 1, the model adds it back), tie_word_embeddings from the
 absence of output.weight, rms eps (float32 values on both sides), sliding-window masks
@@ -108,6 +113,23 @@ def config_adjustments(twin: str, reader: gguf.GGUFReader, config) -> list[str]:
             "gemma2.attn_logit_softcapping, not mapped by transformers")  # fmt: skip
         put("final_logit_softcapping", float(_field(reader, "gemma2.final_logit_softcapping")),
             "gemma2.final_logit_softcapping, not mapped by transformers")  # fmt: skip
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_factors_long.weight" in tensors:  # Phi-3 LongRoPE
+        def factors(name: str) -> list[float]:
+            return [float(v) for v in np.array(tensors[name].data, dtype=np.float32)]
+
+        orig = int(_field(reader, "phi3.rope.scaling.original_context_length"))
+        rope = {
+            **config.rope_parameters, "rope_type": "longrope",
+            "long_factor": factors("rope_factors_long.weight"),
+            "short_factor": factors("rope_factors_short.weight"),
+            "original_max_position_embeddings": orig,
+            "attention_factor": float(_field(reader, "phi3.rope.scaling.attn_factor")),
+        }  # fmt: skip
+        put("rope_parameters", rope, "rope_factors_long/short, original_context_length and "
+            "attn_factor, not mapped by transformers (llama.cpp: long factors past the trained "
+            "context, cos and sin times attn_factor)")  # fmt: skip
+        put("original_max_position_embeddings", orig, "phi3.rope.scaling.original_context_length")
     if arch in ("gemma2", "gemma3"):
         big = {"gemma2": 46, "gemma3": 62}[arch]  # the 27B: llama.cpp scales by n_embd/n_head
         scalar = config.hidden_size // config.num_attention_heads

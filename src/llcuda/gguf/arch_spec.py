@@ -46,6 +46,8 @@ class ArchSpec:
     # high_freq_factor, original_max_position_embeddings; None: plain RoPE
     llama3_rope: tuple[float, float, float, int] | None = None
     sliding_window: int = 0
+    # Phi-3 LongRoPE (HF rope_type longrope): the trained context the long factors extend; 0: none
+    longrope_original_context: int = 0
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
     tokenizer: str = "llama-bpe"  # tokenizer.ggml.pre for gpt2 BPE, "spm" or "gemma" (llama)
@@ -66,6 +68,22 @@ class ArchSpec:
     @property
     def is_gemma(self) -> bool:
         return self.arch in ("gemma2", "gemma3")
+
+
+def longrope_factors(spec: ArchSpec) -> dict[str, np.ndarray]:
+    """Phi-3 LongRoPE's divisors [head_dim / 2], short and long, growing with the wavelength as
+    the real ones do (the long ones much more): the converter writes them as
+    `rope_factors_short/long.weight` (Phi3MiniModel.generate_extra_tensors)."""
+    i = np.arange(spec.head_dim // 2, dtype=np.float32) / (spec.head_dim // 2)
+    return {"rope_factors_long": (1.0 + 15.0 * i * i).astype(np.float32),
+            "rope_factors_short": (1.0 + 0.5 * i * i).astype(np.float32)}  # fmt: skip
+
+
+def longrope_attn_factor(spec: ArchSpec) -> float:
+    """The converter's `rope.scaling.attn_factor`: sqrt(1 + ln s / ln orig), s = ctx / orig."""
+    orig = spec.longrope_original_context
+    scale = spec.context_length / orig
+    return math.sqrt(1.0 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
 
 
 def llama3_rope_factors(spec: ArchSpec) -> np.ndarray:
@@ -98,6 +116,9 @@ def tensor_list(spec: ArchSpec) -> list[tuple[str, str, tuple[int, ...]]]:
     out: list[tuple[str, str, tuple[int, ...]]] = []
     if s.llama3_rope is not None:
         out.append(("rope_freqs", "rope_freqs.weight", (s.head_dim // 2,)))
+    if s.longrope_original_context:
+        out += [(name, f"{name}.weight", (s.head_dim // 2,))
+                for name in ("rope_factors_long", "rope_factors_short")]  # fmt: skip
     out.append(("model.embed_tokens.weight", "token_embd.weight", (s.vocab_size, s.n_embd)))
     for i in range(s.n_layers):
         layer: list[tuple[str, str, tuple[int, ...]]] = [
@@ -156,7 +177,8 @@ def arch_metadata(spec: ArchSpec, file_type: int) -> list[tuple[str, object, GGU
     if a == "phi3":
         kv += [
             (f"{a}.context_length", s.context_length, u32),
-            (f"{a}.rope.scaling.original_context_length", s.context_length, u32),
+            (f"{a}.rope.scaling.original_context_length",
+             s.longrope_original_context or s.context_length, u32),  # fmt: skip
             (f"{a}.embedding_length", s.n_embd, u32),
             (f"{a}.feed_forward_length", s.n_ff, u32),
             (f"{a}.block_count", s.n_layers, u32),
@@ -168,6 +190,8 @@ def arch_metadata(spec: ArchSpec, file_type: int) -> list[tuple[str, object, GGU
             ft,
             (f"{a}.attention.sliding_window", s.sliding_window, u32),
         ]
+        if s.longrope_original_context:
+            kv.append((f"{a}.rope.scaling.attn_factor", longrope_attn_factor(s), f32))
         return kv
     kv += [
         (f"{a}.context_length", s.context_length, u32),

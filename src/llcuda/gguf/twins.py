@@ -23,7 +23,13 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
-from llcuda.gguf.arch_spec import ArchSpec, arch_metadata, llama3_rope_factors, tensor_list
+from llcuda.gguf.arch_spec import (
+    ArchSpec,
+    arch_metadata,
+    llama3_rope_factors,
+    longrope_factors,
+    tensor_list,
+)
 from llcuda.gguf.constants import QUANT_SIZES, GGMLType
 from llcuda.gguf.quantize import quantize
 from llcuda.gguf.synthetic import synthetic_vocab
@@ -58,6 +64,14 @@ TWINS: dict[str, ArchSpec] = {
         "phi3", n_embd=256, n_layers=3, n_ff=512, n_head=4, n_kv_head=2, head_dim=64,
         vocab_size=1024, context_length=4096, rope_theta=10000.0, tied=False,
         sliding_window=2047, tokenizer="spm", name="Synthetic Phi 3 Twin",
+    ),
+    # Phi-3.5 / 128k-style LongRoPE: a trained context of 32 < the oracle's 64 tokens, so both
+    # sides take the long factors (transformers by sequence length, llama.cpp by context size)
+    "phi3_longrope": ArchSpec(
+        "phi3", n_embd=256, n_layers=3, n_ff=512, n_head=4, n_kv_head=2, head_dim=64,
+        vocab_size=1024, context_length=4096, rope_theta=10000.0, tied=False,
+        sliding_window=2047, longrope_original_context=32, tokenizer="spm",
+        name="Synthetic Phi 3 LongRoPE Twin",
     ),
     # layers 0, 2 local (window 16 < the oracle's 64 tokens); soft-caps small enough to bite
     "gemma2": ArchSpec(
@@ -102,6 +116,9 @@ def hf_weights(spec: ArchSpec, seed: int) -> dict[str, np.ndarray]:
     for hf_name, _, shape in tensor_list(spec):
         if hf_name == "rope_freqs":
             out[hf_name] = llama3_rope_factors(spec)
+            continue
+        if hf_name.startswith("rope_factors_"):
+            out[hf_name] = longrope_factors(spec)[hf_name]
             continue
         noise = rng.standard_normal(shape, dtype=np.float32)
         if hf_name.endswith("norm.weight"):
