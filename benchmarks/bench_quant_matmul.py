@@ -225,13 +225,14 @@ def m1_sweep(gen, only: str | None = None) -> list[dict]:
         geglu = (tname, k, n) in GATE_UP
         x = torch.randn((1, k), generator=gen, device="cuda")
         base = gemv_config(qid, 1, n, k // 32, sms)
-        base_us = time_calls([lambda w=w, x=x, g=geglu: quant_gemv(x, w, geglu_out=g)
+        act = "gelu_tanh" if geglu else None
+        base_us = time_calls([lambda w=w, x=x, a=act: quant_gemv(x, w, gated_act=a)
                               for w in ws])  # fmt: skip
         results = []
         for cfg in m1_candidates(qid, k, n, sms):
             try:
-                us = time_calls([lambda w=w, c=cfg, x=x, g=geglu:
-                                 quant_gemv(x, w, config=c, geglu_out=g) for w in ws])
+                us = time_calls([lambda w=w, c=cfg, x=x, a=act:
+                                 quant_gemv(x, w, config=c, gated_act=a) for w in ws])
             except Exception as e:  # e.g. out of registers or shared memory
                 print(f"  {tname} {cfg}: failed {type(e).__name__}")
                 continue

@@ -348,9 +348,6 @@ def test_gemv_gated_epilogue(qtype, k, ffn, m, act):
     tol = {"rtol": 1e-4, "atol": 1e-4 * max(1.0, want.abs().max().item())}
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(ops.quant_matmul_gated(x, w, act), want, **tol)
-    if act == "gelu_tanh":  # the old names stay
-        torch.testing.assert_close(quant_gemv(x, w, geglu_out=True), got)
-        torch.testing.assert_close(ops.quant_matmul_geglu(x, w), want, **tol)
     uneven = qp.fuse_packed([parts[0], qp.pack_weight(random_rows(qtype, 2 * ffn, k, gen,
                                                                   device=dev), qtype, k)])
     with pytest.raises(QuantMatmulError, match="two equal halves"):

@@ -311,8 +311,3 @@ def gated_act(gate_up: torch.Tensor, act: str) -> torch.Tensor:
         SILU=act == "silu", **pdl_launch_args(gate_up.device),
     )
     return out
-
-
-def geglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """gated_act(gate_up, "gelu_tanh"): GELU_tanh(gate) * up [T, F] fp32."""
-    return gated_act(gate_up, "gelu_tanh")

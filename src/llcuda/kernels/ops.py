@@ -98,10 +98,6 @@ def gated_act(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     return ref.gated_act_ref(gate_up, act)
 
 
-def geglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
-    """gated_act(gate_up, "gelu_tanh"): GELU_tanh(gate) * up [num_tokens, ffn]."""
-    return gated_act(gate_up, "gelu_tanh")
-
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """[rows, vocab] -> [rows] int64, each row's first maximum (greedy sampling): one Triton
@@ -195,11 +191,6 @@ def quant_matmul_gated(x: torch.Tensor, weight: object, act: str) -> torch.Tenso
                 and qm.uses_gemv(x.shape[0], weight)):  # fmt: skip
             return qm.quant_gemv(x, weight, gated_act=act)
     return gated_act(quant_matmul(x, weight, partials=True), act)
-
-
-def quant_matmul_geglu(x: torch.Tensor, weight: object) -> torch.Tensor:
-    """quant_matmul_gated(x, weight, "gelu_tanh")."""
-    return quant_matmul_gated(x, weight, "gelu_tanh")
 
 
 def embedding(weight: object, token_ids: torch.Tensor, scale: float = 1.0,

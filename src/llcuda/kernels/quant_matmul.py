@@ -803,15 +803,12 @@ GEMV_GATED_ACTS = {"gelu_tanh": 1, "silu": 2}
 
 
 def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
-               partials: bool = False, geglu_out: bool = False,
-               gated_act: str | None = None) -> torch.Tensor:  # fmt: skip
+               partials: bool = False, gated_act: str | None = None) -> torch.Tensor:  # fmt: skip
     """x [M<=16, K] @ dequant(w).T -> [M, N] fp32 with fp32 FMAs (the decode kernel); with
     `partials`, the split-K partial sums [S, M, N] unsummed (see quant_matmul). With
     `gated_act` (one of GEMV_GATED_ACTS), w is a gate|up weight [gate | up] of N/2 rows each and
     the result is act(x @ gate.T) * (x @ up.T) [M, N/2] (K unsplit): ffn_down's input, in one
-    kernel. `geglu_out` is gated_act="gelu_tanh"."""
-    if geglu_out:
-        gated_act = "gelu_tanh"
+    kernel."""
     if gated_act is not None and gated_act not in GEMV_GATED_ACTS:
         raise QuantMatmulError(f"no GEMV epilogue for {gated_act!r}; epilogues: "
                                f"{sorted(GEMV_GATED_ACTS)}")  # fmt: skip

@@ -353,11 +353,6 @@ def gated_act_ref(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     return GATED_ACTS[act](gate) * up
 
 
-def geglu_fused_ref(gate_up: torch.Tensor) -> torch.Tensor:
-    """gated_act_ref(gate_up, "gelu_tanh"): GELU_tanh(gate) * up."""
-    return gated_act_ref(gate_up, "gelu_tanh")
-
-
 def argmax_ref(x: torch.Tensor) -> torch.Tensor:
     """[rows, vocab] -> [rows] int64: each row's first maximum, NaN above every number
     (torch.argmax; greedy sampling's choice)."""

@@ -67,10 +67,6 @@ class FusedQuantLinear:
             return ops.quant_matmul_gated(x, self.weight, act)
         return ops.gated_act(self(x), act)
 
-    def geglu(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, in_features] -> GELU_tanh(gate) * up [num_tokens, ffn]
-        return self.gated(x, "gelu_tanh")
-
 
 def _place(weights: list[QuantTensor], device: torch.device | str) -> object:
     """The weights where they will be used (ops.prepare_weight); on CUDA several of one kind are
