@@ -93,10 +93,8 @@ def gated_act(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     if gate_up.is_cuda:
         from llcuda.kernels import fused_norm
 
-        if act in fused_norm.GATED_ACTS:
-            return fused_norm.gated_act(gate_up, act)
+        return fused_norm.gated_act(gate_up, act)
     return ref.gated_act_ref(gate_up, act)
-
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -187,8 +185,7 @@ def quant_matmul_gated(x: torch.Tensor, weight: object, act: str) -> torch.Tenso
     if not isinstance(weight, QuantTensor):
         from llcuda.kernels import quant_matmul as qm
 
-        if (act in qm.GEMV_GATED_ACTS and x.dim() == 2 and x.shape[0] > 0
-                and qm.uses_gemv(x.shape[0], weight)):  # fmt: skip
+        if x.dim() == 2 and x.shape[0] > 0 and qm.uses_gemv(x.shape[0], weight):
             return qm.quant_gemv(x, weight, gated_act=act)
     return gated_act(quant_matmul(x, weight, partials=True), act)
 
