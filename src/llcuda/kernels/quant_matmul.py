@@ -723,8 +723,22 @@ def _split_groups(n_groups: int, split_k: int, block_g: int) -> tuple[int, int]:
 
 def gemv_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int,
                 preload: bool | None = None) -> dict:
-    """BLOCK_N, BLOCK_G, SPLIT_K, num_warps, num_stages, PRELOAD for the decode kernel; `preload`
-    (None: gemv_preload()) allows the preloaded whole-row configs of _gemv_config_preloaded.
+    """BLOCK_N, BLOCK_G, SPLIT_K, num_warps, num_stages, PRELOAD, INT8_X for the decode kernel;
+    `preload` (None: gemv_preload()) allows the preloaded whole-row configs of
+    _gemv_config_preloaded; INT8_X as gemv_int8 says."""
+    cfg = _gemv_tiles(qtype, m, n, n_groups, num_sms, preload)
+    return dict(cfg, INT8_X=gemv_int8(qtype, m, n, n_groups))
+
+
+def gemv_int8(qtype: int, m: int, n: int, n_groups: int) -> bool:
+    """Whether the decode GEMV quantizes its activations to int8 (_gemv_step_int8):
+    LLCUDA_GEMV_INT8=1 everywhere it can, 0 (the default) never."""
+    return os.environ.get("LLCUDA_GEMV_INT8", "0") == "1" and qtype in INT8_X_TYPES
+
+
+def _gemv_tiles(qtype: int, m: int, n: int, n_groups: int, num_sms: int,
+                preload: bool | None) -> dict:
+    """gemv_config's tiles.
 
     From the H100 sweep (bench_quant_matmul.py --sweep): at M=1, 128 rows per program and a
     3-stage cp.async pipeline were best on big matrices (Q4_K 4096x14336: 33.5 us vs 38.8 us with
