@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Iterator
 
+from llcuda.logprobs_format import chat_logprobs, completion_logprobs
 from llcuda.streams import InferResult, TextStream
 
 
@@ -44,7 +45,8 @@ def _finished(stream: TextStream) -> InferResult:
 
 def completion(stream: TextStream, prefix: str, model: str) -> dict:
     result = _finished(stream)
-    choice = {"text": prefix + result.text, "index": 0, "logprobs": None,
+    logprobs = None if result.logprobs is None else completion_logprobs(result.logprobs)
+    choice = {"text": prefix + result.text, "index": 0, "logprobs": logprobs,
               "finish_reason": result.finish_reason}  # fmt: skip
     return {**_header("text_completion", model), "choices": [choice],
             "usage": usage(result)}  # fmt: skip
@@ -52,14 +54,22 @@ def completion(stream: TextStream, prefix: str, model: str) -> dict:
 
 def completion_chunks(stream: TextStream, prefix: str, model: str):
     header = _header("text_completion", model)
+    offset = 0  # where the next chunk's text starts in the whole text (log-probs' text_offset)
 
     def chunk(text: str, finish_reason: str | None) -> dict:
-        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+        nonlocal offset
+        logprobs = _chunk_logprobs(stream)
+        if logprobs is not None:
+            logprobs = completion_logprobs(logprobs, offset)
+        offset += len(text)
+        choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**header, "choices": [choice]}
 
     def gen() -> Iterator[dict]:
+        nonlocal offset
         try:
             if prefix:
+                offset -= len(prefix)  # the echoed prompt is not the completion's text
                 yield chunk(prefix, None)
             for piece in stream:
                 yield chunk(piece, None)
@@ -72,8 +82,9 @@ def completion_chunks(stream: TextStream, prefix: str, model: str):
 
 def chat_completion(stream: TextStream, model: str) -> dict:
     result = _finished(stream)
+    logprobs = None if result.logprobs is None else chat_logprobs(result.logprobs)
     choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-              "logprobs": None, "finish_reason": result.finish_reason}  # fmt: skip
+              "logprobs": logprobs, "finish_reason": result.finish_reason}  # fmt: skip
     return {**_header("chat.completion", model), "choices": [choice],
             "usage": usage(result)}  # fmt: skip
 
@@ -82,7 +93,11 @@ def chat_chunks(stream: TextStream, model: str):
     header = _header("chat.completion.chunk", model)
 
     def chunk(delta: dict, finish_reason: str | None) -> dict:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        logprobs = _chunk_logprobs(stream)
+        if logprobs is not None:
+            logprobs = chat_logprobs(logprobs)
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs,
+                  "finish_reason": finish_reason}  # fmt: skip
         return {**header, "choices": [choice]}
 
     def gen() -> Iterator[dict]:
@@ -95,3 +110,12 @@ def chat_chunks(stream: TextStream, model: str):
             stream.close()
 
     return gen()
+
+
+def _chunk_logprobs(stream: TextStream) -> list[dict] | None:
+    """The entries of the tokens a stream delivered since its last chunk; None when there are
+    none (a chunk without tokens, as OpenAI's) or the request asked for no log-probs (a remote
+    stream never has them)."""
+    if getattr(stream, "_logprob_entries", None) is None:
+        return None
+    return stream.take_logprobs() or None

@@ -121,6 +121,9 @@ class RemoteBackend:
 
     def _sampling(self, params: SamplingParams, max_name: str) -> dict:
         """SamplingParams as request fields, llama-server's names (which ours understands)."""
+        if params.logprobs is not None:
+            raise ValueError("logprobs is not supported with server_url yet (ask the server's "
+                             "/v1/completions or /completion for them)")
         body: dict[str, Any] = {
             "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
             "min_p": params.min_p, "repeat_penalty": params.repeat_penalty,

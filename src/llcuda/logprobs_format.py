@@ -1,0 +1,86 @@
+"""Log-probs as the APIs show them.
+
+One entry per generated token, the Python API's shape and llama-server's (`completion_probabilities`
+of /completion, `n_probs`):
+
+    {"id": 9, "token": " the", "bytes": [32, 116, 104, 101], "logprob": -0.12,
+     "top_logprobs": [{"id": 9, "token": " the", "bytes": [...], "logprob": -0.12}, ...]}
+
+and from it OpenAI's two shapes: chat's `choices[].logprobs.content` (the same entries without
+ids) and the legacy completions' `choices[].logprobs` (parallel lists `tokens`, `token_logprobs`,
+`top_logprobs` as {token: logprob} dicts that always hold the sampled token, as OpenAI documents,
+and `text_offset`). The numbers are the model's raw distribution (llcuda.runner.logprobs says why).
+
+A token's text is its piece as llama.cpp's `token_to_piece` renders it (control tokens: ''); a
+piece that is not whole UTF-8 (a byte-fallback token, part of a character) shows U+FFFD in
+`token` and its real bytes in `bytes`. A log-prob that is not finite is reported as OpenAI's
+-9999.0 ("very unlikely"): JSON has no -Infinity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # llcuda.runner imports torch; the API's modules import without it
+    from llcuda.runner.logprobs import TokenLogprob
+
+# OpenAI's bound on top_logprobs (chat) and logprobs (legacy completions: OpenAI's own model
+# takes 5 there, vLLM 20; one bound for both)
+OPENAI_MAX_LOGPROBS = 20
+UNLIKELY = -9999.0  # OpenAI's value for a token too unlikely to have a finite log-prob
+
+
+class TokenLogprobFormat:
+    """Turns TokenLogprobs (ids) into entries (texts and bytes) with one model's tokenizer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    def _token(self, token_id: int, logprob: float) -> dict:
+        piece = bytes(self._tokenizer.token_to_piece(token_id))
+        return {
+            "id": token_id,
+            "token": piece.decode("utf-8", "replace"),
+            "bytes": list(piece),
+            "logprob": logprob if math.isfinite(logprob) else UNLIKELY,
+        }
+
+    def entry(self, lp: TokenLogprob) -> dict:
+        top = [self._token(t, v) for t, v in lp.top]
+        return {**self._token(lp.token_id, lp.logprob), "top_logprobs": top}
+
+    def entries(self, lps: Sequence[TokenLogprob]) -> list[dict]:
+        return [self.entry(lp) for lp in lps]
+
+
+def _without_id(token: dict) -> dict:
+    return {"token": token["token"], "logprob": token["logprob"], "bytes": token["bytes"]}
+
+
+def chat_logprobs(entries: Sequence[dict]) -> dict:
+    """OpenAI chat's `choices[].logprobs` (also of a stream chunk: its tokens only)."""
+    content = [{**_without_id(e), "top_logprobs": [_without_id(t) for t in e["top_logprobs"]]}
+               for e in entries]  # fmt: skip
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries: Sequence[dict], text_offset: int = 0) -> dict:
+    """OpenAI's legacy completions `choices[].logprobs`; text_offset: where the first token's
+    text starts in the choice's text (a stream chunk: after the text sent before it)."""
+    offsets = []
+    for e in entries:
+        offsets.append(text_offset)
+        text_offset += len(e["token"])
+    top = []
+    for e in entries:
+        alternatives = {t["token"]: t["logprob"] for t in e["top_logprobs"]}
+        alternatives.setdefault(e["token"], e["logprob"])  # the sampled token is always there
+        top.append(alternatives)
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
