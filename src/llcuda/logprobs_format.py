@@ -84,3 +84,8 @@ def completion_logprobs(entries: Sequence[dict], text_offset: int = 0) -> dict:
         "top_logprobs": top,
         "text_offset": offsets,
     }
+
+
+def next_offset(entries: Sequence[dict], text_offset: int) -> int:
+    """The text_offset after `entries` (a stream's next chunk starts there)."""
+    return text_offset + sum(len(e["token"]) for e in entries)

@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from llcuda.logprobs_format import chat_logprobs, completion_logprobs
+from llcuda.logprobs_format import chat_logprobs, completion_logprobs, next_offset
 from llcuda.streams import InferResult, TextStream
 
 
@@ -54,22 +54,19 @@ def completion(stream: TextStream, prefix: str, model: str) -> dict:
 
 def completion_chunks(stream: TextStream, prefix: str, model: str):
     header = _header("text_completion", model)
-    offset = 0  # where the next chunk's text starts in the whole text (log-probs' text_offset)
+    offset = 0  # text_offset of the next chunk's first token: the tokens' texts before it
 
     def chunk(text: str, finish_reason: str | None) -> dict:
         nonlocal offset
         logprobs = _chunk_logprobs(stream)
         if logprobs is not None:
-            logprobs = completion_logprobs(logprobs, offset)
-        offset += len(text)
+            offset, logprobs = next_offset(logprobs, offset), completion_logprobs(logprobs, offset)
         choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
         return {**header, "choices": [choice]}
 
     def gen() -> Iterator[dict]:
-        nonlocal offset
         try:
             if prefix:
-                offset -= len(prefix)  # the echoed prompt is not the completion's text
                 yield chunk(prefix, None)
             for piece in stream:
                 yield chunk(piece, None)
