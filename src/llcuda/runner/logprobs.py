@@ -20,7 +20,7 @@ waited for by the same event: no host sync beyond the one every step already has
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,12 +37,14 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...]  # (token id, log-prob), descending log-prob
 
 
-@dataclass(frozen=True)
+@dataclass
 class LogprobRows:
     """Which rows of a sampled batch asked for log-probs, and how many alternatives each."""
 
     rows: list[int]  # row indices into the batch, ascending
     ks: list[int]  # top alternatives per asking row (SamplingParams.logprobs)
+    # rows as an index tensor per device, made once (a burst selects them at every step)
+    _index: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def of(cls, params: Sequence[SamplingParams]) -> LogprobRows | None:
@@ -56,6 +58,18 @@ class LogprobRows:
     def k_max(self) -> int:
         return max(self.ks)
 
+    def index_on(self, device: torch.device) -> torch.Tensor:
+        """rows as int64 [num_rows] on `device`, copied without blocking the host."""
+        index = self._index.get(device)
+        if index is None:
+            index = torch.tensor(self.rows, dtype=torch.int64)
+            if device.type == "cuda":  # a pageable copy would wait for the stream to drain
+                index = index.pin_memory().to(device, non_blocking=True)
+            else:
+                index = index.to(device)
+            self._index[device] = index
+        return index
+
 
 def compute_logprobs(
     logits: torch.Tensor, token_ids: torch.Tensor, rows: LogprobRows
@@ -67,11 +81,7 @@ def compute_logprobs(
     """
     num_seqs, vocab = logits.shape
     if len(rows.rows) < num_seqs:
-        index = torch.tensor(rows.rows, dtype=torch.int64)
-        if logits.device.type == "cuda":
-            index = index.pin_memory().to(logits.device, non_blocking=True)
-        else:
-            index = index.to(logits.device)
+        index = rows.index_on(logits.device)
         logits, token_ids = logits.index_select(0, index), token_ids.index_select(0, index)
     logprobs = logits.float().log_softmax(dim=-1)  # [n, vocab]
     chosen = logprobs.gather(1, token_ids.view(-1, 1))  # [n, 1]
