@@ -99,7 +99,7 @@ def test_llama_completion_n_probs_whole_and_streamed(server):
     assert "completion_probabilities" not in plain.json()
 
 
-def test_openai_client_reads_chat_logprobs(server):
+def test_openai_client_reads_logprobs(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
     reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3,
@@ -107,6 +107,16 @@ def test_openai_client_reads_chat_logprobs(server):
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0.0 for t in content)
+    chunks = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3,
+                                            temperature=0.0, logprobs=True, top_logprobs=2,
+                                            stream=True)  # fmt: skip
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for t in ch.choices[0].logprobs.content]  # fmt: skip
+    assert [t.logprob for t in streamed] == [t.logprob for t in content]
+    completion = client.completions.create(model="tiny", prompt="Once upon", max_tokens=3,
+                                           temperature=0.0, logprobs=1)  # fmt: skip
+    lp = completion.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 3
 
 
 @pytest.mark.parametrize(
