@@ -1,7 +1,8 @@
 """Log-probs of sampled tokens (SamplingParams.logprobs) on the real model code, CPU.
 
-The reported numbers must be the model's log_softmax for the same prefix (checked teacher-forced
-against one request per prefix), the alternatives its true top-k, and asking for them must change
+The reported numbers must be the model's log_softmax for the same prefix (checked teacher-forced:
+the whole sequence through the model with a private cache, tests/models/forward_helpers.py),
+the alternatives its true top-k, and asking for them must change
 no sampled token, in a batch where other rows do not ask, in decode bursts as in single steps.
 
 The tiny synthetic Gemma 3 repeats its last token with a logit margin of ~700 (random weights,
@@ -15,10 +16,12 @@ import pytest
 import torch
 
 from llcuda.config import EngineConfig
+from llcuda.engine.llm_engine import LLMEngine
 from llcuda.engine.loader import load
 from llcuda.gguf.synthetic import TINY, write_gemma3_gguf
 from llcuda.runner.logprobs import LogprobRows, compute_logprobs, unpack_logprobs
 from llcuda.sampling_params import MAX_LOGPROBS, SamplingParams
+from tests.models.forward_helpers import sequence_logits
 
 HEAD_SCALE = 1 / 200  # logits' spread ~0.4 nats, the repeated token ~5 nats above the rest
 PROMPTS = [[2, 17, 301, 44, 9], [2, 55, 60], [2, 800, 801, 802, 803, 804, 805, 806, 807], [2, 9]]
@@ -53,11 +56,13 @@ class Engine:
     def generate(self, prompts, params):
         return self.engine.generate(prompts, params)
 
-    def next_logits(self, prefix: list[int]) -> torch.Tensor:
-        """The logits after `prefix`, as a request of its own computes them: [vocab]."""
-        n = len(self.recorded)
-        self.engine.generate([prefix], SamplingParams(max_tokens=1, temperature=0.0))
-        return self.recorded[n][-1]
+    def reference_logprobs(self, prompt: list[int], output: list[int]) -> torch.Tensor:
+        """log_softmax of the logits that predict each output token, the sequence fed straight
+        through the model (no engine): [len(output), vocab]."""
+        ids = prompt + output
+        positions = list(range(len(prompt) - 1, len(ids) - 1))
+        model = self.engine.model_runner.model
+        return sequence_logits(model, ids, positions, chunk=16, block_size=8).log_softmax(-1)
 
     def close(self) -> None:
         self.loaded.close()
@@ -121,9 +126,10 @@ def test_logprobs_must_be_a_small_non_negative_integer(value):
 
 def _check_against_reference(engine: Engine, prompt, out, k):
     assert len(out.new_logprobs) == len(out.new_token_ids)
+    refs = engine.reference_logprobs(prompt, out.new_token_ids)  # [num_tokens, vocab]
     for i, lp in enumerate(out.new_logprobs):
         assert lp.token_id == out.new_token_ids[i]
-        ref = engine.next_logits(prompt + out.new_token_ids[:i]).log_softmax(dim=-1)  # [vocab]
+        ref = refs[i]  # [vocab]
         assert lp.logprob == pytest.approx(ref[lp.token_id].item(), abs=1e-4)
         values, ids = ref.topk(k)
         assert [t for t, _ in lp.top] == ids.tolist()
@@ -192,3 +198,43 @@ def test_a_burst_cut_by_a_stop_string_keeps_one_logprob_per_kept_token(bursts):
     assert out.new_token_ids == free.new_token_ids[: len(out.new_token_ids)]
     assert [lp.token_id for lp in out.new_logprobs] == out.new_token_ids
     assert out.new_logprobs == free.new_logprobs[: len(out.new_token_ids)]
+
+
+class _CountingRunner:
+    """The model runner, counting the bursts launched behind a running one."""
+
+    def __init__(self, runner) -> None:
+        self._runner = runner
+        self.chained = 0
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+    def launch(self, step, num_steps=1, after=None):
+        self.chained += after is not None
+        return self._runner.launch(step, num_steps, after=after)
+
+
+def test_chained_bursts_with_overlap_keep_the_logprobs_of_single_steps(single, bursts):
+    """The GPU's schedule on the CPU runner: text made one step late (overlap) and bursts
+    queued behind the running one, fed its tokens (chained); a stop string cuts one."""
+    engine = bursts.engine
+    runner = _CountingRunner(engine.model_runner)
+    chained = LLMEngine(runner, engine.tokenizer, engine.config, overlap=True, decode_steps=4,
+                        enable_prefix_caching=False)  # fmt: skip
+    params = _mixed_params(True)
+    reference = single.generate(PROMPTS, params)
+    text = single.engine.tokenizer.decode(reference[2].new_token_ids)
+    params[2].stop = [text[len(text) // 2 : len(text) // 2 + 2]]
+    outs = chained.generate(PROMPTS, params)
+    assert runner.chained > 0
+    assert outs[2].finish_reason == "stop"
+    for a, b in zip(reference, outs, strict=True):
+        assert b.new_token_ids == a.new_token_ids[: len(b.new_token_ids)]
+        if a.new_logprobs is None:
+            assert b.new_logprobs is None
+            continue
+        assert [lp.token_id for lp in b.new_logprobs] == b.new_token_ids
+        assert [lp.logprob for lp in b.new_logprobs] == pytest.approx(
+            [lp.logprob for lp in a.new_logprobs[: len(b.new_token_ids)]], abs=1e-4
+        )
