@@ -56,6 +56,17 @@ class ResultStream(Iterator[str]):
     _last_token_ms: float = 0.0
     # with logprobs asked for: every token's entry so far (a subclass that reports them fills it)
     _logprob_entries: list[dict] | None = None
+    _logprobs_taken = 0  # of those, handed out by take_logprobs
+
+    def take_logprobs(self) -> list[dict]:
+        """The log-prob entries of the tokens that arrived since the last call, for a stream
+        chunk: right after a piece, those of the tokens that made it (and any whose text is
+        held back)."""
+        if self._logprob_entries is None:
+            return []
+        taken = self._logprob_entries[self._logprobs_taken :]
+        self._logprobs_taken = len(self._logprob_entries)
+        return taken
 
     def close(self) -> None:
         raise NotImplementedError
@@ -126,7 +137,6 @@ class TextStream(ResultStream):
         # a request that asked for log-probs: a TokenLogprobFormat turns them into entries
         self._logprob_format = logprob_format
         self._logprob_entries = [] if logprob_format is not None else None
-        self._logprobs_taken = 0  # entries handed out by take_logprobs
 
     def __next__(self) -> str:
         while self.result is None:
@@ -166,15 +176,6 @@ class TextStream(ResultStream):
         if out.new_text:
             self._pieces.append(out.new_text)
         return out.new_text
-
-    def take_logprobs(self) -> list[dict]:
-        """The log-prob entries of the tokens fed since the last call, for a stream chunk: right
-        after a piece, those of the tokens that made it (and any whose text is held back)."""
-        if self._logprob_entries is None:
-            return []
-        taken = self._logprob_entries[self._logprobs_taken :]
-        self._logprobs_taken = len(self._logprob_entries)
-        return taken
 
     def end(self, error: Exception | None = None) -> None:
         """Build `result` after the last fed delta, or record `error` (the engine step failed)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from llcuda.api import InferenceEngine
 from tests.e2e.conftest import API_KEY
 from tests.e2e.test_server import sse_events
 
@@ -117,6 +118,24 @@ def test_openai_client_reads_logprobs(server):
                                            temperature=0.0, logprobs=1)  # fmt: skip
     lp = completion.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 3
+
+
+def test_server_url_engine_gets_the_servers_logprobs(server):
+    """InferenceEngine(server_url=...) asks /completion for n_probs and chat for top_logprobs:
+    the entries of the engine behind the server, cut to the count asked (0: n_probs 1, cut)."""
+    local = server.engine
+    with InferenceEngine(server_url=server.url, api_key=API_KEY) as remote:
+        for k in (0, 3):
+            args = dict(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=k)
+            got, want = remote.infer("Once upon", **args), local.infer("Once upon", **args)
+            assert got.token_ids == want.token_ids
+            assert got.logprobs == want.logprobs
+        chat = remote.create_chat_completion(MESSAGES, max_tokens=3, temperature=0.0,
+                                             logprobs=True, top_logprobs=2)  # fmt: skip
+        want = local.create_chat_completion(MESSAGES, max_tokens=3, temperature=0.0,
+                                            logprobs=True, top_logprobs=2)  # fmt: skip
+        assert chat["choices"][0]["logprobs"] == want["choices"][0]["logprobs"]
+        assert remote.infer("Once upon", max_tokens=2).logprobs is None
 
 
 @pytest.mark.parametrize(

@@ -116,8 +116,3 @@ def test_bad_logprob_arguments_raise_naming_them(engine, call, match):
     with pytest.raises(ValueError, match=match):
         call(engine)
 
-
-def test_logprobs_with_server_url_is_refused_before_sending():
-    remote = InferenceEngine(server_url="http://127.0.0.1:9")  # nothing listens there
-    with pytest.raises(ValueError, match="logprobs"):
-        remote.infer("hi", logprobs=2)
