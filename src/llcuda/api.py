@@ -64,6 +64,7 @@ class InferenceEngine:
         self._load_time_s = 0.0
         self._metrics = MetricsCollector()
         self._remote: RemoteBackend | None = None
+        self._logprob_format_cache: tuple | None = None  # (tokenizer, its TokenLogprobFormat)
         if server_url is not None:
             self._remote = RemoteBackend(server_url, api_key, timeout)
         elif api_key is not None:
@@ -512,10 +513,19 @@ class InferenceEngine:
             handle = self._loop.submit(prompt_ids, params)
         logprob_format = None
         if params.logprobs is not None:
-            from llcuda.logprobs_format import TokenLogprobFormat
-
-            logprob_format = TokenLogprobFormat(loaded.tokenizer)
+            logprob_format = self._logprob_format(loaded)
         return TextStream(handle, len(prompt_ids), self._metrics, logprob_format)
+
+    def _logprob_format(self, loaded: Any) -> Any:
+        """The loaded model's TokenLogprobFormat, made on first use (it caches token texts);
+        kept by its tokenizer, which pins no model memory after unload_model."""
+        from llcuda.logprobs_format import TokenLogprobFormat
+
+        cached = self._logprob_format_cache
+        if cached is None or cached[0] is not loaded.tokenizer:
+            cached = (loaded.tokenizer, TokenLogprobFormat(loaded.tokenizer))
+            self._logprob_format_cache = cached
+        return cached[1]
 
 
 def _load_notices(loaded: Any) -> list[str]:

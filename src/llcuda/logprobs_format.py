@@ -33,17 +33,24 @@ UNLIKELY = -9999.0  # OpenAI's value for a token too unlikely to have a finite l
 
 
 class TokenLogprobFormat:
-    """Turns TokenLogprobs (ids) into entries (texts and bytes) with one model's tokenizer."""
+    """Turns TokenLogprobs (ids) into entries (texts and bytes) with one model's tokenizer.
+
+    One per loaded model: each token's text and bytes are made once (a request with 20
+    alternatives formats 21 tokens per generated one, on the server's event loop)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
+        self._pieces: dict[int, tuple[str, tuple[int, ...]]] = {}
 
     def _token(self, token_id: int, logprob: float) -> dict:
-        piece = bytes(self._tokenizer.token_to_piece(token_id))
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            raw = bytes(self._tokenizer.token_to_piece(token_id))
+            piece = self._pieces[token_id] = (raw.decode("utf-8", "replace"), tuple(raw))
         return {
             "id": token_id,
-            "token": piece.decode("utf-8", "replace"),
-            "bytes": list(piece),
+            "token": piece[0],
+            "bytes": list(piece[1]),  # a list of its own: callers may change their entries
             "logprob": logprob if math.isfinite(logprob) else UNLIKELY,
         }
 
