@@ -96,3 +96,36 @@ def completion_logprobs(entries: Sequence[dict], text_offset: int = 0) -> dict:
 def next_offset(entries: Sequence[dict], text_offset: int) -> int:
     """The text_offset after `entries` (a stream's next chunk starts there)."""
     return text_offset + sum(len(e["token"]) for e in entries)
+
+
+class ChunkLogprobs:
+    """Each stream chunk's log-probs: the entries of the tokens the stream (a TextStream or a
+    RemoteStream) delivered since the previous chunk. Taken right after the piece those tokens
+    made is handed over (the server's _Pump.pieces: nothing runs in between that could feed the
+    stream more), a chunk carries its own tokens'. OpenAI's chat and legacy shapes, or
+    llama-server's `completion_probabilities`; a chunk without tokens keeps `logprobs: null`
+    (llama-server's: no field)."""
+
+    def __init__(self, stream: Any, shape: str) -> None:
+        self.stream = stream
+        self.shape = shape
+        self.text_offset = 0  # legacy completions: where the next chunk's first token starts
+
+    @classmethod
+    def of(cls, stream: Any, shape: str) -> ChunkLogprobs | None:
+        """None when the request asked for no log-probs (the pre-encoded fast path)."""
+        return None if getattr(stream, "_logprob_entries", None) is None else cls(stream, shape)
+
+    def added(self, chunk: dict) -> dict:
+        entries = self.stream.take_logprobs()
+        if not entries:
+            return chunk
+        if self.shape == "llama":
+            return {**chunk, "completion_probabilities": entries}
+        if self.shape == "chat":
+            logprobs = chat_logprobs(entries)
+        else:
+            logprobs = completion_logprobs(entries, self.text_offset)
+            self.text_offset = next_offset(entries, self.text_offset)
+        chunk["choices"][0]["logprobs"] = logprobs
+        return chunk

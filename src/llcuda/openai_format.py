@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from llcuda.logprobs_format import chat_logprobs, completion_logprobs, next_offset
+from llcuda.logprobs_format import ChunkLogprobs, chat_logprobs, completion_logprobs
 from llcuda.streams import InferResult, TextStream
 
 
@@ -54,15 +54,12 @@ def completion(stream: TextStream, prefix: str, model: str) -> dict:
 
 def completion_chunks(stream: TextStream, prefix: str, model: str):
     header = _header("text_completion", model)
-    offset = 0  # text_offset of the next chunk's first token: the tokens' texts before it
+    logprobs = ChunkLogprobs.of(stream, "completion")  # None unless asked for
 
     def chunk(text: str, finish_reason: str | None) -> dict:
-        nonlocal offset
-        logprobs = _chunk_logprobs(stream)
-        if logprobs is not None:
-            offset, logprobs = next_offset(logprobs, offset), completion_logprobs(logprobs, offset)
-        choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}
-        return {**header, "choices": [choice]}
+        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+        out = {**header, "choices": [choice]}
+        return out if logprobs is None else logprobs.added(out)
 
     def gen() -> Iterator[dict]:
         try:
@@ -89,13 +86,12 @@ def chat_completion(stream: TextStream, model: str) -> dict:
 def chat_chunks(stream: TextStream, model: str):
     header = _header("chat.completion.chunk", model)
 
+    logprobs = ChunkLogprobs.of(stream, "chat")  # None unless asked for
+
     def chunk(delta: dict, finish_reason: str | None) -> dict:
-        logprobs = _chunk_logprobs(stream)
-        if logprobs is not None:
-            logprobs = chat_logprobs(logprobs)
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs,
-                  "finish_reason": finish_reason}  # fmt: skip
-        return {**header, "choices": [choice]}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        out = {**header, "choices": [choice]}
+        return out if logprobs is None else logprobs.added(out)
 
     def gen() -> Iterator[dict]:
         try:
@@ -108,11 +104,3 @@ def chat_chunks(stream: TextStream, model: str):
 
     return gen()
 
-
-def _chunk_logprobs(stream: TextStream) -> list[dict] | None:
-    """The entries of the tokens a stream delivered since its last chunk; None when there are
-    none (a chunk without tokens, as OpenAI's) or the request asked for no log-probs (a remote
-    stream never has them)."""
-    if getattr(stream, "_logprob_entries", None) is None:
-        return None
-    return stream.take_logprobs() or None

@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llcuda import openai_format
 from llcuda.api import InferenceEngine
-from llcuda.logprobs_format import chat_logprobs, completion_logprobs, next_offset
+from llcuda.logprobs_format import ChunkLogprobs, chat_logprobs, completion_logprobs
 from llcuda.server import schemas
 from llcuda.server.metrics import ServerMetrics, engine_counters, engine_gauges
 from llcuda.server.middleware import APIKeyMiddleware, ServerErrorMiddleware
@@ -434,7 +434,7 @@ class _OpenAIFormat:
         if prefix:
             yield self._chunk(obj, {"text": prefix}, None)
         event = _PieceEvent(self._chunk(obj, {"text": _PieceEvent.SLOT}, None))
-        logprobs = _ChunkLogprobs.of(pump.stream, "completion")
+        logprobs = ChunkLogprobs.of(pump.stream, "completion")
         async for piece in pump.pieces():
             if logprobs is None:
                 yield event(piece)
@@ -451,7 +451,7 @@ class _OpenAIFormat:
         obj = "chat.completion.chunk"
         yield self._chunk(obj, {"delta": {"role": "assistant", "content": ""}}, None)
         event = _PieceEvent(self._chunk(obj, {"delta": {"content": _PieceEvent.SLOT}}, None))
-        logprobs = _ChunkLogprobs.of(pump.stream, "chat")
+        logprobs = ChunkLogprobs.of(pump.stream, "chat")
         async for piece in pump.pieces():
             if logprobs is None:
                 yield event(piece)
@@ -493,7 +493,7 @@ class _LlamaFormat:
 
     async def stream(self, pump: _Pump):
         event = _PieceEvent({"content": _PieceEvent.SLOT, "stop": False, "index": 0})
-        probs = _ChunkLogprobs.of(pump.stream, "llama")
+        probs = ChunkLogprobs.of(pump.stream, "llama")
         async for piece in pump.pieces():
             if probs is None:
                 yield event(piece)
@@ -507,38 +507,6 @@ class _LlamaFormat:
         """A whole answer's `completion_probabilities` (with n_probs), else nothing."""
         entries = stream.result.logprobs
         return {} if entries is None else {"completion_probabilities": entries}
-
-
-class _ChunkLogprobs:
-    """Each stream chunk's log-probs: the entries of the tokens the stream delivered since the
-    previous chunk (taken right after pieces() hands over the text they made: nothing runs in
-    between that could feed the stream more). OpenAI's chat and legacy shapes, or llama-server's
-    `completion_probabilities`; a chunk without tokens keeps `logprobs: null` (llama-server's:
-    no field)."""
-
-    def __init__(self, stream: TextStream, shape: str) -> None:
-        self.stream = stream
-        self.shape = shape
-        self.text_offset = 0  # legacy completions: where the next chunk's first token starts
-
-    @classmethod
-    def of(cls, stream: TextStream, shape: str) -> _ChunkLogprobs | None:
-        """None when the request asked for no log-probs (the pre-encoded fast path)."""
-        return None if stream._logprob_entries is None else cls(stream, shape)
-
-    def added(self, chunk: dict) -> dict:
-        entries = self.stream.take_logprobs()
-        if not entries:
-            return chunk
-        if self.shape == "llama":
-            return {**chunk, "completion_probabilities": entries}
-        if self.shape == "chat":
-            logprobs = chat_logprobs(entries)
-        else:
-            logprobs = completion_logprobs(entries, self.text_offset)
-            self.text_offset = next_offset(entries, self.text_offset)
-        chunk["choices"][0]["logprobs"] = logprobs
-        return chunk
 
 
 # --- running it -----------------------------------------------------------------------------------
