@@ -115,6 +115,15 @@ def test_top_k_beyond_the_vocabulary_is_the_whole_vocabulary():
     assert LogprobRows.of([SamplingParams(), SamplingParams()]) is None  # nobody asks: no work
 
 
+def test_a_runner_that_reports_no_logprobs_refuses_them_at_submission():
+    from tests.unit.test_llm_engine import _config, make_engine
+
+    engine = make_engine(_config(n_parallel=2))  # a fake runner: tokens only
+    with pytest.raises(ValueError, match="logprobs"):
+        engine.add_request([1, 2, 3], SamplingParams(logprobs=1))
+    assert not engine.has_unfinished_requests()
+
+
 @pytest.mark.parametrize("value", [-1, MAX_LOGPROBS + 1, True, 1.5, "5"])
 def test_logprobs_must_be_a_small_non_negative_integer(value):
     with pytest.raises(ValueError, match="logprobs"):

@@ -171,6 +171,9 @@ class LLMEngine:
                 raise ValueError(
                     f"prompt token id {t} is outside the vocabulary ({self.vocab_size})"
                 )
+        if params.logprobs is not None and not getattr(self.model_runner, "supports_logprobs",
+                                                       False):  # fmt: skip
+            raise ValueError("logprobs: this engine's model runner does not report log-probs")
         ctx = self.config.ctx_size
         if len(prompt_token_ids) > ctx - 1:
             raise ValueError(

@@ -20,6 +20,9 @@ from llcuda.runner.sampler import sample, to_device
 
 
 class ModelRunner:
+    # launch() handles report SamplingParams.logprobs (SampledTokens.logprobs)
+    supports_logprobs = True
+
     def __init__(
         self,
         model,
