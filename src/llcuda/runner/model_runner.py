@@ -242,8 +242,9 @@ class ModelRunner:
             [r.all_token_ids for r in requests],
         )
         lp_rows = LogprobRows.of(params)
-        logprobs = None if lp_rows is None else (lp_rows, compute_logprobs(logits, token_ids,
-                                                                           lp_rows))
+        logprobs = None
+        if lp_rows is not None:  # only the rows that asked, from the logits the sampler saw
+            logprobs = (lp_rows, compute_logprobs(logits, token_ids, lp_rows))
         return SampledTokens([r.request_id for r in requests], token_ids, logprobs=logprobs)
 
     def _launch_burst(self, step: SchedulerOutput, num_steps: int, input_ids: torch.Tensor,
