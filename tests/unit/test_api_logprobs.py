@@ -42,7 +42,8 @@ def test_infer_reports_one_entry_per_token(engine):
         _check_entry(entry, 3)
         assert entry["id"] == token_id
         assert entry["top_logprobs"][0]["id"] == token_id  # greedy: the most likely token
-        assert entry["token"] == engine.detokenize([token_id]) or entry["token"].strip()
+        piece = engine._loaded.tokenizer.token_to_piece(token_id)  # llama.cpp's token text
+        assert bytes(entry["bytes"]) == piece
     assert engine.infer("hello", max_tokens=2, temperature=0.0).logprobs is None
 
 
