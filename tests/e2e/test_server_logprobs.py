@@ -52,8 +52,9 @@ def test_chat_logprobs_whole_and_streamed(server):
                 for x in ch["choices"][0]["logprobs"]["content"]]  # fmt: skip
     assert streamed == content
     assert sum(bool(ch["choices"][0]["logprobs"]) for ch in chunks) > 1  # not all at the end
-    assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) == (
-        choice["message"]["content"]
+    assert (
+        "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
+        == (choice["message"]["content"])
     )
     plain = _post(server, "/v1/chat/completions", {"messages": MESSAGES, **GREEDY})
     assert plain.json()["choices"][0]["logprobs"] is None
@@ -103,8 +104,14 @@ def test_llama_completion_n_probs_whole_and_streamed(server):
 def test_openai_client_reads_logprobs(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
-    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3,
-                                           temperature=0.0, logprobs=True, top_logprobs=2)
+    reply = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=3,
+        temperature=0.0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0.0 for t in content)
@@ -141,10 +148,16 @@ def test_server_url_engine_gets_the_servers_logprobs(server):
 @pytest.mark.parametrize(
     "path, body, param",
     [
-        ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21},
-         "top_logprobs"),
-        ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": -1},
-         "top_logprobs"),
+        (
+            "/v1/chat/completions",
+            {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": MESSAGES, "logprobs": True, "top_logprobs": -1},
+            "top_logprobs",
+        ),
         ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": 3}, "logprobs"),
         ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
@@ -153,8 +166,11 @@ def test_server_url_engine_gets_the_servers_logprobs(server):
         ("/v1/completions", {"prompt": "hi", "logprobs": 1, "echo": True}, "logprobs"),
         ("/completion", {"prompt": "hi", "n_probs": 101}, "n_probs"),
         ("/completion", {"prompt": "hi", "n_probs": "5"}, "n_probs"),
-        ("/completion", {"prompt": "hi", "n_probs": 2, "post_sampling_probs": True},
-         "post_sampling_probs"),
+        (
+            "/completion",
+            {"prompt": "hi", "n_probs": 2, "post_sampling_probs": True},
+            "post_sampling_probs",
+        ),
     ],
 )
 def test_out_of_range_logprob_fields_are_a_400_naming_them(server, path, body, param):
@@ -162,4 +178,3 @@ def test_out_of_range_logprob_fields_are_a_400_naming_them(server, path, body, p
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and param in error["message"]
-

@@ -71,8 +71,11 @@ def test_chat_completion_logprobs_content(engine):
 def test_chat_completion_chunks_carry_their_tokens_logprobs(engine):
     whole = engine.create_chat_completion(MESSAGES, max_tokens=4, temperature=0.0,
                                           logprobs=True, top_logprobs=1)  # fmt: skip
-    chunks = list(engine.create_chat_completion(MESSAGES, max_tokens=4, temperature=0.0,
-                                                logprobs=True, top_logprobs=1, stream=True))
+    chunks = list(
+        engine.create_chat_completion(
+            MESSAGES, max_tokens=4, temperature=0.0, logprobs=True, top_logprobs=1, stream=True
+        )
+    )
     streamed = [e for ch in chunks if ch["choices"][0]["logprobs"]
                 for e in ch["choices"][0]["logprobs"]["content"]]  # fmt: skip
     assert streamed == whole["choices"][0]["logprobs"]["content"]
@@ -107,8 +110,10 @@ def test_completion_legacy_logprobs(engine):
         (lambda e: e.infer("hi", logprobs=101), "logprobs"),
         (lambda e: e.create_completion("hi", logprobs=21), "logprobs"),
         (lambda e: e.create_completion("hi", logprobs=1, echo=True), "echo"),
-        (lambda e: e.create_chat_completion(MESSAGES, logprobs=True, top_logprobs=21),
-         "top_logprobs"),
+        (
+            lambda e: e.create_chat_completion(MESSAGES, logprobs=True, top_logprobs=21),
+            "top_logprobs",
+        ),
         (lambda e: e.create_chat_completion(MESSAGES, top_logprobs=2), "top_logprobs"),
         (lambda e: e.create_chat_completion(MESSAGES, logprobs=1), "logprobs"),
     ],
@@ -116,4 +121,3 @@ def test_completion_legacy_logprobs(engine):
 def test_bad_logprob_arguments_raise_naming_them(engine, call, match):
     with pytest.raises(ValueError, match=match):
         call(engine)
-
