@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Iterator
 
+from llcuda.logprobs_format import ChunkLogprobs, chat_logprobs, completion_logprobs
 from llcuda.streams import InferResult, TextStream
 
 
@@ -44,7 +45,8 @@ def _finished(stream: TextStream) -> InferResult:
 
 def completion(stream: TextStream, prefix: str, model: str) -> dict:
     result = _finished(stream)
-    choice = {"text": prefix + result.text, "index": 0, "logprobs": None,
+    logprobs = None if result.logprobs is None else completion_logprobs(result.logprobs)
+    choice = {"text": prefix + result.text, "index": 0, "logprobs": logprobs,
               "finish_reason": result.finish_reason}  # fmt: skip
     return {**_header("text_completion", model), "choices": [choice],
             "usage": usage(result)}  # fmt: skip
@@ -52,10 +54,12 @@ def completion(stream: TextStream, prefix: str, model: str) -> dict:
 
 def completion_chunks(stream: TextStream, prefix: str, model: str):
     header = _header("text_completion", model)
+    logprobs = ChunkLogprobs.of(stream, "completion")  # None unless asked for
 
     def chunk(text: str, finish_reason: str | None) -> dict:
         choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
-        return {**header, "choices": [choice]}
+        out = {**header, "choices": [choice]}
+        return out if logprobs is None else logprobs.added(out)
 
     def gen() -> Iterator[dict]:
         try:
@@ -72,8 +76,9 @@ def completion_chunks(stream: TextStream, prefix: str, model: str):
 
 def chat_completion(stream: TextStream, model: str) -> dict:
     result = _finished(stream)
+    logprobs = None if result.logprobs is None else chat_logprobs(result.logprobs)
     choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-              "logprobs": None, "finish_reason": result.finish_reason}  # fmt: skip
+              "logprobs": logprobs, "finish_reason": result.finish_reason}  # fmt: skip
     return {**_header("chat.completion", model), "choices": [choice],
             "usage": usage(result)}  # fmt: skip
 
@@ -81,9 +86,12 @@ def chat_completion(stream: TextStream, model: str) -> dict:
 def chat_chunks(stream: TextStream, model: str):
     header = _header("chat.completion.chunk", model)
 
+    logprobs = ChunkLogprobs.of(stream, "chat")  # None unless asked for
+
     def chunk(delta: dict, finish_reason: str | None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {**header, "choices": [choice]}
+        out = {**header, "choices": [choice]}
+        return out if logprobs is None else logprobs.added(out)
 
     def gen() -> Iterator[dict]:
         try:
@@ -95,3 +103,4 @@ def chat_chunks(stream: TextStream, model: str):
             stream.close()
 
     return gen()
+

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llcuda import openai_format
 from llcuda.api import InferenceEngine
+from llcuda.logprobs_format import ChunkLogprobs, chat_logprobs, completion_logprobs
 from llcuda.server import schemas
 from llcuda.server.metrics import ServerMetrics, engine_counters, engine_gauges
 from llcuda.server.middleware import APIKeyMiddleware, ServerErrorMiddleware
@@ -282,7 +283,8 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         if req.stream:
             return _sse(pump, final.stream(pump), done_marker=False)
         text = await _collect(pump, request)
-        return {"content": text, "index": 0, **final.summary(pump.stream)}
+        return {"content": text, "index": 0, **final.summary(pump.stream),
+                **final.probabilities(pump.stream)}  # fmt: skip
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
@@ -404,14 +406,18 @@ class _OpenAIFormat:
                        "model": model}  # fmt: skip
 
     def completion(self, stream: TextStream, text: str) -> dict:
-        choice = {"text": text, "index": 0, "logprobs": None,
+        logprobs = stream.result.logprobs
+        logprobs = None if logprobs is None else completion_logprobs(logprobs)
+        choice = {"text": text, "index": 0, "logprobs": logprobs,
                   "finish_reason": stream.result.finish_reason}  # fmt: skip
         return {**self.header, "object": "text_completion", "choices": [choice],
                 "usage": _usage(stream), **self._extras(stream)}  # fmt: skip
 
     def chat(self, stream: TextStream, text: str) -> dict:
+        logprobs = stream.result.logprobs
+        logprobs = None if logprobs is None else chat_logprobs(logprobs)
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": stream.result.finish_reason}  # fmt: skip
+                  "logprobs": logprobs, "finish_reason": stream.result.finish_reason}  # fmt: skip
         return {**self.header, "object": "chat.completion", "choices": [choice],
                 "usage": _usage(stream), **self._extras(stream)}  # fmt: skip
 
@@ -428,9 +434,15 @@ class _OpenAIFormat:
         if prefix:
             yield self._chunk(obj, {"text": prefix}, None)
         event = _PieceEvent(self._chunk(obj, {"text": _PieceEvent.SLOT}, None))
+        logprobs = ChunkLogprobs.of(pump.stream, "completion")
         async for piece in pump.pieces():
-            yield event(piece)
+            if logprobs is None:
+                yield event(piece)
+            else:
+                yield logprobs.added(self._chunk(obj, {"text": piece}, None))
         end = self._chunk(obj, {"text": ""}, pump.stream.result.finish_reason)
+        if logprobs is not None:
+            end = logprobs.added(end)
         yield {**end, **self._extras(pump.stream)}
         if include_usage:
             yield {**self.header, "object": obj, "choices": [], "usage": _usage(pump.stream)}
@@ -439,9 +451,15 @@ class _OpenAIFormat:
         obj = "chat.completion.chunk"
         yield self._chunk(obj, {"delta": {"role": "assistant", "content": ""}}, None)
         event = _PieceEvent(self._chunk(obj, {"delta": {"content": _PieceEvent.SLOT}}, None))
+        logprobs = ChunkLogprobs.of(pump.stream, "chat")
         async for piece in pump.pieces():
-            yield event(piece)
+            if logprobs is None:
+                yield event(piece)
+            else:
+                yield logprobs.added(self._chunk(obj, {"delta": {"content": piece}}, None))
         end = self._chunk(obj, {"delta": {}}, pump.stream.result.finish_reason)
+        if logprobs is not None:
+            end = logprobs.added(end)
         yield {**end, **self._extras(pump.stream)}
         if include_usage:
             yield {**self.header, "object": obj, "choices": [], "usage": _usage(pump.stream)}
@@ -475,9 +493,20 @@ class _LlamaFormat:
 
     async def stream(self, pump: _Pump):
         event = _PieceEvent({"content": _PieceEvent.SLOT, "stop": False, "index": 0})
+        probs = ChunkLogprobs.of(pump.stream, "llama")
         async for piece in pump.pieces():
-            yield event(piece)
-        yield {"content": "", "index": 0, **self.summary(pump.stream)}
+            if probs is None:
+                yield event(piece)
+            else:
+                yield probs.added({"content": piece, "stop": False, "index": 0})
+        end = {"content": "", "index": 0, **self.summary(pump.stream)}
+        yield end if probs is None else probs.added(end)
+
+    @staticmethod
+    def probabilities(stream: TextStream) -> dict:
+        """A whole answer's `completion_probabilities` (with n_probs), else nothing."""
+        entries = stream.result.logprobs
+        return {} if entries is None else {"completion_probabilities": entries}
 
 
 # --- running it -----------------------------------------------------------------------------------
