@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from llcuda.kernels.dependent_launch import pdl_launch_args, wait_for_previous
-from llcuda.kernels.matmul_path import GEMV_KERNEL_MAX_M, matmul_path
+from llcuda.kernels.matmul_path import GEMV_KERNEL_MAX_M, GEMV_MAX_M, matmul_path
 from llcuda.kernels.quant_pack import (
     BF16,
     F16,
@@ -725,19 +725,64 @@ def gemv_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int,
                 preload: bool | None = None) -> dict:
     """BLOCK_N, BLOCK_G, SPLIT_K, num_warps, num_stages, PRELOAD, INT8_X for the decode kernel;
     `preload` (None: gemv_preload()) allows the preloaded whole-row configs of
-    _gemv_config_preloaded; INT8_X as gemv_int8 says."""
+    _gemv_config_preloaded; INT8_X as gemv_int8 says, with the tiles of _int8_tiles."""
+    preload = gemv_preload() if preload is None else preload
     cfg = _gemv_tiles(qtype, m, n, n_groups, num_sms, preload)
-    return dict(cfg, INT8_X=gemv_int8(qtype, m, n, n_groups))
+    if not gemv_int8(qtype, m, n, n_groups):
+        return dict(cfg, INT8_X=False)
+    return dict(_int8_tiles(cfg, qtype, m, n, n_groups, preload), INT8_X=True)
+
+
+# Matrices of at least this many elements take int8 activations at M <= GEMV_MAX_M (auto).
+GEMV_INT8_MIN_ELEMS = 1 << 22
 
 
 def gemv_int8(qtype: int, m: int, n: int, n_groups: int) -> bool:
-    """Whether the decode GEMV quantizes its activations to int8 (_gemv_step_int8):
-    LLCUDA_GEMV_INT8=1 everywhere it can, 0 (the default) never."""
-    return os.environ.get("LLCUDA_GEMV_INT8", "0") == "1" and qtype in INT8_X_TYPES
+    """Whether the decode GEMV quantizes its activations to int8 (_gemv_step_int8).
+
+    LLCUDA_GEMV_INT8=1: everywhere it can; 0: never; auto (the default): for 4-6-bit weights of
+    at least GEMV_INT8_MIN_ELEMS elements at M <= 4. H100, graph replays in a PDL chain
+    (bench_quant_matmul.py --big-m1-sweep, BENCHMARKS.md twelfth session), fp32 -> int8 us:
+    Llama-8B gate|up 55.6 -> 42.4, ffn_down Q4_K 30.1 -> 23.8, Q6_K 60.1 -> 53.6, o 4096x4096
+    9.2 -> 7.6 (the fp32 preload tiles took 221 us before they were capped), Gemma 3 4B q|k 11.3
+    -> 5.8; the 1B's gate|up 9.0 -> 8.1 and ffn_down 7.0 -> 4.6. Smaller matrices are latency-
+    bound, and Q8_0 (8 bits a weight, already at 2.6 TB/s in fp32) gains nothing: both keep
+    fp32 activations, and with them the tiny test twins and Gemma 3 270M's projections and head
+    their exact-to-float-rounding GEMV. The int8 rounding of activations (llama.cpp's MMVQ does
+    the same) moves a random-weight twin's log-probs by ~0.05 nats on average, 0.6 at most."""
+    mode = os.environ.get("LLCUDA_GEMV_INT8", "auto")
+    if mode == "0" or qtype not in INT8_X_TYPES:
+        return False
+    if mode == "1":
+        return True
+    return qtype != Q8_0 and m <= GEMV_MAX_M and n * n_groups * GROUP >= GEMV_INT8_MIN_ELEMS
+
+
+def _int8_tiles(cfg: dict, qtype: int, m: int, n: int, n_groups: int, preload: bool) -> dict:
+    """The int8 GEMV's tiles, from the big-m1 sweep: whole-row preloaded rows in 8-row tiles
+    once K >= 2048 and N <= 8192 (its words are all it keeps live; Q4_K 4096x4096 7.6 us at 8
+    rows vs 9.1 at 32, 4096x5120 9.9 vs 17.9 in 64-row tiles), also for an LM head (Q6_K
+    4096x128256: 202 us vs 271 in fp32 tiles); wide outputs (gate|up) in 128-row tiles of 8
+    warps (Q4_K 4096x28672 40.4 vs 46.3 at 4, Q5_0 1152x13824 8.1 vs 10.6); split rows
+    (ffn_down) in K steps of twice the groups (Q6_K 14336x4096: 53.6 vs 70.6 us, Q4_K 23.8 vs
+    26.7)."""
+    if m == 1 and preload and 64 <= n_groups <= GEMV_PRELOAD_MAX_GROUPS and (
+            n <= 8192 or n >= 65536):
+        return dict(cfg, BLOCK_N=8, BLOCK_G=triton.next_power_of_2(n_groups), SPLIT_K=1,
+                    num_warps=8, num_stages=1, PRELOAD=True)
+    if cfg["PRELOAD"] or m > 1:  # several rows: the fp32 tiles, not swept for int8 yet
+        return cfg
+    if n >= 8192 and cfg["SPLIT_K"] == 1:
+        return dict(cfg, BLOCK_N=128, num_warps=8)
+    block_g = _largest_pow2_divisor(n_groups, 2 * cfg["BLOCK_G"])
+    groups_per_split = triton.cdiv(n_groups, cfg["SPLIT_K"])
+    if groups_per_split < block_g:  # every split keeps at least one whole step
+        block_g = cfg["BLOCK_G"]
+    return dict(cfg, BLOCK_G=block_g)
 
 
 def _gemv_tiles(qtype: int, m: int, n: int, n_groups: int, num_sms: int,
-                preload: bool | None) -> dict:
+                preload: bool) -> dict:
     """gemv_config's tiles.
 
     From the H100 sweep (bench_quant_matmul.py --sweep): at M=1, 128 rows per program and a
@@ -750,7 +795,6 @@ def _gemv_tiles(qtype: int, m: int, n: int, n_groups: int, num_sms: int,
     # 32 words (128 B) per row per K step: 8 threads x 16 B across a row, coalesced; a BLOCK_G
     # that divides K/32 keeps every step full.
     block_g = _largest_pow2_divisor(n_groups, 32 // wpg)
-    preload = gemv_preload() if preload is None else preload
     # More rows per program reuse each activation load more, but every plane of the tile stays
     # live across the M rows: fewer rows when M > 1.
     if m == 1:
@@ -831,7 +875,10 @@ def _gemv_config_preloaded(qtype: int, n: int, n_groups: int) -> dict:
     nothing (126 us either way); they keep their tiles, loaded after the wait."""
     block_g = triton.next_power_of_2(n_groups)  # masked past the row's end
     block_n = 32
-    while block_n > 8 and triton.cdiv(n, block_n) < 128:
+    # ~128 programs, and at most 32 words of the tile per thread of 8 warps: at 32 rows of 128
+    # groups (Q4_K 4096x4096) the tile spilled, 221 us against 9 (big-m1 sweep)
+    while block_n > 8 and (triton.cdiv(n, block_n) < 128
+                           or block_n * block_g * _WPG[qtype] > 32 * 256):
         block_n //= 2
     registers = block_n * block_g * _WPG[qtype] * (2 if qtype in (Q5_0, Q5_1, Q5_K, Q6_K) else 1)
     warps = 8 if registers > 32 * 128 else 4
