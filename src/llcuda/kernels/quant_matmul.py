@@ -40,6 +40,7 @@ from llcuda.kernels.quant_pack import (
     F16,
     F32,
     GROUP,
+    LOWBIT_TYPES,
     Q4_0,
     Q4_1,
     Q4_K,
@@ -954,6 +955,10 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> to
         _check(x, w)  # raises for a bad argument; each path below checks the rest once
         out = torch.empty((0, w.n_rows), device=x.device, dtype=torch.float32)
         return out.unsqueeze(0) if partials else out
+    if w.qtype in LOWBIT_TYPES:  # Q2_K / Q3_K / IQ4_NL / IQ4_XS: their own kernels
+        from llcuda.kernels.quant_lowbit import lowbit_matmul
+
+        return lowbit_matmul(x, w, partials=partials)
     path = matmul_path(x.shape[0], w.n_rows, w.n_cols, bf16=not _use_fp16(x.device))
     if path == "gemv":
         return quant_gemv(x, w, partials=partials)
@@ -969,7 +974,10 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> to
 
 
 def uses_gemv(m: int, w: PackedWeight) -> bool:
-    """Whether quant_matmul sends an M-row product with `w` to the decode GEMV."""
+    """Whether quant_matmul sends an M-row product with `w` to the decode GEMV (never for the
+    LOWBIT_TYPES, whose GEMV is quant_lowbit's: no gated epilogue, no pairing)."""
+    if w.qtype in LOWBIT_TYPES:
+        return False
     return matmul_path(m, w.n_rows, w.n_cols, bf16=True) == "gemv"
 
 

@@ -26,6 +26,19 @@ x[32g + p*WPG + k] are again a contiguous run: no shuffles between weight and ac
 
 Sizes equal the raw bytes except Q4_K/Q5_K, whose 12-byte packed 6-bit scales become 16 bytes
 (148/144 and 180/176 bytes per 256 elements, <= 1.03x) so kernels need no 6-bit unpacking.
+
+The low-bit types (LOWBIT_TYPES: Q2_K, Q3_K, IQ4_NL, IQ4_XS; kernels in quant_lowbit.py) keep
+the elements of a row in their natural order instead of planes: word i of a row holds elements
+(32 / bits) * i.. in bits ascending (element j of the word at bit bits * j):
+
+    Q2_K    qs uint8 [N, K/4] (2-bit words); sc uint8 [N, K/16] the raw scale byte per 16
+            elements (scale low nibble, min high nibble); d, dmin float16 [N, K/256]. 84 B / 256.
+    Q3_K    qs as Q2_K, the low 2 bits; qh uint8 [N, K/8] (1-bit words: bit j of word i is the
+            3rd bit of element 32i + j); sc int8 [N, K/16] the scale - 32; d float16 [N, K/256].
+            114 B / 256 (raw 110, 1.036x: the 6-bit scales unpacked).
+    IQ4_NL  qs uint8 [N, K/2] (4-bit code-book indices); d float16 [N, K/32]. 18 B / 32.
+    IQ4_XS  qs as IQ4_NL; sc int8 [N, K/32] the scale - 32; d float16 [N, K/256]. 138 B / 256
+            (raw 136, 1.015x).
 `dequantize_packed` is the pure-torch meaning of the layout (and the CPU fallback).
 """
 
@@ -37,6 +50,7 @@ import torch
 
 # GGML type ids (the GGUF file format's numbering, `ggml.h`).
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+Q2_K, Q3_K, IQ4_NL, IQ4_XS = 10, 11, 20, 23
 
 # type id -> (elements per block, bytes per block, name)
 QUANT_BLOCKS: dict[int, tuple[int, int, str]] = {
@@ -51,7 +65,15 @@ QUANT_BLOCKS: dict[int, tuple[int, int, str]] = {
     Q4_K: (256, 144, "Q4_K"),
     Q5_K: (256, 176, "Q5_K"),
     Q6_K: (256, 210, "Q6_K"),
+    Q2_K: (256, 84, "Q2_K"),
+    Q3_K: (256, 110, "Q3_K"),
+    IQ4_NL: (32, 18, "IQ4_NL"),
+    IQ4_XS: (256, 136, "IQ4_XS"),
 }
+# Types packed in natural element order for quant_lowbit's kernels (see the module docstring)
+LOWBIT_TYPES = frozenset({Q2_K, Q3_K, IQ4_NL, IQ4_XS})
+# IQ4_NL / IQ4_XS code book (llama.cpp kvalues_iq4nl)
+IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 FLOAT_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
 GROUP = 32  # elements per group: the unit every kernel walks K in
 
@@ -230,7 +252,52 @@ def _pack_rows(raw: torch.Tensor, qid: int, n_cols: int) -> dict[str, torch.Tens
             "sc": b[..., 192:208].contiguous().view(torch.int8).reshape(n, -1),
             "d": _f16_field(b, 208),
         }
+    if qid in LOWBIT_TYPES:
+        return _pack_lowbit(b, qid)
     raise QuantPackError(f"no packer for type {qid}")  # unreachable: qtype_id filters
+
+
+def _bits_to_words(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """v [n, E] values of `bits` bits in element order -> uint8 [n, E * bits / 8]: the bytes of
+    little-endian int32 words holding 32 / bits consecutive elements each, element j at bit
+    bits * j (so byte b holds elements 8 / bits * b.. the same way)."""
+    per_byte = 8 // bits
+    v = v.to(torch.int32).reshape(v.shape[0], -1, per_byte)
+    shifts = torch.arange(0, 8, bits, device=v.device, dtype=torch.int32)
+    return (v << shifts).sum(-1).to(torch.uint8)
+
+
+def _pack_lowbit(b: torch.Tensor, qid: int) -> dict[str, torch.Tensor]:
+    """Blocks [n, nb, block_bytes] of a LOWBIT_TYPES type -> the natural-order arrays."""
+    n = b.shape[0]
+    if qid in (IQ4_NL, IQ4_XS):
+        qs = b[..., 2:18] if qid == IQ4_NL else b[..., 8:136].reshape(n, -1, 8, 16)
+        idx = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(n, -1)  # element order
+        out = {"qs": _bits_to_words(idx, 4), "d": _f16_field(b, 0)}
+        if qid == IQ4_XS:
+            sh = b[..., 2].to(torch.int32) | (b[..., 3].to(torch.int32) << 8)  # [n, nb]
+            sl = b[..., 4:8].to(torch.int32)
+            lo = torch.stack([sl & 15, sl >> 4], dim=-1).reshape(n, -1, 8)  # [n, nb, 8]
+            hi = (sh[..., None] >> (2 * torch.arange(8, device=b.device))) & 3
+            out["sc"] = ((lo | (hi << 4)) - 32).to(torch.int8).reshape(n, -1)
+        return out
+    # Q2_K / Q3_K: element 128h + 32j + l is bits 2j.. of qs byte 32h + l
+    qs_off = 16 if qid == Q2_K else 32
+    qs = b[..., qs_off : qs_off + 64].reshape(n, -1, 2, 1, 32)
+    shifts = torch.arange(0, 8, 2, device=b.device, dtype=torch.uint8).view(1, 1, 1, 4, 1)
+    low = ((qs >> shifts) & 3).reshape(n, -1)  # [n, K] element order
+    if qid == Q2_K:
+        return {"qs": _bits_to_words(low, 2), "sc": b[..., 0:16].reshape(n, -1),
+                "d": _f16_field(b, 80), "dmin": _f16_field(b, 82)}  # fmt: skip
+    # hmask byte l bit (e // 32) is the 3rd bit of element e = 32 (e // 32) + l
+    hm = b[..., 0:32].reshape(n, -1, 1, 32)
+    bit = (hm >> torch.arange(8, device=b.device, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
+    sc = b[..., 96:108]
+    lo = torch.cat([sc[..., 0:8] & 15, sc[..., 0:8] >> 4], dim=-1)  # [n, nb, 16]
+    hi = (sc[..., 8:12].unsqueeze(-2) >> shifts.view(1, 1, 4, 1)) & 3  # [n, nb, s // 4, s % 4]
+    scales = (lo | (hi.reshape(n, -1, 16) << 4)).to(torch.int8) - 32
+    return {"qs": _bits_to_words(low, 2), "qh": _bits_to_words(bit.reshape(n, -1), 1),
+            "sc": scales.reshape(n, -1), "d": _f16_field(b, 108)}  # fmt: skip
 
 
 def pack_weight(data: torch.Tensor, qtype, n_cols: int) -> PackedWeight:
@@ -306,6 +373,8 @@ def dequantize_packed(w: PackedWeight) -> torch.Tensor:
     if qid == Q8_0:
         q = _from_planes(w.qs.view(torch.int8).reshape(n, -1, 8, 4)).float().view(n, -1, 32)
         return (q * w.sc.float()[..., None]).view(n, k)
+    if qid in LOWBIT_TYPES:
+        return _dequantize_lowbit(w)
     q = _unpack_nibble_planes(w.qs)  # [n, K]
     if qid in (Q5_0, Q5_1, Q5_K):
         q = q | (_unpack_bit_planes(w.qh) << 4)
@@ -325,3 +394,29 @@ def dequantize_packed(w: PackedWeight) -> torch.Tensor:
         return (q.float() * d + w.mn.float()[..., None]).view(n, k)
     offset = 8 if qid == Q4_0 else 16
     return ((q - offset).float() * d).view(n, k)
+
+
+def _words_to_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of _bits_to_words: uint8 [n, E * bits / 8] -> int32 [n, E] in element order."""
+    shifts = torch.arange(0, 8, bits, device=x.device, dtype=torch.int32)
+    return ((x.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)).reshape(x.shape[0], -1)
+
+
+def _dequantize_lowbit(w: PackedWeight) -> torch.Tensor:
+    """float32 [N, K] of a LOWBIT_TYPES weight, in gguf-py's operation order (bit-equal)."""
+    n, k, qid = w.n_rows, w.n_cols, w.qtype
+    if qid in (IQ4_NL, IQ4_XS):
+        kv = torch.tensor(IQ4_KVALUES, dtype=torch.float32, device=w.device)
+        v = kv[_words_to_bits(w.qs, 4).long()].view(n, -1, 32)  # [n, K/32, 32]
+        if qid == IQ4_NL:
+            return (w.d.float()[..., None] * v).view(n, k)
+        dl = w.d.float().repeat_interleave(8, dim=1) * w.sc.float()  # [n, K/32]
+        return (dl[..., None] * v).view(n, k)
+    q = _words_to_bits(w.qs, 2).view(n, -1, 16)  # [n, K/16, 16]
+    d16 = w.d.float().repeat_interleave(16, dim=1)  # [n, K/16]
+    if qid == Q2_K:
+        dl = d16 * (w.sc & 15).float()
+        ml = w.dmin.float().repeat_interleave(16, dim=1) * (w.sc >> 4).float()
+        return (dl[..., None] * q.float() - ml[..., None]).view(n, k)
+    q = q + (_words_to_bits(w.qh, 1).view(n, -1, 16) << 2) - 4  # Q3_K: -4..3
+    return ((d16 * w.sc.float())[..., None] * q.float()).view(n, k)

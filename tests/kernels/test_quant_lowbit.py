@@ -1,0 +1,273 @@
+"""Q2_K, Q3_K, IQ4_NL, IQ4_XS on the GPU path (quant_lowbit) against `dequantize_ref`.
+
+Three groups:
+- packing (CPU, every run): the natural-order layout dequantizes bit-exactly like the raw blocks
+  and stays within 1.05x of their bytes;
+- small shapes through the Triton kernels, on CUDA or on the CPU under TRITON_INTERPRET=1
+  (skipped otherwise; the interpreter takes seconds per kernel);
+- `gpu`: the real shapes (Llama 3.1 8B, Qwen2.5 7B, Gemma 3 1B for IQ4_NL), odd N, M in 1..512,
+  the fp16 path, split-K, the engine's embedding gather, and tiny Gemma 3 models in the real
+  mixes on the GPU against the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from llcuda.gguf.constants import QUANT_SIZES, GGMLType
+from llcuda.kernels import quant_pack as qp
+from llcuda.kernels.dequant_ref import dequantize_ref
+
+LOWBIT = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS]
+_F16_FIELDS = {GGMLType.Q2_K: [80, 82], GGMLType.Q3_K: [108], GGMLType.IQ4_NL: [0],
+               GGMLType.IQ4_XS: [0]}  # fmt: skip
+# IQ4_XS reaches d * 32 * 127: smaller d keeps its outputs near the others'
+_SCALE = {GGMLType.IQ4_XS: 0.25}
+
+CAN_RUN_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def random_rows(qtype: GGMLType, n_rows: int, n_cols: int, gen: torch.Generator,
+                device: str = "cpu") -> torch.Tensor:  # fmt: skip
+    """Random blocks uint8 [n_rows, row_bytes] with f16 scales in [0.002, 0.022]."""
+    elems, block_bytes = QUANT_SIZES[qtype]
+    nb = n_cols // elems
+    raw = torch.randint(0, 256, (n_rows, nb, block_bytes), generator=gen, device=device,
+                        dtype=torch.uint8)  # fmt: skip
+    for off in _F16_FIELDS[qtype]:
+        scale = (torch.rand((n_rows, nb, 1), generator=gen, device=device) * 0.02 + 0.002)
+        raw[..., off : off + 2] = (scale * _SCALE.get(qtype, 1.0)).half().view(torch.uint8)
+    return raw.reshape(n_rows, -1)
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------ packing
+
+
+@pytest.mark.parametrize("qtype", LOWBIT, ids=lambda t: t.name)
+def test_pack_roundtrip_bit_exact_and_size(qtype):
+    gen = torch.Generator().manual_seed(int(qtype))
+    for n_rows, n_cols in [(3, 256), (5, 512), (2, 1024), (1, 4096)]:
+        raw = random_rows(qtype, n_rows, n_cols, gen)
+        w = qp.pack_weight(raw, qtype, n_cols)
+        assert torch.equal(qp.dequantize_packed(w), dequantize_ref(raw, qtype))
+        assert w.nbytes <= 1.05 * raw.numel(), (w.nbytes, raw.numel())
+    assert qp.pack_weight(random_rows(qtype, 2, 256, gen), qtype, 256).type_name == qtype.name
+
+
+def test_iq4_nl_rows_of_32_multiples():
+    # IQ4_NL is the 32-element fallback of the IQ types: rows such as Gemma's 640 or 1152
+    gen = torch.Generator().manual_seed(1)
+    for n_cols in (32, 640, 1152):
+        raw = random_rows(GGMLType.IQ4_NL, 3, n_cols, gen)
+        w = qp.pack_weight(raw, GGMLType.IQ4_NL, n_cols)
+        assert torch.equal(qp.dequantize_packed(w), dequantize_ref(raw, GGMLType.IQ4_NL))
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.Q3_K, GGMLType.IQ4_XS], ids=lambda t: t.name)
+def test_lowbit_fuse_and_chunked_pack(qtype, monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+    a_raw, b_raw = random_rows(qtype, 3, 512, gen), random_rows(qtype, 5, 512, gen)
+    fused = qp.fuse_packed([qp.pack_weight(a_raw, qtype, 512), qp.pack_weight(b_raw, qtype, 512)])
+    assert fused.split_sizes == (3, 5)
+    assert torch.equal(qp.dequantize_packed(fused), dequantize_ref(torch.cat([a_raw, b_raw]),
+                                                                   qtype))  # fmt: skip
+    whole = qp.pack_weight(a_raw, qtype, 512)
+    monkeypatch.setattr(qp, "_PACK_CHUNK_ROWS", 2)
+    for x, y in zip(whole.tensors(), qp.pack_weight(a_raw, qtype, 512).tensors(), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_types_without_gpu_kernels_are_refused():
+    with pytest.raises(qp.QuantPackError, match="unsupported quant type"):
+        qp.pack_weight(torch.zeros((1, 74), dtype=torch.uint8), GGMLType.IQ2_XS, 256)
+
+
+# ------------------------------------------------------------------------ kernels, small shapes
+
+
+@needs_triton
+@pytest.mark.parametrize("qtype", LOWBIT, ids=lambda t: t.name)
+def test_kernels_small_shapes(qtype):
+    from llcuda.kernels.quant_lowbit import lowbit_gemm, lowbit_gemv, lowbit_rows
+
+    gen = torch.Generator(device=DEV).manual_seed(int(qtype))
+    n, k = 37, 512  # odd N; two super-blocks
+    raw = random_rows(qtype, n, k, gen, device=DEV)
+    w, w_ref = qp.pack_weight(raw, qtype, k), dequantize_ref(raw, qtype)
+    for m in (1, 3):
+        x = torch.randn((m, k), generator=gen, device=DEV)
+        assert _rel_err(lowbit_gemv(x, w), x @ w_ref.T) < 2e-5, f"gemv M={m}"
+    # split K: two splits of one super-block each, partial sums kept apart
+    x = torch.randn((2, k), generator=gen, device=DEV)
+    parts = lowbit_gemv(x, w, partials=True, config={"BLOCK_N": 16, "SPLIT_K": 2,
+                                                     "num_warps": 4})  # fmt: skip
+    assert parts.shape == (2, 2, n) and _rel_err(parts.sum(0), x @ w_ref.T) < 2e-5
+    x = torch.randn((20, k), generator=gen, device=DEV)
+    assert _rel_err(lowbit_gemm(x, w), x @ w_ref.T) < 1.5e-2
+    ids = torch.tensor([0, n - 1, 5, 5], device=DEV)
+    rows = lowbit_rows(w, torch.empty((4, k), device=DEV), ids, scale=2.0)
+    torch.testing.assert_close(rows, 2.0 * w_ref[ids], rtol=1e-6, atol=0)
+
+
+@needs_triton
+def test_routing_through_quant_matmul_and_embedding():
+    from llcuda.kernels.quant_dequant import dequantize_bf16, embedding_rows
+    from llcuda.kernels.quant_matmul import quant_matmul, uses_gemv
+
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    qtype, n, k = GGMLType.Q2_K, 40, 256
+    raw = random_rows(qtype, n, k, gen, device=DEV)
+    w, w_ref = qp.pack_weight(raw, qtype, k), dequantize_ref(raw, qtype)
+    assert not uses_gemv(1, w)  # no gated epilogue / pairing: quant_lowbit's own GEMV
+    x = torch.randn((2, k), generator=gen, device=DEV)
+    assert _rel_err(quant_matmul(x, w), x @ w_ref.T) < 2e-5
+    assert quant_matmul(x, w, partials=True).dim() == 3
+    ids = torch.tensor([3, 39], device=DEV)
+    torch.testing.assert_close(embedding_rows(w, ids, 0.5), 0.5 * w_ref[ids], rtol=1e-6, atol=0)
+    torch.testing.assert_close(dequantize_bf16(w).float(), w_ref.bfloat16().float(), rtol=1e-2,
+                               atol=1e-6)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ device: shapes
+
+# (K, N): Llama 3.1 8B q/o, k/v, gate/up, down, LM head; Qwen2.5 7B q, k/v, down; odd N
+MODEL_SHAPES = [
+    (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (4096, 128256),
+    (3584, 3584), (3584, 512), (18944, 3584),
+]  # fmt: skip
+IQ4_NL_SHAPES = [(1152, 1024), (1152, 6912), (6912, 1152), (640, 2048)]  # Gemma widths
+ODD_SHAPES = [(4096, 7), (4096, 1000), (14336, 4097)]
+BATCHES = [1, 2, 3, 4, 7, 16, 17, 33, 128, 512]
+
+
+def _cases():
+    out = []
+    for t in LOWBIT:
+        shapes = MODEL_SHAPES + ODD_SHAPES + (IQ4_NL_SHAPES if t == GGMLType.IQ4_NL else [])
+        out += [pytest.param(t, k, n, id=f"{t.name}-{k}x{n}") for k, n in shapes]
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype,k,n", _cases())
+def test_lowbit_matmul_matches_reference(qtype, k, n):
+    from llcuda.kernels.quant_lowbit import GEMV_MAX_M
+    from llcuda.kernels.quant_matmul import quant_matmul
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator(device="cuda").manual_seed(1000 * int(qtype) + k + n)
+    raw = random_rows(qtype, n, k, gen, device="cuda")
+    w, w_ref = qp.pack_weight(raw, qtype, k), dequantize_ref(raw, qtype)
+    assert w.nbytes <= 1.05 * raw.numel()
+    del raw
+    failures = []
+    batches = [m for m in BATCHES if m <= 33] if n > 100_000 else BATCHES  # the LM head: memory
+    for m in batches:
+        x = torch.randn((m, k), generator=gen, device="cuda")
+        out = quant_matmul(x, w)
+        tol = 2e-5 if m <= GEMV_MAX_M else 1.5e-2  # fp32 FMAs; bf16 products
+        err = _rel_err(out, x @ w_ref.T)
+        if out.shape != (m, n) or not torch.isfinite(out).all() or err > tol:
+            failures.append(f"M={m}: {tuple(out.shape)} rel err {err:.3g} > {tol}")
+    assert not failures, f"{qtype.name} K={k} N={n}: " + "; ".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("qtype", LOWBIT, ids=lambda t: t.name)
+def test_half_activations(qtype, x_dtype):
+    from llcuda.kernels.quant_matmul import quant_matmul
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    k, n = 4096, 1000
+    raw = random_rows(qtype, n, k, gen, device="cuda")
+    w, w_ref = qp.pack_weight(raw, qtype, k), dequantize_ref(raw, qtype)
+    for m in (1, 3, 64):
+        x = torch.randn((m, k), generator=gen, device="cuda").to(x_dtype)
+        tol = 2e-5 if m <= 16 else 1.5e-2
+        assert _rel_err(quant_matmul(x, w), x.float() @ w_ref.T) < tol, f"M={m}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", LOWBIT, ids=lambda t: t.name)
+def test_fp16_path_scales_rows(qtype):
+    """The sm_75 path, forced: fp16 products with per-row power-of-two scaling."""
+    from llcuda.kernels.quant_lowbit import lowbit_gemm
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    k, n = 4096, 640
+    raw = random_rows(qtype, n, k, gen, device="cuda")
+    w, w_ref = qp.pack_weight(raw, qtype, k), dequantize_ref(raw, qtype)
+    x = torch.randn((37, k), generator=gen, device="cuda")
+    x[3] *= 1e6
+    x[5] = 0.0
+    ref = x @ w_ref.T
+    out = lowbit_gemm(x, w, use_fp16=True)
+    assert torch.isfinite(out).all() and _rel_err(out, ref) < 5e-3
+    assert _rel_err(out[3], ref[3]) < 5e-3 and torch.equal(out[5], torch.zeros_like(out[5]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", LOWBIT, ids=lambda t: t.name)
+def test_gemv_split_k_and_16_rows(qtype):
+    from llcuda.kernels.quant_lowbit import gemv_config, lowbit_gemv
+
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    k, n = 14336, 1000
+    raw = random_rows(qtype, n, k, gen, device="cuda")
+    w, w_ref = qp.pack_weight(raw, qtype, k), dequantize_ref(raw, qtype)
+    for m in (1, 5, 16):
+        x = torch.randn((m, k), generator=gen, device="cuda")
+        base = gemv_config(m, n, k, 132)
+        for split in (1, 3, base["SPLIT_K"], 10_000):  # 10_000: one K step per split
+            out = lowbit_gemv(x, w, config=dict(base, SPLIT_K=split))
+            assert _rel_err(out, x @ w_ref.T) < 2e-5, f"M={m} SPLIT_K={split}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", LOWBIT, ids=lambda t: t.name)
+def test_embedding_rows(qtype):
+    from llcuda.kernels.quant_dequant import embedding_rows
+
+    gen = torch.Generator(device="cuda").manual_seed(17)
+    k, n = 4096, 5000
+    raw = random_rows(qtype, n, k, gen, device="cuda")
+    w, w_ref = qp.pack_weight(raw, qtype, k), dequantize_ref(raw, qtype)
+    ids = torch.tensor([0, 4999, 17, 17, 2500], device="cuda")
+    torch.testing.assert_close(embedding_rows(w, ids, 3.0), 3.0 * w_ref[ids], rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mix", ["Q3_K_M", "Q2_K", "IQ4_XS"])
+@pytest.mark.parametrize("preset", ["tiny", "270m"])
+def test_synthetic_gemma_in_mix_gpu_matches_cpu(mix, preset, tmp_path):
+    """Random-weight Gemma 3 in a real mix (270m: 640-wide rows, so IQ4_NL / Q4_0 / Q5_1
+    fallbacks) teacher-forced on the GPU against the CPU path."""
+    from llcuda.gguf.synthetic import PRESETS, write_gemma3_gguf
+    from tests.models.forward_helpers import open_gemma, sequence_logits
+
+    path = write_gemma3_gguf(tmp_path / f"{preset}-{mix}.gguf", **PRESETS[preset], mix=mix)
+    ids = [2] + [int(t) for t in torch.randint(300, 1000, (40,), generator=torch.Generator()
+                                               .manual_seed(0))]  # fmt: skip
+    out = {}
+    for dev in ("cpu", "cuda"):
+        gguf, model = open_gemma(path, dev)
+        try:
+            logits = sequence_logits(model, ids, list(range(len(ids))), chunk=16, block_size=16)
+        finally:
+            gguf.close()
+        out[dev] = torch.log_softmax(logits.float().cpu(), dim=-1)
+    top = torch.topk(out["cpu"], 5).indices
+    diff = (out["cpu"].gather(1, top) - out["cuda"].gather(1, top)).abs()
+    assert torch.isfinite(out["cuda"]).all()
+    assert diff.mean().item() < 0.05 and diff.max().item() < 0.3, (diff.mean(), diff.max())
