@@ -1,4 +1,6 @@
-"""Q2_K, Q3_K, IQ4_NL, IQ4_XS on the GPU path (quant_lowbit) against `dequantize_ref`.
+"""The low-bit types on the GPU path (quant_lowbit, quant_iq) against `dequantize_ref`: Q2_K,
+Q3_K, IQ4_NL, IQ4_XS (natural-order packing) and the grid types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS,
+IQ3_S, IQ1_S, IQ1_M, TQ1_0, TQ2_0, MXFP4 (their raw fields, decoded per element).
 
 Three groups:
 - packing (CPU, every run): the natural-order layout dequantizes bit-exactly like the raw blocks
@@ -21,9 +23,14 @@ from llcuda.gguf.constants import QUANT_SIZES, GGMLType
 from llcuda.kernels import quant_pack as qp
 from llcuda.kernels.dequant_ref import dequantize_ref
 
-LOWBIT = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS]
+MAIN = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS]
+FIELD = [GGMLType(t) for t in qp.FIELD_TYPES]
+LOWBIT = MAIN + FIELD
 _F16_FIELDS = {GGMLType.Q2_K: [80, 82], GGMLType.Q3_K: [108], GGMLType.IQ4_NL: [0],
-               GGMLType.IQ4_XS: [0]}  # fmt: skip
+               GGMLType.IQ4_XS: [0], GGMLType.IQ2_XXS: [0], GGMLType.IQ2_XS: [0],
+               GGMLType.IQ2_S: [0], GGMLType.IQ3_XXS: [0], GGMLType.IQ3_S: [0],
+               GGMLType.IQ1_S: [0], GGMLType.IQ1_M: [], GGMLType.TQ1_0: [52],
+               GGMLType.TQ2_0: [64], GGMLType.MXFP4: []}  # fmt: skip
 # IQ4_XS reaches d * 32 * 127: smaller d keeps its outputs near the others'
 _SCALE = {GGMLType.IQ4_XS: 0.25}
 
@@ -42,6 +49,15 @@ def random_rows(qtype: GGMLType, n_rows: int, n_cols: int, gen: torch.Generator,
     for off in _F16_FIELDS[qtype]:
         scale = (torch.rand((n_rows, nb, 1), generator=gen, device=device) * 0.02 + 0.002)
         raw[..., off : off + 2] = (scale * _SCALE.get(qtype, 1.0)).half().view(torch.uint8)
+    if qtype == GGMLType.IQ1_M:  # the f16 d in the top nibbles of the four u16 scales
+        d = (torch.rand((n_rows, nb), generator=gen, device=device) * 0.02 + 0.002).half()
+        bits = d.view(torch.int16).to(torch.int32) & 0xFFFF
+        for k in range(4):
+            hi = raw[..., 49 + 2 * k].to(torch.int32)
+            raw[..., 49 + 2 * k] = ((hi & 0x0F) | (((bits >> (4 * k)) & 15) << 4)).to(torch.uint8)
+    if qtype == GGMLType.MXFP4:  # e8m0 exponents near 2^-8: values up to 12 * 2^-6
+        raw[..., 0] = torch.randint(118, 123, (n_rows, nb), generator=gen, device=device,
+                                    dtype=torch.uint8)  # fmt: skip
     return raw.reshape(n_rows, -1)
 
 
@@ -57,6 +73,8 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_pack_roundtrip_bit_exact_and_size(qtype):
     gen = torch.Generator().manual_seed(int(qtype))
     for n_rows, n_cols in [(3, 256), (5, 512), (2, 1024), (1, 4096)]:
+        if qtype in FIELD and qtype != GGMLType.MXFP4:
+            assert not torch.isnan(dequantize_ref(random_rows(qtype, 2, 256, gen), qtype)).any()
         raw = random_rows(qtype, n_rows, n_cols, gen)
         w = qp.pack_weight(raw, qtype, n_cols)
         assert torch.equal(qp.dequantize_packed(w), dequantize_ref(raw, qtype))
@@ -89,7 +107,13 @@ def test_lowbit_fuse_and_chunked_pack(qtype, monkeypatch):
 
 def test_types_without_gpu_kernels_are_refused():
     with pytest.raises(qp.QuantPackError, match="unsupported quant type"):
-        qp.pack_weight(torch.zeros((1, 74), dtype=torch.uint8), GGMLType.IQ2_XS, 256)
+        qp.pack_weight(torch.zeros((1, 36), dtype=torch.uint8), GGMLType.NVFP4, 64)
+
+
+def test_every_type_the_cpu_computes_packs_for_the_gpu():
+    from llcuda.kernels.dequant_ref import SUPPORTED_TYPES
+
+    assert {int(t) for t in SUPPORTED_TYPES} <= set(qp.QUANT_BLOCKS)
 
 
 # ------------------------------------------------------------------------ kernels, small shapes
@@ -101,7 +125,7 @@ def test_kernels_small_shapes(qtype):
     from llcuda.kernels.quant_lowbit import lowbit_gemm, lowbit_gemv, lowbit_rows
 
     gen = torch.Generator(device=DEV).manual_seed(int(qtype))
-    n, k = 37, 512  # odd N; two super-blocks
+    n, k = 37, 512  # odd N; two super-blocks (16 MXFP4 / IQ4_NL blocks)
     raw = random_rows(qtype, n, k, gen, device=DEV)
     w, w_ref = qp.pack_weight(raw, qtype, k), dequantize_ref(raw, qtype)
     for m in (1, 3):
@@ -150,10 +174,16 @@ ODD_SHAPES = [(4096, 7), (4096, 1000), (14336, 4097)]
 BATCHES = [1, 2, 3, 4, 7, 16, 17, 33, 128, 512]
 
 
+# the per-element decoders (FIELD types): the 8B layer shapes and odd N only
+FIELD_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (4096, 7), (4096, 1000)]
+
+
 def _cases():
     out = []
     for t in LOWBIT:
-        shapes = MODEL_SHAPES + ODD_SHAPES + (IQ4_NL_SHAPES if t == GGMLType.IQ4_NL else [])
+        shapes = MODEL_SHAPES + ODD_SHAPES if t in MAIN else FIELD_SHAPES
+        if t in (GGMLType.IQ4_NL, GGMLType.MXFP4):
+            shapes = shapes + IQ4_NL_SHAPES  # 32-element blocks: Gemma's widths
         out += [pytest.param(t, k, n, id=f"{t.name}-{k}x{n}") for k, n in shapes]
     return out
 
@@ -248,7 +278,7 @@ def test_embedding_rows(qtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mix", ["Q3_K_M", "Q2_K", "IQ4_XS"])
+@pytest.mark.parametrize("mix", ["Q3_K_M", "Q2_K", "IQ4_XS", "IQ2_XS"])
 @pytest.mark.parametrize("preset", ["tiny", "270m"])
 def test_synthetic_gemma_in_mix_gpu_matches_cpu(mix, preset, tmp_path):
     """Random-weight Gemma 3 in a real mix (270m: 640-wide rows, so IQ4_NL / Q4_0 / Q5_1

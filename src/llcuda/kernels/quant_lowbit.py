@@ -1,4 +1,6 @@
-"""Triton kernels for the low-bit types Q2_K, Q3_K, IQ4_NL and IQ4_XS (quant_pack.LOWBIT_TYPES).
+"""Triton kernels for the low-bit types (quant_pack.LOWBIT_TYPES): Q2_K, Q3_K, IQ4_NL, IQ4_XS
+here, and through quant_iq's per-element decoder the IQ1/IQ2/IQ3 grid types, TQ1_0, TQ2_0 and
+MXFP4.
 
 These weights are packed in natural element order (quant_pack's docstring): word i of a row holds
 32 / bits consecutive elements. One decoder, `_lowbit_tile`, turns a [BLOCK_N rows, BLOCK_K
@@ -28,7 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from llcuda.kernels.quant_pack import IQ4_KVALUES, LOWBIT_TYPES, PackedWeight
+from llcuda.gguf.constants import GGMLType
+from llcuda.kernels import iq_tables
+from llcuda.kernels.quant_iq import _iq_tile
+from llcuda.kernels.quant_pack import FIELD_TYPES, IQ4_KVALUES, LOWBIT_TYPES, PackedWeight
 
 GEMV_MAX_M = 16  # the GEMV's M loop is unrolled; larger batches take the tensor-core GEMM
 BLOCK_K = 256  # columns per K step: one super-block (eight IQ4_NL blocks)
@@ -76,12 +81,17 @@ def _iq4_value(idx):
 
 
 @triton.jit
-def _lowbit_tile(QTYPE: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, d_ptr, dmin_ptr, row, k0, K,
-                 s_qs, s_qh, s_sc, s_d, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+def _lowbit_tile(QTYPE: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr,
+                 row, k0, K, s_qs, s_qh, s_sc, s_sg, s_d, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):  # fmt: skip
     """fp32 weights [BLOCK_N, BLOCK_K] of rows `row` ([BN, 1] int64) and columns k0..k0 + BK
     (a multiple of 32; columns from K on are 0). Strides are in elements of each array (words
-    for qs / qh, bytes for sc, halves for d)."""
-    if QTYPE == 10 or QTYPE == 11:  # Q2_K / Q3_K: 2-bit words of 16 elements, scales per 16
+    for qs / qh, bytes for sc, halves for d; bytes for every field of the FIELD_TYPES, which
+    quant_iq decodes, with their grid in tab_ptr)."""
+    if QTYPE != 10 and QTYPE != 11 and QTYPE != 20 and QTYPE != 23:
+        return _iq_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, tab_ptr, row, k0, K, s_qs,
+                        s_qh, s_sc, s_sg, s_d, BLOCK_N, BLOCK_K)  # fmt: skip
+    elif QTYPE == 10 or QTYPE == 11:  # Q2_K / Q3_K: 2-bit words of 16 elements, scales per 16
         G: tl.constexpr = BLOCK_K // 16
         grp = k0 // 16 + tl.arange(0, G)  # [G] 16-element groups
         gmask = (grp * 16 < K)[None, :]
@@ -127,9 +137,9 @@ def _lowbit_tile(QTYPE: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, d_ptr, dmin_ptr, r
 def _lowbit_gemv_kernel(
     x_ptr,  # [M, K] activations (fp32/bf16/fp16), unit stride along K
     out_ptr,  # [SPLIT_K, M, N] fp32 partial sums
-    qs_ptr, qh_ptr, sc_ptr, d_ptr, dmin_ptr,
+    qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr,  # see _weight_args
     M, N, K, k_per_split,  # k_per_split: a multiple of BLOCK_K
-    stride_xm, stride_osplit, s_qs, s_qh, s_sc, s_d,
+    stride_xm, stride_osplit, s_qs, s_qh, s_sc, s_sg, s_d,
     QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     K_STEPS: tl.constexpr,  # k_per_split / BLOCK_K (see _lowbit_gemm_kernel)
 ):  # fmt: skip
@@ -146,8 +156,8 @@ def _lowbit_gemv_kernel(
     # the last split may run a few fully masked steps
     for i in range(K_STEPS):
         k0 = k_begin + i * BLOCK_K
-        w = _lowbit_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, d_ptr, dmin_ptr, row, k0, k_end, s_qs,
-                         s_qh, s_sc, s_d, BLOCK_N, BLOCK_K)  # [BN, BK]
+        w = _lowbit_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr, row,
+                         k0, k_end, s_qs, s_qh, s_sc, s_sg, s_d, BLOCK_N, BLOCK_K)  # [BN, BK]
         cols = k0 + tl.arange(0, BLOCK_K)
         kmask = cols < k_end
         if BLOCK_M == 1:
@@ -172,8 +182,8 @@ def _lowbit_gemm_kernel(
     x_ptr,  # [M, K] bf16 (fp16 pre-divided by xscale when USE_FP16), unit stride
     out_ptr,  # [M, N] fp32
     xscale_ptr,  # [M] fp32 power-of-two row scales (USE_FP16 only)
-    qs_ptr, qh_ptr, sc_ptr, d_ptr, dmin_ptr,
-    M, N, K, stride_xm, s_qs, s_qh, s_sc, s_d,
+    qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr,
+    M, N, K, stride_xm, s_qs, s_qh, s_sc, s_sg, s_d,
     QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, USE_FP16: tl.constexpr, F32_DOT: tl.constexpr,
     # cdiv(K, BLOCK_K) as a constant: Triton 3.6's interpreter cannot loop to a runtime bound
@@ -194,8 +204,8 @@ def _lowbit_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for i in range(K_STEPS):
         k0 = i * BLOCK_K
-        w = _lowbit_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, d_ptr, dmin_ptr, row, k0, K, s_qs, s_qh,
-                         s_sc, s_d, BLOCK_N, BLOCK_K)  # [BN, BK] fp32
+        w = _lowbit_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr, row,
+                         k0, K, s_qs, s_qh, s_sc, s_sg, s_d, BLOCK_N, BLOCK_K)  # [BN, BK] fp32
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + xrow * stride_xm + cols[None, :], mask=(cols < K)[None, :],
                     other=0.0)  # fmt: skip
@@ -215,8 +225,8 @@ def _lowbit_gemm_kernel(
 def _lowbit_rows_kernel(
     out_ptr,  # [R, K] fp32 / bf16
     ids_ptr,  # [R] int64 source rows (GATHER)
-    qs_ptr, qh_ptr, sc_ptr, d_ptr, dmin_ptr,
-    R, N, K, stride_out, s_qs, s_qh, s_sc, s_d, scale,
+    qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr,
+    R, N, K, stride_out, s_qs, s_qh, s_sc, s_sg, s_d, scale,
     QTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -225,8 +235,8 @@ def _lowbit_rows_kernel(
         src = tl.load(ids_ptr + src)
     row = tl.minimum(tl.maximum(src, 0), N - 1).to(tl.int64)[:, None]  # no id reads past N
     k0 = tl.program_id(1) * BLOCK_K
-    w = _lowbit_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, d_ptr, dmin_ptr, row, k0, K, s_qs, s_qh,
-                     s_sc, s_d, BLOCK_R, BLOCK_K)  # fmt: skip
+    w = _lowbit_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr, row, k0, K,
+                     s_qs, s_qh, s_sc, s_sg, s_d, BLOCK_R, BLOCK_K)  # fmt: skip
     cols = k0 + tl.arange(0, BLOCK_K)
     dst = out_ptr + offs_r.to(tl.int64)[:, None] * stride_out + cols[None, :]
     tl.store(dst, (w * scale).to(out_ptr.dtype.element_ty),
@@ -242,15 +252,25 @@ class LowbitError(ValueError):
 
 
 def _weight_args(w: PackedWeight) -> tuple[tuple, tuple]:
-    """(pointers, strides) for the kernels: qs and qh as int32 words; unused ones get qs."""
+    """(pointers qs, qh, sc, signs, d, dmin, grid table; strides of qs, qh, sc, signs, d) for
+    the kernels: qs and qh as int32 words for Q2_K / Q3_K / IQ4_*, every field as bytes for
+    FIELD_TYPES; absent arrays get qs (never read)."""
     if w.qtype not in LOWBIT_TYPES:
         raise LowbitError(f"quant_lowbit takes {sorted(LOWBIT_TYPES)}, got type {w.qtype}")
-    qs = w.qs.view(torch.int32)
-    qh = w.qh.view(torch.int32) if w.qh is not None else qs
-    sc = w.sc if w.sc is not None else qs
-    dmin = w.dmin if w.dmin is not None else w.d
-    strides = (qs.stride(0), qh.stride(0), sc.stride(0), w.d.stride(0))
-    return (qs, qh, sc, w.d, dmin), strides
+    field = w.qtype in FIELD_TYPES
+    qs = w.qs if field else w.qs.view(torch.int32)
+    qh = w.qh if w.qh is None or field else w.qh.view(torch.int32)
+    qh, sc, sg = (t if t is not None else qs for t in (qh, w.sc, w.signs))
+    d = w.d if w.d is not None else qs  # MXFP4 keeps its scales in sc
+    dmin = w.dmin if w.dmin is not None else d
+    tab = iq_tables.grid(w.qtype, w.device) if w.qtype in _GRID_TYPES else qs
+    strides = (qs.stride(0), qh.stride(0), sc.stride(0), sg.stride(0), d.stride(0))
+    return (qs, qh, sc, sg, d, dmin, tab), strides
+
+
+_GRID_TYPES = {int(t) for t in (GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S,
+                                GGMLType.IQ3_XXS, GGMLType.IQ3_S, GGMLType.IQ1_S,
+                                GGMLType.IQ1_M)}  # fmt: skip
 
 
 def _check(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:

@@ -39,6 +39,8 @@ the elements of a row in their natural order instead of planes: word i of a row 
     IQ4_NL  qs uint8 [N, K/2] (4-bit code-book indices); d float16 [N, K/32]. 18 B / 32.
     IQ4_XS  qs as IQ4_NL; sc int8 [N, K/32] the scale - 32; d float16 [N, K/256]. 138 B / 256
             (raw 136, 1.015x).
+The IQ1/IQ2/IQ3 grid types, TQ1_0, TQ2_0 and MXFP4 (FIELD_TYPES) keep their raw block fields,
+each field of every block in one row-major array (see FIELD_TYPES), decoded per element.
 `dequantize_packed` is the pure-torch meaning of the layout (and the CPU fallback).
 """
 
@@ -51,6 +53,8 @@ import torch
 # GGML type ids (the GGUF file format's numbering, `ggml.h`).
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
 Q2_K, Q3_K, IQ4_NL, IQ4_XS = 10, 11, 20, 23
+IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ1_M = 16, 17, 18, 19, 21, 22, 29
+TQ1_0, TQ2_0, MXFP4 = 34, 35, 39
 
 # type id -> (elements per block, bytes per block, name)
 QUANT_BLOCKS: dict[int, tuple[int, int, str]] = {
@@ -69,9 +73,35 @@ QUANT_BLOCKS: dict[int, tuple[int, int, str]] = {
     Q3_K: (256, 110, "Q3_K"),
     IQ4_NL: (32, 18, "IQ4_NL"),
     IQ4_XS: (256, 136, "IQ4_XS"),
+    IQ2_XXS: (256, 66, "IQ2_XXS"),
+    IQ2_XS: (256, 74, "IQ2_XS"),
+    IQ2_S: (256, 82, "IQ2_S"),
+    IQ3_XXS: (256, 98, "IQ3_XXS"),
+    IQ3_S: (256, 110, "IQ3_S"),
+    IQ1_S: (256, 50, "IQ1_S"),
+    IQ1_M: (256, 56, "IQ1_M"),
+    TQ1_0: (256, 54, "TQ1_0"),
+    TQ2_0: (256, 66, "TQ2_0"),
+    MXFP4: (32, 17, "MXFP4"),
+}
+# The grid / ternary / MXFP4 types are split into their raw fields, row-major: array name ->
+# (byte offset in the block, bytes per block). "d" becomes float16 [N, blocks]; the rest stay
+# uint8 [N, blocks * bytes]. IQ1_M's d, spread over its scales' top nibbles, is also stored
+# whole (a derived float16 [N, K/256]: 58 B / 256 against the raw 56, 1.036x).
+FIELD_TYPES: dict[int, dict[str, tuple[int, int]]] = {
+    IQ2_XXS: {"d": (0, 2), "qs": (2, 64)},
+    IQ2_XS: {"d": (0, 2), "qs": (2, 64), "sc": (66, 8)},
+    IQ2_S: {"d": (0, 2), "qs": (2, 32), "signs": (34, 32), "qh": (66, 8), "sc": (74, 8)},
+    IQ3_XXS: {"d": (0, 2), "qs": (2, 64), "qh": (66, 32)},
+    IQ3_S: {"d": (0, 2), "qs": (2, 64), "qh": (66, 8), "signs": (74, 32), "sc": (106, 4)},
+    IQ1_S: {"d": (0, 2), "qs": (2, 32), "qh": (34, 16)},
+    IQ1_M: {"qs": (0, 32), "qh": (32, 16), "sc": (48, 8)},
+    TQ1_0: {"qs": (0, 48), "qh": (48, 4), "d": (52, 2)},
+    TQ2_0: {"qs": (0, 64), "d": (64, 2)},
+    MXFP4: {"sc": (0, 1), "qs": (1, 16)},
 }
 # Types packed in natural element order for quant_lowbit's kernels (see the module docstring)
-LOWBIT_TYPES = frozenset({Q2_K, Q3_K, IQ4_NL, IQ4_XS})
+LOWBIT_TYPES = frozenset({Q2_K, Q3_K, IQ4_NL, IQ4_XS, *FIELD_TYPES})
 # IQ4_NL / IQ4_XS code book (llama.cpp kvalues_iq4nl)
 IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 FLOAT_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
@@ -98,6 +128,7 @@ class PackedWeight:
     mn: torch.Tensor | None = None
     d: torch.Tensor | None = None
     dmin: torch.Tensor | None = None
+    signs: torch.Tensor | None = None  # IQ2_S / IQ3_S: one sign byte per 8 elements
     # When several weights were fused along N (e.g. ffn_gate | ffn_up): their row counts.
     split_sizes: tuple[int, ...] | None = None
 
@@ -124,7 +155,7 @@ class PackedWeight:
 
     def _arrays(self) -> dict[str, torch.Tensor | None]:
         return {"qs": self.qs, "qh": self.qh, "sc": self.sc, "mn": self.mn, "d": self.d,
-                "dmin": self.dmin}  # fmt: skip
+                "dmin": self.dmin, "signs": self.signs}  # fmt: skip
 
 
 def qtype_id(qtype) -> int:
@@ -267,9 +298,29 @@ def _bits_to_words(v: torch.Tensor, bits: int) -> torch.Tensor:
     return (v << shifts).sum(-1).to(torch.uint8)
 
 
+def _pack_fields(b: torch.Tensor, qid: int) -> dict[str, torch.Tensor]:
+    """Blocks [n, nb, block_bytes] of a FIELD_TYPES type -> its field arrays."""
+    n = b.shape[0]
+    out = {}
+    for name, (off, size) in FIELD_TYPES[qid].items():
+        if name == "d":
+            out["d"] = _f16_field(b, off)
+        else:
+            out[name] = b[..., off : off + size].reshape(n, -1)
+    if qid == IQ1_M:  # d: nibble k in the top nibble of the k-th u16 of the scales
+        sc = b[..., 48:56].to(torch.int32)
+        u16 = sc[..., 0::2] | (sc[..., 1::2] << 8)  # [n, nb, 4]
+        bits = sum(((u16[..., k] >> 12) & 15) << (4 * k) for k in range(4))
+        out["d"] = torch.where(bits >= 2**15, bits - 2**16, bits).to(torch.int16).view(
+            torch.float16)  # fmt: skip
+    return out
+
+
 def _pack_lowbit(b: torch.Tensor, qid: int) -> dict[str, torch.Tensor]:
     """Blocks [n, nb, block_bytes] of a LOWBIT_TYPES type -> the natural-order arrays."""
     n = b.shape[0]
+    if qid in FIELD_TYPES:
+        return _pack_fields(b, qid)
     if qid in (IQ4_NL, IQ4_XS):
         qs = b[..., 2:18] if qid == IQ4_NL else b[..., 8:136].reshape(n, -1, 8, 16)
         idx = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(n, -1)  # element order
@@ -402,9 +453,26 @@ def _words_to_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
     return ((x.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)).reshape(x.shape[0], -1)
 
 
+def raw_blocks(w: PackedWeight) -> torch.Tensor:
+    """The GGUF rows uint8 [N, row_bytes] a FIELD_TYPES weight was packed from."""
+    fields = FIELD_TYPES[w.qtype]
+    nb = w.n_cols // QUANT_BLOCKS[w.qtype][0]
+    parts = []
+    for name, (_, size) in sorted(fields.items(), key=lambda kv: kv[1][0]):
+        t = getattr(w, name)
+        if name == "d":
+            t = t.contiguous().view(torch.uint8)
+        parts.append(t.reshape(w.n_rows, nb, size))
+    return torch.cat(parts, dim=-1).reshape(w.n_rows, -1)
+
+
 def _dequantize_lowbit(w: PackedWeight) -> torch.Tensor:
     """float32 [N, K] of a LOWBIT_TYPES weight, in gguf-py's operation order (bit-equal)."""
     n, k, qid = w.n_rows, w.n_cols, w.qtype
+    if qid in FIELD_TYPES:  # the split is lossless: the reference of the raw blocks
+        from llcuda.kernels.dequant_ref import dequantize_ref
+
+        return dequantize_ref(raw_blocks(w), qid)
     if qid in (IQ4_NL, IQ4_XS):
         kv = torch.tensor(IQ4_KVALUES, dtype=torch.float32, device=w.device)
         v = kv[_words_to_bits(w.qs, 4).long()].view(n, -1, 32)  # [n, K/32, 32]
