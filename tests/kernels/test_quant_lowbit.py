@@ -301,3 +301,46 @@ def test_synthetic_gemma_in_mix_gpu_matches_cpu(mix, preset, tmp_path):
     diff = (out["cpu"].gather(1, top) - out["cuda"].gather(1, top)).abs()
     assert torch.isfinite(out["cuda"]).all()
     assert diff.mean().item() < 0.05 and diff.max().item() < 0.3, (diff.mean(), diff.max())
+
+
+# ------------------------------------------------------------------- compiles (CPU, no device)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", LOWBIT, ids=lambda t: t.name)
+def test_kernels_compile_for_h100_and_t4(qtype):
+    """Every kernel compiles for sm_90 and, with the fp16 GEMM of sm_75, for the T4 within its
+    64 KiB of shared memory (Triton compiles for a named target with the ptxas it ships)."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    from llcuda.kernels import quant_lowbit as lb
+    from tests.kernels.test_compile_targets import T4, T4_SMEM, _compile
+
+    k = 512
+    w = qp.pack_weight(random_rows(qtype, 16, k, torch.Generator().manual_seed(0)), qtype, k)
+    (qs, qh, sc, sg, d, dmin, tab), _ = lb._weight_args(w)
+    wargs = dict(qs_ptr=qs, qh_ptr=qh, sc_ptr=sc, sg_ptr=sg, d_ptr=d, dmin_ptr=dmin, tab_ptr=tab,
+                 s_qs=3, s_qh=3, s_sc=3, s_sg=3, s_d=3)  # fmt: skip
+    x, xb, xh = torch.zeros(1, k), torch.zeros(1, k, dtype=torch.bfloat16), torch.zeros(1, k).half()
+    for target, xg, fp16 in ((GPUTarget("cuda", 90, 64), xb, False), (T4, xh, True)):
+        for bm in (1, 4):
+            _compile(lb._lowbit_gemv_kernel,
+                     dict(x_ptr=x, out_ptr=x, M=1, N=3, K=3, k_per_split=3, stride_xm=3,
+                          stride_osplit=3, **wargs),
+                     dict(QTYPE=int(qtype), BLOCK_M=bm, BLOCK_N=16, BLOCK_K=lb.BLOCK_K,
+                          K_STEPS=0), target, 4, 1)  # fmt: skip
+        for m in (16, 512):
+            cfg = lb.gemm_config(m, 4096)
+            c = _compile(lb._lowbit_gemm_kernel,
+                         dict(x_ptr=xg, out_ptr=x, xscale_ptr=x, M=3, N=3, K=3, stride_xm=3,
+                              **wargs),
+                         dict(QTYPE=int(qtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                              BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, USE_FP16=fp16, F32_DOT=False,
+                              K_STEPS=0), target, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
+            assert not fp16 or c.metadata.shared <= T4_SMEM, c.metadata.shared
+        _compile(lb._lowbit_rows_kernel,
+                 dict(out_ptr=x, ids_ptr=torch.zeros(1, dtype=torch.int64), R=3, N=3, K=3,
+                      stride_out=3, scale=1.0, **wargs),
+                 dict(QTYPE=int(qtype), BLOCK_R=16, BLOCK_K=lb.BLOCK_K, GATHER=True), target, 4,
+                 1)  # fmt: skip

@@ -133,6 +133,17 @@ def _lowbit_tile(QTYPE: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmi
         return _per_element(a, 32, BLOCK_N, BLOCK_K) * v
 
 
+@triton.jit
+def _n_steps(K_STEPS: tl.constexpr, length, BLOCK_K: tl.constexpr):
+    """K steps of BLOCK_K over `length` columns. On the GPU a runtime count (K_STEPS = 0: one
+    compile for every K); Triton 3.6's interpreter cannot loop to a runtime bound under numpy
+    2.4 (int() of its 1-element scalars), so there the launcher passes the count as K_STEPS."""
+    if K_STEPS > 0:
+        return K_STEPS
+    else:
+        return tl.cdiv(length, BLOCK_K)
+
+
 @triton.jit(do_not_specialize=["M", "N", "K", "k_per_split", "stride_osplit"])
 def _lowbit_gemv_kernel(
     x_ptr,  # [M, K] activations (fp32/bf16/fp16), unit stride along K
@@ -141,7 +152,7 @@ def _lowbit_gemv_kernel(
     M, N, K, k_per_split,  # k_per_split: a multiple of BLOCK_K
     stride_xm, stride_osplit, s_qs, s_qh, s_sc, s_sg, s_d,
     QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    K_STEPS: tl.constexpr,  # k_per_split / BLOCK_K (see _lowbit_gemm_kernel)
+    K_STEPS: tl.constexpr,  # 0, or k_per_split / BLOCK_K under the interpreter (see _n_steps)
 ):  # fmt: skip
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
@@ -154,7 +165,7 @@ def _lowbit_gemv_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     # the last split may run a few fully masked steps
-    for i in range(K_STEPS):
+    for i in range(_n_steps(K_STEPS, k_per_split, BLOCK_K)):
         k0 = k_begin + i * BLOCK_K
         w = _lowbit_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr, row,
                          k0, k_end, s_qs, s_qh, s_sc, s_sg, s_d, BLOCK_N, BLOCK_K)  # [BN, BK]
@@ -186,9 +197,7 @@ def _lowbit_gemm_kernel(
     M, N, K, stride_xm, s_qs, s_qh, s_sc, s_sg, s_d,
     QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, USE_FP16: tl.constexpr, F32_DOT: tl.constexpr,
-    # cdiv(K, BLOCK_K) as a constant: Triton 3.6's interpreter cannot loop to a runtime bound
-    # under numpy 2.4 (int() of its 1-element scalars); one compile per distinct K
-    K_STEPS: tl.constexpr,
+    K_STEPS: tl.constexpr,  # 0, or cdiv(K, BLOCK_K) under the interpreter (see _n_steps)
 ):  # fmt: skip
     pid = tl.program_id(0)
     num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -202,7 +211,7 @@ def _lowbit_gemm_kernel(
     xrow = tl.minimum(offs_m, M - 1).to(tl.int64)[:, None]  # [BM, 1]
     row = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None]  # [BN, 1]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for i in range(K_STEPS):
+    for i in range(_n_steps(K_STEPS, K, BLOCK_K)):
         k0 = i * BLOCK_K
         w = _lowbit_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr, row,
                          k0, K, s_qs, s_qh, s_sc, s_sg, s_d, BLOCK_N, BLOCK_K)  # [BN, BK] fp32
@@ -331,7 +340,8 @@ def lowbit_gemv(x: torch.Tensor, w: PackedWeight, partials: bool = False,
     _lowbit_gemv_kernel[grid](
         x, out, *ptrs, m, n, k, k_per_split, x.stride(0), m * n, *strides,
         QTYPE=w.qtype, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=BLOCK_K, K_STEPS=k_per_split // BLOCK_K, num_warps=cfg["num_warps"],
+        BLOCK_K=BLOCK_K, K_STEPS=k_per_split // BLOCK_K if _interpreted() else 0,
+        num_warps=cfg["num_warps"],
     )  # fmt: skip
     if partials:
         return out
@@ -373,7 +383,7 @@ def lowbit_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
         x, out, xscale, *ptrs, m, n, k, x.stride(0), *strides,
         QTYPE=w.qtype, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], USE_FP16=use_fp16, F32_DOT=_interpreted(),
-        K_STEPS=triton.cdiv(k, cfg["BLOCK_K"]),
+        K_STEPS=triton.cdiv(k, cfg["BLOCK_K"]) if _interpreted() else 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out
