@@ -23,9 +23,11 @@ from llcuda.gguf.constants import QUANT_SIZES, GGMLType
 from llcuda.kernels import quant_pack as qp
 from llcuda.kernels.dequant_ref import dequantize_ref
 
-MAIN = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.IQ4_NL, GGMLType.IQ4_XS]
+IQ4 = [GGMLType.IQ4_NL, GGMLType.IQ4_XS]  # nibble types of quant_matmul's plane kernels
+MAIN = [GGMLType.Q2_K, GGMLType.Q3_K] + IQ4
 FIELD = [GGMLType(t) for t in qp.FIELD_TYPES]
-LOWBIT = MAIN + FIELD
+LOWBIT = [GGMLType.Q2_K, GGMLType.Q3_K] + FIELD  # quant_lowbit's kernels
+NEW = MAIN + FIELD
 _F16_FIELDS = {GGMLType.Q2_K: [80, 82], GGMLType.Q3_K: [108], GGMLType.IQ4_NL: [0],
                GGMLType.IQ4_XS: [0], GGMLType.IQ2_XXS: [0], GGMLType.IQ2_XS: [0],
                GGMLType.IQ2_S: [0], GGMLType.IQ3_XXS: [0], GGMLType.IQ3_S: [0],
@@ -34,9 +36,29 @@ _F16_FIELDS = {GGMLType.Q2_K: [80, 82], GGMLType.Q3_K: [108], GGMLType.IQ4_NL: [
 # IQ4_XS reaches d * 32 * 127: smaller d keeps its outputs near the others'
 _SCALE = {GGMLType.IQ4_XS: 0.25}
 
-CAN_RUN_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CAN_RUN_TRITON = torch.cuda.is_available() or INTERPRET
 needs_triton = pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def interpreter_loops(monkeypatch):
+    """Triton 3.6's interpreter turns a loop bound into int(1-element array), which numpy 2.4
+    refuses: make it take the element, so kernels with runtime loop bounds run interpreted."""
+    if not INTERPRET:
+        yield
+        return
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)  # records the real __index__, which the scope restores after
+        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+    yield
 
 
 def random_rows(qtype: GGMLType, n_rows: int, n_cols: int, gen: torch.Generator,
@@ -69,7 +91,7 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------ packing
 
 
-@pytest.mark.parametrize("qtype", LOWBIT, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", NEW, ids=lambda t: t.name)
 def test_pack_roundtrip_bit_exact_and_size(qtype):
     gen = torch.Generator().manual_seed(int(qtype))
     for n_rows, n_cols in [(3, 256), (5, 512), (2, 1024), (1, 4096)]:
@@ -162,6 +184,50 @@ def test_routing_through_quant_matmul_and_embedding():
                                atol=1e-6)  # fmt: skip
 
 
+@needs_triton
+@pytest.mark.parametrize("qtype", IQ4, ids=lambda t: t.name)
+def test_iq4_through_the_plane_kernels(qtype):
+    """IQ4_NL / IQ4_XS are nibble types of quant_matmul's kernels (the code book applied per
+    word): the GEMV, its gated epilogue and its two-type pairing, the fused tensor-core GEMM,
+    the swapped and the dense GEMMs, the embedding gather."""
+    from llcuda.kernels import quant_matmul as qm
+    from llcuda.kernels import reference as ref
+    from llcuda.kernels.quant_dequant import embedding_rows
+    from llcuda.kernels.quant_tc import quant_gemm_dense, quant_gemm_swap
+
+    gen = torch.Generator(device=DEV).manual_seed(int(qtype))
+    n, k = 40, 512
+    raws = [random_rows(qtype, n, k, gen, device=DEV) for _ in range(2)]
+    ws = [qp.pack_weight(r, qtype, k) for r in raws]
+    w, w_ref = ws[0], dequantize_ref(raws[0], qtype)
+    for m in (1, 3):
+        x = torch.randn((m, k), generator=gen, device=DEV)
+        assert _rel_err(qm.quant_gemv(x, w), x @ w_ref.T) < 2e-5, f"gemv M={m}"
+        gate_up = qp.fuse_packed(ws)
+        want = ref.gated_act_ref(x @ dequantize_ref(torch.cat(raws), qtype).T, "silu")
+        assert _rel_err(qm.quant_gemv(x, gate_up, gated_act="silu"), want) < 2e-5
+    x = torch.randn((20, k), generator=gen, device=DEV)
+    # the interpreter's bf16 tl.dot returns garbage (Q4_0 too): the fused GEMM's fp16 path there
+    fused = lambda x, w: qm.quant_gemm(x, w, use_fp16=True if INTERPRET else None)  # noqa: E731
+    for f in (fused, quant_gemm_swap, quant_gemm_dense):
+        assert _rel_err(f(x, w), x @ w_ref.T) < 1.5e-2, f
+    q5 = qp.pack_weight(random_q5_k(n, k, gen), GGMLType.Q5_K, k)
+    x = torch.randn((1, k), generator=gen, device=DEV)
+    both = qm.quant_gemv_pair(x, w, q5)
+    torch.testing.assert_close(both[:, :n], qm.quant_gemv(x, w), rtol=0, atol=0)
+    ids = torch.tensor([0, n - 1, 7], device=DEV)
+    torch.testing.assert_close(embedding_rows(w, ids, 2.0), 2.0 * w_ref[ids], rtol=1e-6, atol=0)
+
+
+def random_q5_k(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Q5_K rows (a Q5_K attn_v beside IQ4_XS q|k, as in the IQ4_XS mix)."""
+    raw = torch.randint(0, 256, (n, k // 256, 176), generator=gen, device=DEV, dtype=torch.uint8)
+    for off in (0, 2):
+        s = torch.rand((n, k // 256, 1), generator=gen, device=DEV) * 0.02 + 0.002
+        raw[..., off : off + 2] = s.half().view(torch.uint8)
+    return raw.reshape(n, -1)
+
+
 # ------------------------------------------------------------------------------ device: shapes
 
 # (K, N): Llama 3.1 8B q/o, k/v, gate/up, down, LM head; Qwen2.5 7B q, k/v, down; odd N
@@ -180,7 +246,7 @@ FIELD_SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (4096,
 
 def _cases():
     out = []
-    for t in LOWBIT:
+    for t in NEW:
         shapes = MODEL_SHAPES + ODD_SHAPES if t in MAIN else FIELD_SHAPES
         if t in (GGMLType.IQ4_NL, GGMLType.MXFP4):
             shapes = shapes + IQ4_NL_SHAPES  # 32-element blocks: Gemma's widths
@@ -214,7 +280,7 @@ def test_lowbit_matmul_matches_reference(qtype, k, n):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("qtype", LOWBIT, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", NEW, ids=lambda t: t.name)
 def test_half_activations(qtype, x_dtype):
     from llcuda.kernels.quant_matmul import quant_matmul
 
@@ -229,10 +295,11 @@ def test_half_activations(qtype, x_dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("qtype", LOWBIT, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", NEW, ids=lambda t: t.name)
 def test_fp16_path_scales_rows(qtype):
     """The sm_75 path, forced: fp16 products with per-row power-of-two scaling."""
     from llcuda.kernels.quant_lowbit import lowbit_gemm
+    from llcuda.kernels.quant_matmul import quant_gemm
 
     gen = torch.Generator(device="cuda").manual_seed(5)
     k, n = 4096, 640
@@ -242,7 +309,7 @@ def test_fp16_path_scales_rows(qtype):
     x[3] *= 1e6
     x[5] = 0.0
     ref = x @ w_ref.T
-    out = lowbit_gemm(x, w, use_fp16=True)
+    out = (quant_gemm if qtype in IQ4 else lowbit_gemm)(x, w, use_fp16=True)
     assert torch.isfinite(out).all() and _rel_err(out, ref) < 5e-3
     assert _rel_err(out[3], ref[3]) < 5e-3 and torch.equal(out[5], torch.zeros_like(out[5]))
 
@@ -265,7 +332,7 @@ def test_gemv_split_k_and_16_rows(qtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("qtype", LOWBIT, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", NEW, ids=lambda t: t.name)
 def test_embedding_rows(qtype):
     from llcuda.kernels.quant_dequant import embedding_rows
 
@@ -328,19 +395,68 @@ def test_kernels_compile_for_h100_and_t4(qtype):
             _compile(lb._lowbit_gemv_kernel,
                      dict(x_ptr=x, out_ptr=x, M=1, N=3, K=3, k_per_split=3, stride_xm=3,
                           stride_osplit=3, **wargs),
-                     dict(QTYPE=int(qtype), BLOCK_M=bm, BLOCK_N=16, BLOCK_K=lb.BLOCK_K,
-                          K_STEPS=0), target, 4, 1)  # fmt: skip
+                     dict(QTYPE=int(qtype), BLOCK_M=bm, BLOCK_N=16, BLOCK_K=lb.BLOCK_K),
+                     target, 4, 1)  # fmt: skip
         for m in (16, 512):
             cfg = lb.gemm_config(m, 4096)
             c = _compile(lb._lowbit_gemm_kernel,
                          dict(x_ptr=xg, out_ptr=x, xscale_ptr=x, M=3, N=3, K=3, stride_xm=3,
                               **wargs),
                          dict(QTYPE=int(qtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                              BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, USE_FP16=fp16, F32_DOT=False,
-                              K_STEPS=0), target, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
+                              BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, USE_FP16=fp16, F32_DOT=False),
+                         target, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
             assert not fp16 or c.metadata.shared <= T4_SMEM, c.metadata.shared
         _compile(lb._lowbit_rows_kernel,
                  dict(out_ptr=x, ids_ptr=torch.zeros(1, dtype=torch.int64), R=3, N=3, K=3,
                       stride_out=3, scale=1.0, **wargs),
                  dict(QTYPE=int(qtype), BLOCK_R=16, BLOCK_K=lb.BLOCK_K, GATHER=True), target, 4,
                  1)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", IQ4, ids=lambda t: t.name)
+def test_iq4_plane_kernels_compile_for_h100_and_t4(qtype):
+    """The GEMV (preloaded, split, gated), the fused GEMM (bf16 on sm_90, fp16 on sm_75 within
+    its shared memory) and the gather, with IQ4's PRMT code-book lookup."""
+    pytest.importorskip("triton")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from llcuda.kernels import quant_dequant as qd
+    from llcuda.kernels import quant_matmul as qm
+    from tests.kernels.test_compile_targets import T4, T4_SMEM, _compile
+
+    k, n = 4096, 1024
+    w = qp.pack_weight(random_rows(qtype, 16, k, torch.Generator().manual_seed(0)), qtype, k)
+    (qs, qh, sc, mn, d, dmin), _ = qm._weight_args(w)
+    wargs = {"qs_ptr": qs, "qh_ptr": qh, "sc_ptr": sc, "mn_ptr": mn, "d_ptr": d,
+             "dmin_ptr": dmin, "s_qs": 1, "s_qh": 1, "s_sc": 1, "s_d": 1, "magic": 1}
+    ints = {"M": 3, "N": n, "n_groups": k // 32, "groups_per_split": 8, "stride_xm": k,
+            "stride_osplit": 3}  # fmt: skip
+    for target, sms, xdt, fp16 in ((GPUTarget("cuda", 90, 64), 132, torch.bfloat16, False),
+                                   (T4, 40, torch.float16, True)):  # fmt: skip
+        for m, gated in ((1, 0), (4, 0), (16, 0), (1, 2), (4, 1)):
+            cfg = qm.gemv_config(int(qtype), m, n, k // 32, sms)
+            _compile(qm._quant_gemv_kernel,
+                     {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **wargs, **ints},
+                     {"GATED_OUT": gated, "QTYPE": int(qtype), "WPG": 4, "HAS_MIN": False,
+                      "BLOCK_M": triton.next_power_of_2(m), "BLOCK_N": cfg["BLOCK_N"],
+                      "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"],
+                      "PRELOAD": cfg["PRELOAD"], "USE_ASM": True, "PDL": False},
+                     target, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
+        for m in (16, 512):
+            cfg = qm.gemm_config(int(qtype), m, n, k // 32, sms)
+            c = _compile(qm._quant_gemm_kernel,
+                         {"x_ptr": torch.empty(1, dtype=xdt), "out_ptr": torch.empty(1),
+                          "xscale_ptr": torch.empty(1), **wargs, **ints},
+                         {"QTYPE": int(qtype), "WPG": 4, "BLOCK_M": cfg["BLOCK_M"],
+                          "BLOCK_N": cfg["BLOCK_N"], "BLOCK_G": cfg["BLOCK_G"],
+                          "GROUP_M": cfg["GROUP_M"], "USE_FP16": fp16, "USE_ASM": True},
+                         target, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
+            assert not fp16 or c.metadata.shared <= T4_SMEM
+        rows_args = {"out_ptr": torch.empty(1), "ids_ptr": torch.empty(1, dtype=torch.int64),
+                     **wargs, "R": 5, "N": n, "n_groups": k // 32, "stride_out": k,
+                     "scale": 2.5}  # fmt: skip
+        _compile(qd._dequant_rows_kernel, rows_args,
+                 {"QTYPE": int(qtype), "WPG": 4, "BLOCK_R": 16, "BLOCK_G": 32, "GATHER": True,
+                  "PLANE_MAJOR": False, "USE_ASM": True}, target, 4, 1)  # fmt: skip

@@ -1,6 +1,6 @@
-"""Triton kernels for the low-bit types (quant_pack.LOWBIT_TYPES): Q2_K, Q3_K, IQ4_NL, IQ4_XS
-here, and through quant_iq's per-element decoder the IQ1/IQ2/IQ3 grid types, TQ1_0, TQ2_0 and
-MXFP4.
+"""Triton kernels for the low-bit types (quant_pack.LOWBIT_TYPES): Q2_K and Q3_K here, and
+through quant_iq's per-element decoder the IQ1/IQ2/IQ3 grid types, TQ1_0, TQ2_0 and MXFP4.
+(IQ4_NL and IQ4_XS are nibble types of quant_matmul's plane kernels.)
 
 These weights are packed in natural element order (quant_pack's docstring): word i of a row holds
 32 / bits consecutive elements. One decoder, `_lowbit_tile`, turns a [BLOCK_N rows, BLOCK_K
@@ -8,8 +8,7 @@ columns] tile into fp32 weights: each word tile [BN, BK / per_word] is shifted b
 bits * (0..per_word-1) along a new axis and flattened back, so the decoded tile, its scales
 (broadcast from [BN, BK / 16 or 32]) and the activations x[k0:k0 + BK] share one layout. Values
 become floats without I2F: a small integer OR'ed under the exponent of 2^23 is 2^23 + q exactly,
-and one FADD removes 2^23 (and the type's zero point). The IQ4 code book is 16 bytes held in four
-int32 constants, selected by the index's top two bits and shifted by the low two.
+and one FADD removes 2^23 (and the type's zero point).
 
 Three kernels use it:
 * `_lowbit_gemv_kernel` (M <= GEMV_MAX_M, decode): fp32 FMAs; K split over a second grid axis
@@ -33,20 +32,10 @@ import triton.language as tl
 from llcuda.gguf.constants import GGMLType
 from llcuda.kernels import iq_tables
 from llcuda.kernels.quant_iq import _iq_tile
-from llcuda.kernels.quant_pack import FIELD_TYPES, IQ4_KVALUES, LOWBIT_TYPES, PackedWeight
+from llcuda.kernels.quant_pack import FIELD_TYPES, LOWBIT_TYPES, PackedWeight
 
 GEMV_MAX_M = 16  # the GEMV's M loop is unrolled; larger batches take the tensor-core GEMM
 BLOCK_K = 256  # columns per K step: one super-block (eight IQ4_NL blocks)
-
-
-def _table_words() -> tuple[int, int, int, int]:
-    """The IQ4 code book + 128 as four little-endian int32 words (indices 0-3, 4-7, ...)."""
-    b = [v + 128 for v in IQ4_KVALUES]
-    words = [b[i] | b[i + 1] << 8 | b[i + 2] << 16 | b[i + 3] << 24 for i in range(0, 16, 4)]
-    return tuple(w - (1 << 32) if w >= 1 << 31 else w for w in words)
-
-
-_KV0, _KV1, _KV2, _KV3 = (tl.constexpr(v) for v in _table_words())
 
 
 @triton.jit
@@ -72,15 +61,6 @@ def _small_int(q, offset: tl.constexpr):
 
 
 @triton.jit
-def _iq4_value(idx):
-    """fp32 kvalues_iq4nl[idx] for int32 indices 0..15."""
-    lo = tl.where(idx < 4, _KV0, _KV1)
-    hi = tl.where(idx < 12, _KV2, _KV3)
-    word = tl.where(idx < 8, lo, hi)
-    return _small_int((word >> ((idx & 3) * 8)) & 0xFF, 128.0)
-
-
-@triton.jit
 def _lowbit_tile(QTYPE: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr,
                  row, k0, K, s_qs, s_qh, s_sc, s_sg, s_d, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):  # fmt: skip
@@ -88,10 +68,10 @@ def _lowbit_tile(QTYPE: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmi
     (a multiple of 32; columns from K on are 0). Strides are in elements of each array (words
     for qs / qh, bytes for sc, halves for d; bytes for every field of the FIELD_TYPES, which
     quant_iq decodes, with their grid in tab_ptr)."""
-    if QTYPE != 10 and QTYPE != 11 and QTYPE != 20 and QTYPE != 23:
+    if QTYPE != 10 and QTYPE != 11:
         return _iq_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, tab_ptr, row, k0, K, s_qs,
                         s_qh, s_sc, s_sg, s_d, BLOCK_N, BLOCK_K)  # fmt: skip
-    elif QTYPE == 10 or QTYPE == 11:  # Q2_K / Q3_K: 2-bit words of 16 elements, scales per 16
+    else:  # Q2_K / Q3_K: 2-bit words of 16 elements, scales per 16
         G: tl.constexpr = BLOCK_K // 16
         grp = k0 // 16 + tl.arange(0, G)  # [G] 16-element groups
         gmask = (grp * 16 < K)[None, :]
@@ -115,33 +95,6 @@ def _lowbit_tile(QTYPE: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmi
             q = q | (_spread(hwords, 1, BLOCK_N, BLOCK_K) << 2)
             a = d * sc.to(tl.int8).to(tl.float32)
             return _per_element(a, 16, BLOCK_N, BLOCK_K) * _small_int(q, 4.0)
-    else:  # IQ4_NL / IQ4_XS: 4-bit code-book indices, 8 per word, a scale per 32
-        NWORD: tl.constexpr = BLOCK_K // 8
-        widx = k0 // 8 + tl.arange(0, NWORD)
-        words = tl.load(qs_ptr + row * s_qs + widx[None, :], mask=(widx * 8 < K)[None, :],
-                        other=0)  # fmt: skip
-        v = _iq4_value(_spread(words, 4, BLOCK_N, BLOCK_K))  # [BN, BK]
-        G: tl.constexpr = BLOCK_K // 32
-        blk = k0 // 32 + tl.arange(0, G)
-        bmask = (blk * 32 < K)[None, :]
-        if QTYPE == 20:  # IQ4_NL: d per 32
-            a = tl.load(d_ptr + row * s_d + blk[None, :], mask=bmask, other=0.0).to(tl.float32)
-        else:  # IQ4_XS: d per 256 times the int8 scale per 32
-            d = tl.load(d_ptr + row * s_d + (blk // 8)[None, :], mask=bmask, other=0.0)
-            sc = tl.load(sc_ptr + row * s_sc + blk[None, :], mask=bmask, other=0)
-            a = d.to(tl.float32) * sc.to(tl.float32)
-        return _per_element(a, 32, BLOCK_N, BLOCK_K) * v
-
-
-@triton.jit
-def _n_steps(K_STEPS: tl.constexpr, length, BLOCK_K: tl.constexpr):
-    """K steps of BLOCK_K over `length` columns. On the GPU a runtime count (K_STEPS = 0: one
-    compile for every K); Triton 3.6's interpreter cannot loop to a runtime bound under numpy
-    2.4 (int() of its 1-element scalars), so there the launcher passes the count as K_STEPS."""
-    if K_STEPS > 0:
-        return K_STEPS
-    else:
-        return tl.cdiv(length, BLOCK_K)
 
 
 @triton.jit(do_not_specialize=["M", "N", "K", "k_per_split", "stride_osplit"])
@@ -152,7 +105,6 @@ def _lowbit_gemv_kernel(
     M, N, K, k_per_split,  # k_per_split: a multiple of BLOCK_K
     stride_xm, stride_osplit, s_qs, s_qh, s_sc, s_sg, s_d,
     QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    K_STEPS: tl.constexpr,  # 0, or k_per_split / BLOCK_K under the interpreter (see _n_steps)
 ):  # fmt: skip
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
@@ -164,9 +116,8 @@ def _lowbit_gemv_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)  # summed over K once, after the loop
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    # the last split may run a few fully masked steps
-    for i in range(_n_steps(K_STEPS, k_per_split, BLOCK_K)):
-        k0 = k_begin + i * BLOCK_K
+    # the last split may run a few fully masked steps: loop bounds from arguments only
+    for k0 in tl.range(k_begin, k_begin + k_per_split, BLOCK_K):
         w = _lowbit_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr, row,
                          k0, k_end, s_qs, s_qh, s_sc, s_sg, s_d, BLOCK_N, BLOCK_K)  # [BN, BK]
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -197,7 +148,6 @@ def _lowbit_gemm_kernel(
     M, N, K, stride_xm, s_qs, s_qh, s_sc, s_sg, s_d,
     QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, USE_FP16: tl.constexpr, F32_DOT: tl.constexpr,
-    K_STEPS: tl.constexpr,  # 0, or cdiv(K, BLOCK_K) under the interpreter (see _n_steps)
 ):  # fmt: skip
     pid = tl.program_id(0)
     num_pid_m, num_pid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -211,8 +161,7 @@ def _lowbit_gemm_kernel(
     xrow = tl.minimum(offs_m, M - 1).to(tl.int64)[:, None]  # [BM, 1]
     row = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None]  # [BN, 1]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for i in range(_n_steps(K_STEPS, K, BLOCK_K)):
-        k0 = i * BLOCK_K
+    for k0 in tl.range(0, K, BLOCK_K):
         w = _lowbit_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr, row,
                          k0, K, s_qs, s_qh, s_sc, s_sg, s_d, BLOCK_N, BLOCK_K)  # [BN, BK] fp32
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -340,8 +289,7 @@ def lowbit_gemv(x: torch.Tensor, w: PackedWeight, partials: bool = False,
     _lowbit_gemv_kernel[grid](
         x, out, *ptrs, m, n, k, k_per_split, x.stride(0), m * n, *strides,
         QTYPE=w.qtype, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=BLOCK_K, K_STEPS=k_per_split // BLOCK_K if _interpreted() else 0,
-        num_warps=cfg["num_warps"],
+        BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
     )  # fmt: skip
     if partials:
         return out
@@ -383,7 +331,6 @@ def lowbit_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
         x, out, xscale, *ptrs, m, n, k, x.stride(0), *strides,
         QTYPE=w.qtype, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], USE_FP16=use_fp16, F32_DOT=_interpreted(),
-        K_STEPS=triton.cdiv(k, cfg["BLOCK_K"]) if _interpreted() else 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out

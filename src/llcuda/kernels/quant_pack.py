@@ -27,7 +27,12 @@ x[32g + p*WPG + k] are again a contiguous run: no shuffles between weight and ac
 Sizes equal the raw bytes except Q4_K/Q5_K, whose 12-byte packed 6-bit scales become 16 bytes
 (148/144 and 180/176 bytes per 256 elements, <= 1.03x) so kernels need no 6-bit unpacking.
 
-The low-bit types (LOWBIT_TYPES: Q2_K, Q3_K, IQ4_NL, IQ4_XS; kernels in quant_lowbit.py) keep
+IQ4_NL is packed as Q4_0 and IQ4_XS as Q4_K's quants (nibble planes of their code-book
+indices): IQ4_NL's sc holds d [N, K/32]; IQ4_XS's sc the int8 scale - 32 per group and d
+[N, K/256] (138 B / 256 against the raw 136, 1.015x). The kernels map the indices through the
+code book per word (quant_matmul._iq4_bytes).
+
+The low-bit types (LOWBIT_TYPES: Q2_K, Q3_K and FIELD_TYPES; kernels in quant_lowbit.py) keep
 the elements of a row in their natural order instead of planes: word i of a row holds elements
 (32 / bits) * i.. in bits ascending (element j of the word at bit bits * j):
 
@@ -36,9 +41,6 @@ the elements of a row in their natural order instead of planes: word i of a row 
     Q3_K    qs as Q2_K, the low 2 bits; qh uint8 [N, K/8] (1-bit words: bit j of word i is the
             3rd bit of element 32i + j); sc int8 [N, K/16] the scale - 32; d float16 [N, K/256].
             114 B / 256 (raw 110, 1.036x: the 6-bit scales unpacked).
-    IQ4_NL  qs uint8 [N, K/2] (4-bit code-book indices); d float16 [N, K/32]. 18 B / 32.
-    IQ4_XS  qs as IQ4_NL; sc int8 [N, K/32] the scale - 32; d float16 [N, K/256]. 138 B / 256
-            (raw 136, 1.015x).
 The IQ1/IQ2/IQ3 grid types, TQ1_0, TQ2_0 and MXFP4 (FIELD_TYPES) keep their raw block fields,
 each field of every block in one row-major array (see FIELD_TYPES), decoded per element.
 `dequantize_packed` is the pure-torch meaning of the layout (and the CPU fallback).
@@ -101,7 +103,7 @@ FIELD_TYPES: dict[int, dict[str, tuple[int, int]]] = {
     MXFP4: {"sc": (0, 1), "qs": (1, 16)},
 }
 # Types packed in natural element order for quant_lowbit's kernels (see the module docstring)
-LOWBIT_TYPES = frozenset({Q2_K, Q3_K, IQ4_NL, IQ4_XS, *FIELD_TYPES})
+LOWBIT_TYPES = frozenset({Q2_K, Q3_K, *FIELD_TYPES})
 # IQ4_NL / IQ4_XS code book (llama.cpp kvalues_iq4nl)
 IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 FLOAT_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
@@ -251,10 +253,12 @@ def _pack_rows(raw: torch.Tensor, qid: int, n_cols: int) -> dict[str, torch.Tens
     if qid == Q8_0:
         q = b[..., 2:34]  # [n, nb, 32] int8 bit patterns, element order
         return {"qs": _to_planes(q, 8).reshape(n, -1), "sc": _f16_field(b, 0)}
-    if qid in (Q4_0, Q4_1, Q5_0, Q5_1):
-        q, fields = _legacy_values(b, qid)
+    if qid in (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL):  # IQ4_NL: Q4_0's layout, code-book indices
+        q, fields = _legacy_values(b, Q4_0 if qid == IQ4_NL else qid)
         fields["qs"] = _pack_nibble_planes(q)
         return fields
+    if qid == IQ4_XS:
+        return _pack_iq4_xs(b)
     if qid in (Q4_K, Q5_K):
         sc, mn = _kquant_scales(b[..., 4:16])
         out = {"d": _f16_field(b, 0), "dmin": _f16_field(b, 2), "sc": sc, "mn": mn}
@@ -298,6 +302,20 @@ def _bits_to_words(v: torch.Tensor, bits: int) -> torch.Tensor:
     return (v << shifts).sum(-1).to(torch.uint8)
 
 
+def _pack_iq4_xs(b: torch.Tensor) -> dict[str, torch.Tensor]:
+    """IQ4_XS blocks [n, nb, 136] -> nibble planes of the code-book indices, the int8 scale - 32
+    per group, d per super-block."""
+    n = b.shape[0]
+    qs = b[..., 8:136].reshape(n, -1, 8, 16)  # sub-block ib: low nibbles 0-15, high 16-31
+    idx = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(n, -1, 32)  # [n, K/32, 32]
+    sh = b[..., 2].to(torch.int32) | (b[..., 3].to(torch.int32) << 8)  # [n, nb]
+    sl = b[..., 4:8].to(torch.int32)
+    lo = torch.stack([sl & 15, sl >> 4], dim=-1).reshape(n, -1, 8)  # [n, nb, 8]
+    hi = (sh[..., None] >> (2 * torch.arange(8, device=b.device))) & 3
+    sc = ((lo | (hi << 4)) - 32).to(torch.int8).reshape(n, -1)
+    return {"qs": _pack_nibble_planes(idx), "sc": sc, "d": _f16_field(b, 0)}
+
+
 def _pack_fields(b: torch.Tensor, qid: int) -> dict[str, torch.Tensor]:
     """Blocks [n, nb, block_bytes] of a FIELD_TYPES type -> its field arrays."""
     n = b.shape[0]
@@ -321,17 +339,6 @@ def _pack_lowbit(b: torch.Tensor, qid: int) -> dict[str, torch.Tensor]:
     n = b.shape[0]
     if qid in FIELD_TYPES:
         return _pack_fields(b, qid)
-    if qid in (IQ4_NL, IQ4_XS):
-        qs = b[..., 2:18] if qid == IQ4_NL else b[..., 8:136].reshape(n, -1, 8, 16)
-        idx = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(n, -1)  # element order
-        out = {"qs": _bits_to_words(idx, 4), "d": _f16_field(b, 0)}
-        if qid == IQ4_XS:
-            sh = b[..., 2].to(torch.int32) | (b[..., 3].to(torch.int32) << 8)  # [n, nb]
-            sl = b[..., 4:8].to(torch.int32)
-            lo = torch.stack([sl & 15, sl >> 4], dim=-1).reshape(n, -1, 8)  # [n, nb, 8]
-            hi = (sh[..., None] >> (2 * torch.arange(8, device=b.device))) & 3
-            out["sc"] = ((lo | (hi << 4)) - 32).to(torch.int8).reshape(n, -1)
-        return out
     # Q2_K / Q3_K: element 128h + 32j + l is bits 2j.. of qs byte 32h + l
     qs_off = 16 if qid == Q2_K else 32
     qs = b[..., qs_off : qs_off + 64].reshape(n, -1, 2, 1, 32)
@@ -427,6 +434,13 @@ def dequantize_packed(w: PackedWeight) -> torch.Tensor:
     if qid in LOWBIT_TYPES:
         return _dequantize_lowbit(w)
     q = _unpack_nibble_planes(w.qs)  # [n, K]
+    if qid in (IQ4_NL, IQ4_XS):
+        kv = torch.tensor(IQ4_KVALUES, dtype=torch.float32, device=w.device)
+        v = kv[q.long()].view(n, -1, 32)  # [n, K/32, 32]
+        if qid == IQ4_NL:
+            return (w.sc.float()[..., None] * v).view(n, k)
+        dl = w.d.float().repeat_interleave(8, dim=1) * w.sc.float()  # [n, K/32]
+        return (dl[..., None] * v).view(n, k)
     if qid in (Q5_0, Q5_1, Q5_K):
         q = q | (_unpack_bit_planes(w.qh) << 4)
     if qid == Q6_K:
@@ -473,13 +487,6 @@ def _dequantize_lowbit(w: PackedWeight) -> torch.Tensor:
         from llcuda.kernels.dequant_ref import dequantize_ref
 
         return dequantize_ref(raw_blocks(w), qid)
-    if qid in (IQ4_NL, IQ4_XS):
-        kv = torch.tensor(IQ4_KVALUES, dtype=torch.float32, device=w.device)
-        v = kv[_words_to_bits(w.qs, 4).long()].view(n, -1, 32)  # [n, K/32, 32]
-        if qid == IQ4_NL:
-            return (w.d.float()[..., None] * v).view(n, k)
-        dl = w.d.float().repeat_interleave(8, dim=1) * w.sc.float()  # [n, K/32]
-        return (dl[..., None] * v).view(n, k)
     q = _words_to_bits(w.qs, 2).view(n, -1, 16)  # [n, K/16, 16]
     d16 = w.d.float().repeat_interleave(16, dim=1)  # [n, K/16]
     if qid == Q2_K:
