@@ -144,7 +144,7 @@ def test_every_type_the_cpu_computes_packs_for_the_gpu():
 @needs_triton
 @pytest.mark.parametrize("qtype", LOWBIT, ids=lambda t: t.name)
 def test_kernels_small_shapes(qtype):
-    from llcuda.kernels.quant_lowbit import lowbit_gemm, lowbit_gemv, lowbit_rows
+    from llcuda.kernels.quant_lowbit import gemm_config, lowbit_gemm, lowbit_gemv, lowbit_rows
 
     gen = torch.Generator(device=DEV).manual_seed(int(qtype))
     n, k = 37, 512  # odd N; two super-blocks (16 MXFP4 / IQ4_NL blocks)
@@ -160,6 +160,8 @@ def test_kernels_small_shapes(qtype):
     assert parts.shape == (2, 2, n) and _rel_err(parts.sum(0), x @ w_ref.T) < 2e-5
     x = torch.randn((20, k), generator=gen, device=DEV)
     assert _rel_err(lowbit_gemm(x, w), x @ w_ref.T) < 1.5e-2
+    split = lowbit_gemm(x, w, config={**gemm_config(20, n), "SPLIT_K": 2}, partials=True)
+    assert split.shape == (2, 20, n) and _rel_err(split.sum(0), x @ w_ref.T) < 1.5e-2
     ids = torch.tensor([0, n - 1, 5, 5], device=DEV)
     rows = lowbit_rows(w, torch.empty((4, k), device=DEV), ids, scale=2.0)
     torch.testing.assert_close(rows, 2.0 * w_ref[ids], rtol=1e-6, atol=0)
@@ -316,6 +318,26 @@ def test_fp16_path_scales_rows(qtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("qtype", LOWBIT, ids=lambda t: t.name)
+def test_gemm_split_k(qtype):
+    """Decode batches past the GEMV through narrow projections split K: any split, a short last
+    one included, sums what the unsplit kernel does."""
+    from llcuda.kernels.quant_lowbit import gemm_config, lowbit_gemm
+
+    gen = torch.Generator(device="cuda").manual_seed(19)
+    k, n, m = 14336, 1024, 33
+    raw = random_rows(qtype, n, k, gen, device="cuda")
+    w, w_ref = qp.pack_weight(raw, qtype, k), dequantize_ref(raw, qtype)
+    x = torch.randn((m, k), generator=gen, device="cuda")
+    base = gemm_config(m, n, k, 132)
+    assert base["SPLIT_K"] > 1, "the heuristic should split this shape"
+    unsplit = lowbit_gemm(x, w, config=dict(base, SPLIT_K=1))
+    for split in (2, 5, base["SPLIT_K"], 10_000):
+        out = lowbit_gemm(x, w, config=dict(base, SPLIT_K=split))
+        assert _rel_err(out, unsplit) < 1e-5 and _rel_err(out, x @ w_ref.T) < 1.5e-2, split
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", LOWBIT, ids=lambda t: t.name)
 def test_gemv_split_k_and_16_rows(qtype):
     from llcuda.kernels.quant_lowbit import gemv_config, lowbit_gemv
 
@@ -400,8 +422,8 @@ def test_kernels_compile_for_h100_and_t4(qtype):
         for m in (16, 512):
             cfg = lb.gemm_config(m, 4096)
             c = _compile(lb._lowbit_gemm_kernel,
-                         dict(x_ptr=xg, out_ptr=x, xscale_ptr=x, M=3, N=3, K=3, stride_xm=3,
-                              **wargs),
+                         dict(x_ptr=xg, out_ptr=x, xscale_ptr=x, M=3, N=3, K=3, k_per_split=3,
+                              stride_xm=3, stride_osplit=3, **wargs),
                          dict(QTYPE=int(qtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                               BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, USE_FP16=fp16, F32_DOT=False),
                          target, cfg["num_warps"], cfg["num_stages"])  # fmt: skip

@@ -139,13 +139,13 @@ def _lowbit_gemv_kernel(
                  mask=(m_idx[:, None] < M) & (rows[None, :] < N))  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["M", "N", "K"])
+@triton.jit(do_not_specialize=["M", "N", "K", "k_per_split", "stride_osplit"])
 def _lowbit_gemm_kernel(
     x_ptr,  # [M, K] bf16 (fp16 pre-divided by xscale when USE_FP16), unit stride
-    out_ptr,  # [M, N] fp32
+    out_ptr,  # [SPLIT_K, M, N] fp32 partial sums
     xscale_ptr,  # [M] fp32 power-of-two row scales (USE_FP16 only)
     qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr,
-    M, N, K, stride_xm, s_qs, s_qh, s_sc, s_sg, s_d,
+    M, N, K, k_per_split, stride_xm, stride_osplit, s_qs, s_qh, s_sc, s_sg, s_d,
     QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, USE_FP16: tl.constexpr, F32_DOT: tl.constexpr,
 ):  # fmt: skip
@@ -161,11 +161,14 @@ def _lowbit_gemm_kernel(
     xrow = tl.minimum(offs_m, M - 1).to(tl.int64)[:, None]  # [BM, 1]
     row = tl.minimum(offs_n, N - 1).to(tl.int64)[:, None]  # [BN, 1]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K):
+    # split-K (program_id 1): a few output tiles (a decode batch through k/v) fill more SMs
+    k_begin = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    for k0 in tl.range(k_begin, k_begin + k_per_split, BLOCK_K):
         w = _lowbit_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr, row,
-                         k0, K, s_qs, s_qh, s_sc, s_sg, s_d, BLOCK_N, BLOCK_K)  # [BN, BK] fp32
+                         k0, k_end, s_qs, s_qh, s_sc, s_sg, s_d, BLOCK_N, BLOCK_K)  # [BN, BK]
         cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + xrow * stride_xm + cols[None, :], mask=(cols < K)[None, :],
+        x = tl.load(x_ptr + xrow * stride_xm + cols[None, :], mask=(cols < k_end)[None, :],
                     other=0.0)  # fmt: skip
         if F32_DOT:  # the interpreter: numpy has no bf16 matmul
             acc = tl.dot(x.to(tl.float32), tl.trans(w), acc)
@@ -175,7 +178,8 @@ def _lowbit_gemm_kernel(
             acc = tl.dot(x, tl.trans(w.to(tl.bfloat16)), acc)
     if USE_FP16:
         acc = acc * tl.load(xscale_ptr + tl.minimum(offs_m, M - 1))[:, None]
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+    out = out_ptr + tl.program_id(1) * stride_osplit
+    tl.store(out + offs_m[:, None] * N + offs_n[None, :], acc,
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))  # fmt: skip
 
 
@@ -296,25 +300,34 @@ def lowbit_gemv(x: torch.Tensor, w: PackedWeight, partials: bool = False,
     return out[0] if split_k == 1 else out.sum(dim=0)
 
 
-def gemm_config(m: int, n: int) -> dict:
+def gemm_config(m: int, n: int, k: int = 4096, num_sms: int = 132) -> dict:
     """Tiles of the tensor-core GEMM: K steps of 64 columns (the decoded fp32 tile stays in
-    registers), 64x64 below 64 rows, 128x128 above."""
+    registers), 64x64 up to 64 rows, 128x128 above; K split while the tiles cover less than
+    the SMs, keeping at least four K steps per split."""
     if m <= 64:
-        return {"BLOCK_M": 64 if m > 16 else 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8,
-                "num_warps": 4, "num_stages": 2}  # fmt: skip
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
-            "num_stages": 2}  # fmt: skip
+        cfg = {"BLOCK_M": 64 if m > 16 else 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8,
+               "num_warps": 4, "num_stages": 2}  # fmt: skip
+    else:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
+               "num_stages": 2}  # fmt: skip
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    split = 1
+    if tiles < num_sms:
+        split = max(1, min(triton.cdiv(2 * num_sms, tiles), k // (4 * cfg["BLOCK_K"])))
+    return {**cfg, "SPLIT_K": split}
 
 
 def lowbit_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
-                use_fp16: bool | None = None) -> torch.Tensor:  # fmt: skip
-    """x [M, K] @ dequant(w).T -> [M, N] fp32 on tensor cores (bf16; fp16 below sm_80)."""
+                use_fp16: bool | None = None, partials: bool = False) -> torch.Tensor:  # fmt: skip
+    """x [M, K] @ dequant(w).T -> [M, N] fp32 on tensor cores (bf16; fp16 below sm_80); with
+    `partials`, the split-K partial sums [S, M, N]."""
     x = _check(x, w)
     m, n, k = x.shape[0], w.n_rows, w.n_cols
-    out = torch.empty((m, n), device=x.device, dtype=torch.float32)
     if m == 0:
-        return out
-    cfg = config or gemm_config(m, n)
+        out = torch.empty((1, 0, n), device=x.device, dtype=torch.float32)
+        return out if partials else out[0]
+    dev = x.device.index if x.device.type == "cuda" else 0
+    cfg = config or gemm_config(m, n, k, _num_sms(dev or 0))
     if use_fp16 is None:
         use_fp16 = x.device.type == "cuda" and _capability(x.device.index or 0) < (8, 0)
     if use_fp16:  # rows scaled so max|x| lands in (0.5, 1]: exact, and no fp16 overflow
@@ -323,17 +336,23 @@ def lowbit_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
         xscale = torch.where(torch.isfinite(xscale), xscale, 1.0).contiguous()  # [M]
         x = (x.float() / xscale[:, None]).to(torch.float16)
     else:
-        xscale = out  # unused
+        xscale = x  # unused
         x = x.to(torch.bfloat16).contiguous()
+    bk = cfg["BLOCK_K"]
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.get("SPLIT_K", 1)), bk) * bk
+    split_k = triton.cdiv(k, k_per_split)
+    out = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
     ptrs, strides = _weight_args(w)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
     _lowbit_gemm_kernel[grid](
-        x, out, xscale, *ptrs, m, n, k, x.stride(0), *strides,
-        QTYPE=w.qtype, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        x, out, xscale, *ptrs, m, n, k, k_per_split, x.stride(0), m * n, *strides,
+        QTYPE=w.qtype, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk,
         GROUP_M=cfg["GROUP_M"], USE_FP16=use_fp16, F32_DOT=_interpreted(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
-    return out
+    if partials:
+        return out
+    return out[0] if split_k == 1 else out.sum(dim=0)
 
 
 def lowbit_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> torch.Tensor:
@@ -342,8 +361,7 @@ def lowbit_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> t
     x = _check(x, w)
     if 0 < x.shape[0] <= GEMV_MAX_M:
         return lowbit_gemv(x, w, partials=partials)
-    out = lowbit_gemm(x, w)
-    return out.unsqueeze(0) if partials else out
+    return lowbit_gemm(x, w, partials=partials)
 
 
 def lowbit_rows(w: PackedWeight, out: torch.Tensor, ids: torch.Tensor | None,
