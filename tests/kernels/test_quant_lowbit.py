@@ -69,7 +69,7 @@ def random_rows(qtype: GGMLType, n_rows: int, n_cols: int, gen: torch.Generator,
     raw = torch.randint(0, 256, (n_rows, nb, block_bytes), generator=gen, device=device,
                         dtype=torch.uint8)  # fmt: skip
     for off in _F16_FIELDS[qtype]:
-        scale = (torch.rand((n_rows, nb, 1), generator=gen, device=device) * 0.02 + 0.002)
+        scale = torch.rand((n_rows, nb, 1), generator=gen, device=device) * 0.02 + 0.002
         raw[..., off : off + 2] = (scale * _SCALE.get(qtype, 1.0)).half().view(torch.uint8)
     if qtype == GGMLType.IQ1_M:  # the f16 d in the top nibbles of the four u16 scales
         d = (torch.rand((n_rows, nb), generator=gen, device=device) * 0.02 + 0.002).half()
@@ -451,8 +451,19 @@ def test_iq4_plane_kernels_compile_for_h100_and_t4(qtype):
     k, n = 4096, 1024
     w = qp.pack_weight(random_rows(qtype, 16, k, torch.Generator().manual_seed(0)), qtype, k)
     (qs, qh, sc, mn, d, dmin), _ = qm._weight_args(w)
-    wargs = {"qs_ptr": qs, "qh_ptr": qh, "sc_ptr": sc, "mn_ptr": mn, "d_ptr": d,
-             "dmin_ptr": dmin, "s_qs": 1, "s_qh": 1, "s_sc": 1, "s_d": 1, "magic": 1}
+    wargs = {
+        "qs_ptr": qs,
+        "qh_ptr": qh,
+        "sc_ptr": sc,
+        "mn_ptr": mn,
+        "d_ptr": d,
+        "dmin_ptr": dmin,
+        "s_qs": 1,
+        "s_qh": 1,
+        "s_sc": 1,
+        "s_d": 1,
+        "magic": 1,
+    }
     ints = {"M": 3, "N": n, "n_groups": k // 32, "groups_per_split": 8, "stride_xm": k,
             "stride_osplit": 3}  # fmt: skip
     for target, sms, xdt, fp16 in ((GPUTarget("cuda", 90, 64), 132, torch.bfloat16, False),

@@ -54,8 +54,25 @@ def _ksign(s7):
 
 
 @triton.jit
-def _iq_tile(QTYPE: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, tab_ptr, row, k0, K,
-             s_qs, s_qh, s_sc, s_sg, s_d, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _iq_tile(
+    QTYPE: tl.constexpr,
+    qs_ptr,
+    qh_ptr,
+    sc_ptr,
+    sg_ptr,
+    d_ptr,
+    tab_ptr,
+    row,
+    k0,
+    K,
+    s_qs,
+    s_qh,
+    s_sc,
+    s_sg,
+    s_d,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """fp32 weights [BLOCK_N, BLOCK_K] of rows `row` ([BN, 1] int64) and columns k0.. (columns
     from K on are 0). Strides: bytes for the uint8 fields, halves for d."""  # fmt: skip
     cols = k0 + tl.arange(0, BLOCK_K)[None, :]  # [1, BK]
@@ -64,8 +81,9 @@ def _iq_tile(QTYPE: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, tab_ptr
         b32, t = cols // 32, cols % 32
         nib = (_u8(qs_ptr, row, s_qs, b32 * 16 + t % 16, m) >> (4 * (t // 16))) & 15
         e = _u8(sc_ptr, row, s_sc, b32, m)
-        d = tl.where(e < 2, 0x00200000 << tl.minimum(e, 1), (e - 1) << 23).to(tl.float32,
-                                                                               bitcast=True)
+        d = tl.where(e < 2, 0x00200000 << tl.minimum(e, 1), (e - 1) << 23).to(
+            tl.float32, bitcast=True
+        )
         mag = nib & 7  # e2m1 doubled: 0 1 2 3 4 6 8 12
         word = tl.where(mag < 4, 0x03020100, 0x0C080604)
         v = ((word >> ((mag & 3) * 8)) & 0xFF).to(tl.float32)
@@ -82,8 +100,7 @@ def _iq_tile(QTYPE: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, tab_ptr
         k = tl.where(in_qh, (j - 240) // 4, tl.where(in_qs1, (j - 160) // 16, j // 32))
         byte = tl.where(in_qh, _u8(qh_ptr, row, s_qh, blk * 4 + off, m & in_qh),
                         _u8(qs_ptr, row, s_qs, blk * 48 + off, m & (j < 240)))  # fmt: skip
-        p3 = tl.where(k == 0, 1, tl.where(k == 1, 3, tl.where(k == 2, 9, tl.where(k == 3, 27,
-                                                                                   81))))
+        p3 = tl.where(k == 0, 1, tl.where(k == 1, 3, tl.where(k == 2, 9, tl.where(k == 3, 27, 81))))
         q = (byte * p3) & 255
         return _f16(d_ptr, row, s_d, blk, m) * (((q * 3) >> 8) - 1).to(tl.float32)
     d = _f16(d_ptr, row, s_d, blk, m)  # [BN, BK] the block's d

@@ -118,8 +118,26 @@ def _lowbit_gemv_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     # the last split may run a few fully masked steps: loop bounds from arguments only
     for k0 in tl.range(k_begin, k_begin + k_per_split, BLOCK_K):
-        w = _lowbit_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr, row,
-                         k0, k_end, s_qs, s_qh, s_sc, s_sg, s_d, BLOCK_N, BLOCK_K)  # [BN, BK]
+        w = _lowbit_tile(
+            QTYPE,
+            qs_ptr,
+            qh_ptr,
+            sc_ptr,
+            sg_ptr,
+            d_ptr,
+            dmin_ptr,
+            tab_ptr,
+            row,
+            k0,
+            k_end,
+            s_qs,
+            s_qh,
+            s_sc,
+            s_sg,
+            s_d,
+            BLOCK_N,
+            BLOCK_K,
+        )  # [BN, BK]
         cols = k0 + tl.arange(0, BLOCK_K)
         kmask = cols < k_end
         if BLOCK_M == 1:
@@ -165,8 +183,26 @@ def _lowbit_gemm_kernel(
     k_begin = tl.program_id(1) * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     for k0 in tl.range(k_begin, k_begin + k_per_split, BLOCK_K):
-        w = _lowbit_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmin_ptr, tab_ptr, row,
-                         k0, k_end, s_qs, s_qh, s_sc, s_sg, s_d, BLOCK_N, BLOCK_K)  # [BN, BK]
+        w = _lowbit_tile(
+            QTYPE,
+            qs_ptr,
+            qh_ptr,
+            sc_ptr,
+            sg_ptr,
+            d_ptr,
+            dmin_ptr,
+            tab_ptr,
+            row,
+            k0,
+            k_end,
+            s_qs,
+            s_qh,
+            s_sc,
+            s_sg,
+            s_d,
+            BLOCK_N,
+            BLOCK_K,
+        )  # [BN, BK]
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + xrow * stride_xm + cols[None, :], mask=(cols < k_end)[None, :],
                     other=0.0)  # fmt: skip
@@ -201,8 +237,11 @@ def _lowbit_rows_kernel(
                      s_qs, s_qh, s_sc, s_sg, s_d, BLOCK_R, BLOCK_K)  # fmt: skip
     cols = k0 + tl.arange(0, BLOCK_K)
     dst = out_ptr + offs_r.to(tl.int64)[:, None] * stride_out + cols[None, :]
-    tl.store(dst, (w * scale).to(out_ptr.dtype.element_ty),
-             mask=(offs_r < R)[:, None] & (cols < K)[None, :])
+    tl.store(
+        dst,
+        (w * scale).to(out_ptr.dtype.element_ty),
+        mask=(offs_r < R)[:, None] & (cols < K)[None, :],
+    )
 
 
 # --------------------------------------------------------------------------------------------
