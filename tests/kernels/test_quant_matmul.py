@@ -88,7 +88,7 @@ def test_pack_rejects_bad_input():
     with pytest.raises(qp.QuantPackError, match="multiple of 256"):
         qp.pack_weight(torch.zeros((1, 144), dtype=torch.uint8), GGMLType.Q4_K, 128)
     with pytest.raises(qp.QuantPackError, match="unsupported quant type"):
-        qp.pack_weight(raw, GGMLType.IQ4_NL, 64)
+        qp.pack_weight(raw, GGMLType.NVFP4, 64)
     with pytest.raises(qp.QuantPackError, match="uint8"):
         qp.pack_weight(raw.float(), GGMLType.Q4_0, 64)
 

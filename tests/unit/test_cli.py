@@ -121,15 +121,15 @@ def test_info_names_what_llcuda_cannot_run(tmp_path, capsys):
     from gguf import GGMLQuantizationType
 
     path = tmp_path / "mamba.gguf"
-    # one IQ2_XXS block (66 bytes for 256 weights): a type the reference path cannot compute
-    iq2 = np.zeros((1, 66), dtype=np.uint8)
-    _write(path, "mamba", {"blk.0.ssm_x.weight": (iq2, GGMLQuantizationType.IQ2_XXS),
+    # one NVFP4 block (36 bytes for 64 weights): a type the reference path cannot compute
+    nvfp4 = np.zeros((1, 36), dtype=np.uint8)
+    _write(path, "mamba", {"blk.0.ssm_x.weight": (nvfp4, GGMLQuantizationType.NVFP4),
                            "output_norm.weight": (np.ones(8, dtype=np.float32), None)})
     assert cli.main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "architecture:     mamba (not supported: llcuda does not know" in out
-    assert lines_with(out, "IQ2_XXS")[-1] == "no" and lines_with(out, "F32")[-1] == "yes"
-    assert "cannot compute tensor type(s) IQ2_XXS" in out
+    assert lines_with(out, "NVFP4")[-1] == "no" and lines_with(out, "F32")[-1] == "yes"
+    assert "cannot compute tensor type(s) NVFP4" in out
     assert "chat template:    no; chat is refused" in out
     assert "head dim:         4" in out
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from llcuda.gguf.constants import QUANT_SIZES, GGMLType
 from llcuda.gguf.reader import GGUFFile
+from llcuda.kernels import iq_tables
 from llcuda.kernels.dequant_ref import SUPPORTED_TYPES, dequantize_ref, row_bytes
 
 IQ4_KV = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
@@ -33,7 +34,28 @@ F16_FIELDS = {
     GGMLType.Q6_K: [208],
     GGMLType.IQ4_NL: [0],
     GGMLType.IQ4_XS: [0],
+    GGMLType.IQ2_XXS: [0],
+    GGMLType.IQ2_XS: [0],
+    GGMLType.IQ2_S: [0],
+    GGMLType.IQ3_XXS: [0],
+    GGMLType.IQ3_S: [0],
+    GGMLType.IQ1_S: [0],
+    GGMLType.IQ1_M: [],  # its f16 is spread over four nibbles: set_iq1_m_d
+    GGMLType.MXFP4: [],  # an e8m0 exponent byte: every value is finite or inf, never NaN
+    GGMLType.TQ1_0: [52],
+    GGMLType.TQ2_0: [64],
 }
+KSIGNS = iq_tables.ksigns_np().tolist()
+
+
+def set_iq1_m_d(blocks: np.ndarray, d: np.ndarray) -> None:
+    """Store f16 `d` [n] in IQ1_M blocks [n, 56]: nibble k of d in the top nibble of u16 k of
+    the scales (bytes 48..55)."""
+    s = blocks[:, 48:56].copy().view(np.uint16)
+    bits = d.astype(np.float16).view(np.uint16)
+    for k in range(4):
+        s[:, k] = (s[:, k] & 0x0FFF) | (((bits >> (4 * k)) & 0xF) << 12)
+    blocks[:, 48:56] = s.view(np.uint8)
 
 
 def gguf_dequant(raw: np.ndarray, qtype: GGMLType) -> np.ndarray:
@@ -109,6 +131,10 @@ def hand_dequant(block: bytes, t: GGMLType) -> list[float]:
         return out
     if t == T.Q8_0:
         return [half(0) * v for v in np.frombuffer(block[2:34], dtype=np.int8).tolist()]
+    if t == T.MXFP4:
+        kv = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12]  # e2m1, doubled
+        q = [block[1 + e] & 0xF if e < 16 else block[1 + e - 16] >> 4 for e in range(32)]
+        return [2.0 ** (block[0] - 128) * kv[v] for v in q]
     out = []
     for e in range(256):
         h, j, l = e // 128, (e % 128) // 32, e % 32
@@ -146,8 +172,70 @@ def hand_dequant(block: bytes, t: GGMLType) -> list[float]:
             q = byte & 0xF if e % 32 < 16 else byte >> 4
             out.append(half(0) * (ls - 32) * IQ4_KV[q])
         else:
-            raise AssertionError(t)
+            out.append(_hand_lowbit(block, t, e, half))
     return out
+
+
+def _hand_lowbit(block: bytes, t: GGMLType, e: int, half) -> float:
+    """Element e of an IQ / ternary / MXFP4 block, from llama.cpp's dequantize_row_* formulas."""
+    T = GGMLType
+    u16 = lambda off: int.from_bytes(block[off : off + 2], "little")  # noqa: E731
+    u32 = lambda off: int.from_bytes(block[off : off + 4], "little")  # noqa: E731
+    sign = lambda byte, bit: -1.0 if (byte >> bit) & 1 else 1.0  # noqa: E731
+    nib = lambda off, i: (block[off + i // 2] >> (4 * (i % 2))) & 0xF  # noqa: E731
+    if t in (T.IQ2_XXS, T.IQ3_XXS):
+        ib = e // 32
+        w = u32(2 + 8 * ib + 4) if t == T.IQ2_XXS else u32(66 + 4 * ib)
+        s = KSIGNS[(w >> (7 * ((e % 32) // 8))) & 127]
+        if t == T.IQ2_XXS:
+            g = iq_tables.grid_np(t)[block[2 + 8 * ib + (e % 32) // 8]][e % 8]
+            return half(0) * (0.5 + (w >> 28)) * 0.25 * int(g) * sign(s, e % 8)
+        g = iq_tables.grid_np(t)[block[2 + e // 4]][e % 4]
+        return half(0) * (0.5 + (w >> 28)) * 0.5 * int(g) * sign(s, e % 8)
+    if t in (T.IQ2_XS, T.IQ2_S):
+        i = e // 8
+        if t == T.IQ2_XS:
+            q = u16(2 + 2 * i)
+            idx, s, sc = q & 511, KSIGNS[q >> 9], nib(66, e // 16)
+        else:
+            idx = block[2 + i] | (((block[66 + i // 4] >> (2 * (i % 4))) & 3) << 8)
+            s, sc = block[34 + i], nib(74, e // 16)
+        g = iq_tables.grid_np(t)[idx][e % 8]
+        return half(0) * (0.5 + sc) * 0.25 * int(g) * sign(s, e % 8)
+    if t == T.IQ3_S:
+        i = e // 4
+        idx = block[2 + i] | (((block[66 + i // 8] >> (i % 8)) & 1) << 8)
+        g = iq_tables.grid_np(t)[idx][e % 4]
+        return half(0) * (1 + 2 * nib(106, e // 32)) * int(g) * sign(block[74 + e // 8], e % 8)
+    if t == T.IQ1_S:
+        i, qh = e // 8, u16(34 + 2 * (e // 32))
+        idx = block[2 + i] | (((qh >> (3 * (i % 4))) & 7) << 8)
+        delta = -0.125 if qh & 0x8000 else 0.125
+        g = iq_tables.grid_np(t)[idx][e % 8]
+        return half(0) * (2 * ((qh >> 12) & 7) + 1) * (int(g) + delta)
+    if t == T.IQ1_M:
+        sc = [u16(48 + 2 * k) for k in range(4)]
+        d_bits = sum(((sc[k] >> 12) & 0xF) << (4 * k) for k in range(4))
+        d = float(np.array([d_bits], dtype=np.uint16).view(np.float16)[0])
+        i, n = e // 8, nib(32, e // 8)
+        idx = block[i] | ((n & 7) << 8)
+        delta = -0.125 if n & 8 else 0.125
+        s = (sc[(e // 16) // 4] >> (3 * ((e // 16) % 4))) & 7
+        g = iq_tables.grid_np(t)[idx][e % 8]
+        return d * (2 * s + 1) * (int(g) + delta)
+    if t == T.TQ1_0:
+        if e < 160:
+            byte, k = block[e % 32], e // 32
+        elif e < 240:
+            byte, k = block[32 + (e - 160) % 16], (e - 160) // 16
+        else:
+            byte, k = block[48 + (e - 240) % 4], (e - 240) // 4
+        q = (byte * 3**k) % 256  # digit k of the byte's base-3 fraction, in the top bits
+        return half(52) * (((q * 3) >> 8) - 1)
+    if t == T.TQ2_0:
+        q = (block[32 * (e // 128) + e % 32] >> (2 * ((e % 128) // 32))) & 3
+        return half(64) * (q - 1)
+    raise AssertionError(t)
 
 
 @pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
@@ -160,6 +248,12 @@ def test_hand_built_blocks(qtype):
         b = bytearray(rng.integers(0, 256, block_bytes, dtype=np.uint8).tobytes())
         for k, off in enumerate(F16_FIELDS[qtype]):
             b[off : off + 2] = f16(scale / (k + 1) if k == 0 else scale / 8)
+        if qtype == GGMLType.IQ1_M:
+            arr = np.frombuffer(bytes(b), dtype=np.uint8).reshape(1, -1).copy()
+            set_iq1_m_d(arr, np.array([scale]))
+            b = bytearray(arr.tobytes())
+        if qtype == GGMLType.MXFP4:
+            b[0] = 128 + int(np.log2(scale))  # scale 2^(e - 128)
         blocks.append(bytes(b))
     raw = torch.tensor(list(b"".join(blocks)), dtype=torch.uint8)
     out = dequantize_ref(raw, qtype)
@@ -193,6 +287,8 @@ def random_rows(qtype: GGMLType, seed: int, n_rows: int, n_blocks: int) -> np.nd
         vals[rng.random(len(blocks)) < 0.05] = 0.0
         assert np.isfinite(vals).all()
         blocks[:, off : off + 2] = vals.view(np.uint8).reshape(-1, 2)
+    if qtype == GGMLType.IQ1_M:
+        set_iq1_m_d(blocks, rng.uniform(-1.0, 1.0, len(blocks)) * 2.0 ** rng.integers(-14, 15))
     return raw
 
 
@@ -249,8 +345,21 @@ def test_bad_input_rejected():
         dequantize_ref(torch.zeros(18, dtype=torch.int8), GGMLType.Q4_0)
     with pytest.raises(ValueError, match="multiple of the block size"):
         dequantize_ref(torch.zeros(20, dtype=torch.uint8), GGMLType.Q4_0)
-    with pytest.raises(NotImplementedError, match="IQ2_XXS"):
-        dequantize_ref(torch.zeros(66, dtype=torch.uint8), GGMLType.IQ2_XXS)
+    with pytest.raises(NotImplementedError, match="NVFP4"):
+        dequantize_ref(torch.zeros(36, dtype=torch.uint8), GGMLType.NVFP4)
+
+
+@pytest.mark.parametrize("qtype", [GGMLType.TQ1_0, GGMLType.TQ2_0, GGMLType.MXFP4],
+                         ids=lambda t: t.name)  # fmt: skip
+def test_gguf_quantized_blocks_bit_equal(qtype):
+    # the types gguf-py can quantize: real-looking blocks (with zeros, -1/0/+1, exact scales)
+    rng = np.random.default_rng(int(qtype))
+    x = rng.standard_normal((8, 512)).astype(np.float32)
+    x[0] = 0.0  # an all-zero row: scale 0
+    raw = gguf.quants.quantize(x, gguf.GGMLQuantizationType(int(qtype)))
+    ours = dequantize_ref(torch.from_numpy(np.ascontiguousarray(raw)), qtype)
+    assert_bit_equal(ours, gguf_dequant(raw, qtype))
+    assert (ours[0] == 0).all() and torch.isfinite(ours).all()
 
 
 # ------------------------------------------------------------------- the real model

@@ -31,7 +31,7 @@ from llcuda.gguf.tensor_shapes import check_tensor_shapes
 from llcuda.gguf.tokenizer import Tokenizer
 from llcuda.kernels.dequant_ref import SUPPORTED_TYPES
 
-# n_ff = 256 so ffn_down rows can hold 256-element types (IQ2_XXS, Q8_K, TQ1_0)
+# n_ff = 256 so ffn_down rows can hold 256-element types (Q8_K) and 64-element NVFP4
 SHAPE = dict(n_embd=64, n_layers=2, n_ff=256, n_head=2, n_kv_head=1, head_dim=32, vocab_size=600)
 ALIGN = 32
 V = GGUFValueType
@@ -273,7 +273,7 @@ TARGETED = [
     *[(f"ffn_down {name}",
        lambda k, t, ty=GGMLType[name]: (k, set_tensor(t, "blk.0.ffn_down.weight", gtype=int(ty))),
        rf"unsupported tensor type: blk\.0\.ffn_down\.weight \({name}\)")
-      for name in ("IQ2_XXS", "Q8_K", "TQ1_0", "MXFP4", "Q8_1", "IQ3_S")],
+      for name in ("NVFP4", "Q8_K", "Q8_1")],
     ("I32 norm", lambda k, t: (k, set_tensor(t, "blk.1.attn_norm.weight", gtype=int(GGMLType.I32))),
      r"unsupported tensor type: blk\.1\.attn_norm\.weight \(I32\)"),
     # point 4: tokenizer metadata
@@ -459,7 +459,7 @@ def test_every_mutant_loads_or_raises_gguf_error(base, tmp_path):
 
 # ------------------------------------------------------------------- the real loader and the CLI
 
-LOADER_MUTANTS = ["wrong attn_q", "no head_count_kv", "block_count 2^32-1", "ffn_down IQ2_XXS",
+LOADER_MUTANTS = ["wrong attn_q", "no head_count_kv", "block_count 2^32-1", "ffn_down Q8_K",
                   "I32 norm", "string bos", "missing ffn_gate"]  # fmt: skip
 
 
@@ -482,7 +482,7 @@ def test_loader_refuses_bad_files_and_loads_the_good_one(base, tmp_path):
         assert time.perf_counter() - t0 < SECONDS_PER_MUTANT, desc
 
 
-@pytest.mark.parametrize("desc", ["head_count 2^31", "ffn_down MXFP4", "array add_bos"])
+@pytest.mark.parametrize("desc", ["head_count 2^31", "ffn_down NVFP4", "array add_bos"])
 def test_cli_prints_one_error_line(base, tmp_path, capsys, monkeypatch, desc):
     from llcuda.cli import main
 

@@ -1,7 +1,8 @@
-"""Benchmark twins of Llama 3.2 1B / 3B, Llama 3.1 8B and Qwen2.5 7B in their Q4_K_M tensor-type
-mix, with random blocks (for speed measurements on the device; their output is noise).
+"""Benchmark twins of Llama 3.2 1B / 3B, Llama 3.1 8B and Qwen2.5 7B in the tensor-type mix of a
+llama-quantize file type (Q4_K_M by default; Q3_K_M, Q2_K, IQ4_XS, IQ2_XS: quant_mixes.py), with
+random blocks (for speed measurements on the device; their output is noise).
 
-The mix is llama.cpp's `llama_tensor_get_type` for Q4_K_M (src/llama-quant.cpp): Q4_K by default;
+The Q4_K_M mix is llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp): Q4_K by default;
 Q6_K for attn_v and ffn_down on `use_more_bits` layers and for output.weight (or the token
 embedding when it is tied); F32 for norms, biases and `rope_freqs`. For Llama 3.1 8B that is
 193 Q4_K, 33 Q6_K and 66 F32 tensors, as in the real file. Metadata, tensor names and order come
@@ -9,7 +10,7 @@ from arch_spec (the converter's), the vocabulary from synthetic_vocab (real voca
 are random bytes with finite scale fields (synthetic._random_tensor), streamed one tensor at a
 time, so an 8B twin (~4.9 GB) takes about as long as the disk needs.
 
-    python -m llcuda.gguf.synthetic OUT.gguf --preset llama-3.1-8b
+    python -m llcuda.gguf.synthetic OUT.gguf --preset llama-3.1-8b [--mix Q3_K_M]
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from llcuda.gguf.arch_spec import ArchSpec, llama3_rope_factors, tensor_list
-from llcuda.gguf.constants import QK_K, GGMLType
-from llcuda.gguf.synthetic import _fallback, _random_tensor, use_more_bits, write_streamed
+from llcuda.gguf.constants import GGMLType
+from llcuda.gguf.quant_mixes import FILE_TYPES, mix_type
+from llcuda.gguf.synthetic import _random_tensor, write_streamed
 from llcuda.gguf.twins import twin_metadata
 
 BENCH_PRESETS: dict[str, ArchSpec] = {
@@ -47,22 +49,24 @@ BENCH_PRESETS: dict[str, ArchSpec] = {
 }  # fmt: skip
 
 
-def q4_k_m_type(name: str, ne0: int, n_layers: int, tied: bool) -> GGMLType:
+def q4_k_m_type(name: str, ne0: int, n_layers: int, tied: bool, n_gqa: int = 1) -> GGMLType:
     """llama_tensor_get_type for LLAMA_FTYPE_MOSTLY_Q4_K_M on a 2-D llama / qwen2 weight."""
-    if name == "output.weight" or (tied and name == "token_embd.weight"):
-        return GGMLType.Q6_K if ne0 % QK_K == 0 else GGMLType.Q8_0
-    kind = name.split(".")[-2]
-    if kind in ("attn_v", "ffn_down") and use_more_bits(int(name.split(".")[1]), n_layers):
-        return _fallback(GGMLType.Q6_K, ne0)
-    return _fallback(GGMLType.Q4_K, ne0)
+    return mix_type("Q4_K_M", name, ne0, _layer(name), n_layers, n_gqa, tied)
 
 
-def bench_plan(spec: ArchSpec) -> list[tuple[str, tuple[int, ...], GGMLType]]:
+def _layer(name: str) -> int:
+    return int(name.split(".")[1]) if name.startswith("blk.") else 0
+
+
+def bench_plan(spec: ArchSpec, mix: str = "Q4_K_M") -> list[tuple[str, tuple[int, ...], GGMLType]]:
     """(GGUF name, ne innermost-first, type) for every tensor, in file order."""
     plan = []
+    n_gqa = spec.n_head // spec.n_kv_head
     for _, name, shape in tensor_list(spec):
         ne = tuple(reversed(shape))
-        qtype = GGMLType.F32 if len(ne) == 1 else q4_k_m_type(name, ne[0], spec.n_layers, spec.tied)
+        qtype = GGMLType.F32 if len(ne) == 1 else mix_type(
+            mix, name, ne[0], _layer(name), spec.n_layers, n_gqa, spec.tied
+        )  # fmt: skip
         plan.append((name, ne, qtype))
     return plan
 
@@ -75,12 +79,14 @@ def _data(rng: np.random.Generator, spec: ArchSpec, name: str, ne: tuple[int, ..
     return _random_tensor(rng, ne, qtype)
 
 
-def write_bench_gguf(path: str | Path, preset: str, seed: int = 0) -> Path:
-    """Write benchmark twin `preset` (a key of BENCH_PRESETS), streaming one tensor at a time."""
+def write_bench_gguf(path: str | Path, preset: str, seed: int = 0, mix: str = "Q4_K_M") -> Path:
+    """Write benchmark twin `preset` (a key of BENCH_PRESETS) in file type `mix`, streaming one
+    tensor at a time."""
     if preset not in BENCH_PRESETS:
         raise ValueError(f"unknown preset {preset!r} (known: {', '.join(BENCH_PRESETS)})")
     spec = BENCH_PRESETS[preset]
-    plan = bench_plan(spec)
+    plan = bench_plan(spec, mix)
     rng = np.random.default_rng(seed)
     data = (_data(rng, spec, name, ne, qtype) for name, ne, qtype in plan)
-    return write_streamed(path, spec.arch, twin_metadata(spec), plan, data)
+    meta = twin_metadata(spec, file_type=FILE_TYPES[mix])
+    return write_streamed(path, spec.arch, meta, plan, data)

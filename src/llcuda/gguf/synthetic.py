@@ -1,20 +1,23 @@
-"""Synthetic Gemma 3 GGUF files: random weights in the exact tensor-type mix of real Q4_K_M files.
+"""Synthetic Gemma 3 GGUF files: random weights in the exact tensor-type mix of real files.
 
-The mix follows llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp) for `--type Q4_K_M`:
-Q4_K by default; Q6_K for attn_v and ffn_down on layers where `use_more_bits` holds (the first and
-last eighth of the layers and every third layer between); a row length (ne0) that is not a
-multiple of 256 falls back to Q5_0 (for Q4_K) or Q8_0 (for Q6_K); the tied token embedding is
-quantized like an output tensor: Q6_K, or Q8_0 when ne0 % 256 != 0 (Gemma's widths). 1-D norm
-weights stay F32 (around 1.0: Gemma GGUFs store 1 + w).
+The mix follows llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp) for the file type
+`--mix` (quant_mixes.py restates the rules): by default `--type Q4_K_M`, i.e. Q4_K by default;
+Q6_K for attn_v and ffn_down on layers where `use_more_bits` holds (the first and last eighth of
+the layers and every third layer between); a row length (ne0) that is not a multiple of 256
+falls back to Q5_0 (for Q4_K) or Q8_0 (for Q6_K); the tied token embedding is quantized like an
+output tensor: Q6_K, or Q8_0 when ne0 % 256 != 0 (Gemma's widths). Q3_K_M, Q2_K, IQ4_XS and
+IQ2_XS mixes follow the same rules for those file types. 1-D norm weights stay F32 (around 1.0:
+Gemma GGUFs store 1 + w).
 
 Quantized blocks are random bytes with every f16 scale field overwritten by a finite value in
-[0.002, 0.022] and Q6_K's int8 sub-block scales set to 1..31, so nothing dequantizes to NaN or Inf.
+[0.002, 0.022] (a quarter of that for IQ4_XS, whose code book reaches 127) and Q6_K's int8
+sub-block scales set to 1..31, so nothing dequantizes to NaN or Inf.
 The file also carries a small but usable SPM ("llama") vocabulary with Gemma's special tokens.
 
-    python -m llcuda.gguf.synthetic OUT.gguf --preset 1b
+    python -m llcuda.gguf.synthetic OUT.gguf --preset 1b [--mix Q3_K_M]
 
 The same CLI writes the llama / qwen2 benchmark twins of bench_twins.py
-(`--preset llama-3.2-1b`, `llama-3.2-3b`, `llama-3.1-8b`, `qwen2.5-7b`, Q4_K_M only).
+(`--preset llama-3.2-1b`, `llama-3.2-3b`, `llama-3.1-8b`, `qwen2.5-7b`), in any mix too.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
-from llcuda.gguf.constants import QK_K, QUANT_SIZES, SCALAR_FORMATS, GGMLType
+from llcuda.gguf.constants import QUANT_SIZES, SCALAR_FORMATS, GGMLType
 from llcuda.gguf.constants import GGUFValueType as ValueType
+from llcuda.gguf.quant_mixes import FILE_TYPES, MIXES, mix_type, use_more_bits  # noqa: F401
 
 GEMMA3_270M = dict(
     n_embd=640, n_layers=18, n_ff=2048, n_head=4, n_kv_head=1, head_dim=256, vocab_size=262144
@@ -63,8 +67,7 @@ PRESETS: dict[str, dict[str, int]] = {
 # sizes of the real gemma-3-{270m,1b} Q4_K_M files; the CLI pads its twins to these
 REAL_FILE_SIZES = {"270m": 253_113_024, "1b": 806_055_968}
 
-MIXES = ("Q4_K_M", "Q8_0", "F16", "F32")
-_FILE_TYPES = {"Q4_K_M": 15, "Q8_0": 7, "F16": 1, "F32": 0}  # llama_ftype
+_FILE_TYPES = FILE_TYPES  # llama_ftype of each mix
 _ALIGNMENT = 32
 _SCALE_RANGE = (0.002, 0.022)
 # byte offsets of the f16 scale fields per block (GGUF-NOTES section 2)
@@ -75,7 +78,15 @@ _F16_FIELDS = {
     GGMLType.Q4_K: (0, 2),
     GGMLType.Q5_K: (0, 2),
     GGMLType.Q6_K: (208,),
+    GGMLType.Q5_1: (0, 2),
+    GGMLType.Q2_K: (80, 82),
+    GGMLType.Q3_K: (108,),
+    GGMLType.IQ4_NL: (0,),
+    GGMLType.IQ4_XS: (0,),
+    GGMLType.IQ2_XS: (0,),
 }
+# random IQ4_XS blocks reach d * 32 * 127: a smaller d keeps them near the other types' range
+_SCALE_FACTOR = {GGMLType.IQ4_XS: 0.25}
 _LAYER_TENSORS = (  # per-layer tensor order of real Gemma 3 files (alphabetical)
     "attn_k",
     "attn_k_norm",
@@ -96,38 +107,13 @@ _LAYER_TENSORS = (  # per-layer tensor order of real Gemma 3 files (alphabetical
 # ------------------------------------------------------------------------ tensor-type mix
 
 
-def use_more_bits(i_layer: int, n_layers: int) -> bool:
-    """llama-quant.cpp: the layers that get more bits in the *_M mixes."""
-    return (
-        i_layer < n_layers // 8
-        or i_layer >= 7 * n_layers // 8
-        or (i_layer - n_layers // 8) % 3 == 2
-    )
-
-
-def _fallback(qtype: GGMLType, ne0: int) -> GGMLType:
-    """llama-quant.cpp: a K-quant whose row length is not a multiple of 256 falls back."""
-    if ne0 % QUANT_SIZES[qtype][0] == 0:
-        return qtype
-    fallback = {GGMLType.Q4_K: GGMLType.Q5_0, GGMLType.Q6_K: GGMLType.Q8_0}.get(qtype, qtype)
-    if ne0 % QUANT_SIZES[fallback][0]:
-        return GGMLType.F16
-    return fallback
-
-
-def tensor_type(kind: str, ne0: int, i_layer: int, n_layers: int, mix: str) -> GGMLType:
-    """The type llama.cpp picks for a 2-D Gemma 3 weight (`kind` = attn_v, token_embd, ...)."""
-    if mix in ("F16", "F32"):
-        return GGMLType[mix]
-    if mix == "Q8_0":
-        return _fallback(GGMLType.Q8_0, ne0)
-    if mix != "Q4_K_M":
-        raise ValueError(f"unknown mix {mix!r}; choose one of {MIXES}")
-    if kind == "token_embd":  # tied embeddings are quantized as the output tensor
-        return GGMLType.Q8_0 if ne0 % QK_K else GGMLType.Q6_K
-    if kind in ("attn_v", "ffn_down") and use_more_bits(i_layer, n_layers):
-        return _fallback(GGMLType.Q6_K, ne0)
-    return _fallback(GGMLType.Q4_K, ne0)
+def tensor_type(
+    kind: str, ne0: int, i_layer: int, n_layers: int, mix: str, n_gqa: int = 1
+) -> GGMLType:
+    """The type llama.cpp picks for a 2-D Gemma 3 weight (`kind` = attn_v, token_embd, ...) in
+    file type `mix` (quant_mixes.mix_type; Gemma's token embedding is the tied output head)."""
+    name = "token_embd.weight" if kind == "token_embd" else f"blk.{i_layer}.{kind}.weight"
+    return mix_type(mix, name, ne0, i_layer, n_layers, n_gqa, tied=True)
 
 
 def tensor_plan(
@@ -136,6 +122,7 @@ def tensor_plan(
 ) -> list[tuple[str, tuple[int, ...], GGMLType]]:  # fmt: skip
     """(name, ne innermost-first, type) for every tensor, in the order real files use."""
     q_dim, kv_dim = n_head * head_dim, n_kv_head * head_dim
+    n_gqa = n_head // n_kv_head
     shapes = {  # ne = (in_features, out_features) for weights
         "attn_k": (n_embd, kv_dim),
         "attn_k_norm": (head_dim,),
@@ -156,13 +143,13 @@ def tensor_plan(
         (
             "token_embd.weight",
             (n_embd, vocab_size),
-            tensor_type("token_embd", n_embd, 0, n_layers, mix),
+            tensor_type("token_embd", n_embd, 0, n_layers, mix, n_gqa),
         ),
     ]
     for il in range(n_layers):
         for kind in _LAYER_TENSORS:
             ne = shapes[kind]
-            t = GGMLType.F32 if len(ne) == 1 else tensor_type(kind, ne[0], il, n_layers, mix)
+            t = GGMLType.F32 if len(ne) == 1 else tensor_type(kind, ne[0], il, n_layers, mix, n_gqa)
             plan.append((f"blk.{il}.{kind}.weight", ne, t))
     return plan
 
@@ -322,7 +309,8 @@ def _random_tensor(rng: np.random.Generator, ne: tuple[int, ...], qtype: GGMLTyp
     data = np.frombuffer(rng.bytes(n_blocks * block_bytes), dtype=np.uint8).copy()
     blocks = data.reshape(n_blocks, block_bytes)
     for off in _F16_FIELDS[qtype]:
-        scales = rng.uniform(*_SCALE_RANGE, size=n_blocks).astype(np.float16)
+        scales = rng.uniform(*_SCALE_RANGE, size=n_blocks) * _SCALE_FACTOR.get(qtype, 1.0)
+        scales = scales.astype(np.float16)
         blocks[:, off : off + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
     if qtype == GGMLType.Q6_K:  # int8 sub-block scales: 1..31, never 0 or negative
         blocks[:, 192:208] = rng.integers(1, 32, size=(n_blocks, 16), dtype=np.uint8)
@@ -458,11 +446,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m llcuda.gguf.synthetic",
         description="Write a random-weight GGUF (Gemma 3, or a Llama / Qwen2.5 benchmark twin) in "
-        "the tensor-type mix of Q4_K_M files.",
+        "the tensor-type mix of a llama-quantize file type (Q4_K_M by default).",
     )
     parser.add_argument("out", type=Path, help="output .gguf path")
     parser.add_argument("--preset", choices=sorted(PRESETS) + list(BENCH_PRESETS), default="tiny")
-    parser.add_argument("--mix", choices=MIXES, default="Q4_K_M")
+    parser.add_argument("--mix", choices=MIXES, default="Q4_K_M",
+                        help="llama-quantize file type whose tensor-type mix to copy")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--no-pad", action="store_true", help="do not pad 270m/1b twins to the real file size"
@@ -470,9 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     if args.preset in BENCH_PRESETS:
-        if args.mix != "Q4_K_M":
-            parser.error(f"--preset {args.preset} is written in the Q4_K_M mix only")
-        path = write_bench_gguf(args.out, args.preset, seed=args.seed)
+        path = write_bench_gguf(args.out, args.preset, seed=args.seed, mix=args.mix)
         print(f"wrote {path} ({path.stat().st_size:,} bytes) in {time.perf_counter() - t0:.1f} s")
         return
     kw: dict[str, Any] = dict(PRESETS[args.preset])

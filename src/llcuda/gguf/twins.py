@@ -31,6 +31,7 @@ from llcuda.gguf.arch_spec import (
     tensor_list,
 )
 from llcuda.gguf.constants import QUANT_SIZES, GGMLType
+from llcuda.gguf.quant_mixes import FILE_TYPES, mix_type
 from llcuda.gguf.quantize import quantize
 from llcuda.gguf.synthetic import synthetic_vocab
 from llcuda.gguf.synthetic_vocab import BPE_SPECIALS, bpe_vocab, spm_vocab
@@ -86,6 +87,11 @@ TWINS: dict[str, ArchSpec] = {
         sliding_window=16, tokenizer="gemma", name="Synthetic Gemma 3 Twin",
     ),
 }  # fmt: skip
+# Twins in the tensor-type mix of a real llama-quantize file type (quant_mixes.mix_type) instead
+# of TYPE_CYCLE: the llama3 twin (n_head / n_kv_head = 2, 3 layers, every row a multiple of 256).
+TWIN_MIXES = {"llama3-q3_k_m": "Q3_K_M", "llama3-q2_k": "Q2_K", "llama3-iq4_xs": "IQ4_XS",
+              "llama3-iq2_xs": "IQ2_XS"}  # fmt: skip
+TWINS.update({name: TWINS["llama3"] for name in TWIN_MIXES})
 
 TYPE_CYCLE = (
     GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.F16,
@@ -138,10 +144,12 @@ def hf_weights(spec: ArchSpec, seed: int) -> dict[str, np.ndarray]:
 
 
 def gguf_tensors(
-    spec: ArchSpec, seed: int, type_cycle: tuple[GGMLType, ...] = TYPE_CYCLE
-) -> list[tuple[str, np.ndarray, GGMLType]]:
+    spec: ArchSpec, seed: int, type_cycle: tuple[GGMLType, ...] = TYPE_CYCLE,
+    mix: str | None = None,
+) -> list[tuple[str, np.ndarray, GGMLType]]:  # fmt: skip
     """(GGUF name, data, type) in file order, converted and quantized as described above (the
-    2-D weights take the types of `type_cycle` in turn)."""
+    2-D weights take the types of `type_cycle` in turn, or those llama-quantize gives them in
+    file type `mix`)."""
     weights = hf_weights(spec, seed)
     out, n_matrices = [], 0
     for hf_name, name, _ in tensor_list(spec):
@@ -154,6 +162,10 @@ def gguf_tensors(
             out.append((name, np.ascontiguousarray(w, dtype=np.float32), GGMLType.F32))
             continue
         qtype = type_cycle[n_matrices % len(type_cycle)]
+        if mix is not None:
+            layer = int(name.split(".")[1]) if name.startswith("blk.") else 0
+            qtype = mix_type(mix, name, w.shape[1], layer, spec.n_layers,
+                             spec.n_head // spec.n_kv_head, spec.tied)  # fmt: skip
         n_matrices += 1
         if w.shape[1] % QUANT_SIZES[qtype][0]:
             raise ValueError(f"{name}: row length {w.shape[1]} does not fit {qtype.name} blocks")
@@ -231,15 +243,18 @@ def write_twin(
 ) -> Path:
     """Write twin `twin` (a key of TWINS) to `path`; the bytes depend on (twin, seed) only.
     type_cycle=(GGMLType.F32,) writes the same weights unquantized (a cross-check where
-    llama.cpp's CPU kernels do not round activations to 8 bits)."""
+    llama.cpp's CPU kernels do not round activations to 8 bits); a twin of TWIN_MIXES takes its
+    mix's types otherwise."""
     if twin not in TWINS:
         raise ValueError(f"unknown twin {twin!r} (known: {', '.join(TWINS)})")
     spec = TWINS[twin]
     path = Path(path)
+    mix = TWIN_MIXES.get(twin) if type_cycle == TYPE_CYCLE else None
     writer = GGUFWriter(path, spec.arch)
-    for key, value, vtype, sub in twin_metadata(spec):
+    file_type = FILE_TYPES[mix] if mix else _FILE_TYPE_Q4_K_M
+    for key, value, vtype, sub in twin_metadata(spec, file_type):
         writer.add_key_value(key, value, vtype, sub_type=sub)
-    for name, data, qtype in gguf_tensors(spec, seed, type_cycle):
+    for name, data, qtype in gguf_tensors(spec, seed, type_cycle, mix):
         raw = None if qtype in (GGMLType.F32, GGMLType.F16) else GGMLQuantizationType(int(qtype))
         writer.add_tensor(name, data, raw_dtype=raw)
     writer.write_header_to_file()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from llcuda.gguf.constants import QK_K, QUANT_SIZES, GGMLType
+from llcuda.kernels import iq_tables
 
 # IQ4_NL / IQ4_XS non-linear code book (llama.cpp kvalues_iq4nl)
 _IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -213,6 +214,167 @@ def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
     return (dl * _iq4_table(b.device)[q]).view(n, QK_K)
 
 
+# ---------------------------------------------------------------------------------- IQ / low-bit
+# The float operation order of each follows gguf-py's quants.py (bit equality, see the docstring).
+
+
+def _u16(b: torch.Tensor, off: int, count: int) -> torch.Tensor:
+    """`count` little-endian u16 from byte `off` of each block: int32 [n_blocks, count]."""
+    v = b[:, off : off + 2 * count].reshape(b.shape[0], count, 2).to(torch.int32)
+    return v[..., 0] | (v[..., 1] << 8)
+
+
+def _u32(b: torch.Tensor, off: int, count: int) -> torch.Tensor:
+    """`count` little-endian u32 from byte `off` of each block: int64 [n_blocks, count]."""
+    v = b[:, off : off + 4 * count].reshape(b.shape[0], count, 4).to(torch.int64)
+    return v[..., 0] | (v[..., 1] << 8) | (v[..., 2] << 16) | (v[..., 3] << 24)
+
+
+def _sign_bits(s: torch.Tensor) -> torch.Tensor:
+    """uint8/int [..., k] sign bytes -> float32 [..., k, 8]: +1 where bit j is clear, else -1."""
+    bits = (s.to(torch.int32).unsqueeze(-1) >> torch.arange(8, device=s.device)) & 1
+    return 1.0 - 2.0 * bits.to(torch.float32)
+
+
+def _grid_values(qtype: GGMLType, index: torch.Tensor) -> torch.Tensor:
+    """Grid entries of `index` (int [...]) as float32 [..., values_per_entry]."""
+    return iq_tables.grid(qtype, index.device)[index.long()].to(torch.float32)
+
+
+def _iq2_xxs(b: torch.Tensor) -> torch.Tensor:
+    # per 32 elements: 4 grid bytes (8 values each), then a u32 of 4 x 7-bit sign indices and a
+    # 4-bit scale on top
+    n = b.shape[0]
+    d = _f16(b, 0)
+    w = _u32(b, 2, 16).view(n, 8, 2)
+    db = (d * (0.5 + (w[..., 1] >> 28).to(torch.float32)) * 0.25).view(n, 8, 1, 1)
+    sign_idx = (w[..., 1:2] >> torch.tensor([0, 7, 14, 21], device=b.device)) & 0x7F  # [n, 8, 4]
+    signs = _sign_bits(iq_tables.ksigns(b.device)[sign_idx])  # [n, 8, 4, 8]
+    grid = _grid_values(GGMLType.IQ2_XXS, b[:, 2:66].reshape(n, 8, 8)[..., 0:4])
+    return (db * grid * signs).view(n, QK_K)
+
+
+def _iq2_xs(b: torch.Tensor) -> torch.Tensor:
+    # 32 u16: 9-bit grid index, 7-bit sign index; 16 four-bit scales (one per 16 elements)
+    n = b.shape[0]
+    d = _f16(b, 0)
+    qs = _u16(b, 2, 32)
+    sc = b[:, 66:74]
+    scales = torch.stack([sc & 0x0F, sc >> 4], dim=-1).view(n, 16).to(torch.float32)
+    db = (d * (0.5 + scales) * 0.25).view(n, 16, 1, 1)
+    signs = _sign_bits(iq_tables.ksigns(b.device)[(qs >> 9).long()]).view(n, 16, 2, 8)
+    grid = _grid_values(GGMLType.IQ2_XS, qs & 511).view(n, 16, 2, 8)
+    return (db * grid * signs).view(n, QK_K)
+
+
+def _iq2_s(b: torch.Tensor) -> torch.Tensor:
+    # qs[32] low 8 index bits, signs[32] one byte per 8 values, qh[8] 2 high index bits each,
+    # 16 four-bit scales
+    n = b.shape[0]
+    d = _f16(b, 0)
+    sc = b[:, 74:82]
+    scales = torch.stack([sc & 0x0F, sc >> 4], dim=-1).view(n, 16).to(torch.float32)
+    db = (d * (0.5 + scales) * 0.25).view(n, 16, 1, 1)
+    signs = _sign_bits(b[:, 34:66]).view(n, 16, 2, 8)
+    qh = (b[:, 66:74].unsqueeze(-1) >> _shifts([0, 2, 4, 6], (1, 1, 4), b.device)) & 3
+    index = b[:, 2:34].to(torch.int32) | (qh.reshape(n, 32).to(torch.int32) << 8)
+    grid = _grid_values(GGMLType.IQ2_S, index).view(n, 16, 2, 8)
+    return (db * grid * signs).view(n, QK_K)
+
+
+def _iq3_xxs(b: torch.Tensor) -> torch.Tensor:
+    # qs[64] grid bytes (4 values each), then per 32 elements a u32: 4 x 7-bit sign indices and a
+    # 4-bit scale
+    n = b.shape[0]
+    d = _f16(b, 0)
+    w = _u32(b, 66, 8)  # [n, 8]
+    db = (d * (0.5 + (w >> 28).to(torch.float32)) * 0.5).view(n, 8, 1, 1)
+    sign_idx = (w.unsqueeze(-1) >> torch.tensor([0, 7, 14, 21], device=b.device)) & 0x7F
+    signs = _sign_bits(iq_tables.ksigns(b.device)[sign_idx])  # [n, 8, 4, 8]
+    grid = _grid_values(GGMLType.IQ3_XXS, b[:, 2:66]).view(n, 8, 4, 8)
+    return (db * grid * signs).view(n, QK_K)
+
+
+def _iq3_s(b: torch.Tensor) -> torch.Tensor:
+    # qs[64] low index bits, qh[8] 9th bits, signs[32] one byte per 8 values, 8 four-bit scales
+    n = b.shape[0]
+    d = _f16(b, 0)
+    sc = b[:, 106:110]
+    scales = torch.stack([sc & 0x0F, sc >> 4], dim=-1).view(n, 8)
+    db = (d * (1 + 2 * scales.to(torch.int32)).to(torch.float32)).view(n, 8, 1, 1)
+    signs = _sign_bits(b[:, 74:106]).view(n, 8, 4, 8)
+    qh = (b[:, 66:74].unsqueeze(-1) >> _shifts(list(range(8)), (1, 1, 8), b.device)) & 1
+    index = b[:, 2:66].to(torch.int32) | (qh.reshape(n, 64).to(torch.int32) << 8)
+    grid = _grid_values(GGMLType.IQ3_S, index).view(n, 8, 4, 8)
+    return (db * grid * signs).view(n, QK_K)
+
+
+_IQ1_DELTA = 0.125
+
+
+def _iq1_s(b: torch.Tensor) -> torch.Tensor:
+    # qs[32] low index bits; per 32 elements a u16: 4 x 3 high index bits, 3-bit scale, delta sign
+    n = b.shape[0]
+    d = _f16(b, 0)
+    qh = _u16(b, 34, 8)  # [n, 8]
+    dl = (d * (2 * ((qh >> 12) & 7) + 1).to(torch.float32)).view(n, 8, 1, 1)
+    delta = torch.where((qh & 0x8000) == 0, _IQ1_DELTA, -_IQ1_DELTA).view(n, 8, 1, 1)
+    hi = (qh.unsqueeze(-1) >> torch.tensor([0, 3, 6, 9], device=b.device)) & 7  # [n, 8, 4]
+    index = b[:, 2:34].to(torch.int32) | (hi.reshape(n, 32) << 8)
+    grid = _grid_values(GGMLType.IQ1_S, index).view(n, 8, 4, 8)
+    return (dl * (grid + delta)).view(n, QK_K)
+
+
+def _iq1_m(b: torch.Tensor) -> torch.Tensor:
+    # qs[32] low index bits; qh[16] a nibble per 8 values (3 high index bits, delta sign);
+    # scales: 4 u16 of 4 x 3-bit scales each, the f16 d spread over their top nibbles
+    n = b.shape[0]
+    s = _u16(b, 48, 4)  # [n, 4]
+    d_bits = (s[:, 0:1] >> 12) | ((s[:, 1:2] >> 8) & 0xF0) | ((s[:, 2:3] >> 4) & 0xF00)
+    d_bits = d_bits | (s[:, 3:4] & 0xF000)
+    d = (d_bits - ((d_bits & 0x8000) << 1)).to(torch.int16).view(torch.float16).to(torch.float32)
+    sub = (s.unsqueeze(-1) >> torch.tensor([0, 3, 6, 9], device=b.device)) & 7  # [n, 4, 4]
+    dl = (d * (2 * sub.reshape(n, 16) + 1).to(torch.float32)).view(n, 8, 2, 1, 1)
+    qh = torch.stack([b[:, 32:48] & 0x0F, b[:, 32:48] >> 4], dim=-1).reshape(n, 32)
+    index = b[:, 0:32].to(torch.int32) | ((qh & 7).to(torch.int32) << 8)
+    delta = torch.where((qh & 8) == 0, _IQ1_DELTA, -_IQ1_DELTA).view(n, 8, 2, 2, 1)
+    grid = _grid_values(GGMLType.IQ1_M, index).view(n, 8, 2, 2, 8)
+    return (dl * (grid + delta)).view(n, QK_K)
+
+
+# MXFP4 e2m1 values, doubled (the block's e8m0 scale is halved to match)
+_MXFP4_KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+def _mxfp4(b: torch.Tensor) -> torch.Tensor:
+    # e (e8m0 exponent byte), qs[16]: element e < 16 low nibble of qs[e], else high of qs[e - 16]
+    e = b[:, 0:1].to(torch.int32)
+    # 2^(e - 128) as float32 bits: subnormal for e < 2 (ggml_e8m0_to_fp32_half)
+    d = torch.where(e < 2, 0x00200000 << e.clamp(max=1), (e - 1) << 23).view(torch.float32)
+    kv = torch.tensor(_MXFP4_KVALUES, dtype=torch.float32, device=b.device)
+    return d * kv[_nibbles(b[:, 1:17]).long()]
+
+
+def _tq1_0(b: torch.Tensor) -> torch.Tensor:
+    # base-3 digits: byte * 3^k (mod 256) puts digit k in the top bits, read as (x * 3) >> 8
+    n = b.shape[0]
+    d = _f16(b, 52)
+    p5 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.uint8, device=b.device)
+    q0 = (b[:, 0:32].reshape(n, 1, 32) * p5.view(1, 5, 1)).reshape(n, 160)  # uint8 wraps
+    q1 = (b[:, 32:48].reshape(n, 1, 16) * p5.view(1, 5, 1)).reshape(n, 80)
+    q2 = (b[:, 48:52].reshape(n, 1, 4) * p5[:4].view(1, 4, 1)).reshape(n, 16)
+    q = torch.cat([q0, q1, q2], dim=-1).to(torch.int32)
+    return d * (((q * 3) >> 8) - 1).to(torch.float32)
+
+
+def _tq2_0(b: torch.Tensor) -> torch.Tensor:
+    # element 128h + 32j + l is bits 2j..2j+1 of qs[32h + l], minus 1
+    n = b.shape[0]
+    d = _f16(b, 64)
+    q = (b[:, 0:64].reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)) & 3
+    return d * (q.reshape(n, QK_K).to(torch.int8) - 1).to(torch.float32)
+
+
 _BLOCK_DECODERS: dict[GGMLType, Callable[[torch.Tensor], torch.Tensor]] = {
     GGMLType.Q4_0: _q4_0,
     GGMLType.Q4_1: _q4_1,
@@ -226,6 +388,16 @@ _BLOCK_DECODERS: dict[GGMLType, Callable[[torch.Tensor], torch.Tensor]] = {
     GGMLType.Q6_K: _q6_k,
     GGMLType.IQ4_NL: _iq4_nl,
     GGMLType.IQ4_XS: _iq4_xs,
+    GGMLType.IQ2_XXS: _iq2_xxs,
+    GGMLType.IQ2_XS: _iq2_xs,
+    GGMLType.IQ2_S: _iq2_s,
+    GGMLType.IQ3_XXS: _iq3_xxs,
+    GGMLType.IQ3_S: _iq3_s,
+    GGMLType.IQ1_S: _iq1_s,
+    GGMLType.IQ1_M: _iq1_m,
+    GGMLType.MXFP4: _mxfp4,
+    GGMLType.TQ1_0: _tq1_0,
+    GGMLType.TQ2_0: _tq2_0,
 }
 SUPPORTED_TYPES: frozenset[GGMLType] = frozenset(
     {GGMLType.F32, GGMLType.F16, GGMLType.BF16, *_BLOCK_DECODERS}

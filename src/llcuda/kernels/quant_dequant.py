@@ -4,7 +4,9 @@ Two users: `embedding_rows` gathers the token rows of the (tied) embedding table
 natural column order; `dequantize_bf16` expands a whole matrix into a bf16 workspace in
 *plane-major* column order, the operand of quant_tc.quant_gemm_dense. Plane-major order puts plane
 p of a run of groups in one contiguous run of columns (see quant_tc.plane_major), so the stores
-are as wide as the loads; the matmul permutes its activations the same way.
+are as wide as the loads; the matmul permutes its activations the same way. The low-bit types
+(quant_pack.LOWBIT_TYPES) are packed in natural order and expanded by quant_lowbit.lowbit_rows:
+their workspace is in natural column order.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from llcuda.kernels.quant_matmul import (
     _weight_args,
     _weight_tile,
 )
-from llcuda.kernels.quant_pack import GROUP, PackedWeight
+from llcuda.kernels.quant_pack import GROUP, LOWBIT_TYPES, PackedWeight
 
 
 @triton.jit
@@ -75,6 +77,10 @@ def _launch(w: PackedWeight, out: torch.Tensor, ids: torch.Tensor | None, scale:
     n_rows, n_groups = out.shape[0], w.n_cols // GROUP
     if n_rows == 0:
         return out
+    if w.qtype in LOWBIT_TYPES:  # natural order whatever plane_major says
+        from llcuda.kernels.quant_lowbit import lowbit_rows
+
+        return lowbit_rows(w, out, ids, scale)
     ptrs, strides = _weight_args(w)
     wpg = _WPG[w.qtype]
     block_g = 128 // wpg  # 128 packed words (512 B) per row per program

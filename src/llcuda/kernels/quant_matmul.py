@@ -40,6 +40,9 @@ from llcuda.kernels.quant_pack import (
     F16,
     F32,
     GROUP,
+    IQ4_NL,
+    IQ4_XS,
+    LOWBIT_TYPES,
     Q4_0,
     Q4_1,
     Q4_K,
@@ -109,7 +112,53 @@ def _nibbles(QTYPE: tl.constexpr, words):
         return u, u
     if QTYPE == 0 or QTYPE == 1 or QTYPE == 30:
         return words, words
+    if QTYPE == 20 or QTYPE == 23:  # IQ4_NL / IQ4_XS: code-book value + 128 in every byte
+        return _iq4_bytes(words & 0x0F0F0F0F), _iq4_bytes((words >> 4) & 0x0F0F0F0F)
     return words & 0x0F0F0F0F, (words >> 4) & 0x0F0F0F0F
+
+
+# IQ4_NL / IQ4_XS code book (kvalues_iq4nl) + 128 as four little-endian words: entries 0-3, ...
+_IQ4_TABLE = [v + 128 for v in (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69,
+                                89, 113)]  # fmt: skip
+_IQ4_W0, _IQ4_W1, _IQ4_W2, _IQ4_W3 = (
+    tl.constexpr(sum(_IQ4_TABLE[i + j] << (8 * j) for j in range(4)) - (1 << 32 if i >= 8 else 0))
+    for i in range(0, 16, 4)
+)  # the last two words have their top bit set: as int32
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def _iq4_bytes(idx):
+    """int32 words of four byte-sized code-book indices (0..15) -> the four values + 128.
+
+    On the GPU three PRMTs per word, as llama.cpp's get_int_from_table_16: the indices become a
+    16-bit selector of four nibbles; their low 3 bits pick bytes from entries 0-7 and from 8-15,
+    and bit 3 picks between the two. The interpreter (no inline PTX) looks each byte up alone."""
+    if _INTERPRET:
+        out = idx * 0
+        for b in tl.static_range(4):
+            i = (idx >> (8 * b)) & 15
+            word = tl.where(i < 8, tl.where(i < 4, _IQ4_W0, _IQ4_W1),
+                            tl.where(i < 12, _IQ4_W2, _IQ4_W3))  # fmt: skip
+            out = out | (((word >> ((i & 3) * 8)) & 0xFF) << (8 * b))
+        return out
+    else:
+        t = idx | (idx >> 4)  # byte 0: index 0 | index 1 << 4; byte 2: index 2 | index 3 << 4
+        sel = (t & 0xFF) | ((t >> 8) & 0xFF00)  # four 4-bit selectors
+        w0 = tl.zeros(idx.shape, tl.int32) + _IQ4_W0
+        w1 = tl.zeros(idx.shape, tl.int32) + _IQ4_W1
+        w2 = tl.zeros(idx.shape, tl.int32) + _IQ4_W2
+        w3 = tl.zeros(idx.shape, tl.int32) + _IQ4_W3
+        low = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                                        [w0, w1, sel & 0x7777], dtype=tl.int32, is_pure=True,
+                                        pack=1)  # fmt: skip
+        high = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                                         [w2, w3, sel & 0x7777], dtype=tl.int32, is_pure=True,
+                                         pack=1)  # fmt: skip
+        pick = 0x3210 | ((sel & 0x8888) >> 1)  # byte i: i from `low`, 4 + i from `high`
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                                         [low, high, pick], dtype=tl.int32, is_pure=True,
+                                         pack=1)  # fmt: skip
 
 
 @triton.jit
@@ -157,6 +206,8 @@ def _plane(QTYPE: tl.constexpr, lo, hi, P: tl.constexpr, magic, USE_ASM: tl.cons
         v = _byte_plane(hi, P // 2, magic, USE_ASM).to(tl.float32, bitcast=True)
     if QTYPE == 2:  # Q4_0: q - 8
         return v - (8388608.0 + 8.0)
+    elif QTYPE == 20 or QTYPE == 23:  # IQ4_NL / IQ4_XS: the code-book value, stored + 128
+        return v - (8388608.0 + 128.0)
     elif QTYPE == 6:  # Q5_0: q - 16
         return v - (8388608.0 + 16.0)
     elif QTYPE == 14:  # Q6_K: q - 32
@@ -184,6 +235,10 @@ def _load_scales(QTYPE: tl.constexpr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp,
         sc_lo = tl.load(sc_ptr + row * s_sc + 2 * grp, mask=mask, other=0).to(tl.float32)
         sc_hi = tl.load(sc_ptr + row * s_sc + 2 * grp + 1, mask=mask, other=0).to(tl.float32)
         return d, sc_lo, sc_hi, d
+    if QTYPE == 23:  # IQ4_XS: d per super-block, an int8 scale (- 32 applied) per group
+        d = tl.load(d_ptr + row * s_d + grp // 8, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(sc_ptr + row * s_sc + grp, mask=mask, other=0).to(tl.float32)
+        return d, sc, d, d
     d = tl.load(sc_ptr + row * s_sc + grp, mask=mask, other=0.0).to(tl.float32)
     if QTYPE == 3 or QTYPE == 7:  # Q4_1 / Q5_1: d, m
         m = tl.load(mn_ptr + row * s_sc + grp, mask=mask, other=0.0).to(tl.float32)
@@ -207,7 +262,10 @@ def _scale_maps(QTYPE: tl.constexpr, s0, s1, s2, s3):
         return s0 * s1, s0 * s2, s0 * 0.0
     if QTYPE == 3 or QTYPE == 7:  # Q4_1 / Q5_1: w = d * q + m
         return s0, s0, s1
-    return s0, s0, s0 * 0.0  # Q4_0 / Q5_0 / Q8_0: w = d * (q - zero point)
+    if QTYPE == 23:  # IQ4_XS: w = (d * sc) * kvalue
+        a = s0 * s1
+        return a, a, s0 * 0.0
+    return s0, s0, s0 * 0.0  # Q4_0 / Q5_0 / Q8_0 / IQ4_NL: w = d * (q - zero point)
 
 
 @triton.jit
@@ -688,7 +746,7 @@ def _quant_gemm_kernel(
 
 # int32 words per 32-element group (planes per word = 32 / WPG), see quant_pack's docstring
 _WPG = {F32: 32, F16: 16, BF16: 16, Q8_0: 8, Q4_0: 4, Q4_1: 4, Q5_0: 4, Q5_1: 4, Q4_K: 4, Q5_K: 4,
-        Q6_K: 4}
+        Q6_K: 4, IQ4_NL: 4, IQ4_XS: 4}
 _HAS_MIN = (Q4_1, Q5_1, Q4_K, Q5_K)
 # the types the decode GEMV can run with int8 activations (_gemv_step_int8): the quantized ones
 INT8_X_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
@@ -1115,6 +1173,10 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> to
         _check(x, w)  # raises for a bad argument; each path below checks the rest once
         out = torch.empty((0, w.n_rows), device=x.device, dtype=torch.float32)
         return out.unsqueeze(0) if partials else out
+    if w.qtype in LOWBIT_TYPES:  # Q2_K / Q3_K / IQ4_NL / IQ4_XS: their own kernels
+        from llcuda.kernels.quant_lowbit import lowbit_matmul
+
+        return lowbit_matmul(x, w, partials=partials)
     path = matmul_path(x.shape[0], w.n_rows, w.n_cols, bf16=not _use_fp16(x.device))
     if path == "gemv":
         return quant_gemv(x, w, partials=partials)
@@ -1130,7 +1192,10 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> to
 
 
 def uses_gemv(m: int, w: PackedWeight) -> bool:
-    """Whether quant_matmul sends an M-row product with `w` to the decode GEMV."""
+    """Whether quant_matmul sends an M-row product with `w` to the decode GEMV (never for the
+    LOWBIT_TYPES, whose GEMV is quant_lowbit's: no gated epilogue, no pairing)."""
+    if w.qtype in LOWBIT_TYPES:
+        return False
     return matmul_path(m, w.n_rows, w.n_cols, bf16=True) == "gemv"
 
 

@@ -26,6 +26,23 @@ x[32g + p*WPG + k] are again a contiguous run: no shuffles between weight and ac
 
 Sizes equal the raw bytes except Q4_K/Q5_K, whose 12-byte packed 6-bit scales become 16 bytes
 (148/144 and 180/176 bytes per 256 elements, <= 1.03x) so kernels need no 6-bit unpacking.
+
+IQ4_NL is packed as Q4_0 and IQ4_XS as Q4_K's quants (nibble planes of their code-book
+indices): IQ4_NL's sc holds d [N, K/32]; IQ4_XS's sc the int8 scale - 32 per group and d
+[N, K/256] (138 B / 256 against the raw 136, 1.015x). The kernels map the indices through the
+code book per word (quant_matmul._iq4_bytes).
+
+The low-bit types (LOWBIT_TYPES: Q2_K, Q3_K and FIELD_TYPES; kernels in quant_lowbit.py) keep
+the elements of a row in their natural order instead of planes: word i of a row holds elements
+(32 / bits) * i.. in bits ascending (element j of the word at bit bits * j):
+
+    Q2_K    qs uint8 [N, K/4] (2-bit words); sc uint8 [N, K/16] the raw scale byte per 16
+            elements (scale low nibble, min high nibble); d, dmin float16 [N, K/256]. 84 B / 256.
+    Q3_K    qs as Q2_K, the low 2 bits; qh uint8 [N, K/8] (1-bit words: bit j of word i is the
+            3rd bit of element 32i + j); sc int8 [N, K/16] the scale - 32; d float16 [N, K/256].
+            114 B / 256 (raw 110, 1.036x: the 6-bit scales unpacked).
+The IQ1/IQ2/IQ3 grid types, TQ1_0, TQ2_0 and MXFP4 (FIELD_TYPES) keep their raw block fields,
+each field of every block in one row-major array (see FIELD_TYPES), decoded per element.
 `dequantize_packed` is the pure-torch meaning of the layout (and the CPU fallback).
 """
 
@@ -37,6 +54,9 @@ import torch
 
 # GGML type ids (the GGUF file format's numbering, `ggml.h`).
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+Q2_K, Q3_K, IQ4_NL, IQ4_XS = 10, 11, 20, 23
+IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ1_M = 16, 17, 18, 19, 21, 22, 29
+TQ1_0, TQ2_0, MXFP4 = 34, 35, 39
 
 # type id -> (elements per block, bytes per block, name)
 QUANT_BLOCKS: dict[int, tuple[int, int, str]] = {
@@ -51,7 +71,41 @@ QUANT_BLOCKS: dict[int, tuple[int, int, str]] = {
     Q4_K: (256, 144, "Q4_K"),
     Q5_K: (256, 176, "Q5_K"),
     Q6_K: (256, 210, "Q6_K"),
+    Q2_K: (256, 84, "Q2_K"),
+    Q3_K: (256, 110, "Q3_K"),
+    IQ4_NL: (32, 18, "IQ4_NL"),
+    IQ4_XS: (256, 136, "IQ4_XS"),
+    IQ2_XXS: (256, 66, "IQ2_XXS"),
+    IQ2_XS: (256, 74, "IQ2_XS"),
+    IQ2_S: (256, 82, "IQ2_S"),
+    IQ3_XXS: (256, 98, "IQ3_XXS"),
+    IQ3_S: (256, 110, "IQ3_S"),
+    IQ1_S: (256, 50, "IQ1_S"),
+    IQ1_M: (256, 56, "IQ1_M"),
+    TQ1_0: (256, 54, "TQ1_0"),
+    TQ2_0: (256, 66, "TQ2_0"),
+    MXFP4: (32, 17, "MXFP4"),
 }
+# The grid / ternary / MXFP4 types are split into their raw fields, row-major: array name ->
+# (byte offset in the block, bytes per block). "d" becomes float16 [N, blocks]; the rest stay
+# uint8 [N, blocks * bytes]. IQ1_M's d, spread over its scales' top nibbles, is also stored
+# whole (a derived float16 [N, K/256]: 58 B / 256 against the raw 56, 1.036x).
+FIELD_TYPES: dict[int, dict[str, tuple[int, int]]] = {
+    IQ2_XXS: {"d": (0, 2), "qs": (2, 64)},
+    IQ2_XS: {"d": (0, 2), "qs": (2, 64), "sc": (66, 8)},
+    IQ2_S: {"d": (0, 2), "qs": (2, 32), "signs": (34, 32), "qh": (66, 8), "sc": (74, 8)},
+    IQ3_XXS: {"d": (0, 2), "qs": (2, 64), "qh": (66, 32)},
+    IQ3_S: {"d": (0, 2), "qs": (2, 64), "qh": (66, 8), "signs": (74, 32), "sc": (106, 4)},
+    IQ1_S: {"d": (0, 2), "qs": (2, 32), "qh": (34, 16)},
+    IQ1_M: {"qs": (0, 32), "qh": (32, 16), "sc": (48, 8)},
+    TQ1_0: {"qs": (0, 48), "qh": (48, 4), "d": (52, 2)},
+    TQ2_0: {"qs": (0, 64), "d": (64, 2)},
+    MXFP4: {"sc": (0, 1), "qs": (1, 16)},
+}
+# Types packed in natural element order for quant_lowbit's kernels (see the module docstring)
+LOWBIT_TYPES = frozenset({Q2_K, Q3_K, *FIELD_TYPES})
+# IQ4_NL / IQ4_XS code book (llama.cpp kvalues_iq4nl)
+IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 FLOAT_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
 GROUP = 32  # elements per group: the unit every kernel walks K in
 
@@ -76,6 +130,7 @@ class PackedWeight:
     mn: torch.Tensor | None = None
     d: torch.Tensor | None = None
     dmin: torch.Tensor | None = None
+    signs: torch.Tensor | None = None  # IQ2_S / IQ3_S: one sign byte per 8 elements
     # When several weights were fused along N (e.g. ffn_gate | ffn_up): their row counts.
     split_sizes: tuple[int, ...] | None = None
 
@@ -102,7 +157,7 @@ class PackedWeight:
 
     def _arrays(self) -> dict[str, torch.Tensor | None]:
         return {"qs": self.qs, "qh": self.qh, "sc": self.sc, "mn": self.mn, "d": self.d,
-                "dmin": self.dmin}  # fmt: skip
+                "dmin": self.dmin, "signs": self.signs}  # fmt: skip
 
 
 def qtype_id(qtype) -> int:
@@ -198,10 +253,12 @@ def _pack_rows(raw: torch.Tensor, qid: int, n_cols: int) -> dict[str, torch.Tens
     if qid == Q8_0:
         q = b[..., 2:34]  # [n, nb, 32] int8 bit patterns, element order
         return {"qs": _to_planes(q, 8).reshape(n, -1), "sc": _f16_field(b, 0)}
-    if qid in (Q4_0, Q4_1, Q5_0, Q5_1):
-        q, fields = _legacy_values(b, qid)
+    if qid in (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL):  # IQ4_NL: Q4_0's layout, code-book indices
+        q, fields = _legacy_values(b, Q4_0 if qid == IQ4_NL else qid)
         fields["qs"] = _pack_nibble_planes(q)
         return fields
+    if qid == IQ4_XS:
+        return _pack_iq4_xs(b)
     if qid in (Q4_K, Q5_K):
         sc, mn = _kquant_scales(b[..., 4:16])
         out = {"d": _f16_field(b, 0), "dmin": _f16_field(b, 2), "sc": sc, "mn": mn}
@@ -230,7 +287,75 @@ def _pack_rows(raw: torch.Tensor, qid: int, n_cols: int) -> dict[str, torch.Tens
             "sc": b[..., 192:208].contiguous().view(torch.int8).reshape(n, -1),
             "d": _f16_field(b, 208),
         }
+    if qid in LOWBIT_TYPES:
+        return _pack_lowbit(b, qid)
     raise QuantPackError(f"no packer for type {qid}")  # unreachable: qtype_id filters
+
+
+def _bits_to_words(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """v [n, E] values of `bits` bits in element order -> uint8 [n, E * bits / 8]: the bytes of
+    little-endian int32 words holding 32 / bits consecutive elements each, element j at bit
+    bits * j (so byte b holds elements 8 / bits * b.. the same way)."""
+    per_byte = 8 // bits
+    v = v.to(torch.int32).reshape(v.shape[0], -1, per_byte)
+    shifts = torch.arange(0, 8, bits, device=v.device, dtype=torch.int32)
+    return (v << shifts).sum(-1).to(torch.uint8)
+
+
+def _pack_iq4_xs(b: torch.Tensor) -> dict[str, torch.Tensor]:
+    """IQ4_XS blocks [n, nb, 136] -> nibble planes of the code-book indices, the int8 scale - 32
+    per group, d per super-block."""
+    n = b.shape[0]
+    qs = b[..., 8:136].reshape(n, -1, 8, 16)  # sub-block ib: low nibbles 0-15, high 16-31
+    idx = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(n, -1, 32)  # [n, K/32, 32]
+    sh = b[..., 2].to(torch.int32) | (b[..., 3].to(torch.int32) << 8)  # [n, nb]
+    sl = b[..., 4:8].to(torch.int32)
+    lo = torch.stack([sl & 15, sl >> 4], dim=-1).reshape(n, -1, 8)  # [n, nb, 8]
+    hi = (sh[..., None] >> (2 * torch.arange(8, device=b.device))) & 3
+    sc = ((lo | (hi << 4)) - 32).to(torch.int8).reshape(n, -1)
+    return {"qs": _pack_nibble_planes(idx), "sc": sc, "d": _f16_field(b, 0)}
+
+
+def _pack_fields(b: torch.Tensor, qid: int) -> dict[str, torch.Tensor]:
+    """Blocks [n, nb, block_bytes] of a FIELD_TYPES type -> its field arrays."""
+    n = b.shape[0]
+    out = {}
+    for name, (off, size) in FIELD_TYPES[qid].items():
+        if name == "d":
+            out["d"] = _f16_field(b, off)
+        else:
+            out[name] = b[..., off : off + size].reshape(n, -1)
+    if qid == IQ1_M:  # d: nibble k in the top nibble of the k-th u16 of the scales
+        sc = b[..., 48:56].to(torch.int32)
+        u16 = sc[..., 0::2] | (sc[..., 1::2] << 8)  # [n, nb, 4]
+        bits = sum(((u16[..., k] >> 12) & 15) << (4 * k) for k in range(4))
+        out["d"] = torch.where(bits >= 2**15, bits - 2**16, bits).to(torch.int16).view(
+            torch.float16)  # fmt: skip
+    return out
+
+
+def _pack_lowbit(b: torch.Tensor, qid: int) -> dict[str, torch.Tensor]:
+    """Blocks [n, nb, block_bytes] of a LOWBIT_TYPES type -> the natural-order arrays."""
+    n = b.shape[0]
+    if qid in FIELD_TYPES:
+        return _pack_fields(b, qid)
+    # Q2_K / Q3_K: element 128h + 32j + l is bits 2j.. of qs byte 32h + l
+    qs_off = 16 if qid == Q2_K else 32
+    qs = b[..., qs_off : qs_off + 64].reshape(n, -1, 2, 1, 32)
+    shifts = torch.arange(0, 8, 2, device=b.device, dtype=torch.uint8).view(1, 1, 1, 4, 1)
+    low = ((qs >> shifts) & 3).reshape(n, -1)  # [n, K] element order
+    if qid == Q2_K:
+        return {"qs": _bits_to_words(low, 2), "sc": b[..., 0:16].reshape(n, -1),
+                "d": _f16_field(b, 80), "dmin": _f16_field(b, 82)}  # fmt: skip
+    # hmask byte l bit (e // 32) is the 3rd bit of element e = 32 (e // 32) + l
+    hm = b[..., 0:32].reshape(n, -1, 1, 32)
+    bit = (hm >> torch.arange(8, device=b.device, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
+    sc = b[..., 96:108]
+    lo = torch.cat([sc[..., 0:8] & 15, sc[..., 0:8] >> 4], dim=-1)  # [n, nb, 16]
+    hi = (sc[..., 8:12].unsqueeze(-2) >> shifts.view(1, 1, 4, 1)) & 3  # [n, nb, s // 4, s % 4]
+    scales = (lo | (hi.reshape(n, -1, 16) << 4)).to(torch.int8) - 32
+    return {"qs": _bits_to_words(low, 2), "qh": _bits_to_words(bit.reshape(n, -1), 1),
+            "sc": scales.reshape(n, -1), "d": _f16_field(b, 108)}  # fmt: skip
 
 
 def pack_weight(data: torch.Tensor, qtype, n_cols: int) -> PackedWeight:
@@ -306,7 +431,16 @@ def dequantize_packed(w: PackedWeight) -> torch.Tensor:
     if qid == Q8_0:
         q = _from_planes(w.qs.view(torch.int8).reshape(n, -1, 8, 4)).float().view(n, -1, 32)
         return (q * w.sc.float()[..., None]).view(n, k)
+    if qid in LOWBIT_TYPES:
+        return _dequantize_lowbit(w)
     q = _unpack_nibble_planes(w.qs)  # [n, K]
+    if qid in (IQ4_NL, IQ4_XS):
+        kv = torch.tensor(IQ4_KVALUES, dtype=torch.float32, device=w.device)
+        v = kv[q.long()].view(n, -1, 32)  # [n, K/32, 32]
+        if qid == IQ4_NL:
+            return (w.sc.float()[..., None] * v).view(n, k)
+        dl = w.d.float().repeat_interleave(8, dim=1) * w.sc.float()  # [n, K/32]
+        return (dl[..., None] * v).view(n, k)
     if qid in (Q5_0, Q5_1, Q5_K):
         q = q | (_unpack_bit_planes(w.qh) << 4)
     if qid == Q6_K:
@@ -325,3 +459,39 @@ def dequantize_packed(w: PackedWeight) -> torch.Tensor:
         return (q.float() * d + w.mn.float()[..., None]).view(n, k)
     offset = 8 if qid == Q4_0 else 16
     return ((q - offset).float() * d).view(n, k)
+
+
+def _words_to_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of _bits_to_words: uint8 [n, E * bits / 8] -> int32 [n, E] in element order."""
+    shifts = torch.arange(0, 8, bits, device=x.device, dtype=torch.int32)
+    return ((x.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)).reshape(x.shape[0], -1)
+
+
+def raw_blocks(w: PackedWeight) -> torch.Tensor:
+    """The GGUF rows uint8 [N, row_bytes] a FIELD_TYPES weight was packed from."""
+    fields = FIELD_TYPES[w.qtype]
+    nb = w.n_cols // QUANT_BLOCKS[w.qtype][0]
+    parts = []
+    for name, (_, size) in sorted(fields.items(), key=lambda kv: kv[1][0]):
+        t = getattr(w, name)
+        if name == "d":
+            t = t.contiguous().view(torch.uint8)
+        parts.append(t.reshape(w.n_rows, nb, size))
+    return torch.cat(parts, dim=-1).reshape(w.n_rows, -1)
+
+
+def _dequantize_lowbit(w: PackedWeight) -> torch.Tensor:
+    """float32 [N, K] of a LOWBIT_TYPES weight, in gguf-py's operation order (bit-equal)."""
+    n, k, qid = w.n_rows, w.n_cols, w.qtype
+    if qid in FIELD_TYPES:  # the split is lossless: the reference of the raw blocks
+        from llcuda.kernels.dequant_ref import dequantize_ref
+
+        return dequantize_ref(raw_blocks(w), qid)
+    q = _words_to_bits(w.qs, 2).view(n, -1, 16)  # [n, K/16, 16]
+    d16 = w.d.float().repeat_interleave(16, dim=1)  # [n, K/16]
+    if qid == Q2_K:
+        dl = d16 * (w.sc & 15).float()
+        ml = w.dmin.float().repeat_interleave(16, dim=1) * (w.sc >> 4).float()
+        return (dl[..., None] * q.float() - ml[..., None]).view(n, k)
+    q = q + (_words_to_bits(w.qh, 1).view(n, -1, 16) << 2) - 4  # Q3_K: -4..3
+    return ((d16 * w.sc.float())[..., None] * q.float()).view(n, k)
