@@ -43,6 +43,7 @@ _EXTRA_SAMPLING_ARGS = ("min_p", "repeat_penalty", "repeat_last_n", "ignore_eos"
 # load_model(**kwargs) may set these EngineConfig fields beyond the explicit arguments
 _EXTRA_ENGINE_ARGS = (
     "block_size", "device", "seed", "enable_prefix_caching", "num_scheduler_steps", "swa_full",
+    "tensor_parallel_size",
 )
 
 
@@ -93,8 +94,10 @@ class InferenceEngine:
         overrides the pool's size). Extra keyword arguments may set
         EngineConfig's block_size, device ('cpu'/'cuda'), seed, enable_prefix_caching (default
         True: prompts sharing a prefix reuse its KV blocks), num_scheduler_steps (decode steps
-        chained on the GPU per scheduling round; default 16 on a GPU) and swa_full (default
-        False: sliding-window layers keep only the KV blocks their window sees, as llama.cpp).
+        chained on the GPU per scheduling round; default 16 on a GPU), swa_full (default
+        False: sliding-window layers keep only the KV blocks their window sees, as llama.cpp)
+        and tensor_parallel_size (default 1: every layer split over that many processes,
+        one per GPU, or on the CPU with gloo; llcuda/parallel/).
         Bad values raise ValueError naming the argument; a missing or unreadable file raises
         FileNotFoundError / ValueError. A model already loaded is unloaded first.
         """
