@@ -235,6 +235,7 @@ class InferenceEngine:
             "ubatch_size": ec.ubatch_size,
             "gpu_layers": 0 if on_cpu else min(ec.gpu_layers, mc.num_layers + 1),
             "flash_attn": False if on_cpu else ec.flash_attn,
+            "tensor_parallel_size": ec.tensor_parallel_size,
             "chat_template": getattr(template, "name", None) if template.available else None,
             "chat_template_source": template.origin,
             "background_thread": self._loop.is_threaded,

@@ -9,6 +9,7 @@ attn_output and ffn_down inputs of 512 split into whole 256-element blocks).
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 import llcuda.parallel.runner as tp_runner
 import llcuda.runner.model_runner as model_runner
+from llcuda.api import InferenceEngine
 from llcuda.config import EngineConfig
 from llcuda.engine.loader import load
 from llcuda.gguf.constants import GGMLType
@@ -131,7 +133,7 @@ def _run(path: str, tp: int, monkeypatch) -> tuple[list[list[int]], list[torch.T
                           extra={"tp_timeout_s": 60})  # fmt: skip
     loaded = load(path, config, verbose=False)
     try:
-        outs = loaded.llm_engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6))
+        outs = loaded.llm_engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4))
     finally:
         loaded.close()
     monkeypatch.undo()
@@ -143,7 +145,7 @@ def _run(path: str, tp: int, monkeypatch) -> tuple[list[list[int]], list[torch.T
 )
 def test_tp_matches_tp1(twins, twin, sizes, monkeypatch):
     tokens, logprobs = _run(twins[twin], 1, monkeypatch)
-    assert len(logprobs) == 6 and all(len(t) == 6 for t in tokens)
+    assert len(logprobs) == 4 and all(len(t) == 4 for t in tokens)
     for tp in sizes:
         tp_tokens, tp_logprobs = _run(twins[twin], tp, monkeypatch)
         assert tp_tokens == tokens, tp
@@ -154,20 +156,25 @@ def test_tp_matches_tp1(twins, twin, sizes, monkeypatch):
 
 
 def test_worker_death_is_a_clear_error(twins):
-    config = EngineConfig(ctx_size=64, device="cpu", tensor_parallel_size=2,
-                          extra={"tp_timeout_s": 20})  # fmt: skip
-    loaded = load(twins["llama"], config, verbose=False)
+    """Through the public API: load_model(tensor_parallel_size=2), a worker killed mid-life."""
+    engine = InferenceEngine()
+    engine.load_model(twins["llama"], ctx_size=64, device="cpu", tensor_parallel_size=2,
+                      verbose=False)  # fmt: skip
     try:
-        runner = loaded.llm_engine.model_runner
-        (worker,) = runner.workers.processes
+        assert engine.model_info()["tensor_parallel_size"] == 2
+        assert engine.infer("hello", max_tokens=2, temperature=0).success
+        (worker,) = engine._loaded.llm_engine.model_runner.workers.processes
         worker.kill()
         worker.join(10)
-        with pytest.raises(RuntimeError, match=r"rank 1 exited with code -9"):
-            loaded.llm_engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=2))
-        with pytest.raises(RuntimeError, match="shut down"):
-            loaded.llm_engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=2))
+        result = engine.infer("hello", max_tokens=2, temperature=0)
+        assert not result.success
+        assert re.search(r"tensor-parallel step failed: rank 1 exited with code -9",
+                         result.error_message)  # fmt: skip
+        result = engine.infer("hello", max_tokens=2, temperature=0)
+        assert not result.success and "shut down" in result.error_message
     finally:
-        loaded.close()
+        engine.unload_model()
+    assert worker.exitcode is not None
 
 
 def test_a_stalled_worker_times_out(twins):

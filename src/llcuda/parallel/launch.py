@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from llcuda.config import EngineConfig, ModelConfig
 from llcuda.gguf.model_config import model_config_from_gguf
 from llcuda.gguf.reader import GGUFFile
+from llcuda.layers.weight_staging import staging_scope
 from llcuda.models.decoder import DecoderForCausalLM
 from llcuda.models.registry import MODELS
 from llcuda.parallel.group import TensorParallelGroup, create_store
@@ -86,10 +87,14 @@ class RankParts:
 def build_rank(gguf: GGUFFile, model_config: ModelConfig, config: EngineConfig, rank: int,
                port: int, timeout_s: float, store=None, progress=None) -> RankParts:  # fmt: skip
     device = rank_device(config, rank, model_config.num_layers)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the kernels launch on the current device
     plan = shard_plan(gguf, model_config, rank, config.tensor_parallel_size)
     group = TensorParallelGroup(rank, config.tensor_parallel_size, port, device, timeout_s, store)
-    model = TensorParallelDecoder(gguf, plan, group, device, config.ctx_size, config.flash_attn,
-                                  progress)  # fmt: skip
+    # repacking's temporaries come from a pool released after the build (as engine/loader.py)
+    with staging_scope(device if device.type == "cuda" else None):
+        model = TensorParallelDecoder(gguf, plan, group, device, config.ctx_size,
+                                      config.flash_attn, progress)  # fmt: skip
     kv_dtype = torch.float16 if device.type == "cuda" else torch.float32
     return RankParts(model, plan, group, kv_dtype)
 
