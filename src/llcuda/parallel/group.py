@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 
 LOCALHOST = "127.0.0.1"
+# how long a worker waits for rank 0's next step: as long as rank 0 lives (see broadcast_object)
+IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
 def create_store(world_size: int, timeout_s: float) -> dist.TCPStore:
@@ -79,15 +81,20 @@ class TensorParallelGroup:
         self.pg.allgather([parts], [t.contiguous()]).wait(self.timeout)
         return torch.cat(parts, dim=-1)
 
-    def broadcast_object(self, obj: object = None) -> object:
-        """Rank 0's `obj` (pickled: tensors, ints, dataclasses of them) on every rank."""
+    def broadcast_object(self, obj: object = None, idle: bool = False) -> object:
+        """Rank 0's `obj` (pickled: tensors, ints, dataclasses of them) on every rank.
+
+        idle=True (a worker waiting for the next step): no timeout on its arrival, as a server
+        may go hours without a request; a rank 0 that exits or dies closes the connection,
+        which ends the wait with an error (everything after the first message times out)."""
         if self.rank == 0:
             payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
             size = torch.tensor([payload.numel()], dtype=torch.int64)
         else:
             size = torch.zeros(1, dtype=torch.int64)
         size = size.to(self.device)
-        self.pg.broadcast(size, 0).wait(self.timeout)
+        first_timeout = IDLE_TIMEOUT if idle else self.timeout
+        self.pg.broadcast(size, 0, first_timeout).wait(first_timeout)
         if self.rank != 0:
             payload = torch.empty(int(size.item()), dtype=torch.uint8)
         payload = payload.to(self.device)

@@ -52,7 +52,7 @@ def worker_loop(model: TensorParallelDecoder, kv_caches: list[KVCache],
                 group: TensorParallelGroup) -> None:  # fmt: skip
     """A worker rank: run each step rank 0 broadcasts, until it broadcasts None (shutdown)."""
     while True:
-        step = group.broadcast_object()
+        step = group.broadcast_object(idle=True)
         if step is None:
             return
         run_step(model, kv_caches, step)
