@@ -1,9 +1,14 @@
-"""The process group of one tensor-parallel model: its ranks, its collectives, its timeouts.
+"""The process groups of one tensor-parallel model: its ranks, its collectives, its timeouts.
 
-Built from a TCPStore and a ProcessGroupGloo (CPU) or ProcessGroupNCCL (one GPU per rank)
-object directly, not torch.distributed's process-wide default group: several engines (a TP
-model next to a TP=1 one, replicas) can live in one process, and nothing here is global state.
-Every collective waits at most `timeout` (a peer that died or hangs is an error, never a hang).
+Two groups over one TCPStore, as vLLM keeps them: a gloo group on the CPU for the control
+messages (each step's pickled inputs, shutdown), and the device group for the tensors of the
+forward pass (NCCL, one GPU per rank; on the CPU the gloo group serves both). A worker waiting
+for the next step thus waits on a CPU socket, with no NCCL watchdog to kill it when the server
+idles, and a dead peer fails the step's first message at once. Built as ProcessGroupGloo /
+ProcessGroupNCCL objects directly, not torch.distributed's process-wide default group: several
+engines (a TP model next to a TP=1 one, replicas) can live in one process, and nothing here is
+global state. Every collective waits at most `timeout`, but for a worker's wait for the next
+step (see broadcast_object).
 """
 
 from __future__ import annotations
@@ -38,34 +43,46 @@ class TensorParallelGroup:
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self._store = store
-        self._pg = None
+        self._cpu_pg = None  # control messages
+        self._pg = None  # the forward pass's tensors
 
     def connect(self) -> None:
         if self._store is None:
             self._store = dist.TCPStore(LOCALHOST, self.port, self.world_size, is_master=False,
                                         timeout=self.timeout)  # fmt: skip
+        options = dist.ProcessGroupGloo._Options()
+        options._timeout = self.timeout
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=LOCALHOST)]
+        control = dist.PrefixStore("control/", self._store)
+        self._cpu_pg = dist.ProcessGroupGloo(control, self.rank, self.world_size, options)
         if self.backend == "gloo":
-            options = dist.ProcessGroupGloo._Options()
-            options._timeout = self.timeout
-            options._devices = [dist.ProcessGroupGloo.create_device(hostname=LOCALHOST)]
-            self._pg = dist.ProcessGroupGloo(self._store, self.rank, self.world_size, options)
-        else:
-            torch.cuda.set_device(self.device)
-            options = dist.ProcessGroupNCCL.Options()
-            options._timeout = self.timeout
-            self._pg = dist.ProcessGroupNCCL(self._store, self.rank, self.world_size, options)
+            self._pg = self._cpu_pg
+            return
+        torch.cuda.set_device(self.device)
+        nccl_options = dist.ProcessGroupNCCL.Options()
+        nccl_options._timeout = self.timeout
+        self._pg = dist.ProcessGroupNCCL(dist.PrefixStore("nccl/", self._store), self.rank,
+                                         self.world_size, nccl_options)  # fmt: skip
 
     def close(self) -> None:
-        pg, self._pg, self._store = self._pg, None, None
-        shutdown = getattr(pg, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        groups = {id(g): g for g in (self._pg, self._cpu_pg) if g is not None}
+        self._pg = self._cpu_pg = self._store = None
+        for group in groups.values():
+            shutdown = getattr(group, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
 
     @property
     def pg(self):
         if self._pg is None:
             raise RuntimeError("the tensor-parallel group is not connected (connect() first)")
         return self._pg
+
+    @property
+    def cpu_pg(self):
+        if self._cpu_pg is None:
+            raise RuntimeError("the tensor-parallel group is not connected (connect() first)")
+        return self._cpu_pg
 
     # --- collectives (every rank calls each, in the same order) ---------------------------------
 
@@ -92,13 +109,11 @@ class TensorParallelGroup:
             size = torch.tensor([payload.numel()], dtype=torch.int64)
         else:
             size = torch.zeros(1, dtype=torch.int64)
-        size = size.to(self.device)
         first_timeout = IDLE_TIMEOUT if idle else self.timeout
-        self.pg.broadcast(size, 0, first_timeout).wait(first_timeout)
+        self.cpu_pg.broadcast(size, 0, first_timeout).wait(first_timeout)
         if self.rank != 0:
             payload = torch.empty(int(size.item()), dtype=torch.uint8)
-        payload = payload.to(self.device)
-        self.pg.broadcast(payload, 0).wait(self.timeout)
+        self.cpu_pg.broadcast(payload, 0).wait(self.timeout)
         if self.rank == 0:
             return obj
-        return pickle.loads(payload.cpu().numpy().tobytes())
+        return pickle.loads(payload.numpy().tobytes())

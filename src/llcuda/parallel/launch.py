@@ -192,11 +192,13 @@ class WorkerSet:
                 p.join(5.0)
 
 
-def _worker_context():
-    """forkserver where the platform has it: one clean server process that imported torch and
-    llcuda once forks each worker (never the caller, whose threads a fork would not carry), so a
-    worker starts in milliseconds instead of re-importing torch (1.5 s a process); else spawn."""
-    if "forkserver" not in mp.get_all_start_methods():
+def _worker_context(device: torch.device):
+    """On the CPU, forkserver where the platform has it: one clean server process that imported
+    torch and llcuda once forks each worker (never the caller, whose threads a fork would not
+    carry), so a worker starts in milliseconds instead of re-importing torch (1.5 s a process).
+    On GPUs spawn: a process forked after anything touched the CUDA driver cannot use it, and
+    1.5 s is nothing beside loading a shard."""
+    if device.type == "cuda" or "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
@@ -211,9 +213,9 @@ def start_tensor_parallel(gguf: GGUFFile, model_config: ModelConfig, config: Eng
     world = config.tensor_parallel_size
     for rank in range(world):  # every rank's split, before anything starts
         shard_plan(gguf, model_config, rank, world)
-    rank_device(config, 0, model_config.num_layers)
+    device = rank_device(config, 0, model_config.num_layers)
     store = create_store(world, timeout_s)
-    ctx = _worker_context()
+    ctx = _worker_context(device)
     reports = ctx.Queue()
     processes = [
         ctx.Process(target=worker_main, name=f"llcuda-tp-rank{rank}", daemon=True,
