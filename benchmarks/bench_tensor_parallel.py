@@ -75,8 +75,10 @@ def main() -> None:
             rates = llama_bench(args.llama_bench, model, args.n_prompt, args.n_gen, split)
             print(json.dumps({"peer": "llama.cpp", "split_mode": split, **rates}))
             for tp, r in results.items():
-                print(f"llcuda TP {tp} / llama.cpp -sm {split}: pp "
-                      f"{r.pp_tok_s / rates['pp']:.2f}x, tg {r.tg_tok_s / rates['tg']:.2f}x")
+                print(
+                    f"llcuda TP {tp} / llama.cpp -sm {split}: pp "
+                    f"{r.pp_tok_s / rates['pp']:.2f}x, tg {r.tg_tok_s / rates['tg']:.2f}x"
+                )
 
 
 if __name__ == "__main__":
