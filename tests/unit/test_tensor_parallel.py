@@ -1,13 +1,15 @@
 """Tensor parallelism on the CPU (gloo): sharding exact, TP=2/4 equal to TP=1, failures clear.
 
-The twins: llama (4 heads, 1 KV head: KV replicated at TP 2 and 4) and qwen3 (8 heads, 2 KV
-heads: split at TP 2, replicated at TP 4), written in 32-element legacy quant types so that
-their row-parallel layers split at TP 4, and qwen3 in the twins' K-quant mix at TP 2 (its
-attn_output and ffn_down inputs of 512 split into whole 256-element blocks).
+The twins: llama (4 heads, 1 KV head: KV replicated at TP 2 and 4; a vocabulary of 1001 rows
+that no TP size divides) and qwen3 (8 heads, 2 KV heads: split at TP 2, replicated at TP 4),
+written in 32-element legacy quant types so that their row-parallel layers split at TP 4, and
+qwen3 in the twins' K-quant mix at TP 2 (its attn_output and ffn_down inputs of 512 split into
+whole 256-element blocks).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -15,6 +17,7 @@ import time
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType, GGUFWriter
 
 import llcuda.parallel.runner as tp_runner
 import llcuda.runner.model_runner as model_runner
@@ -24,7 +27,7 @@ from llcuda.engine.loader import load
 from llcuda.gguf.constants import GGMLType
 from llcuda.gguf.model_config import model_config_from_gguf
 from llcuda.gguf.reader import GGUFFile
-from llcuda.gguf.twins import write_twin
+from llcuda.gguf.twins import TWINS, gguf_tensors, twin_metadata, write_twin
 from llcuda.layers.quant_tensor import QuantTensor
 from llcuda.parallel.sharding import ShardPlan
 from llcuda.sampling_params import SamplingParams
@@ -33,11 +36,29 @@ LEGACY = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.F16)
 PROMPTS = [[1, 5, 9, 33, 100, 7], [2, 7, 300]]
 
 
+def _write_spec(path, spec, type_cycle) -> str:
+    """write_twin for a spec that is not one of TWINS (the same steps)."""
+    writer = GGUFWriter(path, spec.arch)
+    for key, value, vtype, sub in twin_metadata(spec):
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for name, data, qtype in gguf_tensors(spec, 0, type_cycle):
+        raw = None if qtype in (GGMLType.F32, GGMLType.F16) else GGMLQuantizationType(int(qtype))
+        writer.add_tensor(name, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tp_twins")
+    # a vocabulary of 1001 rows: the embedding and head shards are 501 + 500 rows at TP 2 and
+    # 251 + 251 + 251 + 248 at TP 4 (the last logits shard padded for the gather)
+    llama = dataclasses.replace(TWINS["llama"], vocab_size=1001)
     return {
-        "llama": str(write_twin(root / "llama.gguf", "llama", type_cycle=LEGACY)),
+        "llama": _write_spec(root / "llama.gguf", llama, LEGACY),
         "qwen3": str(write_twin(root / "qwen3.gguf", "qwen3", type_cycle=LEGACY)),
         "qwen3_kquant": str(write_twin(root / "qwen3_k.gguf", "qwen3")),
     }
@@ -93,6 +114,9 @@ def test_kv_heads_split_or_replicated(twins):
     g, plans = _plans(twins["llama"], 4)  # one KV head on every rank
     g.close()
     assert {(p.local_kv_heads, p.first_kv_head) for p in plans} == {(1, 0)}
+    assert [(p.vocab_start, p.vocab_end) for p in plans] == [
+        (0, 251), (251, 502), (502, 753), (753, 1001),
+    ]  # fmt: skip
 
 
 def test_shapes_that_do_not_split_are_named(twins):
