@@ -34,6 +34,7 @@ from llcuda.sampling_params import SamplingParams
 
 LEGACY = (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.F16)
 PROMPTS = [[1, 5, 9, 33, 100, 7], [2, 7, 300]]
+KV_WEIGHTS = ("attn_k.weight", "attn_v.weight", "attn_qkv.weight")  # KV rows may repeat
 
 
 def _write_spec(path, spec, type_cycle) -> str:
@@ -61,6 +62,8 @@ def twins(tmp_path_factory) -> dict[str, str]:
         "llama": _write_spec(root / "llama.gguf", llama, LEGACY),
         "qwen3": str(write_twin(root / "qwen3.gguf", "qwen3", type_cycle=LEGACY)),
         "qwen3_kquant": str(write_twin(root / "qwen3_k.gguf", "qwen3")),
+        # fused attn_qkv [q | k | v] and ffn_up [gate | up]: each rank takes a slice of each part
+        "phi3": str(write_twin(root / "phi3.gguf", "phi3", type_cycle=LEGACY)),
     }
 
 
@@ -73,11 +76,14 @@ def _plans(path: str, tp: int) -> tuple[GGUFFile, list[ShardPlan]]:
 # ------------------------------------------------------------------------ sharding, no processes
 
 
-@pytest.mark.parametrize(("twin", "tp"), [("qwen3_kquant", 2), ("llama", 4), ("qwen3", 4)])
+@pytest.mark.parametrize(
+    ("twin", "tp"), [("qwen3_kquant", 2), ("llama", 4), ("qwen3", 4), ("phi3", 2)]
+)
 def test_shards_reassemble_the_tensor(twins, twin, tp):
     """Every rank's slice, dequantized, is the matching slice of the dequantized whole; the
     column-split ones concatenate back to it."""
     g, plans = _plans(twins[twin], tp)
+    kv_replicated = plans[0].local_kv_heads * tp > plans[0].config.num_kv_heads
     with g:
         for name in g.tensors:
             if name.endswith("norm.weight") or name.endswith(".bias"):
@@ -99,6 +105,10 @@ def test_shards_reassemble_the_tensor(twins, twin, tp):
                 assert torch.equal(part.dequantize(), expected), (name, plan.rank)
             if split.cols is not None:
                 assert torch.equal(torch.cat([p.dequantize() for p in parts], dim=1), full)
+            elif not (kv_replicated and name.endswith(KV_WEIGHTS)):
+                # every row on exactly one rank
+                rows = sorted(r for p in plans for a, b in p.split(name).rows for r in range(a, b))
+                assert rows == list(range(full.shape[0])), name
 
 
 def test_kv_heads_split_or_replicated(twins):
