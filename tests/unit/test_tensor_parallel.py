@@ -103,6 +103,8 @@ def test_shards_reassemble_the_tensor(twins, twin, tp):
                 if s.cols is not None:
                     expected = expected[:, s.cols[0] : s.cols[1]]
                 assert torch.equal(part.dequantize(), expected), (name, plan.rank)
+                # what the GPU memory check counts is what the rank holds
+                assert plan.nbytes(name, g.tensors[name]) == part.nbytes, (name, plan.rank)
             if split.cols is not None:
                 assert torch.equal(torch.cat([p.dequantize() for p in parts], dim=1), full)
             elif not (kv_replicated and name.endswith(KV_WEIGHTS)):

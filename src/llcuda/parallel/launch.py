@@ -21,6 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 from llcuda.config import EngineConfig, ModelConfig
+from llcuda.engine.memory_plan import check_fits, plan_gpu_memory, use_expandable_segments
 from llcuda.gguf.model_config import model_config_from_gguf
 from llcuda.gguf.reader import GGUFFile
 from llcuda.layers.weight_staging import staging_scope
@@ -87,9 +88,11 @@ class RankParts:
 def build_rank(gguf: GGUFFile, model_config: ModelConfig, config: EngineConfig, rank: int,
                port: int, timeout_s: float, store=None, progress=None) -> RankParts:  # fmt: skip
     device = rank_device(config, rank, model_config.num_layers)
+    plan = shard_plan(gguf, model_config, rank, config.tensor_parallel_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the kernels launch on the current device
-    plan = shard_plan(gguf, model_config, rank, config.tensor_parallel_size)
+        use_expandable_segments()  # before the first weight is allocated
+        check_gpu_memory(gguf, plan, config, device)
     group = TensorParallelGroup(rank, config.tensor_parallel_size, port, device, timeout_s, store)
     # repacking's temporaries come from a pool released after the build (as engine/loader.py)
     with staging_scope(device if device.type == "cuda" else None):
@@ -192,6 +195,25 @@ class WorkerSet:
                 p.join(5.0)
 
 
+def rank_weight_bytes(gguf: GGUFFile, plan: ShardPlan) -> int:
+    """Bytes of the GGUF tensors rank `plan.rank` holds on its GPU: all its parts but the
+    embedding, which stays memory-mapped on the host unless the head is tied to it."""
+    on_host = set() if plan.config.tie_word_embeddings else {"token_embd.weight"}
+    return sum(plan.nbytes(name, info) for name, info in gguf.tensors.items()
+               if name not in on_host)  # fmt: skip
+
+
+def check_gpu_memory(gguf: GGUFFile, plan: ShardPlan, config: EngineConfig,
+                     device: torch.device) -> None:  # fmt: skip
+    """This rank's share (its weights, its KV heads' cache, full-vocabulary logits) against its
+    GPU's free memory, before it allocates anything (engine/memory_plan.py). Each rank checks
+    its own GPU: asking about another would open a CUDA context there."""
+    memory = plan_gpu_memory(plan.local_config, config, rank_weight_bytes(gguf, plan),
+                             plan.config.num_layers, head_on_gpu=True)  # fmt: skip
+    free, _total = torch.cuda.mem_get_info(device)
+    check_fits(memory, free, config, f"{device} (tensor-parallel rank {plan.rank})")
+
+
 def _worker_context(device: torch.device):
     """On the CPU, forkserver where the platform has it: one clean server process that imported
     torch and llcuda once forks each worker (never the caller, whose threads a fork would not
@@ -214,6 +236,8 @@ def start_tensor_parallel(gguf: GGUFFile, model_config: ModelConfig, config: Eng
     for rank in range(world):  # every rank's split, before anything starts
         shard_plan(gguf, model_config, rank, world)
     device = rank_device(config, 0, model_config.num_layers)
+    if device.type == "cuda":  # rank 0's GPU before any worker starts; each worker checks its own
+        check_gpu_memory(gguf, shard_plan(gguf, model_config, 0, world), config, device)
     store = create_store(world, timeout_s)
     ctx = _worker_context(device)
     reports = ctx.Queue()

@@ -129,6 +129,20 @@ class ShardPlan:
                 _check_block_boundary(name, GGMLType(info.ggml_type), info.rows_cols[1],
                                       part.cols, self.world_size)  # fmt: skip
 
+    def nbytes(self, name: str, info) -> int:
+        """Bytes of this rank's part of tensor `name` (info: its GGUF tensor info)."""
+        part = self.split(name)
+        if part is None:
+            return info.nbytes
+        kept = sum(b - a for a, b in part.rows) if part.rows is not None else None
+        if len(info.shape) == 1:  # a bias: its elements are the "rows" split
+            return kept * info.nbytes // info.n_elements
+        rows = kept if kept is not None else info.rows_cols[0]
+        if part.cols is None:
+            return rows * info.row_bytes
+        elems, block_bytes = QUANT_SIZES[GGMLType(info.ggml_type)]
+        return rows * (part.cols[1] - part.cols[0]) // elems * block_bytes
+
     # --- the decoder's hooks --------------------------------------------------------------------
 
     def weight(self, name: str, weight: QuantTensor) -> QuantTensor:
