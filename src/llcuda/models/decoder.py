@@ -22,6 +22,8 @@ row-parallel layers (attn_output, ffn_down), so nothing here knows about ranks.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from llcuda.config import ModelConfig
@@ -33,10 +35,19 @@ from llcuda.layers.quant_tensor import QuantTensor, read_float_tensor
 from llcuda.layers.rotary import RotaryEmbedding
 
 
+class WeightShard(Protocol):
+    """This rank's slice of each tensor as the decoder reads it (llcuda/parallel/sharding.py)."""
+
+    def weight(self, name: str, weight: QuantTensor) -> QuantTensor: ...
+
+    def vector(self, name: str, vector: torch.Tensor) -> torch.Tensor: ...
+
+
 class _BlockTensors:
     """blk.{index}.* of one GGUF file, with errors that name the missing tensor."""
 
-    def __init__(self, gguf: GGUFFile, index: int, device: torch.device, shard=None):
+    def __init__(self, gguf: GGUFFile, index: int, device: torch.device,
+                 shard: WeightShard | None = None):  # fmt: skip
         self.gguf, self.prefix, self.device, self.shard = gguf, f"blk.{index}.", device, shard
 
     def has(self, name: str) -> bool:
@@ -61,7 +72,7 @@ class _BlockTensors:
         return vector.to(self.device)
 
 
-def _read_weight(gguf: GGUFFile, name: str, shard) -> QuantTensor:
+def _read_weight(gguf: GGUFFile, name: str, shard: WeightShard | None) -> QuantTensor:
     weight = QuantTensor.from_gguf(gguf, name)
     return weight if shard is None else shard.weight(name, weight)
 
@@ -75,7 +86,7 @@ class DecoderBlock:
         device: torch.device,
         rotary: RotaryEmbedding,
         flash_attn: bool | None,
-        shard=None,
+        shard: WeightShard | None = None,
     ):
         self.config, self.device, self.rotary, self.flash_attn = config, device, rotary, flash_attn
         self.sliding_window = config.sliding_window if config.is_sliding(index) else 0
@@ -164,7 +175,7 @@ class DecoderForCausalLM:
         max_positions: int,
         flash_attn: bool | None = None,
         progress=None,
-        shard=None,
+        shard: WeightShard | None = None,
     ):
         self.config = config
         self.block_devices = block_devices
