@@ -219,11 +219,11 @@ def test_a_stalled_worker_times_out(twins):
     a server idle for longer than that is fine (the workers wait for rank 0's next step as
     long as it lives)."""
     config = EngineConfig(ctx_size=64, device="cpu", tensor_parallel_size=2,
-                          extra={"tp_timeout_s": 1})  # fmt: skip
+                          extra={"tp_timeout_s": 2})  # fmt: skip
     loaded = load(twins["llama"], config, verbose=False)
     (worker,) = loaded.llm_engine.model_runner.workers.processes
     try:
-        time.sleep(2.5)
+        time.sleep(3.0)  # idle past the timeout
         out = loaded.llm_engine.generate([PROMPTS[0]], SamplingParams(temperature=0,
                                                                       max_tokens=2))  # fmt: skip
         assert len(out[0].new_token_ids) == 2 and worker.exitcode is None

@@ -18,6 +18,7 @@ import pickle
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 LOCALHOST = "127.0.0.1"
 # how long a worker waits for rank 0's next step: as long as rank 0 lives (see broadcast_object)
@@ -37,11 +38,14 @@ class TensorParallelGroup:
     `connect()` meets the other ranks (every rank must call it)."""
 
     def __init__(self, rank: int, world_size: int, port: int, device: torch.device,
-                 timeout_s: float, store: dist.TCPStore | None = None):  # fmt: skip
+                 timeout_s: float, store: dist.TCPStore | None = None,
+                 connect_timeout_s: float = 60.0):  # fmt: skip
         self.rank, self.world_size, self.port = rank, world_size, port
         self.device = torch.device(device)
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
-        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.timeout = datetime.timedelta(seconds=timeout_s)  # each collective
+        # meeting the others: rank 0 may see a worker's "ready" a while after it was sent
+        self.connect_timeout = datetime.timedelta(seconds=max(connect_timeout_s, timeout_s))
         self._store = store
         self._cpu_pg = None  # control messages
         self._pg = None  # the forward pass's tensors
@@ -49,9 +53,9 @@ class TensorParallelGroup:
     def connect(self) -> None:
         if self._store is None:
             self._store = dist.TCPStore(LOCALHOST, self.port, self.world_size, is_master=False,
-                                        timeout=self.timeout)  # fmt: skip
+                                        timeout=self.connect_timeout)  # fmt: skip
         options = dist.ProcessGroupGloo._Options()
-        options._timeout = self.timeout
+        options._timeout = self.connect_timeout  # each collective passes its own timeout
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=LOCALHOST)]
         control = dist.PrefixStore("control/", self._store)
         self._cpu_pg = dist.ProcessGroupGloo(control, self.rank, self.world_size, options)
@@ -60,7 +64,7 @@ class TensorParallelGroup:
             return
         torch.cuda.set_device(self.device)
         nccl_options = dist.ProcessGroupNCCL.Options()
-        nccl_options._timeout = self.timeout
+        nccl_options._timeout = self.connect_timeout
         self._pg = dist.ProcessGroupNCCL(dist.PrefixStore("nccl/", self._store), self.rank,
                                          self.world_size, nccl_options)  # fmt: skip
 
@@ -88,14 +92,18 @@ class TensorParallelGroup:
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` over the ranks, in place; returns it."""
-        self.pg.allreduce([t]).wait(self.timeout)
+        options = c10d.AllreduceOptions()
+        options.timeout = self.timeout
+        self.pg.allreduce([t], options).wait(self.timeout)
         return t
 
     def all_gather_cols(self, t: torch.Tensor) -> torch.Tensor:
         """[n, k] on every rank -> [n, world_size * k], rank order. (The logits are gathered
         on every rank rather than on rank 0 alone: NCCL and gloo both have all-gather.)"""
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        self.pg.allgather([parts], [t.contiguous()]).wait(self.timeout)
+        options = c10d.AllgatherOptions()
+        options.timeout = self.timeout
+        self.pg.allgather([parts], [t.contiguous()], options).wait(self.timeout)
         return torch.cat(parts, dim=-1)
 
     def broadcast_object(self, obj: object = None, idle: bool = False) -> object:
@@ -113,7 +121,7 @@ class TensorParallelGroup:
         self.cpu_pg.broadcast(size, 0, first_timeout).wait(first_timeout)
         if self.rank != 0:
             payload = torch.empty(int(size.item()), dtype=torch.uint8)
-        self.cpu_pg.broadcast(payload, 0).wait(self.timeout)
+        self.cpu_pg.broadcast(payload, 0, self.timeout).wait(self.timeout)
         if self.rank == 0:
             return obj
         return pickle.loads(payload.numpy().tobytes())

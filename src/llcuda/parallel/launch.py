@@ -38,6 +38,9 @@ from llcuda.runner.model_runner import ModelRunner
 # (EngineConfig.extra "tp_timeout_s" overrides the latter).
 START_TIMEOUT_S = 600.0
 DEFAULT_TIMEOUT_S = 600.0
+# How long the ranks may take to meet once all are loaded (seconds on a busy host): separate
+# from the collective timeout, which a test may set to a second
+CONNECT_TIMEOUT_S = 60.0
 
 
 def rank_device(config: EngineConfig, rank: int, num_layers: int) -> torch.device:
@@ -93,7 +96,8 @@ def build_rank(gguf: GGUFFile, model_config: ModelConfig, config: EngineConfig, 
         torch.cuda.set_device(device)  # the kernels launch on the current device
         use_expandable_segments()  # before the first weight is allocated
         check_gpu_memory(gguf, plan, config, device)
-    group = TensorParallelGroup(rank, config.tensor_parallel_size, port, device, timeout_s, store)
+    group = TensorParallelGroup(rank, config.tensor_parallel_size, port, device, timeout_s, store,
+                                CONNECT_TIMEOUT_S)  # fmt: skip
     # repacking's temporaries come from a pool released after the build (as engine/loader.py)
     with staging_scope(device if device.type == "cuda" else None):
         model = TensorParallelDecoder(gguf, plan, group, device, config.ctx_size,
@@ -238,7 +242,7 @@ def start_tensor_parallel(gguf: GGUFFile, model_config: ModelConfig, config: Eng
     device = rank_device(config, 0, model_config.num_layers)
     if device.type == "cuda":  # rank 0's GPU before any worker starts; each worker checks its own
         check_gpu_memory(gguf, shard_plan(gguf, model_config, 0, world), config, device)
-    store = create_store(world, timeout_s)
+    store = create_store(world, max(timeout_s, CONNECT_TIMEOUT_S))
     ctx = _worker_context(device)
     reports = ctx.Queue()
     processes = [
