@@ -166,8 +166,10 @@ def _run(path: str, tp: int, monkeypatch) -> tuple[list[list[int]], list[torch.T
         return real(logits, *args)
 
     monkeypatch.setattr(module, "sample", recording_sample)
-    config = EngineConfig(ctx_size=64, n_parallel=2, device="cpu", tensor_parallel_size=tp,
-                          extra={"tp_timeout_s": 60})  # fmt: skip
+    # ubatch 4: the 6-token prompt is fed in two chunks, the first of which samples nothing
+    # (every rank then skips the head alike)
+    config = EngineConfig(ctx_size=64, n_parallel=2, ubatch_size=4, device="cpu",
+                          tensor_parallel_size=tp, extra={"tp_timeout_s": 60})  # fmt: skip
     loaded = load(path, config, verbose=False)
     try:
         outs = loaded.llm_engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4))
@@ -182,7 +184,7 @@ def _run(path: str, tp: int, monkeypatch) -> tuple[list[list[int]], list[torch.T
 )
 def test_tp_matches_tp1(twins, twin, sizes, monkeypatch):
     tokens, logprobs = _run(twins[twin], 1, monkeypatch)
-    assert len(logprobs) == 4 and all(len(t) == 4 for t in tokens)
+    assert len(logprobs) >= 4 and all(len(t) == 4 for t in tokens)
     for tp in sizes:
         tp_tokens, tp_logprobs = _run(twins[twin], tp, monkeypatch)
         assert tp_tokens == tokens, tp
