@@ -166,9 +166,9 @@ def _run(path: str, tp: int, monkeypatch) -> tuple[list[list[int]], list[torch.T
         return real(logits, *args)
 
     monkeypatch.setattr(module, "sample", recording_sample)
-    # ubatch 4: the 6-token prompt is fed in two chunks, the first of which samples nothing
-    # (every rank then skips the head alike)
-    config = EngineConfig(ctx_size=64, n_parallel=2, ubatch_size=4, device="cpu",
+    # ubatch 2: the prompts are fed in chunks of 2, and the first step samples nothing (every
+    # rank then skips the head alike)
+    config = EngineConfig(ctx_size=64, n_parallel=2, ubatch_size=2, device="cpu",
                           tensor_parallel_size=tp, extra={"tp_timeout_s": 60})  # fmt: skip
     loaded = load(path, config, verbose=False)
     try:
