@@ -45,6 +45,7 @@ _EXTRA_SAMPLING_ARGS += ("logprobs",)
 # load_model(**kwargs) may set these EngineConfig fields beyond the explicit arguments
 _EXTRA_ENGINE_ARGS = (
     "block_size", "device", "seed", "enable_prefix_caching", "num_scheduler_steps", "swa_full",
+    "tensor_parallel_size",
 )
 
 
@@ -96,8 +97,10 @@ class InferenceEngine:
         overrides the pool's size). Extra keyword arguments may set
         EngineConfig's block_size, device ('cpu'/'cuda'), seed, enable_prefix_caching (default
         True: prompts sharing a prefix reuse its KV blocks), num_scheduler_steps (decode steps
-        chained on the GPU per scheduling round; default 16 on a GPU) and swa_full (default
-        False: sliding-window layers keep only the KV blocks their window sees, as llama.cpp).
+        chained on the GPU per scheduling round; default 16 on a GPU), swa_full (default
+        False: sliding-window layers keep only the KV blocks their window sees, as llama.cpp)
+        and tensor_parallel_size (default 1: every layer split over that many processes,
+        one per GPU, or on the CPU with gloo; llcuda/parallel/).
         Bad values raise ValueError naming the argument; a missing or unreadable file raises
         FileNotFoundError / ValueError. A model already loaded is unloaded first.
         """
@@ -235,6 +238,7 @@ class InferenceEngine:
             "ubatch_size": ec.ubatch_size,
             "gpu_layers": 0 if on_cpu else min(ec.gpu_layers, mc.num_layers + 1),
             "flash_attn": False if on_cpu else ec.flash_attn,
+            "tensor_parallel_size": ec.tensor_parallel_size,
             "chat_template": getattr(template, "name", None) if template.available else None,
             "chat_template_source": template.origin,
             "background_thread": self._loop.is_threaded,

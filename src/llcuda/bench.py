@@ -97,6 +97,7 @@ def run_bench(
     depth: int = 0,
     device: str | None = None,
     gpu_layers: int = 99,
+    tensor_parallel_size: int = 1,
 ) -> BenchResult:
     if n_prompt < 1 or n_gen < 2 or reps < 1 or depth < 0:
         raise ValueError("bench needs n_prompt >= 1, n_gen >= 2, reps >= 1 and depth >= 0")
@@ -104,6 +105,7 @@ def run_bench(
     config = EngineConfig(
         ctx_size=max(n_prompt, depth) + n_gen + 8, batch_size=budget, ubatch_size=budget,
         n_parallel=1, device=device, gpu_layers=gpu_layers,
+        tensor_parallel_size=tensor_parallel_size,
     )  # fmt: skip
     t0 = time.perf_counter()
     loaded = load(model_path, config, verbose=False)

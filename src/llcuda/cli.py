@@ -89,6 +89,7 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available")  # fmt: skip
     _add_prefix_caching(p)
+    _add_tensor_parallel(p)
     p.add_argument(
         "--chat",
         action="store_true",
@@ -147,6 +148,12 @@ def _add_prefix_caching(p: argparse.ArgumentParser) -> None:
                         "--swa-full); by default they keep what their window sees")  # fmt: skip
 
 
+def _add_tensor_parallel(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split every layer over N processes (one per GPU, cuda:0..N-1; gloo on "
+                        "the CPU), as vLLM's -tp")  # fmt: skip
+
+
 def _add_scheduler_steps(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-scheduler-steps", type=int, default=None, metavar="N",
                    help="decode steps chained on the GPU per scheduling round (vLLM's "
@@ -163,6 +170,8 @@ def _engine_extra(args: argparse.Namespace) -> dict:
         extra["swa_full"] = True
     if getattr(args, "num_scheduler_steps", None) is not None:
         extra["num_scheduler_steps"] = args.num_scheduler_steps
+    if getattr(args, "tensor_parallel_size", 1) != 1:
+        extra["tensor_parallel_size"] = args.tensor_parallel_size
     return extra
 
 
@@ -352,6 +361,7 @@ def _add_bench(subparsers) -> None:
     p.add_argument("-d", "--depth", type=int, default=0, help="tokens already in context for tg")
     p.add_argument("-ngl", "--gpu-layers", type=int, default=99, help="layers on the GPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_tensor_parallel(p)
     p.set_defaults(func=_bench)
 
 
@@ -361,7 +371,7 @@ def _bench(args: argparse.Namespace) -> int:
     path = resolve_model(args.model, verbose=True)
     result = run_bench(
         str(path), args.n_prompt, args.n_gen, args.repetitions, args.depth, args.device,
-        args.gpu_layers,
+        args.gpu_layers, args.tensor_parallel_size,
     )  # fmt: skip
     print(result.markdown())
     return 0
@@ -396,6 +406,11 @@ def _add_serve(subparsers) -> None:
                    help="default: cuda when available")  # fmt: skip
     _add_prefix_caching(p)
     _add_scheduler_steps(p)
+    _add_tensor_parallel(p)
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="load the model N times (replica i on cuda:i, or all on the CPU) behind "
+                        "this one server, each request to the replica with the fewest "
+                        "outstanding requests")  # fmt: skip
     p.add_argument(
         "--chat-template",
         default=None,
@@ -432,12 +447,19 @@ def _serve(args: argparse.Namespace) -> int:
             template = f.read()
     extra = _engine_extra(args)
     api_key = args.api_key if args.api_key is not None else os.environ.get("LLCUDA_API_KEY")
-    with InferenceEngine() as engine:
-        engine.load_model(
-            args.model, gpu_layers=args.gpu_layers, ctx_size=args.ctx_size,
-            batch_size=args.batch_size, ubatch_size=args.ubatch_size, n_parallel=args.n_parallel,
-            chat_template=template, verbose=not args.quiet, **extra,
-        )  # fmt: skip
+    load_kwargs = dict(
+        gpu_layers=args.gpu_layers, ctx_size=args.ctx_size, batch_size=args.batch_size,
+        ubatch_size=args.ubatch_size, n_parallel=args.n_parallel, chat_template=template,
+        verbose=not args.quiet, **extra,
+    )  # fmt: skip
+    if args.replicas != 1:
+        from llcuda.server.replicas import ReplicaSet
+
+        server_engine = ReplicaSet.load(args.model, args.replicas, **load_kwargs)
+    else:
+        server_engine = InferenceEngine()
+        server_engine.load_model(args.model, **load_kwargs)
+    with server_engine as engine:
         if not args.quiet:
             summary = serve_summary(engine.model_info(), engine.memory_report(), args.host,
                                     args.port, api_key is not None)  # fmt: skip
@@ -467,6 +489,9 @@ def serve_summary(info: dict, memory: dict, host: str, port: int, api_key: bool)
         ("listening", f"http://{host}:{port}"),
         ("api key", "on" if api_key else "off (anyone who reaches the port may use it)"),
     ]  # fmt: skip
+    if info.get("replicas", 1) > 1:
+        rows.insert(3, ("replicas", f"{info['replicas']} on {', '.join(info['replica_devices'])}"
+                                    f", each request to the least loaded"))  # fmt: skip
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"llcuda serve: {name + ':':<{width + 1}} {value}" for name, value in rows)
 

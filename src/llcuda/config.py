@@ -112,9 +112,13 @@ class EngineConfig:
     - swa_full: keep the sliding-window layers' cache at full size (llama.cpp `--swa-full`).
       By default those layers keep only the blocks their window can still see, in a pool of
       their own (engine/kv_cache_manager.py): a fraction of the memory at long contexts.
+    - tensor_parallel_size: ranks that split every layer (vLLM's -tp): one process each, the
+      scheduler in this one (llcuda/parallel/). 1 = no tensor parallelism.
     - extra: switches for measuring the engine against itself, all on by default on one GPU:
       "cuda_graphs" (graphs of decode steps and single-sequence prompt chunks), "prefill_graphs"
-      (the latter only; runner/cuda_graphs.py), "warm_up" (the compile workload after load).
+      (the latter only; runner/cuda_graphs.py), "warm_up" (the compile workload after load);
+      and "tp_timeout_s", the longest a tensor-parallel start-up or collective may wait for a
+      rank before it is an error (default 600).
     """
 
     gpu_layers: int = 99
@@ -130,6 +134,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_scheduler_steps: int | None = None
     swa_full: bool = False
+    tensor_parallel_size: int = 1
     extra: dict = field(default_factory=dict)
     # True when n_parallel was automatic (it then holds AUTO_N_PARALLEL)
     n_parallel_auto: bool = field(default=False, init=False)
@@ -151,6 +156,7 @@ class EngineConfig:
                 )
         _check_int("n_parallel", self.n_parallel, 1)
         _check_int("block_size", self.block_size, 1)
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         if self.num_scheduler_steps is not None:
             _check_int("num_scheduler_steps", self.num_scheduler_steps, 1)
         if self.ubatch_size > self.batch_size:

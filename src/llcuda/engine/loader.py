@@ -42,6 +42,9 @@ class LoadedModel:
     memory: dict[str, int] = field(default_factory=dict)  # bytes: weights, kv_cache, ...
 
     def close(self) -> None:
+        shutdown = getattr(self.llm_engine.model_runner, "shutdown", None)
+        if shutdown is not None:  # a tensor-parallel runner's worker processes
+            shutdown()
         self.gguf.close()
 
 
@@ -75,6 +78,7 @@ def load(
     chat_template: str | None = None,
 ) -> LoadedModel:
     gguf = GGUFFile(model_path)
+    runner = None
     try:
         # refuse a bad file here, naming the key or tensor, not at the first request
         model_config = model_config_from_gguf(gguf)
@@ -82,30 +86,40 @@ def load(
         check_tensor_shapes(gguf, model_config)
         tokenizer = Tokenizer.from_metadata(gguf.metadata)
         template = chat_template_from_metadata(gguf.metadata, override=chat_template)
-        block_devices, head_device = choose_devices(config, model_config.num_layers)
         warn_beyond_trained_context(model_config, config)
-        plan = _check_gpu_memory(gguf, model_config, config, block_devices, head_device)
-        check_host_memory(gguf.tensors, model_config, config, block_devices, head_device)
         progress = _progress_bar(verbose, model_config.num_layers + 1, model_path)
-        # repacking's temporaries come from a pool released after the build
-        with staging_scope(_first_gpu(block_devices, head_device)):
-            model = build_model(
-                gguf,
-                model_config,
-                block_devices,
-                head_device,
-                max_positions=config.ctx_size,
-                flash_attn=config.flash_attn,
-                progress=progress.update if progress is not None else None,
-            )
+        update = progress.update if progress is not None else None
+        plan = None
+        if config.tensor_parallel_size > 1:  # every layer split over processes: llcuda/parallel
+            from llcuda.parallel.launch import start_tensor_parallel
+
+            runner = start_tensor_parallel(gguf, model_config, config, update)
+            block_devices, head_device = runner.model.block_devices, runner.device
+        else:
+            block_devices, head_device = choose_devices(config, model_config.num_layers)
+            plan = _check_gpu_memory(gguf, model_config, config, block_devices, head_device)
+            check_host_memory(gguf.tensors, model_config, config, block_devices, head_device)
+            # repacking's temporaries come from a pool released after the build
+            with staging_scope(_first_gpu(block_devices, head_device)):
+                model = build_model(
+                    gguf,
+                    model_config,
+                    block_devices,
+                    head_device,
+                    max_positions=config.ctx_size,
+                    flash_attn=config.flash_attn,
+                    progress=update,
+                )
+            kv_dtype = torch.float16 if head_device.type == "cuda" else torch.float32
+            runner = ModelRunner(model, model_config, config, kv_cache_dtype=kv_dtype)
         if progress is not None:
             progress.close()
-        kv_dtype = torch.float16 if head_device.type == "cuda" else torch.float32
-        runner = ModelRunner(model, model_config, config, kv_cache_dtype=kv_dtype)
         engine = LLMEngine(runner, tokenizer, config)
         if head_device.type == "cuda" and config.extra.get("warm_up", True):
             warm_up(engine, model_config.vocab_size)
     except BaseException:
+        if runner is not None and hasattr(runner, "shutdown"):
+            runner.shutdown()
         gguf.close()
         raise
     memory = {

@@ -13,9 +13,16 @@ Then logits = RMSNorm(x) * output_norm @ W_out (tied to token_embd where the fil
 metadata by gguf/model_config.py) or found in the tensor list, as llama.cpp finds it: a fused
 `attn_qkv` (Phi 3), an `ffn_up` holding [gate | up] with no `ffn_gate` (Phi 3), q/k/v biases.
 Weights keep their GGUF names: `blk.{i}.attn_q.weight` is `layers[i].attn_q...`.
+
+`shard` (tensor parallelism, llcuda/parallel/): an object whose `weight(name, QuantTensor)` and
+`vector(name, tensor)` return this rank's slice of each tensor as it is read; the config then
+holds this rank's head and FFN counts. The all-reduces are added by the caller around the
+row-parallel layers (attn_output, ffn_down), so nothing here knows about ranks.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
@@ -28,11 +35,20 @@ from llcuda.layers.quant_tensor import QuantTensor, read_float_tensor
 from llcuda.layers.rotary import RotaryEmbedding
 
 
+class WeightShard(Protocol):
+    """This rank's slice of each tensor as the decoder reads it (llcuda/parallel/sharding.py)."""
+
+    def weight(self, name: str, weight: QuantTensor) -> QuantTensor: ...
+
+    def vector(self, name: str, vector: torch.Tensor) -> torch.Tensor: ...
+
+
 class _BlockTensors:
     """blk.{index}.* of one GGUF file, with errors that name the missing tensor."""
 
-    def __init__(self, gguf: GGUFFile, index: int, device: torch.device):
-        self.gguf, self.prefix, self.device = gguf, f"blk.{index}.", device
+    def __init__(self, gguf: GGUFFile, index: int, device: torch.device,
+                 shard: WeightShard | None = None):  # fmt: skip
+        self.gguf, self.prefix, self.device, self.shard = gguf, f"blk.{index}.", device, shard
 
     def has(self, name: str) -> bool:
         return self.prefix + name in self.gguf.tensors
@@ -44,11 +60,21 @@ class _BlockTensors:
         return full
 
     def weight(self, name: str) -> QuantTensor:
-        return QuantTensor.from_gguf(self.gguf, self._require(f"{name}.weight"))
+        full = self._require(f"{name}.weight")
+        return _read_weight(self.gguf, full, self.shard)
 
     def vector(self, name: str) -> torch.Tensor:
         """A norm weight or a bias, fp32 on the block's device."""
-        return read_float_tensor(self.gguf, self._require(name)).to(self.device)
+        full = self._require(name)
+        vector = read_float_tensor(self.gguf, full)
+        if self.shard is not None:
+            vector = self.shard.vector(full, vector)
+        return vector.to(self.device)
+
+
+def _read_weight(gguf: GGUFFile, name: str, shard: WeightShard | None) -> QuantTensor:
+    weight = QuantTensor.from_gguf(gguf, name)
+    return weight if shard is None else shard.weight(name, weight)
 
 
 class DecoderBlock:
@@ -60,10 +86,11 @@ class DecoderBlock:
         device: torch.device,
         rotary: RotaryEmbedding,
         flash_attn: bool | None,
+        shard: WeightShard | None = None,
     ):
         self.config, self.device, self.rotary, self.flash_attn = config, device, rotary, flash_attn
         self.sliding_window = config.sliding_window if config.is_sliding(index) else 0
-        t = _BlockTensors(gguf, index, device)
+        t = _BlockTensors(gguf, index, device, shard)
 
         self.attn_norm = t.vector("attn_norm.weight")
         # q|k|v read the same input: one matmul where their quant types agree. Q4_K_M gives v
@@ -148,6 +175,7 @@ class DecoderForCausalLM:
         max_positions: int,
         flash_attn: bool | None = None,
         progress=None,
+        shard: WeightShard | None = None,
     ):
         self.config = config
         self.block_devices = block_devices
@@ -166,15 +194,17 @@ class DecoderForCausalLM:
                 rotaries[key] = RotaryEmbedding(
                     rope_dim, max_positions, base, scale, device, freq_factors=factors
                 )
-            self.layers.append(DecoderBlock(gguf, config, i, device, rotaries[key], flash_attn))
+            self.layers.append(
+                DecoderBlock(gguf, config, i, device, rotaries[key], flash_attn, shard)
+            )
             if progress is not None:
                 progress(1)
         head_name = "token_embd.weight" if config.tie_word_embeddings else "output.weight"
-        self.output = QuantLinear(QuantTensor.from_gguf(gguf, head_name), head_device)
+        self.output = QuantLinear(_read_weight(gguf, head_name, shard), head_device)
         # Embedding rows: from the tied head's copy when it sits on the first block's device (one
         # gather kernel; a 512-token prompt costs ~15 ms dequantized on the CPU), otherwise from
         # the memory-mapped blocks on the CPU, as llama.cpp does for partial offload.
-        self.token_embd: object = QuantTensor.from_gguf(gguf, "token_embd.weight")
+        self.token_embd: object = _read_weight(gguf, "token_embd.weight", shard)
         if config.tie_word_embeddings and head_device.type != "cpu" and (
             block_devices[0] == head_device
         ):

@@ -40,7 +40,7 @@ from llcuda import openai_format
 from llcuda.api import InferenceEngine
 from llcuda.logprobs_format import ChunkLogprobs, chat_logprobs, completion_logprobs
 from llcuda.server import schemas
-from llcuda.server.metrics import ServerMetrics, engine_counters, engine_gauges
+from llcuda.server.metrics import ServerMetrics, engine_counters, engine_gauges, vllm_gauges
 from llcuda.server.middleware import APIKeyMiddleware, ServerErrorMiddleware
 from llcuda.server.request_log import RequestLogMiddleware, log_to_stderr, logger, record_of
 from llcuda.server.schemas import APIError, GenerateRequest, bad
@@ -134,8 +134,10 @@ class ServerState:
     def __init__(self, engine: InferenceEngine, api_key: str | None, model_name: str | None):
         info = engine.model_info()
         self.engine = engine
-        # the engine's internals, for /metrics gauges and EOS-vs-stop-word only; never stepped here
-        self.llm_engine = engine._loaded.llm_engine
+        # the engine's internals, for /metrics gauges and EOS-vs-stop-word only; never stepped
+        # here. A ReplicaSet (server/replicas.py) has one per replica.
+        self.llm_engines = getattr(engine, "llm_engines", None) or [engine._loaded.llm_engine]
+        self.llm_engine = self.llm_engines[0]
         self.ctx_size: int = info["ctx_size"]
         self.vocab_size: int = info["vocab_size"]
         self.model_name = model_name or os.path.basename(info["path"] or "model")
@@ -176,7 +178,8 @@ class ServerState:
 
 def create_app(engine: InferenceEngine, api_key: str | None = None,
                model_name: str | None = None) -> FastAPI:  # fmt: skip
-    """The ASGI app over a loaded `engine` (which stays the caller's to unload)."""
+    """The ASGI app over a loaded `engine` (which stays the caller's to unload), or over a
+    ReplicaSet of engines (server/replicas.py)."""
     state = ServerState(engine, api_key, model_name)
 
     async def lifespan(app: FastAPI):
@@ -269,8 +272,9 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        gauges = engine_gauges(state.llm_engine, lambda: len(state.active))
-        text = state.metrics.render(gauges, engine_counters(state.llm_engine))
+        gauges = engine_gauges(state.llm_engines, lambda: len(state.active))
+        text = state.metrics.render(gauges, engine_counters(state.llm_engines))
+        text += vllm_gauges(state.llm_engines, state.model_name)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     # --- llama-server -----------------------------------------------------------------------------

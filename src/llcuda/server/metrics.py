@@ -112,36 +112,76 @@ def _counter(name: str, help_text: str, value: float) -> list[str]:
     return [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
 
 
-def engine_gauges(llm_engine: object, in_flight: Callable[[], int]) -> dict[str, tuple[str, float]]:
-    """KV cache use and queue lengths, read from the engine without its lock: a gauge may be one
-    step stale, never wrong by more."""
-    bm = llm_engine.block_manager  # type: ignore[attr-defined]
-    used = bm.num_used_blocks
+def _engines(llm_engines: object) -> list:
+    """One LLMEngine or the replicas' list (server/replicas.py): the gauges are their totals."""
+    return list(llm_engines) if isinstance(llm_engines, (list, tuple)) else [llm_engines]
+
+
+def engine_gauges(llm_engines: object, in_flight: Callable[[], int]
+                  ) -> dict[str, tuple[str, float]]:  # fmt: skip
+    """KV cache use and queue lengths, read from the engine(s) without their locks: a gauge may
+    be one step stale, never wrong by more. Summed over replicas."""
+    engines = _engines(llm_engines)
+    bms = [e.block_manager for e in engines]
+    used = sum(bm.num_used_blocks for bm in bms)
+    total = sum(bm.num_blocks for bm in bms)
+    queried = sum(bm.prefix_cache_stats.num_queried_tokens for bm in bms)
+    hits = sum(bm.prefix_cache_stats.num_hit_tokens for bm in bms)
     return {
         "llcuda_kv_cache_usage_ratio": ("Fraction of KV blocks held by live requests.",
-                                        used / bm.num_blocks),
+                                        used / total),
         "llcuda_kv_cache_blocks_used": ("KV blocks held by live requests.", used),
-        "llcuda_kv_cache_blocks_total": ("KV blocks in the cache.", bm.num_blocks),
+        "llcuda_kv_cache_blocks_total": ("KV blocks in the cache.", total),
         "llcuda_prefix_cache_blocks": ("KV blocks findable by prefix hash (held or free; the "
-                                       "free ones are evicted on demand).", bm.num_cached_blocks),
+                                       "free ones are evicted on demand).",
+                                       sum(bm.num_cached_blocks for bm in bms)),
         "llcuda_prefix_cache_hit_ratio": ("Prompt tokens found in the prefix cache / tokens "
                                           "looked up, since start.",
-                                          bm.prefix_cache_stats.hit_rate),
+                                          hits / queried if queried else 0.0),
         "llcuda_num_requests_running": ("Requests in the running batch.",
-                                        llm_engine.num_running),  # type: ignore[attr-defined]
+                                        sum(e.num_running for e in engines)),
         "llcuda_num_requests_waiting": ("Requests queued for admission.",
-                                        llm_engine.num_waiting),  # type: ignore[attr-defined]
+                                        sum(e.num_waiting for e in engines)),
         "llcuda_http_requests_in_flight": ("Generation requests the server is answering.",
                                            in_flight()),
     }  # fmt: skip
 
 
-def engine_counters(llm_engine: object) -> dict[str, tuple[str, float]]:
+def engine_counters(llm_engines: object) -> dict[str, tuple[str, float]]:
     """Prefix-cache lookups since start, in tokens (vLLM's prefix_cache_queries / _hits)."""
-    stats = llm_engine.block_manager.prefix_cache_stats  # type: ignore[attr-defined]
+    stats = [e.block_manager.prefix_cache_stats for e in _engines(llm_engines)]
     return {
         "llcuda_prefix_cache_queries_total": ("Tokens looked up in the prefix cache on admission.",
-                                              stats.num_queried_tokens),
+                                              sum(s.num_queried_tokens for s in stats)),
         "llcuda_prefix_cache_hits_total": ("Tokens the prefix cache held (not computed again).",
-                                           stats.num_hit_tokens),
+                                           sum(s.num_hit_tokens for s in stats)),
     }  # fmt: skip
+
+
+def vllm_gauges(llm_engines: object, model_name: str) -> str:
+    """vLLM's queue and KV gauges under vLLM's own names and `model_name` label, the ones
+    Kubernetes inference routing scrapes from each server to pick the least loaded (the Gateway
+    API inference extension's endpoint picker, llm-d): vllm:num_requests_running,
+    vllm:num_requests_waiting, vllm:kv_cache_usage_perc (a fraction, 0-1, as vLLM reports it)
+    and its older name vllm:gpu_cache_usage_perc. Totals over the replicas."""
+    gauges = engine_gauges(llm_engines, lambda: 0)
+    usage = gauges["llcuda_kv_cache_usage_ratio"][1]
+    label = '{model_name="' + _escape_label(model_name) + '"}'
+    series = [
+        ("vllm:num_requests_running", "Requests in the running batch.",
+         gauges["llcuda_num_requests_running"][1]),
+        ("vllm:num_requests_waiting", "Requests queued for admission.",
+         gauges["llcuda_num_requests_waiting"][1]),
+        ("vllm:kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent.", usage),
+        ("vllm:gpu_cache_usage_perc", "KV-cache usage: 1 means 100 percent (vLLM's older "
+         "name).", usage),
+    ]  # fmt: skip
+    lines = []
+    for name, help_text, value in series:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name}{label} {value}"]
+    return "\n".join(lines) + "\n"
+
+
+def _escape_label(value: str) -> str:
+    """Prometheus label value escaping: backslash, double quote, newline."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
