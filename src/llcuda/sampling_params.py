@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llcuda.structured.constraint import StructuredOutput
 
 # llama.cpp's default temperature (common_params_sampling.temp, llama-server's and llama-cli's
 # `--temp`): InferenceEngine's methods, `llcuda generate` and the server's /completion use it
@@ -31,6 +35,8 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # structured output: the output must match this JSON schema / grammar (llcuda.structured)
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +59,18 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        self._check_structured()
+
+    def _check_structured(self) -> None:
+        if self.structured is None:
+            return
+        from llcuda.structured.constraint import StructuredOutput
+
+        if not isinstance(self.structured, StructuredOutput):
+            raise ValueError(
+                f"structured must be a llcuda.structured.StructuredOutput, got "
+                f"{type(self.structured).__name__}"
+            )
 
     @property
     def greedy(self) -> bool:

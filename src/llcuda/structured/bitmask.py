@@ -1,0 +1,68 @@
+"""Token bitmasks: filled on the host by llguidance, applied to the logits on the device.
+
+A bitmask row holds one bit per token (32 per int32 word, token t in word t // 32, bit t % 32),
+1 where the grammar allows the token. Only the constrained rows of a batch get one; the others'
+logits are left alone, so constrained and free requests share the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from llguidance import LLExecutor
+
+from llcuda.structured.grammar_state import GrammarState
+
+_executor: LLExecutor | None = None
+
+
+@dataclass
+class TokenBitmask:
+    """The masks of a batch's constrained rows."""
+
+    rows: torch.Tensor  # [num_constrained] int64: which logit rows
+    words: torch.Tensor  # [num_constrained, ceil(vocab / 32)] int32
+
+
+def fill_bitmask(
+    states: Sequence[GrammarState | None], device: torch.device
+) -> TokenBitmask | None:
+    """The next-token masks of the rows whose state is not None (None if no row has one).
+
+    Computed on the host, the rows in parallel on llguidance's threads (the GIL released); called
+    after the step's forward pass is queued, so on a GPU it overlaps the forward pass. Copied to
+    `device` without blocking the host.
+    """
+    rows = [i for i, s in enumerate(states) if s is not None]
+    if not rows:
+        return None
+    global _executor
+    if _executor is None:
+        _executor = LLExecutor()
+    num_words = (states[rows[0]].vocab_size + 31) // 32
+    pinned = device.type == "cuda"
+    words = torch.zeros(len(rows), num_words, dtype=torch.int32, pin_memory=pinned)
+    matchers = [(states[r].matcher, k) for k, r in enumerate(rows)]
+    _executor.unsafe_compute_mask_ptr(matchers, words.data_ptr(), num_words * 4, len(rows))
+    return TokenBitmask(
+        rows=torch.tensor(rows, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=True),
+        words=words.to(device, non_blocking=True),
+    )
+
+
+def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> torch.Tensor:
+    """`logits` [num_seqs, vocab] with every token a row's mask forbids set to -inf (a new
+    tensor; the caller's logits are not written). Columns past the mask's words (a model head
+    wider than the vocabulary) are forbidden too."""
+    n, num_words = mask.words.shape
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)  # [32]
+    # [n, num_words, 32] -> [n, num_words * 32]: bit b of word w is token 32 * w + b
+    allowed = ((mask.words.unsqueeze(-1) >> shifts) & 1).view(n, num_words * 32).bool()
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    rows = logits.index_select(0, mask.rows)  # [n, vocab]
+    rows = rows.masked_fill(~allowed[:, :vocab], float("-inf"))
+    return logits.index_copy(0, mask.rows, rows)
