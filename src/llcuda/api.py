@@ -624,7 +624,10 @@ def _pop_tools(kwargs: dict) -> Any:
     tools, choice = kwargs.pop("tools", None), kwargs.pop("tool_choice", None)
     if tools is None and choice is None:
         return None
-    from llcuda.structured.tool_calls import check_tools
+    from llcuda.structured.tool_calls import ToolSpec, check_tools
+
+    if isinstance(tools, ToolSpec) and choice is None:  # checked already (the server's)
+        return tools
 
     return check_tools(tools, choice)
 

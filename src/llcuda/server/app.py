@@ -241,6 +241,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         req = schemas.parse_chat(await body_of(request), state.ctx_size)
         pump = submit(req, "chat", request)
         fmt = _OpenAIFormat("chat.completion", state.model_name, req.return_tokens)
+        fmt.tool_stream = _tool_stream(engine, req)
         if req.stream:
             return _sse(pump, fmt.stream_chat(pump, req.include_usage))
         text = await _collect(pump, request)
@@ -295,6 +296,15 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         return {"content": engine.detokenize(tokens)}
 
     return app
+
+
+def _tool_stream(engine: InferenceEngine, req: GenerateRequest) -> Any:
+    """The tool-call parser of a chat request with tools (tool_choice not "none"), else None."""
+    if req.tools is None or req.tools.choice == "none":
+        return None
+    from llcuda.structured.tool_calls import ToolCallStream
+
+    return ToolCallStream(engine._tool_format(), req.tools.names)
 
 
 def _engine_param(message: str, req: GenerateRequest) -> str | None:
@@ -398,6 +408,7 @@ class _OpenAIFormat:
 
     def __init__(self, kind: str, model: str, return_tokens: bool = False) -> None:
         prefix = "cmpl" if kind == "text_completion" else "chatcmpl"
+        self.tool_stream: Any = None  # a chat with tools: its ToolCallStream
         self.kind = kind
         self.return_tokens = return_tokens
         self.header = {"id": f"{prefix}-{os.urandom(12).hex()}", "created": int(time.time()),
@@ -410,8 +421,16 @@ class _OpenAIFormat:
                 "usage": _usage(stream), **self._extras(stream)}  # fmt: skip
 
     def chat(self, stream: TextStream, text: str) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": stream.result.finish_reason}  # fmt: skip
+        message = {"role": "assistant", "content": text}
+        finish_reason = stream.result.finish_reason
+        if self.tool_stream is not None:
+            self.tool_stream.feed(text)
+            content, calls = self.tool_stream.finish()
+            if calls:
+                message = {"role": "assistant", "content": content or None, "tool_calls": calls}
+                finish_reason = "tool_calls"
+        choice = {"index": 0, "message": message, "logprobs": None,
+                  "finish_reason": finish_reason}  # fmt: skip
         return {**self.header, "object": "chat.completion", "choices": [choice],
                 "usage": _usage(stream), **self._extras(stream)}  # fmt: skip
 
@@ -439,9 +458,22 @@ class _OpenAIFormat:
         obj = "chat.completion.chunk"
         yield self._chunk(obj, {"delta": {"role": "assistant", "content": ""}}, None)
         event = _PieceEvent(self._chunk(obj, {"delta": {"content": _PieceEvent.SLOT}}, None))
+        tools = self.tool_stream
         async for piece in pump.pieces():
-            yield event(piece)
-        end = self._chunk(obj, {"delta": {}}, pump.stream.result.finish_reason)
+            if tools is not None:
+                piece = tools.feed(piece)  # what may be a tool call is held back
+            if piece:
+                yield event(piece)
+        finish_reason = pump.stream.result.finish_reason
+        if tools is not None:
+            content, calls = tools.finish()
+            if content:
+                yield event(content)
+            if calls:
+                deltas = openai_format.tool_call_deltas(calls)
+                yield self._chunk(obj, {"delta": {"tool_calls": deltas}}, None)
+                finish_reason = "tool_calls"
+        end = self._chunk(obj, {"delta": {}}, finish_reason)
         yield {**end, **self._extras(pump.stream)}
         if include_usage:
             yield {**self.header, "object": obj, "choices": [], "usage": _usage(pump.stream)}

@@ -281,6 +281,7 @@ class GenerateRequest:
     include_usage: bool = False
     return_tokens: bool = False  # llama-server's: the generated token ids in the answer
     extra: dict = field(default_factory=dict)
+    tools: Any = None  # chat: the checked tools / tool_choice (llcuda.structured ToolSpec)
 
 
 def _sampling(body: dict, ctx_size: int, max_name: str, defaults: dict) -> dict:
@@ -339,7 +340,8 @@ def parse_completion(body: dict, ctx_size: int) -> GenerateRequest:
         raise bad("'logprobs' is not supported", "logprobs")
     stream = get_bool(body, "stream", False)
     return GenerateRequest(
-        sampling=_sampling(body, ctx_size, "max_tokens", _OPENAI_DEFAULTS),
+        sampling={**_sampling(body, ctx_size, "max_tokens", _OPENAI_DEFAULTS),
+                  **get_constraint(body, ("response_format",))},
         stream=stream,
         prompt=prompt,
         echo=get_bool(body, "echo", False),
@@ -359,12 +361,16 @@ def parse_chat(body: dict, ctx_size: int) -> GenerateRequest:
         raise bad("'logprobs' is not supported", "logprobs")
     stream = get_bool(body, "stream", False)
     defaults = {**_OPENAI_DEFAULTS, "max_aliases": ("max_completion_tokens",)}
+    tools = get_tools(body)
     return GenerateRequest(
-        sampling=_sampling(body, ctx_size, "max_tokens", defaults),
+        sampling={**_sampling(body, ctx_size, "max_tokens", defaults),
+                  **get_constraint(body, ("response_format",)),
+                  **({"tools": tools} if tools is not None else {})},
         stream=stream,
         messages=messages,
         include_usage=_stream_options(body, stream),
         return_tokens=get_bool(body, "return_tokens", False),
+        tools=tools,
     )
 
 
@@ -372,11 +378,47 @@ def parse_llama_completion(body: dict, ctx_size: int) -> GenerateRequest:
     """POST /completion (llama-server): n_predict -1 = until ctx or EOS; its defaults."""
     defaults = {"max_tokens": None, "temperature": 0.8, "top_p": 0.95}
     return GenerateRequest(
-        sampling=_sampling(body, ctx_size, "n_predict", defaults),
+        sampling={**_sampling(body, ctx_size, "n_predict", defaults),
+                  **get_constraint(body, ("grammar", "json_schema", "response_format"))},
         stream=get_bool(body, "stream", False),
         prompt=get_prompt(body),
         return_tokens=get_bool(body, "return_tokens", False),
     )
+
+
+# --- structured output and tools ------------------------------------------------------------------
+
+
+def get_constraint(body: dict, names: tuple[str, ...]) -> dict:
+    """{"structured": StructuredOutput} from the body's constraint fields among `names` (OpenAI's
+    response_format; llama-server's grammar / json_schema), or {}; a 400 naming the field."""
+    from llcuda.structured.request_args import constraint_from_args
+
+    given = {n: body[n] for n in names if body.get(n) is not None}
+    if not given:
+        return {}
+    if "grammar" in given and given["grammar"] == "":
+        return {}  # llama-server sends an empty grammar for "none"
+    try:
+        constraint = constraint_from_args(**given)
+    except ValueError as exc:
+        raise bad(str(exc), next(iter(n for n in names if str(exc).startswith(n)), None)) from None
+    return {"structured": constraint} if constraint is not None else {}
+
+
+def get_tools(body: dict) -> Any:
+    """The checked tools / tool_choice of a chat body (a ToolSpec), or None; a 400 naming the
+    field."""
+    from llcuda.structured.tool_calls import check_tools
+
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None and choice is None:
+        return None
+    try:
+        return check_tools(tools, choice)
+    except ValueError as exc:
+        raise bad(str(exc), "tool_choice" if str(exc).startswith("tool_choice") else "tools"
+                  ) from None  # fmt: skip
 
 
 def parse_tokenize(body: dict) -> tuple[str, bool, bool]:
