@@ -37,6 +37,11 @@ def test_qwen_broken_call_stays_content():
     assert parse_tool_calls(text, "qwen") == (text, [])
 
 
+def test_qwen_without_markers_falls_back_to_json():
+    content, calls = parse_tool_calls('{"name": "f", "arguments": {"a": 1}}', "qwen")
+    assert content is None and _calls(calls) == [("f", {"a": 1})]
+
+
 def test_llama3_json_calls_with_parameters_and_semicolons():
     text = (' {"name": "get_weather", "parameters": {"city": "Oslo"}};'
             ' {"name": "f", "parameters": {}}')

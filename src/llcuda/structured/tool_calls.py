@@ -136,8 +136,8 @@ def parse_tool_calls(text: str, fmt: str, names: Sequence[str] | None = None
             if call is not None:
                 calls.append(call)
                 spans.append(m.span())
-        if not calls:
-            return text, []
+        if not calls:  # a model that left the markers out: a bare JSON call, as "json"
+            return parse_tool_calls(text, "json", names)
         content, last = [], 0
         for start, end in spans:
             content.append(text[last:start])
