@@ -209,6 +209,12 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
             raise APIError(503, "the server is shutting down", "unavailable_error")
         return schemas.parse_json_body(await request.body())
 
+    async def grammar_ready(req: GenerateRequest) -> None:
+        """The first constrained request builds the vocabulary's grammar tables (~2 s for 262k
+        tokens): on a worker thread, not the event loop every stream shares."""
+        if "structured" in req.sampling or req.tools is not None:
+            await asyncio.to_thread(state.llm_engine._compiler)
+
     def submit(req: GenerateRequest, endpoint: str, request: Request) -> _Pump:
         try:
             if req.messages is not None:
@@ -228,6 +234,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = schemas.parse_completion(await body_of(request), state.ctx_size)
+        await grammar_ready(req)
         pump = submit(req, "completions", request)
         prefix = req.prompt if req.echo else ""
         fmt = _OpenAIFormat("text_completion", state.model_name, req.return_tokens)
@@ -239,6 +246,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = schemas.parse_chat(await body_of(request), state.ctx_size)
+        await grammar_ready(req)
         pump = submit(req, "chat", request)
         fmt = _OpenAIFormat("chat.completion", state.model_name, req.return_tokens)
         fmt.tool_stream = _tool_stream(engine, req)
@@ -278,6 +286,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
     @app.post("/completion")
     async def llama_completion(request: Request):
         req = schemas.parse_llama_completion(await body_of(request), state.ctx_size)
+        await grammar_ready(req)
         pump = submit(req, "completion", request)
         final = _LlamaFormat(state, req)
         if req.stream:
