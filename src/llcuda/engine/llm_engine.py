@@ -179,7 +179,9 @@ class LLMEngine:
                 f"(at least one token must be left to generate)"
             )
         if params.structured is not None:
-            self._compiler()  # the vocabulary's first build (~2 s at 262k) off the engine thread
+            # a grammar this vocabulary cannot take is refused here, not on the engine thread;
+            # the first call builds the vocabulary's tables (~2 s at 262k tokens)
+            self._compiler().new_state(params.structured)
 
     def add_request(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 from llguidance import LLMatcher, LLTokenizer
@@ -40,26 +41,28 @@ class GrammarCompiler:
 
     llguidance builds its lexer lazily, so a new matcher is cheap (~1 ms on Gemma's vocabulary
     for a 4-property schema); a copy of a kept one skips even that for the common case of many
-    requests with one schema.
+    requests with one schema. Thread-safe: the engine's check_request runs on callers' threads.
     """
 
     def __init__(self, tokenizer: LLTokenizer, max_cached: int = 64) -> None:
         self.tokenizer = tokenizer
         self.max_cached = max_cached
         self._cache: OrderedDict[str, LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()
 
     def new_state(self, constraint: StructuredOutput) -> GrammarState:
         """A GrammarState at the start of `constraint`'s grammar; ValueError if the grammar
         cannot be built for this vocabulary."""
         key = constraint.grammar
-        template = self._cache.get(key)
-        if template is None:
-            template = LLMatcher(self.tokenizer, key, log_level=0)
-            if template.is_error():
-                raise ValueError(f"{constraint.kind} cannot be used: {template.get_error()}")
-            self._cache[key] = template
-            if len(self._cache) > self.max_cached:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
-        return GrammarState(template.deep_copy(), self.tokenizer.vocab_size)
+        with self._lock:
+            template = self._cache.get(key)
+            if template is None:
+                template = LLMatcher(self.tokenizer, key, log_level=0)
+                if template.is_error():
+                    raise ValueError(f"{constraint.kind} cannot be used: {template.get_error()}")
+                self._cache[key] = template
+                if len(self._cache) > self.max_cached:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
+            return GrammarState(template.deep_copy(), self.tokenizer.vocab_size)
