@@ -41,6 +41,10 @@ def test_apply_token_bitmask_matches_the_bits():
     for row in (0, 2, 4):  # free rows untouched
         assert torch.equal(out[row], logits[row])
     assert not torch.equal(out, logits)
+    # a head wider than the mask's words (64 tokens here): the columns past them are forbidden
+    everything = TokenBitmask(torch.tensor([0]), torch.full((1, 2), -1, dtype=torch.int32))
+    out = apply_token_bitmask(logits, everything)
+    assert torch.equal(out[0, :64], logits[0, :64]) and bool(torch.isinf(out[0, 64:]).all())
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
