@@ -524,7 +524,7 @@ class InferenceEngine:
         messages = _check_messages(messages)
         template = loaded.chat_template
         render_args: dict = {}
-        if tools is not None:
+        if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
             from llcuda.structured.tool_calls import chat_with_tools
 
             messages, render_args = chat_with_tools(getattr(template, "source", ""), messages,

@@ -95,3 +95,25 @@ def test_required_choice_builds_a_grammar_in_each_format():
         c = tool_constraint(spec, fmt)
         assert "get_weather" in c.grammar
     assert tool_constraint(check_tools([WEATHER], "auto"), "json") is None
+
+
+def test_tool_history_becomes_plain_turns_for_a_template_without_tools():
+    from llcuda.structured.tool_calls import chat_with_tools
+
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
+    history = [{"role": "user", "content": "weather?"},
+               {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "c1", "content": "18 C"},
+               {"role": "tool", "tool_call_id": "c2", "content": "windy"}]  # fmt: skip
+    messages, kwargs = chat_with_tools("<start_of_turn>", history, check_tools([WEATHER]))
+    assert kwargs == {}
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert "get_weather" in messages[0]["content"]
+    assert json.loads(messages[2]["content"]) == {"name": "get_weather",
+                                                  "arguments": {"city": "Paris"}}
+    assert messages[3]["content"] == "Result of c1: 18 C\n\nResult of c2: windy"
+    # a template with tools gets them, and the history as it is
+    same, kwargs = chat_with_tools("{{ tools }}", history, check_tools([WEATHER]))
+    assert same is history and kwargs["tools"][0]["function"]["name"] == "get_weather"
+    assert chat_with_tools("{{ tools }}", history, check_tools([WEATHER], "none"))[1] == {}

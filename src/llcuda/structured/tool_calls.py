@@ -260,13 +260,50 @@ def chat_with_tools(template_source: str, messages: list[dict], spec: ToolSpec |
                     ) -> tuple[list[dict], dict]:  # fmt: skip
     """(messages, render keyword arguments) that show `spec`'s tools to the model: through the
     template's own `tools` variable where it has one, else as a system message (the "json"
-    format's instructions). tool_choice "none" shows none."""
+    format's instructions), with earlier calls and their results written as plain turns (such
+    templates refuse a "tool" role). tool_choice "none" shows no tools."""
+    if "tools" in template_source:
+        return messages, ({"tools": spec.tools} if spec is not None and spec.choice != "none"
+                          else {})  # fmt: skip
+    messages = _history_as_text(messages)
     if spec is None or spec.choice == "none":
         return messages, {}
-    if "tools" in template_source:
-        return messages, {"tools": spec.tools}
     prompt = tools_system_prompt(spec)
     if messages and messages[0].get("role") == "system":
         first = {**messages[0], "content": f"{messages[0].get('content') or ''}\n\n{prompt}"}
         return [first, *messages[1:]], {}
     return [{"role": "system", "content": prompt}, *messages], {}
+
+
+def _history_as_text(messages: list[dict]) -> list[dict]:
+    """Assistant tool_calls as the JSON the model was asked to write, "tool" results as user
+    turns; consecutive turns of one role joined (templates that want user/model alternation)."""
+    out: list[dict] = []
+    for m in messages:
+        role, content = m.get("role"), m.get("content") or ""
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if calls:
+            written = [json.dumps({"name": c["function"]["name"], "arguments": _arguments(c)},
+                                  ensure_ascii=False) for c in calls]  # fmt: skip
+            content = "\n".join([content, *written]) if content else "\n".join(written)
+            m = {"role": "assistant", "content": content}
+        elif role == "tool":
+            name = m.get("name") or m.get("tool_call_id") or "the tool"
+            m = {"role": "user", "content": f"Result of {name}: {content}"}
+        elif "tool_calls" in m:
+            m = {k: v for k, v in m.items() if k != "tool_calls"}
+        if out and out[-1]["role"] == m["role"] and m["role"] != "system":
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{m['content']}"}
+        else:
+            out.append(m)
+    return out
+
+
+def _arguments(call: dict) -> Any:
+    args = call.get("function", {}).get("arguments", {})
+    if isinstance(args, str):
+        try:
+            return json.loads(args)
+        except json.JSONDecodeError:
+            return args
+    return args
