@@ -10,18 +10,34 @@ import random
 import pytest
 
 from llcuda.api import InferenceEngine
+from llcuda.config import EngineConfig
+from llcuda.engine.loader import load
 from llcuda.gguf.synthetic import TINY, write_gemma3_gguf
 from llcuda.sampling_params import SamplingParams
 from llcuda.structured import StructuredOutput
 
-NUM_SCHEMAS = 32
+NUM_SCHEMAS = 16
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = write_gemma3_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf", **TINY)
+def tiny_path(tmp_path_factory):
+    return write_gemma3_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf", **TINY)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_path):
+    """A bare engine, stepped by the test alone (an InferenceEngine's loop thread steps its own)."""
+    config = EngineConfig(ctx_size=512, n_parallel=16, batch_size=512, ubatch_size=128,
+                          device="cpu", gpu_layers=0)  # fmt: skip
+    model = load(str(tiny_path), config, verbose=False)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_path):
     eng = InferenceEngine()
-    eng.load_model(str(path), ctx_size=512, n_parallel=16, verbose=False)
+    eng.load_model(str(tiny_path), ctx_size=512, n_parallel=4, device="cpu", verbose=False)
     yield eng
     eng.unload_model()
 
@@ -97,11 +113,10 @@ def test_validator_catches_a_wrong_value():
             validate(bad, schema)
 
 
-def test_random_schemas_all_give_valid_json(engine):
+def test_random_schemas_all_give_valid_json(loaded):
     rng = random.Random(19)
     schemas = [random_schema(rng) for _ in range(NUM_SCHEMAS)]
-    tok = engine._loaded.tokenizer
-    llm = engine._loaded.llm_engine
+    tok, llm = loaded.tokenizer, loaded.llm_engine
     prompts = [tok.encode(f"schema {i}:") for i in range(NUM_SCHEMAS)]
     params = [SamplingParams(max_tokens=200, temperature=1.0, seed=i, top_k=0, top_p=1.0,
                              min_p=0.0, structured=StructuredOutput.json_schema(s))
@@ -113,9 +128,8 @@ def test_random_schemas_all_give_valid_json(engine):
         validate(json.loads(text), schema)
 
 
-def test_constrained_and_free_rows_share_a_batch(engine):
-    tok = engine._loaded.tokenizer
-    llm = engine._loaded.llm_engine
+def test_constrained_and_free_rows_share_a_batch(loaded):
+    tok, llm = loaded.tokenizer, loaded.llm_engine
     prompt = tok.encode("mixed batch")
     free = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     alone = llm.generate([prompt], [free])[0].new_token_ids
@@ -130,10 +144,9 @@ def test_constrained_and_free_rows_share_a_batch(engine):
         assert out.finish_reason == "stop"
 
 
-def test_eos_only_where_the_grammar_may_end(engine):
+def test_eos_only_where_the_grammar_may_end(loaded):
     """The free row ends by EOS early (ignore_eos off); "a"{5,} must run five tokens at least."""
-    tok = engine._loaded.tokenizer
-    llm = engine._loaded.llm_engine
+    tok, llm = loaded.tokenizer, loaded.llm_engine
     constraint = StructuredOutput.gbnf('root ::= "a" "a" "a" "a" "a" ("a")*')
     out = llm.generate([tok.encode("eos")], [SamplingParams(max_tokens=40, temperature=0.0,
                                                             structured=constraint)])[0]
