@@ -1,6 +1,7 @@
 """Quantized matmul kernels (llcuda.kernels.quant_matmul) next to cuBLAS on a dense bf16 copy.
 
-    python benchmarks/bench_quant_matmul.py [--quick] [--sweep] [--m1-sweep] [--json out.jsonl]
+    python benchmarks/bench_quant_matmul.py [--quick] [--sweep] [--m1-sweep] [--big-m1-sweep]
+        [--json out.jsonl]
 
 Per (type, K, N, M): kernel time in us (median of CUDA-graph replays, so launch gaps are not
 counted), GB/s of packed weight bytes at M=1 (the decode roofline: ~3.35 TB/s on H100 SXM),
@@ -249,6 +250,84 @@ def m1_sweep(gen, only: str | None = None) -> list[dict]:
     return out
 
 
+# (type, K, N, gated act) of the single-token projections of 4B-8B models' Q4_K_M files: Gemma 3
+# 4B, Llama-3.1-8B, Qwen2.5-7B (q|k fused, v apart in its own type; gate|up with its epilogue;
+# ffn_down in Q4_K and, in the use_more_bits layers, Q6_K; the 8B's Q6_K head), then the 1B's
+# biggest three, which must not get slower
+BIG_M1_SWEEP = [
+    ("Q4_K", 2560, 3072, None), ("Q6_K", 2560, 1024, None), ("Q4_K", 2048, 2560, None),
+    ("Q4_K", 2560, 20480, "gelu_tanh"), ("Q4_K", 10240, 2560, None), ("Q6_K", 10240, 2560, None),
+    ("Q4_K", 4096, 5120, None), ("Q6_K", 4096, 1024, None), ("Q4_K", 4096, 4096, None),
+    ("Q4_K", 4096, 28672, "silu"), ("Q4_K", 14336, 4096, None), ("Q6_K", 14336, 4096, None),
+    ("Q6_K", 4096, 128256, None),
+    ("Q4_K", 3584, 4096, None), ("Q4_K", 3584, 37888, "silu"), ("Q4_K", 18944, 3584, None),
+    ("Q5_0", 1152, 13824, "gelu_tanh"), ("Q4_K", 6912, 1152, None), ("Q8_0", 1152, 262144, None),
+]
+
+
+def big_candidates(base: dict, n_groups: int) -> list[dict]:
+    """INT8_X configs to time beside the fp32 default: the default tiles, rows per program and
+    warps around them, twice the K step, twice the splits, and whole-row preloaded tiles."""
+    i8 = dict(base, INT8_X=True)
+    out = [i8]
+    if not base.get("PRELOAD"):
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                out.append(dict(i8, BLOCK_N=bn, num_warps=warps))
+        out.append(dict(i8, BLOCK_G=2 * base["BLOCK_G"]))
+        out.append(dict(i8, BLOCK_G=2 * base["BLOCK_G"], num_warps=8))
+        if base["SPLIT_K"] > 1:
+            out.append(dict(i8, SPLIT_K=2 * base["SPLIT_K"]))
+            out.append(dict(i8, SPLIT_K=max(1, base["SPLIT_K"] // 2)))
+    if n_groups <= 256:
+        whole = 1 << (n_groups - 1).bit_length()
+        for bn in (8, 16, 32):
+            out.append(dict(i8, BLOCK_N=bn, BLOCK_G=whole, SPLIT_K=1, num_warps=8, num_stages=1,
+                            PRELOAD=True))
+    return out
+
+
+def big_m1_sweep(gen, only: str | None = None) -> list[dict]:
+    """The M=1 GEMV of BIG_M1_SWEEP's shapes, PDL-chained: the fp32 default, then int8
+    activations (INT8_X) at the default config and the candidates of big_candidates."""
+    out = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for tname, k, n, act in BIG_M1_SWEEP:
+        if only and only not in f"{tname} {k} {n}":
+            continue
+        qid = T[tname]
+        ws = weight_copies(qid, n, k, gen)
+        x = torch.randn((1, k), generator=gen, device="cuda")
+        base = gemv_config(qid, 1, n, k // 32, sms)
+        fp32_us = time_calls([lambda w=w, c=base, x=x, a=act: quant_gemv(x, w, config=c,
+                                                                         gated_act=a)
+                              for w in ws])  # fmt: skip
+        results = []
+        for cfg in big_candidates(base, k // 32):
+            try:
+                us = time_calls([lambda w=w, c=cfg, x=x, a=act: quant_gemv(x, w, config=c,
+                                                                            gated_act=a)
+                                 for w in ws])  # fmt: skip
+            except Exception as e:  # e.g. out of registers or shared memory
+                print(f"  {tname} {_short(cfg)}: failed {type(e).__name__}")
+                continue
+            results.append((us, cfg))
+        i8_default = results[0][0]
+        results.sort(key=lambda r: r[0])
+        nbytes = ws[0].nbytes
+        best = " ".join(f"{us:.1f}({_short(c)})" for us, c in results[:3])
+        print(f"big-m1 {tname} K={k} N={n}{' ' + act if act else ''} {nbytes / 1e6:.1f} MB: "
+              f"fp32 {fp32_us:.1f}us {nbytes / fp32_us / 1e3:.0f} GB/s ({_short(base)}); int8 "
+              f"default {i8_default:.1f}us; best {results[0][0]:.1f}us "
+              f"{nbytes / results[0][0] / 1e3:.0f} GB/s: {best}", flush=True)
+        out.append({"type": tname, "K": k, "N": n, "act": act, "fp32_us": fp32_us,
+                    "int8_default_us": i8_default, "best_us": results[0][0],
+                    "best": results[0][1], "bytes": nbytes})
+        del ws
+        torch.cuda.empty_cache()
+    return out
+
+
 def _short(cfg: dict) -> str:
     return (f"rows {cfg['BLOCK_N']} groups {cfg['BLOCK_G']} warps {cfg['num_warps']} splits "
             f"{cfg['SPLIT_K']}{' preload' if cfg.get('PRELOAD') else ''}")
@@ -311,6 +390,8 @@ def main() -> None:
                     help="only: tile configs of the 1B twin's projections at M = 64, 128")
     ap.add_argument("--m1-sweep", action="store_true",
                     help="only: GEMV configs of the 1B / 270M twins' decode projections at M = 1")
+    ap.add_argument("--big-m1-sweep", action="store_true",
+                    help="only: fp32 vs int8-activation GEMV configs of 4B-8B decode projections")
     ap.add_argument("--only", default=None,
                     help="with --m1-sweep: only shapes whose 'type K N' contains this")
     ap.add_argument("--json", default=None, help="append one JSON line per row to this file")
@@ -323,6 +404,13 @@ def main() -> None:
         return
     if args.m1_sweep:
         m1_sweep(gen, args.only)
+        return
+    if args.big_m1_sweep:
+        rows = big_m1_sweep(gen, args.only)
+        if args.json:
+            with open(args.json, "a") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
         return
     rows = []
     for tname, k, n in [] if args.no_table else QUICK if args.quick else SHAPES:

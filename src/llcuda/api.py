@@ -41,6 +41,8 @@ from llcuda.streams import InferResult, TextStream
 
 # infer(**kwargs) may set these SamplingParams fields beyond the explicit arguments
 _EXTRA_SAMPLING_ARGS = ("min_p", "repeat_penalty", "repeat_last_n", "ignore_eos")
+# logprobs=N: each token's log-prob and its N most likely alternatives in InferResult.logprobs
+_EXTRA_SAMPLING_ARGS += ("logprobs",)
 # ... and these name a structured-output constraint (llcuda.structured.request_args)
 _CONSTRAINT_ARGS = ("response_format", "grammar", "json_schema")
 # load_model(**kwargs) may set these EngineConfig fields beyond the explicit arguments
@@ -65,6 +67,7 @@ class InferenceEngine:
         self._load_time_s = 0.0
         self._metrics = MetricsCollector()
         self._remote: RemoteBackend | None = None
+        self._logprob_format_cache: tuple | None = None  # (tokenizer, its TokenLogprobFormat)
         if server_url is not None:
             self._remote = RemoteBackend(server_url, api_key, timeout)
         elif api_key is not None:
@@ -396,19 +399,24 @@ class InferenceEngine:
         response_format: dict | None = None,
         grammar: str | None = None,
         json_schema: dict | str | None = None,
+        logprobs: int | None = None,
     ) -> dict | Iterator[dict]:
-        """A `text_completion` dict (or, with stream=True, an iterator of chunks).
+        """A `text_completion` dict (or, with stream=True, an iterator of chunks). logprobs=N
+        (0-20): OpenAI's legacy `choices[].logprobs` with N alternatives per token.
 
         response_format / grammar (GBNF) / json_schema constrain the output (one of them)."""
         _check_bool(stream, "stream")
         _check_bool(echo, "echo")
+        _check_openai_logprobs(logprobs, "logprobs")
+        if logprobs is not None and echo:
+            raise ValueError("logprobs with echo (the prompt's log-probs) is not supported")
         if isinstance(prompt, str):  # with server_url, the server tokenizes it
             ids = None if self._remote is not None else self._encode_prompt(prompt)
         else:
             ids = self._check_ids(prompt)
         params = _sampling_params(
             self._openai_max_tokens(max_tokens, ids), temperature, top_k, top_p, seed, stop,
-            {"min_p": min_p, "repeat_penalty": repeat_penalty,
+            {"min_p": min_p, "repeat_penalty": repeat_penalty, "logprobs": logprobs,
              **_constraint_args(response_format, grammar, json_schema)},
         )  # fmt: skip
         prefix = (prompt if isinstance(prompt, str) else self.detokenize(ids)) if echo else ""
@@ -437,13 +445,17 @@ class InferenceEngine:
         tool_choice: str | dict | None = None,
         grammar: str | None = None,
         json_schema: dict | str | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
     ) -> dict | Iterator[dict]:
         """A `chat.completion` dict (or, with stream=True, `chat.completion.chunk` dicts).
+        logprobs=True: `choices[].logprobs.content`, with top_logprobs (0-20) alternatives.
 
         response_format / grammar / json_schema constrain the answer; tools + tool_choice
         ("auto", "none", "required" or {"type": "function", "function": {"name": ...}}) give
         `message.tool_calls` (streamed as `delta.tool_calls`), finish_reason "tool_calls"."""
         _check_bool(stream, "stream")
+        num_logprobs = _chat_logprobs(logprobs, top_logprobs)
         spec = _pop_tools({"tools": tools, "tool_choice": tool_choice})
         if self._remote is not None:  # the server applies its chat template
             messages, ids = _check_messages(messages), None
@@ -451,7 +463,7 @@ class InferenceEngine:
             ids = self._encode_chat(messages, spec)
         params = _sampling_params(
             self._openai_max_tokens(max_tokens, ids), temperature, top_k, top_p, seed, stop,
-            {"min_p": min_p, "repeat_penalty": repeat_penalty,
+            {"min_p": min_p, "repeat_penalty": repeat_penalty, "logprobs": num_logprobs,
              **_constraint_args(response_format, grammar, json_schema)},
         )  # fmt: skip
         params = self._tool_params(params, spec)
@@ -561,9 +573,23 @@ class InferenceEngine:
 
     def _submit(self, prompt_ids: list[int], params: SamplingParams) -> TextStream:
         with self._lock:
-            self._require_loaded()
+            loaded = self._require_loaded()
             handle = self._loop.submit(prompt_ids, params)
-        return TextStream(handle, len(prompt_ids), self._metrics)
+        logprob_format = None
+        if params.logprobs is not None:
+            logprob_format = self._logprob_format(loaded)
+        return TextStream(handle, len(prompt_ids), self._metrics, logprob_format)
+
+    def _logprob_format(self, loaded: Any) -> Any:
+        """The loaded model's TokenLogprobFormat, made on first use (it caches token texts);
+        kept by its tokenizer, which pins no model memory after unload_model."""
+        from llcuda.logprobs_format import TokenLogprobFormat
+
+        cached = self._logprob_format_cache
+        if cached is None or cached[0] is not loaded.tokenizer:
+            cached = (loaded.tokenizer, TokenLogprobFormat(loaded.tokenizer))
+            self._logprob_format_cache = cached
+        return cached[1]
 
 
 def _load_notices(loaded: Any) -> list[str]:
@@ -612,6 +638,30 @@ def _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, extra) -
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         stop=stop, **extra,
     )  # fmt: skip
+
+
+def _check_openai_logprobs(value: Any, name: str) -> None:
+    """OpenAI's bound on alternatives per token (top_logprobs, legacy logprobs): 0-20."""
+    from llcuda.logprobs_format import OPENAI_MAX_LOGPROBS
+
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not 0 <= value <= OPENAI_MAX_LOGPROBS:
+        raise ValueError(f"{name} must be in [0, {OPENAI_MAX_LOGPROBS}], got {value}")
+
+
+def _chat_logprobs(logprobs: Any, top_logprobs: Any) -> int | None:
+    """OpenAI chat's pair as SamplingParams.logprobs: None unless logprobs is true."""
+    if logprobs is not None:
+        _check_bool(logprobs, "logprobs")
+    _check_openai_logprobs(top_logprobs, "top_logprobs")
+    if not logprobs:
+        if top_logprobs is not None:
+            raise ValueError("top_logprobs needs logprobs=True")
+        return None
+    return top_logprobs or 0
 
 
 def _constraint_args(response_format: Any, grammar: Any, json_schema: Any) -> dict:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from llcuda.logprobs_format import ChunkLogprobs, chat_logprobs, completion_logprobs
 from llcuda.streams import InferResult, TextStream
 
 
@@ -45,7 +46,8 @@ def _finished(stream: TextStream) -> InferResult:
 
 def completion(stream: TextStream, prefix: str, model: str) -> dict:
     result = _finished(stream)
-    choice = {"text": prefix + result.text, "index": 0, "logprobs": None,
+    logprobs = None if result.logprobs is None else completion_logprobs(result.logprobs)
+    choice = {"text": prefix + result.text, "index": 0, "logprobs": logprobs,
               "finish_reason": result.finish_reason}  # fmt: skip
     return {**_header("text_completion", model), "choices": [choice],
             "usage": usage(result)}  # fmt: skip
@@ -53,10 +55,12 @@ def completion(stream: TextStream, prefix: str, model: str) -> dict:
 
 def completion_chunks(stream: TextStream, prefix: str, model: str):
     header = _header("text_completion", model)
+    logprobs = ChunkLogprobs.of(stream, "completion")  # None unless asked for
 
     def chunk(text: str, finish_reason: str | None) -> dict:
         choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
-        return {**header, "choices": [choice]}
+        out = {**header, "choices": [choice]}
+        return out if logprobs is None else logprobs.added(out)
 
     def gen() -> Iterator[dict]:
         try:
@@ -82,7 +86,9 @@ def chat_completion(stream: TextStream, model: str, tool_stream: Any = None) -> 
         if calls:
             message = {"role": "assistant", "content": content or None, "tool_calls": calls}
             finish_reason = "tool_calls"
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+    logprobs = None if result.logprobs is None else chat_logprobs(result.logprobs)
+    choice = {"index": 0, "message": message, "logprobs": logprobs,
+              "finish_reason": finish_reason}  # fmt: skip
     return {**_header("chat.completion", model), "choices": [choice],
             "usage": usage(result)}  # fmt: skip
 
@@ -90,9 +96,12 @@ def chat_completion(stream: TextStream, model: str, tool_stream: Any = None) -> 
 def chat_chunks(stream: TextStream, model: str, tool_stream: Any = None):
     header = _header("chat.completion.chunk", model)
 
+    logprobs = ChunkLogprobs.of(stream, "chat")  # None unless asked for
+
     def chunk(delta: dict, finish_reason: str | None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {**header, "choices": [choice]}
+        out = {**header, "choices": [choice]}
+        return out if logprobs is None else logprobs.added(out)
 
     def gen() -> Iterator[dict]:
         try:

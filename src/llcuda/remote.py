@@ -13,7 +13,9 @@ come from the server's answer:
   `stop_type`, `tokens_predicted`, `tokens_evaluated`);
 - conversations go to `POST /v1/chat/completions` with `stream_options.include_usage` (token
   counts) and `return_tokens` (an llcuda extension: llama-server ignores it, and there
-  `InferResult.token_ids` stays empty for chat).
+  `InferResult.token_ids` stays empty for chat);
+- logprobs=N asks /completion for `n_probs` (its entries are InferResult.logprobs' shape) and
+  chat for `logprobs` + `top_logprobs` (OpenAI's entries: no token ids).
 
 The HTTP client is the standard library's urllib: no dependency, one connection per request, so
 the threads of `batch_infer` run side by side and the server batches them. A request the server
@@ -96,7 +98,10 @@ class RemoteBackend:
                  metrics: MetricsCollector) -> RemoteStream:  # fmt: skip
         body = {"prompt": prompt, **self._sampling(params, "n_predict"), "stream": True,
                 "return_tokens": True}  # fmt: skip
-        return RemoteStream(self, "/completion", body, metrics, _completion_event)
+        if params.logprobs is not None:  # n_probs 0 is llama-server's "none": ask one, drop it
+            body["n_probs"] = max(params.logprobs, 1)
+        return RemoteStream(self, "/completion", body, metrics, _completion_event,
+                            params.logprobs)  # fmt: skip
 
     def chat(self, messages: list[dict], params: SamplingParams,
              metrics: MetricsCollector) -> RemoteStream:  # fmt: skip
@@ -104,7 +109,10 @@ class RemoteBackend:
                 "stream_options": {"include_usage": True}, "return_tokens": True}  # fmt: skip
         if self.model_name():
             body["model"] = self.model_name()  # OpenAI servers other than ours require it
-        return RemoteStream(self, "/v1/chat/completions", body, metrics, _chat_event)
+        if params.logprobs is not None:
+            body["logprobs"], body["top_logprobs"] = True, params.logprobs
+        return RemoteStream(self, "/v1/chat/completions", body, metrics, _chat_event,
+                            params.logprobs)  # fmt: skip
 
     def batch(self, prompts: list[str], params: SamplingParams,
               metrics: MetricsCollector) -> list[InferResult]:  # fmt: skip
@@ -244,12 +252,14 @@ class _Event:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None  # prompt tokens the server's prefix cache held
+    logprobs: list[dict] = field(default_factory=list)  # entries of this event's tokens
     last: bool = False  # nothing follows (llama-server's /completion has no [DONE])
 
 
 def _completion_event(data: dict) -> _Event:
     """POST /completion: {"content", "tokens", "stop"}; the last one adds the summary."""
-    event = _Event(text=data.get("content") or "", token_ids=list(data.get("tokens") or []))
+    event = _Event(text=data.get("content") or "", token_ids=list(data.get("tokens") or []),
+                   logprobs=list(data.get("completion_probabilities") or []))  # fmt: skip
     if data.get("stop"):
         event.last = True
         stop_type = data.get("stop_type")
@@ -267,6 +277,7 @@ def _chat_event(data: dict) -> _Event:
     event = _Event(token_ids=list(data.get("tokens") or []))
     for choice in data.get("choices") or []:
         event.text += (choice.get("delta") or {}).get("content") or ""
+        event.logprobs += (choice.get("logprobs") or {}).get("content") or []
         event.finish_reason = choice.get("finish_reason") or event.finish_reason
     usage = data.get("usage") or {}
     event.prompt_tokens = usage.get("prompt_tokens")
@@ -288,8 +299,12 @@ class RemoteStream(ResultStream):
     """
 
     def __init__(self, backend: RemoteBackend, path: str, body: dict,
-                 metrics: MetricsCollector, parse: Callable[[dict], _Event]) -> None:  # fmt: skip
+                 metrics: MetricsCollector, parse: Callable[[dict], _Event],
+                 logprobs: int | None = None) -> None:  # fmt: skip
         self.result: InferResult | None = None
+        # logprobs=N: the server's entries, each cut to N alternatives (n_probs asks >= 1)
+        self._logprobs_k = logprobs
+        self._logprob_entries = [] if logprobs is not None else None
         self._url = backend.url + path
         self._metrics = metrics
         self._parse = parse
@@ -327,6 +342,10 @@ class RemoteStream(ResultStream):
             if (event.text or event.token_ids) and self._ttft_ms == 0.0:
                 self._ttft_ms = (time.perf_counter() - self._start) * 1000.0
             self._token_ids.extend(event.token_ids)
+            if self._logprob_entries is not None:
+                k = self._logprobs_k
+                self._logprob_entries += [{**e, "top_logprobs": e["top_logprobs"][:k]}
+                                          for e in event.logprobs]  # fmt: skip
             self._finish_reason = event.finish_reason or self._finish_reason
             if event.prompt_tokens is not None:
                 self._prompt_tokens = event.prompt_tokens

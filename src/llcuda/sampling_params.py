@@ -13,6 +13,11 @@ if TYPE_CHECKING:
 # `--temp`): InferenceEngine's methods, `llcuda generate` and the server's /completion use it
 DEFAULT_TEMPERATURE = 0.8
 
+# The most top alternatives a request may ask log-probs for: OpenAI takes 20 (top_logprobs);
+# llama-server's n_probs takes any count, but each one costs a wider top-k on the device and
+# more bytes per token to the host, so a sane bound is kept (runner/logprobs.py)
+MAX_LOGPROBS = 100
+
 
 @dataclass
 class SamplingParams:
@@ -21,6 +26,9 @@ class SamplingParams:
     Every field's type is checked (bool must be a bool, numbers finite, ...): a ValueError names
     the field. temperature 0 is greedy. top_k <= 0 disables top-k; top_p 1.0 and min_p 0.0
     disable theirs.
+    logprobs: None (the default) reports none; N >= 0 reports each sampled token's log-prob and
+    its N most likely alternatives (0: the chosen token's only), from the model's raw
+    distribution (see llcuda.runner.logprobs for which distribution and why).
     repeat_penalty 1.0 is off; it applies to the last `repeat_last_n` tokens (prompt included),
     dividing positive logits and multiplying negative ones, as llama.cpp does.
     """
@@ -37,6 +45,7 @@ class SamplingParams:
     ignore_eos: bool = False
     # structured output: the output must match this JSON schema / grammar (llcuda.structured)
     structured: StructuredOutput | None = None
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,6 +68,13 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, 0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(
+                    f"logprobs must be <= {MAX_LOGPROBS} (top alternatives per token), "
+                    f"got {self.logprobs}"
+                )
         self._check_structured()
 
     def _check_structured(self) -> None:

@@ -41,6 +41,9 @@ class InferResult:
     # JSON and it completed; the tool calls parsed from it where the request had tools
     parsed: Any = None
     tool_calls: list[dict] | None = None
+    # with logprobs=N: one entry per generated token, {id, token, bytes, logprob, top_logprobs}
+    # (llcuda.logprobs_format); None when the request asked for none
+    logprobs: list[dict] | None = None
 
 
 class ResultStream(Iterator[str]):
@@ -55,6 +58,19 @@ class ResultStream(Iterator[str]):
     # ms from _start to the last generated token; a subclass that does not track it gets the
     # end of the stream instead (a remote stream: its last event carries the last token)
     _last_token_ms: float = 0.0
+    # with logprobs asked for: every token's entry so far (a subclass that reports them fills it)
+    _logprob_entries: list[dict] | None = None
+    _logprobs_taken = 0  # of those, handed out by take_logprobs
+
+    def take_logprobs(self) -> list[dict]:
+        """The log-prob entries of the tokens that arrived since the last call, for a stream
+        chunk: right after a piece, those of the tokens that made it (and any whose text is
+        held back)."""
+        if self._logprob_entries is None:
+            return []
+        taken = self._logprob_entries[self._logprobs_taken :]
+        self._logprobs_taken = len(self._logprob_entries)
+        return taken
 
     def close(self) -> None:
         raise NotImplementedError
@@ -96,6 +112,7 @@ class ResultStream(Iterator[str]):
             finish_reason=finish_reason if error is None else None,
             error_message=None if error is None else f"{type(error).__name__}: {error}",
             token_ids=list(self._token_ids), cached_tokens=self._cached_tokens,
+            logprobs=None if self._logprob_entries is None else list(self._logprob_entries),
         )  # fmt: skip
 
 
@@ -107,7 +124,8 @@ class TextStream(ResultStream):
     after `result` records it with success=False.
     """
 
-    def __init__(self, handle: Any, prompt_tokens: int, metrics: MetricsCollector) -> None:
+    def __init__(self, handle: Any, prompt_tokens: int, metrics: MetricsCollector,
+                 logprob_format: Any = None) -> None:  # fmt: skip
         self.result: InferResult | None = None
         self._handle = handle
         self._outputs = iter(handle)
@@ -120,6 +138,9 @@ class TextStream(ResultStream):
         self._finish_reason: str | None = None
         self._engine_finished = False
         self._cached_tokens = 0
+        # a request that asked for log-probs: a TokenLogprobFormat turns them into entries
+        self._logprob_format = logprob_format
+        self._logprob_entries = [] if logprob_format is not None else None
 
     def __next__(self) -> str:
         while self.result is None:
@@ -150,6 +171,8 @@ class TextStream(ResultStream):
             if not self._token_ids:
                 self._ttft_ms = self._last_token_ms
         self._token_ids.extend(out.new_token_ids)
+        if self._logprob_entries is not None and out.new_logprobs:
+            self._logprob_entries.extend(self._logprob_format.entries(out.new_logprobs))
         self._cached_tokens = max(self._cached_tokens, out.num_cached_tokens)
         if out.finished:
             self._engine_finished = True

@@ -5,6 +5,7 @@ the ptxas it ships. Skipped where triton is not installed (the CPU-only CI)."""
 from __future__ import annotations
 
 import inspect
+import itertools
 import re
 
 import pytest
@@ -90,7 +91,10 @@ def test_quant_matmuls_compile_for_t4(qtype, k, n):
             "stride_osplit": 3}  # fmt: skip
     # the fp32 GEMV (decode), and at one and four rows with the GEGLU epilogue of gate|up
     # and SwiGLU (GATED_OUT 1 / 2)
-    for m, gated in ((1, 0), (4, 0), (16, 0), (1, 1), (4, 1), (1, 2), (4, 2)):
+    # and the same with int8 activations (INT8_X: IDP4A is sm_61+)
+    int8 = (False, True) if int(qtype) in qm.INT8_X_TYPES else (False,)
+    for (m, gated), int8_x in itertools.product(
+            ((1, 0), (4, 0), (16, 0), (1, 1), (4, 1), (1, 2), (4, 2)), int8):
         cfg = qm.gemv_config(int(qtype), m, n, k // 32, T4_SMS)
         args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w), **ints}
         compile_for_t4(qm._quant_gemv_kernel, args, {
@@ -98,7 +102,7 @@ def test_quant_matmuls_compile_for_t4(qtype, k, n):
             "HAS_MIN": int(qtype) in qm._HAS_MIN, "BLOCK_M": triton.next_power_of_2(m),
             "BLOCK_N": cfg["BLOCK_N"],
             "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"],
-            "PRELOAD": cfg["PRELOAD"], "USE_ASM": True, "PDL": False,
+            "PRELOAD": cfg["PRELOAD"], "USE_ASM": True, "INT8_X": int8_x, "PDL": False,
         }, cfg["num_warps"])  # fmt: skip
     for m in (16, 64, 512):  # the fp16 tensor-core GEMM: every batch past the GEMV on sm_75
         assert qm.matmul_path(m, n, k, bf16=False) in ("gemv", "gemm")
@@ -141,12 +145,13 @@ def test_gemv_pair_compiles_for_t4_and_waits_first_on_sm90():
     constexprs = {"QTYPE_A": int(GGMLType.Q5_0), "WPG_A": 4, "HAS_MIN_A": False, "BLOCK_N_A": 32,
                   "BLOCK_G_A": 4, "QTYPE_B": int(GGMLType.Q8_0), "WPG_B": 8, "HAS_MIN_B": False,
                   "BLOCK_N_B": 16, "BLOCK_G_B": 4, "BLOCK_M": 1, "NUM_STAGES": 3,
-                  "USE_ASM": True}  # fmt: skip
+                  "USE_ASM": True, "INT8_X": False}  # fmt: skip
     compile_for_t4(qm._quant_gemv_pair_kernel, args,
                    {**constexprs, "PRELOAD": True, "PDL": False}, 4, 3)  # fmt: skip
-    for preload in (False, True):
+    for preload, int8_x in itertools.product((False, True), (False, True)):
         ptx = compile_ptx(qm._quant_gemv_pair_kernel, args,
-                          {**constexprs, "PRELOAD": preload, "PDL": True}, H100, 4, 3)
+                          {**constexprs, "PRELOAD": preload, "PDL": True, "INT8_X": int8_x},
+                          H100, 4, 3)  # fmt: skip
         for head in _before_waits(ptx, 2):
             assert "st.global" not in head and "cp.async" not in head
             assert ("ld.global" in head) == preload
@@ -281,11 +286,12 @@ def _before_waits(ptx: str, count: int) -> list[str]:
     return heads
 
 
+@pytest.mark.parametrize("int8_x", [False, True], ids=["fp32-x", "int8-x"])
 @pytest.mark.parametrize("preload", [False, True], ids=["after-wait", "preload"])
 @pytest.mark.parametrize("k", [1152, 2048])
 @pytest.mark.parametrize("qtype", [GGMLType.Q4_K, GGMLType.Q5_0, GGMLType.Q6_K, GGMLType.Q8_0,
                                    GGMLType.F16], ids=lambda v: v.name)
-def test_gemv_with_dependent_launch_compiles_for_sm90(qtype, k, preload):
+def test_gemv_with_dependent_launch_compiles_for_sm90(qtype, k, preload, int8_x):
     """With PDL the decode GEMV assembles for sm_90 and keeps dependent_launch's rule: nothing
     before the wait but, with PRELOAD, the weight loads of its first K step. The compiler must not
     sink those past the wait (that would undo the overlap), and no store may come before it."""
@@ -293,6 +299,8 @@ def test_gemv_with_dependent_launch_compiles_for_sm90(qtype, k, preload):
 
     if qtype in (GGMLType.Q4_K, GGMLType.Q6_K) and k % 256:
         pytest.skip(f"{qtype.name} rows need a multiple of 256 elements")
+    if int8_x and int(qtype) not in qm.INT8_X_TYPES:
+        pytest.skip(f"{qtype.name} has no int8-activation GEMV")
     n = 1024
     w = _packed(qtype, k, n)
     cfg = qm.gemv_config(int(qtype), 1, n, k // 32, 132)
@@ -303,7 +311,7 @@ def test_gemv_with_dependent_launch_compiles_for_sm90(qtype, k, preload):
         "GATED_OUT": 0, "QTYPE": int(qtype), "WPG": qm._WPG[int(qtype)],
         "HAS_MIN": int(qtype) in qm._HAS_MIN, "BLOCK_M": 1, "BLOCK_N": cfg["BLOCK_N"],
         "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"], "PRELOAD": preload,
-        "USE_ASM": True, "PDL": True,
+        "USE_ASM": True, "INT8_X": int8_x, "PDL": True,
     }, H100, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
     head = _before_wait(ptx)
     assert "st.global" not in head and "cp.async" not in head

@@ -419,3 +419,35 @@ def test_gemv_pair_equals_two_gemvs(k, types):
                           14336)  # fmt: skip
     assert gemv_pair_config(torch.zeros(1, 14336, device=dev), tall, tall) is None
     assert gemv_pair_config(torch.zeros(64, k, device=dev), wa, wb) is None
+
+
+# (K, N) of 4B-8B decode projections, then odd N; gated: a gate|up weight with its epilogue
+INT8_SHAPES = [(2560, 3072), (4096, 1024), (10240, 2560), (14336, 4096), (1152, 1000), (2048, 7)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("preload", [False, True], ids=["tiles", "preload"])
+@pytest.mark.parametrize("qtype,k,n", [(t, k, n) for t in QUANT_TYPES for k, n in INT8_SHAPES
+                                       if _fits(t, k)], ids=str)  # fmt: skip
+def test_gemv_int8_activations_match_their_spec(qtype, k, n, preload, m):
+    """The INT8_X decode GEMV computes dequant(w) @ quantize_q8_ref(x) (kernels/q8_activations),
+    for every split, tile and preload config the heuristics give: the int8 products are exact, so
+    only fp32 summation order remains."""
+    from llcuda.kernels.q8_activations import quantize_q8_ref
+    from llcuda.kernels.quant_matmul import gemv_config, quant_gemv
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1
+    gen = torch.Generator(device=dev).manual_seed(k + n)
+    w = qp.pack_weight(random_rows(qtype, n, k, gen, device=dev), qtype, k)
+    x = torch.randn((m, k), generator=gen, device=dev)
+    x[:, 64:96] = 0.0  # an all-zero group: scale 0, no division by it
+    cfg = dict(gemv_config(int(qtype), m, n, k // 32, 132, preload=preload), INT8_X=True)
+    want = quantize_q8_ref(x) @ qp.dequantize_packed(w).T
+    got = quant_gemv(x, w, config=cfg)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3 * want.abs().max().item())
+    if n % 2 == 0 and m == 1:  # the SwiGLU epilogue on the same weight read as gate|up
+        gu = quant_gemv(x, w, config=cfg, gated_act="silu")
+        gate, up = want[:, : n // 2], want[:, n // 2 :]
+        torch.testing.assert_close(gu, torch.nn.functional.silu(gate) * up, rtol=1e-3,
+                                   atol=1e-3 * (gate.abs().max() * up.abs().max()).item())

@@ -47,6 +47,8 @@ class RequestOutput:
     arrival_time: float = 0.0  # time.monotonic() of add_request
     first_token_time: float | None = None  # time.monotonic() of the first sampled token
     finished_time: float | None = None
+    # with sampling_params.logprobs set: one runner.logprobs.TokenLogprob per new token
+    new_logprobs: list[Any] | None = None
 
     def merge(self, delta: RequestOutput) -> RequestOutput:
         """This output followed by a later `delta` of the same request (aggregation)."""
@@ -57,6 +59,7 @@ class RequestOutput:
             delta,
             new_token_ids=self.new_token_ids + delta.new_token_ids,
             new_text=self.new_text + delta.new_text,
+            new_logprobs=_joined(self.new_logprobs, delta.new_logprobs),
             arrival_time=self.arrival_time,
             first_token_time=self.first_token_time or delta.first_token_time,
         )
@@ -172,6 +175,9 @@ class LLMEngine:
                 raise ValueError(
                     f"prompt token id {t} is outside the vocabulary ({self.vocab_size})"
                 )
+        if params.logprobs is not None and not getattr(self.model_runner, "supports_logprobs",
+                                                       False):  # fmt: skip
+            raise ValueError("logprobs: this engine's model runner does not report log-probs")
         ctx = self.config.ctx_size
         if len(prompt_token_ids) > ctx - 1:
             raise ValueError(
@@ -279,6 +285,7 @@ class LLMEngine:
             for item in step.scheduled
             if item.sample and (not item.request.is_finished or item.request_id in finished)
         ]
+        self._keep_logprobs(launched)
         if not self._overlap:
             outputs += self._process_held()
         return outputs
@@ -352,6 +359,22 @@ class LLMEngine:
         if launch is not None:
             return launch(*args)
         return _Ready(self.model_runner.execute_model(*args))  # a runner with no async path
+
+    def _keep_logprobs(self, launched: Any) -> None:
+        """Give each request that asked the log-probs of the tokens it kept this step (the first
+        ones of a burst, as update_from_output kept them), beside its output tokens."""
+        wanted = [(r, n) for r, n in self._held if r.sampling_params.logprobs is not None]
+        if not wanted:
+            return
+        got = launched.logprobs() if hasattr(launched, "logprobs") else {}
+        for request, count in wanted:
+            entries = got.get(request.request_id)
+            if entries is None or len(entries) < count:
+                raise RuntimeError(
+                    f"model runner returned no log-probs for request {request.request_id!r}, "
+                    f"which asked for them"
+                )
+            request.output_logprobs.extend(entries[:count])
 
     def _process_held(self) -> list[RequestOutput]:
         """Text and output deltas for the tokens sampled by the last step.
@@ -440,6 +463,7 @@ class LLMEngine:
             arrival_time=request.arrival_time,
             first_token_time=request.first_token_time,
             finished_time=request.finished_time,
+            new_logprobs=_new_logprobs(request, len(token_ids)),
         )
 
     # --- structured output ----------------------------------------------------------------------
@@ -479,6 +503,18 @@ class LLMEngine:
     def _seed(self, params: SamplingParams) -> int | None:
         # llama.cpp's --seed is every request's default seed
         return params.seed if params.seed is not None else self.config.seed
+
+
+def _new_logprobs(request: Request, count: int) -> list[Any] | None:
+    """The log-probs of the request's newest `count` output tokens; None if it asked for none."""
+    if request.sampling_params.logprobs is None:
+        return None
+    logprobs = request.output_logprobs
+    return logprobs[len(logprobs) - count :]
+
+
+def _joined(a: list | None, b: list | None) -> list | None:
+    return a + b if a is not None and b is not None else a if b is None else b
 
 
 class _Ready:

@@ -91,6 +91,8 @@ class Request:
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.output_token_ids: list[int] = []
+        # with sampling_params.logprobs set: one runner.logprobs.TokenLogprob per output token
+        self.output_logprobs: list[Any] = []
         # prompt + output, appended in place so that runners and samplers read it without copies
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
 
@@ -180,6 +182,7 @@ class Request:
         if count:
             del self.output_token_ids[-count:]
             del self._all_token_ids[-count:]
+            del self.output_logprobs[len(self.output_token_ids):]
 
     # --- status ---------------------------------------------------------------------------------
 

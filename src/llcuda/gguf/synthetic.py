@@ -40,6 +40,10 @@ GEMMA3_270M = dict(
 GEMMA3_1B = dict(
     n_embd=1152, n_layers=26, n_ff=6912, n_head=4, n_kv_head=1, head_dim=256, vocab_size=262144
 )
+# the Gemma 3 4B shape issue 18 measures decode at (its vision tower left out)
+GEMMA3_4B = dict(
+    n_embd=2560, n_layers=34, n_ff=10240, n_head=8, n_kv_head=4, head_dim=256, vocab_size=262144
+)
 # small enough for CPU engine tests; pattern 2 makes layers 0, 2 local and 1, 3 global (the
 # default period 6 would make all four layers local)
 TINY = dict(
@@ -53,7 +57,9 @@ TINY = dict(
     sliding_window=16,
     sliding_window_pattern=2,
 )
-PRESETS: dict[str, dict[str, int]] = {"270m": GEMMA3_270M, "1b": GEMMA3_1B, "tiny": TINY}
+PRESETS: dict[str, dict[str, int]] = {
+    "270m": GEMMA3_270M, "1b": GEMMA3_1B, "4b": GEMMA3_4B, "tiny": TINY
+}
 # sizes of the real gemma-3-{270m,1b} Q4_K_M files; the CLI pads its twins to these
 REAL_FILE_SIZES = {"270m": 253_113_024, "1b": 806_055_968}
 

@@ -322,12 +322,13 @@ def _quant_gemv_kernel(
     NUM_STAGES: tl.constexpr,  # software pipelining of the K loop (1 = off)
     PRELOAD: tl.constexpr,  # first K step's weights loaded before the PDL wait (_gemv_tile)
     USE_ASM: tl.constexpr,
+    INT8_X: tl.constexpr,  # int8 activations and dp4a dot products (_gemv_step_int8)
     PDL: tl.constexpr,  # launched with programmatic dependent launch (dependent_launch.py)
 ):
     _gemv_tile(x_ptr, out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, M, N, n_groups,
                groups_per_split, stride_xm, stride_osplit, N, 0, s_qs, s_qh, s_sc, s_d, magic,
                tl.program_id(0), tl.program_id(1), GATED_OUT, QTYPE, WPG, HAS_MIN, BLOCK_M,
-               BLOCK_N, BLOCK_G, NUM_STAGES, PRELOAD, USE_ASM, PDL)  # fmt: skip
+               BLOCK_N, BLOCK_G, NUM_STAGES, PRELOAD, USE_ASM, INT8_X, PDL)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "n_a", "n_b", "tiles_a"])
@@ -344,7 +345,7 @@ def _quant_gemv_pair_kernel(
     QTYPE_B: tl.constexpr, WPG_B: tl.constexpr, HAS_MIN_B: tl.constexpr, BLOCK_N_B: tl.constexpr,
     BLOCK_G_B: tl.constexpr,
     BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr, PRELOAD: tl.constexpr,
-    USE_ASM: tl.constexpr, PDL: tl.constexpr,
+    USE_ASM: tl.constexpr, INT8_X: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Two unsplit GEMVs of one input in one launch (q|k and a v stored in another type): the
     first `tiles_a` programs take weight A, the rest weight B, one output row [A | B]."""
@@ -354,12 +355,12 @@ def _quant_gemv_pair_kernel(
         _gemv_tile(x_ptr, out_ptr, qs_a, qh_a, sc_a, mn_a, d_a, dmin_a, M, n_a, n_groups,
                    n_groups, stride_xm, 0, n_out, 0, s_qs_a, s_qh_a, s_sc_a, s_d_a, magic, pid, 0,
                    0, QTYPE_A, WPG_A, HAS_MIN_A, BLOCK_M, BLOCK_N_A, BLOCK_G_A,
-                   NUM_STAGES, PRELOAD, USE_ASM, PDL)  # fmt: skip
+                   NUM_STAGES, PRELOAD, USE_ASM, INT8_X, PDL)  # fmt: skip
     else:
         _gemv_tile(x_ptr, out_ptr, qs_b, qh_b, sc_b, mn_b, d_b, dmin_b, M, n_b, n_groups,
                    n_groups, stride_xm, 0, n_out, n_a, s_qs_b, s_qh_b, s_sc_b, s_d_b, magic,
                    pid - tiles_a, 0, 0, QTYPE_B, WPG_B, HAS_MIN_B, BLOCK_M, BLOCK_N_B,
-                   BLOCK_G_B, NUM_STAGES, PRELOAD, USE_ASM, PDL)  # fmt: skip
+                   BLOCK_G_B, NUM_STAGES, PRELOAD, USE_ASM, INT8_X, PDL)  # fmt: skip
 
 
 @triton.jit
@@ -373,7 +374,8 @@ def _gemv_tile(
     pid_k,  # split of K
     GATED_OUT: tl.constexpr, QTYPE: tl.constexpr, WPG: tl.constexpr, HAS_MIN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-    NUM_STAGES: tl.constexpr, PRELOAD: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PRELOAD: tl.constexpr, USE_ASM: tl.constexpr,
+    INT8_X: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program of the decode GEMV (see the module docstring): rows pid_n * BLOCK_N.. of the
     weight over split pid_k of K, for every activation row. With GATED_OUT (one split) the weight
@@ -413,7 +415,7 @@ def _gemv_tile(
         a_lo, a_hi, c = _scale_maps(QTYPE, s0, s1, s2, s3)  # [BN, BG]
         acc = _gemv_step(acc, x_ptr, M, stride_xm, n_groups, g_begin, g_end, lo, hi, a_lo, a_hi,
                          c, magic, QTYPE, WPG, HAS_MIN, BLOCK_M, BLOCK_N, BLOCK_G,
-                         USE_ASM)  # fmt: skip
+                         USE_ASM, INT8_X)  # fmt: skip
         g_loop = g_begin + BLOCK_G
     NW: tl.constexpr = BLOCK_G * WPG  # words per row per K step
     j = tl.arange(0, NW)
@@ -432,7 +434,7 @@ def _gemv_tile(
         a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp[None, :],
                                       gmask, s_sc, s_d)  # [BN, BG]
         acc = _gemv_step(acc, x_ptr, M, stride_xm, n_groups, g0, g_end, lo, hi, a_lo, a_hi, c,
-                         magic, QTYPE, WPG, HAS_MIN, BLOCK_M, BLOCK_N, BLOCK_G, USE_ASM)
+                         magic, QTYPE, WPG, HAS_MIN, BLOCK_M, BLOCK_N, BLOCK_G, USE_ASM, INT8_X)
     cols = out_col0 + rows
     if GATED_OUT:
         _store_gated(out_ptr, acc, M, N // 2, pid_n, GATED_OUT, BLOCK_M, BLOCK_N)
@@ -470,11 +472,14 @@ def _gemv_step(
     a_lo, a_hi, c,  # [BN, BG] their group maps (_scale_maps)
     magic,
     QTYPE: tl.constexpr, WPG: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, USE_ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, USE_ASM: tl.constexpr, INT8_X: tl.constexpr,
 ):  # fmt: skip
     """acc plus one K step of the decode GEMV: every plane of the step's words times its
     activations, for every activation row. acc is [BN, BG] at M=1 (summed over groups at the
-    end), else [BM, BN]."""
+    end), else [BM, BN]. INT8_X: _gemv_step_int8 instead."""
+    if INT8_X:
+        return _gemv_step_int8(acc, x_ptr, M, stride_xm, g0, g_end, lo, hi, a_lo, a_hi, c, QTYPE,
+                               WPG, HAS_MIN, BLOCK_M, BLOCK_N, BLOCK_G, USE_ASM)  # fmt: skip
     NP: tl.constexpr = 32 // WPG  # planes
     NW: tl.constexpr = BLOCK_G * WPG
     j = tl.arange(0, NW)
@@ -508,6 +513,97 @@ def _gemv_step(
             part += a_hi * tl.sum(tl.reshape(s_hi, (BLOCK_N, BLOCK_G, WPG)), axis=2)
         if HAS_MIN:
             part += c * tl.sum(tl.reshape(xs, (1, BLOCK_G, WPG)), axis=2)
+        if BLOCK_M == 1:
+            acc += part
+        else:
+            acc = tl.where(m_idx[:, None] == m, acc + tl.sum(part, axis=1)[None, :], acc)
+    return acc
+
+
+@triton.jit
+def _dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """c + sum over the four bytes of a (unsigned) times those of b (signed): one IDP4A."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        for k in tl.static_range(4):
+            sb = (b >> (8 * k)) & 0xFF
+            c += ((a >> (8 * k)) & 0xFF) * (sb - ((sb & 0x80) << 1))
+        return c
+
+
+@triton.jit
+def _q8_words(x_ptr, M, stride_xm, m, g0, g_end, BLOCK_G: tl.constexpr):
+    """Activation row m over groups g0.. quantized as q8_activations.quantize_q8_ref: per group
+    of 32, dx = max|x| / 127 and q = round(x / dx) in int8. Returns the q bytes as words
+    [BG, 8] (word j, byte b: q[32g + 8b + j], the plane order of the packed weights: see
+    _gemv_step_int8), dx [BG], and sums of q over each group's first 16 elements and all 32
+    [BG] (exact integers as fp32)."""
+    gi = tl.arange(0, BLOCK_G)[:, None, None]
+    bi = tl.arange(0, 4)[None, :, None]
+    ji = tl.arange(0, 8)[None, None, :]
+    col = (g0 + gi) * 32 + bi * 8 + ji  # [BG, 4, 8]
+    xt = _load_activations(x_ptr + m * stride_xm + col, (g0 + gi < g_end) & (m < M))
+    amax = tl.max(tl.max(tl.abs(xt), axis=2), axis=1)  # [BG]
+    inv = tl.where(amax > 0.0, 127.0 / tl.where(amax > 0.0, amax, 1.0), 0.0)
+    # 1.5 * 2^23 + v rounds v to the nearest integer (ties to even) in the low mantissa bits,
+    # whose low byte is then round(v) in two's complement: no float-to-int conversion
+    v = xt * inv[:, None, None] + 12582912.0
+    qf = v - 12582912.0  # round(x / dx), exact
+    qb = v.to(tl.int32, bitcast=True) & 0xFF
+    words = tl.sum(qb << (bi * 8), axis=1)  # [BG, 8]: the four bytes are disjoint bit fields
+    sq_lo = tl.sum(tl.sum(tl.where(bi < 2, qf, 0.0), axis=2), axis=1)  # elements 0..15
+    sq = tl.sum(tl.sum(qf, axis=2), axis=1)
+    return words, amax * (1.0 / 127.0), sq_lo, sq
+
+
+@triton.jit
+def _gemv_step_int8(
+    acc, x_ptr, M, stride_xm, g0, g_end,
+    lo, hi,  # [BN, NW] prepared words: byte b of word k of a group holds an unsigned plane value
+    a_lo, a_hi, c,  # [BN, BG] group maps (_scale_maps)
+    QTYPE: tl.constexpr, WPG: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, USE_ASM: tl.constexpr,
+):  # fmt: skip
+    """_gemv_step with the activations quantized to int8 per group of 32 (as llama.cpp's MMVQ):
+    four products per IDP4A instead of a decode, an FADD and an FMA per element, which is what
+    bounds the fp32 step below memory bandwidth on big matrices. Result: dequant(w) @ q8(x).
+
+    Byte b of a prepared word k holds plane 2b (lo) / 2b+1 (hi) at WPG = 4, plane b at WPG = 8;
+    plane p of word k is element p * WPG + k, so both pair word k (and k + 4 for hi) with the
+    activation word whose byte b is q[8b + k]: _q8_words' layout. Unsigned plane value u = q + z
+    (zero point z): sum (u - z) xq = dp4a(u, xq) - z * sum(xq). Q6_K's two 16-element scales
+    split bytes 0-1 (elements 0..15) from 2-3."""
+    NW: tl.constexpr = BLOCK_G * WPG
+    m_idx = tl.arange(0, BLOCK_M)
+    # zero points: Q4_0 8, Q5_0 16, Q6_K 32, Q8_0 (stored as q + 128 by _nibbles) 128, else 0
+    Z: tl.constexpr = (8.0 * (QTYPE == 2) + 16.0 * (QTYPE == 6) + 32.0 * (QTYPE == 14)
+                       + 128.0 * (QTYPE == 8))
+    for m in tl.static_range(BLOCK_M):
+        words, dx, sq_lo, sq = _q8_words(x_ptr, M, stride_xm, m, g0, g_end, BLOCK_G)
+        if WPG == 4:  # lo pairs with activation words 0..3 of its group, hi with 4..7
+            xa, xb = tl.split(tl.permute(tl.reshape(words, (BLOCK_G, 2, 4)), (0, 2, 1)))
+            xa = tl.broadcast_to(tl.reshape(xa, (1, NW)), (BLOCK_N, NW))
+            xb = tl.broadcast_to(tl.reshape(xb, (1, NW)), (BLOCK_N, NW))
+            if QTYPE == 14:
+                d_lo = _dp4a(hi, xb & 0xFFFF, _dp4a(lo, xa & 0xFFFF, 0, USE_ASM), USE_ASM)
+                d_hi = _dp4a(hi, xb & -65536, _dp4a(lo, xa & -65536, 0, USE_ASM), USE_ASM)
+            else:
+                d_lo = _dp4a(hi, xb, _dp4a(lo, xa, 0, USE_ASM), USE_ASM)
+        else:  # WPG == 8 (Q8_0): one word, bytes = planes 0..3
+            xa = tl.broadcast_to(tl.reshape(words, (1, NW)), (BLOCK_N, NW))
+            d_lo = _dp4a(lo, xa, 0, USE_ASM)
+        dot_lo = tl.sum(tl.reshape(d_lo, (BLOCK_N, BLOCK_G, WPG)), axis=2).to(tl.float32)
+        if QTYPE == 14:
+            dot_hi = tl.sum(tl.reshape(d_hi, (BLOCK_N, BLOCK_G, WPG)), axis=2).to(tl.float32)
+            part = a_lo * (dot_lo - Z * sq_lo[None, :])
+            part += a_hi * (dot_hi - Z * (sq - sq_lo)[None, :])
+        else:
+            part = a_lo * (dot_lo - Z * sq[None, :])
+            if HAS_MIN:
+                part += c * sq[None, :]
+        part = part * dx[None, :]  # [BN, BG]
         if BLOCK_M == 1:
             acc += part
         else:
@@ -594,6 +690,8 @@ def _quant_gemm_kernel(
 _WPG = {F32: 32, F16: 16, BF16: 16, Q8_0: 8, Q4_0: 4, Q4_1: 4, Q5_0: 4, Q5_1: 4, Q4_K: 4, Q5_K: 4,
         Q6_K: 4}
 _HAS_MIN = (Q4_1, Q5_1, Q4_K, Q5_K)
+# the types the decode GEMV can run with int8 activations (_gemv_step_int8): the quantized ones
+INT8_X_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
 _MAGIC = 0x4B000000  # float32 bits of 2^23
 
 
@@ -625,8 +723,22 @@ def _split_groups(n_groups: int, split_k: int, block_g: int) -> tuple[int, int]:
 
 def gemv_config(qtype: int, m: int, n: int, n_groups: int, num_sms: int,
                 preload: bool | None = None) -> dict:
-    """BLOCK_N, BLOCK_G, SPLIT_K, num_warps, num_stages, PRELOAD for the decode kernel; `preload`
-    (None: gemv_preload()) allows the preloaded whole-row configs of _gemv_config_preloaded.
+    """BLOCK_N, BLOCK_G, SPLIT_K, num_warps, num_stages, PRELOAD, INT8_X for the decode kernel;
+    `preload` (None: gemv_preload()) allows the preloaded whole-row configs of
+    _gemv_config_preloaded; INT8_X as gemv_int8 says."""
+    cfg = _gemv_tiles(qtype, m, n, n_groups, num_sms, preload)
+    return dict(cfg, INT8_X=gemv_int8(qtype, m, n, n_groups))
+
+
+def gemv_int8(qtype: int, m: int, n: int, n_groups: int) -> bool:
+    """Whether the decode GEMV quantizes its activations to int8 (_gemv_step_int8):
+    LLCUDA_GEMV_INT8=1 everywhere it can, 0 (the default) never."""
+    return os.environ.get("LLCUDA_GEMV_INT8", "0") == "1" and qtype in INT8_X_TYPES
+
+
+def _gemv_tiles(qtype: int, m: int, n: int, n_groups: int, num_sms: int,
+                preload: bool | None) -> dict:
+    """gemv_config's tiles.
 
     From the H100 sweep (bench_quant_matmul.py --sweep): at M=1, 128 rows per program and a
     3-stage cp.async pipeline were best on big matrices (Q4_K 4096x14336: 33.5 us vs 38.8 us with
@@ -834,7 +946,7 @@ def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
         GATED_OUT=gated, QTYPE=w.qtype, WPG=_WPG[w.qtype], HAS_MIN=w.qtype in _HAS_MIN,
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"],
         NUM_STAGES=cfg["num_stages"], PRELOAD=cfg.get("PRELOAD", False), USE_ASM=_use_asm(),
-        num_warps=cfg["num_warps"],
+        INT8_X=cfg.get("INT8_X", False) and w.qtype in INT8_X_TYPES, num_warps=cfg["num_warps"],
         **pdl_launch_args(x.device),
     )
     return _reduce_splits(out, partials)
@@ -883,6 +995,8 @@ def quant_gemv_pair(x: torch.Tensor, wa: PackedWeight, wb: PackedWeight,
         BLOCK_N_B=cfg_b["BLOCK_N"], BLOCK_G_B=cfg_b["BLOCK_G"],
         BLOCK_M=max(1, triton.next_power_of_2(m)), NUM_STAGES=cfg_a["num_stages"],
         PRELOAD=cfg_a.get("PRELOAD", False) and cfg_b.get("PRELOAD", False), USE_ASM=_use_asm(),
+        INT8_X=all(c.get("INT8_X", False) for c in configs)
+        and wa.qtype in INT8_X_TYPES and wb.qtype in INT8_X_TYPES,
         num_warps=max(cfg_a["num_warps"], cfg_b["num_warps"]),
         **pdl_launch_args(x.device),
     )  # fmt: skip

@@ -15,11 +15,15 @@ from llcuda.engine.kv_cache_manager import DEFAULT_DECODE_STEPS, kv_cache_groups
 from llcuda.engine.scheduler import SchedulerOutput
 from llcuda.layers.attention import AttentionMetadata, KVCache
 from llcuda.runner.cuda_graphs import DecodeGraphs, PrefillGraphs, pack_step_inputs
+from llcuda.runner.logprobs import LogprobRows, TokenLogprob, compute_logprobs, unpack_logprobs
 from llcuda.runner.sampler import sample, to_device
 from llcuda.structured.bitmask import fill_bitmask
 
 
 class ModelRunner:
+    # launch() handles report SamplingParams.logprobs (SampledTokens.logprobs)
+    supports_logprobs = True
+
     def __init__(
         self,
         model,
@@ -231,16 +235,21 @@ class ModelRunner:
                 return SampledTokens([], None)
             logits = self.model.compute_logits(hidden[logits_indices.to(hidden.device)])
         requests = [item.request for item in sampled_items]
+        params = [r.sampling_params for r in requests]
         # the forward pass is queued: on a GPU the host fills the grammar masks meanwhile
         bitmask = fill_bitmask([r.grammar for r in requests], logits.device)
         token_ids = sample(
             logits,
-            [r.sampling_params for r in requests],
+            params,
             [r.generator for r in requests],
             [r.all_token_ids for r in requests],
             token_bitmask=bitmask,
         )
-        return SampledTokens([r.request_id for r in requests], token_ids)
+        lp_rows = LogprobRows.of(params)
+        logprobs = None
+        if lp_rows is not None:  # only the rows that asked, from the logits the sampler saw
+            logprobs = (lp_rows, compute_logprobs(logits, token_ids, lp_rows))
+        return SampledTokens([r.request_id for r in requests], token_ids, logprobs=logprobs)
 
     def _launch_burst(self, step: SchedulerOutput, num_steps: int, input_ids: torch.Tensor,
                       positions: torch.Tensor, meta: AttentionMetadata) -> SampledTokens:
@@ -265,6 +274,21 @@ class ModelRunner:
         lens = pos + 1
         use_graph = self.graphs is not None and self.graphs.bucket_for(len(requests)) is not None
         tokens: list[torch.Tensor] = []  # [B] per step, stacked once at the end
+        # rows that report log-probs: computed from each step's logits, like its sample
+        lp_rows = LogprobRows.of(params)
+        lp_steps: list[torch.Tensor] = []  # [num_rows, 1 + 2k] per step
+
+        def sample_step(logits: torch.Tensor) -> torch.Tensor:
+            ids = sample(logits, params, generators, history)
+            if lp_rows is not None:
+                lp_steps.append(compute_logprobs(logits, ids, lp_rows))
+            return ids
+
+        def sampled(ids: torch.Tensor) -> SampledTokens:
+            logprobs = None if lp_rows is None else (lp_rows, torch.stack(lp_steps))
+            return SampledTokens([r.request_id for r in requests], torch.stack(tokens), ids,
+                                 logprobs=logprobs)  # fmt: skip
+
         ids = input_ids
         if use_graph:
             # per step: the embedding gather into the graph's input, one copy, the replay and
@@ -275,9 +299,9 @@ class ModelRunner:
             step_inputs = to_device(pack_step_inputs(pos, slots, lens, swa_slots), dev)
             for j in range(num_steps):
                 self.model.embed(ids, out=graphs.x[: len(requests)])
-                ids = sample(graphs.replay(step_inputs[j]), params, generators, history)
+                ids = sample_step(graphs.replay(step_inputs[j]))
                 tokens.append(ids)
-            return SampledTokens([r.request_id for r in requests], torch.stack(tokens), ids)
+            return sampled(ids)
         pos, slots, lens, tables, starts, swa_slots, swa_tables = (
             to_device(t, dev) if t is not None else None
             for t in (pos, slots, lens.to(torch.int32), meta.block_tables, meta.query_start_loc,
@@ -292,9 +316,9 @@ class ModelRunner:
             )  # fmt: skip
             hidden = self.model.forward(self.model.embed(ids), pos[j], {dev: step_meta},
                                         self.kv_caches)  # fmt: skip
-            ids = sample(self.model.compute_logits(hidden), params, generators, history)
+            ids = sample_step(self.model.compute_logits(hidden))
             tokens.append(ids)
-        return SampledTokens([r.request_id for r in requests], torch.stack(tokens), ids)
+        return sampled(ids)
 
 
 class SampledTokens:
@@ -305,9 +329,14 @@ class SampledTokens:
     """
 
     def __init__(self, request_ids: list[str], token_ids: torch.Tensor | None,
-                 last_ids: torch.Tensor | None = None):
+                 last_ids: torch.Tensor | None = None,
+                 logprobs: tuple[LogprobRows, torch.Tensor] | None = None):  # fmt: skip
         self.request_ids = request_ids
         self.event = None
+        # the rows that asked for log-probs and their packed values ([num_rows, W], a burst's
+        # [num_steps, num_rows, W]: runner/logprobs.py), copied to the host with the tokens
+        self._logprob_rows = logprobs[0] if logprobs is not None else None
+        self._logprobs = logprobs[1] if logprobs is not None else None
         # [B] on the device, the last step's tokens: what a chained burst feeds (launch's
         # `after`). A burst passes its last step's own tensor: a row view into the stacked
         # [num_steps, B] may sit at an offset that makes Triton compile the embedding again.
@@ -315,6 +344,10 @@ class SampledTokens:
         if token_ids is not None and token_ids.device.type == "cuda":
             host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
             self.token_ids = host.copy_(token_ids, non_blocking=True)
+            if self._logprobs is not None:  # one more copy before the same event
+                lp = self._logprobs
+                self._logprobs = torch.empty(lp.shape, dtype=lp.dtype, pin_memory=True).copy_(
+                    lp, non_blocking=True)  # fmt: skip
             self.event = torch.cuda.Event()
             self.event.record()
         else:
@@ -329,3 +362,15 @@ class SampledTokens:
         # a burst's tokens are [num_steps, B]: one list per request, in step order
         rows = self.token_ids.T.tolist() if self.token_ids.dim() == 2 else self.token_ids.tolist()
         return dict(zip(self.request_ids, rows, strict=True))
+
+    def logprobs(self) -> dict[str, list[TokenLogprob]]:
+        """After result(): {request_id: [one TokenLogprob per step]} for the rows that asked
+        (a burst's steps in order); {} when none did."""
+        if self._logprob_rows is None or self.token_ids is None:
+            return {}
+        if self.event is not None:
+            self.event.synchronize()  # a no-op after result(): the same event
+        payload, tokens = self._logprobs.tolist(), self.token_ids.tolist()
+        if self.token_ids.dim() == 1:  # one step: as a burst of one
+            payload, tokens = [payload], [tokens]
+        return unpack_logprobs(payload, tokens, self._logprob_rows, self.request_ids)

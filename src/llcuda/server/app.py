@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llcuda import openai_format
 from llcuda.api import InferenceEngine
+from llcuda.logprobs_format import ChunkLogprobs, chat_logprobs, completion_logprobs
 from llcuda.server import schemas
 from llcuda.server.metrics import ServerMetrics, engine_counters, engine_gauges
 from llcuda.server.middleware import APIKeyMiddleware, ServerErrorMiddleware
@@ -292,7 +293,8 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         if req.stream:
             return _sse(pump, final.stream(pump), done_marker=False)
         text = await _collect(pump, request)
-        return {"content": text, "index": 0, **final.summary(pump.stream)}
+        return {"content": text, "index": 0, **final.summary(pump.stream),
+                **final.probabilities(pump.stream)}  # fmt: skip
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
@@ -424,7 +426,9 @@ class _OpenAIFormat:
                        "model": model}  # fmt: skip
 
     def completion(self, stream: TextStream, text: str) -> dict:
-        choice = {"text": text, "index": 0, "logprobs": None,
+        logprobs = stream.result.logprobs
+        logprobs = None if logprobs is None else completion_logprobs(logprobs)
+        choice = {"text": text, "index": 0, "logprobs": logprobs,
                   "finish_reason": stream.result.finish_reason}  # fmt: skip
         return {**self.header, "object": "text_completion", "choices": [choice],
                 "usage": _usage(stream), **self._extras(stream)}  # fmt: skip
@@ -438,7 +442,9 @@ class _OpenAIFormat:
             if calls:
                 message = {"role": "assistant", "content": content or None, "tool_calls": calls}
                 finish_reason = "tool_calls"
-        choice = {"index": 0, "message": message, "logprobs": None,
+        logprobs = stream.result.logprobs
+        logprobs = None if logprobs is None else chat_logprobs(logprobs)
+        choice = {"index": 0, "message": message, "logprobs": logprobs,
                   "finish_reason": finish_reason}  # fmt: skip
         return {**self.header, "object": "chat.completion", "choices": [choice],
                 "usage": _usage(stream), **self._extras(stream)}  # fmt: skip
@@ -456,9 +462,15 @@ class _OpenAIFormat:
         if prefix:
             yield self._chunk(obj, {"text": prefix}, None)
         event = _PieceEvent(self._chunk(obj, {"text": _PieceEvent.SLOT}, None))
+        logprobs = ChunkLogprobs.of(pump.stream, "completion")
         async for piece in pump.pieces():
-            yield event(piece)
+            if logprobs is None:
+                yield event(piece)
+            else:
+                yield logprobs.added(self._chunk(obj, {"text": piece}, None))
         end = self._chunk(obj, {"text": ""}, pump.stream.result.finish_reason)
+        if logprobs is not None:
+            end = logprobs.added(end)
         yield {**end, **self._extras(pump.stream)}
         if include_usage:
             yield {**self.header, "object": obj, "choices": [], "usage": _usage(pump.stream)}
@@ -467,12 +479,17 @@ class _OpenAIFormat:
         obj = "chat.completion.chunk"
         yield self._chunk(obj, {"delta": {"role": "assistant", "content": ""}}, None)
         event = _PieceEvent(self._chunk(obj, {"delta": {"content": _PieceEvent.SLOT}}, None))
+        logprobs = ChunkLogprobs.of(pump.stream, "chat")
         tools = self.tool_stream
         async for piece in pump.pieces():
             if tools is not None:
                 piece = tools.feed(piece)  # what may be a tool call is held back
-            if piece:
+            if not piece:
+                continue  # held tokens' log-probs go with the next chunk that is sent
+            if logprobs is None:
                 yield event(piece)
+            else:
+                yield logprobs.added(self._chunk(obj, {"delta": {"content": piece}}, None))
         finish_reason = pump.stream.result.finish_reason
         if tools is not None:
             content, calls = tools.finish()
@@ -483,6 +500,8 @@ class _OpenAIFormat:
                 yield self._chunk(obj, {"delta": {"tool_calls": deltas}}, None)
                 finish_reason = "tool_calls"
         end = self._chunk(obj, {"delta": {}}, finish_reason)
+        if logprobs is not None:
+            end = logprobs.added(end)
         yield {**end, **self._extras(pump.stream)}
         if include_usage:
             yield {**self.header, "object": obj, "choices": [], "usage": _usage(pump.stream)}
@@ -516,9 +535,20 @@ class _LlamaFormat:
 
     async def stream(self, pump: _Pump):
         event = _PieceEvent({"content": _PieceEvent.SLOT, "stop": False, "index": 0})
+        probs = ChunkLogprobs.of(pump.stream, "llama")
         async for piece in pump.pieces():
-            yield event(piece)
-        yield {"content": "", "index": 0, **self.summary(pump.stream)}
+            if probs is None:
+                yield event(piece)
+            else:
+                yield probs.added({"content": piece, "stop": False, "index": 0})
+        end = {"content": "", "index": 0, **self.summary(pump.stream)}
+        yield end if probs is None else probs.added(end)
+
+    @staticmethod
+    def probabilities(stream: TextStream) -> dict:
+        """A whole answer's `completion_probabilities` (with n_probs), else nothing."""
+        entries = stream.result.logprobs
+        return {} if entries is None else {"completion_probabilities": entries}
 
 
 # --- running it -----------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from llcuda.sampling_params import DEFAULT_TEMPERATURE
+from llcuda.logprobs_format import OPENAI_MAX_LOGPROBS
+from llcuda.sampling_params import DEFAULT_TEMPERATURE, MAX_LOGPROBS
 
 _MISSING = object()
 _SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds below this
@@ -336,15 +337,15 @@ _OPENAI_DEFAULTS = {"max_tokens": None, "temperature": DEFAULT_TEMPERATURE, "top
 def parse_completion(body: dict, ctx_size: int) -> GenerateRequest:
     """POST /v1/completions."""
     prompt = get_prompt(body)
-    if body.get("logprobs") not in (None, 0):
-        raise bad("'logprobs' is not supported", "logprobs")
     stream = get_bool(body, "stream", False)
+    echo = get_bool(body, "echo", False)
     return GenerateRequest(
         sampling={**_sampling(body, ctx_size, "max_tokens", _OPENAI_DEFAULTS),
-                  **get_constraint(body, ("response_format",))},
+                  "logprobs": completion_logprobs_field(body, echo),
+                  **get_constraint(body, ("response_format",))},  # fmt: skip
         stream=stream,
         prompt=prompt,
-        echo=get_bool(body, "echo", False),
+        echo=echo,
         include_usage=_stream_options(body, stream),
         return_tokens=get_bool(body, "return_tokens", False),
     )
@@ -357,15 +358,14 @@ def parse_chat(body: dict, ctx_size: int) -> GenerateRequest:
     messages = body["messages"]
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
-    if body.get("logprobs") not in (None, False):
-        raise bad("'logprobs' is not supported", "logprobs")
     stream = get_bool(body, "stream", False)
     defaults = {**_OPENAI_DEFAULTS, "max_aliases": ("max_completion_tokens",)}
     tools = get_tools(body)
     return GenerateRequest(
         sampling={**_sampling(body, ctx_size, "max_tokens", defaults),
+                  "logprobs": chat_logprobs_field(body),
                   **get_constraint(body, ("response_format",)),
-                  **({"tools": tools} if tools is not None else {})},
+                  **({"tools": tools} if tools is not None else {})},  # fmt: skip
         stream=stream,
         messages=messages,
         include_usage=_stream_options(body, stream),
@@ -379,11 +379,42 @@ def parse_llama_completion(body: dict, ctx_size: int) -> GenerateRequest:
     defaults = {"max_tokens": None, "temperature": 0.8, "top_p": 0.95}
     return GenerateRequest(
         sampling={**_sampling(body, ctx_size, "n_predict", defaults),
+                  "logprobs": n_probs_field(body),
                   **get_constraint(body, ("grammar", "json_schema", "response_format"))},
         stream=get_bool(body, "stream", False),
         prompt=get_prompt(body),
         return_tokens=get_bool(body, "return_tokens", False),
     )
+
+
+# --- log-probs: each route's fields as SamplingParams.logprobs (None: none asked for) -------------
+
+def completion_logprobs_field(body: dict, echo: bool) -> int | None:
+    """/v1/completions `logprobs`: the alternatives per token, 0-20 (0: the sampled token's
+    log-prob only)."""
+    logprobs = get_int(body, "logprobs", None, low=0, high=OPENAI_MAX_LOGPROBS)
+    if logprobs is not None and echo:
+        raise bad("'logprobs' with 'echo' (the prompt's log-probs) is not supported", "logprobs")
+    return logprobs
+
+
+def chat_logprobs_field(body: dict) -> int | None:
+    """/v1/chat/completions `logprobs` (true/false) and `top_logprobs` (0-20, needs logprobs)."""
+    logprobs = get_bool(body, "logprobs", False)
+    top = get_int(body, "top_logprobs", None, low=0, high=OPENAI_MAX_LOGPROBS)
+    if top is not None and not logprobs:
+        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if logprobs else None
+
+
+def n_probs_field(body: dict) -> int | None:
+    """/completion `n_probs` (llama-server): 0, its default, reports none. Its probabilities
+    are the model's raw ones; `post_sampling_probs` (after the sampler chain) is not offered."""
+    if get_bool(body, "post_sampling_probs", False):
+        raise bad("'post_sampling_probs' is not supported: n_probs reports the model's raw "
+                  "log-probs", "post_sampling_probs")  # fmt: skip
+    n_probs = get_int(body, "n_probs", 0, low=0, high=MAX_LOGPROBS)
+    return n_probs or None
 
 
 # --- structured output and tools ------------------------------------------------------------------
