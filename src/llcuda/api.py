@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import os
 import sys
 import threading
@@ -42,6 +43,8 @@ from llcuda.streams import InferResult, TextStream
 _EXTRA_SAMPLING_ARGS = ("min_p", "repeat_penalty", "repeat_last_n", "ignore_eos")
 # logprobs=N: each token's log-prob and its N most likely alternatives in InferResult.logprobs
 _EXTRA_SAMPLING_ARGS += ("logprobs",)
+# ... and these name a structured-output constraint (llcuda.structured.request_args)
+_CONSTRAINT_ARGS = ("response_format", "grammar", "json_schema")
 # load_model(**kwargs) may set these EngineConfig fields beyond the explicit arguments
 _EXTRA_ENGINE_ARGS = (
     "block_size", "device", "seed", "enable_prefix_caching", "num_scheduler_steps", "swa_full",
@@ -278,7 +281,7 @@ class InferenceEngine:
     ) -> InferResult:
         """Complete `prompt`. Bad arguments raise ValueError; engine errors give success=False."""
         params = _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, kwargs)
-        return self._start_prompt(prompt, params).consume()
+        return _with_structure(self._start_prompt(prompt, params).consume(), params)
 
     def infer_stream(
         self,
@@ -316,7 +319,7 @@ class InferenceEngine:
             return self._remote.batch(checked, params, self._metrics)
         encoded = [self._encode_prompt(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
         streams = [self._submit(ids, dataclasses.replace(params)) for ids in encoded]
-        return [s.consume() for s in streams]
+        return [_with_structure(s.consume(), params) for s in streams]
 
     def chat(
         self,
@@ -329,9 +332,14 @@ class InferenceEngine:
         stop: str | list[str] | None = None,
         **kwargs: Any,
     ) -> InferResult:
-        """Answer a conversation ([{"role": "user", "content": "..."}]) with the chat template."""
+        """Answer a conversation ([{"role": "user", "content": "..."}]) with the chat template.
+
+        tools / tool_choice (OpenAI's): the result's tool_calls are parsed from the answer."""
+        tools = _pop_tools(kwargs)
         params = _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, kwargs)
-        return self._start_chat(messages, params).consume()
+        params = self._tool_params(params, tools)
+        result = self._start_chat(messages, params, tools).consume()
+        return _with_structure(result, params, tools, self._tool_format())
 
     def chat_stream(
         self,
@@ -344,8 +352,11 @@ class InferenceEngine:
         stop: str | list[str] | None = None,
         **kwargs: Any,
     ) -> TextStream | RemoteStream:
+        """Like chat, but yields text pieces (tool calls are not parsed: see
+        create_chat_completion(stream=True) for streamed tool_calls)."""
+        tools = _pop_tools(kwargs)
         params = _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, kwargs)
-        return self._start_chat(messages, params)
+        return self._start_chat(messages, self._tool_params(params, tools), tools)
 
     # --- tokens, metrics ------------------------------------------------------------------------
 
@@ -389,10 +400,15 @@ class InferenceEngine:
         stream: bool = False,
         seed: int | None = None,
         echo: bool = False,
+        response_format: dict | None = None,
+        grammar: str | None = None,
+        json_schema: dict | str | None = None,
         logprobs: int | None = None,
     ) -> dict | Iterator[dict]:
         """A `text_completion` dict (or, with stream=True, an iterator of chunks). logprobs=N
-        (0-20): OpenAI's legacy `choices[].logprobs` with N alternatives per token."""
+        (0-20): OpenAI's legacy `choices[].logprobs` with N alternatives per token.
+
+        response_format / grammar (GBNF) / json_schema constrain the output (one of them)."""
         _check_bool(stream, "stream")
         _check_bool(echo, "echo")
         _check_openai_logprobs(logprobs, "logprobs")
@@ -404,10 +420,12 @@ class InferenceEngine:
             ids = self._check_ids(prompt)
         params = _sampling_params(
             self._openai_max_tokens(max_tokens, ids), temperature, top_k, top_p, seed, stop,
-            {"min_p": min_p, "repeat_penalty": repeat_penalty, "logprobs": logprobs},
+            {"min_p": min_p, "repeat_penalty": repeat_penalty, "logprobs": logprobs,
+             **_constraint_args(response_format, grammar, json_schema)},
         )  # fmt: skip
         prefix = (prompt if isinstance(prompt, str) else self.detokenize(ids)) if echo else ""
         if self._remote is not None:
+            _local_only(params)
             text_stream = self._remote.complete(ids or prompt, params, self._metrics)
         else:
             text_stream = self._submit(ids, params)
@@ -426,40 +444,80 @@ class InferenceEngine:
         seed: int | None = None,
         max_tokens: int | None = None,
         repeat_penalty: float = 1.0,
+        response_format: dict | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        grammar: str | None = None,
+        json_schema: dict | str | None = None,
         logprobs: bool | None = None,
         top_logprobs: int | None = None,
     ) -> dict | Iterator[dict]:
         """A `chat.completion` dict (or, with stream=True, `chat.completion.chunk` dicts).
-        logprobs=True: `choices[].logprobs.content`, with top_logprobs (0-20) alternatives."""
+        logprobs=True: `choices[].logprobs.content`, with top_logprobs (0-20) alternatives.
+
+        response_format / grammar / json_schema constrain the answer; tools + tool_choice
+        ("auto", "none", "required" or {"type": "function", "function": {"name": ...}}) give
+        `message.tool_calls` (streamed as `delta.tool_calls`), finish_reason "tool_calls"."""
         _check_bool(stream, "stream")
         num_logprobs = _chat_logprobs(logprobs, top_logprobs)
+        spec = _pop_tools({"tools": tools, "tool_choice": tool_choice})
         if self._remote is not None:  # the server applies its chat template
             messages, ids = _check_messages(messages), None
         else:
-            ids = self._encode_chat(messages)
+            ids = self._encode_chat(messages, spec)
         params = _sampling_params(
             self._openai_max_tokens(max_tokens, ids), temperature, top_k, top_p, seed, stop,
-            {"min_p": min_p, "repeat_penalty": repeat_penalty, "logprobs": num_logprobs},
+            {"min_p": min_p, "repeat_penalty": repeat_penalty, "logprobs": num_logprobs,
+             **_constraint_args(response_format, grammar, json_schema)},
         )  # fmt: skip
+        params = self._tool_params(params, spec)
         if ids is None:
-            text_stream = self._start_chat(messages, params)
+            text_stream = self._start_chat(messages, params, spec)
         else:
             text_stream = self._submit(ids, params)
+        tool_stream = None
+        if spec is not None and spec.choice != "none":
+            from llcuda.structured.tool_calls import ToolCallStream
+
+            tool_stream = ToolCallStream(self._tool_format(), spec.names)
         body = openai_format.chat_chunks if stream else openai_format.chat_completion
-        return body(text_stream, self._model_name())
+        return body(text_stream, self._model_name(), tool_stream)
 
     # --- internals ------------------------------------------------------------------------------
 
     def _start_prompt(self, prompt: Any, params: SamplingParams) -> TextStream | RemoteStream:
         """Submit one completion request, to the local engine or to the server."""
         if self._remote is not None:
+            _local_only(params)
             return self._remote.complete(_check_text(prompt, "prompt"), params, self._metrics)
         return self._submit(self._encode_prompt(prompt), params)
 
-    def _start_chat(self, messages: Any, params: SamplingParams) -> TextStream | RemoteStream:
+    def _start_chat(self, messages: Any, params: SamplingParams,
+                    tools: Any = None) -> TextStream | RemoteStream:  # fmt: skip
         if self._remote is not None:
+            _local_only(params, tools)
             return self._remote.chat(_check_messages(messages), params, self._metrics)
-        return self._submit(self._encode_chat(messages), params)
+        return self._submit(self._encode_chat(messages, tools), params)
+
+    def _tool_format(self) -> str:
+        from llcuda.structured.tool_calls import tool_format
+
+        loaded = self._loaded
+        return tool_format(getattr(loaded.chat_template, "source", "") if loaded else "")
+
+    def _tool_params(self, params: SamplingParams, tools: Any) -> SamplingParams:
+        """params with tool_choice required / named's grammar (a call in the model's format)."""
+        if tools is None or self._remote is not None:
+            return params
+        from llcuda.structured.tool_calls import tool_constraint
+
+        constraint = tool_constraint(tools, self._tool_format())
+        if constraint is None:
+            return params
+        if params.structured is not None:
+            raise ValueError(f"tool_choice {tools.choice!r} constrains the answer to a tool call: "
+                             f"it cannot be combined with response_format, grammar or json_schema")
+        return dataclasses.replace(params, structured=constraint)
 
     def _require_loaded(self) -> Any:
         loaded = self._loaded
@@ -477,11 +535,17 @@ class InferenceEngine:
         ids = self._require_loaded().tokenizer.encode(prompt, add_special=True, parse_special=True)
         return self._check_length(list(ids), name)
 
-    def _encode_chat(self, messages: Any) -> list[int]:
+    def _encode_chat(self, messages: Any, tools: Any = None) -> list[int]:
         loaded = self._require_loaded()
         messages = _check_messages(messages)
         template = loaded.chat_template
-        text = template.render(messages, add_generation_prompt=True)
+        render_args: dict = {}
+        if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            from llcuda.structured.tool_calls import chat_with_tools
+
+            messages, render_args = chat_with_tools(getattr(template, "source", ""), messages,
+                                                    tools)  # fmt: skip
+        text = template.render(messages, add_generation_prompt=True, **render_args)
         # a template that writes <bos> itself must not get a second one from the tokenizer
         ids = loaded.tokenizer.encode(text, add_special=not template.adds_bos, parse_special=True)
         return self._check_length(list(ids), "messages")
@@ -559,11 +623,18 @@ def _load_notices(loaded: Any) -> list[str]:
 
 
 def _sampling_params(max_tokens, temperature, top_k, top_p, seed, stop, extra) -> SamplingParams:
-    unknown = sorted(set(extra) - set(_EXTRA_SAMPLING_ARGS))
+    extra = dict(extra)
+    constraint = {name: extra.pop(name) for name in _CONSTRAINT_ARGS if name in extra}
+    if constraint:
+        from llcuda.structured.request_args import constraint_from_args
+
+        extra["structured"] = constraint_from_args(**constraint)
+    unknown = sorted(set(extra) - {*_EXTRA_SAMPLING_ARGS, "structured"})
     if unknown:
         raise ValueError(
             f"unknown argument(s) {', '.join(unknown)}; "
-            f"extra sampling arguments may be: {', '.join(_EXTRA_SAMPLING_ARGS)}"
+            f"extra sampling arguments may be: "
+            f"{', '.join(_EXTRA_SAMPLING_ARGS + _CONSTRAINT_ARGS)}"
         )
     if stop is not None and not isinstance(stop, (str, list, tuple)):
         raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
@@ -595,6 +666,47 @@ def _chat_logprobs(logprobs: Any, top_logprobs: Any) -> int | None:
             raise ValueError("top_logprobs needs logprobs=True")
         return None
     return top_logprobs or 0
+
+
+def _constraint_args(response_format: Any, grammar: Any, json_schema: Any) -> dict:
+    given = {"response_format": response_format, "grammar": grammar, "json_schema": json_schema}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _pop_tools(kwargs: dict) -> Any:
+    """The checked ToolSpec of kwargs' tools / tool_choice (removed from kwargs), or None."""
+    tools, choice = kwargs.pop("tools", None), kwargs.pop("tool_choice", None)
+    if tools is None and choice is None:
+        return None
+    from llcuda.structured.tool_calls import ToolSpec, check_tools
+
+    if isinstance(tools, ToolSpec) and choice is None:  # checked already (the server's)
+        return tools
+
+    return check_tools(tools, choice)
+
+
+def _local_only(params: SamplingParams, tools: Any = None) -> None:
+    if params.structured is not None or tools is not None:
+        raise ValueError("structured output and tools run on a local model only; with "
+                         "server_url, send them to the server's OpenAI API")  # fmt: skip
+
+
+def _with_structure(result: InferResult, params: SamplingParams, tools: Any = None,
+                    fmt: str = "json") -> InferResult:  # fmt: skip
+    """result with `parsed` (a complete JSON answer) and `tool_calls` filled in."""
+    constraint = params.structured
+    if constraint is not None and constraint.is_json and result.finish_reason == "stop":
+        try:
+            result.parsed = json.loads(result.text)
+        except ValueError:
+            pass  # a stop string cut it short: the text is what the model wrote
+    if tools is not None and tools.choice != "none" and result.success:
+        from llcuda.structured.tool_calls import parse_tool_calls
+
+        _, calls = parse_tool_calls(result.text, fmt, tools.names)
+        result.tool_calls = calls or None
+    return result
 
 
 def _check_bool(value: Any, name: str) -> bool:

@@ -98,7 +98,43 @@ def _add_generate(subparsers) -> None:
     )
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar, no notices, no timings")  # fmt: skip
+    _add_constraint(p)
     p.set_defaults(func=_generate)
+
+
+def _add_constraint(p: argparse.ArgumentParser) -> None:
+    """llama-cli's output constraints (llcuda.structured): one of them."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--grammar", default=None, metavar="GBNF",
+                       help="constrain the output to this GBNF grammar")  # fmt: skip
+    group.add_argument("--grammar-file", default=None, metavar="FILE",
+                       help="constrain the output to the GBNF grammar in FILE")  # fmt: skip
+    group.add_argument("--json-schema", "-j", default=None, metavar="SCHEMA_OR_FILE",
+                       help="constrain the output to JSON matching this schema (inline JSON, "
+                       "or a file holding it)")  # fmt: skip
+
+
+def _constraint_args(args: argparse.Namespace) -> dict:
+    """The constraint as infer keyword arguments, checked before the model loads."""
+    grammar, schema = args.grammar, args.json_schema
+    if args.grammar_file is not None:
+        grammar = _read_text(args.grammar_file, "--grammar-file")
+    if schema is not None and not schema.lstrip().startswith("{"):
+        schema = _read_text(schema, "--json-schema")
+    given = {k: v for k, v in (("grammar", grammar), ("json_schema", schema)) if v is not None}
+    if given:
+        from llcuda.structured.request_args import constraint_from_args
+
+        constraint_from_args(**given)  # a ValueError now, before a minute of loading
+    return given
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{option}: cannot read {path!r}: {exc}") from None
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -106,6 +142,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     verbose = not args.quiet
     extra = _engine_extra(args)
+    constraint = _constraint_args(args)
     with InferenceEngine() as engine:
         # one request: one slot (an automatic n_parallel would only capture more CUDA graphs)
         engine.load_model(args.model, gpu_layers=args.gpu_layers, ctx_size=args.ctx_size,
@@ -113,7 +150,7 @@ def _generate(args: argparse.Namespace) -> int:
         sampling = dict(
             max_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k,
             top_p=args.top_p, seed=args.seed, stop=args.stop, min_p=args.min_p,
-            repeat_penalty=args.repeat_penalty,
+            repeat_penalty=args.repeat_penalty, **constraint,
         )  # fmt: skip
         if args.chat:
             stream = engine.chat_stream([{"role": "user", "content": args.prompt}], **sampling)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from llcuda.logprobs_format import ChunkLogprobs, chat_logprobs, completion_logprobs
 from llcuda.streams import InferResult, TextStream
@@ -74,16 +75,25 @@ def completion_chunks(stream: TextStream, prefix: str, model: str):
     return gen()
 
 
-def chat_completion(stream: TextStream, model: str) -> dict:
+def chat_completion(stream: TextStream, model: str, tool_stream: Any = None) -> dict:
+    """tool_stream: a llcuda.structured ToolCallStream where the request had tools."""
     result = _finished(stream)
+    message = {"role": "assistant", "content": result.text}
+    finish_reason = result.finish_reason
+    if tool_stream is not None:
+        tool_stream.feed(result.text)
+        content, calls = tool_stream.finish()
+        if calls:
+            message = {"role": "assistant", "content": content or None, "tool_calls": calls}
+            finish_reason = "tool_calls"
     logprobs = None if result.logprobs is None else chat_logprobs(result.logprobs)
-    choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-              "logprobs": logprobs, "finish_reason": result.finish_reason}  # fmt: skip
+    choice = {"index": 0, "message": message, "logprobs": logprobs,
+              "finish_reason": finish_reason}  # fmt: skip
     return {**_header("chat.completion", model), "choices": [choice],
             "usage": usage(result)}  # fmt: skip
 
 
-def chat_chunks(stream: TextStream, model: str):
+def chat_chunks(stream: TextStream, model: str, tool_stream: Any = None):
     header = _header("chat.completion.chunk", model)
 
     logprobs = ChunkLogprobs.of(stream, "chat")  # None unless asked for
@@ -97,10 +107,25 @@ def chat_chunks(stream: TextStream, model: str):
         try:
             yield chunk({"role": "assistant"}, None)
             for piece in stream:
-                yield chunk({"content": piece}, None)
-            yield chunk({}, stream.result.finish_reason)
+                if tool_stream is not None:
+                    piece = tool_stream.feed(piece)
+                if piece:
+                    yield chunk({"content": piece}, None)
+            finish_reason = stream.result.finish_reason
+            if tool_stream is not None:
+                content, calls = tool_stream.finish()
+                if content:
+                    yield chunk({"content": content}, None)
+                if calls:
+                    yield chunk({"tool_calls": tool_call_deltas(calls)}, None)
+                    finish_reason = "tool_calls"
+            yield chunk({}, finish_reason)
         finally:
             stream.close()
 
     return gen()
 
+
+def tool_call_deltas(calls: list[dict]) -> list[dict]:
+    """OpenAI's streamed `delta.tool_calls`: each call whole, with its index."""
+    return [{"index": i, **call} for i, call in enumerate(calls)]

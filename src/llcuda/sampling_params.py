@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llcuda.structured.constraint import StructuredOutput
 
 # llama.cpp's default temperature (common_params_sampling.temp, llama-server's and llama-cli's
 # `--temp`): InferenceEngine's methods, `llcuda generate` and the server's /completion use it
@@ -39,6 +43,8 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # structured output: the output must match this JSON schema / grammar (llcuda.structured)
+    structured: StructuredOutput | None = None
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
@@ -69,6 +75,18 @@ class SamplingParams:
                     f"logprobs must be <= {MAX_LOGPROBS} (top alternatives per token), "
                     f"got {self.logprobs}"
                 )
+        self._check_structured()
+
+    def _check_structured(self) -> None:
+        if self.structured is None:
+            return
+        from llcuda.structured.constraint import StructuredOutput
+
+        if not isinstance(self.structured, StructuredOutput):
+            raise ValueError(
+                f"structured must be a llcuda.structured.StructuredOutput, got "
+                f"{type(self.structured).__name__}"
+            )
 
     @property
     def greedy(self) -> bool:

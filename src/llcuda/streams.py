@@ -37,6 +37,10 @@ class InferResult:
     error_message: str | None = None
     token_ids: list[int] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens whose KV blocks came from the prefix cache
+    # structured output (set by InferenceEngine): the output as JSON where the request asked for
+    # JSON and it completed; the tool calls parsed from it where the request had tools
+    parsed: Any = None
+    tool_calls: list[dict] | None = None
     # with logprobs=N: one entry per generated token, {id, token, bytes, logprob, top_logprobs}
     # (llcuda.logprobs_format); None when the request asked for none
     logprobs: list[dict] | None = None

@@ -65,13 +65,13 @@ def bound_socket() -> socket.socket:
     return sock
 
 
-def start_server(model: str, **load_kwargs):
+def start_server(model: str, ctx_size: int = CTX_SIZE, **load_kwargs):
     """Load `model` on the CPU and serve it on a free port of 127.0.0.1; a generator that yields
     the RunningServer and stops it when resumed (for module-scoped fixtures)."""
     from llcuda.server.app import make_server
 
     engine = InferenceEngine()
-    engine.load_model(model, ctx_size=CTX_SIZE, n_parallel=N_PARALLEL, device="cpu",
+    engine.load_model(model, ctx_size=ctx_size, n_parallel=N_PARALLEL, device="cpu",
                       verbose=False, **load_kwargs)  # fmt: skip
     sock = bound_socket()
     port = sock.getsockname()[1]

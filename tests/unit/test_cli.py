@@ -416,3 +416,25 @@ def test_info_on_wrongly_typed_tokens_is_no_traceback(tmp_path, capsys):
     w.close()
     assert cli.main(["info", str(path)]) == 0
     assert "(vocab ?)" in capsys.readouterr().out
+
+
+def test_generate_grammar_file_and_json_schema_reach_infer(fake_engine, tmp_path):
+    grammar = tmp_path / "g.gbnf"
+    grammar.write_text('root ::= "yes" | "no"\n')
+    assert cli.main(["generate", "x", "-q", "--grammar-file", str(grammar)]) == 0
+    assert fake_engine.instances[0].calls[1][2]["grammar"] == 'root ::= "yes" | "no"\n'
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "object"}')
+    assert cli.main(["generate", "x", "-q", "--json-schema", str(schema)]) == 0
+    assert fake_engine.instances[1].calls[1][2]["json_schema"] == '{"type": "object"}'
+    assert cli.main(["generate", "x", "-q", "--json-schema", '{"type": "string"}']) == 0
+
+
+def test_generate_bad_grammar_fails_before_loading(fake_engine, tmp_path, capsys):
+    bad = tmp_path / "bad.gbnf"
+    bad.write_text("root ::= nothing\n")
+    assert cli.main(["generate", "x", "--grammar-file", str(bad)]) == 1
+    assert "Rule 'nothing' not found" in capsys.readouterr().err
+    assert fake_engine.instances == []  # no engine made, nothing loaded
+    assert cli.main(["generate", "x", "--json-schema", str(tmp_path / "missing.json")]) == 1
+    assert "--json-schema: cannot read" in capsys.readouterr().err

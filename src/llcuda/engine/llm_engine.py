@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,6 +28,8 @@ from llcuda.engine.kv_cache_manager import KVCacheGroup, KVCacheManager
 from llcuda.engine.request import Request, RequestStatus
 from llcuda.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from llcuda.sampling_params import SamplingParams
+
+_log = logging.getLogger("llcuda.engine")
 
 
 @dataclass
@@ -150,6 +153,7 @@ class LLMEngine:
         # (step, num_steps, handle) of a burst queued behind the one step() waits for
         self._ahead: tuple[SchedulerOutput, int, Any] | None = None
         self.num_steps = 0
+        self._grammar_compiler: Any = None  # llcuda.structured's, made at the first constraint
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -180,6 +184,10 @@ class LLMEngine:
                 f"prompt has {len(prompt_token_ids)} tokens but ctx_size is {ctx} "
                 f"(at least one token must be left to generate)"
             )
+        if params.structured is not None:
+            # a grammar this vocabulary cannot take is refused here, not on the engine thread;
+            # the first call builds the vocabulary's tables (~2 s at 262k tokens)
+            self._compiler().new_state(params.structured)
 
     def add_request(
         self,
@@ -214,6 +222,8 @@ class LLMEngine:
             self._pending.append(self._output(request, [], ""))
             return request_id
         request.detokenizer = self._new_detokenizer()
+        if params.structured is not None:
+            request.grammar = self._compiler().new_state(params.structured)
         self.scheduler.add_request(request)
         return request_id
 
@@ -267,6 +277,7 @@ class LLMEngine:
         self.num_steps += num_steps
         before = {item.request_id: item.request.num_output_tokens for item in step.scheduled}
         finished = {r.request_id for r in self.scheduler.update_from_output(step, sampled)}
+        finished |= self._advance_grammars(step, before)
         # requests finished before this step's token arrived (aborted; with overlap, a stop
         # string in the previous tokens) drop it
         self._held = [
@@ -302,6 +313,8 @@ class LLMEngine:
                 return 1
             if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
                 return 1
+            if item.request.grammar is not None:
+                return 1  # its next mask needs this token: the host's matcher goes step by step
             # the token sampled at position ctx_size - 2 fills the context and ends the request
             room = min(room, self.config.ctx_size - 1 - (item.start_pos + ahead))
             left = params.max_tokens - item.request.num_output_tokens - ahead
@@ -399,7 +412,8 @@ class LLMEngine:
         emitted: list[str] = []
         for i, token_id in enumerate(new_ids):
             last = i == len(new_ids) - 1
-            finished_by_eog = last and request.finish_reason == "stop"  # the scheduler saw EOG
+            # the scheduler saw EOG (a grammar that ended the request ended it on text)
+            finished_by_eog = last and request.finish_reason == "stop" and token_id in self.eog_ids
             text = "" if finished_by_eog else request.detokenizer.push(token_id)
             final = last and request.is_finished
             if final:
@@ -451,6 +465,40 @@ class LLMEngine:
             finished_time=request.finished_time,
             new_logprobs=_new_logprobs(request, len(token_ids)),
         )
+
+    # --- structured output ----------------------------------------------------------------------
+
+    def _compiler(self) -> Any:
+        if self._grammar_compiler is None:
+            from llcuda.structured.grammar_state import GrammarCompiler
+            from llcuda.structured.vocabulary import llg_tokenizer
+
+            self._grammar_compiler = GrammarCompiler(llg_tokenizer(self.tokenizer, self.eog_ids))
+        return self._grammar_compiler
+
+    def _advance_grammars(self, step: SchedulerOutput, before: dict[str, int]) -> set[str]:
+        """Feed each constrained request the tokens this step gave it; end ("stop") those whose
+        grammar is complete. A token the grammar refuses (only a bug could sample one) ends the
+        request too, with the matcher's error logged. Returns the ids it ended."""
+        ended: set[str] = set()
+        for item in step.scheduled:
+            request = item.request
+            state = request.grammar
+            if state is None or request.finish_reason == "abort":
+                continue
+            new = request.output_token_ids[before[item.request_id]:]
+            if not new:
+                continue
+            ok = state.accept(new)
+            if not ok:
+                _log.error("request %s: sampled token broke its grammar: %s",
+                           request.request_id, state.error)  # fmt: skip
+            if not ok or state.is_finished:
+                if request.is_finished:  # max_tokens on the grammar's last token: complete
+                    request.set_finished("stop")
+                elif self.scheduler.finish_request(request.request_id, "stop"):
+                    ended.add(request.request_id)
+        return ended
 
     def _seed(self, params: SamplingParams) -> int | None:
         # llama.cpp's --seed is every request's default seed

@@ -123,6 +123,9 @@ class Request:
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
 
+        # structured output: a llcuda.structured GrammarState, advanced by each accepted token
+        self.grammar: Any = None
+
         # text state, owned by the engine layer (LLMEngine)
         self.detokenizer: Any = None  # IncrementalDetokenizer-like: push(id) -> str, flush() -> str
         self.pending_text = ""  # decoded but held back: might be the start of a stop string

@@ -17,6 +17,7 @@ from llcuda.layers.attention import AttentionMetadata, KVCache
 from llcuda.runner.cuda_graphs import DecodeGraphs, PrefillGraphs, pack_step_inputs
 from llcuda.runner.logprobs import LogprobRows, TokenLogprob, compute_logprobs, unpack_logprobs
 from llcuda.runner.sampler import sample, to_device
+from llcuda.structured.bitmask import fill_bitmask
 
 
 class ModelRunner:
@@ -235,11 +236,14 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[logits_indices.to(hidden.device)])
         requests = [item.request for item in sampled_items]
         params = [r.sampling_params for r in requests]
+        # the forward pass is queued: on a GPU the host fills the grammar masks meanwhile
+        bitmask = fill_bitmask([r.grammar for r in requests], logits.device)
         token_ids = sample(
             logits,
             params,
             [r.generator for r in requests],
             [r.all_token_ids for r in requests],
+            token_bitmask=bitmask,
         )
         lp_rows = LogprobRows.of(params)
         logprobs = None
@@ -250,6 +254,9 @@ class ModelRunner:
     def _launch_burst(self, step: SchedulerOutput, num_steps: int, input_ids: torch.Tensor,
                       positions: torch.Tensor, meta: AttentionMetadata) -> SampledTokens:
         requests = [item.request for item in step.scheduled]
+        if any(r.grammar is not None for r in requests):
+            raise ValueError("a decode burst cannot take a constrained request (structured "
+                             "output needs its matcher advanced between steps)")  # fmt: skip
         params = [r.sampling_params for r in requests]
         generators = [r.generator for r in requests]
         # history feeds only the repeat penalty, which the engine keeps out of bursts

@@ -25,6 +25,7 @@ import torch
 
 from llcuda.kernels import ops
 from llcuda.sampling_params import SamplingParams
+from llcuda.structured.bitmask import TokenBitmask, apply_token_bitmask
 
 
 def sample(
@@ -32,12 +33,15 @@ def sample(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     history: Sequence[Sequence[int]],
+    token_bitmask: TokenBitmask | None = None,
 ) -> torch.Tensor:
     """Pick one token per row.
 
     logits: [num_seqs, vocab] float32 (any device; not modified).
     params / generators / history: one per row; history is the row's tokens so far (prompt and
     output), read for the repeat penalty.
+    token_bitmask: the allowed tokens of the constrained rows (structured output), applied first:
+    every later filter and the sample see only allowed tokens.
     Returns [num_seqs] int64 on logits.device. The caller's `.tolist()` is the only host sync.
     """
     if logits.dim() != 2:
@@ -51,6 +55,8 @@ def sample(
     if num_seqs == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     logits = apply_repeat_penalty(logits.float(), params, history)  # [num_seqs, vocab]
+    if token_bitmask is not None:
+        logits = apply_token_bitmask(logits, token_bitmask)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if len(rows) == num_seqs:
         return _sample_random(logits, params, generators)

@@ -213,6 +213,12 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
             raise APIError(503, "the server is shutting down", "unavailable_error")
         return schemas.parse_json_body(await request.body())
 
+    async def grammar_ready(req: GenerateRequest) -> None:
+        """The first constrained request builds the vocabulary's grammar tables (~2 s for 262k
+        tokens): on a worker thread, not the event loop every stream shares."""
+        if "structured" in req.sampling or req.tools is not None:
+            await asyncio.to_thread(state.llm_engine._compiler)
+
     def submit(req: GenerateRequest, endpoint: str, request: Request) -> _Pump:
         try:
             if req.messages is not None:
@@ -232,6 +238,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = schemas.parse_completion(await body_of(request), state.ctx_size)
+        await grammar_ready(req)
         pump = submit(req, "completions", request)
         prefix = req.prompt if req.echo else ""
         fmt = _OpenAIFormat("text_completion", state.model_name, req.return_tokens)
@@ -243,8 +250,10 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = schemas.parse_chat(await body_of(request), state.ctx_size)
+        await grammar_ready(req)
         pump = submit(req, "chat", request)
         fmt = _OpenAIFormat("chat.completion", state.model_name, req.return_tokens)
+        fmt.tool_stream = _tool_stream(engine, req)
         if req.stream:
             return _sse(pump, fmt.stream_chat(pump, req.include_usage))
         text = await _collect(pump, request)
@@ -282,6 +291,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
     @app.post("/completion")
     async def llama_completion(request: Request):
         req = schemas.parse_llama_completion(await body_of(request), state.ctx_size)
+        await grammar_ready(req)
         pump = submit(req, "completion", request)
         final = _LlamaFormat(state, req)
         if req.stream:
@@ -301,6 +311,15 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         return {"content": engine.detokenize(tokens)}
 
     return app
+
+
+def _tool_stream(engine: InferenceEngine, req: GenerateRequest) -> Any:
+    """The tool-call parser of a chat request with tools (tool_choice not "none"), else None."""
+    if req.tools is None or req.tools.choice == "none":
+        return None
+    from llcuda.structured.tool_calls import ToolCallStream
+
+    return ToolCallStream(engine._tool_format(), req.tools.names)
 
 
 def _engine_param(message: str, req: GenerateRequest) -> str | None:
@@ -404,6 +423,7 @@ class _OpenAIFormat:
 
     def __init__(self, kind: str, model: str, return_tokens: bool = False) -> None:
         prefix = "cmpl" if kind == "text_completion" else "chatcmpl"
+        self.tool_stream: Any = None  # a chat with tools: its ToolCallStream
         self.kind = kind
         self.return_tokens = return_tokens
         self.header = {"id": f"{prefix}-{os.urandom(12).hex()}", "created": int(time.time()),
@@ -418,10 +438,18 @@ class _OpenAIFormat:
                 "usage": _usage(stream), **self._extras(stream)}  # fmt: skip
 
     def chat(self, stream: TextStream, text: str) -> dict:
+        message = {"role": "assistant", "content": text}
+        finish_reason = stream.result.finish_reason
+        if self.tool_stream is not None:
+            self.tool_stream.feed(text)
+            content, calls = self.tool_stream.finish()
+            if calls:
+                message = {"role": "assistant", "content": content or None, "tool_calls": calls}
+                finish_reason = "tool_calls"
         logprobs = stream.result.logprobs
         logprobs = None if logprobs is None else chat_logprobs(logprobs)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": logprobs, "finish_reason": stream.result.finish_reason}  # fmt: skip
+        choice = {"index": 0, "message": message, "logprobs": logprobs,
+                  "finish_reason": finish_reason}  # fmt: skip
         return {**self.header, "object": "chat.completion", "choices": [choice],
                 "usage": _usage(stream), **self._extras(stream)}  # fmt: skip
 
@@ -456,12 +484,26 @@ class _OpenAIFormat:
         yield self._chunk(obj, {"delta": {"role": "assistant", "content": ""}}, None)
         event = _PieceEvent(self._chunk(obj, {"delta": {"content": _PieceEvent.SLOT}}, None))
         logprobs = ChunkLogprobs.of(pump.stream, "chat")
+        tools = self.tool_stream
         async for piece in pump.pieces():
+            if tools is not None:
+                piece = tools.feed(piece)  # what may be a tool call is held back
+            if not piece:
+                continue  # held tokens' log-probs go with the next chunk that is sent
             if logprobs is None:
                 yield event(piece)
             else:
                 yield logprobs.added(self._chunk(obj, {"delta": {"content": piece}}, None))
-        end = self._chunk(obj, {"delta": {}}, pump.stream.result.finish_reason)
+        finish_reason = pump.stream.result.finish_reason
+        if tools is not None:
+            content, calls = tools.finish()
+            if content:
+                yield event(content)
+            if calls:
+                deltas = openai_format.tool_call_deltas(calls)
+                yield self._chunk(obj, {"delta": {"tool_calls": deltas}}, None)
+                finish_reason = "tool_calls"
+        end = self._chunk(obj, {"delta": {}}, finish_reason)
         if logprobs is not None:
             end = logprobs.added(end)
         yield {**end, **self._extras(pump.stream)}

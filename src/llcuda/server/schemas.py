@@ -282,6 +282,7 @@ class GenerateRequest:
     include_usage: bool = False
     return_tokens: bool = False  # llama-server's: the generated token ids in the answer
     extra: dict = field(default_factory=dict)
+    tools: Any = None  # chat: the checked tools / tool_choice (llcuda.structured ToolSpec)
 
 
 def _sampling(body: dict, ctx_size: int, max_name: str, defaults: dict) -> dict:
@@ -340,7 +341,8 @@ def parse_completion(body: dict, ctx_size: int) -> GenerateRequest:
     echo = get_bool(body, "echo", False)
     return GenerateRequest(
         sampling={**_sampling(body, ctx_size, "max_tokens", _OPENAI_DEFAULTS),
-                  "logprobs": completion_logprobs_field(body, echo)},  # fmt: skip
+                  "logprobs": completion_logprobs_field(body, echo),
+                  **get_constraint(body, ("response_format",))},  # fmt: skip
         stream=stream,
         prompt=prompt,
         echo=echo,
@@ -358,13 +360,17 @@ def parse_chat(body: dict, ctx_size: int) -> GenerateRequest:
         raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
     stream = get_bool(body, "stream", False)
     defaults = {**_OPENAI_DEFAULTS, "max_aliases": ("max_completion_tokens",)}
+    tools = get_tools(body)
     return GenerateRequest(
         sampling={**_sampling(body, ctx_size, "max_tokens", defaults),
-                  "logprobs": chat_logprobs_field(body)},  # fmt: skip
+                  "logprobs": chat_logprobs_field(body),
+                  **get_constraint(body, ("response_format",)),
+                  **({"tools": tools} if tools is not None else {})},  # fmt: skip
         stream=stream,
         messages=messages,
         include_usage=_stream_options(body, stream),
         return_tokens=get_bool(body, "return_tokens", False),
+        tools=tools,
     )
 
 
@@ -373,7 +379,8 @@ def parse_llama_completion(body: dict, ctx_size: int) -> GenerateRequest:
     defaults = {"max_tokens": None, "temperature": 0.8, "top_p": 0.95}
     return GenerateRequest(
         sampling={**_sampling(body, ctx_size, "n_predict", defaults),
-                  "logprobs": n_probs_field(body)},  # fmt: skip
+                  "logprobs": n_probs_field(body),
+                  **get_constraint(body, ("grammar", "json_schema", "response_format"))},
         stream=get_bool(body, "stream", False),
         prompt=get_prompt(body),
         return_tokens=get_bool(body, "return_tokens", False),
@@ -408,6 +415,41 @@ def n_probs_field(body: dict) -> int | None:
                   "log-probs", "post_sampling_probs")  # fmt: skip
     n_probs = get_int(body, "n_probs", 0, low=0, high=MAX_LOGPROBS)
     return n_probs or None
+
+
+# --- structured output and tools ------------------------------------------------------------------
+
+
+def get_constraint(body: dict, names: tuple[str, ...]) -> dict:
+    """{"structured": StructuredOutput} from the body's constraint fields among `names` (OpenAI's
+    response_format; llama-server's grammar / json_schema), or {}; a 400 naming the field."""
+    from llcuda.structured.request_args import constraint_from_args
+
+    given = {n: body[n] for n in names if body.get(n) is not None}
+    if not given:
+        return {}
+    if "grammar" in given and given["grammar"] == "":
+        return {}  # llama-server sends an empty grammar for "none"
+    try:
+        constraint = constraint_from_args(**given)
+    except ValueError as exc:
+        raise bad(str(exc), next(iter(n for n in names if str(exc).startswith(n)), None)) from None
+    return {"structured": constraint} if constraint is not None else {}
+
+
+def get_tools(body: dict) -> Any:
+    """The checked tools / tool_choice of a chat body (a ToolSpec), or None; a 400 naming the
+    field."""
+    from llcuda.structured.tool_calls import check_tools
+
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None and choice is None:
+        return None
+    try:
+        return check_tools(tools, choice)
+    except ValueError as exc:
+        raise bad(str(exc), "tool_choice" if str(exc).startswith("tool_choice") else "tools"
+                  ) from None  # fmt: skip
 
 
 def parse_tokenize(body: dict) -> tuple[str, bool, bool]:
