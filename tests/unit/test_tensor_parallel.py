@@ -19,7 +19,6 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 
-import llcuda.parallel.runner as tp_runner
 import llcuda.runner.model_runner as model_runner
 from llcuda.api import InferenceEngine
 from llcuda.config import EngineConfig
@@ -158,14 +157,13 @@ def test_load_refuses_a_bad_split_before_starting_workers(twins):
 def _run(path: str, tp: int, monkeypatch) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy tokens of PROMPTS batched, and the log-probs of every sampling step."""
     logprobs: list[torch.Tensor] = []
-    module = tp_runner if tp > 1 else model_runner
-    real = module.sample
+    real = model_runner.sample  # both runners sample through ModelRunner.sample_requests
 
-    def recording_sample(logits, *args):
+    def recording_sample(logits, *args, **kwargs):
         logprobs.append(torch.log_softmax(logits.float(), dim=-1).clone())
-        return real(logits, *args)
+        return real(logits, *args, **kwargs)
 
-    monkeypatch.setattr(module, "sample", recording_sample)
+    monkeypatch.setattr(model_runner, "sample", recording_sample)
     # ubatch 2: the prompts are fed in chunks of 2, and the first step samples nothing (every
     # rank then skips the head alike)
     config = EngineConfig(ctx_size=64, n_parallel=2, ubatch_size=2, device="cpu",

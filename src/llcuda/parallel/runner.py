@@ -23,7 +23,6 @@ from llcuda.layers.attention import AttentionMetadata, KVCache
 from llcuda.parallel.group import TensorParallelGroup
 from llcuda.parallel.model import TensorParallelDecoder
 from llcuda.runner.model_runner import ModelRunner, SampledTokens
-from llcuda.runner.sampler import sample
 
 
 @dataclass
@@ -98,14 +97,8 @@ class TensorParallelRunner(ModelRunner):
             logits = run_step(self.model, self.kv_caches, step_input)
         if logits is None:
             return SampledTokens([], None)
-        requests = [item.request for item in step.scheduled if item.sample]
-        token_ids = sample(
-            logits,
-            [r.sampling_params for r in requests],
-            [r.generator for r in requests],
-            [r.all_token_ids for r in requests],
-        )
-        return SampledTokens([r.request_id for r in requests], token_ids)
+        return self.sample_requests(logits, [item.request for item in step.scheduled
+                                             if item.sample])  # fmt: skip
 
     @contextlib.contextmanager
     def _workers_checked(self) -> Iterator[None]:

@@ -234,7 +234,11 @@ class ModelRunner:
             if not sampled_items:
                 return SampledTokens([], None)
             logits = self.model.compute_logits(hidden[logits_indices.to(hidden.device)])
-        requests = [item.request for item in sampled_items]
+        return self.sample_requests(logits, [item.request for item in sampled_items])
+
+    def sample_requests(self, logits: torch.Tensor, requests: list) -> SampledTokens:
+        """One token per request from its logits row (logits [len(requests), vocab]), under
+        each request's grammar mask, with the log-probs of the rows that ask for them."""
         params = [r.sampling_params for r in requests]
         # the forward pass is queued: on a GPU the host fills the grammar masks meanwhile
         bitmask = fill_bitmask([r.grammar for r in requests], logits.device)
