@@ -12,6 +12,7 @@ from llcuda.config import EngineConfig, ModelConfig
 from llcuda.engine.memory_plan import (
     HOST_RESERVE_BYTES,
     RESERVE_BYTES,
+    WEIGHT_OVERHEAD,
     available_host_memory,
     check_fits,
     check_host_memory,
@@ -34,7 +35,7 @@ def test_kv_cache_bytes_follow_the_cache_size():
     )
     # (16384 / 32 + 1 scratch) blocks x 32 tokens x 1 head x 256 dims x fp16 x (K and V) x 26
     assert plan.kv_cache == 513 * 32 * 256 * 2 * 2 * 26
-    assert plan.weights == int(800_000_000 * 1.03)
+    assert plan.weights == int(800_000_000 * WEIGHT_OVERHEAD)
     assert plan.workspace > 2 * 4 * 262144 * 4  # at least the decode logits buffers
 
 

@@ -21,8 +21,9 @@ from llcuda.engine.kv_cache_manager import kv_cache_groups
 from llcuda.runner.cuda_graphs import PREFILL_BUCKETS
 
 KV_BYTES_PER_ELEMENT = 2  # fp16 cache on the GPU
-# Triton repacking stores Q4_K / Q5_K scales unpacked (<= 1.03x the raw blocks)
-WEIGHT_OVERHEAD = 1.03
+# Triton repacking stores Q4_K / Q5_K scales unpacked (<= 1.03x the raw blocks), Q3_K and IQ1_M
+# their fields apart (1.036x)
+WEIGHT_OVERHEAD = 1.04
 RESERVE_BYTES = 512 * 2**20  # CUDA context extras, allocator slack, Triton modules
 HOST_KV_BYTES_PER_ELEMENT = 4  # fp32 cache on the CPU (loader.py: kv_dtype)
 HOST_RESERVE_BYTES = 256 * 2**20  # allocator slack, the scheduler's tensors, Python objects
