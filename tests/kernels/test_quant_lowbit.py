@@ -475,7 +475,7 @@ def test_iq4_plane_kernels_compile_for_h100_and_t4(qtype):
                      {"GATED_OUT": gated, "QTYPE": int(qtype), "WPG": 4, "HAS_MIN": False,
                       "BLOCK_M": triton.next_power_of_2(m), "BLOCK_N": cfg["BLOCK_N"],
                       "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"],
-                      "PRELOAD": cfg["PRELOAD"], "USE_ASM": True, "PDL": False},
+                      "PRELOAD": cfg["PRELOAD"], "USE_ASM": True, "INT8_X": False, "PDL": False},
                      target, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
         for m in (16, 512):
             cfg = qm.gemm_config(int(qtype), m, n, k // 32, sms)
