@@ -88,6 +88,8 @@ def _add_generate(subparsers) -> None:
                    help="layers on the GPU (no effect on the CPU)")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available")  # fmt: skip
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="CPU threads (llama.cpp's -t; default: one per physical core)")  # fmt: skip
     _add_prefix_caching(p)
     p.add_argument(
         "--chat",
@@ -163,6 +165,8 @@ def _engine_extra(args: argparse.Namespace) -> dict:
         extra["swa_full"] = True
     if getattr(args, "num_scheduler_steps", None) is not None:
         extra["num_scheduler_steps"] = args.num_scheduler_steps
+    if getattr(args, "threads", None) is not None:
+        extra["n_threads"] = args.threads
     return extra
 
 
@@ -352,6 +356,8 @@ def _add_bench(subparsers) -> None:
     p.add_argument("-d", "--depth", type=int, default=0, help="tokens already in context for tg")
     p.add_argument("-ngl", "--gpu-layers", type=int, default=99, help="layers on the GPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="CPU threads (llama.cpp's -t; default: one per physical core)")  # fmt: skip
     p.set_defaults(func=_bench)
 
 
@@ -361,7 +367,7 @@ def _bench(args: argparse.Namespace) -> int:
     path = resolve_model(args.model, verbose=True)
     result = run_bench(
         str(path), args.n_prompt, args.n_gen, args.repetitions, args.depth, args.device,
-        args.gpu_layers,
+        args.gpu_layers, n_threads=args.threads,
     )  # fmt: skip
     print(result.markdown())
     return 0
@@ -394,6 +400,8 @@ def _add_serve(subparsers) -> None:
                    help="layers on the GPU (no effect on the CPU)")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available")  # fmt: skip
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="CPU threads (llama.cpp's -t; default: one per physical core)")  # fmt: skip
     _add_prefix_caching(p)
     _add_scheduler_steps(p)
     p.add_argument(

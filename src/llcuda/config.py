@@ -112,6 +112,7 @@ class EngineConfig:
     - swa_full: keep the sliding-window layers' cache at full size (llama.cpp `--swa-full`).
       By default those layers keep only the blocks their window can still see, in a pool of
       their own (engine/kv_cache_manager.py): a fraction of the memory at long contexts.
+    - n_threads: CPU threads for the matmuls (llama.cpp `-t`); None = one per physical core.
     - extra: switches for measuring the engine against itself, all on by default on one GPU:
       "cuda_graphs" (graphs of decode steps and single-sequence prompt chunks), "prefill_graphs"
       (the latter only; runner/cuda_graphs.py), "warm_up" (the compile workload after load).
@@ -130,6 +131,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_scheduler_steps: int | None = None
     swa_full: bool = False
+    n_threads: int | None = None  # None: one per physical core
     extra: dict = field(default_factory=dict)
     # True when n_parallel was automatic (it then holds AUTO_N_PARALLEL)
     n_parallel_auto: bool = field(default=False, init=False)
@@ -168,6 +170,8 @@ class EngineConfig:
             raise ValueError(f"flash_attn must be None, True or False, got {self.flash_attn!r}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.n_threads is not None:
+            _check_int("n_threads", self.n_threads, 1)
         if not isinstance(self.swa_full, bool):
             raise ValueError(f"swa_full must be True or False, got {self.swa_full!r}")
         if "enable_prefix_caching" in self.extra:  # where the flag lived before it was a field
