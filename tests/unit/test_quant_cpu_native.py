@@ -115,6 +115,24 @@ def test_ops_dispatch_and_the_off_switch(native, monkeypatch):
     assert torch.equal(ops.quant_matmul(x, w), quant_matmul_cpu(x, w))  # the torch path
 
 
+def test_long_batches_take_the_mkl_path_on_n_threads(native):
+    from llcuda.kernels.quant_matmul_cpu import quant_matmul_cpu
+
+    w = weight(GGMLType.Q5_0, 20, 2, seed=6)
+    x = torch.randn(qn.MKL_TOKENS, 64)
+    prev = torch.get_num_threads()
+    try:
+        qn.set_num_threads(2)
+        with qn.torch_ops_on_one_thread():
+            assert torch.get_num_threads() == 1
+            got = qn.quant_matmul_native(x, w)
+            assert torch.get_num_threads() == 1  # restored after the GEMM's 2 threads
+        assert torch.equal(got, quant_matmul_cpu(x, w))
+        assert_matmul_close(qn.quant_matmul_native(x[:-1], w), x[:-1], w)  # the C++ kernel
+    finally:
+        qn.set_num_threads(prev)
+
+
 def test_unsupported_type_falls_back(native):
     w = weight(GGMLType.Q2_K, 3, 1)
     assert qn.quant_matmul_native(torch.randn(1, 256), w) is None

@@ -1,26 +1,28 @@
-"""The CPU fast path: a small C++ extension (csrc/quant_cpu.cpp) doing int8 dot products.
+"""The CPU fast path: a small C++ extension (csrc/quant_cpu.cpp) for the quantized matmuls.
 
-`quant_matmul_native(x, w)` is `x @ dequantize_ref(w).T` computed as llama.cpp's CPU backend
-does it: each row of x is quantized to int8 in blocks of 32 (fp32 scale per block) and every
-weight block is multiplied with those int8 values by integer dot products (AVX-512 VNNI or AVX2),
-the weight never leaving its GGUF blocks. Its error against the float specification is the int8
-rounding of x: |err| <= sum_i |w_i| * d_x(i) / 2 plus fp32 rounding (tests check that bound),
-about 5e-3 relative on a random row, the same rounding llama.cpp's own CPU numbers carry.
-`quant_matmul_cpu` (exact decode + MKL) and `dequantize_ref` stay the specification beside it.
+`quant_matmul_native(x, w)` is `x @ dequantize_ref(w).T` with each weight block decoded in
+registers (AVX-512 or AVX2 byte ops, then FMAs with fp32 x), the weight never leaving its GGUF
+blocks: the same values as the reference up to fp32 summation order, so the golden tests keep
+their bounds and a token's output does not depend on the batch it came in. llama.cpp instead
+quantizes x to int8 and uses integer dot products; that variant of this kernel was 1.5x faster
+per GEMV but moved a golden near-tie by 0.9 nats (the bound is 0.75) and made chunked prefill
+differ from one pass by 0.7 in the logits, so it is not used. `quant_matmul_cpu` (exact decode +
+MKL) and `dequantize_ref` stay beside it as the specification and the fallback.
 
-The extension is compiled on first use with `-march=native` (so it uses what this CPU has) into
-`$LLCUDA_CACHE/../ext` (default `~/.cache/llcuda/ext`), once per source and torch version: about
-30-50 s on the 2-core dev box, then milliseconds to load. Without a compiler, or if the build
-fails, one warning is printed and everything runs on the pure-torch path; `LLCUDA_NATIVE_CPU=0`
-turns it off. Threads: the extension's own pool (see Pool in the source: OpenMP's fixed shares
-and spinning joins cost 4x on a shared 2-core machine), sized with torch's by `set_num_threads`
+The extension is compiled on first use with `-march=native` into `~/.cache/llcuda/ext` (beside
+`$LLCUDA_CACHE` when that is set), once per source and torch version: 30-75 s on the shared
+2-core dev box (torch's headers dominate), then ~0.1 s to load. Without a compiler, or if the
+build fails, one warning is printed and the pure-torch path runs; `LLCUDA_NATIVE_CPU=0` turns
+it off. Threads: the extension's own pool (Pool in the source: OpenMP's fixed shares and
+spinning joins lose 4x on a shared 2-core machine), sized with torch's by `set_num_threads`
 (the engine's `n_threads`).
 
-Measured on the shared 2-core AMD EPYC dev box, 2 threads, best of 5 (benchmarks/bench_cpu_quant
-shapes of Gemma 3 270M): one token through the 262144 x 640 Q8_0 LM head 6.1 ms (29 GB/s) vs
-61 ms for quant_matmul_cpu; a 2048 x 640 Q5_0 GEMV 0.09 ms vs 1.7 ms; 640 x 2048 Q6_K 0.06 ms vs
-1.2 ms; 64 tokens through the Q5_0 one 1.8 ms vs 5.5 ms (MKL on the decoded fp32 weight alone:
-1.5-2.5 ms, so prefill keeps this path too).
+Measured on the shared 2-core AMD EPYC (Zen 4) dev box, 1 thread, best of 7, load average ~3
+(so only the ratios mean much): the 262144 x 640 Q8_0 LM head at one token 12.4 ms (14 GB/s)
+against 61 ms for quant_matmul_cpu; a 2048 x 640 Q5_0 GEMV 0.13 ms (vs ~1.7 ms), 640 x 2048 Q6_K
+0.11 ms (vs ~1.2 ms); 64 tokens through the Q5_0 one 3.2 ms (26 GMAC/s; MKL on an already
+decoded fp32 weight: 34-79 GMAC/s on 2 threads, before any decoding). The engine-level numbers
+against llama.cpp are in BENCHMARKS.md (CPU).
 """
 
 from __future__ import annotations
@@ -37,12 +39,18 @@ from types import ModuleType
 import torch
 
 from llcuda.gguf.constants import QUANT_SIZES, GGMLType
+from llcuda.kernels.quant_matmul_cpu import quant_matmul_cpu
 from llcuda.layers.quant_tensor import QuantTensor
 
 NATIVE_TYPES: frozenset[GGMLType] = frozenset({
     GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
     GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
 })  # fmt: skip
+
+# From this many tokens on, decoding a tile to fp32 once and multiplying it by MKL
+# (quant_matmul_cpu) beats this kernel, which redoes the decode for every 4 tokens: measured at
+# 64 / 256 tokens, 1 thread, Q5_0 2048 x 640: 3.4 / 14.3 ms here, 3.2 / 9.7 ms there.
+MKL_TOKENS = 128
 
 _SOURCE = Path(__file__).parent / "csrc" / "quant_cpu.cpp"
 _lock = threading.Lock()
@@ -166,8 +174,9 @@ def supports(weight: QuantTensor) -> bool:
 
 
 def quant_matmul_native(x: torch.Tensor, weight: QuantTensor) -> torch.Tensor | None:
-    """x @ dequantize(weight).T with int8 activations; None where the fast path can't run it
-    (extension unavailable or disabled, unsupported type, a tensor off the CPU).
+    """x @ dequantize(weight).T; None where the fast path can't run it (extension unavailable
+    or disabled, unsupported type, a tensor off the CPU). From MKL_TOKENS tokens on it runs
+    quant_matmul_cpu on n_threads instead.
 
     x: [num_tokens, in_features] -> [num_tokens, out_features] float32.
     """
@@ -181,6 +190,15 @@ def quant_matmul_native(x: torch.Tensor, weight: QuantTensor) -> torch.Tensor | 
     native = load_native()
     if native is None:
         return None
+    if x.shape[0] >= MKL_TOKENS:
+        # a CPU step runs torch on one thread (torch_ops_on_one_thread); this GEMM wants them all
+        threads = int(_state.get("threads", torch.get_num_threads()))
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return quant_matmul_cpu(x, weight)
+        finally:
+            torch.set_num_threads(prev)
     out = torch.empty(x.shape[0], n_rows, dtype=torch.float32)
     native.quant_matmul(x.float().contiguous(), weight.data, int(weight.qtype), out)
     return out
