@@ -8,6 +8,8 @@ and any batching of the tokens (each output is one row's sum in a fixed order).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -161,3 +163,15 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch, tmp_path):
     assert qn.load_native() is None  # no second warning, no retry
     w = weight(GGMLType.Q8_0, 2, 1)
     assert qn.quant_matmul_native(torch.randn(1, 32), w) is None
+
+
+def test_n_threads_knob():
+    from llcuda.cli import build_parser
+    from llcuda.config import EngineConfig
+
+    assert EngineConfig(n_threads=3).n_threads == 3 and EngineConfig().n_threads is None
+    with pytest.raises(ValueError, match="n_threads"):
+        EngineConfig(n_threads=0)
+    assert 1 <= qn.physical_cores() <= (os.cpu_count() or 1)
+    args = build_parser().parse_args(["bench", "m.gguf", "-t", "2"])
+    assert args.threads == 2

@@ -2,8 +2,8 @@
 //
 // Every weight type is written as w = scale * u + offset per 16 elements, u a small integer in
 // int8: Q5_0's d (q - 16) is u * d with u = q - 16, Q6_K's d sc (q - 32) likewise, Q8_0's is
-// u * d, and Q4_K's d sc q - dmin m is u * (d sc) + offset with offset = -dmin m. A block's 32 bytes of u
-// come from a few AVX2 byte ops, are widened to 4 x 8 floats and multiplied with fp32 x by FMAs;
+// u * d, and Q4_K's d sc q - dmin m is u * (d sc) + offset with offset = -dmin m. A block's
+// 32 bytes of u come from a few AVX2 byte ops, are widened to 4 x 8 floats and multiplied with fp32 x by FMAs;
 // the offset term is offset * sum(x) over the 16, read from sums made once per call. x stays
 // fp32 (llama.cpp quantizes it to int8 instead: faster, but its rounding moved a golden
 // near-tie by 0.9 nats and made chunked prefill differ from one pass by 0.7 in the logits), so
@@ -209,8 +209,24 @@ void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo)
   if constexpr (TYPE == Q8_0) {
     for (int64_t ib = 0; ib < K / 32; ++ib, w += 34) {
       const float d = f16_to_f32(rd16(w));
+#if defined(__AVX512F__)
+      // the LM head's type: the int8 quants widen straight from memory, d scales the block's
+      // sum (3 vector ops a token and block instead of step's 4)
+      const __m128i b0 = _mm_loadu_si128((const __m128i*)(w + 2));
+      const __m128i b1 = _mm_loadu_si128((const __m128i*)(w + 18));
+      const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0));
+      const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1));
+      const __m512 vd = _mm512_set1_ps(d);
+      for (int t = 0; t < T; ++t) {
+        const float* xb = x.row(m0 + t) + ib * 32;
+        const __m512 p = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16),
+                                         _mm512_mul_ps(q0, _mm512_loadu_ps(xb)));
+        acc[t] = _mm512_fmadd_ps(p, vd, acc[t]);
+      }
+#else
       const __m256i q = _mm256_loadu_si256((const __m256i*)(w + 2));
       step<T, true>(q, d, d, 0.f, 0.f, x, m0, ib, acc, off);
+#endif
     }
   } else if constexpr (TYPE == Q4_0 || TYPE == Q4_1 || TYPE == Q5_0 || TYPE == Q5_1) {
     constexpr bool has_min = TYPE == Q4_1 || TYPE == Q5_1;
@@ -219,6 +235,29 @@ void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo)
     for (int64_t ib = 0; ib < K / 32; ++ib, w += bytes) {
       const float d = f16_to_f32(rd16(w));
       const uint8_t* qs = w + bytes - 16;
+#if defined(__AVX512F__)
+      // 16 bytes -> 16 int32 lanes; the low nibbles are elements 0-15, the high ones 16-31;
+      // the fifth bits OR in under a mask; w = u * d + (m, or -16 d / -8 d) in one FMA
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs));
+      __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
+      __m512i hi = _mm512_srli_epi32(v, 4);
+      if constexpr (has_qh) {
+        uint32_t qh;
+        std::memcpy(&qh, qs - 4, 4);
+        const __m512i bit = _mm512_set1_epi32(0x10);
+        lo = _mm512_mask_or_epi32(lo, (__mmask16)(qh & 0xFFFF), lo, bit);
+        hi = _mm512_mask_or_epi32(hi, (__mmask16)(qh >> 16), hi, bit);
+      }
+      const float o = has_min ? f16_to_f32(rd16(w + 2)) : (has_qh ? -16.f : -8.f) * d;
+      const __m512 vd = _mm512_set1_ps(d), vo = _mm512_set1_ps(o);
+      const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vd, vo);
+      const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vd, vo);
+      for (int t = 0; t < T; ++t) {
+        const float* xb = x.row(m0 + t) + ib * 32;
+        acc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[t]);
+        acc[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[t]);
+      }
+#else
       __m256i u = nibbles_32(qs);
       if constexpr (has_qh) u = _mm256_or_si256(u, fifth_bits_32(qs - 4));
       if constexpr (has_min) {
@@ -228,6 +267,7 @@ void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo)
         const __m256i q = _mm256_sub_epi8(u, _mm256_set1_epi8(has_qh ? 16 : 8));
         step<T, true>(q, d, d, 0.f, 0.f, x, m0, ib, acc, off);
       }
+#endif
     }
   } else if constexpr (TYPE == Q4_K || TYPE == Q5_K) {
     constexpr int bytes = TYPE == Q4_K ? 144 : 176;
@@ -405,7 +445,7 @@ int64_t block_elems(int64_t qtype) { return qtype >= Q4_K ? 256 : 32; }
 // waits a scheduler time slice for the descheduled thread, and the spinning threads take the
 // core from the main one (measured: 4 tok/s with 2 OpenMP threads, 16 with 1, on the busy
 // 2-core box). Here the chunks go to whoever asks first (the caller included), so a worker that
-// wakes late finds the work done and costs nothing; workers spin ~50 us for the next job, then
+// wakes late finds the work done and costs nothing; workers spin ~30 us for the next job, then
 // sleep on a condition variable.
 class Pool {
  public:
@@ -486,10 +526,14 @@ class Pool {
     stop_ = false;
   }
 
+  // ~30 us of pause loops: catches the next matmul of a decode step (q, k, v come back to back)
+  // without taking a core from torch's own threads for long when the gaps are longer
+  static constexpr int kSpins = 2000;
+
   void work() {
     uint64_t seen = gen_.load(std::memory_order_acquire);
     for (;;) {
-      for (int spin = 0; spin < 20000 && gen_.load(std::memory_order_acquire) == seen; ++spin) {
+      for (int spin = 0; spin < kSpins && gen_.load(std::memory_order_acquire) == seen; ++spin) {
 #if defined(__AVX2__)
         _mm_pause();
 #endif
