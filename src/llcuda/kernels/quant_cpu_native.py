@@ -17,12 +17,12 @@ it off. Threads: the extension's own pool (Pool in the source: OpenMP's fixed sh
 spinning joins lose 4x on a shared 2-core machine), sized with torch's by `set_num_threads`
 (the engine's `n_threads`).
 
-Measured on the shared 2-core AMD EPYC (Zen 4) dev box, 1 thread, best of 7, load average ~3
-(so only the ratios mean much): the 262144 x 640 Q8_0 LM head at one token 12.4 ms (14 GB/s)
-against 61 ms for quant_matmul_cpu; a 2048 x 640 Q5_0 GEMV 0.13 ms (vs ~1.7 ms), 640 x 2048 Q6_K
-0.11 ms (vs ~1.2 ms); 64 tokens through the Q5_0 one 3.2 ms (26 GMAC/s; MKL on an already
-decoded fp32 weight: 34-79 GMAC/s on 2 threads, before any decoding). The engine-level numbers
-against llama.cpp are in BENCHMARKS.md (CPU).
+Measured on the shared 2-core AMD EPYC (Zen 4) dev box, 1 thread, best of 7, load average ~1
+(so only the ratios mean much): the 262144 x 640 Q8_0 LM head at one token 10.6 ms (17 GB/s)
+against 61 ms for quant_matmul_cpu; a 2048 x 640 Q5_0 GEMV 0.11 ms (vs ~1.7 ms), 640 x 2048 Q6_K
+0.11 ms (vs ~1.2 ms); 64 tokens through the Q5_0 one 3.1 ms (27 GMAC/s; quant_matmul_cpu 3.2
+ms); 256 tokens 14.3 ms against 9.7 ms for quant_matmul_cpu, hence MKL_TOKENS. The engine-level
+numbers against llama.cpp are in BENCHMARKS.md (CPU).
 """
 
 from __future__ import annotations
