@@ -49,6 +49,7 @@ _CONSTRAINT_ARGS = ("response_format", "grammar", "json_schema")
 _EXTRA_ENGINE_ARGS = (
     "block_size", "device", "seed", "enable_prefix_caching", "num_scheduler_steps", "swa_full",
     "tensor_parallel_size",
+    "n_threads",
 )
 
 
@@ -98,7 +99,8 @@ class InferenceEngine:
         ctx_size tokens, so that concurrent calls and batch_infer batch without more KV memory
         than one context; an integer gives that many slots of ctx_size each (cache_size
         overrides the pool's size). Extra keyword arguments may set
-        EngineConfig's block_size, device ('cpu'/'cuda'), seed, enable_prefix_caching (default
+        EngineConfig's block_size, device ('cpu'/'cuda'), n_threads (CPU threads, llama.cpp's
+        -t; default one per physical core), seed, enable_prefix_caching (default
         True: prompts sharing a prefix reuse its KV blocks), num_scheduler_steps (decode steps
         chained on the GPU per scheduling round; default 16 on a GPU), swa_full (default
         False: sliding-window layers keep only the KV blocks their window sees, as llama.cpp)

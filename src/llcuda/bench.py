@@ -98,6 +98,7 @@ def run_bench(
     device: str | None = None,
     gpu_layers: int = 99,
     tensor_parallel_size: int = 1,
+    n_threads: int | None = None,
 ) -> BenchResult:
     if n_prompt < 1 or n_gen < 2 or reps < 1 or depth < 0:
         raise ValueError("bench needs n_prompt >= 1, n_gen >= 2, reps >= 1 and depth >= 0")
@@ -105,7 +106,7 @@ def run_bench(
     config = EngineConfig(
         ctx_size=max(n_prompt, depth) + n_gen + 8, batch_size=budget, ubatch_size=budget,
         n_parallel=1, device=device, gpu_layers=gpu_layers,
-        tensor_parallel_size=tensor_parallel_size,
+        tensor_parallel_size=tensor_parallel_size, n_threads=n_threads,
     )  # fmt: skip
     t0 = time.perf_counter()
     loaded = load(model_path, config, verbose=False)

@@ -88,6 +88,8 @@ def _add_generate(subparsers) -> None:
                    help="layers on the GPU (no effect on the CPU)")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available")  # fmt: skip
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="CPU threads (llama.cpp's -t; default: one per physical core)")  # fmt: skip
     _add_prefix_caching(p)
     _add_tensor_parallel(p)
     p.add_argument(
@@ -209,6 +211,8 @@ def _engine_extra(args: argparse.Namespace) -> dict:
         extra["num_scheduler_steps"] = args.num_scheduler_steps
     if getattr(args, "tensor_parallel_size", 1) != 1:
         extra["tensor_parallel_size"] = args.tensor_parallel_size
+    if getattr(args, "threads", None) is not None:
+        extra["n_threads"] = args.threads
     return extra
 
 
@@ -399,6 +403,8 @@ def _add_bench(subparsers) -> None:
     p.add_argument("-ngl", "--gpu-layers", type=int, default=99, help="layers on the GPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _add_tensor_parallel(p)
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="CPU threads (llama.cpp's -t; default: one per physical core)")  # fmt: skip
     p.set_defaults(func=_bench)
 
 
@@ -408,7 +414,7 @@ def _bench(args: argparse.Namespace) -> int:
     path = resolve_model(args.model, verbose=True)
     result = run_bench(
         str(path), args.n_prompt, args.n_gen, args.repetitions, args.depth, args.device,
-        args.gpu_layers, args.tensor_parallel_size,
+        args.gpu_layers, args.tensor_parallel_size, n_threads=args.threads,
     )  # fmt: skip
     print(result.markdown())
     return 0
@@ -441,6 +447,8 @@ def _add_serve(subparsers) -> None:
                    help="layers on the GPU (no effect on the CPU)")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available")  # fmt: skip
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="CPU threads (llama.cpp's -t; default: one per physical core)")  # fmt: skip
     _add_prefix_caching(p)
     _add_scheduler_steps(p)
     _add_tensor_parallel(p)

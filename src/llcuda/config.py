@@ -114,6 +114,7 @@ class EngineConfig:
       their own (engine/kv_cache_manager.py): a fraction of the memory at long contexts.
     - tensor_parallel_size: ranks that split every layer (vLLM's -tp): one process each, the
       scheduler in this one (llcuda/parallel/). 1 = no tensor parallelism.
+    - n_threads: CPU threads for the matmuls (llama.cpp `-t`); None = one per physical core.
     - extra: switches for measuring the engine against itself, all on by default on one GPU:
       "cuda_graphs" (graphs of decode steps and single-sequence prompt chunks), "prefill_graphs"
       (the latter only; runner/cuda_graphs.py), "warm_up" (the compile workload after load);
@@ -135,6 +136,7 @@ class EngineConfig:
     num_scheduler_steps: int | None = None
     swa_full: bool = False
     tensor_parallel_size: int = 1
+    n_threads: int | None = None  # None: one per physical core
     extra: dict = field(default_factory=dict)
     # True when n_parallel was automatic (it then holds AUTO_N_PARALLEL)
     n_parallel_auto: bool = field(default=False, init=False)
@@ -174,6 +176,8 @@ class EngineConfig:
             raise ValueError(f"flash_attn must be None, True or False, got {self.flash_attn!r}")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.n_threads is not None:
+            _check_int("n_threads", self.n_threads, 1)
         if not isinstance(self.swa_full, bool):
             raise ValueError(f"swa_full must be True or False, got {self.swa_full!r}")
         if "enable_prefix_caching" in self.extra:  # where the flag lived before it was a field

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llcuda.kernels import reference as ref
+from llcuda.kernels.quant_cpu_native import quant_matmul_native
 from llcuda.layers.quant_tensor import QuantTensor
 
 if TYPE_CHECKING:
@@ -154,9 +155,12 @@ def prepare_weight(weight: QuantTensor, device: torch.device | str) -> object:
 
 def quant_matmul(x: torch.Tensor, weight: object, partials: bool = False) -> torch.Tensor:
     """x @ W.T, W kept in its quantized blocks. x: [num_tokens, in] -> [num_tokens, out], or with
-    `partials` split-K partial sums [splits, num_tokens, out] for residual_rms_norm to add up."""
+    `partials` split-K partial sums [splits, num_tokens, out] for residual_rms_norm to add up.
+    On CPU the C++ int8 path (quant_cpu_native) where it runs the type, else the reference."""
     if isinstance(weight, QuantTensor):
-        out = ref.quant_matmul_ref(x, weight)
+        out = quant_matmul_native(x, weight)
+        if out is None:
+            out = ref.quant_matmul_ref(x, weight)
         return out.unsqueeze(0) if partials else out
     from llcuda.kernels.quant_matmul import quant_matmul as triton_quant_matmul
 

@@ -13,6 +13,7 @@ import torch
 from llcuda.config import EngineConfig, ModelConfig
 from llcuda.engine.kv_cache_manager import DEFAULT_DECODE_STEPS, kv_cache_groups
 from llcuda.engine.scheduler import SchedulerOutput
+from llcuda.kernels.quant_cpu_native import torch_ops_on_one_thread
 from llcuda.layers.attention import AttentionMetadata, KVCache
 from llcuda.runner.cuda_graphs import DecodeGraphs, PrefillGraphs, pack_step_inputs
 from llcuda.runner.logprobs import LogprobRows, TokenLogprob, compute_logprobs, unpack_logprobs
@@ -190,9 +191,18 @@ class ModelRunner:
         request whose known tokens all ran (a list of num_steps tokens for a burst)."""
         return self.launch(step, num_steps).result()
 
-    @torch.inference_mode()
     def launch(self, step: SchedulerOutput, num_steps: int = 1,
                after: SampledTokens | None = None) -> SampledTokens:
+        """See _launch; on the CPU its torch ops run on one thread and the matmuls on the
+        C++ pool's n_threads (quant_cpu_native.torch_ops_on_one_thread says why)."""
+        if self.device.type == "cpu":
+            with torch_ops_on_one_thread():
+                return self._launch(step, num_steps, after)
+        return self._launch(step, num_steps, after)
+
+    @torch.inference_mode()
+    def _launch(self, step: SchedulerOutput, num_steps: int = 1,
+                after: SampledTokens | None = None) -> SampledTokens:
         """Queue one step on the device; the returned handle waits for its sampled tokens.
 
         num_steps > 1 (a decode burst: every scheduled request feeds one token and samples, and

@@ -1,0 +1,629 @@
+// CPU quantized matmul: y = x @ W.T with W in its GGUF blocks, decoded in registers.
+//
+// Every weight type is written as w = scale * u + offset per 16 elements, u a small integer in
+// int8: Q5_0's d (q - 16) is u * d with u = q - 16, Q6_K's d sc (q - 32) likewise, Q8_0's is
+// u * d, and Q4_K's d sc q - dmin m is u * (d sc) + offset with offset = -dmin m. A block's
+// 32 bytes of u come from a few AVX2 byte ops, are widened to 4 x 8 floats and multiplied with fp32 x by FMAs;
+// the offset term is offset * sum(x) over the 16, read from sums made once per call. x stays
+// fp32 (llama.cpp quantizes it to int8 instead: faster, but its rounding moved a golden
+// near-tie by 0.9 nats and made chunked prefill differ from one pass by 0.7 in the logits), so
+// the result is the reference's x @ dequantize(W).T up to fp32 summation order.
+//
+// Rows are split in chunks that the calling thread and the pool's workers (Pool, below) take
+// from one atomic counter; each walks its rows and, for every row, the tokens in tiles of up to
+// 4 so a decoded weight block is used 4 times (prefill) while the row stays in L1. Without AVX2
+// (another architecture, an old x86) the same math runs as scalar loops.
+#include <torch/extension.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// GGML type ids (llcuda.gguf.constants.GGMLType)
+constexpr int Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14;
+constexpr int MAX_TILE = 4;  // tokens per weight-block decode
+
+float f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  const uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  uint32_t bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else {
+    float v = std::ldexp((float)man, -24);
+    return sign ? -v : v;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+uint16_t rd16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+// Q4_K / Q5_K: 6-bit scale and min of sub-block j from the 12 packed bytes (get_scale_min_k4)
+void scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* mn) {
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *mn = q[j + 4] & 63;
+  } else {
+    *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// The activations: x fp32 [M, K] and the sum of each 16 of its elements, s16 [M, K/16] (what a
+// block's offset multiplies).
+struct XF {
+  const float* x;
+  const float* s16;
+  int64_t K;
+  const float* row(int64_t m) const { return x + m * K; }
+  const float* srow(int64_t m) const { return s16 + m * (K / 16); }
+};
+
+void sums16(const float* x, int64_t M, int64_t K, float* s16) {
+  for (int64_t i = 0; i < M * K / 16; ++i) {
+    float s = 0.f;
+    for (int j = 0; j < 16; ++j) s += x[i * 16 + j];
+    s16[i] = s;
+  }
+}
+
+#if defined(__AVX2__)
+
+inline float hsum(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+
+// 16 bytes of nibbles -> 32 bytes: the low nibbles, then the high ones (elements 0-15, 16-31)
+inline __m256i nibbles_32(const uint8_t* p) {
+  const __m128i t = _mm_loadu_si128((const __m128i*)p);
+  const __m256i b = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+  return _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
+}
+
+// 32 bits -> 32 bytes, 0x10 where bit i is set (Q5_0 / Q5_1's fifth bits)
+inline __m256i fifth_bits_32(const uint8_t* p) {
+  uint32_t x;
+  std::memcpy(&x, p, 4);
+  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202,
+                                         0x0101010101010101, 0x0000000000000000);
+  __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x), shuf);
+  b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  b = _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1));
+  return _mm256_and_si256(b, _mm256_set1_epi8(0x10));
+}
+
+#if defined(__AVX512F__)
+// AVX-512: a block's 32 values widen in 2 x 16 lanes (half the instructions of AVX2's 4 x 8,
+// which bounds the one-token GEMVs; measured 1.6x on the Q5_0 layers of Gemma 3 270M)
+using Acc = __m512;
+inline Acc acc_zero() { return _mm512_setzero_ps(); }
+inline float acc_sum(Acc v) { return _mm512_reduce_add_ps(v); }
+
+template <bool SIGNED>
+inline __m512 widen16(__m128i b) {
+  return _mm512_cvtepi32_ps(SIGNED ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+}
+
+// acc[t] += s0 * (u[0:16] . x_t[0:16]) + s1 * (u[16:32] . x_t[16:32]) over block ib, and
+// off[t] += o0 * sum(x_t[0:16]) + o1 * sum(x_t[16:32]); u unsigned bytes (signed for Q8_0)
+template <int T, bool SIGNED = false>
+inline void step(__m256i u, float s0, float s1, float o0, float o1, const XF& x, int64_t m0,
+                 int64_t ib, Acc* acc, float* off) {
+  const __m512 w0 = _mm512_mul_ps(widen16<SIGNED>(_mm256_castsi256_si128(u)), _mm512_set1_ps(s0));
+  const __m512 w1 = _mm512_mul_ps(widen16<SIGNED>(_mm256_extracti128_si256(u, 1)),
+                                  _mm512_set1_ps(s1));
+  for (int t = 0; t < T; ++t) {
+    const float* xb = x.row(m0 + t) + ib * 32;
+    acc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[t]);
+    acc[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[t]);
+    if (o0 != 0.f || o1 != 0.f) {
+      const float* s = x.srow(m0 + t) + 2 * ib;
+      off[t] += o0 * s[0] + o1 * s[1];
+    }
+  }
+}
+#else
+using Acc = __m256;
+inline Acc acc_zero() { return _mm256_setzero_ps(); }
+inline float acc_sum(Acc v) { return hsum(v); }
+
+// 32 weight values of one block as 4 x 8 floats: bytes of u, unsigned (or signed for Q8_0)
+template <bool SIGNED>
+inline void widen(__m256i u, __m256* w) {
+  const __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
+  if constexpr (SIGNED) {
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+  } else {
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  }
+}
+
+// acc[t] += s0 * (u[0:16] . x_t[0:16]) + s1 * (u[16:32] . x_t[16:32]) over block ib, and
+// off[t] += o0 * sum(x_t[0:16]) + o1 * sum(x_t[16:32]); u unsigned bytes (signed for Q8_0)
+template <int T, bool SIGNED = false>
+inline void step(__m256i u, float s0, float s1, float o0, float o1, const XF& x, int64_t m0,
+                 int64_t ib, Acc* acc, float* off) {
+  __m256 w[4];
+  widen<SIGNED>(u, w);
+  const __m256 vs0 = _mm256_set1_ps(s0), vs1 = _mm256_set1_ps(s1);
+  for (int k = 0; k < 2; ++k) w[k] = _mm256_mul_ps(w[k], vs0);
+  for (int k = 2; k < 4; ++k) w[k] = _mm256_mul_ps(w[k], vs1);
+  for (int t = 0; t < T; ++t) {
+    const float* xb = x.row(m0 + t) + ib * 32;
+    for (int k = 0; k < 4; ++k) acc[t] = _mm256_fmadd_ps(w[k], _mm256_loadu_ps(xb + 8 * k), acc[t]);
+    if (o0 != 0.f || o1 != 0.f) {
+      const float* s = x.srow(m0 + t) + 2 * ib;
+      off[t] += o0 * s[0] + o1 * s[1];
+    }
+  }
+}
+#endif
+
+// One weight row (K / block_elems blocks at w) against tokens m0..m0+T-1: out[t * ldo].
+template <int TYPE, int T>
+void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo) {
+  Acc acc[T];
+  float off[T];
+  for (int t = 0; t < T; ++t) {
+    acc[t] = acc_zero();
+    off[t] = 0.f;
+  }
+  const int64_t K = x.K;
+  if constexpr (TYPE == Q8_0) {
+    for (int64_t ib = 0; ib < K / 32; ++ib, w += 34) {
+      const float d = f16_to_f32(rd16(w));
+#if defined(__AVX512F__)
+      // the LM head's type: the int8 quants widen straight from memory, d scales the block's
+      // sum (3 vector ops a token and block instead of step's 4)
+      const __m128i b0 = _mm_loadu_si128((const __m128i*)(w + 2));
+      const __m128i b1 = _mm_loadu_si128((const __m128i*)(w + 18));
+      const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0));
+      const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1));
+      const __m512 vd = _mm512_set1_ps(d);
+      for (int t = 0; t < T; ++t) {
+        const float* xb = x.row(m0 + t) + ib * 32;
+        const __m512 p = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16),
+                                         _mm512_mul_ps(q0, _mm512_loadu_ps(xb)));
+        acc[t] = _mm512_fmadd_ps(p, vd, acc[t]);
+      }
+#else
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(w + 2));
+      step<T, true>(q, d, d, 0.f, 0.f, x, m0, ib, acc, off);
+#endif
+    }
+  } else if constexpr (TYPE == Q4_0 || TYPE == Q4_1 || TYPE == Q5_0 || TYPE == Q5_1) {
+    constexpr bool has_min = TYPE == Q4_1 || TYPE == Q5_1;
+    constexpr bool has_qh = TYPE == Q5_0 || TYPE == Q5_1;
+    constexpr int bytes = 2 + (has_min ? 2 : 0) + (has_qh ? 4 : 0) + 16;
+    for (int64_t ib = 0; ib < K / 32; ++ib, w += bytes) {
+      const float d = f16_to_f32(rd16(w));
+      const uint8_t* qs = w + bytes - 16;
+#if defined(__AVX512F__)
+      // 16 bytes -> 16 int32 lanes; the low nibbles are elements 0-15, the high ones 16-31;
+      // the fifth bits OR in under a mask; w = u * d + (m, or -16 d / -8 d) in one FMA
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs));
+      __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
+      __m512i hi = _mm512_srli_epi32(v, 4);
+      if constexpr (has_qh) {
+        uint32_t qh;
+        std::memcpy(&qh, qs - 4, 4);
+        const __m512i bit = _mm512_set1_epi32(0x10);
+        lo = _mm512_mask_or_epi32(lo, (__mmask16)(qh & 0xFFFF), lo, bit);
+        hi = _mm512_mask_or_epi32(hi, (__mmask16)(qh >> 16), hi, bit);
+      }
+      const float o = has_min ? f16_to_f32(rd16(w + 2)) : (has_qh ? -16.f : -8.f) * d;
+      const __m512 vd = _mm512_set1_ps(d), vo = _mm512_set1_ps(o);
+      const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vd, vo);
+      const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vd, vo);
+      for (int t = 0; t < T; ++t) {
+        const float* xb = x.row(m0 + t) + ib * 32;
+        acc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[t]);
+        acc[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[t]);
+      }
+#else
+      __m256i u = nibbles_32(qs);
+      if constexpr (has_qh) u = _mm256_or_si256(u, fifth_bits_32(qs - 4));
+      if constexpr (has_min) {
+        const float m = f16_to_f32(rd16(w + 2));
+        step<T>(u, d, d, m, m, x, m0, ib, acc, off);
+      } else {  // q - 16 (q - 8) in int8: no offset term
+        const __m256i q = _mm256_sub_epi8(u, _mm256_set1_epi8(has_qh ? 16 : 8));
+        step<T, true>(q, d, d, 0.f, 0.f, x, m0, ib, acc, off);
+      }
+#endif
+    }
+  } else if constexpr (TYPE == Q4_K || TYPE == Q5_K) {
+    constexpr int bytes = TYPE == Q4_K ? 144 : 176;
+    const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    for (int64_t sb = 0; sb < K / 256; ++sb, w += bytes) {
+      const float d = f16_to_f32(rd16(w)), dmin = f16_to_f32(rd16(w + 2));
+      const uint8_t* scales = w + 4;
+      const uint8_t* qs = w + bytes - 128;
+      const __m256i qh = TYPE == Q5_K ? _mm256_loadu_si256((const __m256i*)(w + 16))
+                                      : _mm256_setzero_si256();
+      for (int j = 0; j < 4; ++j) {
+        const __m256i q = _mm256_loadu_si256((const __m256i*)(qs + 32 * j));
+        __m256i lo = _mm256_and_si256(q, low4);
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+        if constexpr (TYPE == Q5_K) {
+          // bit 2j of qh[l] is the fifth bit of element 64j + l, bit 2j + 1 of 64j + 32 + l
+          const __m256i b0 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j)), one);
+          const __m256i b1 =
+              _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j + 1)), one);
+          lo = _mm256_or_si256(lo, _mm256_slli_epi16(b0, 4));
+          hi = _mm256_or_si256(hi, _mm256_slli_epi16(b1, 4));
+        }
+        uint8_t sc0, m0v, sc1, m1v;
+        scale_min_k4(2 * j, scales, &sc0, &m0v);
+        scale_min_k4(2 * j + 1, scales, &sc1, &m1v);
+        const int64_t ib = sb * 8 + 2 * j;
+        const float s0 = d * sc0, s1 = d * sc1, o0 = -dmin * m0v, o1 = -dmin * m1v;
+        step<T>(lo, s0, s0, o0, o0, x, m0, ib, acc, off);
+        step<T>(hi, s1, s1, o1, o1, x, m0, ib + 1, acc, off);
+      }
+    }
+  } else if constexpr (TYPE == Q6_K) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x30);
+    for (int64_t sb = 0; sb < K / 256; ++sb, w += 210) {
+      const float d = f16_to_f32(rd16(w + 208));
+      const int8_t* sc = (const int8_t*)(w + 192);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i ql0 = _mm256_loadu_si256((const __m256i*)(w + 64 * h));
+        const __m256i ql1 = _mm256_loadu_si256((const __m256i*)(w + 64 * h + 32));
+        const __m256i qh = _mm256_loadu_si256((const __m256i*)(w + 128 + 32 * h));
+        __m256i u[4];  // groups of 32 elements 128h + 32g + l: unsigned 0..63 (q + 32)
+        u[0] = _mm256_or_si256(_mm256_and_si256(ql0, low4),
+                               _mm256_and_si256(_mm256_slli_epi16(qh, 4), two));
+        u[1] = _mm256_or_si256(_mm256_and_si256(ql1, low4),
+                               _mm256_and_si256(_mm256_slli_epi16(qh, 2), two));
+        u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
+                               _mm256_and_si256(qh, two));
+        u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+                               _mm256_and_si256(_mm256_srli_epi16(qh, 2), two));
+        for (int g = 0; g < 4; ++g) {
+          const int k = 8 * h + 2 * g;  // the scales of the group's two halves of 16
+          const float s0 = d * sc[k], s1 = d * sc[k + 1];
+          const __m256i q = _mm256_sub_epi8(u[g], _mm256_set1_epi8(32));  // -32..31
+          step<T, true>(q, s0, s1, 0.f, 0.f, x, m0, sb * 8 + 4 * h + g, acc, off);
+        }
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) out[t * ldo] = acc_sum(acc[t]) + off[t];
+}
+
+#else  // scalar fallback: the same decomposition, one element at a time
+
+// Block ib32 (32 elements) of a weight row as unsigned-or-signed values v[32] with per-16
+// scales sc[2] and per-16 offsets of[2]: w_i = sc[i/16] * v_i + of[i/16].
+template <int TYPE>
+void decode32(const uint8_t* row, int64_t ib, int* v, float* sc, float* of) {
+  if constexpr (TYPE == Q8_0) {
+    const uint8_t* b = row + ib * 34;
+    sc[0] = sc[1] = f16_to_f32(rd16(b));
+    of[0] = of[1] = 0.f;
+    for (int i = 0; i < 32; ++i) v[i] = (int8_t)b[2 + i];
+  } else if constexpr (TYPE == Q4_0 || TYPE == Q4_1 || TYPE == Q5_0 || TYPE == Q5_1) {
+    constexpr bool has_min = TYPE == Q4_1 || TYPE == Q5_1;
+    constexpr bool has_qh = TYPE == Q5_0 || TYPE == Q5_1;
+    constexpr int bytes = 2 + (has_min ? 2 : 0) + (has_qh ? 4 : 0) + 16;
+    const uint8_t* b = row + ib * bytes;
+    const float d = f16_to_f32(rd16(b));
+    uint32_t qh = 0;
+    if (has_qh) std::memcpy(&qh, b + bytes - 20, 4);
+    const uint8_t* qs = b + bytes - 16;
+    for (int i = 0; i < 16; ++i) {
+      v[i] = (qs[i] & 0xF) | (has_qh ? ((qh >> i) & 1) << 4 : 0);
+      v[i + 16] = (qs[i] >> 4) | (has_qh ? ((qh >> (i + 16)) & 1) << 4 : 0);
+    }
+    sc[0] = sc[1] = d;
+    of[0] = of[1] = has_min ? f16_to_f32(rd16(b + 2)) : (has_qh ? -16.f : -8.f) * d;
+  } else if constexpr (TYPE == Q4_K || TYPE == Q5_K) {
+    constexpr int bytes = TYPE == Q4_K ? 144 : 176;
+    const uint8_t* b = row + (ib / 8) * bytes;
+    const int j = (int)(ib % 8);  // sub-block
+    const float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
+    uint8_t s, m;
+    scale_min_k4(j, b + 4, &s, &m);
+    const uint8_t* q = b + bytes - 128 + 32 * (j / 2);
+    for (int i = 0; i < 32; ++i) {
+      v[i] = (j % 2 ? q[i] >> 4 : q[i] & 0xF);
+      if (TYPE == Q5_K) v[i] |= ((b[16 + i] >> j) & 1) << 4;
+    }
+    sc[0] = sc[1] = d * s;
+    of[0] = of[1] = -dmin * m;
+  } else if constexpr (TYPE == Q6_K) {
+    const uint8_t* b = row + (ib / 8) * 210;
+    const int h = (int)(ib % 8) / 4, g = (int)(ib % 4);
+    const float d = f16_to_f32(rd16(b + 208));
+    const uint8_t* ql = b + 64 * h + 32 * (g % 2);
+    const uint8_t* qh = b + 128 + 32 * h;
+    for (int i = 0; i < 32; ++i)
+      v[i] = ((g < 2 ? ql[i] & 0xF : ql[i] >> 4) | (((qh[i] >> (2 * g)) & 3) << 4)) - 32;
+    const int8_t* s = (const int8_t*)(b + 192) + 8 * h + 2 * g;
+    sc[0] = d * s[0];
+    sc[1] = d * s[1];
+    of[0] = of[1] = 0.f;
+  }
+}
+
+template <int TYPE, int T>
+void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo) {
+  float acc[T] = {};
+  int v[32];
+  float sc[2], of[2];
+  for (int64_t ib = 0; ib < x.K / 32; ++ib) {
+    decode32<TYPE>(w, ib, v, sc, of);
+    for (int t = 0; t < T; ++t) {
+      const float* xb = x.row(m0 + t) + ib * 32;
+      float p0 = 0.f, p1 = 0.f;
+      for (int i = 0; i < 16; ++i) p0 += v[i] * xb[i];
+      for (int i = 16; i < 32; ++i) p1 += v[i] * xb[i];
+      const float* s = x.srow(m0 + t) + 2 * ib;
+      acc[t] += sc[0] * p0 + sc[1] * p1 + of[0] * s[0] + of[1] * s[1];
+    }
+  }
+  for (int t = 0; t < T; ++t) out[t * ldo] = (float)acc[t];
+}
+
+#endif
+
+template <int TYPE>
+void rows_dot(const uint8_t* w, int64_t row_bytes, const XF& x, int64_t M, int64_t n0,
+              int64_t n1, float* out, int64_t N) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * row_bytes;
+    int64_t m = 0;
+    for (; m + MAX_TILE <= M; m += MAX_TILE) row_dot<TYPE, 4>(wr, x, m, out + m * N + n, N);
+    switch (M - m) {
+      case 3: row_dot<TYPE, 3>(wr, x, m, out + m * N + n, N); break;
+      case 2: row_dot<TYPE, 2>(wr, x, m, out + m * N + n, N); break;
+      case 1: row_dot<TYPE, 1>(wr, x, m, out + m * N + n, N); break;
+      default: break;
+    }
+  }
+}
+
+using RowsFn = void (*)(const uint8_t*, int64_t, const XF&, int64_t, int64_t, int64_t, float*,
+                        int64_t);
+
+RowsFn rows_fn(int64_t qtype) {
+  switch (qtype) {
+    case Q4_0: return rows_dot<Q4_0>;
+    case Q4_1: return rows_dot<Q4_1>;
+    case Q5_0: return rows_dot<Q5_0>;
+    case Q5_1: return rows_dot<Q5_1>;
+    case Q8_0: return rows_dot<Q8_0>;
+    case Q4_K: return rows_dot<Q4_K>;
+    case Q5_K: return rows_dot<Q5_K>;
+    case Q6_K: return rows_dot<Q6_K>;
+    default: return nullptr;
+  }
+}
+
+int64_t block_elems(int64_t qtype) { return qtype >= Q4_K ? 256 : 32; }
+
+// A thread pool made for a shared machine. OpenMP (torch's intra-op pool) hands each thread a
+// fixed share and spins at every join: with another job on one of two cores, every matmul then
+// waits a scheduler time slice for the descheduled thread, and the spinning threads take the
+// core from the main one (measured: 4 tok/s with 2 OpenMP threads, 16 with 1, on the busy
+// 2-core box). Here the chunks go to whoever asks first (the caller included), so a worker that
+// wakes late finds the work done and costs nothing; workers spin ~30 us for the next job, then
+// sleep on a condition variable.
+class Pool {
+ public:
+  void set_threads(int n) {
+    std::lock_guard<std::mutex> g(config_);
+    n = std::max(1, n);
+    if (n == threads_ && pid_ == getpid()) return;
+    stop_workers();
+    threads_ = n;
+  }
+  int threads() const { return threads_; }
+
+  // fn(begin, end) over [0, n) in chunks of `chunk`; returns when every chunk is done.
+  void parallel_for(int64_t n, int64_t chunk, const std::function<void(int64_t, int64_t)>& fn) {
+    const int64_t nchunks = (n + chunk - 1) / chunk;
+    if (threads_ <= 1 || nchunks <= 1) {
+      if (n > 0) fn(0, n);
+      return;
+    }
+    start_workers();
+    auto job = std::make_shared<Job>();
+    job->fn = &fn;
+    job->n = n;
+    job->chunk = chunk;
+    job->nchunks = nchunks;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      job_ = job;
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    if (sleeping_.load(std::memory_order_acquire) > 0) cv_.notify_all();
+    run_chunks(*job);
+    // what is left was claimed by a worker that is running it now
+    while (job->done.load(std::memory_order_acquire) < nchunks) std::this_thread::yield();
+  }
+
+ private:
+  struct Job {
+    const std::function<void(int64_t, int64_t)>* fn = nullptr;  // valid while chunks remain
+    int64_t n = 0, chunk = 1, nchunks = 0;
+    std::atomic<int64_t> next{0}, done{0};
+  };
+
+  static void run_chunks(Job& job) {
+    for (;;) {
+      const int64_t c = job.next.fetch_add(1, std::memory_order_acq_rel);
+      if (c >= job.nchunks) return;
+      (*job.fn)(c * job.chunk, std::min(job.n, (c + 1) * job.chunk));
+      job.done.fetch_add(1, std::memory_order_acq_rel);
+    }
+  }
+
+  void start_workers() {
+    if (pid_ == getpid() && !workers_.empty()) return;
+    std::lock_guard<std::mutex> g(config_);
+    if (pid_ != getpid()) {  // a forked child: the parent's workers do not exist here
+      for (auto& w : workers_) w.detach();
+      workers_.clear();
+      pid_ = getpid();
+    }
+    stop_ = false;
+    while ((int)workers_.size() < threads_ - 1) workers_.emplace_back([this] { work(); });
+  }
+
+  void stop_workers() {
+    if (pid_ != getpid()) {
+      for (auto& w : workers_) w.detach();
+    } else {
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        stop_ = true;
+      }
+      cv_.notify_all();
+      for (auto& w : workers_) w.join();
+    }
+    workers_.clear();
+    pid_ = getpid();
+    stop_ = false;
+  }
+
+  // ~30 us of pause loops: catches the next matmul of a decode step (q, k, v come back to back)
+  // without taking a core from torch's own threads for long when the gaps are longer
+  static constexpr int kSpins = 2000;
+
+  void work() {
+    uint64_t seen = gen_.load(std::memory_order_acquire);
+    for (;;) {
+      for (int spin = 0; spin < kSpins && gen_.load(std::memory_order_acquire) == seen; ++spin) {
+#if defined(__AVX2__)
+        _mm_pause();
+#endif
+      }
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        if (gen_.load(std::memory_order_acquire) == seen && !stop_) {
+          sleeping_.fetch_add(1, std::memory_order_acq_rel);
+          cv_.wait(lk, [&] { return stop_ || gen_.load(std::memory_order_acquire) != seen; });
+          sleeping_.fetch_sub(1, std::memory_order_acq_rel);
+        }
+        if (stop_) return;
+        seen = gen_.load(std::memory_order_acquire);
+        job = job_;
+      }
+      if (job) run_chunks(*job);
+    }
+  }
+
+  std::mutex config_, mu_;
+  std::condition_variable cv_;
+  std::vector<std::thread> workers_;
+  std::shared_ptr<Job> job_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> sleeping_{0};
+  bool stop_ = false;
+  int threads_ = 1;
+  pid_t pid_ = getpid();
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: workers may outlive static destructors
+  return *p;
+}
+
+}  // namespace
+
+// x float32 [M, K] contiguous, w uint8 [N, row_bytes] (rows contiguous) -> out float32 [M, N].
+void quant_matmul(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype,
+                  torch::Tensor& out) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
+              "x must be contiguous float32 [M, K]");
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.stride(1) == 1,
+              "w must be uint8 [N, row_bytes] with contiguous rows");
+  const RowsFn fn = rows_fn(qtype);
+  TORCH_CHECK(fn != nullptr, "quant_matmul: unsupported GGML type ", qtype);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % block_elems(qtype) == 0, "K=", K, " is not a multiple of the block size");
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.size(0) == M &&
+                  out.size(1) == N,
+              "out must be contiguous float32 [M, N]");
+  auto xs = torch::empty({M, K / 16}, torch::kFloat32);
+  sums16(x.data_ptr<float>(), M, K, xs.data_ptr<float>());
+  const XF xqs{x.data_ptr<float>(), xs.data_ptr<float>(), K};
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.stride(0);
+  float* op = out.data_ptr<float>();
+  // ~32 KiB of weights (x M tokens of work) a chunk: a 640-row GEMV is ~10 chunks to share,
+  // and a chunk's work (microseconds) dwarfs taking it
+  const int64_t chunk = std::max<int64_t>(1, (32768 / std::max<int64_t>(1, M)) / row_bytes);
+  pool().parallel_for(N, chunk, [&](int64_t n0, int64_t n1) {
+    fn(wp, row_bytes, xqs, M, n0, n1, op, N);
+  });
+}
+
+bool has_avx2() {
+#if defined(__AVX2__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool has_avx512() {
+#if defined(__AVX2__) && defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+void set_num_threads(int64_t n) { pool().set_threads((int)n); }
+int64_t get_num_threads() { return pool().threads(); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_num_threads", &set_num_threads, "threads of the matmuls (the caller + workers)");
+  m.def("get_num_threads", &get_num_threads);
+  m.def("quant_matmul", &quant_matmul, "out = x @ dequantize(w).T, fp32 activations",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("has_avx2", &has_avx2);
+  m.def("has_avx512", &has_avx512);
+}

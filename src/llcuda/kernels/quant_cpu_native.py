@@ -1,0 +1,204 @@
+"""The CPU fast path: a small C++ extension (csrc/quant_cpu.cpp) for the quantized matmuls.
+
+`quant_matmul_native(x, w)` is `x @ dequantize_ref(w).T` with each weight block decoded in
+registers (AVX-512 or AVX2 byte ops, then FMAs with fp32 x), the weight never leaving its GGUF
+blocks: the same values as the reference up to fp32 summation order, so the golden tests keep
+their bounds and a token's output does not depend on the batch it came in. llama.cpp instead
+quantizes x to int8 and uses integer dot products; that variant of this kernel was 1.5x faster
+per GEMV but moved a golden near-tie by 0.9 nats (the bound is 0.75) and made chunked prefill
+differ from one pass by 0.7 in the logits, so it is not used. `quant_matmul_cpu` (exact decode +
+MKL) and `dequantize_ref` stay beside it as the specification and the fallback.
+
+The extension is compiled on first use with `-march=native` into `~/.cache/llcuda/ext` (beside
+`$LLCUDA_CACHE` when that is set), once per source and torch version: 30-75 s on the shared
+2-core dev box (torch's headers dominate), then ~0.1 s to load. Without a compiler, or if the
+build fails, one warning is printed and the pure-torch path runs; `LLCUDA_NATIVE_CPU=0` turns
+it off. Threads: the extension's own pool (Pool in the source: OpenMP's fixed shares and
+spinning joins lose 4x on a shared 2-core machine), sized with torch's by `set_num_threads`
+(the engine's `n_threads`).
+
+Measured on the shared 2-core AMD EPYC (Zen 4) dev box, 1 thread, best of 7, load average ~1
+(so only the ratios mean much): the 262144 x 640 Q8_0 LM head at one token 10.6 ms (17 GB/s)
+against 61 ms for quant_matmul_cpu; a 2048 x 640 Q5_0 GEMV 0.11 ms (vs ~1.7 ms), 640 x 2048 Q6_K
+0.11 ms (vs ~1.2 ms); 64 tokens through the Q5_0 one 3.1 ms (27 GMAC/s; quant_matmul_cpu 3.2
+ms); 256 tokens 14.3 ms against 9.7 ms for quant_matmul_cpu, hence MKL_TOKENS. The engine-level
+numbers against llama.cpp are in BENCHMARKS.md (CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from llcuda.gguf.constants import QUANT_SIZES, GGMLType
+from llcuda.kernels.quant_matmul_cpu import quant_matmul_cpu
+from llcuda.layers.quant_tensor import QuantTensor
+
+NATIVE_TYPES: frozenset[GGMLType] = frozenset({
+    GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
+    GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
+})  # fmt: skip
+
+# From this many tokens on, decoding a tile to fp32 once and multiplying it by MKL
+# (quant_matmul_cpu) beats this kernel, which redoes the decode for every 4 tokens: measured at
+# 64 / 256 tokens, 1 thread, Q5_0 2048 x 640: 3.4 / 14.3 ms here, 3.2 / 9.7 ms there.
+MKL_TOKENS = 128
+
+_SOURCE = Path(__file__).parent / "csrc" / "quant_cpu.cpp"
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "module": the loaded extension or None once a build failed
+
+
+def enabled() -> bool:
+    return os.environ.get("LLCUDA_NATIVE_CPU", "1") not in ("0", "false", "no", "off")
+
+
+def build_dir() -> Path:
+    """Where the extension is built: beside the model cache, keyed by source and torch."""
+    models = os.environ.get("LLCUDA_CACHE")
+    root = Path(models).expanduser().parent if models else Path.home() / ".cache" / "llcuda"
+    key = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return root / "ext" / f"quant_cpu-{key}"
+
+
+def is_loaded() -> bool:
+    """load_native has run (successfully or not) in this process."""
+    return "module" in _state
+
+
+def is_built() -> bool:
+    """The extension's shared library is in the build directory (loading it is fast)."""
+    return any(build_dir().glob("llcuda_quant_cpu*.so"))
+
+
+def load_native() -> ModuleType | None:
+    """The compiled extension, built on first call; None (after one warning) where it can't be."""
+    if "module" in _state:
+        return _state["module"]  # type: ignore[return-value]
+    with _lock:
+        if "module" not in _state:
+            native = _build()
+            if native is not None:
+                native.set_num_threads(int(_state.get("threads", torch.get_num_threads())))
+            _state["module"] = native
+    return _state["module"]  # type: ignore[return-value]
+
+
+def _build() -> ModuleType | None:
+    try:
+        from torch.utils.cpp_extension import load
+
+        directory = build_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        return load(
+            name="llcuda_quant_cpu",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native"],
+            build_directory=str(directory),
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, a read-only cache: the torch path still runs
+        warnings.warn(
+            f"llcuda: the CPU fast path could not be built ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); running the "
+            "slower pure-torch CPU kernels",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, one per physical core (SMT siblings counted once)."""
+    cpus = (
+        os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    )
+    cores = set()
+    for cpu in cpus:
+        path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(path.read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def set_num_threads(n: int | None) -> int:
+    """Threads for the CPU path (torch's intra-op pool and the extension's); None: one per
+    physical core, as llama.cpp's default. Returns the count set."""
+    if n is None:
+        n = physical_cores()
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n_threads must be a positive integer or None, got {n!r}")
+    torch.set_num_threads(n)
+    _state["threads"] = n
+    native = _state.get("module")
+    if native is not None:
+        native.set_num_threads(n)  # type: ignore[attr-defined]
+    return n
+
+
+@contextlib.contextmanager
+def torch_ops_on_one_thread() -> Iterator[None]:
+    """Run a CPU step's torch ops on the calling thread alone while the extension's pool does
+    the matmuls with n_threads. The step's other ops are small (a decode's softmax over [4, 1,
+    n], a cache gather of 64k elements) yet several enter torch's OpenMP pool, and on a shared
+    machine each of those joins waits for a descheduled thread: a decode step measured 2 tok/s
+    with torch on 2 threads against 34 with 1 (load average ~4 on the 2-core box). Without the
+    extension nothing changes (the torch path's prefill GEMMs want the threads)."""
+    prev = torch.get_num_threads()
+    if prev == 1 or _state.get("module") is None or not enabled():
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def supports(weight: QuantTensor) -> bool:
+    return (
+        weight.qtype in NATIVE_TYPES
+        and weight.device.type == "cpu"
+        and weight.shape[1] % QUANT_SIZES[weight.qtype][0] == 0
+    )
+
+
+def quant_matmul_native(x: torch.Tensor, weight: QuantTensor) -> torch.Tensor | None:
+    """x @ dequantize(weight).T; None where the fast path can't run it (extension unavailable
+    or disabled, unsupported type, a tensor off the CPU). From MKL_TOKENS tokens on it runs
+    quant_matmul_cpu on n_threads instead.
+
+    x: [num_tokens, in_features] -> [num_tokens, out_features] float32.
+    """
+    if not (enabled() and supports(weight) and x.device.type == "cpu"):
+        return None
+    n_rows, n_cols = weight.shape
+    if x.dim() != 2 or x.shape[1] != n_cols:
+        raise ValueError(
+            f"x must be [num_tokens, {n_cols}] for weight {weight.shape}, got {tuple(x.shape)}"
+        )
+    native = load_native()
+    if native is None:
+        return None
+    if x.shape[0] >= MKL_TOKENS:
+        # a CPU step runs torch on one thread (torch_ops_on_one_thread); this GEMM wants them all
+        threads = int(_state.get("threads", torch.get_num_threads()))
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return quant_matmul_cpu(x, weight)
+        finally:
+            torch.set_num_threads(prev)
+    out = torch.empty(x.shape[0], n_rows, dtype=torch.float32)
+    native.quant_matmul(x.float().contiguous(), weight.data, int(weight.qtype), out)
+    return out

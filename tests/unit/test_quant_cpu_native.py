@@ -1,0 +1,177 @@
+"""The C++ CPU fast path (quant_cpu_native) against the specification, dequantize_ref + matmul.
+
+It decodes each block as scale * u + offset and multiplies with fp32 x, so it may differ from
+x @ dequantize_ref(W).T only by fp32 rounding: within 1e-5 of the sum of |products| (2^-17; a
+wrong nibble, bit or scale is off by whole weights). Outputs are the same for any thread count
+and any batching of the tokens (each output is one row's sum in a fixed order).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from llcuda.gguf.constants import QUANT_SIZES, GGMLType
+from llcuda.kernels import ops
+from llcuda.kernels import quant_cpu_native as qn
+from llcuda.kernels.dequant_ref import dequantize_ref
+from llcuda.layers.quant_tensor import QuantTensor
+from tests.unit.test_dequant_ref import random_rows
+
+TYPES = sorted(qn.NATIVE_TYPES)
+
+
+@pytest.fixture(scope="module")
+def native():
+    module = qn.load_native()
+    if module is None:
+        pytest.skip("the CPU extension could not be built here (no compiler)")
+    return module
+
+
+def weight(qtype: GGMLType, rows: int, n_blocks: int, seed: int = 0) -> QuantTensor:
+    raw = torch.from_numpy(random_rows(qtype, seed, rows, n_blocks))
+    return QuantTensor(raw, qtype, (rows, n_blocks * QUANT_SIZES[qtype][0]))
+
+
+def assert_matmul_close(got: torch.Tensor, x: torch.Tensor, w: QuantTensor) -> None:
+    w64 = dequantize_ref(w.data, w.qtype).double()
+    err = (got.double() - x.double() @ w64.T).abs()
+    bound = (x.double().abs() @ w64.abs().T) * 1e-5
+    assert (err <= bound).all(), (err / bound).max().item()
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("num_tokens", [1, 3, 4, 9])
+def test_matches_dequantized_reference(native, qtype, num_tokens):
+    w = weight(qtype, 45, 3, seed=num_tokens)
+    x = torch.randn(num_tokens, w.shape[1], generator=torch.Generator().manual_seed(num_tokens))
+    got = qn.quant_matmul_native(x, w)
+    assert got is not None and got.dtype == torch.float32 and got.shape == (num_tokens, 45)
+    assert_matmul_close(got, x, w)
+
+
+def test_tokens_are_independent_of_their_batch(native):
+    # a token's output does not depend on the others in the call (chunked prefill = one pass)
+    w = weight(GGMLType.Q6_K, 33, 2, seed=3)
+    x = torch.randn(11, w.shape[1])
+    full = qn.quant_matmul_native(x, w)
+    parts = [qn.quant_matmul_native(x[i : i + 3], w) for i in range(0, 11, 3)]
+    assert torch.equal(torch.cat(parts), full)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_one_hot_rows_give_the_columns(native, qtype):
+    # each output is one weight, to fp32 rounding of the form scale * u + offset
+    w = weight(qtype, 6, 2, seed=7)
+    x = torch.eye(w.shape[1])
+    got = qn.quant_matmul_native(x, w)
+    expected = dequantize_ref(w.data, qtype).T
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts_agree(native, threads):
+    # many rows (several chunks for the pool), odd token count (a partial tile)
+    w = weight(GGMLType.Q4_K, 700, 2, seed=1)
+    x = torch.randn(5, w.shape[1])
+    prev = torch.get_num_threads()
+    try:
+        qn.set_num_threads(1)
+        one = qn.quant_matmul_native(x, w)
+        qn.set_num_threads(threads)
+        assert native.get_num_threads() == threads
+        assert torch.equal(qn.quant_matmul_native(x, w), one)  # same sums, any split
+    finally:
+        qn.set_num_threads(prev)
+
+
+def test_real_model_tensors(native, real_model_path):
+    from llcuda.gguf.reader import GGUFFile
+
+    g = GGUFFile(real_model_path)
+    try:
+        seen = set()
+        for name, info in g.tensors.items():
+            if info.ggml_type in qn.NATIVE_TYPES and info.ggml_type not in seen:
+                seen.add(info.ggml_type)
+                w = QuantTensor.from_gguf(g, name)
+                rows = QuantTensor(w.data[:200], w.qtype, (200, w.shape[1]))
+                x = torch.randn(2, w.shape[1])
+                assert_matmul_close(qn.quant_matmul_native(x, rows), x, rows)
+        assert seen == {GGMLType.Q8_0, GGMLType.Q5_0, GGMLType.Q4_K, GGMLType.Q6_K}
+    finally:
+        g.close()
+
+
+def test_ops_dispatch_and_the_off_switch(native, monkeypatch):
+    w = weight(GGMLType.Q5_0, 9, 2, seed=2)
+    x = torch.randn(2, 64)
+    assert torch.equal(ops.quant_matmul(x, w), qn.quant_matmul_native(x, w))
+    monkeypatch.setenv("LLCUDA_NATIVE_CPU", "0")
+    assert qn.quant_matmul_native(x, w) is None
+    from llcuda.kernels.quant_matmul_cpu import quant_matmul_cpu
+
+    assert torch.equal(ops.quant_matmul(x, w), quant_matmul_cpu(x, w))  # the torch path
+
+
+def test_long_batches_take_the_mkl_path_on_n_threads(native):
+    from llcuda.kernels.quant_matmul_cpu import quant_matmul_cpu
+
+    w = weight(GGMLType.Q5_0, 20, 2, seed=6)
+    x = torch.randn(qn.MKL_TOKENS, 64)
+    prev = torch.get_num_threads()
+    try:
+        qn.set_num_threads(2)
+        with qn.torch_ops_on_one_thread():
+            assert torch.get_num_threads() == 1
+            got = qn.quant_matmul_native(x, w)
+            assert torch.get_num_threads() == 1  # restored after the GEMM's 2 threads
+        assert torch.equal(got, quant_matmul_cpu(x, w))
+        assert_matmul_close(qn.quant_matmul_native(x[:-1], w), x[:-1], w)  # the C++ kernel
+    finally:
+        qn.set_num_threads(prev)
+
+
+def test_unsupported_type_falls_back(native):
+    w = weight(GGMLType.Q2_K, 3, 1)
+    assert qn.quant_matmul_native(torch.randn(1, 256), w) is None
+
+
+def test_bad_input_is_named(native):
+    w = weight(GGMLType.Q8_0, 2, 1)
+    with pytest.raises(ValueError, match="num_tokens, 32"):
+        qn.quant_matmul_native(torch.randn(1, 31), w)
+    with pytest.raises(RuntimeError, match="out must be"):
+        native.quant_matmul(torch.randn(1, 32), w.data, int(GGMLType.Q8_0), torch.empty(1, 3))
+    with pytest.raises(RuntimeError, match="unsupported GGML type"):
+        native.quant_matmul(torch.randn(1, 32), w.data, 10, torch.empty(1, 2))
+    with pytest.raises(ValueError, match="n_threads"):
+        qn.set_num_threads(0)
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch, tmp_path):
+    # a compiler that cannot run: one warning, then None (the torch path), never an exception
+    monkeypatch.setattr(qn, "_state", {})
+    monkeypatch.setenv("LLCUDA_CACHE", str(tmp_path / "models"))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(qn, "_SOURCE", tmp_path / "missing.cpp")
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        assert qn.load_native() is None
+    assert qn.load_native() is None  # no second warning, no retry
+    w = weight(GGMLType.Q8_0, 2, 1)
+    assert qn.quant_matmul_native(torch.randn(1, 32), w) is None
+
+
+def test_n_threads_knob():
+    from llcuda.cli import build_parser
+    from llcuda.config import EngineConfig
+
+    assert EngineConfig(n_threads=3).n_threads == 3 and EngineConfig().n_threads is None
+    with pytest.raises(ValueError, match="n_threads"):
+        EngineConfig(n_threads=0)
+    assert 1 <= qn.physical_cores() <= (os.cpu_count() or 1)
+    args = build_parser().parse_args(["bench", "m.gguf", "-t", "2"])
+    assert args.threads == 2
