@@ -3,8 +3,9 @@
 # tensor-type mix of their Q4_K_M files, real vocab sizes), llcuda beside llama.cpp: pp512, tg128.
 # Needs: .peer/llamacpp-sm90.tar.xz (from ../shared/peer) and .whl/gguf-*.whl, both carried.
 # Usage (on the device, repo root): bash benchmarks/arch_vs_llamacpp.sh [OUT_DIR] [PRESET...]
-# INT8_VARIANTS="0 1" runs llcuda once per LLCUDA_GEMV_INT8 value (fp32 / int8 decode GEMV
-# activations); REPS (default 3) is both tools' repetitions; presets include 4b (Gemma 3 4B).
+# INT8_VARIANTS="0 auto 1" runs llcuda once per LLCUDA_GEMV_INT8 value (fp32 / by size / int8
+# decode GEMV activations; default auto); REPS (default 3) is both tools' repetitions; presets
+# include 4b and 1b (Gemma 3 4B / 1B).
 set -uo pipefail
 out=${1:-${OUT:-/tmp/bench-out}}
 shift || true
@@ -23,7 +24,7 @@ echo "commit ${LLCUDA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" | tee 
 for preset in "${presets[@]}"; do
   m=/tmp/models/$preset-twin.gguf
   [ -f "$m" ] || python3 -m llcuda.gguf.synthetic "$m" --preset "$preset"
-  for int8 in ${INT8_VARIANTS:-${LLCUDA_GEMV_INT8:-0}}; do
+  for int8 in ${INT8_VARIANTS:-${LLCUDA_GEMV_INT8:-auto}}; do
     echo "== llcuda $preset LLCUDA_GEMV_INT8=$int8" | tee -a "$out/llcuda.txt"
     LLCUDA_GEMV_INT8=$int8 python3 benchmarks/bench_llcuda.py "$m" -p 512 -n 128 -r "${REPS:-3}" \
       2>&1 | tee -a "$out/llcuda.txt"
