@@ -801,7 +801,7 @@ def gemv_int8(qtype: int, m: int, n: int, n_groups: int) -> bool:
     LLCUDA_GEMV_INT8=1: everywhere it can; 0: never; auto (the default): for 4-6-bit weights of
     at least GEMV_INT8_MIN_ELEMS elements at M <= 4. H100, graph replays in a PDL chain
     (bench_quant_matmul.py --big-m1-sweep, BENCHMARKS.md twelfth session), fp32 -> int8 us:
-    Llama-8B gate|up 55.6 -> 42.4, ffn_down Q4_K 30.1 -> 23.8, Q6_K 60.1 -> 53.6, o 4096x4096
+    Llama-8B gate|up 55.6 -> 40.4, ffn_down Q4_K 30.1 -> 23.8, Q6_K 60.1 -> 53.6, o 4096x4096
     9.2 -> 7.6 (the fp32 preload tiles took 221 us before they were capped), Gemma 3 4B q|k 11.3
     -> 5.8; the 1B's gate|up 9.0 -> 8.1 and ffn_down 7.0 -> 4.6. Smaller matrices are latency-
     bound, and Q8_0 (8 bits a weight, already at 2.6 TB/s in fp32) gains nothing: both keep
