@@ -184,6 +184,24 @@ M1_SWEEP = [("Q5_0", 1152, 1536), ("Q8_0", 1152, 256), ("Q4_K", 1024, 1152),
 GATE_UP = {("Q5_0", 1152, 13824), ("Q5_0", 640, 4096)}
 
 
+def time_gemv(x: torch.Tensor, ws: list, config: dict | None, act: str | None) -> float:
+    """us per single-token GEMV (gated_act `act`) over the weight copies `ws`, in one graph."""
+    return time_calls([lambda w=w: quant_gemv(x, w, config=config, gated_act=act) for w in ws])
+
+
+def time_candidates(tname: str, x: torch.Tensor, ws: list, configs: list[dict],
+                    act: str | None) -> list[tuple[float, dict]]:
+    """(us, config) per config, in the given order; a config that fails to compile or launch
+    (e.g. out of registers or shared memory) is reported and left out."""
+    results = []
+    for cfg in configs:
+        try:
+            results.append((time_gemv(x, ws, cfg, act), cfg))
+        except Exception as e:
+            print(f"  {tname} {_short(cfg)}: failed {type(e).__name__}")
+    return results
+
+
 def m1_candidates(qid: int, k: int, n: int, sms: int) -> list[dict]:
     """Launch configs of the M=1 GEMV to time for one shape: the tiles from before PRELOAD with
     the loads after the PDL wait and before it; one whole-row K step, preloaded, at several rows
@@ -227,17 +245,8 @@ def m1_sweep(gen, only: str | None = None) -> list[dict]:
         x = torch.randn((1, k), generator=gen, device="cuda")
         base = gemv_config(qid, 1, n, k // 32, sms)
         act = "gelu_tanh" if geglu else None
-        base_us = time_calls([lambda w=w, x=x, a=act: quant_gemv(x, w, gated_act=a)
-                              for w in ws])  # fmt: skip
-        results = []
-        for cfg in m1_candidates(qid, k, n, sms):
-            try:
-                us = time_calls([lambda w=w, c=cfg, x=x, a=act:
-                                 quant_gemv(x, w, config=c, gated_act=a) for w in ws])
-            except Exception as e:  # e.g. out of registers or shared memory
-                print(f"  {tname} {cfg}: failed {type(e).__name__}")
-                continue
-            results.append((us, cfg))
+        base_us = time_gemv(x, ws, None, act)
+        results = time_candidates(tname, x, ws, m1_candidates(qid, k, n, sms), act)
         before_us = results[0][0]
         results.sort(key=lambda r: r[0])
         best = " ".join(f"{us:.2f}({_short(c)})" for us, c in results[:4])
@@ -299,19 +308,8 @@ def big_m1_sweep(gen, only: str | None = None) -> list[dict]:
         ws = weight_copies(qid, n, k, gen)
         x = torch.randn((1, k), generator=gen, device="cuda")
         base = gemv_config(qid, 1, n, k // 32, sms)
-        fp32_us = time_calls([lambda w=w, c=base, x=x, a=act: quant_gemv(x, w, config=c,
-                                                                         gated_act=a)
-                              for w in ws])  # fmt: skip
-        results = []
-        for cfg in big_candidates(base, k // 32):
-            try:
-                us = time_calls([lambda w=w, c=cfg, x=x, a=act: quant_gemv(x, w, config=c,
-                                                                            gated_act=a)
-                                 for w in ws])  # fmt: skip
-            except Exception as e:  # e.g. out of registers or shared memory
-                print(f"  {tname} {_short(cfg)}: failed {type(e).__name__}")
-                continue
-            results.append((us, cfg))
+        fp32_us = time_gemv(x, ws, base, act)
+        results = time_candidates(tname, x, ws, big_candidates(base, k // 32), act)
         i8_default = results[0][0]
         results.sort(key=lambda r: r[0])
         nbytes = ws[0].nbytes
