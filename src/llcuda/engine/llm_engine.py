@@ -187,7 +187,7 @@ class LLMEngine:
         if params.structured is not None:
             # a grammar this vocabulary cannot take is refused here, not on the engine thread;
             # the first call builds the vocabulary's tables (~2 s at 262k tokens)
-            self._compiler().new_state(params.structured)
+            self._compiler().check(params.structured)
 
     def add_request(
         self,

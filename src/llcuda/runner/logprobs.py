@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llcuda.runner.sampler import to_device
 from llcuda.sampling_params import SamplingParams
 
 
@@ -62,11 +63,7 @@ class LogprobRows:
         """rows as int64 [num_rows] on `device`, copied without blocking the host."""
         index = self._index.get(device)
         if index is None:
-            index = torch.tensor(self.rows, dtype=torch.int64)
-            if device.type == "cuda":  # a pageable copy would wait for the stream to drain
-                index = index.pin_memory().to(device, non_blocking=True)
-            else:
-                index = index.to(device)
+            index = to_device(torch.tensor(self.rows, dtype=torch.int64), device)
             self._index[device] = index
         return index
 

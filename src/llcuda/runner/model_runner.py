@@ -356,12 +356,9 @@ class SampledTokens:
         # [num_steps, B] may sit at an offset that makes Triton compile the embedding again.
         self.last_ids = last_ids if last_ids is not None else token_ids
         if token_ids is not None and token_ids.device.type == "cuda":
-            host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
-            self.token_ids = host.copy_(token_ids, non_blocking=True)
+            self.token_ids = _to_pinned_host(token_ids)
             if self._logprobs is not None:  # one more copy before the same event
-                lp = self._logprobs
-                self._logprobs = torch.empty(lp.shape, dtype=lp.dtype, pin_memory=True).copy_(
-                    lp, non_blocking=True)  # fmt: skip
+                self._logprobs = _to_pinned_host(self._logprobs)
             self.event = torch.cuda.Event()
             self.event.record()
         else:
@@ -388,3 +385,8 @@ class SampledTokens:
         if self.token_ids.dim() == 1:  # one step: as a burst of one
             payload, tokens = [payload], [tokens]
         return unpack_logprobs(payload, tokens, self._logprob_rows, self.request_ids)
+
+
+def _to_pinned_host(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of device tensor `t`, queued on the stream (not waited for)."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)

@@ -50,19 +50,30 @@ class GrammarCompiler:
         self._cache: OrderedDict[str, LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
 
+    def check(self, constraint: StructuredOutput) -> None:
+        """ValueError if `constraint`'s grammar cannot be built for this vocabulary; no state is
+        made (the matcher is kept for the new_state that follows)."""
+        with self._lock:
+            self._template(constraint)
+
     def new_state(self, constraint: StructuredOutput) -> GrammarState:
         """A GrammarState at the start of `constraint`'s grammar; ValueError if the grammar
         cannot be built for this vocabulary."""
-        key = constraint.grammar
         with self._lock:
-            template = self._cache.get(key)
-            if template is None:
-                template = LLMatcher(self.tokenizer, key, log_level=0)
-                if template.is_error():
-                    raise ValueError(f"{constraint.kind} cannot be used: {template.get_error()}")
-                self._cache[key] = template
-                if len(self._cache) > self.max_cached:
-                    self._cache.popitem(last=False)
-            else:
-                self._cache.move_to_end(key)
-            return GrammarState(template.deep_copy(), self.tokenizer.vocab_size)
+            matcher = self._template(constraint).deep_copy()
+        return GrammarState(matcher, self.tokenizer.vocab_size)
+
+    def _template(self, constraint: StructuredOutput) -> LLMatcher:
+        """The kept fresh matcher of `constraint`'s grammar, made if new (self._lock held)."""
+        key = constraint.grammar
+        template = self._cache.get(key)
+        if template is None:
+            template = LLMatcher(self.tokenizer, key, log_level=0)
+            if template.is_error():
+                raise ValueError(f"{constraint.kind} cannot be used: {template.get_error()}")
+            self._cache[key] = template
+            if len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return template

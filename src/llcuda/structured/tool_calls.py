@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llcuda.engine.llm_engine import partial_stop_len
 from llcuda.structured.constraint import JSON_OPTIONS, StructuredOutput
 
 FORMATS = ("qwen", "llama3", "json")
@@ -223,7 +224,7 @@ class ToolCallStream:
             if at >= 0:
                 out, self._sent, self._held = self._text[self._sent : at], at, True
                 return out
-            keep = _partial_suffix(self._text, marker)  # may be the marker's beginning
+            keep = partial_stop_len(self._text, [marker])  # may be the marker's beginning
             end = max(len(self._text) - keep, self._sent)
             out, self._sent = self._text[self._sent : end], end
             return out
@@ -242,13 +243,6 @@ class ToolCallStream:
             return rest, []
         content, calls = parse_tool_calls(rest, self.fmt, self.names)
         return (content or "") if calls else rest, calls
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return k
-    return 0
 
 
 def _short(value: Any) -> str:
