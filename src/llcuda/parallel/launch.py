@@ -237,11 +237,11 @@ def start_tensor_parallel(gguf: GGUFFile, model_config: ModelConfig, config: Eng
     stops the workers)."""
     timeout_s = float(config.extra.get("tp_timeout_s", DEFAULT_TIMEOUT_S))
     world = config.tensor_parallel_size
-    for rank in range(world):  # every rank's split, before anything starts
-        shard_plan(gguf, model_config, rank, world)
+    # every rank's split, before anything starts
+    plans = [shard_plan(gguf, model_config, rank, world) for rank in range(world)]
     device = rank_device(config, 0, model_config.num_layers)
     if device.type == "cuda":  # rank 0's GPU before any worker starts; each worker checks its own
-        check_gpu_memory(gguf, shard_plan(gguf, model_config, 0, world), config, device)
+        check_gpu_memory(gguf, plans[0], config, device)
     store = create_store(world, max(timeout_s, CONNECT_TIMEOUT_S))
     ctx = _worker_context(device)
     reports = ctx.Queue()
