@@ -117,8 +117,7 @@ def worker_main(rank: int, model_path: str, config: EngineConfig, port: int, tim
                 reports) -> None:  # fmt: skip
     """A worker process (ranks 1..tp-1): load, report ready, meet the group, run steps; then
     exit at once (nothing left to flush: the interpreter's teardown only costs time)."""
-    if config.tensor_parallel_size > 1 and not torch.cuda.is_available():
-        # ranks share the host's cores
+    if not torch.cuda.is_available():  # ranks share the host's cores (a worker means tp > 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
     try:
         gguf = GGUFFile(model_path)
