@@ -13,12 +13,12 @@ import os
 import pytest
 import torch
 
-from llcuda.gguf.constants import QUANT_SIZES, GGMLType
+from llcuda.gguf.constants import GGMLType
 from llcuda.kernels import ops
 from llcuda.kernels import quant_cpu_native as qn
 from llcuda.kernels.dequant_ref import dequantize_ref
 from llcuda.layers.quant_tensor import QuantTensor
-from tests.unit.test_dequant_ref import random_rows
+from tests.unit.test_quant_matmul_cpu import weight
 
 TYPES = sorted(qn.NATIVE_TYPES)
 
@@ -29,11 +29,6 @@ def native():
     if module is None:
         pytest.skip("the CPU extension could not be built here (no compiler)")
     return module
-
-
-def weight(qtype: GGMLType, rows: int, n_blocks: int, seed: int = 0) -> QuantTensor:
-    raw = torch.from_numpy(random_rows(qtype, seed, rows, n_blocks))
-    return QuantTensor(raw, qtype, (rows, n_blocks * QUANT_SIZES[qtype][0]))
 
 
 def assert_matmul_close(got: torch.Tensor, x: torch.Tensor, w: QuantTensor) -> None:

@@ -17,7 +17,6 @@ import time
 
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter
 
 import llcuda.runner.model_runner as model_runner
 from llcuda.api import InferenceEngine
@@ -26,7 +25,7 @@ from llcuda.engine.loader import load
 from llcuda.gguf.constants import GGMLType
 from llcuda.gguf.model_config import model_config_from_gguf
 from llcuda.gguf.reader import GGUFFile
-from llcuda.gguf.twins import TWINS, gguf_tensors, twin_metadata, write_twin
+from llcuda.gguf.twins import TWINS, write_spec, write_twin
 from llcuda.layers.quant_tensor import QuantTensor
 from llcuda.parallel.sharding import ShardPlan
 from llcuda.sampling_params import SamplingParams
@@ -36,21 +35,6 @@ PROMPTS = [[1, 5, 9, 33, 100, 7], [2, 7, 300]]
 KV_WEIGHTS = ("attn_k.weight", "attn_v.weight", "attn_qkv.weight")  # KV rows may repeat
 
 
-def _write_spec(path, spec, type_cycle) -> str:
-    """write_twin for a spec that is not one of TWINS (the same steps)."""
-    writer = GGUFWriter(path, spec.arch)
-    for key, value, vtype, sub in twin_metadata(spec):
-        writer.add_key_value(key, value, vtype, sub_type=sub)
-    for name, data, qtype in gguf_tensors(spec, 0, type_cycle):
-        raw = None if qtype in (GGMLType.F32, GGMLType.F16) else GGMLQuantizationType(int(qtype))
-        writer.add_tensor(name, data, raw_dtype=raw)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tp_twins")
@@ -58,7 +42,7 @@ def twins(tmp_path_factory) -> dict[str, str]:
     # 251 + 251 + 251 + 248 at TP 4 (the last logits shard padded for the gather)
     llama = dataclasses.replace(TWINS["llama"], vocab_size=1001)
     return {
-        "llama": _write_spec(root / "llama.gguf", llama, LEGACY),
+        "llama": str(write_spec(root / "llama.gguf", llama, type_cycle=LEGACY)),
         "qwen3": str(write_twin(root / "qwen3.gguf", "qwen3", type_cycle=LEGACY)),
         "qwen3_kquant": str(write_twin(root / "qwen3_k.gguf", "qwen3")),
         # fused attn_qkv [q | k | v] and ffn_up [gate | up]: each rank takes a slice of each part

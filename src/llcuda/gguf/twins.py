@@ -247,9 +247,16 @@ def write_twin(
     mix's types otherwise."""
     if twin not in TWINS:
         raise ValueError(f"unknown twin {twin!r} (known: {', '.join(TWINS)})")
-    spec = TWINS[twin]
-    path = Path(path)
     mix = TWIN_MIXES.get(twin) if type_cycle == TYPE_CYCLE else None
+    return write_spec(path, TWINS[twin], seed, type_cycle, mix)
+
+
+def write_spec(
+    path: str | Path, spec: ArchSpec, seed: int = 0,
+    type_cycle: tuple[GGMLType, ...] = TYPE_CYCLE, mix: str | None = None,
+) -> Path:  # fmt: skip
+    """Write `spec` (a twin's, or a variant of one) to `path` as write_twin does."""
+    path = Path(path)
     writer = GGUFWriter(path, spec.arch)
     file_type = FILE_TYPES[mix] if mix else _FILE_TYPE_Q4_K_M
     for key, value, vtype, sub in twin_metadata(spec, file_type):

@@ -156,7 +156,8 @@ def prepare_weight(weight: QuantTensor, device: torch.device | str) -> object:
 def quant_matmul(x: torch.Tensor, weight: object, partials: bool = False) -> torch.Tensor:
     """x @ W.T, W kept in its quantized blocks. x: [num_tokens, in] -> [num_tokens, out], or with
     `partials` split-K partial sums [splits, num_tokens, out] for residual_rms_norm to add up.
-    On CPU the C++ int8 path (quant_cpu_native) where it runs the type, else the reference."""
+    On CPU the C++ kernel (quant_cpu_native: fp32 x, blocks decoded in registers) where it
+    runs the type, else the reference."""
     if isinstance(weight, QuantTensor):
         out = quant_matmul_native(x, weight)
         if out is None:

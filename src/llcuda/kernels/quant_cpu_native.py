@@ -32,14 +32,13 @@ import hashlib
 import os
 import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
 from llcuda.gguf.constants import QUANT_SIZES, GGMLType
-from llcuda.kernels.quant_matmul_cpu import quant_matmul_cpu
+from llcuda.kernels.quant_matmul_cpu import quant_matmul_cpu, torch_threads
 from llcuda.layers.quant_tensor import QuantTensor
 
 NATIVE_TYPES: frozenset[GGMLType] = frozenset({
@@ -146,23 +145,16 @@ def set_num_threads(n: int | None) -> int:
     return n
 
 
-@contextlib.contextmanager
-def torch_ops_on_one_thread() -> Iterator[None]:
+def torch_ops_on_one_thread() -> contextlib.AbstractContextManager[None]:
     """Run a CPU step's torch ops on the calling thread alone while the extension's pool does
     the matmuls with n_threads. The step's other ops are small (a decode's softmax over [4, 1,
     n], a cache gather of 64k elements) yet several enter torch's OpenMP pool, and on a shared
     machine each of those joins waits for a descheduled thread: a decode step measured 2 tok/s
     with torch on 2 threads against 34 with 1 (load average ~4 on the 2-core box). Without the
     extension nothing changes (the torch path's prefill GEMMs want the threads)."""
-    prev = torch.get_num_threads()
-    if prev == 1 or _state.get("module") is None or not enabled():
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
+    if _state.get("module") is None or not enabled():
+        return contextlib.nullcontext()
+    return torch_threads(1)
 
 
 def supports(weight: QuantTensor) -> bool:
@@ -192,13 +184,8 @@ def quant_matmul_native(x: torch.Tensor, weight: QuantTensor) -> torch.Tensor | 
         return None
     if x.shape[0] >= MKL_TOKENS:
         # a CPU step runs torch on one thread (torch_ops_on_one_thread); this GEMM wants them all
-        threads = int(_state.get("threads", torch.get_num_threads()))
-        prev = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(int(_state.get("threads", torch.get_num_threads()))):
             return quant_matmul_cpu(x, weight)
-        finally:
-            torch.set_num_threads(prev)
     out = torch.empty(x.shape[0], n_rows, dtype=torch.float32)
     native.quant_matmul(x.float().contiguous(), weight.data, int(weight.qtype), out)
     return out

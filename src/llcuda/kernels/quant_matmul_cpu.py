@@ -64,24 +64,30 @@ def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
 
 
 @contextlib.contextmanager
-def _one_intra_op_thread() -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the enclosed torch ops on n intra-op threads, then restore the caller's count. The
+    count is per thread in torch (OpenMP's nthreads ICV) and costs ~0.3 us to set; only threads
+    making their first torch call meanwhile inherit it."""
+    prev = torch.get_num_threads()
+    if prev == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _one_intra_op_thread() -> contextlib.AbstractContextManager[None]:
     """Run the enclosed torch ops on the calling thread alone, then restore its thread count.
 
     A decoder issues ~20 ops of a few MB per tile. Split over OpenMP threads they gain little
     (about 1.4x on 2 quiet cores), but every op ends in a join, and on a shared machine the
     join waits whenever the other thread is descheduled: measured 10-100x slower on the busy
-    2-core dev box. The count is per thread in torch (OpenMP's nthreads ICV) and costs ~0.3 us
-    to set; only threads making their first torch call meanwhile inherit the 1.
+    2-core dev box.
     """
-    prev = torch.get_num_threads()
-    if prev == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
+    return torch_threads(1)
 
 
 def _f16_at(h: torch.Tensor, col: int) -> torch.Tensor:

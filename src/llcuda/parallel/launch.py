@@ -117,8 +117,7 @@ def worker_main(rank: int, model_path: str, config: EngineConfig, port: int, tim
                 reports) -> None:  # fmt: skip
     """A worker process (ranks 1..tp-1): load, report ready, meet the group, run steps; then
     exit at once (nothing left to flush: the interpreter's teardown only costs time)."""
-    if config.tensor_parallel_size > 1 and not torch.cuda.is_available():
-        # ranks share the host's cores
+    if not torch.cuda.is_available():  # ranks share the host's cores (a worker means tp > 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
     try:
         gguf = GGUFFile(model_path)
@@ -237,11 +236,11 @@ def start_tensor_parallel(gguf: GGUFFile, model_config: ModelConfig, config: Eng
     stops the workers)."""
     timeout_s = float(config.extra.get("tp_timeout_s", DEFAULT_TIMEOUT_S))
     world = config.tensor_parallel_size
-    for rank in range(world):  # every rank's split, before anything starts
-        shard_plan(gguf, model_config, rank, world)
+    # every rank's split, before anything starts
+    plans = [shard_plan(gguf, model_config, rank, world) for rank in range(world)]
     device = rank_device(config, 0, model_config.num_layers)
     if device.type == "cuda":  # rank 0's GPU before any worker starts; each worker checks its own
-        check_gpu_memory(gguf, shard_plan(gguf, model_config, 0, world), config, device)
+        check_gpu_memory(gguf, plans[0], config, device)
     store = create_store(world, max(timeout_s, CONNECT_TIMEOUT_S))
     ctx = _worker_context(device)
     reports = ctx.Queue()
