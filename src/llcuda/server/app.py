@@ -438,14 +438,9 @@ class _OpenAIFormat:
                 "usage": _usage(stream), **self._extras(stream)}  # fmt: skip
 
     def chat(self, stream: TextStream, text: str) -> dict:
-        message = {"role": "assistant", "content": text}
-        finish_reason = stream.result.finish_reason
-        if self.tool_stream is not None:
-            self.tool_stream.feed(text)
-            content, calls = self.tool_stream.finish()
-            if calls:
-                message = {"role": "assistant", "content": content or None, "tool_calls": calls}
-                finish_reason = "tool_calls"
+        message, finish_reason = openai_format.chat_message(
+            text, stream.result.finish_reason, self.tool_stream
+        )
         logprobs = stream.result.logprobs
         logprobs = None if logprobs is None else chat_logprobs(logprobs)
         choice = {"index": 0, "message": message, "logprobs": logprobs,
