@@ -477,13 +477,8 @@ class InferenceEngine:
             text_stream = self._start_chat(messages, params, spec)
         else:
             text_stream = self._submit(ids, params)
-        tool_stream = None
-        if spec is not None and spec.choice != "none":
-            from llcuda.structured.tool_calls import ToolCallStream
-
-            tool_stream = ToolCallStream(self._tool_format(), spec.names)
         body = openai_format.chat_chunks if stream else openai_format.chat_completion
-        return body(text_stream, self._model_name(), tool_stream)
+        return body(text_stream, self._model_name(), self._tool_call_stream(spec))
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -506,6 +501,15 @@ class InferenceEngine:
 
         loaded = self._loaded
         return tool_format(getattr(loaded.chat_template, "source", "") if loaded else "")
+
+    def _tool_call_stream(self, tools: Any) -> Any:
+        """The parser of the tool calls in an answer to `tools` (a ToolSpec), in the model's
+        format; None without tools or with tool_choice "none"."""
+        if tools is None or tools.choice == "none":
+            return None
+        from llcuda.structured.tool_calls import ToolCallStream
+
+        return ToolCallStream(self._tool_format(), tools.names)
 
     def _tool_params(self, params: SamplingParams, tools: Any) -> SamplingParams:
         """params with tool_choice required / named's grammar (a call in the model's format)."""

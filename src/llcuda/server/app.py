@@ -253,7 +253,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         await grammar_ready(req)
         pump = submit(req, "chat", request)
         fmt = _OpenAIFormat("chat.completion", state.model_name, req.return_tokens)
-        fmt.tool_stream = _tool_stream(engine, req)
+        fmt.tool_stream = engine._tool_call_stream(req.tools)
         if req.stream:
             return _sse(pump, fmt.stream_chat(pump, req.include_usage))
         text = await _collect(pump, request)
@@ -311,15 +311,6 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         return {"content": engine.detokenize(tokens)}
 
     return app
-
-
-def _tool_stream(engine: InferenceEngine, req: GenerateRequest) -> Any:
-    """The tool-call parser of a chat request with tools (tool_choice not "none"), else None."""
-    if req.tools is None or req.tools.choice == "none":
-        return None
-    from llcuda.structured.tool_calls import ToolCallStream
-
-    return ToolCallStream(engine._tool_format(), req.tools.names)
 
 
 def _engine_param(message: str, req: GenerateRequest) -> str | None:
