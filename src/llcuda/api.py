@@ -39,17 +39,15 @@ from llcuda.remote import UNTIL_FULL, RemoteBackend, RemoteStream
 from llcuda.sampling_params import DEFAULT_TEMPERATURE, SamplingParams
 from llcuda.streams import InferResult, TextStream
 
-# infer(**kwargs) may set these SamplingParams fields beyond the explicit arguments
-_EXTRA_SAMPLING_ARGS = ("min_p", "repeat_penalty", "repeat_last_n", "ignore_eos")
-# logprobs=N: each token's log-prob and its N most likely alternatives in InferResult.logprobs
-_EXTRA_SAMPLING_ARGS += ("logprobs",)
+# infer(**kwargs) may set these SamplingParams fields beyond the explicit arguments (logprobs=N:
+# each token's log-prob and its N most likely alternatives in InferResult.logprobs)
+_EXTRA_SAMPLING_ARGS = ("min_p", "repeat_penalty", "repeat_last_n", "ignore_eos", "logprobs")
 # ... and these name a structured-output constraint (llcuda.structured.request_args)
 _CONSTRAINT_ARGS = ("response_format", "grammar", "json_schema")
 # load_model(**kwargs) may set these EngineConfig fields beyond the explicit arguments
 _EXTRA_ENGINE_ARGS = (
     "block_size", "device", "seed", "enable_prefix_caching", "num_scheduler_steps", "swa_full",
-    "tensor_parallel_size",
-    "n_threads",
+    "tensor_parallel_size", "n_threads",
 )
 
 
@@ -688,7 +686,6 @@ def _pop_tools(kwargs: dict) -> Any:
 
     if isinstance(tools, ToolSpec) and choice is None:  # checked already (the server's)
         return tools
-
     return check_tools(tools, choice)
 
 
