@@ -333,7 +333,7 @@ def _chat_template_row(metadata) -> str:
         template = chat_template_from_metadata(metadata)
     except ChatTemplateError as exc:  # the file's template does not compile
         return f"yes, but it does not compile: {exc}"
-    if template.origin.startswith("the file's"):
+    if template.name == "gguf":  # the file's own tokenizer.chat_template
         return "yes"
     if not template.available:
         return f"no; chat is refused: {template.origin}"
