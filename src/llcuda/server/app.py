@@ -215,9 +215,13 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
 
     async def grammar_ready(req: GenerateRequest) -> None:
         """The first constrained request builds the vocabulary's grammar tables (~2 s for 262k
-        tokens): on a worker thread, not the event loop every stream shares."""
+        tokens): on a worker thread, not the event loop every stream shares (the engine checks
+        a grammar where it is submitted). Every replica's, as the request may go to any; later
+        requests find them built and skip the thread hop."""
         if "structured" in req.sampling or req.tools is not None:
-            await asyncio.to_thread(state.llm_engine._compiler)
+            for llm_engine in state.llm_engines:
+                if llm_engine._grammar_compiler is None:
+                    await asyncio.to_thread(llm_engine._compiler)
 
     def submit(req: GenerateRequest, endpoint: str, request: Request) -> _Pump:
         try:
