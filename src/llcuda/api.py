@@ -39,17 +39,15 @@ from llcuda.remote import UNTIL_FULL, RemoteBackend, RemoteStream
 from llcuda.sampling_params import DEFAULT_TEMPERATURE, SamplingParams
 from llcuda.streams import InferResult, TextStream
 
-# infer(**kwargs) may set these SamplingParams fields beyond the explicit arguments
-_EXTRA_SAMPLING_ARGS = ("min_p", "repeat_penalty", "repeat_last_n", "ignore_eos")
-# logprobs=N: each token's log-prob and its N most likely alternatives in InferResult.logprobs
-_EXTRA_SAMPLING_ARGS += ("logprobs",)
+# infer(**kwargs) may set these SamplingParams fields beyond the explicit arguments (logprobs=N:
+# each token's log-prob and its N most likely alternatives in InferResult.logprobs)
+_EXTRA_SAMPLING_ARGS = ("min_p", "repeat_penalty", "repeat_last_n", "ignore_eos", "logprobs")
 # ... and these name a structured-output constraint (llcuda.structured.request_args)
 _CONSTRAINT_ARGS = ("response_format", "grammar", "json_schema")
 # load_model(**kwargs) may set these EngineConfig fields beyond the explicit arguments
 _EXTRA_ENGINE_ARGS = (
     "block_size", "device", "seed", "enable_prefix_caching", "num_scheduler_steps", "swa_full",
-    "tensor_parallel_size",
-    "n_threads",
+    "tensor_parallel_size", "n_threads",
 )
 
 
@@ -477,13 +475,8 @@ class InferenceEngine:
             text_stream = self._start_chat(messages, params, spec)
         else:
             text_stream = self._submit(ids, params)
-        tool_stream = None
-        if spec is not None and spec.choice != "none":
-            from llcuda.structured.tool_calls import ToolCallStream
-
-            tool_stream = ToolCallStream(self._tool_format(), spec.names)
         body = openai_format.chat_chunks if stream else openai_format.chat_completion
-        return body(text_stream, self._model_name(), tool_stream)
+        return body(text_stream, self._model_name(), self._tool_call_stream(spec))
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -506,6 +499,15 @@ class InferenceEngine:
 
         loaded = self._loaded
         return tool_format(getattr(loaded.chat_template, "source", "") if loaded else "")
+
+    def _tool_call_stream(self, tools: Any) -> Any:
+        """The parser of the tool calls in an answer to `tools` (a ToolSpec), in the model's
+        format; None without tools or with tool_choice "none"."""
+        if tools is None or tools.choice == "none":
+            return None
+        from llcuda.structured.tool_calls import ToolCallStream
+
+        return ToolCallStream(self._tool_format(), tools.names)
 
     def _tool_params(self, params: SamplingParams, tools: Any) -> SamplingParams:
         """params with tool_choice required / named's grammar (a call in the model's format)."""
@@ -684,7 +686,6 @@ def _pop_tools(kwargs: dict) -> Any:
 
     if isinstance(tools, ToolSpec) and choice is None:  # checked already (the server's)
         return tools
-
     return check_tools(tools, choice)
 
 

@@ -88,8 +88,7 @@ def _add_generate(subparsers) -> None:
                    help="layers on the GPU (no effect on the CPU)")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available")  # fmt: skip
-    p.add_argument("-t", "--threads", type=int, default=None,
-                   help="CPU threads (llama.cpp's -t; default: one per physical core)")  # fmt: skip
+    _add_threads(p)
     _add_prefix_caching(p)
     _add_tensor_parallel(p)
     p.add_argument(
@@ -185,6 +184,11 @@ def _add_prefix_caching(p: argparse.ArgumentParser) -> None:
     p.add_argument("--swa-full", action="store_true",
                    help="keep the sliding-window layers' KV cache at full size (llama.cpp's "
                         "--swa-full); by default they keep what their window sees")  # fmt: skip
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="CPU threads (llama.cpp's -t; default: one per physical core)")  # fmt: skip
 
 
 def _add_tensor_parallel(p: argparse.ArgumentParser) -> None:
@@ -329,7 +333,7 @@ def _chat_template_row(metadata) -> str:
         template = chat_template_from_metadata(metadata)
     except ChatTemplateError as exc:  # the file's template does not compile
         return f"yes, but it does not compile: {exc}"
-    if template.origin.startswith("the file's"):
+    if template.name == "gguf":  # the file's own tokenizer.chat_template
         return "yes"
     if not template.available:
         return f"no; chat is refused: {template.origin}"
@@ -403,8 +407,7 @@ def _add_bench(subparsers) -> None:
     p.add_argument("-ngl", "--gpu-layers", type=int, default=99, help="layers on the GPU")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _add_tensor_parallel(p)
-    p.add_argument("-t", "--threads", type=int, default=None,
-                   help="CPU threads (llama.cpp's -t; default: one per physical core)")  # fmt: skip
+    _add_threads(p)
     p.set_defaults(func=_bench)
 
 
@@ -447,8 +450,7 @@ def _add_serve(subparsers) -> None:
                    help="layers on the GPU (no effect on the CPU)")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available")  # fmt: skip
-    p.add_argument("-t", "--threads", type=int, default=None,
-                   help="CPU threads (llama.cpp's -t; default: one per physical core)")  # fmt: skip
+    _add_threads(p)
     _add_prefix_caching(p)
     _add_scheduler_steps(p)
     _add_tensor_parallel(p)

@@ -78,14 +78,7 @@ def completion_chunks(stream: TextStream, prefix: str, model: str):
 def chat_completion(stream: TextStream, model: str, tool_stream: Any = None) -> dict:
     """tool_stream: a llcuda.structured ToolCallStream where the request had tools."""
     result = _finished(stream)
-    message = {"role": "assistant", "content": result.text}
-    finish_reason = result.finish_reason
-    if tool_stream is not None:
-        tool_stream.feed(result.text)
-        content, calls = tool_stream.finish()
-        if calls:
-            message = {"role": "assistant", "content": content or None, "tool_calls": calls}
-            finish_reason = "tool_calls"
+    message, finish_reason = chat_message(result.text, result.finish_reason, tool_stream)
     logprobs = None if result.logprobs is None else chat_logprobs(result.logprobs)
     choice = {"index": 0, "message": message, "logprobs": logprobs,
               "finish_reason": finish_reason}  # fmt: skip
@@ -124,6 +117,19 @@ def chat_chunks(stream: TextStream, model: str, tool_stream: Any = None):
             stream.close()
 
     return gen()
+
+
+def chat_message(text: str, finish_reason: str | None, tool_stream: Any = None
+                 ) -> tuple[dict, str | None]:  # fmt: skip
+    """A whole answer's assistant `message` and finish_reason: with tool_stream (the request's
+    ToolCallStream), the tool calls parsed from `text` and finish_reason "tool_calls"."""
+    if tool_stream is not None:
+        tool_stream.feed(text)
+        content, calls = tool_stream.finish()
+        if calls:
+            message = {"role": "assistant", "content": content or None, "tool_calls": calls}
+            return message, "tool_calls"
+    return {"role": "assistant", "content": text}, finish_reason
 
 
 def tool_call_deltas(calls: list[dict]) -> list[dict]:

@@ -76,3 +76,13 @@ def test_cli_flags():
     assert "tensor_parallel_size" not in cli._engine_extra(
         cli.build_parser().parse_args(["generate", "x"])
     )
+
+
+def test_a_chat_with_tools_gets_its_parser(replicas):
+    """The server asks its engine for the tool-call parser; a ReplicaSet answers for all."""
+    from llcuda.structured.tool_calls import ToolCallStream, check_tools
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    assert isinstance(replicas._tool_call_stream(check_tools(tools, "auto")), ToolCallStream)
+    assert replicas._tool_call_stream(check_tools(tools, "none")) is None
+    assert replicas._tool_call_stream(None) is None

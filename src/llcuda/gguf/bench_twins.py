@@ -49,11 +49,6 @@ BENCH_PRESETS: dict[str, ArchSpec] = {
 }  # fmt: skip
 
 
-def q4_k_m_type(name: str, ne0: int, n_layers: int, tied: bool, n_gqa: int = 1) -> GGMLType:
-    """llama_tensor_get_type for LLAMA_FTYPE_MOSTLY_Q4_K_M on a 2-D llama / qwen2 weight."""
-    return mix_type("Q4_K_M", name, ne0, _layer(name), n_layers, n_gqa, tied)
-
-
 def _layer(name: str) -> int:
     return int(name.split(".")[1]) if name.startswith("blk.") else 0
 

@@ -67,7 +67,6 @@ PRESETS: dict[str, dict[str, int]] = {
 # sizes of the real gemma-3-{270m,1b} Q4_K_M files; the CLI pads its twins to these
 REAL_FILE_SIZES = {"270m": 253_113_024, "1b": 806_055_968}
 
-_FILE_TYPES = FILE_TYPES  # llama_ftype of each mix
 _ALIGNMENT = 32
 _SCALE_RANGE = (0.002, 0.022)
 # byte offsets of the f16 scale fields per block (GGUF-NOTES section 2)
@@ -270,7 +269,7 @@ def metadata_plan(
         ("tokenizer.ggml.add_eos_token", False, GGUFValueType.BOOL, b),
         ("tokenizer.ggml.add_space_prefix", False, GGUFValueType.BOOL, b),
         ("general.quantization_version", 2, u32, b),
-        ("general.file_type", _FILE_TYPES[mix], u32, b),
+        ("general.file_type", FILE_TYPES[mix], u32, b),
     ]
 
 

@@ -96,7 +96,7 @@ TWINS.update({name: TWINS["llama3"] for name in TWIN_MIXES})
 TYPE_CYCLE = (
     GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.F16,
 )  # fmt: skip
-_FILE_TYPE_Q4_K_M = 15
+_FILE_TYPE_Q4_K_M = FILE_TYPES["Q4_K_M"]  # what a twin without a mix says it is
 _STR, _U32, _F32, _BOOL = (
     GGUFValueType.STRING, GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.BOOL,
 )  # fmt: skip

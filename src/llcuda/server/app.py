@@ -215,9 +215,13 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
 
     async def grammar_ready(req: GenerateRequest) -> None:
         """The first constrained request builds the vocabulary's grammar tables (~2 s for 262k
-        tokens): on a worker thread, not the event loop every stream shares."""
+        tokens): on a worker thread, not the event loop every stream shares (the engine checks
+        a grammar where it is submitted). Every replica's, as the request may go to any; later
+        requests find them built and skip the thread hop."""
         if "structured" in req.sampling or req.tools is not None:
-            await asyncio.to_thread(state.llm_engine._compiler)
+            for llm_engine in state.llm_engines:
+                if llm_engine._grammar_compiler is None:
+                    await asyncio.to_thread(llm_engine._compiler)
 
     def submit(req: GenerateRequest, endpoint: str, request: Request) -> _Pump:
         try:
@@ -253,7 +257,7 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         await grammar_ready(req)
         pump = submit(req, "chat", request)
         fmt = _OpenAIFormat("chat.completion", state.model_name, req.return_tokens)
-        fmt.tool_stream = _tool_stream(engine, req)
+        fmt.tool_stream = engine._tool_call_stream(req.tools)
         if req.stream:
             return _sse(pump, fmt.stream_chat(pump, req.include_usage))
         text = await _collect(pump, request)
@@ -311,15 +315,6 @@ def create_app(engine: InferenceEngine, api_key: str | None = None,
         return {"content": engine.detokenize(tokens)}
 
     return app
-
-
-def _tool_stream(engine: InferenceEngine, req: GenerateRequest) -> Any:
-    """The tool-call parser of a chat request with tools (tool_choice not "none"), else None."""
-    if req.tools is None or req.tools.choice == "none":
-        return None
-    from llcuda.structured.tool_calls import ToolCallStream
-
-    return ToolCallStream(engine._tool_format(), req.tools.names)
 
 
 def _engine_param(message: str, req: GenerateRequest) -> str | None:
@@ -438,14 +433,9 @@ class _OpenAIFormat:
                 "usage": _usage(stream), **self._extras(stream)}  # fmt: skip
 
     def chat(self, stream: TextStream, text: str) -> dict:
-        message = {"role": "assistant", "content": text}
-        finish_reason = stream.result.finish_reason
-        if self.tool_stream is not None:
-            self.tool_stream.feed(text)
-            content, calls = self.tool_stream.finish()
-            if calls:
-                message = {"role": "assistant", "content": content or None, "tool_calls": calls}
-                finish_reason = "tool_calls"
+        message, finish_reason = openai_format.chat_message(
+            text, stream.result.finish_reason, self.tool_stream
+        )
         logprobs = stream.result.logprobs
         logprobs = None if logprobs is None else chat_logprobs(logprobs)
         choice = {"index": 0, "message": message, "logprobs": logprobs,

@@ -110,6 +110,10 @@ class ReplicaSet:
         """Replica 0's report; every replica holds the same."""
         return {**self.engines[0].memory_report(), "replicas": len(self.engines)}
 
+    def _tool_call_stream(self, tools: Any) -> Any:
+        """The tool-call parser (server/app.py); every replica has the same chat template."""
+        return self.engines[0]._tool_call_stream(tools)
+
     def tokenize(self, *args: Any, **kwargs: Any) -> list[int]:
         return self.engines[0].tokenize(*args, **kwargs)
 
