@@ -18,9 +18,6 @@ import torch
 from llcuda.gguf.constants import QK_K, QUANT_SIZES, GGMLType
 from llcuda.kernels import iq_tables
 
-# IQ4_NL / IQ4_XS non-linear code book (llama.cpp kvalues_iq4nl)
-_IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-
 
 def row_bytes(qtype: GGMLType, n_cols: int) -> int:
     """Bytes of one row of `n_cols` elements stored as `qtype`."""
@@ -190,7 +187,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
 
 
 def _iq4_table(device: torch.device) -> torch.Tensor:
-    return torch.tensor(_IQ4_KVALUES, dtype=torch.float32, device=device)
+    return torch.tensor(iq_tables.IQ4_KVALUES, dtype=torch.float32, device=device)
 
 
 def _iq4_nl(b: torch.Tensor) -> torch.Tensor:

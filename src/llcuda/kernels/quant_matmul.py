@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from llcuda.kernels.dependent_launch import pdl_launch_args, wait_for_previous
+from llcuda.kernels.iq_tables import IQ4_KVALUES
 from llcuda.kernels.matmul_path import GEMV_KERNEL_MAX_M, GEMV_MAX_M, matmul_path
 from llcuda.kernels.quant_pack import (
     BF16,
@@ -118,8 +119,7 @@ def _nibbles(QTYPE: tl.constexpr, words):
 
 
 # IQ4_NL / IQ4_XS code book (kvalues_iq4nl) + 128 as four little-endian words: entries 0-3, ...
-_IQ4_TABLE = [v + 128 for v in (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69,
-                                89, 113)]  # fmt: skip
+_IQ4_TABLE = [v + 128 for v in IQ4_KVALUES]
 _IQ4_W0, _IQ4_W1, _IQ4_W2, _IQ4_W3 = (
     tl.constexpr(sum(_IQ4_TABLE[i + j] << (8 * j) for j in range(4)) - (1 << 32 if i >= 8 else 0))
     for i in range(0, 16, 4)

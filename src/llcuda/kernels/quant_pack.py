@@ -52,6 +52,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from llcuda.kernels.iq_tables import IQ4_KVALUES
+
 # GGML type ids (the GGUF file format's numbering, `ggml.h`).
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
 Q2_K, Q3_K, IQ4_NL, IQ4_XS = 10, 11, 20, 23
@@ -104,8 +106,6 @@ FIELD_TYPES: dict[int, dict[str, tuple[int, int]]] = {
 }
 # Types packed in natural element order for quant_lowbit's kernels (see the module docstring)
 LOWBIT_TYPES = frozenset({Q2_K, Q3_K, *FIELD_TYPES})
-# IQ4_NL / IQ4_XS code book (llama.cpp kvalues_iq4nl)
-IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 FLOAT_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
 GROUP = 32  # elements per group: the unit every kernel walks K in
 
