@@ -37,6 +37,7 @@ _GRID_CLASSES = {
     GGMLType.IQ1_S: gq.IQ1_S,
     GGMLType.IQ1_M: gq.IQ1_S,
 }
+GRID_TYPES = frozenset(_GRID_CLASSES)  # the types with a grid (grid() takes these)
 
 
 @cache

@@ -29,7 +29,6 @@ import torch
 import triton
 import triton.language as tl
 
-from llcuda.gguf.constants import GGMLType
 from llcuda.kernels import iq_tables
 from llcuda.kernels.quant_iq import _iq_tile
 from llcuda.kernels.quant_pack import FIELD_TYPES, LOWBIT_TYPES, PackedWeight
@@ -264,14 +263,9 @@ def _weight_args(w: PackedWeight) -> tuple[tuple, tuple]:
     qh, sc, sg = (t if t is not None else qs for t in (qh, w.sc, w.signs))
     d = w.d if w.d is not None else qs  # MXFP4 keeps its scales in sc
     dmin = w.dmin if w.dmin is not None else d
-    tab = iq_tables.grid(w.qtype, w.device) if w.qtype in _GRID_TYPES else qs
+    tab = iq_tables.grid(w.qtype, w.device) if w.qtype in iq_tables.GRID_TYPES else qs
     strides = (qs.stride(0), qh.stride(0), sc.stride(0), sg.stride(0), d.stride(0))
     return (qs, qh, sc, sg, d, dmin, tab), strides
-
-
-_GRID_TYPES = {int(t) for t in (GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S,
-                                GGMLType.IQ3_XXS, GGMLType.IQ3_S, GGMLType.IQ1_S,
-                                GGMLType.IQ1_M)}  # fmt: skip
 
 
 def _check(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
