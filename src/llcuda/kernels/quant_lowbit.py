@@ -23,7 +23,6 @@ The launch configurations are first choices, not tuned on a device yet.
 from __future__ import annotations
 
 import os
-from functools import cache
 
 import torch
 import triton
@@ -31,6 +30,7 @@ import triton.language as tl
 
 from llcuda.kernels import iq_tables
 from llcuda.kernels.quant_iq import _iq_tile
+from llcuda.kernels.quant_matmul import _gemm_activations, _num_sms, _reduce_splits, _use_fp16
 from llcuda.kernels.quant_pack import FIELD_TYPES, LOWBIT_TYPES, PackedWeight
 
 GEMV_MAX_M = 16  # the GEMV's M loop is unrolled; larger batches take the tensor-core GEMM
@@ -286,18 +286,6 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@cache
-def _num_sms(device_index: int) -> int:
-    if not torch.cuda.is_available():
-        return 132
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
 def gemv_config(m: int, n: int, k: int, num_sms: int) -> dict:
     """BLOCK_N, SPLIT_K, num_warps of the decode GEMV: 16-row tiles (a [16, 256] fp32 tile and
     its accumulator in 64 registers a thread at 4 warps), K split until ~2 programs per SM."""
@@ -328,9 +316,7 @@ def lowbit_gemv(x: torch.Tensor, w: PackedWeight, partials: bool = False,
         QTYPE=w.qtype, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
     )  # fmt: skip
-    if partials:
-        return out
-    return out[0] if split_k == 1 else out.sum(dim=0)
+    return _reduce_splits(out, partials)
 
 
 def gemm_config(m: int, n: int, k: int = 4096, num_sms: int = 132) -> dict:
@@ -362,15 +348,8 @@ def lowbit_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
     dev = x.device.index if x.device.type == "cuda" else 0
     cfg = config or gemm_config(m, n, k, _num_sms(dev or 0))
     if use_fp16 is None:
-        use_fp16 = x.device.type == "cuda" and _capability(x.device.index or 0) < (8, 0)
-    if use_fp16:  # rows scaled so max|x| lands in (0.5, 1]: exact, and no fp16 overflow
-        amax = x.abs().amax(dim=1).float()
-        xscale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0)
-        xscale = torch.where(torch.isfinite(xscale), xscale, 1.0).contiguous()  # [M]
-        x = (x.float() / xscale[:, None]).to(torch.float16)
-    else:
-        xscale = x  # unused
-        x = x.to(torch.bfloat16).contiguous()
+        use_fp16 = _use_fp16(x.device)
+    x, xscale = _gemm_activations(x, use_fp16)
     bk = cfg["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.get("SPLIT_K", 1)), bk) * bk
     split_k = triton.cdiv(k, k_per_split)
@@ -383,9 +362,7 @@ def lowbit_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
         GROUP_M=cfg["GROUP_M"], USE_FP16=use_fp16, F32_DOT=_interpreted(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
-    if partials:
-        return out
-    return out[0] if split_k == 1 else out.sum(dim=0)
+    return _reduce_splits(out, partials)
 
 
 def lowbit_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> torch.Tensor:

@@ -1126,6 +1126,22 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+def _gemm_activations(x: torch.Tensor, fp16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (the tensor-core GEMMs' activations, their fp32 row scales [M] (fp16 only;
+    else x, unused)): bf16, or fp16 with each row divided by a power of two.
+
+    Cast once here rather than per tile: half the shared memory per pipeline stage and half the
+    L2 traffic (every N-tile re-reads them)."""
+    if fp16:
+        # Scale each row so max|x| lands in (0.5, 1]: Gemma's activations overflow fp16 otherwise.
+        # A power of two keeps the scaling itself exact.
+        amax = x.abs().amax(dim=1).float()
+        xscale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0)
+        xscale = torch.where(torch.isfinite(xscale), xscale, 1.0).contiguous()  # [M]
+        return (x.float() / xscale[:, None]).to(torch.float16), xscale
+    return x.to(torch.bfloat16).contiguous(), x
+
+
 def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
                use_fp16: bool | None = None, partials: bool = False) -> torch.Tensor:
     """x [M, K] @ dequant(w).T -> [M, N] fp32 on tensor cores (bf16, or fp16 below sm_80); with
@@ -1135,18 +1151,7 @@ def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
     dev = x.device.index if x.device.type == "cuda" else 0
     cfg = config or gemm_config(w.qtype, m, n, n_groups, _num_sms(dev))
     fp16 = _use_fp16(x.device) if use_fp16 is None else use_fp16
-    # Activations are cast once here rather than per tile: half the shared memory per pipeline
-    # stage and half the L2 traffic (every N-tile re-reads them).
-    if fp16:
-        # Scale each row so max|x| lands in (0.5, 1]: Gemma's activations overflow fp16 otherwise.
-        # A power of two keeps the scaling itself exact.
-        amax = x.abs().amax(dim=1).float()
-        xscale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0)
-        xscale = torch.where(torch.isfinite(xscale), xscale, 1.0).contiguous()  # [M]
-        x = (x.float() / xscale[:, None]).to(torch.float16)
-    else:
-        xscale = x  # unused
-        x = x.to(torch.bfloat16).contiguous()
+    x, xscale = _gemm_activations(x, fp16)
     ptrs, strides = _weight_args(w)
     groups_per_split, split_k = _split_groups(n_groups, cfg.get("SPLIT_K", 1), cfg["BLOCK_G"])
     partial = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
