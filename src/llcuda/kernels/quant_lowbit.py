@@ -368,8 +368,9 @@ def lowbit_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
 def lowbit_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> torch.Tensor:
     """y = x @ dequantize(w).T [M, N] fp32 for a LOWBIT_TYPES weight: the GEMV up to GEMV_MAX_M
     rows, the tensor-core GEMM beyond; with `partials`, [S, M, N] split-K partial sums."""
-    x = _check(x, w)
-    if 0 < x.shape[0] <= GEMV_MAX_M:
+    # each path checks its arguments (once per launch): anything but a small [M, K] tensor goes
+    # to lowbit_gemm, which raises for what it cannot take
+    if isinstance(x, torch.Tensor) and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_M:
         return lowbit_gemv(x, w, partials=partials)
     return lowbit_gemm(x, w, partials=partials)
 
