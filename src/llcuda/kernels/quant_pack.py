@@ -52,6 +52,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from llcuda.gguf.constants import QUANT_SIZES, GGMLType
 from llcuda.kernels.iq_tables import IQ4_KVALUES
 
 # GGML type ids (the GGUF file format's numbering, `ggml.h`).
@@ -60,34 +61,13 @@ Q2_K, Q3_K, IQ4_NL, IQ4_XS = 10, 11, 20, 23
 IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ1_M = 16, 17, 18, 19, 21, 22, 29
 TQ1_0, TQ2_0, MXFP4 = 34, 35, 39
 
-# type id -> (elements per block, bytes per block, name)
+# type id -> (elements per block, bytes per block, name) of the types packed here; the sizes are
+# gguf.constants.QUANT_SIZES' (ggml-common.h)
 QUANT_BLOCKS: dict[int, tuple[int, int, str]] = {
-    F32: (1, 4, "F32"),
-    F16: (1, 2, "F16"),
-    BF16: (1, 2, "BF16"),
-    Q4_0: (32, 18, "Q4_0"),
-    Q4_1: (32, 20, "Q4_1"),
-    Q5_0: (32, 22, "Q5_0"),
-    Q5_1: (32, 24, "Q5_1"),
-    Q8_0: (32, 34, "Q8_0"),
-    Q4_K: (256, 144, "Q4_K"),
-    Q5_K: (256, 176, "Q5_K"),
-    Q6_K: (256, 210, "Q6_K"),
-    Q2_K: (256, 84, "Q2_K"),
-    Q3_K: (256, 110, "Q3_K"),
-    IQ4_NL: (32, 18, "IQ4_NL"),
-    IQ4_XS: (256, 136, "IQ4_XS"),
-    IQ2_XXS: (256, 66, "IQ2_XXS"),
-    IQ2_XS: (256, 74, "IQ2_XS"),
-    IQ2_S: (256, 82, "IQ2_S"),
-    IQ3_XXS: (256, 98, "IQ3_XXS"),
-    IQ3_S: (256, 110, "IQ3_S"),
-    IQ1_S: (256, 50, "IQ1_S"),
-    IQ1_M: (256, 56, "IQ1_M"),
-    TQ1_0: (256, 54, "TQ1_0"),
-    TQ2_0: (256, 66, "TQ2_0"),
-    MXFP4: (32, 17, "MXFP4"),
-}
+    qid: (*QUANT_SIZES[GGMLType(qid)], GGMLType(qid).name)
+    for qid in (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL,
+                IQ4_XS, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M, TQ1_0, TQ2_0, MXFP4)
+}  # fmt: skip
 # The grid / ternary / MXFP4 types are split into their raw fields, row-major: array name ->
 # (byte offset in the block, bytes per block). "d" becomes float16 [N, blocks]; the rest stay
 # uint8 [N, blocks * bytes]. IQ1_M's d, spread over its scales' top nibbles, is also stored
