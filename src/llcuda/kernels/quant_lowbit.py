@@ -253,7 +253,7 @@ class LowbitError(ValueError):
 
 def _weight_args(w: PackedWeight) -> tuple[tuple, tuple]:
     """(pointers qs, qh, sc, signs, d, dmin, grid table; strides of qs, qh, sc, signs, d) for
-    the kernels: qs and qh as int32 words for Q2_K / Q3_K / IQ4_*, every field as bytes for
+    the kernels: qs and qh as int32 words for Q2_K / Q3_K, every field as bytes for
     FIELD_TYPES; absent arrays get qs (never read)."""
     if w.qtype not in LOWBIT_TYPES:
         raise LowbitError(f"quant_lowbit takes {sorted(LOWBIT_TYPES)}, got type {w.qtype}")

@@ -1178,7 +1178,7 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> to
         _check(x, w)  # raises for a bad argument; each path below checks the rest once
         out = torch.empty((0, w.n_rows), device=x.device, dtype=torch.float32)
         return out.unsqueeze(0) if partials else out
-    if w.qtype in LOWBIT_TYPES:  # Q2_K / Q3_K / IQ4_NL / IQ4_XS: their own kernels
+    if w.qtype in LOWBIT_TYPES:  # Q2_K, Q3_K and the FIELD_TYPES: quant_lowbit (IQ4_* run here)
         from llcuda.kernels.quant_lowbit import lowbit_matmul
 
         return lowbit_matmul(x, w, partials=partials)
