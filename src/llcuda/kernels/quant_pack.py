@@ -53,6 +53,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from llcuda.gguf.constants import QUANT_SIZES, GGMLType
+from llcuda.kernels.dequant_ref import dequantize_ref, iq1_m_d
 from llcuda.kernels.iq_tables import IQ4_KVALUES
 
 # GGML type ids (the GGUF file format's numbering, `ggml.h`).
@@ -307,10 +308,7 @@ def _pack_fields(b: torch.Tensor, qid: int) -> dict[str, torch.Tensor]:
             out[name] = b[..., off : off + size].reshape(n, -1)
     if qid == IQ1_M:  # d: nibble k in the top nibble of the k-th u16 of the scales
         sc = b[..., 48:56].to(torch.int32)
-        u16 = sc[..., 0::2] | (sc[..., 1::2] << 8)  # [n, nb, 4]
-        bits = sum(((u16[..., k] >> 12) & 15) << (4 * k) for k in range(4))
-        out["d"] = torch.where(bits >= 2**15, bits - 2**16, bits).to(torch.int16).view(
-            torch.float16)  # fmt: skip
+        out["d"] = iq1_m_d(sc[..., 0::2] | (sc[..., 1::2] << 8))  # u16 [n, nb, 4] -> [n, nb]
     return out
 
 
@@ -464,8 +462,6 @@ def _dequantize_lowbit(w: PackedWeight) -> torch.Tensor:
     """float32 [N, K] of a LOWBIT_TYPES weight, in gguf-py's operation order (bit-equal)."""
     n, k, qid = w.n_rows, w.n_cols, w.qtype
     if qid in FIELD_TYPES:  # the split is lossless: the reference of the raw blocks
-        from llcuda.kernels.dequant_ref import dequantize_ref
-
         return dequantize_ref(raw_blocks(w), qid)
     q = _words_to_bits(w.qs, 2).view(n, -1, 16)  # [n, K/16, 16]
     d16 = w.d.float().repeat_interleave(16, dim=1)  # [n, K/16]
