@@ -18,9 +18,6 @@ import torch
 from llcuda.gguf.constants import QK_K, QUANT_SIZES, GGMLType
 from llcuda.kernels import iq_tables
 
-# IQ4_NL / IQ4_XS non-linear code book (llama.cpp kvalues_iq4nl)
-_IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-
 
 def row_bytes(qtype: GGMLType, n_cols: int) -> int:
     """Bytes of one row of `n_cols` elements stored as `qtype`."""
@@ -190,7 +187,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
 
 
 def _iq4_table(device: torch.device) -> torch.Tensor:
-    return torch.tensor(_IQ4_KVALUES, dtype=torch.float32, device=device)
+    return torch.tensor(iq_tables.IQ4_KVALUES, dtype=torch.float32, device=device)
 
 
 def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
@@ -325,14 +322,20 @@ def _iq1_s(b: torch.Tensor) -> torch.Tensor:
     return (dl * (grid + delta)).view(n, QK_K)
 
 
+def iq1_m_d(s: torch.Tensor) -> torch.Tensor:
+    """An IQ1_M block's d from the four u16 of its scales (int32 [..., 4]): float16 [...], bit
+    nibble k of d in the top nibble of u16 k (quant_pack stores it whole from this too)."""
+    d_bits = (s[..., 0] >> 12) | ((s[..., 1] >> 8) & 0xF0) | ((s[..., 2] >> 4) & 0xF00)
+    d_bits = d_bits | (s[..., 3] & 0xF000)
+    return (d_bits - ((d_bits & 0x8000) << 1)).to(torch.int16).view(torch.float16)
+
+
 def _iq1_m(b: torch.Tensor) -> torch.Tensor:
     # qs[32] low index bits; qh[16] a nibble per 8 values (3 high index bits, delta sign);
     # scales: 4 u16 of 4 x 3-bit scales each, the f16 d spread over their top nibbles
     n = b.shape[0]
     s = _u16(b, 48, 4)  # [n, 4]
-    d_bits = (s[:, 0:1] >> 12) | ((s[:, 1:2] >> 8) & 0xF0) | ((s[:, 2:3] >> 4) & 0xF00)
-    d_bits = d_bits | (s[:, 3:4] & 0xF000)
-    d = (d_bits - ((d_bits & 0x8000) << 1)).to(torch.int16).view(torch.float16).to(torch.float32)
+    d = iq1_m_d(s).to(torch.float32).unsqueeze(-1)  # [n, 1]
     sub = (s.unsqueeze(-1) >> torch.tensor([0, 3, 6, 9], device=b.device)) & 7  # [n, 4, 4]
     dl = (d * (2 * sub.reshape(n, 16) + 1).to(torch.float32)).view(n, 8, 2, 1, 1)
     qh = torch.stack([b[:, 32:48] & 0x0F, b[:, 32:48] >> 4], dim=-1).reshape(n, 32)

@@ -10,7 +10,8 @@ known entries of llama.cpp's tables against it independently.
 `grid(qtype)` is int8 [n_entries, values_per_entry]: entry i of llama.cpp's grid, its bytes in
 memory order (byte j of the little-endian uint32/uint64 is value j). `ksigns()` is uint8 [128]:
 7 sign bits plus an 8th that makes the count of minus signs even (`i | parity(i) << 7`), which is
-how the IQ2/IQ3 types store 8 signs in 7 bits.
+how the IQ2/IQ3 types store 8 signs in 7 bits. `IQ4_KVALUES` is the 16-entry code book of
+IQ4_NL and IQ4_XS (`kvalues_iq4nl`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import torch
 
 from llcuda.gguf.constants import GGMLType
 
+# IQ4_NL / IQ4_XS non-linear code book (llama.cpp kvalues_iq4nl)
+IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
 # The gguf-py class holding each type's grid (IQ1_M shares IQ1_S's, IQ2_XXS's ksigns serve all).
 _GRID_CLASSES = {
     GGMLType.IQ2_XXS: gq.IQ2_XXS,
@@ -33,6 +37,7 @@ _GRID_CLASSES = {
     GGMLType.IQ1_S: gq.IQ1_S,
     GGMLType.IQ1_M: gq.IQ1_S,
 }
+GRID_TYPES = frozenset(_GRID_CLASSES)  # the types with a grid (grid() takes these)
 
 
 @cache

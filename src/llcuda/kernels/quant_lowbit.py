@@ -23,15 +23,14 @@ The launch configurations are first choices, not tuned on a device yet.
 from __future__ import annotations
 
 import os
-from functools import cache
 
 import torch
 import triton
 import triton.language as tl
 
-from llcuda.gguf.constants import GGMLType
 from llcuda.kernels import iq_tables
 from llcuda.kernels.quant_iq import _iq_tile
+from llcuda.kernels.quant_matmul import _gemm_activations, _num_sms, _reduce_splits, _use_fp16
 from llcuda.kernels.quant_pack import FIELD_TYPES, LOWBIT_TYPES, PackedWeight
 
 GEMV_MAX_M = 16  # the GEMV's M loop is unrolled; larger batches take the tensor-core GEMM
@@ -254,7 +253,7 @@ class LowbitError(ValueError):
 
 def _weight_args(w: PackedWeight) -> tuple[tuple, tuple]:
     """(pointers qs, qh, sc, signs, d, dmin, grid table; strides of qs, qh, sc, signs, d) for
-    the kernels: qs and qh as int32 words for Q2_K / Q3_K / IQ4_*, every field as bytes for
+    the kernels: qs and qh as int32 words for Q2_K / Q3_K, every field as bytes for
     FIELD_TYPES; absent arrays get qs (never read)."""
     if w.qtype not in LOWBIT_TYPES:
         raise LowbitError(f"quant_lowbit takes {sorted(LOWBIT_TYPES)}, got type {w.qtype}")
@@ -264,14 +263,9 @@ def _weight_args(w: PackedWeight) -> tuple[tuple, tuple]:
     qh, sc, sg = (t if t is not None else qs for t in (qh, w.sc, w.signs))
     d = w.d if w.d is not None else qs  # MXFP4 keeps its scales in sc
     dmin = w.dmin if w.dmin is not None else d
-    tab = iq_tables.grid(w.qtype, w.device) if w.qtype in _GRID_TYPES else qs
+    tab = iq_tables.grid(w.qtype, w.device) if w.qtype in iq_tables.GRID_TYPES else qs
     strides = (qs.stride(0), qh.stride(0), sc.stride(0), sg.stride(0), d.stride(0))
     return (qs, qh, sc, sg, d, dmin, tab), strides
-
-
-_GRID_TYPES = {int(t) for t in (GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S,
-                                GGMLType.IQ3_XXS, GGMLType.IQ3_S, GGMLType.IQ1_S,
-                                GGMLType.IQ1_M)}  # fmt: skip
 
 
 def _check(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
@@ -290,18 +284,6 @@ def _check(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@cache
-def _num_sms(device_index: int) -> int:
-    if not torch.cuda.is_available():
-        return 132
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
 
 
 def gemv_config(m: int, n: int, k: int, num_sms: int) -> dict:
@@ -334,9 +316,7 @@ def lowbit_gemv(x: torch.Tensor, w: PackedWeight, partials: bool = False,
         QTYPE=w.qtype, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=BLOCK_K, num_warps=cfg["num_warps"],
     )  # fmt: skip
-    if partials:
-        return out
-    return out[0] if split_k == 1 else out.sum(dim=0)
+    return _reduce_splits(out, partials)
 
 
 def gemm_config(m: int, n: int, k: int = 4096, num_sms: int = 132) -> dict:
@@ -368,15 +348,8 @@ def lowbit_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
     dev = x.device.index if x.device.type == "cuda" else 0
     cfg = config or gemm_config(m, n, k, _num_sms(dev or 0))
     if use_fp16 is None:
-        use_fp16 = x.device.type == "cuda" and _capability(x.device.index or 0) < (8, 0)
-    if use_fp16:  # rows scaled so max|x| lands in (0.5, 1]: exact, and no fp16 overflow
-        amax = x.abs().amax(dim=1).float()
-        xscale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0)
-        xscale = torch.where(torch.isfinite(xscale), xscale, 1.0).contiguous()  # [M]
-        x = (x.float() / xscale[:, None]).to(torch.float16)
-    else:
-        xscale = x  # unused
-        x = x.to(torch.bfloat16).contiguous()
+        use_fp16 = _use_fp16(x.device)
+    x, xscale = _gemm_activations(x, use_fp16)
     bk = cfg["BLOCK_K"]
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.get("SPLIT_K", 1)), bk) * bk
     split_k = triton.cdiv(k, k_per_split)
@@ -389,16 +362,15 @@ def lowbit_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
         GROUP_M=cfg["GROUP_M"], USE_FP16=use_fp16, F32_DOT=_interpreted(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
-    if partials:
-        return out
-    return out[0] if split_k == 1 else out.sum(dim=0)
+    return _reduce_splits(out, partials)
 
 
 def lowbit_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> torch.Tensor:
     """y = x @ dequantize(w).T [M, N] fp32 for a LOWBIT_TYPES weight: the GEMV up to GEMV_MAX_M
     rows, the tensor-core GEMM beyond; with `partials`, [S, M, N] split-K partial sums."""
-    x = _check(x, w)
-    if 0 < x.shape[0] <= GEMV_MAX_M:
+    # each path checks its arguments (once per launch): anything but a small [M, K] tensor goes
+    # to lowbit_gemm, which raises for what it cannot take
+    if isinstance(x, torch.Tensor) and x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_M:
         return lowbit_gemv(x, w, partials=partials)
     return lowbit_gemm(x, w, partials=partials)
 

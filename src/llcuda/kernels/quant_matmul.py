@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from llcuda.kernels.dependent_launch import pdl_launch_args, wait_for_previous
+from llcuda.kernels.iq_tables import IQ4_KVALUES
 from llcuda.kernels.matmul_path import GEMV_KERNEL_MAX_M, GEMV_MAX_M, matmul_path
 from llcuda.kernels.quant_pack import (
     BF16,
@@ -118,8 +119,7 @@ def _nibbles(QTYPE: tl.constexpr, words):
 
 
 # IQ4_NL / IQ4_XS code book (kvalues_iq4nl) + 128 as four little-endian words: entries 0-3, ...
-_IQ4_TABLE = [v + 128 for v in (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69,
-                                89, 113)]  # fmt: skip
+_IQ4_TABLE = [v + 128 for v in IQ4_KVALUES]
 _IQ4_W0, _IQ4_W1, _IQ4_W2, _IQ4_W3 = (
     tl.constexpr(sum(_IQ4_TABLE[i + j] << (8 * j) for j in range(4)) - (1 << 32 if i >= 8 else 0))
     for i in range(0, 16, 4)
@@ -1126,6 +1126,22 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+def _gemm_activations(x: torch.Tensor, fp16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (the tensor-core GEMMs' activations, their fp32 row scales [M] (fp16 only;
+    else x, unused)): bf16, or fp16 with each row divided by a power of two.
+
+    Cast once here rather than per tile: half the shared memory per pipeline stage and half the
+    L2 traffic (every N-tile re-reads them)."""
+    if fp16:
+        # Scale each row so max|x| lands in (0.5, 1]: Gemma's activations overflow fp16 otherwise.
+        # A power of two keeps the scaling itself exact.
+        amax = x.abs().amax(dim=1).float()
+        xscale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0)
+        xscale = torch.where(torch.isfinite(xscale), xscale, 1.0).contiguous()  # [M]
+        return (x.float() / xscale[:, None]).to(torch.float16), xscale
+    return x.to(torch.bfloat16).contiguous(), x
+
+
 def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
                use_fp16: bool | None = None, partials: bool = False) -> torch.Tensor:
     """x [M, K] @ dequant(w).T -> [M, N] fp32 on tensor cores (bf16, or fp16 below sm_80); with
@@ -1135,18 +1151,7 @@ def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
     dev = x.device.index if x.device.type == "cuda" else 0
     cfg = config or gemm_config(w.qtype, m, n, n_groups, _num_sms(dev))
     fp16 = _use_fp16(x.device) if use_fp16 is None else use_fp16
-    # Activations are cast once here rather than per tile: half the shared memory per pipeline
-    # stage and half the L2 traffic (every N-tile re-reads them).
-    if fp16:
-        # Scale each row so max|x| lands in (0.5, 1]: Gemma's activations overflow fp16 otherwise.
-        # A power of two keeps the scaling itself exact.
-        amax = x.abs().amax(dim=1).float()
-        xscale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0)
-        xscale = torch.where(torch.isfinite(xscale), xscale, 1.0).contiguous()  # [M]
-        x = (x.float() / xscale[:, None]).to(torch.float16)
-    else:
-        xscale = x  # unused
-        x = x.to(torch.bfloat16).contiguous()
+    x, xscale = _gemm_activations(x, fp16)
     ptrs, strides = _weight_args(w)
     groups_per_split, split_k = _split_groups(n_groups, cfg.get("SPLIT_K", 1), cfg["BLOCK_G"])
     partial = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
@@ -1173,7 +1178,7 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> to
         _check(x, w)  # raises for a bad argument; each path below checks the rest once
         out = torch.empty((0, w.n_rows), device=x.device, dtype=torch.float32)
         return out.unsqueeze(0) if partials else out
-    if w.qtype in LOWBIT_TYPES:  # Q2_K / Q3_K / IQ4_NL / IQ4_XS: their own kernels
+    if w.qtype in LOWBIT_TYPES:  # Q2_K, Q3_K and the FIELD_TYPES: quant_lowbit (IQ4_* run here)
         from llcuda.kernels.quant_lowbit import lowbit_matmul
 
         return lowbit_matmul(x, w, partials=partials)

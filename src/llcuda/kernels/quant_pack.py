@@ -52,40 +52,23 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from llcuda.gguf.constants import QUANT_SIZES, GGMLType
+from llcuda.kernels.dequant_ref import dequantize_ref, iq1_m_d
+from llcuda.kernels.iq_tables import IQ4_KVALUES
+
 # GGML type ids (the GGUF file format's numbering, `ggml.h`).
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
 Q2_K, Q3_K, IQ4_NL, IQ4_XS = 10, 11, 20, 23
 IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ1_M = 16, 17, 18, 19, 21, 22, 29
 TQ1_0, TQ2_0, MXFP4 = 34, 35, 39
 
-# type id -> (elements per block, bytes per block, name)
+# type id -> (elements per block, bytes per block, name) of the types packed here; the sizes are
+# gguf.constants.QUANT_SIZES' (ggml-common.h)
 QUANT_BLOCKS: dict[int, tuple[int, int, str]] = {
-    F32: (1, 4, "F32"),
-    F16: (1, 2, "F16"),
-    BF16: (1, 2, "BF16"),
-    Q4_0: (32, 18, "Q4_0"),
-    Q4_1: (32, 20, "Q4_1"),
-    Q5_0: (32, 22, "Q5_0"),
-    Q5_1: (32, 24, "Q5_1"),
-    Q8_0: (32, 34, "Q8_0"),
-    Q4_K: (256, 144, "Q4_K"),
-    Q5_K: (256, 176, "Q5_K"),
-    Q6_K: (256, 210, "Q6_K"),
-    Q2_K: (256, 84, "Q2_K"),
-    Q3_K: (256, 110, "Q3_K"),
-    IQ4_NL: (32, 18, "IQ4_NL"),
-    IQ4_XS: (256, 136, "IQ4_XS"),
-    IQ2_XXS: (256, 66, "IQ2_XXS"),
-    IQ2_XS: (256, 74, "IQ2_XS"),
-    IQ2_S: (256, 82, "IQ2_S"),
-    IQ3_XXS: (256, 98, "IQ3_XXS"),
-    IQ3_S: (256, 110, "IQ3_S"),
-    IQ1_S: (256, 50, "IQ1_S"),
-    IQ1_M: (256, 56, "IQ1_M"),
-    TQ1_0: (256, 54, "TQ1_0"),
-    TQ2_0: (256, 66, "TQ2_0"),
-    MXFP4: (32, 17, "MXFP4"),
-}
+    qid: (*QUANT_SIZES[GGMLType(qid)], GGMLType(qid).name)
+    for qid in (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL,
+                IQ4_XS, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M, TQ1_0, TQ2_0, MXFP4)
+}  # fmt: skip
 # The grid / ternary / MXFP4 types are split into their raw fields, row-major: array name ->
 # (byte offset in the block, bytes per block). "d" becomes float16 [N, blocks]; the rest stay
 # uint8 [N, blocks * bytes]. IQ1_M's d, spread over its scales' top nibbles, is also stored
@@ -104,8 +87,6 @@ FIELD_TYPES: dict[int, dict[str, tuple[int, int]]] = {
 }
 # Types packed in natural element order for quant_lowbit's kernels (see the module docstring)
 LOWBIT_TYPES = frozenset({Q2_K, Q3_K, *FIELD_TYPES})
-# IQ4_NL / IQ4_XS code book (llama.cpp kvalues_iq4nl)
-IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 FLOAT_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
 GROUP = 32  # elements per group: the unit every kernel walks K in
 
@@ -327,10 +308,7 @@ def _pack_fields(b: torch.Tensor, qid: int) -> dict[str, torch.Tensor]:
             out[name] = b[..., off : off + size].reshape(n, -1)
     if qid == IQ1_M:  # d: nibble k in the top nibble of the k-th u16 of the scales
         sc = b[..., 48:56].to(torch.int32)
-        u16 = sc[..., 0::2] | (sc[..., 1::2] << 8)  # [n, nb, 4]
-        bits = sum(((u16[..., k] >> 12) & 15) << (4 * k) for k in range(4))
-        out["d"] = torch.where(bits >= 2**15, bits - 2**16, bits).to(torch.int16).view(
-            torch.float16)  # fmt: skip
+        out["d"] = iq1_m_d(sc[..., 0::2] | (sc[..., 1::2] << 8))  # u16 [n, nb, 4] -> [n, nb]
     return out
 
 
@@ -484,8 +462,6 @@ def _dequantize_lowbit(w: PackedWeight) -> torch.Tensor:
     """float32 [N, K] of a LOWBIT_TYPES weight, in gguf-py's operation order (bit-equal)."""
     n, k, qid = w.n_rows, w.n_cols, w.qtype
     if qid in FIELD_TYPES:  # the split is lossless: the reference of the raw blocks
-        from llcuda.kernels.dequant_ref import dequantize_ref
-
         return dequantize_ref(raw_blocks(w), qid)
     q = _words_to_bits(w.qs, 2).view(n, -1, 16)  # [n, K/16, 16]
     d16 = w.d.float().repeat_interleave(16, dim=1)  # [n, K/16]
