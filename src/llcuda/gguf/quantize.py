@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from llcuda.gguf.constants import QUANT_SIZES, GGMLType
+from llcuda.kernels.iq_tables import IQ4_KVALUES
 
 QUANTIZABLE = (
     GGMLType.F32, GGMLType.F16, GGMLType.Q4_0, GGMLType.Q8_0,
@@ -141,8 +142,7 @@ def _q3_k(x: np.ndarray) -> np.ndarray:
     return np.concatenate([hmask, _pack_2bit(q & 3), packed, d_bytes], axis=1)
 
 
-_IQ4_KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
-                        dtype=np.float32)  # fmt: skip
+_IQ4_KVALUES = np.array(IQ4_KVALUES, dtype=np.float32)
 
 
 def _iq4_codes(xs: np.ndarray, step: np.ndarray) -> np.ndarray:
