@@ -52,14 +52,27 @@ def test_teacher_forced_logprobs_match_llama_cpp(smollm2, smollm2_golden):
     check_teacher_forced_against_golden(smollm2_golden, smollm2)
 
 
-def test_chunked_prefill_equals_one_pass(smollm2, smollm2_golden):
+def test_chunked_prefill_equals_one_pass(smollm2, smollm2_golden, request):
+    """On the CPU to float rounding. On the GPU a 659-token pass and 97-token chunks take other
+    tensor-core tiles and read earlier chunks back from the fp16 KV cache (on the H100 up to 0.11
+    apart in the logits): there the log-probs of the top 5 within test_gpu_archs' bounds, and the
+    same argmax."""
     case = max(smollm2_golden["greedy"], key=lambda c: len(c["prompt_ids"]))
     tokens = case["prompt_ids"]
     assert len(tokens) == 659
     positions = [len(tokens) - 1]
     one = sequence_logits(smollm2, tokens, positions, chunk=len(tokens))
     chunked = sequence_logits(smollm2, tokens, positions, chunk=97)
-    torch.testing.assert_close(chunked, one, rtol=1e-4, atol=1e-3)
+    if request.node.callspec.params["smollm2"] == "cpu":
+        torch.testing.assert_close(chunked, one, rtol=1e-4, atol=1e-3)
+        return
+    from tests.kernels.test_gpu_archs import GPU_MAX_TOL, GPU_MEAN_TOL
+
+    one, chunked = (torch.log_softmax(t.float().cpu(), dim=-1) for t in (one, chunked))
+    top = torch.topk(one, 5).indices
+    diff = (one.gather(1, top) - chunked.gather(1, top)).abs()
+    assert diff.mean() < GPU_MEAN_TOL and diff.max() < GPU_MAX_TOL, diff
+    assert torch.equal(one.argmax(-1), chunked.argmax(-1))
 
 
 @pytest.mark.slow
