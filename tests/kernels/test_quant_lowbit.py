@@ -188,6 +188,30 @@ def test_routing_through_quant_matmul_and_embedding():
 
 @needs_triton
 @pytest.mark.parametrize("qtype", IQ4, ids=lambda t: t.name)
+@pytest.mark.parametrize("k,n,preload,m", [(2048, 7, True, 1), (2048, 7, False, 3),
+                                           (1024, 40, False, 1), (2304, 34, True, 1)])
+def test_iq4_int8_activations_match_their_spec(qtype, k, n, preload, m):
+    """IQ4_NL / IQ4_XS in the INT8_X decode GEMV (code-book value + 128 as the unsigned byte,
+    128 its zero point) compute dequant(w) @ quantize_q8_ref(x), tiled or whole-row, split or
+    not, with and without the SwiGLU epilogue."""
+    from llcuda.kernels import reference as ref
+    from llcuda.kernels.q8_activations import quantize_q8_ref
+    from llcuda.kernels.quant_matmul import gemv_config, quant_gemv
+
+    gen = torch.Generator(device=DEV).manual_seed(k + n)
+    w = qp.pack_weight(random_rows(qtype, n, k, gen, device=DEV), qtype, k)
+    x = torch.randn((m, k), generator=gen, device=DEV)
+    x[:, 64:96] = 0.0  # an all-zero group: scale 0
+    cfg = dict(gemv_config(int(qtype), m, n, k // 32, 132, preload=preload), INT8_X=True)
+    want = quantize_q8_ref(x) @ qp.dequantize_packed(w).T
+    assert _rel_err(quant_gemv(x, w, config=cfg), want) < 2e-5
+    if n % 2 == 0 and m == 1:
+        got = quant_gemv(x, w, config=cfg, gated_act="silu")
+        assert _rel_err(got, ref.gated_act_ref(want, "silu")) < 2e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("qtype", IQ4, ids=lambda t: t.name)
 def test_iq4_through_the_plane_kernels(qtype):
     """IQ4_NL / IQ4_XS are nibble types of quant_matmul's kernels (the code book applied per
     word): the GEMV, its gated epilogue and its two-type pairing, the fused tensor-core GEMM,
@@ -260,9 +284,11 @@ def _cases():
 @pytest.mark.parametrize("qtype,k,n", _cases())
 def test_lowbit_matmul_matches_reference(qtype, k, n):
     from llcuda.kernels import matmul_path, quant_lowbit
-    from llcuda.kernels.quant_matmul import quant_matmul
+    from llcuda.kernels.q8_activations import quantize_q8_ref
+    from llcuda.kernels.quant_matmul import gemv_int8, quant_matmul
 
     # quant_lowbit's GEMV takes up to 16 rows; IQ4_* run in quant_matmul's, which takes up to 4
+    # and multiplies big matrices with int8 activations (their spec: quantize_q8_ref)
     gemv_max_m = quant_lowbit.GEMV_MAX_M if qtype in LOWBIT else matmul_path.GEMV_MAX_M
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -277,7 +303,8 @@ def test_lowbit_matmul_matches_reference(qtype, k, n):
         x = torch.randn((m, k), generator=gen, device="cuda")
         out = quant_matmul(x, w)
         tol = 2e-5 if m <= gemv_max_m else 1.5e-2  # fp32 FMAs; bf16 products
-        err = _rel_err(out, x @ w_ref.T)
+        int8 = qtype in IQ4 and m <= gemv_max_m and gemv_int8(int(qtype), m, n, k // 32)
+        err = _rel_err(out, (quantize_q8_ref(x) if int8 else x) @ w_ref.T)
         if out.shape != (m, n) or not torch.isfinite(out).all() or err > tol:
             failures.append(f"M={m}: {tuple(out.shape)} rel err {err:.3g} > {tol}")
     assert not failures, f"{qtype.name} K={k} N={n}: " + "; ".join(failures)

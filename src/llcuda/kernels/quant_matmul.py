@@ -635,9 +635,10 @@ def _gemv_step_int8(
     split bytes 0-1 (elements 0..15) from 2-3."""
     NW: tl.constexpr = BLOCK_G * WPG
     m_idx = tl.arange(0, BLOCK_M)
-    # zero points: Q4_0 8, Q5_0 16, Q6_K 32, Q8_0 (stored as q + 128 by _nibbles) 128, else 0
+    # zero points: Q4_0 8, Q5_0 16, Q6_K 32, 128 for Q8_0 and IQ4_NL / IQ4_XS (_nibbles stores
+    # q + 128 and code-book value + 128), else 0
     Z: tl.constexpr = (8.0 * (QTYPE == 2) + 16.0 * (QTYPE == 6) + 32.0 * (QTYPE == 14)
-                       + 128.0 * (QTYPE == 8))
+                       + 128.0 * ((QTYPE == 8) | (QTYPE == 20) | (QTYPE == 23)))
     for m in tl.static_range(BLOCK_M):
         words, dx, sq_lo, sq = _q8_words(x_ptr, M, stride_xm, m, g0, g_end, BLOCK_G)
         if WPG == 4:  # lo pairs with activation words 0..3 of its group, hi with 4..7
@@ -749,7 +750,7 @@ _WPG = {F32: 32, F16: 16, BF16: 16, Q8_0: 8, Q4_0: 4, Q4_1: 4, Q5_0: 4, Q5_1: 4,
         Q6_K: 4, IQ4_NL: 4, IQ4_XS: 4}
 _HAS_MIN = (Q4_1, Q5_1, Q4_K, Q5_K)
 # the types the decode GEMV can run with int8 activations (_gemv_step_int8): the quantized ones
-INT8_X_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)
+INT8_X_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)
 _MAGIC = 0x4B000000  # float32 bits of 2^23
 
 
