@@ -52,6 +52,7 @@ NATIVE_TYPES: frozenset[GGMLType] = frozenset({
 MKL_TOKENS = 128
 
 _SOURCE = Path(__file__).parent / "csrc" / "quant_cpu.cpp"
+_HEADERS = (Path(__file__).parent / "csrc" / "decode_block.h",)  # included by _SOURCE
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module": the loaded extension or None once a build failed
 
@@ -64,7 +65,8 @@ def build_dir() -> Path:
     """Where the extension is built: beside the model cache, keyed by source and torch."""
     models = os.environ.get("LLCUDA_CACHE")
     root = Path(models).expanduser().parent if models else Path.home() / ".cache" / "llcuda"
-    key = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    text = b"".join(path.read_bytes() for path in (_SOURCE, *_HEADERS))
+    key = hashlib.sha256(text + torch.__version__.encode()).hexdigest()[:12]
     return root / "ext" / f"quant_cpu-{key}"
 
 
