@@ -89,12 +89,18 @@ def test_every_block_matches_the_reference_ops(model):
         ref_cache = KVCache(cache.k.clone(), cache.v.clone())
         before = cache.k.clone()
         want = _reference(block, x, h, pos, meta, ref_cache)
+        through_block = KVCache(cache.k.clone(), cache.v.clone())
         got = decode_block_cpu.decode_block(block, x, h, pos, meta, cache)
         assert got is not None, f"block {index} was not run natively"
+        # DecoderBlock itself takes the native path for such a step
+        for a, b in zip(block(x, h, pos, meta, through_block), got, strict=True):
+            assert torch.equal(a, b)
         for name, g, w in zip(("x", "h"), got, want, strict=True):
             scale = w.abs().max().item()
-            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * scale,
-                                       msg=lambda m, n=name, i=index: f"block {i} {n}: {m}")
+            torch.testing.assert_close(
+                g, w, rtol=1e-4, atol=1e-5 * scale,
+                msg=lambda m, n=name, i=index: f"block {i} {n}: {m}",
+            )  # fmt: skip
         torch.testing.assert_close(cache.k, ref_cache.k, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cache.v, ref_cache.v, rtol=1e-4, atol=1e-5)
         # this step's keys went to its slots, and nowhere else

@@ -22,7 +22,8 @@ Measured on the shared 2-core AMD EPYC (Zen 4) dev box, 1 thread, best of 7, loa
 against 61 ms for quant_matmul_cpu; a 2048 x 640 Q5_0 GEMV 0.11 ms (vs ~1.7 ms), 640 x 2048 Q6_K
 0.11 ms (vs ~1.2 ms); 64 tokens through the Q5_0 one 3.1 ms (27 GMAC/s; quant_matmul_cpu 3.2
 ms); 256 tokens 14.3 ms against 9.7 ms for quant_matmul_cpu, hence MKL_TOKENS. The engine-level
-numbers against llama.cpp are in BENCHMARKS.md (CPU).
+numbers against llama.cpp are in BENCHMARKS.md (CPU). The same extension runs a decode step's
+whole decoder blocks (csrc/decode_block.h, through kernels/decode_block_cpu.py).
 """
 
 from __future__ import annotations
