@@ -22,7 +22,8 @@ Measured on the shared 2-core AMD EPYC (Zen 4) dev box, 1 thread, best of 7, loa
 against 61 ms for quant_matmul_cpu; a 2048 x 640 Q5_0 GEMV 0.11 ms (vs ~1.7 ms), 640 x 2048 Q6_K
 0.11 ms (vs ~1.2 ms); 64 tokens through the Q5_0 one 3.1 ms (27 GMAC/s; quant_matmul_cpu 3.2
 ms); 256 tokens 14.3 ms against 9.7 ms for quant_matmul_cpu, hence MKL_TOKENS. The engine-level
-numbers against llama.cpp are in BENCHMARKS.md (CPU).
+numbers against llama.cpp are in BENCHMARKS.md (CPU). The same extension runs a decode step's
+whole decoder blocks (csrc/decode_block.h, through kernels/decode_block_cpu.py).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ NATIVE_TYPES: frozenset[GGMLType] = frozenset({
 MKL_TOKENS = 128
 
 _SOURCE = Path(__file__).parent / "csrc" / "quant_cpu.cpp"
+_HEADERS = (Path(__file__).parent / "csrc" / "decode_block.h",)  # included by _SOURCE
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module": the loaded extension or None once a build failed
 
@@ -64,7 +66,8 @@ def build_dir() -> Path:
     """Where the extension is built: beside the model cache, keyed by source and torch."""
     models = os.environ.get("LLCUDA_CACHE")
     root = Path(models).expanduser().parent if models else Path.home() / ".cache" / "llcuda"
-    key = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    text = b"".join(path.read_bytes() for path in (_SOURCE, *_HEADERS))
+    key = hashlib.sha256(text + torch.__version__.encode()).hexdigest()[:12]
     return root / "ext" / f"quant_cpu-{key}"
 
 

@@ -29,6 +29,7 @@ import torch
 from llcuda.config import ModelConfig
 from llcuda.gguf.reader import GGUFError, GGUFFile
 from llcuda.kernels import ops
+from llcuda.kernels.decode_block_cpu import decode_block as decode_block_cpu
 from llcuda.layers.attention import AttentionMetadata, KVCache
 from llcuda.layers.linear import FusedQuantLinear, QuantLinear, paired_partials
 from llcuda.layers.quant_tensor import QuantTensor, read_float_tensor
@@ -124,6 +125,8 @@ class DecoderBlock:
         self.post_ffw_norm = t.vector("post_ffw_norm.weight") if config.post_norms else None
         # the pre-norm of what follows (the next block's attn_norm, or output_norm): the model's
         self.next_norm: torch.Tensor | None = None
+        # the C++ decode step of this block (kernels/decode_block_cpu), built on first use
+        self.native_decode: object | None = None
 
     def __call__(
         self,
@@ -135,6 +138,10 @@ class DecoderBlock:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream [num_tokens, hidden_size]; h: RMSNorm(x)*attn_norm, computed by
         the previous block. Returns the new residual and its norm for the next block."""
+        if x.device.type == "cpu":  # a decode step: one native call (None: not this step)
+            out = decode_block_cpu(self, x, h, positions, meta, cache)
+            if out is not None:
+                return out
         cfg = self.config
         num_tokens, eps = x.shape[0], cfg.rms_norm_eps
 

@@ -572,6 +572,8 @@ Pool& pool() {
 
 }  // namespace
 
+#include "decode_block.h"
+
 // x float32 [M, K] contiguous, w uint8 [N, row_bytes] (rows contiguous) -> out float32 [M, N].
 void quant_matmul(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype,
                   torch::Tensor& out) {
@@ -624,6 +626,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("get_num_threads", &get_num_threads);
   m.def("quant_matmul", &quant_matmul, "out = x @ dequantize(w).T, fp32 activations",
         py::call_guard<py::gil_scoped_release>());
+  py::class_<DecodeBlock, std::shared_ptr<DecodeBlock>>(m, "DecodeBlock")
+      .def("forward", &DecodeBlock::forward, "one decode token per sequence through the block",
+           py::call_guard<py::gil_scoped_release>());
+  m.def("make_decode_block", &make_decode_block, "a DecodeBlock (decode_block.h)");
   m.def("has_avx2", &has_avx2);
   m.def("has_avx512", &has_avx512);
 }
