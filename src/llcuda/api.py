@@ -611,9 +611,14 @@ def _load_notices(loaded: Any) -> list[str]:
             else "gpu_layers=0" if config.gpu_layers == 0
             else "no CUDA device"
         )  # fmt: skip
+        from llcuda.kernels import quant_cpu_native  # here: importing llcuda needs no torch
+
+        path = ("the C++ CPU kernels" if quant_cpu_native.enabled()
+                and quant_cpu_native.load_native() is not None
+                else "the pure-PyTorch reference path")  # fmt: skip
         notices.append(
-            f"running on the CPU reference path (pure PyTorch; {why}): gpu_layers and "
-            f"flash_attn have no effect here"
+            f"running on the CPU ({why}) through {path}: gpu_layers and flash_attn have no "
+            f"effect here"
         )
     template = loaded.chat_template
     if not template.available:

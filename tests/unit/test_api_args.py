@@ -592,7 +592,7 @@ def test_model_info_reports_effective_knobs_on_the_cpu(fake_loader, model_file, 
         assert info["device"] == "cpu"
         assert info["gpu_layers"] == 0 and info["flash_attn"] is False
         err = capsys.readouterr().err
-        assert err.count("CPU reference path") == 1
+        assert err.count("running on the CPU") == 1
         assert "gpu_layers and flash_attn have no effect" in err
         e.load_model(model_file, auto_start=False, verbose=False)
         assert capsys.readouterr().err == ""  # verbose=False: silent

@@ -38,7 +38,7 @@ def test_batch_infer_batches_with_default_settings(tiny_path, capsys):
     with InferenceEngine() as engine:
         engine.load_model(tiny_path, ctx_size=256)  # everything else default
         err = capsys.readouterr().err
-        assert "CPU reference path" in err  # verbose by default: said once at load
+        assert "running on the CPU" in err  # verbose by default: said once at load
         info = engine.model_info()
         assert (info["n_parallel"], info["n_parallel_auto"]) == (4, True)
         assert (info["device"], info["gpu_layers"], info["cache_size"]) == ("cpu", 0, 256)
