@@ -393,13 +393,30 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def test_client_gone_before_a_whole_answer_aborts_it(server):
+def test_client_gone_before_a_whole_answer_aborts_it(server, monkeypatch):
+    """A client that stops waiting for a non-streamed answer: the request is aborted (not run to
+    its end). Each engine step is slowed to 10 ms so the 240-token answer takes >= 2.4 s whatever
+    the CPU's speed (the fast CPU path finished it inside the 0.5 s the client waits)."""
+    llm = server.llm_engine
+    step = llm.step
+
+    def slow_step():
+        time.sleep(0.01)
+        return step()
+
+    key = 'llcuda_requests_total{endpoint="chat",finish_reason="abort"}'
+    with server.client() as c:
+        aborted = _metric(c, key)
+    monkeypatch.setattr(llm, "step", slow_step)
     req = {"prompt": "The apple", "max_tokens": CTX_SIZE - 16, "temperature": 0,
            "ignore_eos": True}  # fmt: skip
     with server.client(timeout=0.5) as c, pytest.raises(httpx.ReadTimeout):
         c.post("/v1/chat/completions", json={**req, "messages": [{"role": "user",
                                                                   "content": "x"}]})  # fmt: skip
     assert wait_until(lambda: engine_idle(server), timeout=3.0)
+    monkeypatch.undo()
+    with server.client() as c:
+        assert _metric(c, key) == aborted + 1
 
 
 def test_many_requests_at_4x_n_parallel_none_lost(server):
