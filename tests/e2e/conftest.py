@@ -50,6 +50,20 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
     return predicate()
 
 
+def slow_engine_steps(server, monkeypatch, seconds: float = 0.01) -> None:
+    """Every engine step of `server` takes `seconds` longer (until monkeypatch undoes it): a
+    240-token answer then lasts >= 2.4 s at 10 ms whatever the CPU's speed, so a test's client
+    surely leaves before it ends."""
+    llm = server.llm_engine
+    step = llm.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    monkeypatch.setattr(llm, "step", slow_step)
+
+
 def engine_idle(server) -> bool:
     """No request running or waiting, and every KV block free (cached ones count as free)."""
     llm = server.llm_engine

@@ -21,6 +21,7 @@ from tests.e2e.conftest import (
     N_PARALLEL,
     bound_socket,
     engine_idle,
+    slow_engine_steps,
     wait_until,
 )
 
@@ -395,19 +396,12 @@ def _healthy(url: str) -> bool:
 
 def test_client_gone_before_a_whole_answer_aborts_it(server, monkeypatch):
     """A client that stops waiting for a non-streamed answer: the request is aborted (not run to
-    its end). Each engine step is slowed to 10 ms so the 240-token answer takes >= 2.4 s whatever
-    the CPU's speed (the fast CPU path finished it inside the 0.5 s the client waits)."""
-    llm = server.llm_engine
-    step = llm.step
-
-    def slow_step():
-        time.sleep(0.01)
-        return step()
-
+    its end). Engine steps are slowed (slow_engine_steps): the fast CPU path finished the
+    240-token answer inside the 0.5 s the client waits."""
     key = 'llcuda_requests_total{endpoint="chat",finish_reason="abort"}'
     with server.client() as c:
         aborted = _metric(c, key)
-    monkeypatch.setattr(llm, "step", slow_step)
+    slow_engine_steps(server, monkeypatch)
     req = {"prompt": "The apple", "max_tokens": CTX_SIZE - 16, "temperature": 0,
            "ignore_eos": True}  # fmt: skip
     with server.client(timeout=0.5) as c, pytest.raises(httpx.ReadTimeout):

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.e2e.conftest import CTX_SIZE, N_PARALLEL, engine_idle, wait_until
+from tests.e2e.conftest import CTX_SIZE, N_PARALLEL, engine_idle, slow_engine_steps, wait_until
 
 # --- the faults issue 16 found (each once answered 500 or dropped the connection) ---------------
 
@@ -326,10 +326,12 @@ def aborts(values: dict[str, float]) -> float:
     return sum(v for k, v in values.items() if 'finish_reason="abort"' in k)
 
 
-def test_many_clients_vanishing_mid_stream_leak_nothing(server):
+def test_many_clients_vanishing_mid_stream_leak_nothing(server, monkeypatch):
     """32 streaming clients (8x n_parallel, so most wait in the queue) leave after 0-3 events,
     4 non-streamed ones time out: afterwards no request runs or waits, no KV block is held,
-    every one of them was aborted, and the server answers as before."""
+    every one of them was aborted, and the server answers as before. Engine steps are slowed
+    (slow_engine_steps): on the fast CPU path one answer ended before its client left."""
+    slow_engine_steps(server, monkeypatch)
     n_streams, n_whole = 8 * N_PARALLEL, 4
     barrier = threading.Barrier(n_streams + n_whole)
     errors: list[str] = []
@@ -418,7 +420,8 @@ def logged(lines: list[str], method: str, path: str) -> list[dict]:
     return [m.groupdict() for m in found if m and (m["method"], m["path"]) == (method, path)]
 
 
-def test_request_log_has_one_line_per_finished_request(server, request_log):
+def test_request_log_has_one_line_per_finished_request(server, request_log, monkeypatch):
+    slow_engine_steps(server, monkeypatch)  # the stream left after two events must not end first
     with server.client() as c:
         done = c.post("/v1/completions", json={"prompt": "The river", "max_tokens": 3,
                                                "ignore_eos": True}).json()  # fmt: skip
