@@ -22,16 +22,20 @@ from llcuda.engine.loader import load
 from llcuda.sampling_params import SamplingParams
 
 
-def run_batch(engine, prompts: list[list[int]], ntg: int) -> tuple[float, float, int]:
-    """Returns (prefill seconds, decode seconds, tokens generated during decode). Counts come
+def run_batch(engine, prompts: list[list[int]], ntg: int,
+              params: list[SamplingParams] | None = None) -> tuple[float, float, int]:  # fmt: skip
+    """Returns (prefill seconds, decode seconds, tokens generated during decode) of one request
+    per prompt, greedy, or with `params` (one per prompt, each of max_tokens ntg). Counts come
     from the requests after every step, i.e. when tokens are sampled: a step hands out the
     previous step's tokens (overlapped output processing) and a decode burst samples many at
     once, so counting delivered tokens would credit the first burst to the decode time after it
     (13% too high at ntg 128, the fifth session's numbers; BENCHMARKS.md)."""
-    params = SamplingParams(max_tokens=ntg, temperature=0.0, ignore_eos=True)
+    if params is None:
+        params = [SamplingParams(max_tokens=ntg, temperature=0.0, ignore_eos=True)] * len(prompts)
     sync_device()
     t0 = time.perf_counter()
-    requests = [engine.scheduler.requests[engine.add_request(p, params)] for p in prompts]
+    requests = [engine.scheduler.requests[engine.add_request(p, sp)]
+                for p, sp in zip(prompts, params, strict=True)]  # fmt: skip
     t_first = first_count = None
     while engine.has_unfinished_requests():
         engine.step()

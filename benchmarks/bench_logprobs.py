@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from llcuda.bench import sync_device
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from batched_bench import run_batch  # noqa: E402
+
 from llcuda.config import EngineConfig
 from llcuda.engine.loader import load
 from llcuda.sampling_params import SamplingParams
@@ -32,25 +35,10 @@ def _params(mode, b: int, ntg: int) -> list[SamplingParams]:
             for i in range(b)]  # fmt: skip
 
 
-def run_batch(engine, prompts: list[list[int]], params: list[SamplingParams]) -> float:
-    """Decode tokens per second after every request's first token (batched_bench's S_TG)."""
-    ntg = params[0].max_tokens
-    sync_device()
-    requests = [engine.scheduler.requests[engine.add_request(p, sp)]
-                for p, sp in zip(prompts, params, strict=True)]  # fmt: skip
-    t_first = first_count = None
-    while engine.has_unfinished_requests():
-        engine.step()
-        counts = [r.num_output_tokens for r in requests]
-        if t_first is None and min(counts) >= 1:
-            t_first, first_count = time.perf_counter(), sum(counts)
-        if t_first is not None and sum(counts) == len(requests) * ntg:
-            break
-    sync_device()
-    t_end = time.perf_counter()
-    while engine.has_unfinished_requests():
-        engine.step()
-    return (len(requests) * ntg - first_count) / (t_end - t_first)
+def decode_rate(engine, prompts: list[list[int]], params: list[SamplingParams]) -> float:
+    """S_TG: tokens sampled after every request's first one over that time (batched_bench)."""
+    _, t_tg, n_tg = run_batch(engine, prompts, params[0].max_tokens, params)
+    return n_tg / t_tg
 
 
 def main() -> None:
@@ -73,7 +61,7 @@ def main() -> None:
         return [torch.randint(10, vocab, (args.npp,), generator=gen).tolist() for _ in range(n)]
 
     for mode in MODES.values():  # warm-up: every decode bucket, every topk width
-        run_batch(engine, prompts(max(batches)), _params(mode, max(batches), 4))
+        decode_rate(engine, prompts(max(batches)), _params(mode, max(batches), 4))
     print(f"{loaded.model_config.name} on {loaded.device}, npp {args.npp}, ntg {args.ntg}")
     print("|    B | logprobs  | S_TG t/s | overhead |")
     print("|------|-----------|----------|----------|")
@@ -81,7 +69,7 @@ def main() -> None:
     for b in batches:
         base = None
         for name, mode in MODES.items():
-            s_tg = run_batch(engine, prompts(b), _params(mode, b, args.ntg))
+            s_tg = decode_rate(engine, prompts(b), _params(mode, b, args.ntg))
             base = s_tg if base is None else base
             overhead = 100.0 * (base / s_tg - 1.0)
             print(f"| {b:4d} | {name:9s} | {s_tg:8.1f} | {overhead:7.1f}% |", flush=True)
