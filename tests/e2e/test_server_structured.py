@@ -53,6 +53,23 @@ def test_llama_completion_grammar_and_json_schema(server):
         _check(json.loads(r.json()["content"]))
 
 
+def test_openai_routes_take_llama_server_constraint_fields(server):
+    """llama-server takes grammar / json_schema on its OpenAI routes too; clients send them."""
+    with server.client() as c:
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 60, "seed": 2,
+                                            "json_schema": SCHEMA})
+        assert r.status_code == 200, r.text
+        _check(json.loads(r.json()["choices"][0]["text"]))
+        r = c.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 20,
+                                                 "grammar": 'root ::= "ok" [0-9]'})
+        assert r.status_code == 200, r.text
+        text = r.json()["choices"][0]["message"]["content"]
+        assert text[:2] == "ok" and text[2:].isdigit() and len(text) == 3
+        r = c.post("/v1/completions", json={"prompt": "x", "json_schema": SCHEMA,
+                                            "response_format": {"type": "json_object"}})
+        assert r.status_code == 400 and "cannot be combined" in r.text
+
+
 def test_streamed_json_schema_joins_to_valid_json(server):
     with server.client() as c, c.stream("POST", "/v1/chat/completions", json={
             "messages": CHAT, "stream": True, "max_tokens": 60, "seed": 1,

@@ -334,6 +334,11 @@ def _stream_options(body: dict, stream: bool) -> bool:
 _OPENAI_DEFAULTS = {"max_tokens": None, "temperature": DEFAULT_TEMPERATURE, "top_p": 0.95}
 
 
+# OpenAI's response_format, and llama-server's grammar / json_schema, which llama-server also takes
+# on its OpenAI routes (clients written for it send them there)
+_CONSTRAINT_FIELDS = ("grammar", "json_schema", "response_format")
+
+
 def parse_completion(body: dict, ctx_size: int) -> GenerateRequest:
     """POST /v1/completions."""
     prompt = get_prompt(body)
@@ -342,7 +347,7 @@ def parse_completion(body: dict, ctx_size: int) -> GenerateRequest:
     return GenerateRequest(
         sampling={**_sampling(body, ctx_size, "max_tokens", _OPENAI_DEFAULTS),
                   "logprobs": completion_logprobs_field(body, echo),
-                  **get_constraint(body, ("response_format",))},  # fmt: skip
+                  **get_constraint(body, _CONSTRAINT_FIELDS)},  # fmt: skip
         stream=stream,
         prompt=prompt,
         echo=echo,
@@ -364,7 +369,7 @@ def parse_chat(body: dict, ctx_size: int) -> GenerateRequest:
     return GenerateRequest(
         sampling={**_sampling(body, ctx_size, "max_tokens", defaults),
                   "logprobs": chat_logprobs_field(body),
-                  **get_constraint(body, ("response_format",)),
+                  **get_constraint(body, _CONSTRAINT_FIELDS),
                   **({"tools": tools} if tools is not None else {})},  # fmt: skip
         stream=stream,
         messages=messages,
@@ -380,7 +385,7 @@ def parse_llama_completion(body: dict, ctx_size: int) -> GenerateRequest:
     return GenerateRequest(
         sampling={**_sampling(body, ctx_size, "n_predict", defaults),
                   "logprobs": n_probs_field(body),
-                  **get_constraint(body, ("grammar", "json_schema", "response_format"))},
+                  **get_constraint(body, _CONSTRAINT_FIELDS)},
         stream=get_bool(body, "stream", False),
         prompt=get_prompt(body),
         return_tokens=get_bool(body, "return_tokens", False),
