@@ -94,10 +94,16 @@ def _spread_bits(v):
 
 @triton.jit
 def _load_high_bits(QTYPE: tl.constexpr, qh_ptr, row, s_qh, widx, wmask):
-    """The high-bit fields of a [R, NW] word tile as int32 (Q5_*: one byte per word; Q6_K: an
-    int16 per word); other types have none and get word indices of the same shape, unused."""
-    if QTYPE == 6 or QTYPE == 7 or QTYPE == 13 or QTYPE == 14:
+    """The high-bit fields of a [R, NW] word tile as int32 (Q5_*: one byte per word; Q6_K: the
+    word's top two bits of each value, bits 0-1 of byte b for its lo byte b, bits 2-3 for its hi
+    byte b); other types have none and get word indices of the same shape, unused."""
+    if QTYPE == 6 or QTYPE == 7 or QTYPE == 13:
         return tl.load(qh_ptr + row * s_qh + widx, mask=wmask, other=0).to(tl.int32)
+    if QTYPE == 14:  # one int64 per group (quant_pack): word k's fields start at bit 2k of each half
+        h = tl.load(qh_ptr + row * s_qh + widx // 4, mask=wmask, other=0) >> ((widx & 3) * 2)
+        a = h.to(tl.int32)  # low half shifted (the high half's bits above 0x03030303 are masked)
+        b = (h >> 32).to(tl.int32)
+        return (a & 0x03030303) | ((b << 2) & 0x0C0C0C0C)
     return (row * s_qh + widx).to(tl.int32)
 
 
@@ -168,9 +174,9 @@ def _with_high_bits(QTYPE: tl.constexpr, lo, hi, hb):
     if QTYPE == 6 or QTYPE == 7 or QTYPE == 13:  # Q5_*: one byte of 5th bits per word
         lo = lo | _spread_bits(hb & 15)
         hi = hi | _spread_bits(hb >> 4)
-    if QTYPE == 14:  # Q6_K: int16 per word, low byte = bit 4 of each value, high byte = bit 5
-        lo = lo | _spread_bits(hb & 15) | (_spread_bits((hb >> 8) & 15) << 1)
-        hi = hi | _spread_bits((hb >> 4) & 15) | (_spread_bits((hb >> 12) & 15) << 1)
+    if QTYPE == 14:  # Q6_K: bits 4-5 of each byte from bits 0-1 (lo) / 2-3 (hi) of hb's bytes
+        lo = lo | ((hb << 4) & 0x30303030)
+        hi = hi | ((hb << 2) & 0x30303030)
     return lo, hi
 
 

@@ -16,8 +16,11 @@ x[32g + p*WPG + k] are again a contiguous run: no shuffles between weight and ac
           F32 (WPG 32, P 1): the weight itself [N, K].
     qh    Q5_0/Q5_1/Q5_K: uint8 [N, K/8], one byte per word: bit b is the 5th bit of plane 2b and
           bit 4+b that of plane 2b+1 (so a multiply spreads each half into place, see the kernels).
-          Q6_K: int16 [N, K/8], one per word: low byte = bit 4 of the values, high byte = bit 5,
-          each in the Q5 bit order.
+          Q6_K: int64 [N, K/32], one per group: the top two bits of each value, the low 32 bits
+          (A) for the lo bytes of the group's words and the high 32 (B) for the hi bytes, bits
+          8b + 2k..8b + 2k + 1 of A (B) for byte b of word k's lo (hi), i.e. plane 2b (2b + 1).
+          A kernel shifts them right by 2k and masks 0x03030303: the word's four 2-bit fields,
+          one per byte, as llama.cpp's MMVQ reads Q6_K's qh (no per-bit spreading).
     sc    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0: float16 d [N, K/32]. Q4_K/Q5_K: uint8 6-bit scale [N, K/32].
           Q6_K: int8 scale per 16 elements [N, K/16] (planes 0-3 of group g use 2g, 4-7 use 2g+1).
     mn    Q4_1/Q5_1: float16 m [N, K/32]. Q4_K/Q5_K: uint8 6-bit min [N, K/32].
@@ -187,6 +190,27 @@ def _pack_bit_planes(bit: torch.Tensor) -> torch.Tensor:
     return (bp << shifts).sum(-1).to(torch.uint8).reshape(bit.shape[0], -1)
 
 
+# Q6_K's qh layout: element 8b + 4h + k of a group (byte b of word k's lo (h = 0) or hi (h = 1)
+# bytes) keeps its top two bits at bit 8b + 2k of half h of the group's int64
+_Q6K_ELEM = torch.tensor([8 * b + 4 * h + k for h in range(2) for b in range(4) for k in range(4)])
+_Q6K_SHIFT = torch.tensor([32 * h + 8 * b + 2 * k for h in range(2) for b in range(4)
+                           for k in range(4)], dtype=torch.int64)  # fmt: skip
+
+
+def _pack_q6k_high(hi: torch.Tensor) -> torch.Tensor:
+    # hi [n, G, 32] top-2-bit values in element order -> int64 [n, G] (see the module docstring)
+    fields = hi[..., _Q6K_ELEM.to(hi.device)].to(torch.int64)  # [n, G, 32] in bit-field order
+    return (fields << _Q6K_SHIFT.to(hi.device)).sum(-1)  # disjoint bit fields: the sum is an OR
+
+
+def _unpack_q6k_high(qh: torch.Tensor) -> torch.Tensor:
+    # inverse of _pack_q6k_high: int64 [n, G] -> int32 [n, G * 32] top-2-bit values, element order
+    fields = (qh[..., None] >> _Q6K_SHIFT.to(qh.device)) & 3  # [n, G, 32] bit-field order
+    out = torch.empty_like(fields)
+    out[..., _Q6K_ELEM.to(qh.device)] = fields
+    return out.reshape(qh.shape[0], -1).to(torch.int32)
+
+
 def _kquant_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # s [n, nb, 12] packed 6-bit scales/mins of Q4_K/Q5_K -> sc, mn [n, nb*8] uint8
     sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], dim=-1)
@@ -260,11 +284,9 @@ def _pack_rows(raw: torch.Tensor, qid: int, n_cols: int) -> dict[str, torch.Tens
         qh = b[..., 128:192].reshape(n, -1, 2, 1, 32)  # [n, nb, h, g, l]
         shifts = torch.arange(0, 8, 2, device=raw.device, dtype=torch.uint8).view(1, 1, 1, 4, 1)
         hi = ((qh >> shifts) & 3).reshape(n, -1, 32)  # [n, nb*8, 32] element order
-        bit4 = _pack_bit_planes(hi & 1).to(torch.int32)
-        y = bit4 | (_pack_bit_planes(hi >> 1).to(torch.int32) << 8)
         return {
             "qs": _pack_nibble_planes(lo),
-            "qh": torch.where(y >= 2**15, y - 2**16, y).to(torch.int16),
+            "qh": _pack_q6k_high(hi),
             "sc": b[..., 192:208].contiguous().view(torch.int8).reshape(n, -1),
             "d": _f16_field(b, 208),
         }
@@ -422,8 +444,7 @@ def dequantize_packed(w: PackedWeight) -> torch.Tensor:
     if qid in (Q5_0, Q5_1, Q5_K):
         q = q | (_unpack_bit_planes(w.qh) << 4)
     if qid == Q6_K:
-        y = w.qh.to(torch.int32)
-        q = q | (_unpack_bit_planes(y & 255) << 4) | (_unpack_bit_planes((y >> 8) & 255) << 5)
+        q = q | (_unpack_q6k_high(w.qh) << 4)
         scale = w.d.float().repeat_interleave(16, dim=1) * w.sc.float()  # [n, K/16]
         return ((q - 32).float().view(n, -1, 16) * scale[..., None]).view(n, k)
     q = q.view(n, -1, 32)
