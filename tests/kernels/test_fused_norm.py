@@ -31,6 +31,25 @@ def test_rms_norm_and_residual(tokens, n):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("tokens,n,splits", [(1, 4096, 1), (3, 2560, 4), (2, 1152, 1), (1, 96, 2)])
+def test_norms_write_q8_rows(tokens, n, splits):
+    """With q8 the norms also write h quantized for the int8 decode GEMVs: exactly
+    pack_q8_ref(h), the h they return unchanged."""
+    from llcuda.kernels.q8_activations import pack_q8_ref
+
+    x, w1, w2 = _rand(tokens, n, scale=30), _rand(n), _rand(n)
+    a = _rand(splits, tokens, n, scale=200)
+    x_out, h, q = fused_norm.residual_rms_norm(x, a, None, w2, 1e-6, q8=True)
+    plain = fused_norm.residual_rms_norm(x, a, None, w2, 1e-6)
+    assert torch.equal(x_out, plain[0]) and torch.equal(h, plain[1])
+    want = pack_q8_ref(h)
+    assert torch.equal(q.words, want.words)
+    torch.testing.assert_close(q.meta, want.meta, rtol=1e-6, atol=0)
+    h, q = fused_norm.rms_norm(x, w1, 1e-6, q8=True)
+    assert torch.equal(h, fused_norm.rms_norm(x, w1, 1e-6))
+    assert torch.equal(q.words, pack_q8_ref(h).words)
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,splits", [(4, 1, 256, 1), (4, 1, 256, 5),
                                                             (8, 2, 128, 3), (2, 2, 64, 1)])

@@ -42,13 +42,40 @@ def twin(request, tmp_path_factory):
     return name, path, oracle
 
 
-def _logprobs(path, device: str, ids: list[int]) -> torch.Tensor:
+def _logprobs(path, device: str, ids: list[int], chunk: int = 24) -> torch.Tensor:
     gguf, model = open_gemma(path, device)
     try:
-        logits = sequence_logits(model, ids, list(range(len(ids))), chunk=24, block_size=16)
+        logits = sequence_logits(model, ids, list(range(len(ids))), chunk=chunk, block_size=16)
     finally:
         gguf.close()
     return torch.log_softmax(logits.float().cpu(), dim=-1)  # [num_tokens, vocab]
+
+
+@pytest.mark.parametrize("name", ["llama3", "gemma3", "llama3-q3_k_m"])
+def test_int8_decode_reads_the_norms_q8_rows(name, tmp_path, monkeypatch):
+    """One-token steps with int8 activations in every GEMV that takes them (LLCUDA_GEMV_INT8=1;
+    the twins are below the size that turns them on by default): the GEMVs reading the Q8Rows
+    their norms wrote (the default) give what they give quantizing x themselves
+    (LLCUDA_GEMV_XPRE=0), and both stay near the CPU path."""
+    oracle = load_oracle(name)
+    path = write_twin(tmp_path / f"{name}.gguf", name, oracle["seed"])
+    ids = oracle["token_ids"][:24]
+    monkeypatch.setenv("LLCUDA_GEMV_INT8", "1")
+    gguf, model = open_gemma(path, "cuda")
+    try:  # the norms are asked for Q8Rows wherever a GEMV of the block's type reads them
+        assert any(layer.q8_attn or layer.q8_ffn for layer in model.layers), name
+    finally:
+        gguf.close()
+    got = {}
+    for xpre in ("1", "0"):
+        monkeypatch.setenv("LLCUDA_GEMV_XPRE", xpre)
+        got[xpre] = _logprobs(path, "cuda", ids, chunk=1)
+    assert (got["1"] - got["0"]).abs().max().item() < 1e-3, name
+    cpu = _logprobs(path, "cpu", ids)
+    top = torch.topk(cpu, 5).indices
+    diff = (cpu.gather(1, top) - got["1"].gather(1, top)).abs()
+    assert diff.mean().item() < GPU_MEAN_TOL and diff.max().item() < GPU_MAX_TOL, (
+        name, diff.mean().item(), diff.max().item())  # fmt: skip
 
 
 def test_gpu_teacher_forced_matches_cpu_and_oracle(twin):

@@ -435,6 +435,30 @@ def test_gemv_pair_equals_two_gemvs(k, types):
     assert gemv_pair_config(torch.zeros(64, k, device=dev), wa, wb) is None
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("types", [(GGMLType.Q4_K, GGMLType.Q6_K), (GGMLType.Q5_0, GGMLType.Q8_0)],
+                         ids=["q4_k-q6_k", "q5_0-q8_0"])  # fmt: skip
+def test_gemv_pair_int8_reads_prequantized_x(types):
+    """The pair kernel in int8 activations: with x's Q8Rows (as the norm writes them) it gives
+    what it gives quantizing x itself, and both are dequant(w) @ quantize_q8_ref(x)."""
+    from llcuda.kernels.q8_activations import pack_q8_ref, quantize_q8_ref
+    from llcuda.kernels.quant_matmul import gemv_pair_config, quant_gemv_pair
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1
+    gen = torch.Generator(device=dev).manual_seed(7)
+    k = 2048
+    wa = qp.pack_weight(random_rows(types[0], 640, k, gen, device=dev), types[0], k)
+    wb = qp.pack_weight(random_rows(types[1], 128, k, gen, device=dev), types[1], k)
+    x = torch.randn((1, k), generator=gen, device=dev)
+    configs = tuple(dict(c, INT8_X=True) for c in gemv_pair_config(x, wa, wb))
+    own = quant_gemv_pair(x, wa, wb, configs)
+    pre = quant_gemv_pair(torch.full_like(x, float("nan")), wa, wb, configs, xq=pack_q8_ref(x))
+    want = quantize_q8_ref(x) @ torch.cat([qp.dequantize_packed(wa), qp.dequantize_packed(wb)]).T
+    scale = want.abs().max().item()
+    torch.testing.assert_close(own, want, rtol=1e-4, atol=1e-4 * scale)
+    torch.testing.assert_close(pre, own, rtol=1e-5, atol=1e-5 * scale)
+
+
 # (K, N) of 4B-8B decode projections, then odd N; gated: a gate|up weight with its epilogue
 INT8_SHAPES = [(2560, 3072), (4096, 1024), (10240, 2560), (14336, 4096), (1152, 1000), (2048, 7)]
 
@@ -448,7 +472,7 @@ def test_gemv_int8_activations_match_their_spec(qtype, k, n, preload, m):
     """The INT8_X decode GEMV computes dequant(w) @ quantize_q8_ref(x) (kernels/q8_activations),
     for every split, tile and preload config the heuristics give: the int8 products are exact, so
     only fp32 summation order remains."""
-    from llcuda.kernels.q8_activations import quantize_q8_ref
+    from llcuda.kernels.q8_activations import pack_q8_ref, quantize_q8_ref
     from llcuda.kernels.quant_matmul import gemv_config, quant_gemv
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1
@@ -460,8 +484,13 @@ def test_gemv_int8_activations_match_their_spec(qtype, k, n, preload, m):
     want = quantize_q8_ref(x) @ qp.dequantize_packed(w).T
     got = quant_gemv(x, w, config=cfg)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3 * want.abs().max().item())
+    # x quantized beforehand (as the norms write it) gives the same sums, x itself unread
+    xq = pack_q8_ref(x)
+    got_pre = quant_gemv(torch.full_like(x, float("nan")), w, config=cfg, xq=xq)
+    torch.testing.assert_close(got_pre, got, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     if n % 2 == 0 and m == 1:  # the SwiGLU epilogue on the same weight read as gate|up
-        gu = quant_gemv(x, w, config=cfg, gated_act="silu")
         gate, up = want[:, : n // 2], want[:, n // 2 :]
-        torch.testing.assert_close(gu, torch.nn.functional.silu(gate) * up, rtol=1e-3,
-                                   atol=1e-3 * (gate.abs().max() * up.abs().max()).item())
+        for q in (None, xq):
+            gu = quant_gemv(x, w, config=cfg, gated_act="silu", xq=q)
+            torch.testing.assert_close(gu, torch.nn.functional.silu(gate) * up, rtol=1e-3,
+                                       atol=1e-3 * (gate.abs().max() * up.abs().max()).item())

@@ -90,12 +90,12 @@ def test_every_block_matches_the_reference_ops(model):
         h = torch.randn(len(CTX_LENS), config.hidden_size, generator=gen)
         ref_cache = KVCache(cache.k.clone(), cache.v.clone())
         before = cache.k.clone()
-        want = _reference(block, x, h, pos, meta, ref_cache)
+        want = _reference(block, x, h, pos, meta, ref_cache)[:2]  # no Q8Rows on the CPU
         through_block = KVCache(cache.k.clone(), cache.v.clone())
         got = decode_block_cpu.decode_block(block, x, h, pos, meta, cache)
         assert got is not None, f"block {index} was not run natively"
         # DecoderBlock itself takes the native path for such a step
-        for a, b in zip(block(x, h, pos, meta, through_block), got, strict=True):
+        for a, b in zip(block(x, h, pos, meta, through_block)[:2], got, strict=True):
             assert torch.equal(a, b)
         for name, g, w in zip(("x", "h"), got, want, strict=True):
             scale = w.abs().max().item()

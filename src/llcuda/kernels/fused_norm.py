@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from llcuda.kernels.dependent_launch import pdl_launch_args, wait_for_previous
+from llcuda.kernels.q8_activations import Q8Rows, empty_q8_rows, store_q8_row
 from llcuda.kernels.reference import ROPE_FINE_STEPS
 
 
@@ -38,7 +39,8 @@ def _tanh(x):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, q_words_ptr, q_meta_ptr, n, eps, BLOCK: tl.constexpr,
+                     Q8_OUT: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     wait_for_previous(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -46,7 +48,10 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, eps, BLOCK: tl.constexpr, PDL: tl
     x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
-    tl.store(out_ptr + row * n + cols, x * inv * w, mask=mask)
+    h = x * inv * w
+    tl.store(out_ptr + row * n + cols, h, mask=mask)
+    if Q8_OUT:  # h quantized for the int8 decode GEMVs that read it (q8_activations.Q8Rows)
+        store_q8_row(h, q_words_ptr, q_meta_ptr, row, n, BLOCK)
 
 
 @triton.jit
@@ -62,9 +67,10 @@ def _load_summed(ptr, offs, mask, SPLITS: tl.constexpr, split_stride):
 
 @triton.jit
 def _residual_rms_norm_kernel(
-    x_ptr, a_ptr, w_post_ptr, w_next_ptr, x_out_ptr, h_out_ptr, n, eps, split_stride,
-    SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, a_ptr, w_post_ptr, w_next_ptr, x_out_ptr, h_out_ptr, q_words_ptr, q_meta_ptr, n, eps,
+    split_stride, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
     HAS_POST: tl.constexpr,  # RMSNorm(a) * w_post before the add (Gemma); else x + a (Llama)
+    Q8_OUT: tl.constexpr,  # h also as q8_activations.Q8Rows, for the int8 decode GEMVs
     PDL: tl.constexpr,
 ):
     wait_for_previous(PDL)
@@ -83,6 +89,8 @@ def _residual_rms_norm_kernel(
     tl.store(x_out_ptr + row * n + cols, x, mask=mask)
     h = x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)) * w_next
     tl.store(h_out_ptr + row * n + cols, h, mask=mask)
+    if Q8_OUT:
+        store_q8_row(h, q_words_ptr, q_meta_ptr, row, n, BLOCK)
 
 
 @triton.jit
@@ -203,32 +211,38 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [..., n] -> RMSNorm(x) * weight, fp32, same shape."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, q8: bool = False
+             ) -> torch.Tensor | tuple[torch.Tensor, Q8Rows]:  # fmt: skip
+    """x: [..., n] -> RMSNorm(x) * weight, fp32, same shape; with q8 (x [T, n], n a multiple
+    of 32) also that quantized as Q8Rows: (out, Q8Rows)."""
     x = _rows(x)
     n = x.shape[-1]
     out = torch.empty_like(x)
-    _rms_norm_kernel[(x.numel() // n,)](x, weight, out, n, eps, BLOCK=triton.next_power_of_2(n),
-                                        **pdl_launch_args(x.device))
-    return out
+    q = empty_q8_rows(x.shape[0], n, x.device) if q8 else Q8Rows(out, out)
+    _rms_norm_kernel[(x.numel() // n,)](x, weight, out, *q, n, eps,
+                                        BLOCK=triton.next_power_of_2(max(n, 32)), Q8_OUT=q8,
+                                        **pdl_launch_args(x.device))  # fmt: skip
+    return (out, q) if q8 else out
 
 
 def residual_rms_norm(
     x: torch.Tensor, a: torch.Tensor, w_post: torch.Tensor | None, w_next: torch.Tensor,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    eps: float, q8: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """x: [T, n], a: [T, n] or split-K partials [S, T, n] ->
-    (x + RMSNorm(a)*w_post, RMSNorm(that)*w_next), both fp32 [T, n]; w_post None: x + a."""
+    (x + RMSNorm(a)*w_post, RMSNorm(that)*w_next), both fp32 [T, n]; w_post None: x + a.
+    With q8 (n a multiple of 32) the second also quantized: (x, h, Q8Rows of h)."""
     x = _rows(x)
     a = _partials(a, whole_rows=True)
     n = x.shape[-1]
     x_out, h_out = torch.empty_like(x), torch.empty_like(x)
+    q = empty_q8_rows(x.shape[0], n, x.device) if q8 else Q8Rows(h_out, h_out)
     _residual_rms_norm_kernel[(x.shape[0],)](
-        x, a, w_next if w_post is None else w_post, w_next, x_out, h_out, n, eps,
-        a.shape[1] * n, SPLITS=a.shape[0], BLOCK=triton.next_power_of_2(n),
-        HAS_POST=w_post is not None, **pdl_launch_args(x.device),
+        x, a, w_next if w_post is None else w_post, w_next, x_out, h_out, *q, n, eps,
+        a.shape[1] * n, SPLITS=a.shape[0], BLOCK=triton.next_power_of_2(max(n, 32)),
+        HAS_POST=w_post is not None, Q8_OUT=q8, **pdl_launch_args(x.device),
     )
-    return x_out, h_out
+    return (x_out, h_out, q) if q8 else (x_out, h_out)
 
 
 def _partials(t: torch.Tensor, whole_rows: bool = False) -> torch.Tensor:

@@ -14,6 +14,7 @@ from llcuda.kernels.quant_cpu_native import quant_matmul_native
 from llcuda.layers.quant_tensor import QuantTensor
 
 if TYPE_CHECKING:
+    from llcuda.kernels.q8_activations import Q8Rows
     from llcuda.layers.attention import AttentionMetadata
 
 
@@ -25,21 +26,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return ref.rms_norm_ref(x, weight, eps)
 
 
+def rms_norm_q8(x: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, Q8Rows | None]:  # fmt: skip
+    """(RMSNorm(x) * weight, its Q8Rows for the int8 decode GEMVs that read it), one kernel on
+    CUDA; on the CPU (no int8 GEMV) the norm and None."""
+    if x.is_cuda:
+        from llcuda.kernels import fused_norm
+
+        return fused_norm.rms_norm(x, weight, eps, q8=True)
+    return ref.rms_norm_ref(x, weight, eps), None
+
+
 def residual_rms_norm(
     x: torch.Tensor,
     a: torch.Tensor,
     w_post: torch.Tensor | None,
     w_next: torch.Tensor,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + RMSNorm(a)*w_post, RMSNorm of that * w_next): one kernel on CUDA. `a` is [T, n] or a
-    matmul's split-K partial sums [S, T, n] (quant_matmul(..., partials=True)). w_post None: no
-    post-norm, x + a (the Llama family)."""
+    q8: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Q8Rows | None]:
+    """(x + RMSNorm(a)*w_post, RMSNorm of that * w_next, with q8 the second's Q8Rows): one kernel
+    on CUDA. `a` is [T, n] or a matmul's split-K partial sums [S, T, n] (quant_matmul(...,
+    partials=True)). w_post None: no post-norm, x + a (the Llama family). The Q8Rows (None
+    without q8, and on the CPU, which has no int8 GEMV) let the int8 decode GEMVs skip
+    quantizing the row again."""
     if x.is_cuda:
         from llcuda.kernels import fused_norm
 
-        return fused_norm.residual_rms_norm(x, a, w_post, w_next, eps)
-    return ref.residual_rms_norm_ref(x, a, w_post, w_next, eps)
+        out = fused_norm.residual_rms_norm(x, a, w_post, w_next, eps, q8=q8)
+        return out if q8 else (*out, None)
+    return (*ref.residual_rms_norm_ref(x, a, w_post, w_next, eps), None)
 
 
 def qk_norm_rope_store_kv(
@@ -153,11 +169,12 @@ def prepare_weight(weight: QuantTensor, device: torch.device | str) -> object:
     return pack_weight(weight.data.to(device), int(weight.qtype), weight.shape[1])
 
 
-def quant_matmul(x: torch.Tensor, weight: object, partials: bool = False) -> torch.Tensor:
+def quant_matmul(x: torch.Tensor, weight: object, partials: bool = False,
+                 xq: Q8Rows | None = None) -> torch.Tensor:  # fmt: skip
     """x @ W.T, W kept in its quantized blocks. x: [num_tokens, in] -> [num_tokens, out], or with
     `partials` split-K partial sums [splits, num_tokens, out] for residual_rms_norm to add up.
     On CPU the C++ kernel (quant_cpu_native: fp32 x, blocks decoded in registers) where it
-    runs the type, else the reference."""
+    runs the type, else the reference. `xq`: x's Q8Rows, if a norm wrote them (GPU only)."""
     if isinstance(weight, QuantTensor):
         out = quant_matmul_native(x, weight)
         if out is None:
@@ -165,10 +182,22 @@ def quant_matmul(x: torch.Tensor, weight: object, partials: bool = False) -> tor
         return out.unsqueeze(0) if partials else out
     from llcuda.kernels.quant_matmul import quant_matmul as triton_quant_matmul
 
-    return triton_quant_matmul(x, weight, partials=partials)
+    return triton_quant_matmul(x, weight, partials=partials, xq=xq)
 
 
-def quant_matmul_pair(x: torch.Tensor, wa: object, wb: object) -> torch.Tensor | None:
+def decode_takes_int8(weight: object) -> bool:
+    """Whether a one-token product with `weight` takes the GPU decode GEMV's int8 activations
+    (quant_matmul.gemv_int8); never on the CPU."""
+    if isinstance(weight, QuantTensor):
+        return False
+    from llcuda.kernels import quant_matmul as qm
+
+    return qm.uses_gemv(1, weight) and qm.gemv_int8(weight.qtype, 1, weight.n_rows,
+                                                    weight.n_cols // qm.GROUP)  # fmt: skip
+
+
+def quant_matmul_pair(x: torch.Tensor, wa: object, wb: object,
+                      xq: Q8Rows | None = None) -> torch.Tensor | None:  # fmt: skip
     """[x @ Wa.T | x @ Wb.T] [num_tokens, na + nb] in one launch where the GPU's decode GEMV can
     take both (two weights of one input in different quant types); None elsewhere, for the
     caller to run them apart."""
@@ -177,10 +206,11 @@ def quant_matmul_pair(x: torch.Tensor, wa: object, wb: object) -> torch.Tensor |
     from llcuda.kernels import quant_matmul as qm
 
     configs = qm.gemv_pair_config(x, wa, wb)
-    return None if configs is None else qm.quant_gemv_pair(x, wa, wb, configs)
+    return None if configs is None else qm.quant_gemv_pair(x, wa, wb, configs, xq=xq)
 
 
-def quant_matmul_gated(x: torch.Tensor, weight: object, act: str) -> torch.Tensor:
+def quant_matmul_gated(x: torch.Tensor, weight: object, act: str,
+                       xq: Q8Rows | None = None) -> torch.Tensor:  # fmt: skip
     """act(x @ gate.T) * (x @ up.T) [num_tokens, ffn] for a gate|up weight [gate | up]
     (ffn_gate|ffn_up fused at load, or Phi-3's ffn_up that holds both); act "gelu_tanh" (GEGLU)
     or "silu" (SwiGLU). On CUDA, where the product takes the decode GEMV, the activation is its
@@ -191,8 +221,8 @@ def quant_matmul_gated(x: torch.Tensor, weight: object, act: str) -> torch.Tenso
         from llcuda.kernels import quant_matmul as qm
 
         if x.dim() == 2 and x.shape[0] > 0 and qm.uses_gemv(x.shape[0], weight):
-            return qm.quant_gemv(x, weight, gated_act=act)
-    return gated_act(quant_matmul(x, weight, partials=True), act)
+            return qm.quant_gemv(x, weight, gated_act=act, xq=xq)
+    return gated_act(quant_matmul(x, weight, partials=True, xq=xq), act)
 
 
 def embedding(weight: object, token_ids: torch.Tensor, scale: float = 1.0,

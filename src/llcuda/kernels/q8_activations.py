@@ -6,22 +6,105 @@ Per group of 32 consecutive elements of a row: dx = max|x| / 127, q = round(x / 
 even) in [-127, 127], and the group stands for dx * q. The GEMV's result is then exactly (up to
 float summation order) dequantize(w) @ quantize_q8_ref(x): the weight's zero points and minimums
 meet the quantized activations too (the sum of dx * q, not of x), so one line states it.
+
+The GEMV quantizes its activations itself, or reads them quantized (`Q8Rows`) from the kernel
+that wrote them (fused_norm's norms, which have the whole row at hand): every GEMV program then
+loads a quarter of the bytes and skips the per-group reductions. `pack_q8_ref` is that layout.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import triton
+import triton.language as tl
 
 Q8_GROUP = 32
 
 
-def quantize_q8_ref(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (K a multiple of 32) -> the values its int8 quantization stands for, [M, K] fp32."""
+class Q8Rows(NamedTuple):
+    """Rows [M, K] quantized as quantize_q8_ref, in the layout the decode GEMV reads.
+
+    words: int32 [M, K/4]; group g of a row is words 8g..8g+7, byte b of word j holding
+        q[32g + 8b + j] (two's complement), the order of the packed weights' planes.
+    meta: fp32 [M, K/32, 4] per group: dx, the sum of q over elements 0..15, the sum of q over
+        all 32, and 0 (the sums are exact integers; the weights' zero points meet them).
+    """
+
+    words: torch.Tensor
+    meta: torch.Tensor
+
+
+def _groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, G, 32] round(x / dx) as fp32, dx [M, G])."""
     m, k = x.shape
     if k % Q8_GROUP:
         raise ValueError(f"q8 activations need K a multiple of {Q8_GROUP}, got {k}")
     g = x.float().reshape(m, k // Q8_GROUP, Q8_GROUP)  # [M, G, 32]
-    amax = g.abs().amax(dim=2, keepdim=True)  # [M, G, 1]
+    amax = g.abs().amax(dim=2)  # [M, G]
     inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, 1.0), 0.0)
-    q = torch.round(g * inv)  # half to even, as the kernel's 1.5 * 2^23 trick
-    return (q * (amax * (1.0 / 127.0))).reshape(m, k)
+    q = torch.round(g * inv[..., None])  # half to even, as the kernel's 1.5 * 2^23 trick
+    return q, amax * (1.0 / 127.0)
+
+
+def quantize_q8_ref(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (K a multiple of 32) -> the values its int8 quantization stands for, [M, K] fp32."""
+    q, dx = _groups(x)
+    return (q * dx[..., None]).reshape(x.shape)
+
+
+def pack_q8_ref(x: torch.Tensor) -> Q8Rows:
+    """x [M, K] -> its Q8Rows (the layout the norms write and the GEMV reads)."""
+    q, dx = _groups(x)
+    m, n_groups = dx.shape
+    qb = q.to(torch.int32).reshape(m, n_groups, 4, 8) & 0xFF  # [M, G, byte b, word j]
+    words = (qb << (8 * torch.arange(4, device=x.device)).view(1, 1, 4, 1)).sum(2)  # [M, G, 8]
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    meta = torch.stack([dx, q[..., :16].sum(-1), q.sum(-1), torch.zeros_like(dx)], dim=-1)
+    return Q8Rows(words.reshape(m, -1).contiguous(), meta.contiguous())
+
+
+def empty_q8_rows(m: int, k: int, device: torch.device) -> Q8Rows:
+    """Uninitialised Q8Rows for m rows of k elements (k a multiple of 32), for a kernel to fill."""
+    if k % Q8_GROUP:
+        raise ValueError(f"q8 activations need K a multiple of {Q8_GROUP}, got {k}")
+    return Q8Rows(torch.empty((m, k // 4), dtype=torch.int32, device=device),
+                  torch.empty((m, k // Q8_GROUP, 4), dtype=torch.float32, device=device))
+
+
+@triton.jit
+def _q8_quantize(xt):
+    """xt [BG, 4, 8] fp32, element 8b + j of group g at [g, b, j] -> (words [BG, 8], byte b of
+    word j = q[32g + 8b + j]; dx [BG]; sq_lo [BG] the sum of q over elements 0..15; sq [BG]),
+    quantize_q8_ref's q and dx (exact integers as fp32 in the sums)."""
+    bi = tl.arange(0, 4)[None, :, None]
+    amax = tl.max(tl.max(tl.abs(xt), axis=2), axis=1)  # [BG]
+    inv = tl.where(amax > 0.0, 127.0 / tl.where(amax > 0.0, amax, 1.0), 0.0)
+    # 1.5 * 2^23 + v rounds v to the nearest integer (ties to even) in the low mantissa bits,
+    # whose low byte is then round(v) in two's complement: no float-to-int conversion
+    v = xt * inv[:, None, None] + 12582912.0
+    qf = v - 12582912.0  # round(x / dx), exact
+    qb = v.to(tl.int32, bitcast=True) & 0xFF
+    words = tl.sum(qb << (bi * 8), axis=1)  # [BG, 8]: the four bytes are disjoint bit fields
+    sq_lo = tl.sum(tl.sum(tl.where(bi < 2, qf, 0.0), axis=2), axis=1)  # elements 0..15
+    sq = tl.sum(tl.sum(qf, axis=2), axis=1)
+    return words, amax * (1.0 / 127.0), sq_lo, sq
+
+
+@triton.jit
+def store_q8_row(h, words_ptr, meta_ptr, row, n, BLOCK: tl.constexpr):
+    """Row `row` of a Q8Rows (n elements, a multiple of 32) from h [BLOCK] fp32 (BLOCK >= 32 a
+    power of two; elements from n on are ignored): for a kernel that holds the whole row."""
+    G: tl.constexpr = BLOCK // 32
+    words, dx, sq_lo, sq = _q8_quantize(tl.reshape(h, (G, 4, 8)))
+    n_groups = n // 32
+    gi = tl.arange(0, G)
+    gmask = gi < n_groups
+    offs = row * (n_groups * 8) + gi[:, None] * 8 + tl.arange(0, 8)[None, :]
+    tl.store(words_ptr + offs, words, mask=gmask[:, None])
+    meta = meta_ptr + row * (n_groups * 4) + gi * 4
+    tl.store(meta, dx, mask=gmask)
+    tl.store(meta + 1, sq_lo, mask=gmask)
+    tl.store(meta + 2, sq, mask=gmask)
+    tl.store(meta + 3, sq * 0.0, mask=gmask)

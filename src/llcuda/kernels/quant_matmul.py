@@ -36,6 +36,7 @@ import triton.language as tl
 from llcuda.kernels.dependent_launch import pdl_launch_args, wait_for_previous
 from llcuda.kernels.iq_tables import IQ4_KVALUES
 from llcuda.kernels.matmul_path import GEMV_KERNEL_MAX_M, GEMV_MAX_M, matmul_path
+from llcuda.kernels.q8_activations import Q8Rows, _q8_quantize
 from llcuda.kernels.quant_pack import (
     BF16,
     F16,
@@ -99,7 +100,7 @@ def _load_high_bits(QTYPE: tl.constexpr, qh_ptr, row, s_qh, widx, wmask):
     byte b); other types have none and get word indices of the same shape, unused."""
     if QTYPE == 6 or QTYPE == 7 or QTYPE == 13:
         return tl.load(qh_ptr + row * s_qh + widx, mask=wmask, other=0).to(tl.int32)
-    if QTYPE == 14:  # one int64 per group (quant_pack): word k's fields start at bit 2k of each half
+    if QTYPE == 14:  # an int64 per group (quant_pack): word k's fields from bit 2k of each half
         h = tl.load(qh_ptr + row * s_qh + widx // 4, mask=wmask, other=0) >> ((widx & 3) * 2)
         a = h.to(tl.int32)  # low half shifted (the high half's bits above 0x03030303 are masked)
         b = (h >> 32).to(tl.int32)
@@ -368,6 +369,7 @@ def _gated(gate, up, GATED_OUT: tl.constexpr):
 @triton.jit(do_not_specialize=["M", "N", "n_groups", "groups_per_split", "stride_osplit"])
 def _quant_gemv_kernel(
     x_ptr,  # [M, K] activations (fp32/bf16/fp16), unit stride along K
+    xq_ptr, xm_ptr,  # with XPRE: x's q8_activations.Q8Rows (words, meta)
     out_ptr,  # [SPLIT_K, M, N] fp32; [M, N / 2] with GATED_OUT
     qs_ptr,  # [N, K/32 * WPG] int32 packed words
     qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr,
@@ -387,17 +389,20 @@ def _quant_gemv_kernel(
     PRELOAD: tl.constexpr,  # first K step's weights loaded before the PDL wait (_gemv_tile)
     USE_ASM: tl.constexpr,
     INT8_X: tl.constexpr,  # int8 activations and dp4a dot products (_gemv_step_int8)
+    XPRE: tl.constexpr,  # INT8_X with x already quantized (xq_ptr, xm_ptr) instead of x_ptr
     PDL: tl.constexpr,  # launched with programmatic dependent launch (dependent_launch.py)
 ):
-    _gemv_tile(x_ptr, out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, M, N, n_groups,
-               groups_per_split, stride_xm, stride_osplit, N, 0, s_qs, s_qh, s_sc, s_d, magic,
-               tl.program_id(0), tl.program_id(1), GATED_OUT, QTYPE, WPG, HAS_MIN, BLOCK_M,
-               BLOCK_N, BLOCK_G, NUM_STAGES, PRELOAD, USE_ASM, INT8_X, PDL)  # fmt: skip
+    _gemv_tile(x_ptr, xq_ptr, xm_ptr, out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr,
+               M, N, n_groups, groups_per_split, stride_xm, stride_osplit, N, 0, s_qs, s_qh, s_sc,
+               s_d, magic, tl.program_id(0), tl.program_id(1), GATED_OUT, QTYPE, WPG, HAS_MIN,
+               BLOCK_M, BLOCK_N, BLOCK_G, NUM_STAGES, PRELOAD, USE_ASM, INT8_X, XPRE,
+               PDL)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "n_a", "n_b", "tiles_a"])
 def _quant_gemv_pair_kernel(
     x_ptr,  # [M, K] activations, unit stride along K
+    xq_ptr, xm_ptr,  # with XPRE: x's q8_activations.Q8Rows (words, meta)
     out_ptr,  # [M, n_a + n_b] fp32: A's outputs, then B's
     qs_a, qh_a, sc_a, mn_a, d_a, dmin_a,  # weight A (n_a rows), as _quant_gemv_kernel's
     qs_b, qh_b, sc_b, mn_b, d_b, dmin_b,  # weight B (n_b rows), another quant type
@@ -409,27 +414,27 @@ def _quant_gemv_pair_kernel(
     QTYPE_B: tl.constexpr, WPG_B: tl.constexpr, HAS_MIN_B: tl.constexpr, BLOCK_N_B: tl.constexpr,
     BLOCK_G_B: tl.constexpr,
     BLOCK_M: tl.constexpr, NUM_STAGES: tl.constexpr, PRELOAD: tl.constexpr,
-    USE_ASM: tl.constexpr, INT8_X: tl.constexpr, PDL: tl.constexpr,
+    USE_ASM: tl.constexpr, INT8_X: tl.constexpr, XPRE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Two unsplit GEMVs of one input in one launch (q|k and a v stored in another type): the
     first `tiles_a` programs take weight A, the rest weight B, one output row [A | B]."""
     pid = tl.program_id(0)
     n_out = n_a + n_b
     if pid < tiles_a:
-        _gemv_tile(x_ptr, out_ptr, qs_a, qh_a, sc_a, mn_a, d_a, dmin_a, M, n_a, n_groups,
-                   n_groups, stride_xm, 0, n_out, 0, s_qs_a, s_qh_a, s_sc_a, s_d_a, magic, pid, 0,
-                   0, QTYPE_A, WPG_A, HAS_MIN_A, BLOCK_M, BLOCK_N_A, BLOCK_G_A,
-                   NUM_STAGES, PRELOAD, USE_ASM, INT8_X, PDL)  # fmt: skip
+        _gemv_tile(x_ptr, xq_ptr, xm_ptr, out_ptr, qs_a, qh_a, sc_a, mn_a, d_a, dmin_a, M, n_a,
+                   n_groups, n_groups, stride_xm, 0, n_out, 0, s_qs_a, s_qh_a, s_sc_a, s_d_a, magic,
+                   pid, 0, 0, QTYPE_A, WPG_A, HAS_MIN_A, BLOCK_M, BLOCK_N_A, BLOCK_G_A,
+                   NUM_STAGES, PRELOAD, USE_ASM, INT8_X, XPRE, PDL)  # fmt: skip
     else:
-        _gemv_tile(x_ptr, out_ptr, qs_b, qh_b, sc_b, mn_b, d_b, dmin_b, M, n_b, n_groups,
-                   n_groups, stride_xm, 0, n_out, n_a, s_qs_b, s_qh_b, s_sc_b, s_d_b, magic,
-                   pid - tiles_a, 0, 0, QTYPE_B, WPG_B, HAS_MIN_B, BLOCK_M, BLOCK_N_B,
-                   BLOCK_G_B, NUM_STAGES, PRELOAD, USE_ASM, INT8_X, PDL)  # fmt: skip
+        _gemv_tile(x_ptr, xq_ptr, xm_ptr, out_ptr, qs_b, qh_b, sc_b, mn_b, d_b, dmin_b, M, n_b,
+                   n_groups, n_groups, stride_xm, 0, n_out, n_a, s_qs_b, s_qh_b, s_sc_b, s_d_b,
+                   magic, pid - tiles_a, 0, 0, QTYPE_B, WPG_B, HAS_MIN_B, BLOCK_M, BLOCK_N_B,
+                   BLOCK_G_B, NUM_STAGES, PRELOAD, USE_ASM, INT8_X, XPRE, PDL)  # fmt: skip
 
 
 @triton.jit
 def _gemv_tile(
-    x_ptr, out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr,
+    x_ptr, xq_ptr, xm_ptr, out_ptr, qs_ptr, qh_ptr, sc_ptr, mn_ptr, d_ptr, dmin_ptr,
     M, N, n_groups, groups_per_split, stride_xm, stride_osplit,
     out_n,  # the output's row width (N, or more when it holds another weight's outputs too)
     out_col0,  # this weight's first output column
@@ -439,7 +444,7 @@ def _gemv_tile(
     GATED_OUT: tl.constexpr, QTYPE: tl.constexpr, WPG: tl.constexpr, HAS_MIN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
     NUM_STAGES: tl.constexpr, PRELOAD: tl.constexpr, USE_ASM: tl.constexpr,
-    INT8_X: tl.constexpr, PDL: tl.constexpr,
+    INT8_X: tl.constexpr, XPRE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program of the decode GEMV (see the module docstring): rows pid_n * BLOCK_N.. of the
     weight over split pid_k of K, for every activation row. With GATED_OUT (one split) the weight
@@ -477,9 +482,9 @@ def _gemv_tile(
         lo, hi = _nibbles(QTYPE, words)
         lo, hi = _with_high_bits(QTYPE, lo, hi, hb)
         a_lo, a_hi, c = _scale_maps(QTYPE, s0, s1, s2, s3)  # [BN, BG]
-        acc = _gemv_step(acc, x_ptr, M, stride_xm, n_groups, g_begin, g_end, lo, hi, a_lo, a_hi,
-                         c, magic, QTYPE, WPG, HAS_MIN, BLOCK_M, BLOCK_N, BLOCK_G,
-                         USE_ASM, INT8_X)  # fmt: skip
+        acc = _gemv_step(acc, x_ptr, xq_ptr, xm_ptr, M, stride_xm, n_groups, g_begin, g_end, lo,
+                         hi, a_lo, a_hi, c, magic, QTYPE, WPG, HAS_MIN, BLOCK_M, BLOCK_N, BLOCK_G,
+                         USE_ASM, INT8_X, XPRE)  # fmt: skip
         g_loop = g_begin + BLOCK_G
     NW: tl.constexpr = BLOCK_G * WPG  # words per row per K step
     j = tl.arange(0, NW)
@@ -497,8 +502,9 @@ def _gemv_tile(
         lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, (g0 + jg) * WPG + jk, wmask)
         a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp[None, :],
                                       gmask, s_sc, s_d)  # [BN, BG]
-        acc = _gemv_step(acc, x_ptr, M, stride_xm, n_groups, g0, g_end, lo, hi, a_lo, a_hi, c,
-                         magic, QTYPE, WPG, HAS_MIN, BLOCK_M, BLOCK_N, BLOCK_G, USE_ASM, INT8_X)
+        acc = _gemv_step(acc, x_ptr, xq_ptr, xm_ptr, M, stride_xm, n_groups, g0, g_end, lo, hi,
+                         a_lo, a_hi, c, magic, QTYPE, WPG, HAS_MIN, BLOCK_M, BLOCK_N, BLOCK_G,
+                         USE_ASM, INT8_X, XPRE)  # fmt: skip
     cols = out_col0 + rows
     if GATED_OUT:
         _store_gated(out_ptr, acc, M, N // 2, pid_n, GATED_OUT, BLOCK_M, BLOCK_N)
@@ -531,19 +537,21 @@ def _store_gated(out_ptr, acc, M, F, pid_n, GATED_OUT: tl.constexpr, BLOCK_M: tl
 
 @triton.jit
 def _gemv_step(
-    acc, x_ptr, M, stride_xm, n_groups, g0, g_end,
+    acc, x_ptr, xq_ptr, xm_ptr, M, stride_xm, n_groups, g0, g_end,
     lo, hi,  # [BN, NW] prepared words of the K step's groups g0.. (_with_high_bits)
     a_lo, a_hi, c,  # [BN, BG] their group maps (_scale_maps)
     magic,
     QTYPE: tl.constexpr, WPG: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, USE_ASM: tl.constexpr, INT8_X: tl.constexpr,
+    XPRE: tl.constexpr,
 ):  # fmt: skip
     """acc plus one K step of the decode GEMV: every plane of the step's words times its
     activations, for every activation row. acc is [BN, BG] at M=1 (summed over groups at the
     end), else [BM, BN]. INT8_X: _gemv_step_int8 instead."""
     if INT8_X:
-        return _gemv_step_int8(acc, x_ptr, M, stride_xm, g0, g_end, lo, hi, a_lo, a_hi, c, QTYPE,
-                               WPG, HAS_MIN, BLOCK_M, BLOCK_N, BLOCK_G, USE_ASM)  # fmt: skip
+        return _gemv_step_int8(acc, x_ptr, xq_ptr, xm_ptr, M, stride_xm, n_groups, g0, g_end, lo,
+                               hi, a_lo, a_hi, c, QTYPE, WPG, HAS_MIN, BLOCK_M, BLOCK_N, BLOCK_G,
+                               USE_ASM, XPRE)  # fmt: skip
     NP: tl.constexpr = 32 // WPG  # planes
     NW: tl.constexpr = BLOCK_G * WPG
     j = tl.arange(0, NW)
@@ -599,36 +607,49 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _q8_words(x_ptr, M, stride_xm, m, g0, g_end, BLOCK_G: tl.constexpr):
-    """Activation row m over groups g0.. quantized as q8_activations.quantize_q8_ref: per group
-    of 32, dx = max|x| / 127 and q = round(x / dx) in int8. Returns the q bytes as words
-    [BG, 8] (word j, byte b: q[32g + 8b + j], the plane order of the packed weights: see
-    _gemv_step_int8), dx [BG], and sums of q over each group's first 16 elements and all 32
-    [BG] (exact integers as fp32)."""
+    """Activation row m over groups g0.. quantized (q8_activations.quantize_q8_ref), as
+    _q8_quantize returns it."""
     gi = tl.arange(0, BLOCK_G)[:, None, None]
     bi = tl.arange(0, 4)[None, :, None]
     ji = tl.arange(0, 8)[None, None, :]
     col = (g0 + gi) * 32 + bi * 8 + ji  # [BG, 4, 8]
     xt = _load_activations(x_ptr + m * stride_xm + col, (g0 + gi < g_end) & (m < M))
-    amax = tl.max(tl.max(tl.abs(xt), axis=2), axis=1)  # [BG]
-    inv = tl.where(amax > 0.0, 127.0 / tl.where(amax > 0.0, amax, 1.0), 0.0)
-    # 1.5 * 2^23 + v rounds v to the nearest integer (ties to even) in the low mantissa bits,
-    # whose low byte is then round(v) in two's complement: no float-to-int conversion
-    v = xt * inv[:, None, None] + 12582912.0
-    qf = v - 12582912.0  # round(x / dx), exact
-    qb = v.to(tl.int32, bitcast=True) & 0xFF
-    words = tl.sum(qb << (bi * 8), axis=1)  # [BG, 8]: the four bytes are disjoint bit fields
-    sq_lo = tl.sum(tl.sum(tl.where(bi < 2, qf, 0.0), axis=2), axis=1)  # elements 0..15
-    sq = tl.sum(tl.sum(qf, axis=2), axis=1)
-    return words, amax * (1.0 / 127.0), sq_lo, sq
+    return _q8_quantize(xt)
+
+
+@triton.jit
+def _q8_prequantized(xq_ptr, xm_ptr, n_groups, m, M, g0, g_end, WPG: tl.constexpr,
+                     BLOCK_G: tl.constexpr):  # fmt: skip
+    """Row m's Q8Rows over groups g0.. loaded in the layouts _gemv_step_int8 uses: (xa, xb)
+    [1, NW] the activation words of each weight word's lo and hi bytes (xb unused at WPG 8),
+    dx, sq_lo, sq [BG]. Masked groups read 0 (dx 0: they add nothing)."""
+    NW: tl.constexpr = BLOCK_G * WPG
+    j = tl.arange(0, NW)
+    g = g0 + j // WPG
+    wmask = (g < g_end) & (m < M)
+    base = xq_ptr + m * (n_groups * 8) + g * 8
+    if WPG == 4:  # word k pairs with activation words k (lo) and 4 + k (hi) of its group
+        xa = tl.load(base + j % 4, mask=wmask, other=0)
+        xb = tl.load(base + 4 + j % 4, mask=wmask, other=0)
+    else:  # WPG == 8 (Q8_0): word k with activation word k
+        xa = tl.load(base + j % 8, mask=wmask, other=0)
+        xb = xa
+    grp = g0 + tl.arange(0, BLOCK_G)
+    gmask = (grp < g_end) & (m < M)
+    meta = xm_ptr + m * (n_groups * 4) + grp * 4
+    dx = tl.load(meta, mask=gmask, other=0.0)
+    sq_lo = tl.load(meta + 1, mask=gmask, other=0.0)
+    sq = tl.load(meta + 2, mask=gmask, other=0.0)
+    return xa[None, :], xb[None, :], dx, sq_lo, sq
 
 
 @triton.jit
 def _gemv_step_int8(
-    acc, x_ptr, M, stride_xm, g0, g_end,
+    acc, x_ptr, xq_ptr, xm_ptr, M, stride_xm, n_groups, g0, g_end,
     lo, hi,  # [BN, NW] prepared words: byte b of word k of a group holds an unsigned plane value
     a_lo, a_hi, c,  # [BN, BG] group maps (_scale_maps)
     QTYPE: tl.constexpr, WPG: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, USE_ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, USE_ASM: tl.constexpr, XPRE: tl.constexpr,
 ):  # fmt: skip
     """_gemv_step with the activations quantized to int8 per group of 32 (as llama.cpp's MMVQ):
     four products per IDP4A instead of a decode, an FADD and an FMA per element, which is what
@@ -646,18 +667,26 @@ def _gemv_step_int8(
     Z: tl.constexpr = (8.0 * (QTYPE == 2) + 16.0 * (QTYPE == 6) + 32.0 * (QTYPE == 14)
                        + 128.0 * ((QTYPE == 8) | (QTYPE == 20) | (QTYPE == 23)))
     for m in tl.static_range(BLOCK_M):
-        words, dx, sq_lo, sq = _q8_words(x_ptr, M, stride_xm, m, g0, g_end, BLOCK_G)
-        if WPG == 4:  # lo pairs with activation words 0..3 of its group, hi with 4..7
-            xa, xb = tl.split(tl.permute(tl.reshape(words, (BLOCK_G, 2, 4)), (0, 2, 1)))
-            xa = tl.broadcast_to(tl.reshape(xa, (1, NW)), (BLOCK_N, NW))
-            xb = tl.broadcast_to(tl.reshape(xb, (1, NW)), (BLOCK_N, NW))
+        if XPRE:  # quantized by the kernel that wrote x (q8_activations.Q8Rows)
+            xa, xb, dx, sq_lo, sq = _q8_prequantized(xq_ptr, xm_ptr, n_groups, m, M, g0, g_end,
+                                                     WPG, BLOCK_G)  # fmt: skip
+        else:
+            words, dx, sq_lo, sq = _q8_words(x_ptr, M, stride_xm, m, g0, g_end, BLOCK_G)
+            if WPG == 4:  # lo pairs with activation words 0..3 of its group, hi with 4..7
+                xa, xb = tl.split(tl.permute(tl.reshape(words, (BLOCK_G, 2, 4)), (0, 2, 1)))
+                xa, xb = tl.reshape(xa, (1, NW)), tl.reshape(xb, (1, NW))
+            else:
+                xa = tl.reshape(words, (1, NW))
+        if WPG == 4:
+            xa = tl.broadcast_to(xa, (BLOCK_N, NW))
+            xb = tl.broadcast_to(xb, (BLOCK_N, NW))
             if QTYPE == 14:
                 d_lo = _dp4a(hi, xb & 0xFFFF, _dp4a(lo, xa & 0xFFFF, 0, USE_ASM), USE_ASM)
                 d_hi = _dp4a(hi, xb & -65536, _dp4a(lo, xa & -65536, 0, USE_ASM), USE_ASM)
             else:
                 d_lo = _dp4a(hi, xb, _dp4a(lo, xa, 0, USE_ASM), USE_ASM)
         else:  # WPG == 8 (Q8_0): one word, bytes = planes 0..3
-            xa = tl.broadcast_to(tl.reshape(words, (1, NW)), (BLOCK_N, NW))
+            xa = tl.broadcast_to(xa, (BLOCK_N, NW))
             d_lo = _dp4a(lo, xa, 0, USE_ASM)
         dot_lo = tl.sum(tl.reshape(d_lo, (BLOCK_N, BLOCK_G, WPG)), axis=2).to(tl.float32)
         if QTYPE == 14:
@@ -1029,12 +1058,14 @@ GEMV_GATED_ACTS = {"gelu_tanh": 1, "silu": 2}
 
 
 def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
-               partials: bool = False, gated_act: str | None = None) -> torch.Tensor:  # fmt: skip
+               partials: bool = False, gated_act: str | None = None,
+               xq: Q8Rows | None = None) -> torch.Tensor:  # fmt: skip
     """x [M<=16, K] @ dequant(w).T -> [M, N] fp32 with fp32 FMAs (the decode kernel); with
     `partials`, the split-K partial sums [S, M, N] unsummed (see quant_matmul). With
     `gated_act` (one of GEMV_GATED_ACTS), w is a gate|up weight [gate | up] of N/2 rows each and
     the result is act(x @ gate.T) * (x @ up.T) [M, N/2] (K unsplit): ffn_down's input, in one
-    kernel."""
+    kernel. `xq`: x already quantized (pack_q8_ref's layout, written by the kernel that wrote
+    x), read instead of quantizing x where the config takes int8 activations."""
     if gated_act is not None and gated_act not in GEMV_GATED_ACTS:
         raise QuantMatmulError(f"no GEMV epilogue for {gated_act!r}; epilogues: "
                                f"{sorted(GEMV_GATED_ACTS)}")  # fmt: skip
@@ -1055,14 +1086,17 @@ def quant_gemv(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
                       dtype=torch.float32)  # fmt: skip
     ptrs, strides = _weight_args(w)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k)
+    int8 = cfg.get("INT8_X", False) and w.qtype in INT8_X_TYPES
+    xq = _prequantized(x, xq) if int8 else None
     _quant_gemv_kernel[grid](
-        x, out, *ptrs, m, n, n_groups, groups_per_split, x.stride(0), m * n, *strides, _MAGIC,
+        x, *(xq or (x, x)), out, *ptrs, m, n, n_groups, groups_per_split, x.stride(0), m * n,
+        *strides, _MAGIC,
         GATED_OUT=gated, QTYPE=w.qtype, WPG=_WPG[w.qtype], HAS_MIN=w.qtype in _HAS_MIN,
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=cfg["BLOCK_N"], BLOCK_G=cfg["BLOCK_G"],
         NUM_STAGES=cfg["num_stages"], PRELOAD=cfg.get("PRELOAD", False), USE_ASM=_use_asm(),
-        INT8_X=cfg.get("INT8_X", False) and w.qtype in INT8_X_TYPES, num_warps=cfg["num_warps"],
+        INT8_X=int8, XPRE=xq is not None, num_warps=cfg["num_warps"],
         **pdl_launch_args(x.device),
-    )
+    )  # fmt: skip
     return _reduce_splits(out, partials)
 
 
@@ -1085,11 +1119,11 @@ def gemv_pair_config(x: torch.Tensor, wa: PackedWeight, wb: PackedWeight) -> tup
 
 
 def quant_gemv_pair(x: torch.Tensor, wa: PackedWeight, wb: PackedWeight,
-                    configs: tuple | None = None) -> torch.Tensor:
+                    configs: tuple | None = None, xq: Q8Rows | None = None) -> torch.Tensor:
     """[x @ dequant(wa).T | x @ dequant(wb).T] -> [M, Na + Nb] fp32 in one launch, for two weights
     of one input in different quant types (a Q4_K_M layer's q|k and its higher-bit v). Needs
     gemv_pair_config(x, wa, wb) to be a pair of configs (pass it as `configs` if already
-    asked)."""
+    asked). `xq` as quant_gemv's."""
     configs = configs or gemv_pair_config(x, wa, wb)
     if configs is None:
         raise QuantMatmulError("quant_gemv_pair needs two unsplit decode GEMVs of the same K")
@@ -1100,21 +1134,45 @@ def quant_gemv_pair(x: torch.Tensor, wa: PackedWeight, wb: PackedWeight,
     (ptrs_a, strides_a), (ptrs_b, strides_b) = _weight_args(wa), _weight_args(wb)
     tiles_a = triton.cdiv(na, cfg_a["BLOCK_N"])
     grid = (tiles_a + triton.cdiv(nb, cfg_b["BLOCK_N"]),)
+    int8 = (all(c.get("INT8_X", False) for c in configs)
+            and wa.qtype in INT8_X_TYPES and wb.qtype in INT8_X_TYPES)  # fmt: skip
+    xq = _prequantized(x, xq) if int8 else None
     _quant_gemv_pair_kernel[grid](
-        x, out, *ptrs_a, *ptrs_b, m, na, nb, x.shape[1] // GROUP, tiles_a, x.stride(0),
-        *strides_a, *strides_b, _MAGIC,
+        x, *(xq or (x, x)), out, *ptrs_a, *ptrs_b, m, na, nb, x.shape[1] // GROUP, tiles_a,
+        x.stride(0), *strides_a, *strides_b, _MAGIC,
         QTYPE_A=wa.qtype, WPG_A=_WPG[wa.qtype], HAS_MIN_A=wa.qtype in _HAS_MIN,
         BLOCK_N_A=cfg_a["BLOCK_N"], BLOCK_G_A=cfg_a["BLOCK_G"],
         QTYPE_B=wb.qtype, WPG_B=_WPG[wb.qtype], HAS_MIN_B=wb.qtype in _HAS_MIN,
         BLOCK_N_B=cfg_b["BLOCK_N"], BLOCK_G_B=cfg_b["BLOCK_G"],
         BLOCK_M=max(1, triton.next_power_of_2(m)), NUM_STAGES=cfg_a["num_stages"],
         PRELOAD=cfg_a.get("PRELOAD", False) and cfg_b.get("PRELOAD", False), USE_ASM=_use_asm(),
-        INT8_X=all(c.get("INT8_X", False) for c in configs)
-        and wa.qtype in INT8_X_TYPES and wb.qtype in INT8_X_TYPES,
+        INT8_X=int8, XPRE=xq is not None,
         num_warps=max(cfg_a["num_warps"], cfg_b["num_warps"]),
         **pdl_launch_args(x.device),
     )  # fmt: skip
     return out
+
+
+def gemv_prequantized() -> bool:
+    """Whether the int8 decode GEMVs read activations the norms quantized (LLCUDA_GEMV_XPRE=1,
+    the default) or quantize them in every program (0), for A/B timing."""
+    return os.environ.get("LLCUDA_GEMV_XPRE", "1") != "0"
+
+
+def _prequantized(x: torch.Tensor, xq: Q8Rows | None) -> Q8Rows | None:
+    """xq when it is x's Q8Rows in the layout the kernel reads (and prequantized GEMVs are on),
+    else None (the kernel quantizes x itself)."""
+    if xq is None or not gemv_prequantized():
+        return None
+    m, k = x.shape
+    words, meta = xq
+    if (words.shape != (m, k // 4) or meta.shape != (m, k // GROUP, 4) or words.dtype != torch.int32
+            or meta.dtype != torch.float32 or not (words.is_contiguous() and meta.is_contiguous())
+            or words.device != x.device):  # fmt: skip
+        raise QuantMatmulError(f"xq must be the Q8Rows of x [{m}, {k}] (q8_activations), got "
+                               f"words {tuple(words.shape)} {words.dtype}, meta "
+                               f"{tuple(meta.shape)} {meta.dtype}")  # fmt: skip
+    return xq
 
 
 def _reduce_splits(out: torch.Tensor, partials: bool) -> torch.Tensor:
@@ -1175,13 +1233,15 @@ def quant_gemm(x: torch.Tensor, w: PackedWeight, config: dict | None = None,
     return _reduce_splits(partial, partials)
 
 
-def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> torch.Tensor:
+def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False,
+                 xq: Q8Rows | None = None) -> torch.Tensor:  # fmt: skip
     """y = x @ dequantize(w).T: x [M, K] (fp32/bf16/fp16, CUDA) -> [M, N] fp32.
 
     M <= matmul_path.GEMV_MAX_M takes the fp32 GEMV kernel; larger M a tensor-core path (bf16
     products, fp16 below sm_80), chosen by `matmul_path`. With `partials`, the result comes as
     [S, M, N] split-K partial sums (S >= 1) for a consumer that adds them itself
     (fused_norm.residual_rms_norm), which saves the reduction kernel of the tall-K projections.
+    `xq`: x's Q8Rows where the kernel that wrote x also quantized it (quant_gemv reads them).
     """
     if not isinstance(w, PackedWeight) or x.dim() != 2 or x.shape[0] == 0:
         _check(x, w)  # raises for a bad argument; each path below checks the rest once
@@ -1193,7 +1253,7 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> to
         return lowbit_matmul(x, w, partials=partials)
     path = matmul_path(x.shape[0], w.n_rows, w.n_cols, bf16=not _use_fp16(x.device))
     if path == "gemv":
-        return quant_gemv(x, w, partials=partials)
+        return quant_gemv(x, w, partials=partials, xq=xq)
     if path == "dense":
         from llcuda.kernels.quant_tc import quant_gemm_dense
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from llcuda.kernels import ops
 from llcuda.layers import weight_staging
 from llcuda.layers.quant_tensor import QuantTensor
+
+if TYPE_CHECKING:
+    from llcuda.kernels.q8_activations import Q8Rows
 
 
 class QuantLinear:
@@ -22,10 +27,16 @@ class QuantLinear:
         # x: [num_tokens, in_features] -> [num_tokens, out_features] float32
         return ops.quant_matmul(x, self.weight)
 
-    def partials(self, x: torch.Tensor) -> torch.Tensor:
+    def decode_int8(self) -> bool:
+        """Whether a one-token product takes the GPU GEMV's int8 activations (then its input is
+        worth quantizing once, in the norm that writes it)."""
+        return ops.decode_takes_int8(self.weight)
+
+    def partials(self, x: torch.Tensor, xq: Q8Rows | None = None) -> torch.Tensor:
         # x: [num_tokens, in_features] -> split-K partial sums [splits, num_tokens, out_features],
-        # for ops.residual_rms_norm, which adds them up instead of a separate reduction kernel
-        return ops.quant_matmul(x, self.weight, partials=True)
+        # for ops.residual_rms_norm, which adds them up instead of a separate reduction kernel;
+        # xq: x's Q8Rows if the norm that wrote x quantized it too (the int8 decode GEMV reads it)
+        return ops.quant_matmul(x, self.weight, partials=True, xq=xq)
 
 
 class FusedQuantLinear:
@@ -53,18 +64,22 @@ class FusedQuantLinear:
             return ops.quant_matmul(x, self.weight)
         return torch.cat([part(x) for part in self.parts], dim=-1)
 
-    def partials(self, x: torch.Tensor) -> torch.Tensor:
+    def partials(self, x: torch.Tensor, xq: Q8Rows | None = None) -> torch.Tensor:
         # x: [num_tokens, in_features] -> split-K partial sums [splits, num_tokens, sum of outs]
         if self.parts is None:
-            return ops.quant_matmul(x, self.weight, partials=True)
+            return ops.quant_matmul(x, self.weight, partials=True, xq=xq)
         return self(x).unsqueeze(0)
 
-    def gated(self, x: torch.Tensor, act: str) -> torch.Tensor:
+    def decode_int8(self) -> bool:
+        """As QuantLinear.decode_int8 (never for weights kept apart)."""
+        return self.parts is None and ops.decode_takes_int8(self.weight)
+
+    def gated(self, x: torch.Tensor, act: str, xq: Q8Rows | None = None) -> torch.Tensor:
         # x: [num_tokens, in_features] -> act(gate) * up [num_tokens, ffn] for a gate|up pair of
         # equal halves (act "gelu_tanh": GEGLU, "silu": SwiGLU), the activation in the matmul's
         # epilogue where it can be
         if self.parts is None:
-            return ops.quant_matmul_gated(x, self.weight, act)
+            return ops.quant_matmul_gated(x, self.weight, act, xq=xq)
         return ops.gated_act(self(x), act)
 
 
@@ -83,14 +98,14 @@ def _place(weights: list[QuantTensor], device: torch.device | str) -> object:
     return fuse_packed(packed) if len(packed) > 1 else packed[0].clone()
 
 
-def paired_partials(first: FusedQuantLinear | QuantLinear, second: QuantLinear,
-                    x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def paired_partials(first: FusedQuantLinear | QuantLinear, second: QuantLinear, x: torch.Tensor,
+                    xq: Q8Rows | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(first.partials(x), second.partials(x)): two layers that read the same input but keep
     their weights in different quant types (a Q4_K_M layer's q|k and its v). A GPU decode step
     runs both in one launch ([1, T, n] views of one output); anything else, one after another."""
     weight = getattr(first, "weight", None) if getattr(first, "parts", None) is None else None
     if weight is not None:
-        both = ops.quant_matmul_pair(x, weight, second.weight)  # [T, n1 + n2] or None
+        both = ops.quant_matmul_pair(x, weight, second.weight, xq=xq)  # [T, n1 + n2] or None
         if both is not None:
             return both[None, :, : first.out_features], both[None, :, first.out_features :]
-    return first.partials(x), second.partials(x)
+    return first.partials(x, xq), second.partials(x, xq)

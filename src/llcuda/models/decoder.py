@@ -22,7 +22,7 @@ row-parallel layers (attn_output, ffn_down), so nothing here knows about ranks.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -30,10 +30,14 @@ from llcuda.config import ModelConfig
 from llcuda.gguf.reader import GGUFError, GGUFFile
 from llcuda.kernels import ops
 from llcuda.kernels.decode_block_cpu import decode_block as decode_block_cpu
+from llcuda.kernels.matmul_path import GEMV_MAX_M
 from llcuda.layers.attention import AttentionMetadata, KVCache
 from llcuda.layers.linear import FusedQuantLinear, QuantLinear, paired_partials
 from llcuda.layers.quant_tensor import QuantTensor, read_float_tensor
 from llcuda.layers.rotary import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from llcuda.kernels.q8_activations import Q8Rows
 
 
 class WeightShard(Protocol):
@@ -125,6 +129,13 @@ class DecoderBlock:
         self.post_ffw_norm = t.vector("post_ffw_norm.weight") if config.post_norms else None
         # the pre-norm of what follows (the next block's attn_norm, or output_norm): the model's
         self.next_norm: torch.Tensor | None = None
+        # Whether the decode GEMVs reading a norm's output take int8 activations: that norm then
+        # writes them quantized too (kernels/q8_activations), once, instead of every GEMV
+        # program quantizing the row again. q|k|v's (this block's input norm) and gate|up's;
+        # next_q8 is the next block's q8_attn (the model sets it; False before the LM head).
+        self.q8_attn = self.attn_qkv.decode_int8()
+        self.q8_ffn = self.ffn_gate_up.decode_int8()
+        self.next_q8 = False
         # the C++ decode step of this block (kernels/decode_block_cpu), built on first use
         self.native_decode: object | None = None
 
@@ -135,23 +146,26 @@ class DecoderBlock:
         positions: torch.Tensor,
         meta: AttentionMetadata,
         cache: KVCache,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hq: Q8Rows | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Q8Rows | None]:
         """x: the residual stream [num_tokens, hidden_size]; h: RMSNorm(x)*attn_norm, computed by
-        the previous block. Returns the new residual and its norm for the next block."""
+        the previous block, hq its Q8Rows if that norm wrote them. Returns the new residual, its
+        norm for the next block and that norm's Q8Rows (None where next_q8 does not ask)."""
         if x.device.type == "cpu":  # a decode step: one native call (None: not this step)
             out = decode_block_cpu(self, x, h, positions, meta, cache)
             if out is not None:
-                return out
+                return (*out, None)
         cfg = self.config
         num_tokens, eps = x.shape[0], cfg.rms_norm_eps
+        decode = x.is_cuda and num_tokens <= GEMV_MAX_M  # the GEMVs' batch sizes
 
         # split-K partial sums [S, num_tokens, n]: the next kernel adds them up as it loads
         qk_size = cfg.q_size + cfg.kv_size
         if self.attn_v is None:
-            qkv = self.attn_qkv.partials(h)  # [S, num_tokens, qk_size + kv_size]
+            qkv = self.attn_qkv.partials(h, hq)  # [S, num_tokens, qk_size + kv_size]
             qk, v = qkv[..., :qk_size], qkv[..., qk_size:]
         else:
-            qk, v = paired_partials(self.attn_qkv, self.attn_v, h)
+            qk, v = paired_partials(self.attn_qkv, self.attn_v, h, hq)
         q = ops.qk_norm_rope_store_kv(
             qk, v, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.attn_q_norm,
             self.attn_k_norm, self.rotary.cos, self.rotary.sin, positions, eps,
@@ -164,10 +178,12 @@ class DecoderBlock:
         )  # fmt: skip
         # the two tall-K projections hand their split-K partial sums straight to the norm
         attn = self.attn_output.partials(attn.reshape(num_tokens, cfg.q_size))
-        x, h = ops.residual_rms_norm(x, attn, self.post_attention_norm, self.ffn_norm, eps)
+        x, h, hq = ops.residual_rms_norm(x, attn, self.post_attention_norm, self.ffn_norm, eps,
+                                         q8=decode and self.q8_ffn)  # fmt: skip
 
-        f = self.ffn_down.partials(self.ffn_gate_up.gated(h, cfg.hidden_act))  # act in epilogue
-        return ops.residual_rms_norm(x, f, self.post_ffw_norm, self.next_norm, eps)
+        f = self.ffn_down.partials(self.ffn_gate_up.gated(h, cfg.hidden_act, hq))  # act in epilogue
+        return ops.residual_rms_norm(x, f, self.post_ffw_norm, self.next_norm, eps,
+                                     q8=decode and self.next_q8)  # fmt: skip
 
 
 class DecoderForCausalLM:
@@ -220,6 +236,7 @@ class DecoderForCausalLM:
         # Each block ends with the pre-norm of what follows it (fused with its residual add).
         for block, following in zip(self.layers[:-1], self.layers[1:], strict=True):
             block.next_norm = following.attn_norm.to(block.device)
+            block.next_q8 = following.q8_attn and following.device == block.device
         self.layers[-1].next_norm = self.output_norm.to(self.layers[-1].device)
         if progress is not None:
             progress(1)
@@ -242,14 +259,19 @@ class DecoderForCausalLM:
         decode step on one GPU is captured whole in a CUDA graph."""
         first = self.layers[0]
         x = x.to(first.device)
-        h = ops.rms_norm(x, first.attn_norm, self.config.rms_norm_eps)
+        eps = self.config.rms_norm_eps
+        if first.q8_attn and x.is_cuda and x.shape[0] <= GEMV_MAX_M:
+            h, hq = ops.rms_norm_q8(x, first.attn_norm, eps)
+        else:
+            h, hq = ops.rms_norm(x, first.attn_norm, eps), None
         group_metas: dict[tuple[torch.device, int], AttentionMetadata] = {}
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             dev = layer.device
             key = (dev, cache.group)  # sliding layers may read a cache group of their own
             if key not in group_metas:
                 group_metas[key] = metas[dev].for_group(cache.group)
-            x, h = layer(x.to(dev), h.to(dev), positions.to(dev), group_metas[key], cache)
+            x, h, hq = layer(x.to(dev), h.to(dev), positions.to(dev), group_metas[key], cache,
+                             hq if h.device == dev else None)  # fmt: skip
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
