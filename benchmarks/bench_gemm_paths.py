@@ -32,12 +32,15 @@ from llcuda.kernels.quant_tc import (
     swap_config,
 )
 
-# (type, K, N) as the engine meets them (q|k|v and gate|up fused): Gemma 3 1B, then 270M
+# (type, K, N) as the engine meets them (q|k|v and gate|up fused): Gemma 3 1B, then 270M, then
+# Llama-3.1-8B (q|k, o, gate|up, ffn_down in both of its Q4_K_M types)
 SHAPES = [
     ("Q5_0", 1152, 1536), ("Q5_0", 1152, 13824), ("Q4_K", 1024, 1152), ("Q4_K", 6912, 1152),
     ("Q6_K", 6912, 1152), ("Q8_0", 1152, 262144),
     ("Q5_0", 640, 1536), ("Q5_0", 640, 4096), ("Q4_K", 1024, 640), ("Q4_K", 2048, 640),
     ("Q6_K", 2048, 640),
+    ("Q4_K", 4096, 5120), ("Q4_K", 4096, 4096), ("Q4_K", 4096, 28672), ("Q4_K", 14336, 4096),
+    ("Q6_K", 14336, 4096),
 ]
 BATCHES = [16, 32, 64, 128, 256, 512]
 
