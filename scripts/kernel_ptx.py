@@ -53,14 +53,15 @@ def main() -> None:
             target = GPUTarget("cuda", cap, 32)
             for m in (1, 4):  # the decode GEMV
                 cfg = qm.gemv_config(int(qtype), m, n, k // 32, 132)
-                args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w),
+                args = {"x_ptr": torch.empty(1), "xq_ptr": torch.empty(1, dtype=torch.int32),
+                        "xm_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w),
                         **ints}  # fmt: skip
                 ptx = compile_ptx(qm._quant_gemv_kernel, args, {
                     "GATED_OUT": 0, "QTYPE": int(qtype), "WPG": wpg,
                     "HAS_MIN": int(qtype) in qm._HAS_MIN,
                     "BLOCK_M": m, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_G": cfg["BLOCK_G"],
                     "NUM_STAGES": cfg["num_stages"], "PRELOAD": cfg["PRELOAD"], "USE_ASM": True,
-                    "PDL": False,
+                    "INT8_X": False, "XPRE": False, "PDL": False,
                 }, target, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
                 _write(out, f"gemv_{qtype.name}_sm{cap}_m{m}", ptx)
             for fp16 in (False, True) if cap == 90 else (True,):

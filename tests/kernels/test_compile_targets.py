@@ -24,6 +24,8 @@ T4_SMS, T4_SMEM = 40, 64 * 1024
 _TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
           torch.uint8: "*u8", torch.int8: "*i8", torch.int16: "*i16", torch.int32: "*i32",
           torch.int64: "*i64"}  # fmt: skip
+# the decode GEMVs' Q8Rows pointers (q8_activations): int32 words, fp32 meta
+Q8_PTRS = {"xq_ptr": torch.empty(1, dtype=torch.int32), "xm_ptr": torch.empty(1)}
 SHAPES = [  # (type, K, N) of Gemma 3 270M / 1B Q4_K_M files
     (GGMLType.Q5_0, 1152, 1536), (GGMLType.Q4_K, 6912, 1152), (GGMLType.Q6_K, 6912, 1152),
     (GGMLType.Q8_0, 1152, 262144), (GGMLType.Q4_K, 1024, 640), (GGMLType.F16, 640, 1024),
@@ -96,13 +98,15 @@ def test_quant_matmuls_compile_for_t4(qtype, k, n):
     for (m, gated), int8_x in itertools.product(
             ((1, 0), (4, 0), (16, 0), (1, 1), (4, 1), (1, 2), (4, 2)), int8):
         cfg = qm.gemv_config(int(qtype), m, n, k // 32, T4_SMS)
-        args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w), **ints}
+        args = {"x_ptr": torch.empty(1), **Q8_PTRS, "out_ptr": torch.empty(1), **_weight_args(w),
+                **ints}  # fmt: skip
         compile_for_t4(qm._quant_gemv_kernel, args, {
             "GATED_OUT": gated, "QTYPE": int(qtype), "WPG": wpg,
             "HAS_MIN": int(qtype) in qm._HAS_MIN, "BLOCK_M": triton.next_power_of_2(m),
             "BLOCK_N": cfg["BLOCK_N"],
             "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"],
-            "PRELOAD": cfg["PRELOAD"], "USE_ASM": True, "INT8_X": int8_x, "PDL": False,
+            "PRELOAD": cfg["PRELOAD"], "USE_ASM": True, "INT8_X": int8_x, "XPRE": int8_x,
+            "PDL": False,
         }, cfg["num_warps"])  # fmt: skip
     for m in (16, 64, 512):  # the fp16 tensor-core GEMM: every batch past the GEMV on sm_75
         assert qm.matmul_path(m, n, k, bf16=False) in ("gemv", "gemm")
@@ -138,20 +142,21 @@ def test_gemv_pair_compiles_for_t4_and_waits_first_on_sm90():
     wa, wb = _packed(GGMLType.Q5_0, k, 1280), _packed(GGMLType.Q8_0, k, 256)
     ptrs = {w: {f"{name[:-4]}_{w}": t for name, t in _weight_args(weight).items()
                 if name.endswith("_ptr")} for w, weight in (("a", wa), ("b", wb))}
-    args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **ptrs["a"], **ptrs["b"],
+    args = {"x_ptr": torch.empty(1), **Q8_PTRS, "out_ptr": torch.empty(1), **ptrs["a"], **ptrs["b"],
             "M": 1, "n_a": 1280, "n_b": 256, "n_groups": k // 32, "tiles_a": 40, "stride_xm": k,
             **{f"{name}_{w}": 7 for name in ("s_qs", "s_qh", "s_sc", "s_d") for w in "ab"},
             "magic": 0x4B000000}  # fmt: skip
     constexprs = {"QTYPE_A": int(GGMLType.Q5_0), "WPG_A": 4, "HAS_MIN_A": False, "BLOCK_N_A": 32,
                   "BLOCK_G_A": 4, "QTYPE_B": int(GGMLType.Q8_0), "WPG_B": 8, "HAS_MIN_B": False,
                   "BLOCK_N_B": 16, "BLOCK_G_B": 4, "BLOCK_M": 1, "NUM_STAGES": 3,
-                  "USE_ASM": True, "INT8_X": False}  # fmt: skip
+                  "USE_ASM": True, "INT8_X": False, "XPRE": False}  # fmt: skip
     compile_for_t4(qm._quant_gemv_pair_kernel, args,
                    {**constexprs, "PRELOAD": True, "PDL": False}, 4, 3)  # fmt: skip
-    for preload, int8_x in itertools.product((False, True), (False, True)):
+    for preload, (int8_x, xpre) in itertools.product(
+            (False, True), ((False, False), (True, False), (True, True))):
         ptx = compile_ptx(qm._quant_gemv_pair_kernel, args,
-                          {**constexprs, "PRELOAD": preload, "PDL": True, "INT8_X": int8_x},
-                          H100, 4, 3)  # fmt: skip
+                          {**constexprs, "PRELOAD": preload, "PDL": True, "INT8_X": int8_x,
+                           "XPRE": xpre}, H100, 4, 3)  # fmt: skip
         for head in _before_waits(ptx, 2):
             assert "st.global" not in head and "cp.async" not in head
             assert ("ld.global" in head) == preload
@@ -239,12 +244,15 @@ def test_norm_rope_kv_store_geglu_and_softcap_compile_for_t4():
 
     f32, i64, f16 = torch.empty(1), torch.empty(1, dtype=torch.int64), torch.empty(1).half()
     eps = {"eps": 1e-6}
-    compile_for_t4(fn._rms_norm_kernel, {"x_ptr": f32, "w_ptr": f32, "out_ptr": f32, "n": 1152,
-                                         **eps}, {"BLOCK": 2048, "PDL": False}, 4)  # fmt: skip
-    compile_for_t4(fn._residual_rms_norm_kernel, {
-        "x_ptr": f32, "a_ptr": f32, "w_post_ptr": f32, "w_next_ptr": f32, "x_out_ptr": f32,
-        "h_out_ptr": f32, "n": 1152, **eps, "split_stride": 9},
-        {"SPLITS": 16, "BLOCK": 2048, "HAS_POST": True, "PDL": False}, 4)
+    q8 = {"q_words_ptr": torch.empty(1, dtype=torch.int32), "q_meta_ptr": f32}
+    for q8_out in (False, True):  # and writing the Q8Rows of the int8 decode GEMVs
+        compile_for_t4(fn._rms_norm_kernel, {"x_ptr": f32, "w_ptr": f32, "out_ptr": f32, **q8,
+                                             "n": 1152, **eps},
+                       {"BLOCK": 2048, "Q8_OUT": q8_out, "PDL": False}, 4)  # fmt: skip
+        compile_for_t4(fn._residual_rms_norm_kernel, {
+            "x_ptr": f32, "a_ptr": f32, "w_post_ptr": f32, "w_next_ptr": f32, "x_out_ptr": f32,
+            "h_out_ptr": f32, **q8, "n": 1152, **eps, "split_stride": 9},
+            {"SPLITS": 16, "BLOCK": 2048, "HAS_POST": True, "Q8_OUT": q8_out, "PDL": False}, 4)
     store = {"qk_ptr": f32, "v_ptr": f32, "q_w_ptr": f32, "k_w_ptr": f32, "bias_ptr": f32,
              "cos_ptr": f32, "sin_ptr": f32, "pos_ptr": i64, "slot_ptr": i64, "q_out_ptr": f32,
              "k_cache_ptr": f16, "v_cache_ptr": f16, "num_heads": 4, "num_kv_heads": 1,
@@ -304,14 +312,14 @@ def test_gemv_with_dependent_launch_compiles_for_sm90(qtype, k, preload, int8_x)
     n = 1024
     w = _packed(qtype, k, n)
     cfg = qm.gemv_config(int(qtype), 1, n, k // 32, 132)
-    args = {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **_weight_args(w), "M": 1,
-            "N": n, "n_groups": k // 32, "groups_per_split": 8, "stride_xm": k,
+    args = {"x_ptr": torch.empty(1), **Q8_PTRS, "out_ptr": torch.empty(1), **_weight_args(w),
+            "M": 1, "N": n, "n_groups": k // 32, "groups_per_split": 8, "stride_xm": k,
             "stride_osplit": 3}  # fmt: skip
     ptx = compile_ptx(qm._quant_gemv_kernel, args, {
         "GATED_OUT": 0, "QTYPE": int(qtype), "WPG": qm._WPG[int(qtype)],
         "HAS_MIN": int(qtype) in qm._HAS_MIN, "BLOCK_M": 1, "BLOCK_N": cfg["BLOCK_N"],
         "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"], "PRELOAD": preload,
-        "USE_ASM": True, "INT8_X": int8_x, "PDL": True,
+        "USE_ASM": True, "INT8_X": int8_x, "XPRE": int8_x, "PDL": True,
     }, H100, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
     head = _before_wait(ptx)
     assert "st.global" not in head and "cp.async" not in head
@@ -324,7 +332,8 @@ def test_small_kernels_with_dependent_launch_wait_before_any_memory_access():
 
     f32, i32, bf16 = torch.empty(1), torch.empty(1, dtype=torch.int32), torch.empty(1).bfloat16()
     norm = {"x_ptr": f32, "a_ptr": f32, "w_post_ptr": f32, "w_next_ptr": f32, "x_out_ptr": f32,
-            "h_out_ptr": f32, "n": 1152, "eps": 1e-6, "split_stride": 9}  # fmt: skip
+            "h_out_ptr": f32, "q_words_ptr": i32, "q_meta_ptr": f32, "n": 1152, "eps": 1e-6,
+            "split_stride": 9}  # fmt: skip
     store = _store_args(bf16, 4, 1, 256)
     attention = {"q_ptr": f32, "k_cache_ptr": bf16, "v_cache_ptr": bf16, "out_ptr": f32,
                  "seg_out_ptr": f32, "seg_lse_ptr": f32, "counter_ptr": i32,
@@ -333,8 +342,10 @@ def test_small_kernels_with_dependent_launch_wait_before_any_memory_access():
     attention.update({name: 7 for name in inspect.signature(
         pa._paged_attention_kernel.fn).parameters if name.startswith("stride_")})
     for kernel, args, constexprs in [
-        (fn._residual_rms_norm_kernel, norm, {"SPLITS": 4, "BLOCK": 2048, "HAS_POST": True}),
-        (fn._residual_rms_norm_kernel, norm, {"SPLITS": 4, "BLOCK": 4096, "HAS_POST": False}),
+        (fn._residual_rms_norm_kernel, norm, {"SPLITS": 4, "BLOCK": 2048, "HAS_POST": True,
+                                              "Q8_OUT": False}),
+        (fn._residual_rms_norm_kernel, norm, {"SPLITS": 4, "BLOCK": 4096, "HAS_POST": False,
+                                              "Q8_OUT": True}),
         (fn._qk_norm_rope_store_kv_kernel, store,
          {"QK_SPLITS": 1, "V_SPLITS": 1, "BLOCK_SIZE": 16, "HALF": 128, "ROPE_FINE": 256,
           **GEMMA3_ROPE_FLAGS}),

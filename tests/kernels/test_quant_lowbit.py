@@ -519,11 +519,13 @@ def test_iq4_plane_kernels_compile_for_h100_and_t4(qtype):
         for m, gated in ((1, 0), (4, 0), (16, 0), (1, 2), (4, 1)):
             cfg = qm.gemv_config(int(qtype), m, n, k // 32, sms)
             _compile(qm._quant_gemv_kernel,
-                     {"x_ptr": torch.empty(1), "out_ptr": torch.empty(1), **wargs, **ints},
+                     {"x_ptr": torch.empty(1), "xq_ptr": torch.empty(1, dtype=torch.int32),
+                      "xm_ptr": torch.empty(1), "out_ptr": torch.empty(1), **wargs, **ints},
                      {"GATED_OUT": gated, "QTYPE": int(qtype), "WPG": 4, "HAS_MIN": False,
                       "BLOCK_M": triton.next_power_of_2(m), "BLOCK_N": cfg["BLOCK_N"],
                       "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"],
-                      "PRELOAD": cfg["PRELOAD"], "USE_ASM": True, "INT8_X": False, "PDL": False},
+                      "PRELOAD": cfg["PRELOAD"], "USE_ASM": True, "INT8_X": False, "XPRE": False,
+                      "PDL": False},
                      target, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
         for m in (16, 512):
             cfg = qm.gemm_config(int(qtype), m, n, k // 32, sms)
