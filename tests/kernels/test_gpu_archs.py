@@ -16,6 +16,7 @@ import torch
 from llcuda.config import EngineConfig
 from llcuda.engine.loader import load
 from llcuda.gguf.twins import TWINS, write_twin
+from llcuda.layers.attention import AttentionMetadata, KVCache
 from llcuda.sampling_params import SamplingParams
 from tests.models.forward_helpers import open_gemma, sequence_logits
 from tests.models.test_arch_oracle import compare_to_oracle, load_oracle
@@ -51,6 +52,21 @@ def _logprobs(path, device: str, ids: list[int], chunk: int = 24) -> torch.Tenso
     return torch.log_softmax(logits.float().cpu(), dim=-1)  # [num_tokens, vocab]
 
 
+def _one_token_step(model, token: int) -> torch.Tensor:
+    """model.forward's output [1, hidden] for `token` at position 0, in a fresh one-block cache."""
+    cfg, dev = model.config, torch.device("cuda")
+    caches = [KVCache.allocate(1, 16, cfg.num_kv_heads, cfg.head_dim, torch.float16, dev)
+              for _ in model.block_devices]  # fmt: skip
+    i32 = torch.int32
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([0]), query_start_loc=torch.tensor([0, 1], dtype=i32),
+        seq_lens=torch.tensor([1], dtype=i32), block_tables=torch.zeros((1, 1), dtype=i32),
+        max_query_len=1, max_seq_len=1,
+    ).to(dev)  # fmt: skip
+    x = model.embed(torch.tensor([token], device=dev))
+    return model.forward(x, torch.tensor([0], device=dev), {dev: meta}, caches)
+
+
 @pytest.mark.parametrize("name", ["llama3", "gemma3", "llama3-q3_k_m"])
 def test_int8_decode_reads_the_norms_q8_rows(name, tmp_path, monkeypatch):
     """One-token steps with int8 activations in every GEMV that takes them (LLCUDA_GEMV_INT8=1;
@@ -64,6 +80,14 @@ def test_int8_decode_reads_the_norms_q8_rows(name, tmp_path, monkeypatch):
     gguf, model = open_gemma(path, "cuda")
     try:  # the norms are asked for Q8Rows wherever a GEMV of the block's type reads them
         assert any(layer.q8_attn or layer.q8_ffn for layer in model.layers), name
+        # a one-token step's output: the LM head reads the last norm's Q8Rows beside it, and
+        # gives what it gives quantizing a copy itself
+        hidden = _one_token_step(model, ids[0])
+        if model.output.decode_int8():  # not for an F16 / F32 head
+            assert model._last_q8 is not None and model._last_q8[0] is hidden, name
+            with_rows, own = model.compute_logits(hidden), model.compute_logits(hidden.clone())
+            torch.testing.assert_close(with_rows, own, rtol=1e-4,
+                                       atol=1e-4 * own.abs().max().item())  # fmt: skip
     finally:
         gguf.close()
     got = {}

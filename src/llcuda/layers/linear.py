@@ -23,9 +23,9 @@ class QuantLinear:
         self.weight = _place([weight], device)
         self.nbytes = getattr(self.weight, "nbytes", weight.nbytes)  # bytes where it lives
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [num_tokens, in_features] -> [num_tokens, out_features] float32
-        return ops.quant_matmul(x, self.weight)
+    def __call__(self, x: torch.Tensor, xq: Q8Rows | None = None) -> torch.Tensor:
+        # x: [num_tokens, in_features] -> [num_tokens, out_features] float32 (xq as partials')
+        return ops.quant_matmul(x, self.weight, xq=xq)
 
     def decode_int8(self) -> bool:
         """Whether a one-token product takes the GPU GEMV's int8 activations (then its input is

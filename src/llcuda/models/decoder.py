@@ -238,6 +238,9 @@ class DecoderForCausalLM:
             block.next_norm = following.attn_norm.to(block.device)
             block.next_q8 = following.q8_attn and following.device == block.device
         self.layers[-1].next_norm = self.output_norm.to(self.layers[-1].device)
+        self.layers[-1].next_q8 = self.output.decode_int8() and head_device == block_devices[-1]
+        # (output of the last forward, its Q8Rows): compute_logits reads them for that very tensor
+        self._last_q8: tuple[torch.Tensor, Q8Rows] | None = None
         if progress is not None:
             progress(1)
 
@@ -272,11 +275,16 @@ class DecoderForCausalLM:
                 group_metas[key] = metas[dev].for_group(cache.group)
             x, h, hq = layer(x.to(dev), h.to(dev), positions.to(dev), group_metas[key], cache,
                              hq if h.device == dev else None)  # fmt: skip
+        self._last_q8 = (h, hq) if hq is not None else None
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: normed [n, hidden_size] -> logits [n, vocab_size] fp32 (final softcap applied)"""
-        logits = self.output(hidden.to(self.head_device))
+        """hidden: normed [n, hidden_size] -> logits [n, vocab_size] fp32 (final softcap applied).
+        Given forward's own output (every row, as a decode step passes it), the LM head reads the
+        Q8Rows the last norm wrote beside it; any other tensor (a row selection) is quantized by
+        the head's GEMV itself."""
+        hq = self._last_q8[1] if self._last_q8 is not None and self._last_q8[0] is hidden else None
+        logits = self.output(hidden.to(self.head_device), hq)
         cap = self.config.final_logit_softcapping
         if cap > 0:
             logits = ops.softcap(logits, cap)  # in place: the matmul's output is ours
