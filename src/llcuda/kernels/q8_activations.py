@@ -74,7 +74,7 @@ def empty_q8_rows(m: int, k: int, device: torch.device) -> Q8Rows:
 
 
 @triton.jit
-def _q8_quantize(xt):
+def quantize_q8_tile(xt):
     """xt [BG, 4, 8] fp32, element 8b + j of group g at [g, b, j] -> (words [BG, 8], byte b of
     word j = q[32g + 8b + j]; dx [BG]; sq_lo [BG] the sum of q over elements 0..15; sq [BG]),
     quantize_q8_ref's q and dx (exact integers as fp32 in the sums)."""
@@ -97,7 +97,7 @@ def store_q8_row(h, words_ptr, meta_ptr, row, n, BLOCK: tl.constexpr):
     """Row `row` of a Q8Rows (n elements, a multiple of 32) from h [BLOCK] fp32 (BLOCK >= 32 a
     power of two; elements from n on are ignored): for a kernel that holds the whole row."""
     G: tl.constexpr = BLOCK // 32
-    words, dx, sq_lo, sq = _q8_quantize(tl.reshape(h, (G, 4, 8)))
+    words, dx, sq_lo, sq = quantize_q8_tile(tl.reshape(h, (G, 4, 8)))
     n_groups = n // 32
     gi = tl.arange(0, G)
     gmask = gi < n_groups

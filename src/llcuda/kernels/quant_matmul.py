@@ -36,7 +36,7 @@ import triton.language as tl
 from llcuda.kernels.dependent_launch import pdl_launch_args, wait_for_previous
 from llcuda.kernels.iq_tables import IQ4_KVALUES
 from llcuda.kernels.matmul_path import GEMV_KERNEL_MAX_M, GEMV_MAX_M, matmul_path
-from llcuda.kernels.q8_activations import Q8Rows, _q8_quantize
+from llcuda.kernels.q8_activations import Q8Rows, quantize_q8_tile
 from llcuda.kernels.quant_pack import (
     BF16,
     F16,
@@ -608,13 +608,13 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
 @triton.jit
 def _q8_words(x_ptr, M, stride_xm, m, g0, g_end, BLOCK_G: tl.constexpr):
     """Activation row m over groups g0.. quantized (q8_activations.quantize_q8_ref), as
-    _q8_quantize returns it."""
+    quantize_q8_tile returns it."""
     gi = tl.arange(0, BLOCK_G)[:, None, None]
     bi = tl.arange(0, 4)[None, :, None]
     ji = tl.arange(0, 8)[None, None, :]
     col = (g0 + gi) * 32 + bi * 8 + ji  # [BG, 4, 8]
     xt = _load_activations(x_ptr + m * stride_xm + col, (g0 + gi < g_end) & (m < M))
-    return _q8_quantize(xt)
+    return quantize_q8_tile(xt)
 
 
 @triton.jit
