@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from llcuda.kernels.dependent_launch import pdl_launch_args, wait_for_previous
-from llcuda.kernels.q8_activations import Q8Rows, empty_q8_rows, store_q8_row
+from llcuda.kernels.q8_activations import Q8Rows, empty_q8_rows
+from llcuda.kernels.q8_tile import store_q8_row
 from llcuda.kernels.reference import ROPE_FINE_STEPS
 
 

@@ -9,7 +9,8 @@ meet the quantized activations too (the sum of dx * q, not of x), so one line st
 
 The GEMV quantizes its activations itself, or reads them quantized (`Q8Rows`) from the kernel
 that wrote them (fused_norm's norms, which have the whole row at hand): every GEMV program then
-loads a quarter of the bytes and skips the per-group reductions. `pack_q8_ref` is that layout.
+loads a quarter of the bytes and skips the per-group reductions. `pack_q8_ref` is that layout;
+q8_tile holds the Triton code that writes and reads it (this module needs no Triton).
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
 
 Q8_GROUP = 32
 
@@ -71,40 +70,3 @@ def empty_q8_rows(m: int, k: int, device: torch.device) -> Q8Rows:
         raise ValueError(f"q8 activations need K a multiple of {Q8_GROUP}, got {k}")
     return Q8Rows(torch.empty((m, k // 4), dtype=torch.int32, device=device),
                   torch.empty((m, k // Q8_GROUP, 4), dtype=torch.float32, device=device))
-
-
-@triton.jit
-def quantize_q8_tile(xt):
-    """xt [BG, 4, 8] fp32, element 8b + j of group g at [g, b, j] -> (words [BG, 8], byte b of
-    word j = q[32g + 8b + j]; dx [BG]; sq_lo [BG] the sum of q over elements 0..15; sq [BG]),
-    quantize_q8_ref's q and dx (exact integers as fp32 in the sums)."""
-    bi = tl.arange(0, 4)[None, :, None]
-    amax = tl.max(tl.max(tl.abs(xt), axis=2), axis=1)  # [BG]
-    inv = tl.where(amax > 0.0, 127.0 / tl.where(amax > 0.0, amax, 1.0), 0.0)
-    # 1.5 * 2^23 + v rounds v to the nearest integer (ties to even) in the low mantissa bits,
-    # whose low byte is then round(v) in two's complement: no float-to-int conversion
-    v = xt * inv[:, None, None] + 12582912.0
-    qf = v - 12582912.0  # round(x / dx), exact
-    qb = v.to(tl.int32, bitcast=True) & 0xFF
-    words = tl.sum(qb << (bi * 8), axis=1)  # [BG, 8]: the four bytes are disjoint bit fields
-    sq_lo = tl.sum(tl.sum(tl.where(bi < 2, qf, 0.0), axis=2), axis=1)  # elements 0..15
-    sq = tl.sum(tl.sum(qf, axis=2), axis=1)
-    return words, amax * (1.0 / 127.0), sq_lo, sq
-
-
-@triton.jit
-def store_q8_row(h, words_ptr, meta_ptr, row, n, BLOCK: tl.constexpr):
-    """Row `row` of a Q8Rows (n elements, a multiple of 32) from h [BLOCK] fp32 (BLOCK >= 32 a
-    power of two; elements from n on are ignored): for a kernel that holds the whole row."""
-    G: tl.constexpr = BLOCK // 32
-    words, dx, sq_lo, sq = quantize_q8_tile(tl.reshape(h, (G, 4, 8)))
-    n_groups = n // 32
-    gi = tl.arange(0, G)
-    gmask = gi < n_groups
-    offs = row * (n_groups * 8) + gi[:, None] * 8 + tl.arange(0, 8)[None, :]
-    tl.store(words_ptr + offs, words, mask=gmask[:, None])
-    meta = meta_ptr + row * (n_groups * 4) + gi * 4
-    tl.store(meta, dx, mask=gmask)
-    tl.store(meta + 1, sq_lo, mask=gmask)
-    tl.store(meta + 2, sq, mask=gmask)
-    tl.store(meta + 3, sq * 0.0, mask=gmask)

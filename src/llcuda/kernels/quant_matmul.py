@@ -36,7 +36,8 @@ import triton.language as tl
 from llcuda.kernels.dependent_launch import pdl_launch_args, wait_for_previous
 from llcuda.kernels.iq_tables import IQ4_KVALUES
 from llcuda.kernels.matmul_path import GEMV_KERNEL_MAX_M, GEMV_MAX_M, matmul_path
-from llcuda.kernels.q8_activations import Q8Rows, quantize_q8_tile
+from llcuda.kernels.q8_activations import Q8Rows
+from llcuda.kernels.q8_tile import quantize_q8_tile
 from llcuda.kernels.quant_pack import (
     BF16,
     F16,
