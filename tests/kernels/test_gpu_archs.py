@@ -71,19 +71,20 @@ def _one_token_step(model, token: int) -> torch.Tensor:
 def test_int8_decode_reads_the_norms_q8_rows(name, tmp_path, monkeypatch):
     """One-token steps with int8 activations in every GEMV that takes them (LLCUDA_GEMV_INT8=1;
     the twins are below the size that turns them on by default): the GEMVs reading the Q8Rows
-    their norms wrote (the default) give what they give quantizing x themselves
+    their norms wrote (LLCUDA_GEMV_XPRE=1) give what they give quantizing x themselves
     (LLCUDA_GEMV_XPRE=0), and both stay near the CPU path."""
     oracle = load_oracle(name)
     path = write_twin(tmp_path / f"{name}.gguf", name, oracle["seed"])
     ids = oracle["token_ids"][:24]
     monkeypatch.setenv("LLCUDA_GEMV_INT8", "1")
+    monkeypatch.setenv("LLCUDA_GEMV_XPRE", "1")
     gguf, model = open_gemma(path, "cuda")
     try:  # the norms are asked for Q8Rows wherever a GEMV of the block's type reads them
         assert any(layer.q8_attn or layer.q8_ffn for layer in model.layers), name
         # a one-token step's output: the LM head reads the last norm's Q8Rows beside it, and
         # gives what it gives quantizing a copy itself
         hidden = _one_token_step(model, ids[0])
-        if model.output.decode_int8():  # not for an F16 / F32 head
+        if model.output.reads_q8_rows():  # not for an F16 / F32 head
             assert model._last_q8 is not None and model._last_q8[0] is hidden, name
             with_rows, own = model.compute_logits(hidden), model.compute_logits(hidden.clone())
             torch.testing.assert_close(with_rows, own, rtol=1e-4,

@@ -185,15 +185,16 @@ def quant_matmul(x: torch.Tensor, weight: object, partials: bool = False,
     return triton_quant_matmul(x, weight, partials=partials, xq=xq)
 
 
-def decode_takes_int8(weight: object) -> bool:
-    """Whether a one-token product with `weight` takes the GPU decode GEMV's int8 activations
-    (quant_matmul.gemv_int8); never on the CPU."""
+def decode_reads_q8_rows(weight: object) -> bool:
+    """Whether a one-token product with `weight` reads its input as Q8Rows written by the norm
+    before it: the GPU decode GEMV takes int8 activations for it (quant_matmul.gemv_int8) and
+    prequantized inputs are on (quant_matmul.gemv_prequantized); never on the CPU."""
     if isinstance(weight, QuantTensor):
         return False
     from llcuda.kernels import quant_matmul as qm
 
-    return qm.uses_gemv(1, weight) and qm.gemv_int8(weight.qtype, 1, weight.n_rows,
-                                                    weight.n_cols // qm.GROUP)  # fmt: skip
+    return qm.gemv_prequantized() and qm.uses_gemv(1, weight) and qm.gemv_int8(
+        weight.qtype, 1, weight.n_rows, weight.n_cols // qm.GROUP)  # fmt: skip
 
 
 def quant_matmul_pair(x: torch.Tensor, wa: object, wb: object,

@@ -1155,9 +1155,10 @@ def quant_gemv_pair(x: torch.Tensor, wa: PackedWeight, wb: PackedWeight,
 
 
 def gemv_prequantized() -> bool:
-    """Whether the int8 decode GEMVs read activations the norms quantized (LLCUDA_GEMV_XPRE=1,
-    the default) or quantize them in every program (0), for A/B timing."""
-    return os.environ.get("LLCUDA_GEMV_XPRE", "1") != "0"
+    """Whether the int8 decode GEMVs read activations the norms quantized (LLCUDA_GEMV_XPRE=1)
+    or quantize them in every program (unset or 0, the default until a device run has checked
+    and timed the prequantized path beside llama.cpp)."""
+    return os.environ.get("LLCUDA_GEMV_XPRE", "0") == "1"
 
 
 def _prequantized(x: torch.Tensor, xq: Q8Rows | None) -> Q8Rows | None:

@@ -27,10 +27,10 @@ class QuantLinear:
         # x: [num_tokens, in_features] -> [num_tokens, out_features] float32 (xq as partials')
         return ops.quant_matmul(x, self.weight, xq=xq)
 
-    def decode_int8(self) -> bool:
-        """Whether a one-token product takes the GPU GEMV's int8 activations (then its input is
-        worth quantizing once, in the norm that writes it)."""
-        return ops.decode_takes_int8(self.weight)
+    def reads_q8_rows(self) -> bool:
+        """Whether a one-token product reads its input quantized by the norm that wrote it
+        (ops.decode_reads_q8_rows)."""
+        return ops.decode_reads_q8_rows(self.weight)
 
     def partials(self, x: torch.Tensor, xq: Q8Rows | None = None) -> torch.Tensor:
         # x: [num_tokens, in_features] -> split-K partial sums [splits, num_tokens, out_features],
@@ -70,9 +70,9 @@ class FusedQuantLinear:
             return ops.quant_matmul(x, self.weight, partials=True, xq=xq)
         return self(x).unsqueeze(0)
 
-    def decode_int8(self) -> bool:
-        """As QuantLinear.decode_int8 (never for weights kept apart)."""
-        return self.parts is None and ops.decode_takes_int8(self.weight)
+    def reads_q8_rows(self) -> bool:
+        """As QuantLinear.reads_q8_rows (never for weights kept apart)."""
+        return self.parts is None and ops.decode_reads_q8_rows(self.weight)
 
     def gated(self, x: torch.Tensor, act: str, xq: Q8Rows | None = None) -> torch.Tensor:
         # x: [num_tokens, in_features] -> act(gate) * up [num_tokens, ffn] for a gate|up pair of

@@ -129,12 +129,12 @@ class DecoderBlock:
         self.post_ffw_norm = t.vector("post_ffw_norm.weight") if config.post_norms else None
         # the pre-norm of what follows (the next block's attn_norm, or output_norm): the model's
         self.next_norm: torch.Tensor | None = None
-        # Whether the decode GEMVs reading a norm's output take int8 activations: that norm then
-        # writes them quantized too (kernels/q8_activations), once, instead of every GEMV
-        # program quantizing the row again. q|k|v's (this block's input norm) and gate|up's;
-        # next_q8 is the next block's q8_attn (the model sets it; False before the LM head).
-        self.q8_attn = self.attn_qkv.decode_int8()
-        self.q8_ffn = self.ffn_gate_up.decode_int8()
+        # Whether the decode GEMVs reading a norm's output take it quantized to int8 from that
+        # norm (kernels/q8_activations), written once instead of quantized again in every GEMV
+        # program. q|k|v's (this block's input norm) and gate|up's; next_q8 is the next block's
+        # q8_attn, or the LM head's for the last block (the model sets it).
+        self.q8_attn = self.attn_qkv.reads_q8_rows()
+        self.q8_ffn = self.ffn_gate_up.reads_q8_rows()
         self.next_q8 = False
         # the C++ decode step of this block (kernels/decode_block_cpu), built on first use
         self.native_decode: object | None = None
@@ -238,7 +238,7 @@ class DecoderForCausalLM:
             block.next_norm = following.attn_norm.to(block.device)
             block.next_q8 = following.q8_attn and following.device == block.device
         self.layers[-1].next_norm = self.output_norm.to(self.layers[-1].device)
-        self.layers[-1].next_q8 = self.output.decode_int8() and head_device == block_devices[-1]
+        self.layers[-1].next_q8 = self.output.reads_q8_rows() and head_device == block_devices[-1]
         # (output of the last forward, its Q8Rows): compute_logits reads them for that very tensor
         self._last_q8: tuple[torch.Tensor, Q8Rows] | None = None
         if progress is not None:
