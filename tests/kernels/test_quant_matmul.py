@@ -438,7 +438,7 @@ def test_gemv_pair_equals_two_gemvs(k, types):
 @pytest.mark.gpu
 @pytest.mark.parametrize("types", [(GGMLType.Q4_K, GGMLType.Q6_K), (GGMLType.Q5_0, GGMLType.Q8_0)],
                          ids=["q4_k-q6_k", "q5_0-q8_0"])  # fmt: skip
-def test_gemv_pair_int8_reads_prequantized_x(types, monkeypatch):
+def test_gemv_pair_int8_reads_prequantized_x(types):
     """The pair kernel in int8 activations: with x's Q8Rows (as the norm writes them) it gives
     what it gives quantizing x itself, and both are dequant(w) @ quantize_q8_ref(x)."""
     from llcuda.kernels.q8_activations import pack_q8_ref, quantize_q8_ref
@@ -450,7 +450,6 @@ def test_gemv_pair_int8_reads_prequantized_x(types, monkeypatch):
     wa = qp.pack_weight(random_rows(types[0], 640, k, gen, device=dev), types[0], k)
     wb = qp.pack_weight(random_rows(types[1], 128, k, gen, device=dev), types[1], k)
     x = torch.randn((1, k), generator=gen, device=dev)
-    monkeypatch.setenv("LLCUDA_GEMV_XPRE", "1")
     configs = tuple(dict(c, INT8_X=True) for c in gemv_pair_config(x, wa, wb))
     own = quant_gemv_pair(x, wa, wb, configs)
     pre = quant_gemv_pair(torch.full_like(x, float("nan")), wa, wb, configs, xq=pack_q8_ref(x))
@@ -469,7 +468,7 @@ INT8_SHAPES = [(2560, 3072), (4096, 1024), (10240, 2560), (14336, 4096), (1152, 
 @pytest.mark.parametrize("preload", [False, True], ids=["tiles", "preload"])
 @pytest.mark.parametrize("qtype,k,n", [(t, k, n) for t in QUANT_TYPES for k, n in INT8_SHAPES
                                        if _fits(t, k)], ids=str)  # fmt: skip
-def test_gemv_int8_activations_match_their_spec(qtype, k, n, preload, m, monkeypatch):
+def test_gemv_int8_activations_match_their_spec(qtype, k, n, preload, m):
     """The INT8_X decode GEMV computes dequant(w) @ quantize_q8_ref(x) (kernels/q8_activations),
     for every split, tile and preload config the heuristics give: the int8 products are exact, so
     only fp32 summation order remains."""
@@ -486,7 +485,6 @@ def test_gemv_int8_activations_match_their_spec(qtype, k, n, preload, m, monkeyp
     got = quant_gemv(x, w, config=cfg)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3 * want.abs().max().item())
     # x quantized beforehand (as the norms write it) gives the same sums, x itself unread
-    monkeypatch.setenv("LLCUDA_GEMV_XPRE", "1")
     xq = pack_q8_ref(x)
     got_pre = quant_gemv(torch.full_like(x, float("nan")), w, config=cfg, xq=xq)
     torch.testing.assert_close(got_pre, got, rtol=1e-5, atol=1e-5 * want.abs().max().item())

@@ -1155,16 +1155,17 @@ def quant_gemv_pair(x: torch.Tensor, wa: PackedWeight, wb: PackedWeight,
 
 
 def gemv_prequantized() -> bool:
-    """Whether the int8 decode GEMVs read activations the norms quantized (LLCUDA_GEMV_XPRE=1)
-    or quantize them in every program (unset or 0, the default until a device run has checked
-    and timed the prequantized path beside llama.cpp)."""
+    """Whether the norms write Q8Rows for the int8 decode GEMVs to read (LLCUDA_GEMV_XPRE=1),
+    asked once at load (ops.decode_reads_q8_rows), or the GEMVs quantize x in every program
+    (unset or 0, the default until a device run has checked and timed the prequantized path
+    beside llama.cpp)."""
     return os.environ.get("LLCUDA_GEMV_XPRE", "0") == "1"
 
 
 def _prequantized(x: torch.Tensor, xq: Q8Rows | None) -> Q8Rows | None:
-    """xq when it is x's Q8Rows in the layout the kernel reads (and prequantized GEMVs are on),
-    else None (the kernel quantizes x itself)."""
-    if xq is None or not gemv_prequantized():
+    """xq, checked to be x's Q8Rows in the layout the kernel reads; None stays None (the kernel
+    quantizes x itself)."""
+    if xq is None:
         return None
     m, k = x.shape
     words, meta = xq

@@ -40,6 +40,11 @@ if TYPE_CHECKING:
     from llcuda.kernels.q8_activations import Q8Rows
 
 
+def _gemv_rows(x: torch.Tensor) -> bool:
+    """Whether x's rows go through the GPU decode GEMVs (the only readers of Q8Rows)."""
+    return x.is_cuda and x.shape[0] <= GEMV_MAX_M
+
+
 class WeightShard(Protocol):
     """This rank's slice of each tensor as the decoder reads it (llcuda/parallel/sharding.py)."""
 
@@ -157,7 +162,7 @@ class DecoderBlock:
                 return (*out, None)
         cfg = self.config
         num_tokens, eps = x.shape[0], cfg.rms_norm_eps
-        decode = x.is_cuda and num_tokens <= GEMV_MAX_M  # the GEMVs' batch sizes
+        decode = _gemv_rows(x)
 
         # split-K partial sums [S, num_tokens, n]: the next kernel adds them up as it loads
         qk_size = cfg.q_size + cfg.kv_size
@@ -263,7 +268,7 @@ class DecoderForCausalLM:
         first = self.layers[0]
         x = x.to(first.device)
         eps = self.config.rms_norm_eps
-        if first.q8_attn and x.is_cuda and x.shape[0] <= GEMV_MAX_M:
+        if first.q8_attn and _gemv_rows(x):
             h, hq = ops.rms_norm_q8(x, first.attn_norm, eps)
         else:
             h, hq = ops.rms_norm(x, first.attn_norm, eps), None
@@ -273,8 +278,8 @@ class DecoderForCausalLM:
             key = (dev, cache.group)  # sliding layers may read a cache group of their own
             if key not in group_metas:
                 group_metas[key] = metas[dev].for_group(cache.group)
-            x, h, hq = layer(x.to(dev), h.to(dev), positions.to(dev), group_metas[key], cache,
-                             hq if h.device == dev else None)  # fmt: skip
+            # hq is None where the next block is on another device (its next_q8 is False)
+            x, h, hq = layer(x.to(dev), h.to(dev), positions.to(dev), group_metas[key], cache, hq)
         self._last_q8 = (h, hq) if hq is not None else None
         return h
 

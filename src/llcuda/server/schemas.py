@@ -347,7 +347,7 @@ def parse_completion(body: dict, ctx_size: int) -> GenerateRequest:
     return GenerateRequest(
         sampling={**_sampling(body, ctx_size, "max_tokens", _OPENAI_DEFAULTS),
                   "logprobs": completion_logprobs_field(body, echo),
-                  **get_constraint(body, _CONSTRAINT_FIELDS)},  # fmt: skip
+                  **get_constraint(body)},  # fmt: skip
         stream=stream,
         prompt=prompt,
         echo=echo,
@@ -369,7 +369,7 @@ def parse_chat(body: dict, ctx_size: int) -> GenerateRequest:
     return GenerateRequest(
         sampling={**_sampling(body, ctx_size, "max_tokens", defaults),
                   "logprobs": chat_logprobs_field(body),
-                  **get_constraint(body, _CONSTRAINT_FIELDS),
+                  **get_constraint(body),
                   **({"tools": tools} if tools is not None else {})},  # fmt: skip
         stream=stream,
         messages=messages,
@@ -385,7 +385,7 @@ def parse_llama_completion(body: dict, ctx_size: int) -> GenerateRequest:
     return GenerateRequest(
         sampling={**_sampling(body, ctx_size, "n_predict", defaults),
                   "logprobs": n_probs_field(body),
-                  **get_constraint(body, _CONSTRAINT_FIELDS)},
+                  **get_constraint(body)},
         stream=get_bool(body, "stream", False),
         prompt=get_prompt(body),
         return_tokens=get_bool(body, "return_tokens", False),
@@ -425,12 +425,13 @@ def n_probs_field(body: dict) -> int | None:
 # --- structured output and tools ------------------------------------------------------------------
 
 
-def get_constraint(body: dict, names: tuple[str, ...]) -> dict:
-    """{"structured": StructuredOutput} from the body's constraint fields among `names` (OpenAI's
-    response_format; llama-server's grammar / json_schema), or {}; a 400 naming the field."""
+def get_constraint(body: dict) -> dict:
+    """{"structured": StructuredOutput} from the body's constraint fields (_CONSTRAINT_FIELDS:
+    OpenAI's response_format; llama-server's grammar / json_schema), or {}; a 400 naming the
+    field."""
     from llcuda.structured.request_args import constraint_from_args
 
-    given = {n: body[n] for n in names if body.get(n) is not None}
+    given = {n: body[n] for n in _CONSTRAINT_FIELDS if body.get(n) is not None}
     if not given:
         return {}
     if "grammar" in given and given["grammar"] == "":
@@ -438,7 +439,8 @@ def get_constraint(body: dict, names: tuple[str, ...]) -> dict:
     try:
         constraint = constraint_from_args(**given)
     except ValueError as exc:
-        raise bad(str(exc), next(iter(n for n in names if str(exc).startswith(n)), None)) from None
+        raise bad(str(exc), next((n for n in _CONSTRAINT_FIELDS if str(exc).startswith(n)), None)
+                  ) from None  # fmt: skip
     return {"structured": constraint} if constraint is not None else {}
 
 
