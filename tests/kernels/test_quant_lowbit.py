@@ -1,10 +1,11 @@
-"""The low-bit types on the GPU path (quant_lowbit, quant_iq) against `dequantize_ref`: Q2_K,
-Q3_K, IQ4_NL, IQ4_XS (natural-order packing) and the grid types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS,
-IQ3_S, IQ1_S, IQ1_M, TQ1_0, TQ2_0, MXFP4 (their raw fields, decoded per element).
+"""The low-bit types on the GPU path against `dequantize_ref`: Q2_K (quant_lowbit's
+natural-order packing), Q3_K, IQ4_NL, IQ4_XS (plane types of quant_matmul's kernels) and the grid
+types IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M, TQ1_0, TQ2_0, MXFP4 (their raw fields,
+decoded per element by quant_lowbit / quant_iq).
 
 Three groups:
-- packing (CPU, every run): the natural-order layout dequantizes bit-exactly like the raw blocks
-  and stays within 1.05x of their bytes;
+- packing (CPU, every run): each layout dequantizes bit-exactly like the raw blocks and stays
+  within 1.05x of their bytes;
 - small shapes through the Triton kernels, on CUDA or on the CPU under TRITON_INTERPRET=1
   (skipped otherwise; the interpreter takes seconds per kernel);
 - `gpu`: the real shapes (Llama 3.1 8B, Qwen2.5 7B, Gemma 3 1B for IQ4_NL), odd N, M in 1..512,
@@ -24,9 +25,10 @@ from llcuda.kernels import quant_pack as qp
 from llcuda.kernels.dequant_ref import dequantize_ref
 
 IQ4 = [GGMLType.IQ4_NL, GGMLType.IQ4_XS]  # nibble types of quant_matmul's plane kernels
-MAIN = [GGMLType.Q2_K, GGMLType.Q3_K] + IQ4
+PLANE = [GGMLType.Q3_K] + IQ4  # quant_matmul's plane kernels, in layouts of their own
+MAIN = [GGMLType.Q2_K] + PLANE
 FIELD = [GGMLType(t) for t in qp.FIELD_TYPES]
-LOWBIT = [GGMLType.Q2_K, GGMLType.Q3_K] + FIELD  # quant_lowbit's kernels
+LOWBIT = [GGMLType.Q2_K] + FIELD  # quant_lowbit's kernels
 NEW = MAIN + FIELD
 _F16_FIELDS = {GGMLType.Q2_K: [80, 82], GGMLType.Q3_K: [108], GGMLType.IQ4_NL: [0],
                GGMLType.IQ4_XS: [0], GGMLType.IQ2_XXS: [0], GGMLType.IQ2_XS: [0],
@@ -187,15 +189,16 @@ def test_routing_through_quant_matmul_and_embedding():
 
 
 @needs_triton
-@pytest.mark.parametrize("qtype", IQ4, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", PLANE, ids=lambda t: t.name)
 @pytest.mark.parametrize("k,n,preload,m", [(2048, 7, True, 1), (2048, 7, False, 3),
                                            (1024, 40, False, 1), (2304, 34, True, 1)])
-def test_iq4_int8_activations_match_their_spec(qtype, k, n, preload, m):
-    """IQ4_NL / IQ4_XS in the INT8_X decode GEMV (code-book value + 128 as the unsigned byte,
-    128 its zero point) compute dequant(w) @ quantize_q8_ref(x), tiled or whole-row, split or
-    not, with and without the SwiGLU epilogue."""
+def test_plane_lowbit_int8_activations_match_their_spec(qtype, k, n, preload, m):
+    """Q3_K (q + 4 as the unsigned byte, two 16-element scales per group) and IQ4_NL / IQ4_XS
+    (code-book value + 128, zero point 128) in the INT8_X decode GEMV compute dequant(w) @
+    quantize_q8_ref(x), tiled or whole-row, split or not, with and without the SwiGLU epilogue,
+    quantizing x themselves or reading it quantized (Q8Rows)."""
     from llcuda.kernels import reference as ref
-    from llcuda.kernels.q8_activations import quantize_q8_ref
+    from llcuda.kernels.q8_activations import pack_q8_ref, quantize_q8_ref
     from llcuda.kernels.quant_matmul import gemv_config, quant_gemv
 
     gen = torch.Generator(device=DEV).manual_seed(k + n)
@@ -205,16 +208,18 @@ def test_iq4_int8_activations_match_their_spec(qtype, k, n, preload, m):
     cfg = dict(gemv_config(int(qtype), m, n, k // 32, 132, preload=preload), INT8_X=True)
     want = quantize_q8_ref(x) @ qp.dequantize_packed(w).T
     assert _rel_err(quant_gemv(x, w, config=cfg), want) < 2e-5
+    assert _rel_err(quant_gemv(x, w, config=cfg, xq=pack_q8_ref(x)), want) < 2e-5
     if n % 2 == 0 and m == 1:
         got = quant_gemv(x, w, config=cfg, gated_act="silu")
         assert _rel_err(got, ref.gated_act_ref(want, "silu")) < 2e-5
 
 
 @needs_triton
-@pytest.mark.parametrize("qtype", IQ4, ids=lambda t: t.name)
-def test_iq4_through_the_plane_kernels(qtype):
-    """IQ4_NL / IQ4_XS are nibble types of quant_matmul's kernels (the code book applied per
-    word): the GEMV, its gated epilogue and its two-type pairing, the fused tensor-core GEMM,
+@pytest.mark.parametrize("qtype", PLANE, ids=lambda t: t.name)
+def test_plane_lowbit_through_the_plane_kernels(qtype):
+    """Q3_K (its low two bits in Q6_K's high-bit layout, its 3rd bits one int32 per group) and
+    IQ4_NL / IQ4_XS (nibble types, the code book applied per word) run in quant_matmul's
+    kernels: the GEMV, its gated epilogue and its two-type pairing, the fused tensor-core GEMM,
     the swapped and the dense GEMMs, the embedding gather."""
     from llcuda.kernels import quant_matmul as qm
     from llcuda.kernels import reference as ref
@@ -340,7 +345,7 @@ def test_fp16_path_scales_rows(qtype):
     x[3] *= 1e6
     x[5] = 0.0
     ref = x @ w_ref.T
-    out = (quant_gemm if qtype in IQ4 else lowbit_gemm)(x, w, use_fp16=True)
+    out = (quant_gemm if qtype in PLANE else lowbit_gemm)(x, w, use_fp16=True)
     assert torch.isfinite(out).all() and _rel_err(out, ref) < 5e-3
     assert _rel_err(out[3], ref[3]) < 5e-3 and torch.equal(out[5], torch.zeros_like(out[5]))
 
@@ -484,10 +489,10 @@ def test_kernels_compile_for_h100_and_t4(qtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("qtype", IQ4, ids=lambda t: t.name)
-def test_iq4_plane_kernels_compile_for_h100_and_t4(qtype):
+@pytest.mark.parametrize("qtype", PLANE, ids=lambda t: t.name)
+def test_plane_lowbit_kernels_compile_for_h100_and_t4(qtype):
     """The GEMV (preloaded, split, gated), the fused GEMM (bf16 on sm_90, fp16 on sm_75 within
-    its shared memory) and the gather, with IQ4's PRMT code-book lookup."""
+    its shared memory) and the gather, with IQ4's PRMT code-book lookup and Q3_K's int64 words."""
     pytest.importorskip("triton")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -517,15 +522,15 @@ def test_iq4_plane_kernels_compile_for_h100_and_t4(qtype):
     for target, sms, xdt, fp16 in ((GPUTarget("cuda", 90, 64), 132, torch.bfloat16, False),
                                    (T4, 40, torch.float16, True)):  # fmt: skip
         for m, gated in ((1, 0), (4, 0), (16, 0), (1, 2), (4, 1)):
-            cfg = qm.gemv_config(int(qtype), m, n, k // 32, sms)
+            cfg = qm.gemv_config(int(qtype), m, n, k // 32, sms)  # int8 activations at m <= 4
             _compile(qm._quant_gemv_kernel,
                      {"x_ptr": torch.empty(1), "xq_ptr": torch.empty(1, dtype=torch.int32),
                       "xm_ptr": torch.empty(1), "out_ptr": torch.empty(1), **wargs, **ints},
                      {"GATED_OUT": gated, "QTYPE": int(qtype), "WPG": 4, "HAS_MIN": False,
                       "BLOCK_M": triton.next_power_of_2(m), "BLOCK_N": cfg["BLOCK_N"],
                       "BLOCK_G": cfg["BLOCK_G"], "NUM_STAGES": cfg["num_stages"],
-                      "PRELOAD": cfg["PRELOAD"], "USE_ASM": True, "INT8_X": False, "XPRE": False,
-                      "PDL": False},
+                      "PRELOAD": cfg["PRELOAD"], "USE_ASM": True, "INT8_X": cfg["INT8_X"],
+                      "XPRE": False, "PDL": False},
                      target, cfg["num_warps"], cfg["num_stages"])  # fmt: skip
         for m in (16, 512):
             cfg = qm.gemm_config(int(qtype), m, n, k // 32, sms)

@@ -1,6 +1,6 @@
-"""Triton kernels for the low-bit types (quant_pack.LOWBIT_TYPES): Q2_K and Q3_K here, and
-through quant_iq's per-element decoder the IQ1/IQ2/IQ3 grid types, TQ1_0, TQ2_0 and MXFP4.
-(IQ4_NL and IQ4_XS are nibble types of quant_matmul's plane kernels.)
+"""Triton kernels for the low-bit types (quant_pack.LOWBIT_TYPES): Q2_K here, and through
+quant_iq's per-element decoder the IQ1/IQ2/IQ3 grid types, TQ1_0, TQ2_0 and MXFP4. (IQ4_NL,
+IQ4_XS and Q3_K are plane types of quant_matmul's kernels.)
 
 These weights are packed in natural element order (quant_pack's docstring): word i of a row holds
 32 / bits consecutive elements. One decoder, `_lowbit_tile`, turns a [BLOCK_N rows, BLOCK_K
@@ -65,12 +65,12 @@ def _lowbit_tile(QTYPE: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmi
                  BLOCK_K: tl.constexpr):  # fmt: skip
     """fp32 weights [BLOCK_N, BLOCK_K] of rows `row` ([BN, 1] int64) and columns k0..k0 + BK
     (a multiple of 32; columns from K on are 0). Strides are in elements of each array (words
-    for qs / qh, bytes for sc, halves for d; bytes for every field of the FIELD_TYPES, which
+    for Q2_K's qs, bytes for sc, halves for d; bytes for every field of the FIELD_TYPES, which
     quant_iq decodes, with their grid in tab_ptr)."""
-    if QTYPE != 10 and QTYPE != 11:
+    if QTYPE != 10:
         return _iq_tile(QTYPE, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, tab_ptr, row, k0, K, s_qs,
                         s_qh, s_sc, s_sg, s_d, BLOCK_N, BLOCK_K)  # fmt: skip
-    else:  # Q2_K / Q3_K: 2-bit words of 16 elements, scales per 16
+    else:  # Q2_K, 2-bit words of 16 elements: w = d * (sc & 15) * q - dmin * (sc >> 4) per 16
         G: tl.constexpr = BLOCK_K // 16
         grp = k0 // 16 + tl.arange(0, G)  # [G] 16-element groups
         gmask = (grp * 16 < K)[None, :]
@@ -79,21 +79,12 @@ def _lowbit_tile(QTYPE: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmi
         d = tl.load(d_ptr + row * s_d + (grp // 16)[None, :], mask=gmask, other=0.0)
         d = d.to(tl.float32)  # [BN, G]
         sc = tl.load(sc_ptr + row * s_sc + grp[None, :], mask=gmask, other=0).to(tl.int32)
-        if QTYPE == 10:  # w = d * (sc & 15) * q - dmin * (sc >> 4)
-            dmin = tl.load(dmin_ptr + row * s_d + (grp // 16)[None, :], mask=gmask, other=0.0)
-            a = d * (sc & 15).to(tl.float32)
-            c = dmin.to(tl.float32) * (sc >> 4).to(tl.float32)
-            qf = _small_int(q, 0.0)
-            return (_per_element(a, 16, BLOCK_N, BLOCK_K) * qf
-                    - _per_element(c, 16, BLOCK_N, BLOCK_K))  # fmt: skip
-        else:  # Q3_K: w = d * (sc - 32) * (q | high bit << 2) - 4); sc is stored as int8 sc - 32
-            W: tl.constexpr = BLOCK_K // 32
-            hw = k0 // 32 + tl.arange(0, W)
-            hwords = tl.load(qh_ptr + row * s_qh + hw[None, :], mask=(hw * 32 < K)[None, :],
-                             other=0)  # fmt: skip
-            q = q | (_spread(hwords, 1, BLOCK_N, BLOCK_K) << 2)
-            a = d * sc.to(tl.int8).to(tl.float32)
-            return _per_element(a, 16, BLOCK_N, BLOCK_K) * _small_int(q, 4.0)
+        dmin = tl.load(dmin_ptr + row * s_d + (grp // 16)[None, :], mask=gmask, other=0.0)
+        a = d * (sc & 15).to(tl.float32)
+        c = dmin.to(tl.float32) * (sc >> 4).to(tl.float32)
+        qf = _small_int(q, 0.0)
+        return (_per_element(a, 16, BLOCK_N, BLOCK_K) * qf
+                - _per_element(c, 16, BLOCK_N, BLOCK_K))  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "N", "K", "k_per_split", "stride_osplit"])
@@ -253,14 +244,12 @@ class LowbitError(ValueError):
 
 def _weight_args(w: PackedWeight) -> tuple[tuple, tuple]:
     """(pointers qs, qh, sc, signs, d, dmin, grid table; strides of qs, qh, sc, signs, d) for
-    the kernels: qs and qh as int32 words for Q2_K / Q3_K, every field as bytes for
-    FIELD_TYPES; absent arrays get qs (never read)."""
+    the kernels: qs as int32 words for Q2_K, every field as bytes for FIELD_TYPES; absent
+    arrays get qs (never read)."""
     if w.qtype not in LOWBIT_TYPES:
         raise LowbitError(f"quant_lowbit takes {sorted(LOWBIT_TYPES)}, got type {w.qtype}")
-    field = w.qtype in FIELD_TYPES
-    qs = w.qs if field else w.qs.view(torch.int32)
-    qh = w.qh if w.qh is None or field else w.qh.view(torch.int32)
-    qh, sc, sg = (t if t is not None else qs for t in (qh, w.sc, w.signs))
+    qs = w.qs if w.qtype in FIELD_TYPES else w.qs.view(torch.int32)
+    qh, sc, sg = (t if t is not None else qs for t in (w.qh, w.sc, w.signs))
     d = w.d if w.d is not None else qs  # MXFP4 keeps its scales in sc
     dmin = w.dmin if w.dmin is not None else d
     tab = iq_tables.grid(w.qtype, w.device) if w.qtype in iq_tables.GRID_TYPES else qs

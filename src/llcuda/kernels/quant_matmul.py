@@ -52,6 +52,7 @@ from llcuda.kernels.quant_pack import (
     Q5_0,
     Q5_1,
     Q5_K,
+    Q3_K,
     Q6_K,
     Q8_0,
     PackedWeight,
@@ -95,17 +96,39 @@ def _spread_bits(v):
 
 
 @triton.jit
+def _two_bit_fields(q_ptr, row, s_q, widx, wmask):
+    """Word slot widx's 2-bit fields from the int64 per group of quant_pack's 2-bit field layout
+    (Q6_K's qh, Q3_K's qs) as int32 [R, NW]: bits 0-1 of byte b for its lo byte b, 2-3 for hi."""
+    h = tl.load(q_ptr + row * s_q + widx // 4, mask=wmask, other=0) >> ((widx & 3) * 2)
+    a = h.to(tl.int32)  # low half shifted (the high half's bits above 0x03030303 are masked)
+    b = (h >> 32).to(tl.int32)
+    return (a & 0x03030303) | ((b << 2) & 0x0C0C0C0C)
+
+
+@triton.jit
+def _load_words(QTYPE: tl.constexpr, qs_ptr, row, s_qs, widx, wmask):
+    """The packed words [R, NW] at word indices widx: int32 loads, except Q3_K, whose low two
+    bits per value come in quant_pack's 2-bit field layout (an int64 per group): returned as
+    _two_bit_fields, the word's low bits already in place in each byte."""
+    if QTYPE == 11:  # if/else, not an early return: the other branch's load would be int64
+        words = _two_bit_fields(qs_ptr, row, s_qs, widx, wmask)
+    else:
+        words = tl.load(qs_ptr + row * s_qs + widx, mask=wmask, other=0)
+    return words
+
+
+@triton.jit
 def _load_high_bits(QTYPE: tl.constexpr, qh_ptr, row, s_qh, widx, wmask):
     """The high-bit fields of a [R, NW] word tile as int32 (Q5_*: one byte per word; Q6_K: the
     word's top two bits of each value, bits 0-1 of byte b for its lo byte b, bits 2-3 for its hi
-    byte b); other types have none and get word indices of the same shape, unused."""
+    byte b; Q3_K: the group's 3rd bits shifted right by the word's slot k, bit 8b (8b + 4) for
+    its lo (hi) byte b); other types have none and get word indices of the same shape, unused."""
     if QTYPE == 6 or QTYPE == 7 or QTYPE == 13:
         return tl.load(qh_ptr + row * s_qh + widx, mask=wmask, other=0).to(tl.int32)
     if QTYPE == 14:  # an int64 per group (quant_pack): word k's fields from bit 2k of each half
-        h = tl.load(qh_ptr + row * s_qh + widx // 4, mask=wmask, other=0) >> ((widx & 3) * 2)
-        a = h.to(tl.int32)  # low half shifted (the high half's bits above 0x03030303 are masked)
-        b = (h >> 32).to(tl.int32)
-        return (a & 0x03030303) | ((b << 2) & 0x0C0C0C0C)
+        return _two_bit_fields(qh_ptr, row, s_qh, widx, wmask)
+    if QTYPE == 11:  # an int32 per group, bit e for element e = 8b + 4h + k
+        return tl.load(qh_ptr + row * s_qh + widx // 4, mask=wmask, other=0) >> (widx & 3)
     return (row * s_qh + widx).to(tl.int32)
 
 
@@ -114,8 +137,11 @@ def _nibbles(QTYPE: tl.constexpr, words):
     """Per-word preprocessing of a [R, NW] tile of packed int32 words, before any high bits.
 
     4/5/6-bit types: (lo, hi), words whose byte b holds the low 4 bits of plane 2b (lo) and
-    2b+1 (hi). Q8_0: (q + 128 bytes, same). Floats: (words, words).
+    2b+1 (hi). Q3_K (_load_words' 2-bit fields): the low two bits of the same planes. Q8_0: (q +
+    128 bytes, same). Floats: (words, words).
     """
+    if QTYPE == 11:
+        return words & 0x03030303, (words >> 2) & 0x03030303
     if QTYPE == 8:  # Q8_0: int8 -> q + 128 in [0, 255], four at a time
         u = words ^ -2139062144  # 0x80808080 as int32
         return u, u
@@ -179,6 +205,9 @@ def _with_high_bits(QTYPE: tl.constexpr, lo, hi, hb):
     if QTYPE == 14:  # Q6_K: bits 4-5 of each byte from bits 0-1 (lo) / 2-3 (hi) of hb's bytes
         lo = lo | ((hb << 4) & 0x30303030)
         hi = hi | ((hb << 2) & 0x30303030)
+    if QTYPE == 11:  # Q3_K: bit 2 of each byte from bit 0 (lo) / 4 (hi) of hb's bytes
+        lo = lo | ((hb << 2) & 0x04040404)
+        hi = hi | ((hb >> 2) & 0x04040404)
     return lo, hi
 
 
@@ -220,6 +249,8 @@ def _plane(QTYPE: tl.constexpr, lo, hi, P: tl.constexpr, magic, USE_ASM: tl.cons
         return v - (8388608.0 + 16.0)
     elif QTYPE == 14:  # Q6_K: q - 32
         return v - (8388608.0 + 32.0)
+    elif QTYPE == 11:  # Q3_K: q - 4
+        return v - (8388608.0 + 4.0)
     else:
         return v - 8388608.0
 
@@ -238,7 +269,7 @@ def _load_scales(QTYPE: tl.constexpr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp,
         sc = tl.load(sc_ptr + row * s_sc + grp, mask=mask, other=0).to(tl.float32)
         mn = tl.load(mn_ptr + row * s_sc + grp, mask=mask, other=0).to(tl.float32)
         return d, dmin, sc, mn
-    if QTYPE == 14:  # Q6_K: d per super-block, a scale per 16 elements
+    if QTYPE == 14 or QTYPE == 11:  # Q6_K / Q3_K: d per super-block, a scale per 16 elements
         d = tl.load(d_ptr + row * s_d + grp // 8, mask=mask, other=0.0).to(tl.float32)
         sc_lo = tl.load(sc_ptr + row * s_sc + 2 * grp, mask=mask, other=0).to(tl.float32)
         sc_hi = tl.load(sc_ptr + row * s_sc + 2 * grp + 1, mask=mask, other=0).to(tl.float32)
@@ -259,14 +290,14 @@ def _scale_maps(QTYPE: tl.constexpr, s0, s1, s2, s3):
     """Per-group affine maps w = a * q + c from _load_scales's fields.
 
     Returns a_lo, a_hi, c [R, G] fp32; a_lo applies to planes 0..P/2-1 and a_hi to the rest
-    (they differ only for Q6_K, whose scales cover 16 elements = planes 0-3 and 4-7).
+    (they differ only for Q6_K and Q3_K, whose scales cover 16 elements = planes 0-3 and 4-7).
     """
     if QTYPE == 0 or QTYPE == 1 or QTYPE == 30:
         return s0, s0, s0 * 0.0
     if QTYPE == 12 or QTYPE == 13:  # Q4_K / Q5_K: w = d * sc * q - dmin * mn
         a = s0 * s2
         return a, a, -(s1 * s3)
-    if QTYPE == 14:  # Q6_K: w = d * sc16 * (q - 32)
+    if QTYPE == 14 or QTYPE == 11:  # Q6_K / Q3_K: w = d * sc16 * (q - 32 / q - 4)
         return s0 * s1, s0 * s2, s0 * 0.0
     if QTYPE == 3 or QTYPE == 7:  # Q4_1 / Q5_1: w = d * q + m
         return s0, s0, s1
@@ -284,7 +315,8 @@ def _group_scales(QTYPE: tl.constexpr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp
 
 
 @triton.jit
-def _tile_words(WPG: tl.constexpr, BLOCK_G: tl.constexpr, qs_ptr, row, g0, g_limit, s_qs):
+def _tile_words(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_G: tl.constexpr, qs_ptr, row, g0,
+                g_limit, s_qs):  # fmt: skip
     """The packed words [R, BLOCK_G * WPG] of one K step (groups from `g_limit` on masked off),
     with what the rest of the step indexes by: each word's index for its high bits and the word
     mask [1, NW], and the step's groups [1, BLOCK_G] with their mask."""
@@ -295,7 +327,7 @@ def _tile_words(WPG: tl.constexpr, BLOCK_G: tl.constexpr, qs_ptr, row, g0, g_lim
     grp = g0 + tl.arange(0, BLOCK_G)
     gmask = (grp < g_limit)[None, :]
     wmask = (g0 + jg < g_limit)[None, :]
-    words = tl.load(qs_ptr + row * s_qs + (g0 * WPG + j)[None, :], mask=wmask, other=0)
+    words = _load_words(QTYPE, qs_ptr, row, s_qs, (g0 * WPG + j)[None, :], wmask)
     return words, ((g0 + jg) * WPG + jk)[None, :], wmask, grp[None, :], gmask
 
 
@@ -306,7 +338,7 @@ def _tile_loads(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_G: tl.constexpr, q
     on masked off: the words [R, NW], their high bits (_load_high_bits) and the scale fields
     s0..s3 [R, BLOCK_G] (_load_scales). Apart from _tile_maps so a kernel can issue the next
     step's loads before it decodes this one."""
-    words, widx, wmask, grp, gmask = _tile_words(WPG, BLOCK_G, qs_ptr, row, g0, g_limit, s_qs)
+    words, widx, wmask, grp, gmask = _tile_words(QTYPE, WPG, BLOCK_G, qs_ptr, row, g0, g_limit, s_qs)
     hb = _load_high_bits(QTYPE, qh_ptr, row, s_qh, widx, wmask)
     s0, s1, s2, s3 = _load_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp, gmask, s_sc,
                                   s_d)
@@ -334,7 +366,7 @@ def _weight_tile(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_N: tl.constexpr,
     (a_lo, a_hi, c; see _group_scales), all [BLOCK_N, BLOCK_G * WPG]. For the fused tensor-core
     kernel and the dequantizer, which apply the maps per element; each load is issued where its
     value is first needed (the swapped kernel issues them a step ahead: _tile_loads)."""
-    words, widx, wmask, grp, gmask = _tile_words(WPG, BLOCK_G, qs_ptr, row, g0, g_limit, s_qs)
+    words, widx, wmask, grp, gmask = _tile_words(QTYPE, WPG, BLOCK_G, qs_ptr, row, g0, g_limit, s_qs)
     lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, widx, wmask)
     a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp, gmask, s_sc,
                                   s_d)  # [BN, BG]
@@ -497,7 +529,7 @@ def _gemv_tile(
         gmask = (grp < g_end)[None, :]  # [1, BG]
         wmask = (g0 + jg < g_end)[None, :]  # [1, NW]
         widx = (g0 * WPG + j)[None, :]  # [1, NW] word index in the row
-        words = tl.load(qs_ptr + row * s_qs + widx, mask=wmask, other=0)  # [BN, NW] int32
+        words = _load_words(QTYPE, qs_ptr, row, s_qs, widx, wmask)  # [BN, NW] int32
         # Written as group*WPG + k so the compiler sees runs of WPG (not NW) contiguous words, which
         # keeps the per-word side arrays in the same register layout as `words`.
         lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, (g0 + jg) * WPG + jk, wmask)
@@ -660,13 +692,15 @@ def _gemv_step_int8(
     plane p of word k is element p * WPG + k, so both pair word k (and k + 4 for hi) with the
     activation word whose byte b is q[8b + k]: _q8_words' layout. Unsigned plane value u = q + z
     (zero point z): sum (u - z) xq = dp4a(u, xq) - z * sum(xq). Q6_K's two 16-element scales
-    split bytes 0-1 (elements 0..15) from 2-3."""
+    split bytes 0-1 (elements 0..15) from 2-3, as do Q3_K's."""
     NW: tl.constexpr = BLOCK_G * WPG
     m_idx = tl.arange(0, BLOCK_M)
-    # zero points: Q4_0 8, Q5_0 16, Q6_K 32, 128 for Q8_0 and IQ4_NL / IQ4_XS (_nibbles stores
-    # q + 128 and code-book value + 128), else 0
-    Z: tl.constexpr = (8.0 * (QTYPE == 2) + 16.0 * (QTYPE == 6) + 32.0 * (QTYPE == 14)
+    # zero points: Q3_K 4, Q4_0 8, Q5_0 16, Q6_K 32, 128 for Q8_0 and IQ4_NL / IQ4_XS (_nibbles
+    # stores q + 128 and code-book value + 128), else 0
+    Z: tl.constexpr = (4.0 * (QTYPE == 11) + 8.0 * (QTYPE == 2) + 16.0 * (QTYPE == 6)
+                       + 32.0 * (QTYPE == 14)
                        + 128.0 * ((QTYPE == 8) | (QTYPE == 20) | (QTYPE == 23)))
+    SCALES16: tl.constexpr = QTYPE == 14 or QTYPE == 11  # Q6_K / Q3_K: a scale per 16 elements
     for m in tl.static_range(BLOCK_M):
         if XPRE:  # quantized by the kernel that wrote x (q8_activations.Q8Rows)
             xa, xb, dx, sq_lo, sq = _q8_prequantized(xq_ptr, xm_ptr, n_groups, m, M, g0, g_end,
@@ -681,7 +715,7 @@ def _gemv_step_int8(
         if WPG == 4:
             xa = tl.broadcast_to(xa, (BLOCK_N, NW))
             xb = tl.broadcast_to(xb, (BLOCK_N, NW))
-            if QTYPE == 14:
+            if SCALES16:
                 d_lo = _dp4a(hi, xb & 0xFFFF, _dp4a(lo, xa & 0xFFFF, 0, USE_ASM), USE_ASM)
                 d_hi = _dp4a(hi, xb & -65536, _dp4a(lo, xa & -65536, 0, USE_ASM), USE_ASM)
             else:
@@ -690,7 +724,7 @@ def _gemv_step_int8(
             xa = tl.broadcast_to(xa, (BLOCK_N, NW))
             d_lo = _dp4a(lo, xa, 0, USE_ASM)
         dot_lo = tl.sum(tl.reshape(d_lo, (BLOCK_N, BLOCK_G, WPG)), axis=2).to(tl.float32)
-        if QTYPE == 14:
+        if SCALES16:
             dot_hi = tl.sum(tl.reshape(d_hi, (BLOCK_N, BLOCK_G, WPG)), axis=2).to(tl.float32)
             part = a_lo * (dot_lo - Z * sq_lo[None, :])
             part += a_hi * (dot_hi - Z * (sq - sq_lo)[None, :])
@@ -783,10 +817,13 @@ def _quant_gemm_kernel(
 
 # int32 words per 32-element group (planes per word = 32 / WPG), see quant_pack's docstring
 _WPG = {F32: 32, F16: 16, BF16: 16, Q8_0: 8, Q4_0: 4, Q4_1: 4, Q5_0: 4, Q5_1: 4, Q4_K: 4, Q5_K: 4,
-        Q6_K: 4, IQ4_NL: 4, IQ4_XS: 4}
+        Q6_K: 4, Q3_K: 4, IQ4_NL: 4, IQ4_XS: 4}
+# Types whose tiles keep three registers per word (an int64 per group beside int32 words, or
+# the reverse): fewer rows per program (the sweeps' Q6_K rules)
+_WIDE_TYPES = (Q6_K, Q3_K)
 _HAS_MIN = (Q4_1, Q5_1, Q4_K, Q5_K)
 # the types the decode GEMV can run with int8 activations (_gemv_step_int8): the quantized ones
-INT8_X_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)
+INT8_X_TYPES = (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS)
 _MAGIC = 0x4B000000  # float32 bits of 2^23
 
 
@@ -929,14 +966,14 @@ def _gemv_config_m1(qtype: int, n: int, n_groups: int, num_sms: int, block_g: in
     warps = 4
     if n_groups <= GEMV_SHORT_ROW_GROUPS:
         if n <= 1152:
-            block_n, warps = 16, 8 if qtype in (Q4_K, Q5_K, Q6_K) else 4
+            block_n, warps = 16, 8 if qtype in (Q3_K, Q4_K, Q5_K, Q6_K) else 4
         else:
             block_n = 32 if n <= 2048 else 64 if n <= 8192 else 128
             warps = 8 if n >= 65536 else 4
     elif n >= 8192:
-        block_n = 64 if qtype == Q6_K else 128
+        block_n = 64 if qtype in _WIDE_TYPES else 128
     else:
-        block_n = 32 if qtype == Q6_K else 64
+        block_n = 32 if qtype in _WIDE_TYPES else 64
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
     n_tiles = triton.cdiv(n, block_n)
     split_k = 1
@@ -977,7 +1014,8 @@ def _gemv_config_preloaded(qtype: int, n: int, n_groups: int) -> dict:
     while block_n > 8 and (triton.cdiv(n, block_n) < 128
                            or block_n * block_g * _WPG[qtype] > 32 * 256):
         block_n //= 2
-    registers = block_n * block_g * _WPG[qtype] * (2 if qtype in (Q5_0, Q5_1, Q5_K, Q6_K) else 1)
+    registers = block_n * block_g * _WPG[qtype] * (2 if qtype in (Q5_0, Q5_1, Q5_K, *_WIDE_TYPES)
+                                                   else 1)  # fmt: skip
     warps = 8 if registers > 32 * 128 else 4
     return {"BLOCK_N": block_n, "BLOCK_G": block_g, "SPLIT_K": 1, "num_warps": warps,
             "num_stages": 1, "PRELOAD": True}
@@ -1042,8 +1080,9 @@ def _check(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
 
 
 def _weight_args(w: PackedWeight) -> tuple:
-    # The kernels read the quants as int32 words; unused pointers get qs (never dereferenced).
-    qs = w.qs.view(torch.int32)
+    # The kernels read the quants as int32 words (Q3_K's as the int64 of each group); unused
+    # pointers get qs (never dereferenced).
+    qs = w.qs if w.qtype == Q3_K else w.qs.view(torch.int32)
     ptrs = [qs] + [t if t is not None else qs for t in (w.qh, w.sc, w.mn, w.d, w.dmin)]
     strides = [qs.stride(0)] + [t.stride(0) if t is not None else 0 for t in (w.qh, w.sc, w.d)]
     return (*ptrs,), (*strides,)
@@ -1250,7 +1289,7 @@ def quant_matmul(x: torch.Tensor, w: PackedWeight, partials: bool = False,
         _check(x, w)  # raises for a bad argument; each path below checks the rest once
         out = torch.empty((0, w.n_rows), device=x.device, dtype=torch.float32)
         return out.unsqueeze(0) if partials else out
-    if w.qtype in LOWBIT_TYPES:  # Q2_K, Q3_K and the FIELD_TYPES: quant_lowbit (IQ4_* run here)
+    if w.qtype in LOWBIT_TYPES:  # Q2_K and the FIELD_TYPES: quant_lowbit (IQ4_*, Q3_K run here)
         from llcuda.kernels.quant_lowbit import lowbit_matmul
 
         return lowbit_matmul(x, w, partials=partials)

@@ -11,7 +11,9 @@ a [rows, words] tile gets a tensor laid out exactly like the tile, whose matchin
 x[32g + p*WPG + k] are again a contiguous run: no shuffles between weight and activation layouts.
 
     qs    4/5/6-bit types (WPG 4, P 8): uint8 [N, K/2]; plane p of word k sits in nibble p
-          (byte p // 2, low nibble for even p). Q8_0 (WPG 8, P 4): uint8 [N, K], plane p in byte p,
+          (byte p // 2, low nibble for even p). Q3_K (WPG 4, P 8, its three bits a value split
+          like Q6_K's top two): int64 [N, K/32], the low two bits of each value in the layout
+          of Q6_K's qh below. Q8_0 (WPG 8, P 4): uint8 [N, K], plane p in byte p,
           the int8 bit pattern. F16/BF16 (WPG 16, P 2): [N, K] of that dtype, plane p in half p.
           F32 (WPG 32, P 1): the weight itself [N, K].
     qh    Q5_0/Q5_1/Q5_K: uint8 [N, K/8], one byte per word: bit b is the 5th bit of plane 2b and
@@ -21,29 +23,30 @@ x[32g + p*WPG + k] are again a contiguous run: no shuffles between weight and ac
           8b + 2k..8b + 2k + 1 of A (B) for byte b of word k's lo (hi), i.e. plane 2b (2b + 1).
           A kernel shifts them right by 2k and masks 0x03030303: the word's four 2-bit fields,
           one per byte, as llama.cpp's MMVQ reads Q6_K's qh (no per-bit spreading).
+          Q3_K: int32 [N, K/32], one per group: bit e is the 3rd bit (hmask) of element e, so
+          bit 8b + k (8b + 4 + k) is that of byte b of word k's lo (hi).
     sc    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0: float16 d [N, K/32]. Q4_K/Q5_K: uint8 6-bit scale [N, K/32].
-          Q6_K: int8 scale per 16 elements [N, K/16] (planes 0-3 of group g use 2g, 4-7 use 2g+1).
+          Q6_K / Q3_K: int8 scale per 16 elements [N, K/16] (planes 0-3 of group g use 2g, 4-7
+          use 2g+1; Q3_K's is its 6-bit scale - 32).
     mn    Q4_1/Q5_1: float16 m [N, K/32]. Q4_K/Q5_K: uint8 6-bit min [N, K/32].
-    d     Q4_K/Q5_K/Q6_K: float16 super-block scale [N, K/256].
+    d     Q4_K/Q5_K/Q6_K/Q3_K: float16 super-block scale [N, K/256].
     dmin  Q4_K/Q5_K: float16 super-block min scale [N, K/256].
 
 Sizes equal the raw bytes except Q4_K/Q5_K, whose 12-byte packed 6-bit scales become 16 bytes
-(148/144 and 180/176 bytes per 256 elements, <= 1.03x) so kernels need no 6-bit unpacking.
+(148/144 and 180/176 bytes per 256 elements, <= 1.03x), and Q3_K, whose become 16 int8 (114/110,
+1.036x), so kernels need no 6-bit unpacking.
 
 IQ4_NL is packed as Q4_0 and IQ4_XS as Q4_K's quants (nibble planes of their code-book
 indices): IQ4_NL's sc holds d [N, K/32]; IQ4_XS's sc the int8 scale - 32 per group and d
 [N, K/256] (138 B / 256 against the raw 136, 1.015x). The kernels map the indices through the
 code book per word (quant_matmul._iq4_bytes).
 
-The low-bit types (LOWBIT_TYPES: Q2_K, Q3_K and FIELD_TYPES; kernels in quant_lowbit.py) keep
-the elements of a row in their natural order instead of planes: word i of a row holds elements
+The low-bit types (LOWBIT_TYPES: Q2_K and FIELD_TYPES; kernels in quant_lowbit.py) keep the
+elements of a row in their natural order instead of planes: word i of a row holds elements
 (32 / bits) * i.. in bits ascending (element j of the word at bit bits * j):
 
     Q2_K    qs uint8 [N, K/4] (2-bit words); sc uint8 [N, K/16] the raw scale byte per 16
             elements (scale low nibble, min high nibble); d, dmin float16 [N, K/256]. 84 B / 256.
-    Q3_K    qs as Q2_K, the low 2 bits; qh uint8 [N, K/8] (1-bit words: bit j of word i is the
-            3rd bit of element 32i + j); sc int8 [N, K/16] the scale - 32; d float16 [N, K/256].
-            114 B / 256 (raw 110, 1.036x: the 6-bit scales unpacked).
 The IQ1/IQ2/IQ3 grid types, TQ1_0, TQ2_0 and MXFP4 (FIELD_TYPES) keep their raw block fields,
 each field of every block in one row-major array (see FIELD_TYPES), decoded per element.
 `dequantize_packed` is the pure-torch meaning of the layout (and the CPU fallback).
@@ -89,7 +92,7 @@ FIELD_TYPES: dict[int, dict[str, tuple[int, int]]] = {
     MXFP4: {"sc": (0, 1), "qs": (1, 16)},
 }
 # Types packed in natural element order for quant_lowbit's kernels (see the module docstring)
-LOWBIT_TYPES = frozenset({Q2_K, Q3_K, *FIELD_TYPES})
+LOWBIT_TYPES = frozenset({Q2_K, *FIELD_TYPES})
 FLOAT_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
 GROUP = 32  # elements per group: the unit every kernel walks K in
 
@@ -190,25 +193,42 @@ def _pack_bit_planes(bit: torch.Tensor) -> torch.Tensor:
     return (bp << shifts).sum(-1).to(torch.uint8).reshape(bit.shape[0], -1)
 
 
-# Q6_K's qh layout: element 8b + 4h + k of a group (byte b of word k's lo (h = 0) or hi (h = 1)
-# bytes) keeps its top two bits at bit 8b + 2k of half h of the group's int64
-_Q6K_ELEM = torch.tensor([8 * b + 4 * h + k for h in range(2) for b in range(4) for k in range(4)])
-_Q6K_SHIFT = torch.tensor([32 * h + 8 * b + 2 * k for h in range(2) for b in range(4)
-                           for k in range(4)], dtype=torch.int64)  # fmt: skip
+# The 2-bit field layout of Q6_K's qh (and Q3_K's qs): element 8b + 4h + k of a group (byte b of
+# word k's lo (h = 0) or hi (h = 1) bytes) keeps its two bits at bit 8b + 2k of half h of the
+# group's int64
+_FIELD2_ELEM = torch.tensor([8 * b + 4 * h + k for h in range(2) for b in range(4)
+                             for k in range(4)])  # fmt: skip
+_FIELD2_SHIFT = torch.tensor([32 * h + 8 * b + 2 * k for h in range(2) for b in range(4)
+                              for k in range(4)], dtype=torch.int64)  # fmt: skip
 
 
-def _pack_q6k_high(hi: torch.Tensor) -> torch.Tensor:
-    # hi [n, G, 32] top-2-bit values in element order -> int64 [n, G] (see the module docstring)
-    fields = hi[..., _Q6K_ELEM.to(hi.device)].to(torch.int64)  # [n, G, 32] in bit-field order
-    return (fields << _Q6K_SHIFT.to(hi.device)).sum(-1)  # disjoint bit fields: the sum is an OR
+def _pack_2bit_fields(v: torch.Tensor) -> torch.Tensor:
+    # v [n, G, 32] 2-bit values in element order -> int64 [n, G] (see the module docstring)
+    fields = v[..., _FIELD2_ELEM.to(v.device)].to(torch.int64)  # [n, G, 32] in bit-field order
+    return (fields << _FIELD2_SHIFT.to(v.device)).sum(-1)  # disjoint bit fields: the sum is an OR
 
 
-def _unpack_q6k_high(qh: torch.Tensor) -> torch.Tensor:
-    # inverse of _pack_q6k_high: int64 [n, G] -> int32 [n, G * 32] top-2-bit values, element order
-    fields = (qh[..., None] >> _Q6K_SHIFT.to(qh.device)) & 3  # [n, G, 32] bit-field order
+def _unpack_2bit_fields(q: torch.Tensor) -> torch.Tensor:
+    # inverse of _pack_2bit_fields: int64 [n, G] -> int32 [n, G * 32] 2-bit values, element order
+    fields = (q[..., None] >> _FIELD2_SHIFT.to(q.device)) & 3  # [n, G, 32] bit-field order
     out = torch.empty_like(fields)
-    out[..., _Q6K_ELEM.to(qh.device)] = fields
-    return out.reshape(qh.shape[0], -1).to(torch.int32)
+    out[..., _FIELD2_ELEM.to(q.device)] = fields
+    return out.reshape(q.shape[0], -1).to(torch.int32)
+
+
+_BIT_SHIFT = torch.arange(32, dtype=torch.int64)
+
+
+def _pack_group_bits(bit: torch.Tensor) -> torch.Tensor:
+    # bit [n, G, 32] in {0, 1}, element order -> int32 [n, G], bit e = element e
+    words = (bit.to(torch.int64) << _BIT_SHIFT.to(bit.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _unpack_group_bits(qh: torch.Tensor) -> torch.Tensor:
+    # inverse of _pack_group_bits: int32 [n, G] -> int32 [n, G * 32] bits in element order
+    bits = (qh.to(torch.int64)[..., None] >> _BIT_SHIFT.to(qh.device)) & 1
+    return bits.reshape(qh.shape[0], -1).to(torch.int32)
 
 
 def _kquant_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,10 +306,12 @@ def _pack_rows(raw: torch.Tensor, qid: int, n_cols: int) -> dict[str, torch.Tens
         hi = ((qh >> shifts) & 3).reshape(n, -1, 32)  # [n, nb*8, 32] element order
         return {
             "qs": _pack_nibble_planes(lo),
-            "qh": _pack_q6k_high(hi),
+            "qh": _pack_2bit_fields(hi),
             "sc": b[..., 192:208].contiguous().view(torch.int8).reshape(n, -1),
             "d": _f16_field(b, 208),
         }
+    if qid == Q3_K:
+        return _pack_q3_k(b)
     if qid in LOWBIT_TYPES:
         return _pack_lowbit(b, qid)
     raise QuantPackError(f"no packer for type {qid}")  # unreachable: qtype_id filters
@@ -334,28 +356,38 @@ def _pack_fields(b: torch.Tensor, qid: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _pack_lowbit(b: torch.Tensor, qid: int) -> dict[str, torch.Tensor]:
-    """Blocks [n, nb, block_bytes] of a LOWBIT_TYPES type -> the natural-order arrays."""
+def _kquant_2bit_values(qs: torch.Tensor) -> torch.Tensor:
+    # qs [n, nb, 64] of Q2_K / Q3_K: element 128h + 32j + l is bits 2j.. of byte 32h + l ->
+    # [n, nb * 256] 2-bit values in element order
+    n = qs.shape[0]
+    shifts = torch.arange(0, 8, 2, device=qs.device, dtype=torch.uint8).view(1, 1, 1, 4, 1)
+    return ((qs.reshape(n, -1, 2, 1, 32) >> shifts) & 3).reshape(n, -1)
+
+
+def _pack_q3_k(b: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Q3_K blocks [n, nb, 110] (hmask[32] qs[64] scales[12] d) -> the plane-type arrays of the
+    module docstring: value q + 4 = low 2 bits | 3rd bit << 2, a scale per 16 elements."""
     n = b.shape[0]
-    if qid in FIELD_TYPES:
-        return _pack_fields(b, qid)
-    # Q2_K / Q3_K: element 128h + 32j + l is bits 2j.. of qs byte 32h + l
-    qs_off = 16 if qid == Q2_K else 32
-    qs = b[..., qs_off : qs_off + 64].reshape(n, -1, 2, 1, 32)
-    shifts = torch.arange(0, 8, 2, device=b.device, dtype=torch.uint8).view(1, 1, 1, 4, 1)
-    low = ((qs >> shifts) & 3).reshape(n, -1)  # [n, K] element order
-    if qid == Q2_K:
-        return {"qs": _bits_to_words(low, 2), "sc": b[..., 0:16].reshape(n, -1),
-                "d": _f16_field(b, 80), "dmin": _f16_field(b, 82)}  # fmt: skip
+    low = _kquant_2bit_values(b[..., 32:96]).view(n, -1, 32)  # [n, K/32, 32]
     # hmask byte l bit (e // 32) is the 3rd bit of element e = 32 (e // 32) + l
     hm = b[..., 0:32].reshape(n, -1, 1, 32)
     bit = (hm >> torch.arange(8, device=b.device, dtype=torch.uint8).view(1, 1, 8, 1)) & 1
     sc = b[..., 96:108]
     lo = torch.cat([sc[..., 0:8] & 15, sc[..., 0:8] >> 4], dim=-1)  # [n, nb, 16]
-    hi = (sc[..., 8:12].unsqueeze(-2) >> shifts.view(1, 1, 4, 1)) & 3  # [n, nb, s // 4, s % 4]
+    shifts = torch.arange(0, 8, 2, device=b.device, dtype=torch.uint8).view(1, 1, 4, 1)
+    hi = (sc[..., 8:12].unsqueeze(-2) >> shifts) & 3  # [n, nb, s // 4, s % 4]
     scales = (lo | (hi.reshape(n, -1, 16) << 4)).to(torch.int8) - 32
-    return {"qs": _bits_to_words(low, 2), "qh": _bits_to_words(bit.reshape(n, -1), 1),
+    return {"qs": _pack_2bit_fields(low), "qh": _pack_group_bits(bit.reshape(n, -1, 32)),
             "sc": scales.reshape(n, -1), "d": _f16_field(b, 108)}  # fmt: skip
+
+
+def _pack_lowbit(b: torch.Tensor, qid: int) -> dict[str, torch.Tensor]:
+    """Blocks [n, nb, block_bytes] of a LOWBIT_TYPES type -> the natural-order arrays."""
+    if qid in FIELD_TYPES:
+        return _pack_fields(b, qid)
+    low = _kquant_2bit_values(b[..., 16:80])  # Q2_K: [n, K] element order
+    return {"qs": _bits_to_words(low, 2), "sc": b[..., 0:16].reshape(b.shape[0], -1),
+            "d": _f16_field(b, 80), "dmin": _f16_field(b, 82)}  # fmt: skip
 
 
 def pack_weight(data: torch.Tensor, qtype, n_cols: int) -> PackedWeight:
@@ -433,6 +465,8 @@ def dequantize_packed(w: PackedWeight) -> torch.Tensor:
         return (q * w.sc.float()[..., None]).view(n, k)
     if qid in LOWBIT_TYPES:
         return _dequantize_lowbit(w)
+    if qid == Q3_K:  # q + 4 = the low two bits | the 3rd bit << 2
+        return _scaled_per_16(w, (_unpack_2bit_fields(w.qs) | (_unpack_group_bits(w.qh) << 2)) - 4)
     q = _unpack_nibble_planes(w.qs)  # [n, K]
     if qid in (IQ4_NL, IQ4_XS):
         kv = torch.tensor(IQ4_KVALUES, dtype=torch.float32, device=w.device)
@@ -444,9 +478,7 @@ def dequantize_packed(w: PackedWeight) -> torch.Tensor:
     if qid in (Q5_0, Q5_1, Q5_K):
         q = q | (_unpack_bit_planes(w.qh) << 4)
     if qid == Q6_K:
-        q = q | (_unpack_q6k_high(w.qh) << 4)
-        scale = w.d.float().repeat_interleave(16, dim=1) * w.sc.float()  # [n, K/16]
-        return ((q - 32).float().view(n, -1, 16) * scale[..., None]).view(n, k)
+        return _scaled_per_16(w, (q | (_unpack_2bit_fields(w.qh) << 4)) - 32)
     q = q.view(n, -1, 32)
     if qid in (Q4_K, Q5_K):
         d = w.d.float().repeat_interleave(8, dim=1)  # [n, K/32]
@@ -458,6 +490,13 @@ def dequantize_packed(w: PackedWeight) -> torch.Tensor:
         return (q.float() * d + w.mn.float()[..., None]).view(n, k)
     offset = 8 if qid == Q4_0 else 16
     return ((q - offset).float() * d).view(n, k)
+
+
+def _scaled_per_16(w: PackedWeight, q: torch.Tensor) -> torch.Tensor:
+    """Q6_K / Q3_K: signed values q int32 [N, K] times d * their 16-element scale, float32 [N, K]
+    in gguf-py's operation order (bit-equal)."""
+    scale = w.d.float().repeat_interleave(16, dim=1) * w.sc.float()  # [N, K/16]
+    return (q.float().view(w.n_rows, -1, 16) * scale[..., None]).view(w.n_rows, w.n_cols)
 
 
 def _words_to_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -484,11 +523,7 @@ def _dequantize_lowbit(w: PackedWeight) -> torch.Tensor:
     n, k, qid = w.n_rows, w.n_cols, w.qtype
     if qid in FIELD_TYPES:  # the split is lossless: the reference of the raw blocks
         return dequantize_ref(raw_blocks(w), qid)
-    q = _words_to_bits(w.qs, 2).view(n, -1, 16)  # [n, K/16, 16]
-    d16 = w.d.float().repeat_interleave(16, dim=1)  # [n, K/16]
-    if qid == Q2_K:
-        dl = d16 * (w.sc & 15).float()
-        ml = w.dmin.float().repeat_interleave(16, dim=1) * (w.sc >> 4).float()
-        return (dl[..., None] * q.float() - ml[..., None]).view(n, k)
-    q = q + (_words_to_bits(w.qh, 1).view(n, -1, 16) << 2) - 4  # Q3_K: -4..3
-    return ((d16 * w.sc.float())[..., None] * q.float()).view(n, k)
+    q = _words_to_bits(w.qs, 2).view(n, -1, 16)  # Q2_K: [n, K/16, 16]
+    dl = w.d.float().repeat_interleave(16, dim=1) * (w.sc & 15).float()  # [n, K/16]
+    ml = w.dmin.float().repeat_interleave(16, dim=1) * (w.sc >> 4).float()
+    return (dl[..., None] * q.float() - ml[..., None]).view(n, k)
