@@ -309,6 +309,12 @@ def test_matmul_path_by_batch_and_size():
         "gemm", "swap", "swap", "dense", "dense"]
     assert [matmul_path(m, head[1], head[0]) for m in (1, 16, 64, 128, 256)] == [
         "gemv", "gemm", "swap", "swap", "gemm"]
+    # Llama-3.1-8B: gate|up's 235 MB workspace goes dense past SWAP_MAX_M all the same (in
+    # DENSE_CHUNK_BYTES chunks), its 128,256-row head does not
+    gate_up_8b, head_8b = (4096, 28672), (4096, 128256)
+    assert [matmul_path(m, gate_up_8b[1], gate_up_8b[0]) for m in (16, 128, 129, 512)] == [
+        "gemm", "swap", "dense", "dense"]
+    assert matmul_path(512, head_8b[1], head_8b[0]) == "gemm"
     # below sm_80 every batch past the GEMV takes the fused kernel's fp16 path
     assert {matmul_path(m, *qkv[::-1], bf16=False) for m in (16, 64, 512)} == {"gemm"}
 

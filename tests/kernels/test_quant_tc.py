@@ -143,3 +143,32 @@ def test_dense_partials_through_quant_matmul():
     summed = quant_matmul(x, w)
     assert summed.shape == (m, n) and _rel_err(summed, ref) < 1.5e-2
     assert _rel_err(summed, parts.sum(dim=0)) < 1e-5  # the same sums, split another way
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", [GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q5_0, GGMLType.Q8_0],
+                         ids=lambda t: t.name)
+def test_dense_in_row_chunks_is_the_one_pass_product(qtype, monkeypatch):
+    """A matrix past DENSE_CHUNK_BYTES is expanded and multiplied a chunk of rows at a time into
+    one product (here a 6-row-tile chunk over 1000 rows: five whole chunks and a short one), with
+    the same sums as expanding it whole, and as [1, M, N] partials."""
+    from llcuda.kernels import quant_tc
+    from llcuda.kernels.quant_dequant import dequantize_bf16
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: TRITON_INTERPRET=1
+    gen = torch.Generator(device=dev).manual_seed(3)
+    k, n, m = 256, 1000, 130
+    raw = random_rows(qtype, n, k, gen, device=dev)
+    w = qp.pack_weight(raw, qtype, k)
+    x = torch.randn((m, k), generator=gen, device=dev)
+    whole = quant_tc.dense_gemm(quant_tc.plane_major(x, quant_tc._WPG[qtype]), dequantize_bf16(w))
+    monkeypatch.setattr(quant_tc, "DENSE_CHUNK_BYTES", 2 * k * 128 * 6 + 100)
+    chunked = quant_tc.quant_gemm_dense(x, w)
+    assert chunked.shape == (m, n) and _rel_err(chunked, whole) < 1e-5
+    assert _rel_err(chunked, x @ dequantize_ref(raw, qtype).float().T) < 1.5e-2
+    parts = quant_tc.quant_gemm_dense(x, w, partials=True)
+    assert parts.shape == (1, m, n) and torch.equal(parts[0], chunked)
+    with pytest.raises(ValueError, match="unit stride"):
+        quant_tc.dense_gemm(x.bfloat16(), dequantize_bf16(w), out=torch.empty(m, n).T)
+    with pytest.raises(qp.QuantPackError, match="outside"):
+        qp.row_slice(w, 0, n + 1)

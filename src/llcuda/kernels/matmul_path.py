@@ -20,7 +20,11 @@ GEMV_KERNEL_MAX_M = 16  # what quant_gemv accepts (its M loop is unrolled)
 #   Q8_0 1152x262144 (LM head) M=64: 281.5 / 202.1 / 652.7
 DENSE_MIN_M = 32  # dense (bf16 workspace + Triton GEMM) from here on, for small enough ones
 DENSE_SMALL_BYTES = 8 * 2**20  # workspaces this small go dense from DENSE_MIN_M rows on
-DENSE_MAX_BYTES = 64 * 2**20  # larger ones from SWAP_MAX_M rows on; past this, never
+# Larger ones from SWAP_MAX_M rows on, expanded DENSE_CHUNK_BYTES of workspace at a time (the
+# workspace stays that size whatever the matrix), unless they have 2^16 rows or more: the LM
+# heads of large vocabularies have not been measured expanded and keep the fused kernel.
+DENSE_CHUNK_BYTES = 64 * 2**20
+DENSE_MAX_ROWS = 2**16
 SWAP_MIN_M, SWAP_MAX_M = 32, 128  # the swapped kernel's range, for the larger matrices
 
 
@@ -29,9 +33,9 @@ def matmul_path(m: int, n: int, k: int, bf16: bool = True) -> str:
 
     Expanding a matrix into a bf16 workspace (3 bytes of traffic per weight) and running a Triton
     bf16 GEMM over the expanded workspace wins once enough rows share it (the thresholds were
-    measured with cuBLAS as that GEMM); the LM head (262144 rows) is never expanded. In between,
-    the swapped kernel (weights as the MMA's left operand) beats the fused one on large matrices.
-    Below sm_80 (no bf16) every batch takes the fused kernel's fp16 path.
+    measured with cuBLAS as that GEMM); an LM head (a vocabulary of rows) is never expanded. In
+    between, the swapped kernel (weights as the MMA's left operand) beats the fused one on large
+    matrices. Below sm_80 (no bf16) every batch takes the fused kernel's fp16 path.
     """
     if m <= GEMV_MAX_M:
         return "gemv"
@@ -39,7 +43,7 @@ def matmul_path(m: int, n: int, k: int, bf16: bool = True) -> str:
         return "gemm"
     workspace = 2 * n * k
     if m >= DENSE_MIN_M and (workspace <= DENSE_SMALL_BYTES
-                             or (m > SWAP_MAX_M and workspace <= DENSE_MAX_BYTES)):
+                             or (m > SWAP_MAX_M and n < DENSE_MAX_ROWS)):
         return "dense"
     if SWAP_MIN_M <= m <= SWAP_MAX_M:
         return "swap"

@@ -440,6 +440,15 @@ def fuse_packed(weights: list[PackedWeight]) -> PackedWeight:
     return replace(w0, n_rows=sum(w.n_rows for w in weights), split_sizes=sizes, **fields)
 
 
+def row_slice(w: PackedWeight, start: int, stop: int) -> PackedWeight:
+    """Rows start..stop-1 of w as views into its arrays (every array is row-major along N), for
+    a kernel that takes part of a matrix at a time; the slice is one weight (no split_sizes)."""
+    if not 0 <= start < stop <= w.n_rows:
+        raise QuantPackError(f"row slice {start}:{stop} is outside the weight's {w.n_rows} rows")
+    arrays = {name: None if t is None else t[start:stop] for name, t in w._arrays().items()}
+    return replace(w, n_rows=stop - start, split_sizes=None, **arrays)
+
+
 def _unpack_nibble_planes(qs: torch.Tensor) -> torch.Tensor:
     # uint8 [n, G * 16] -> int32 [n, G * 32] 4-bit values in element order
     by = qs.reshape(qs.shape[0], -1, 4, 4).to(torch.int32)  # [n, G, word, byte]

@@ -37,7 +37,8 @@ from llcuda.kernels.quant_matmul import (
     _use_asm,
     _weight_args,
 )
-from llcuda.kernels.quant_pack import GROUP, PackedWeight
+from llcuda.kernels.matmul_path import DENSE_CHUNK_BYTES
+from llcuda.kernels.quant_pack import GROUP, PackedWeight, row_slice
 
 
 def plane_major(x: torch.Tensor, wpg: int) -> torch.Tensor:
@@ -283,32 +284,46 @@ def dense_config(m: int, n: int, k: int, num_sms: int = 132, partials: bool = Fa
 
 
 def dense_gemm(a: torch.Tensor, b: torch.Tensor, config: dict | None = None,
-               partials: bool = False) -> torch.Tensor:
+               partials: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """a [M, K] bf16 @ b [N, K] bf16 .T -> [M, N] fp32 (fp32 accumulation), with the Triton
     kernel above: on the GPU path this stands in for torch.mm(a, b.t(), out_dtype=torch.float32),
     which would load cuBLAS. Both operands need unit stride along K. With `partials`, the split-K
-    partial sums [S, M, N] unsummed (S >= 1; config["SPLIT_K"] or fewer, none of them empty)."""
+    partial sums [S, M, N] unsummed (S >= 1; config["SPLIT_K"] or fewer, none of them empty).
+    `out`: an fp32 [M, N] view with unit stride along N (e.g. columns of a wider product) that
+    takes the product itself, in one K split."""
     if (a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or a.dtype != torch.bfloat16
             or b.dtype != torch.bfloat16 or a.stride(1) != 1 or b.stride(1) != 1):
         raise ValueError(f"dense_gemm takes bf16 [M, K] and [N, K] with unit stride along K, got "
                          f"{a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
     (m, k), n = a.shape, b.shape[0]
+    if out is not None and (out.shape != (m, n) or out.dtype != torch.float32 or out.stride(1) != 1
+                            or partials):  # fmt: skip
+        raise ValueError(f"dense_gemm's out must be float32 {(m, n)} with unit stride along N "
+                         f"(and no partials), got {out.dtype} {tuple(out.shape)}")
     if m == 0 or n == 0 or k == 0:
-        out = torch.zeros((1, m, n), device=a.device, dtype=torch.float32)
-        return _reduce_splits(out, partials)
+        if out is not None:
+            return out.zero_()
+        return _reduce_splits(torch.zeros((1, m, n), device=a.device, dtype=torch.float32),
+                              partials)
     dev = a.device.index if a.device.type == "cuda" else 0
     cfg = config or dense_config(m, n, k, _num_sms(dev), partials)
+    if out is not None:
+        cfg = dict(cfg, SPLIT_K=1)
     k_per_split, split_k = _split_groups(k, cfg.get("SPLIT_K", 1), cfg["BLOCK_K"])
-    out = torch.empty((split_k, m, n), device=a.device, dtype=torch.float32)
+    if out is None:
+        parts = torch.empty((split_k, m, n), device=a.device, dtype=torch.float32)
+    else:
+        parts = out.unsqueeze(0)  # [1, M, N]
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
     _dense_gemm_kernel[grid](
-        a, b, out, m, n, k, k_per_split, a.stride(0), b.stride(0), out.stride(1), out.stride(0),
+        a, b, parts, m, n, k, k_per_split, a.stride(0), b.stride(0), parts.stride(1),
+        parts.stride(0),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], EVEN_K=k % cfg["BLOCK_K"] == 0,
         F32_DOT=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return _reduce_splits(out, partials)
+    return out if out is not None else _reduce_splits(parts, partials)
 
 
 def quant_gemm_dense(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> torch.Tensor:
@@ -321,8 +336,18 @@ def quant_gemm_dense(x: torch.Tensor, w: PackedWeight, partials: bool = False) -
     band on one golden step (a 0.83 nat gap; 0.50 with fp32 output, 0.42 fused; measured when this
     GEMM was cuBLAS's, whose fp32-output call also cost more host time: 143 vs 24 us per call on
     the H100 host).
+
+    A matrix whose workspace would pass DENSE_CHUNK_BYTES is expanded and multiplied that many
+    bytes of rows at a time (each chunk's GEMM writing its columns of one [M, N] product), so
+    the workspace stays that size whatever the matrix.
     """
     x = _check(x, w)  # CUDA, or the CPU under TRITON_INTERPRET=1 (dense_gemm runs there too)
-    wd = dequantize_bf16(w)  # [N, K] bf16
     xp = plane_major(x, _WPG[w.qtype])  # [M, K] bf16
-    return dense_gemm(xp, wd, partials=partials)
+    chunk = max(128, DENSE_CHUNK_BYTES // (2 * w.n_cols) // 128 * 128)  # rows, whole 128-tiles
+    if w.n_rows <= chunk:
+        return dense_gemm(xp, dequantize_bf16(w), partials=partials)  # wd [N, K] bf16
+    out = torch.empty((x.shape[0], w.n_rows), device=x.device, dtype=torch.float32)
+    for r0 in range(0, w.n_rows, chunk):
+        r1 = min(r0 + chunk, w.n_rows)
+        dense_gemm(xp, dequantize_bf16(row_slice(w, r0, r1)), out=out[:, r0:r1])
+    return out.unsqueeze(0) if partials else out
