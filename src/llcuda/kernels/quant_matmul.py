@@ -46,13 +46,13 @@ from llcuda.kernels.quant_pack import (
     IQ4_NL,
     IQ4_XS,
     LOWBIT_TYPES,
+    Q3_K,
     Q4_0,
     Q4_1,
     Q4_K,
     Q5_0,
     Q5_1,
     Q5_K,
-    Q3_K,
     Q6_K,
     Q8_0,
     PackedWeight,
@@ -338,7 +338,8 @@ def _tile_loads(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_G: tl.constexpr, q
     on masked off: the words [R, NW], their high bits (_load_high_bits) and the scale fields
     s0..s3 [R, BLOCK_G] (_load_scales). Apart from _tile_maps so a kernel can issue the next
     step's loads before it decodes this one."""
-    words, widx, wmask, grp, gmask = _tile_words(QTYPE, WPG, BLOCK_G, qs_ptr, row, g0, g_limit, s_qs)
+    words, widx, wmask, grp, gmask = _tile_words(QTYPE, WPG, BLOCK_G, qs_ptr, row, g0, g_limit,
+                                                 s_qs)
     hb = _load_high_bits(QTYPE, qh_ptr, row, s_qh, widx, wmask)
     s0, s1, s2, s3 = _load_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp, gmask, s_sc,
                                   s_d)
@@ -366,7 +367,8 @@ def _weight_tile(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_N: tl.constexpr,
     (a_lo, a_hi, c; see _group_scales), all [BLOCK_N, BLOCK_G * WPG]. For the fused tensor-core
     kernel and the dequantizer, which apply the maps per element; each load is issued where its
     value is first needed (the swapped kernel issues them a step ahead: _tile_loads)."""
-    words, widx, wmask, grp, gmask = _tile_words(QTYPE, WPG, BLOCK_G, qs_ptr, row, g0, g_limit, s_qs)
+    words, widx, wmask, grp, gmask = _tile_words(QTYPE, WPG, BLOCK_G, qs_ptr, row, g0, g_limit,
+                                                 s_qs)
     lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, widx, wmask)
     a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp, gmask, s_sc,
                                   s_d)  # [BN, BG]

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llcuda.kernels.matmul_path import DENSE_CHUNK_BYTES
 from llcuda.kernels.quant_dequant import dequantize_bf16
 from llcuda.kernels.quant_matmul import (
     _MAGIC,
@@ -37,7 +38,6 @@ from llcuda.kernels.quant_matmul import (
     _use_asm,
     _weight_args,
 )
-from llcuda.kernels.matmul_path import DENSE_CHUNK_BYTES
 from llcuda.kernels.quant_pack import GROUP, PackedWeight, row_slice
 
 
