@@ -289,17 +289,18 @@ def dense_gemm(a: torch.Tensor, b: torch.Tensor, config: dict | None = None,
     kernel above: on the GPU path this stands in for torch.mm(a, b.t(), out_dtype=torch.float32),
     which would load cuBLAS. Both operands need unit stride along K. With `partials`, the split-K
     partial sums [S, M, N] unsummed (S >= 1; config["SPLIT_K"] or fewer, none of them empty).
-    `out`: an fp32 [M, N] view with unit stride along N (e.g. columns of a wider product) that
-    takes the product itself, in one K split."""
+    `out`: an fp32 [S, M, N] view with unit stride along N (e.g. columns of a wider product's
+    partial sums) that takes the S split-K partial sums, returned unsummed; S must be what the
+    split of K into config's BLOCK_K steps gives."""
     if (a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or a.dtype != torch.bfloat16
             or b.dtype != torch.bfloat16 or a.stride(1) != 1 or b.stride(1) != 1):
         raise ValueError(f"dense_gemm takes bf16 [M, K] and [N, K] with unit stride along K, got "
                          f"{a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
     (m, k), n = a.shape, b.shape[0]
-    if out is not None and (out.shape != (m, n) or out.dtype != torch.float32 or out.stride(1) != 1
-                            or partials):  # fmt: skip
-        raise ValueError(f"dense_gemm's out must be float32 {(m, n)} with unit stride along N "
-                         f"(and no partials), got {out.dtype} {tuple(out.shape)}")
+    if out is not None and (out.dim() != 3 or out.shape[1:] != (m, n)
+                            or out.dtype != torch.float32 or out.stride(2) != 1):  # fmt: skip
+        raise ValueError(f"dense_gemm's out must be float32 [S, {m}, {n}] with unit stride along "
+                         f"N, got {out.dtype} {tuple(out.shape)}")
     if m == 0 or n == 0 or k == 0:
         if out is not None:
             return out.zero_()
@@ -308,12 +309,15 @@ def dense_gemm(a: torch.Tensor, b: torch.Tensor, config: dict | None = None,
     dev = a.device.index if a.device.type == "cuda" else 0
     cfg = config or dense_config(m, n, k, _num_sms(dev), partials)
     if out is not None:
-        cfg = dict(cfg, SPLIT_K=1)
+        cfg = dict(cfg, SPLIT_K=out.shape[0])
     k_per_split, split_k = _split_groups(k, cfg.get("SPLIT_K", 1), cfg["BLOCK_K"])
     if out is None:
         parts = torch.empty((split_k, m, n), device=a.device, dtype=torch.float32)
+    elif split_k != out.shape[0]:
+        raise ValueError(f"K={k} splits into {split_k} steps of {cfg['BLOCK_K']}, not the "
+                         f"{out.shape[0]} partial sums of out")
     else:
-        parts = out.unsqueeze(0)  # [1, M, N]
+        parts = out  # [S, M, N]
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split_k)
     _dense_gemm_kernel[grid](
         a, b, parts, m, n, k, k_per_split, a.stride(0), b.stride(0), parts.stride(1),
@@ -323,7 +327,7 @@ def dense_gemm(a: torch.Tensor, b: torch.Tensor, config: dict | None = None,
         F32_DOT=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out if out is not None else _reduce_splits(parts, partials)
+    return parts if out is not None else _reduce_splits(parts, partials)
 
 
 def quant_gemm_dense(x: torch.Tensor, w: PackedWeight, partials: bool = False) -> torch.Tensor:
@@ -337,17 +341,22 @@ def quant_gemm_dense(x: torch.Tensor, w: PackedWeight, partials: bool = False) -
     GEMM was cuBLAS's, whose fp32-output call also cost more host time: 143 vs 24 us per call on
     the H100 host).
 
-    A matrix whose workspace would pass DENSE_CHUNK_BYTES is expanded and multiplied that many
-    bytes of rows at a time (each chunk's GEMM writing its columns of one [M, N] product), so
-    the workspace stays that size whatever the matrix.
+    A matrix whose workspace would pass DENSE_CHUNK_BYTES is expanded and multiplied in equal
+    chunks of rows no larger than that (each chunk's GEMM writing its columns of the product's
+    partial sums, all split along K alike), so the workspace stays that size whatever the matrix.
     """
     x = _check(x, w)  # CUDA, or the CPU under TRITON_INTERPRET=1 (dense_gemm runs there too)
     xp = plane_major(x, _WPG[w.qtype])  # [M, K] bf16
-    chunk = max(128, DENSE_CHUNK_BYTES // (2 * w.n_cols) // 128 * 128)  # rows, whole 128-tiles
-    if w.n_rows <= chunk:
+    (m, k), n = x.shape, w.n_rows
+    max_rows = max(128, DENSE_CHUNK_BYTES // (2 * k) // 128 * 128)  # whole 128-row tiles
+    if n <= max_rows:
         return dense_gemm(xp, dequantize_bf16(w), partials=partials)  # wd [N, K] bf16
-    out = torch.empty((x.shape[0], w.n_rows), device=x.device, dtype=torch.float32)
-    for r0 in range(0, w.n_rows, chunk):
-        r1 = min(r0 + chunk, w.n_rows)
-        dense_gemm(xp, dequantize_bf16(row_slice(w, r0, r1)), out=out[:, r0:r1])
-    return out.unsqueeze(0) if partials else out
+    chunk = triton.cdiv(triton.cdiv(n, triton.cdiv(n, max_rows)), 128) * 128
+    dev = x.device.index if x.device.type == "cuda" else 0
+    cfg = dense_config(m, chunk, k, _num_sms(dev), partials)
+    split_k = _split_groups(k, cfg["SPLIT_K"], cfg["BLOCK_K"])[1]
+    parts = torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
+    for r0 in range(0, n, chunk):
+        r1 = min(r0 + chunk, n)
+        dense_gemm(xp, dequantize_bf16(row_slice(w, r0, r1)), cfg, out=parts[:, :, r0:r1])
+    return _reduce_splits(parts, partials)
