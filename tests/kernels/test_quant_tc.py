@@ -150,7 +150,7 @@ def test_dense_partials_through_quant_matmul():
                          ids=lambda t: t.name)
 def test_dense_in_row_chunks_is_the_one_pass_product(qtype, monkeypatch):
     """A matrix past DENSE_CHUNK_BYTES is expanded and multiplied a chunk of rows at a time into
-    one product (here at most 6 row tiles a chunk over 1000 rows: two chunks of 5 tiles), with
+    one product (here at most 6 row tiles a chunk over 1000 rows: two chunks of 4 tiles), with
     the same sums as expanding it whole; its split-K partials (K=2048 at M=130 splits) add up to
     them."""
     from llcuda.kernels import quant_tc
