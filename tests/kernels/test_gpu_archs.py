@@ -67,12 +67,20 @@ def _one_token_step(model, token: int) -> torch.Tensor:
     return model.forward(x, torch.tensor([0], device=dev), {dev: meta}, caches)
 
 
-@pytest.mark.parametrize("name", ["llama3", "gemma3", "llama3-q3_k_m"])
+# The int8 rounding of activations alone moves a random-weight twin's log-probs by ~0.05 nats on
+# average, 0.6 at most (quant_matmul.gemv_int8; llama.cpp's MMVQ rounds the same way): the first
+# device run of the test below measured 0.052 / 0.24 on llama3-q3_k_m with int8 everywhere
+INT8_MEAN_TOL, INT8_MAX_TOL = 0.1, 0.6
+
+
+# Twins in llama.cpp's mixes, whose q|k|v and gate|up share a type (the llama3 and gemma3 twins
+# cycle every projection through a different type, so none of their norms writes Q8Rows)
+@pytest.mark.parametrize("name", ["llama3-q3_k_m", "llama3-iq4_xs"])
 def test_int8_decode_reads_the_norms_q8_rows(name, tmp_path, monkeypatch):
     """One-token steps with int8 activations in every GEMV that takes them (LLCUDA_GEMV_INT8=1;
     the twins are below the size that turns them on by default): the GEMVs reading the Q8Rows
     their norms wrote (LLCUDA_GEMV_XPRE=1) give what they give quantizing x themselves
-    (LLCUDA_GEMV_XPRE=0), and both stay near the CPU path."""
+    (LLCUDA_GEMV_XPRE=0), and both stay within int8 rounding of the CPU path."""
     oracle = load_oracle(name)
     path = write_twin(tmp_path / f"{name}.gguf", name, oracle["seed"])
     ids = oracle["token_ids"][:24]
@@ -99,7 +107,7 @@ def test_int8_decode_reads_the_norms_q8_rows(name, tmp_path, monkeypatch):
     cpu = _logprobs(path, "cpu", ids)
     top = torch.topk(cpu, 5).indices
     diff = (cpu.gather(1, top) - got["1"].gather(1, top)).abs()
-    assert diff.mean().item() < GPU_MEAN_TOL and diff.max().item() < GPU_MAX_TOL, (
+    assert diff.mean().item() < INT8_MEAN_TOL and diff.max().item() < INT8_MAX_TOL, (
         name, diff.mean().item(), diff.max().item())  # fmt: skip
 
 

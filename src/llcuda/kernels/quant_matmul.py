@@ -96,39 +96,20 @@ def _spread_bits(v):
 
 
 @triton.jit
-def _two_bit_fields(q_ptr, row, s_q, widx, wmask):
-    """Word slot widx's 2-bit fields from the int64 per group of quant_pack's 2-bit field layout
-    (Q6_K's qh, Q3_K's qs) as int32 [R, NW]: bits 0-1 of byte b for its lo byte b, 2-3 for hi."""
-    h = tl.load(q_ptr + row * s_q + widx // 4, mask=wmask, other=0) >> ((widx & 3) * 2)
-    a = h.to(tl.int32)  # low half shifted (the high half's bits above 0x03030303 are masked)
-    b = (h >> 32).to(tl.int32)
-    return (a & 0x03030303) | ((b << 2) & 0x0C0C0C0C)
-
-
-@triton.jit
 def _load_words(QTYPE: tl.constexpr, qs_ptr, row, s_qs, widx, wmask):
-    """The packed words [R, NW] at word indices widx: int32 loads, except Q3_K, whose low two
-    bits per value come in quant_pack's 2-bit field layout (an int64 per group): returned as
-    _two_bit_fields, the word's low bits already in place in each byte."""
-    if QTYPE == 11:  # if/else, not an early return: the other branch's load would be int64
-        words = _two_bit_fields(qs_ptr, row, s_qs, widx, wmask)
-    else:
-        words = tl.load(qs_ptr + row * s_qs + widx, mask=wmask, other=0)
-    return words
+    """The packed words [R, NW] at word indices widx as int32 (Q3_K's are int16: its two low
+    bits of the word's eight values, see _nibbles)."""
+    return tl.load(qs_ptr + row * s_qs + widx, mask=wmask, other=0).to(tl.int32)
 
 
 @triton.jit
 def _load_high_bits(QTYPE: tl.constexpr, qh_ptr, row, s_qh, widx, wmask):
-    """The high-bit fields of a [R, NW] word tile as int32 (Q5_*: one byte per word; Q6_K: the
-    word's top two bits of each value, bits 0-1 of byte b for its lo byte b, bits 2-3 for its hi
-    byte b; Q3_K: the group's 3rd bits shifted right by the word's slot k, bit 8b (8b + 4) for
-    its lo (hi) byte b); other types have none and get word indices of the same shape, unused."""
-    if QTYPE == 6 or QTYPE == 7 or QTYPE == 13:
+    """The high-bit fields of a [R, NW] word tile as int32, one per word (Q5_* and Q3_K: a byte
+    of 5th / 3rd bits; Q6_K: an int16, bit 4 of the values in its low byte, bit 5 in its high
+    one, each in the Q5 bit order); other types have none and get word indices of the same
+    shape, unused."""
+    if QTYPE == 6 or QTYPE == 7 or QTYPE == 13 or QTYPE == 14 or QTYPE == 11:
         return tl.load(qh_ptr + row * s_qh + widx, mask=wmask, other=0).to(tl.int32)
-    if QTYPE == 14:  # an int64 per group (quant_pack): word k's fields from bit 2k of each half
-        return _two_bit_fields(qh_ptr, row, s_qh, widx, wmask)
-    if QTYPE == 11:  # an int32 per group, bit e for element e = 8b + 4h + k
-        return tl.load(qh_ptr + row * s_qh + widx // 4, mask=wmask, other=0) >> (widx & 3)
     return (row * s_qh + widx).to(tl.int32)
 
 
@@ -137,11 +118,14 @@ def _nibbles(QTYPE: tl.constexpr, words):
     """Per-word preprocessing of a [R, NW] tile of packed int32 words, before any high bits.
 
     4/5/6-bit types: (lo, hi), words whose byte b holds the low 4 bits of plane 2b (lo) and
-    2b+1 (hi). Q3_K (_load_words' 2-bit fields): the low two bits of the same planes. Q8_0: (q +
-    128 bytes, same). Floats: (words, words).
+    2b+1 (hi). Q3_K: the low two bits of the same planes, from bit 0 (low byte of its int16) and
+    bit 1 (high byte) of the values in the Q5 bit order. Q8_0: (q + 128 bytes, same). Floats:
+    (words, words).
     """
-    if QTYPE == 11:
-        return words & 0x03030303, (words >> 2) & 0x03030303
+    if QTYPE == 11:  # _spread_bits puts bit b at bit 4 of byte b: shifted down to bits 0 / 1
+        lo = (_spread_bits(words & 15) >> 4) | (_spread_bits((words >> 8) & 15) >> 3)
+        hi = (_spread_bits((words >> 4) & 15) >> 4) | (_spread_bits((words >> 12) & 15) >> 3)
+        return lo, hi
     if QTYPE == 8:  # Q8_0: int8 -> q + 128 in [0, 255], four at a time
         u = words ^ -2139062144  # 0x80808080 as int32
         return u, u
@@ -202,12 +186,12 @@ def _with_high_bits(QTYPE: tl.constexpr, lo, hi, hb):
     if QTYPE == 6 or QTYPE == 7 or QTYPE == 13:  # Q5_*: one byte of 5th bits per word
         lo = lo | _spread_bits(hb & 15)
         hi = hi | _spread_bits(hb >> 4)
-    if QTYPE == 14:  # Q6_K: bits 4-5 of each byte from bits 0-1 (lo) / 2-3 (hi) of hb's bytes
-        lo = lo | ((hb << 4) & 0x30303030)
-        hi = hi | ((hb << 2) & 0x30303030)
-    if QTYPE == 11:  # Q3_K: bit 2 of each byte from bit 0 (lo) / 4 (hi) of hb's bytes
-        lo = lo | ((hb << 2) & 0x04040404)
-        hi = hi | ((hb >> 2) & 0x04040404)
+    if QTYPE == 14:  # Q6_K: int16 per word, low byte = bit 4 of each value, high byte = bit 5
+        lo = lo | _spread_bits(hb & 15) | (_spread_bits((hb >> 8) & 15) << 1)
+        hi = hi | _spread_bits((hb >> 4) & 15) | (_spread_bits((hb >> 12) & 15) << 1)
+    if QTYPE == 11:  # Q3_K: a byte of 3rd bits per word, as Q5's 5th bits, moved to bit 2
+        lo = lo | (_spread_bits(hb & 15) >> 2)
+        hi = hi | (_spread_bits(hb >> 4) >> 2)
     return lo, hi
 
 
@@ -820,8 +804,8 @@ def _quant_gemm_kernel(
 # int32 words per 32-element group (planes per word = 32 / WPG), see quant_pack's docstring
 _WPG = {F32: 32, F16: 16, BF16: 16, Q8_0: 8, Q4_0: 4, Q4_1: 4, Q5_0: 4, Q5_1: 4, Q4_K: 4, Q5_K: 4,
         Q6_K: 4, Q3_K: 4, IQ4_NL: 4, IQ4_XS: 4}
-# Types whose tiles keep three registers per word (an int64 per group beside int32 words, or
-# the reverse): fewer rows per program (the sweeps' Q6_K rules)
+# Types whose words come with a second array of bits each (Q6_K's top two, Q3_K's third), kept
+# in registers of their own: fewer rows per program (the sweeps' Q6_K rules)
 _WIDE_TYPES = (Q6_K, Q3_K)
 _HAS_MIN = (Q4_1, Q5_1, Q4_K, Q5_K)
 # the types the decode GEMV can run with int8 activations (_gemv_step_int8): the quantized ones
@@ -1082,8 +1066,8 @@ def _check(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
 
 
 def _weight_args(w: PackedWeight) -> tuple:
-    # The kernels read the quants as int32 words (Q3_K's as the int64 of each group); unused
-    # pointers get qs (never dereferenced).
+    # The kernels read the quants as int32 words (Q3_K's as its int16 per word); unused pointers
+    # get qs (never dereferenced).
     qs = w.qs if w.qtype == Q3_K else w.qs.view(torch.int32)
     ptrs = [qs] + [t if t is not None else qs for t in (w.qh, w.sc, w.mn, w.d, w.dmin)]
     strides = [qs.stride(0)] + [t.stride(0) if t is not None else 0 for t in (w.qh, w.sc, w.d)]

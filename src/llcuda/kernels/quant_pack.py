@@ -11,20 +11,18 @@ a [rows, words] tile gets a tensor laid out exactly like the tile, whose matchin
 x[32g + p*WPG + k] are again a contiguous run: no shuffles between weight and activation layouts.
 
     qs    4/5/6-bit types (WPG 4, P 8): uint8 [N, K/2]; plane p of word k sits in nibble p
-          (byte p // 2, low nibble for even p). Q3_K (WPG 4, P 8, its three bits a value split
-          like Q6_K's top two): int64 [N, K/32], the low two bits of each value in the layout
-          of Q6_K's qh below. Q8_0 (WPG 8, P 4): uint8 [N, K], plane p in byte p,
+          (byte p // 2, low nibble for even p). Q3_K (WPG 4, P 8): int16 [N, K/8], one per
+          word, the low two bits of its values: low byte = bit 0, high byte = bit 1, each in the
+          Q5 bit order of qh below. Q8_0 (WPG 8, P 4): uint8 [N, K], plane p in byte p,
           the int8 bit pattern. F16/BF16 (WPG 16, P 2): [N, K] of that dtype, plane p in half p.
           F32 (WPG 32, P 1): the weight itself [N, K].
     qh    Q5_0/Q5_1/Q5_K: uint8 [N, K/8], one byte per word: bit b is the 5th bit of plane 2b and
           bit 4+b that of plane 2b+1 (so a multiply spreads each half into place, see the kernels).
-          Q6_K: int64 [N, K/32], one per group: the top two bits of each value, the low 32 bits
-          (A) for the lo bytes of the group's words and the high 32 (B) for the hi bytes, bits
-          8b + 2k..8b + 2k + 1 of A (B) for byte b of word k's lo (hi), i.e. plane 2b (2b + 1).
-          A kernel shifts them right by 2k and masks 0x03030303: the word's four 2-bit fields,
-          one per byte, as llama.cpp's MMVQ reads Q6_K's qh (no per-bit spreading).
-          Q3_K: int32 [N, K/32], one per group: bit e is the 3rd bit (hmask) of element e, so
-          bit 8b + k (8b + 4 + k) is that of byte b of word k's lo (hi).
+          Q3_K: the same with the 3rd bit (hmask). Q6_K: int16 [N, K/8], one per word: low byte
+          = bit 4 of the values, high byte = bit 5, each in the Q5 bit order. (One array entry
+          per word, loaded beside the word: an int64 of a group's top bits that all four words
+          read, as llama.cpp's MMVQ lays Q6_K's qh, made Q6_K's decode GEMV 2.4-3.2x slower on an
+          H100, fifteenth session.)
     sc    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0: float16 d [N, K/32]. Q4_K/Q5_K: uint8 6-bit scale [N, K/32].
           Q6_K / Q3_K: int8 scale per 16 elements [N, K/16] (planes 0-3 of group g use 2g, 4-7
           use 2g+1; Q3_K's is its 6-bit scale - 32).
@@ -193,42 +191,17 @@ def _pack_bit_planes(bit: torch.Tensor) -> torch.Tensor:
     return (bp << shifts).sum(-1).to(torch.uint8).reshape(bit.shape[0], -1)
 
 
-# The 2-bit field layout of Q6_K's qh (and Q3_K's qs): element 8b + 4h + k of a group (byte b of
-# word k's lo (h = 0) or hi (h = 1) bytes) keeps its two bits at bit 8b + 2k of half h of the
-# group's int64
-_FIELD2_ELEM = torch.tensor([8 * b + 4 * h + k for h in range(2) for b in range(4)
-                             for k in range(4)])  # fmt: skip
-_FIELD2_SHIFT = torch.tensor([32 * h + 8 * b + 2 * k for h in range(2) for b in range(4)
-                              for k in range(4)], dtype=torch.int64)  # fmt: skip
+def _pack_two_bit_planes(v: torch.Tensor) -> torch.Tensor:
+    # v [n, G, 32] 2-bit values, element order -> int16 [n, G * 4]: one per 4-bit word, low byte
+    # = bit 0 of its values, high byte = bit 1, each in _pack_bit_planes' order
+    y = _pack_bit_planes(v & 1).to(torch.int32) | (_pack_bit_planes(v >> 1).to(torch.int32) << 8)
+    return torch.where(y >= 2**15, y - 2**16, y).to(torch.int16)
 
 
-def _pack_2bit_fields(v: torch.Tensor) -> torch.Tensor:
-    # v [n, G, 32] 2-bit values in element order -> int64 [n, G] (see the module docstring)
-    fields = v[..., _FIELD2_ELEM.to(v.device)].to(torch.int64)  # [n, G, 32] in bit-field order
-    return (fields << _FIELD2_SHIFT.to(v.device)).sum(-1)  # disjoint bit fields: the sum is an OR
-
-
-def _unpack_2bit_fields(q: torch.Tensor) -> torch.Tensor:
-    # inverse of _pack_2bit_fields: int64 [n, G] -> int32 [n, G * 32] 2-bit values, element order
-    fields = (q[..., None] >> _FIELD2_SHIFT.to(q.device)) & 3  # [n, G, 32] bit-field order
-    out = torch.empty_like(fields)
-    out[..., _FIELD2_ELEM.to(q.device)] = fields
-    return out.reshape(q.shape[0], -1).to(torch.int32)
-
-
-_BIT_SHIFT = torch.arange(32, dtype=torch.int64)
-
-
-def _pack_group_bits(bit: torch.Tensor) -> torch.Tensor:
-    # bit [n, G, 32] in {0, 1}, element order -> int32 [n, G], bit e = element e
-    words = (bit.to(torch.int64) << _BIT_SHIFT.to(bit.device)).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def _unpack_group_bits(qh: torch.Tensor) -> torch.Tensor:
-    # inverse of _pack_group_bits: int32 [n, G] -> int32 [n, G * 32] bits in element order
-    bits = (qh.to(torch.int64)[..., None] >> _BIT_SHIFT.to(qh.device)) & 1
-    return bits.reshape(qh.shape[0], -1).to(torch.int32)
+def _unpack_two_bit_planes(y: torch.Tensor) -> torch.Tensor:
+    # inverse of _pack_two_bit_planes: int16 [n, G * 4] -> int32 [n, G * 32], element order
+    y = y.to(torch.int32)
+    return _unpack_bit_planes(y & 255) | (_unpack_bit_planes((y >> 8) & 255) << 1)
 
 
 def _kquant_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,7 +279,7 @@ def _pack_rows(raw: torch.Tensor, qid: int, n_cols: int) -> dict[str, torch.Tens
         hi = ((qh >> shifts) & 3).reshape(n, -1, 32)  # [n, nb*8, 32] element order
         return {
             "qs": _pack_nibble_planes(lo),
-            "qh": _pack_2bit_fields(hi),
+            "qh": _pack_two_bit_planes(hi),
             "sc": b[..., 192:208].contiguous().view(torch.int8).reshape(n, -1),
             "d": _f16_field(b, 208),
         }
@@ -377,7 +350,7 @@ def _pack_q3_k(b: torch.Tensor) -> dict[str, torch.Tensor]:
     shifts = torch.arange(0, 8, 2, device=b.device, dtype=torch.uint8).view(1, 1, 4, 1)
     hi = (sc[..., 8:12].unsqueeze(-2) >> shifts) & 3  # [n, nb, s // 4, s % 4]
     scales = (lo | (hi.reshape(n, -1, 16) << 4)).to(torch.int8) - 32
-    return {"qs": _pack_2bit_fields(low), "qh": _pack_group_bits(bit.reshape(n, -1, 32)),
+    return {"qs": _pack_two_bit_planes(low), "qh": _pack_bit_planes(bit.reshape(n, -1, 32)),
             "sc": scales.reshape(n, -1), "d": _f16_field(b, 108)}  # fmt: skip
 
 
@@ -475,7 +448,8 @@ def dequantize_packed(w: PackedWeight) -> torch.Tensor:
     if qid in LOWBIT_TYPES:
         return _dequantize_lowbit(w)
     if qid == Q3_K:  # q + 4 = the low two bits | the 3rd bit << 2
-        return _scaled_per_16(w, (_unpack_2bit_fields(w.qs) | (_unpack_group_bits(w.qh) << 2)) - 4)
+        return _scaled_per_16(w, (_unpack_two_bit_planes(w.qs) | (_unpack_bit_planes(w.qh) << 2))
+                              - 4)  # fmt: skip
     q = _unpack_nibble_planes(w.qs)  # [n, K]
     if qid in (IQ4_NL, IQ4_XS):
         kv = torch.tensor(IQ4_KVALUES, dtype=torch.float32, device=w.device)
@@ -487,7 +461,7 @@ def dequantize_packed(w: PackedWeight) -> torch.Tensor:
     if qid in (Q5_0, Q5_1, Q5_K):
         q = q | (_unpack_bit_planes(w.qh) << 4)
     if qid == Q6_K:
-        return _scaled_per_16(w, (q | (_unpack_2bit_fields(w.qh) << 4)) - 32)
+        return _scaled_per_16(w, (q | (_unpack_two_bit_planes(w.qh) << 4)) - 32)
     q = q.view(n, -1, 32)
     if qid in (Q4_K, Q5_K):
         d = w.d.float().repeat_interleave(8, dim=1)  # [n, K/32]
