@@ -96,13 +96,6 @@ def _spread_bits(v):
 
 
 @triton.jit
-def _load_words(QTYPE: tl.constexpr, qs_ptr, row, s_qs, widx, wmask):
-    """The packed words [R, NW] at word indices widx as int32 (Q3_K's are int16: its two low
-    bits of the word's eight values, see _nibbles)."""
-    return tl.load(qs_ptr + row * s_qs + widx, mask=wmask, other=0).to(tl.int32)
-
-
-@triton.jit
 def _load_high_bits(QTYPE: tl.constexpr, qh_ptr, row, s_qh, widx, wmask):
     """The high-bit fields of a [R, NW] word tile as int32, one per word (Q5_* and Q3_K: a byte
     of 5th / 3rd bits; Q6_K: an int16, bit 4 of the values in its low byte, bit 5 in its high
@@ -299,8 +292,7 @@ def _group_scales(QTYPE: tl.constexpr, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp
 
 
 @triton.jit
-def _tile_words(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_G: tl.constexpr, qs_ptr, row, g0,
-                g_limit, s_qs):  # fmt: skip
+def _tile_words(WPG: tl.constexpr, BLOCK_G: tl.constexpr, qs_ptr, row, g0, g_limit, s_qs):
     """The packed words [R, BLOCK_G * WPG] of one K step (groups from `g_limit` on masked off),
     with what the rest of the step indexes by: each word's index for its high bits and the word
     mask [1, NW], and the step's groups [1, BLOCK_G] with their mask."""
@@ -311,8 +303,9 @@ def _tile_words(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_G: tl.constexpr, q
     grp = g0 + tl.arange(0, BLOCK_G)
     gmask = (grp < g_limit)[None, :]
     wmask = (g0 + jg < g_limit)[None, :]
-    words = _load_words(QTYPE, qs_ptr, row, s_qs, (g0 * WPG + j)[None, :], wmask)
-    return words, ((g0 + jg) * WPG + jk)[None, :], wmask, grp[None, :], gmask
+    # int32 words (Q3_K's int16 per word widened: see _nibbles)
+    words = tl.load(qs_ptr + row * s_qs + (g0 * WPG + j)[None, :], mask=wmask, other=0)
+    return words.to(tl.int32), ((g0 + jg) * WPG + jk)[None, :], wmask, grp[None, :], gmask
 
 
 @triton.jit
@@ -322,8 +315,7 @@ def _tile_loads(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_G: tl.constexpr, q
     on masked off: the words [R, NW], their high bits (_load_high_bits) and the scale fields
     s0..s3 [R, BLOCK_G] (_load_scales). Apart from _tile_maps so a kernel can issue the next
     step's loads before it decodes this one."""
-    words, widx, wmask, grp, gmask = _tile_words(QTYPE, WPG, BLOCK_G, qs_ptr, row, g0, g_limit,
-                                                 s_qs)
+    words, widx, wmask, grp, gmask = _tile_words(WPG, BLOCK_G, qs_ptr, row, g0, g_limit, s_qs)
     hb = _load_high_bits(QTYPE, qh_ptr, row, s_qh, widx, wmask)
     s0, s1, s2, s3 = _load_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp, gmask, s_sc,
                                   s_d)
@@ -351,8 +343,7 @@ def _weight_tile(QTYPE: tl.constexpr, WPG: tl.constexpr, BLOCK_N: tl.constexpr,
     (a_lo, a_hi, c; see _group_scales), all [BLOCK_N, BLOCK_G * WPG]. For the fused tensor-core
     kernel and the dequantizer, which apply the maps per element; each load is issued where its
     value is first needed (the swapped kernel issues them a step ahead: _tile_loads)."""
-    words, widx, wmask, grp, gmask = _tile_words(QTYPE, WPG, BLOCK_G, qs_ptr, row, g0, g_limit,
-                                                 s_qs)
+    words, widx, wmask, grp, gmask = _tile_words(WPG, BLOCK_G, qs_ptr, row, g0, g_limit, s_qs)
     lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, widx, wmask)
     a_lo, a_hi, c = _group_scales(QTYPE, sc_ptr, mn_ptr, d_ptr, dmin_ptr, row, grp, gmask, s_sc,
                                   s_d)  # [BN, BG]
@@ -515,7 +506,7 @@ def _gemv_tile(
         gmask = (grp < g_end)[None, :]  # [1, BG]
         wmask = (g0 + jg < g_end)[None, :]  # [1, NW]
         widx = (g0 * WPG + j)[None, :]  # [1, NW] word index in the row
-        words = _load_words(QTYPE, qs_ptr, row, s_qs, widx, wmask)  # [BN, NW] int32
+        words = tl.load(qs_ptr + row * s_qs + widx, mask=wmask, other=0).to(tl.int32)  # [BN, NW]
         # Written as group*WPG + k so the compiler sees runs of WPG (not NW) contiguous words, which
         # keeps the per-word side arrays in the same register layout as `words`.
         lo, hi = _prepare_words(QTYPE, words, qh_ptr, row, s_qh, (g0 + jg) * WPG + jk, wmask)
