@@ -4,7 +4,9 @@
 # Needs carried: .peer/llamacpp-sm90.tar.xz, .peer/http_load.py and .whl/ (gguf, fastapi,
 # starlette, pydantic, pydantic_core, annotated_types, typing_inspection, uvicorn, opentelemetry_api).
 # Usage (on the device, repo root): bash benchmarks/serving_vs_llamacpp.sh [OUT_DIR] [PARTS]
-#   PARTS: any of "batched serve" (default both)
+#   PARTS: any of "batched serve json" (default "batched serve"); json (issue 19) runs 64
+#   streaming clients with one JSON schema (llama-server's `json_schema` field, which llcuda
+#   serve takes too) beside 64 free ones on each server; it needs .whl/llguidance-*.whl.
 set -uo pipefail
 out=${1:-${OUT:-/tmp/bench-out}}
 parts=${2:-batched serve}
@@ -29,10 +31,16 @@ wait_up() {  # url, pid
   return 1
 }
 
-load() {  # url label clients requests
+load() {  # url label clients requests [extra request fields, JSON]
   python3 .peer/http_load.py "$1" --label "$2" --clients "$3" --requests "$4" \
-    --prompt-words 100 --max-tokens 128 2>&1 | tee -a "$out/serving.txt"
+    --prompt-words 100 --max-tokens 128 --extra "${5:-"{}"}" 2>&1 | tee -a "$out/serving.txt"
 }
+
+# An object of 100 integers: no output can end before max_tokens (128), so both kinds of client
+# generate the same number of tokens
+schema='{"type":"object","properties":{"values":{"type":"array","items":{"type":"integer",
+"minimum":0,"maximum":999},"minItems":100,"maxItems":100}},"required":["values"]}'
+json_extra="{\"json_schema\":${schema//$'\n'/}}"
 
 if [[ $parts == *batched* ]]; then
   echo "== llcuda batched decode"
@@ -43,16 +51,23 @@ if [[ $parts == *batched* ]]; then
     -npp 128 -ntg 128 -npl 1,4,8,16,32,64,128 2>&1 | grep -E "^\|" | tee "$out/llamacpp_batched.txt"
 fi
 
-if [[ $parts == *serve* ]]; then
+if [[ $parts == *serve* || $parts == *json* ]]; then
   echo "== llcuda serve"
   python3 -m llcuda.cli serve "$m" --port 8090 -np 256 -c 512 -b 2048 -ub 512 -q \
     > "$out/llcuda_server.log" 2>&1 &
   pid=$!
   if wait_up http://127.0.0.1:8090 $pid; then
     load http://127.0.0.1:8090 "llcuda warmup" 8 1 > /dev/null
-    load http://127.0.0.1:8090 "llcuda" 1 2
-    load http://127.0.0.1:8090 "llcuda" 64 2
-    load http://127.0.0.1:8090 "llcuda" 256 2
+    if [[ $parts == *serve* ]]; then
+      load http://127.0.0.1:8090 "llcuda" 1 2
+      load http://127.0.0.1:8090 "llcuda" 64 2
+      load http://127.0.0.1:8090 "llcuda" 256 2
+    fi
+    if [[ $parts == *json* ]]; then
+      load http://127.0.0.1:8090 "llcuda json warmup" 8 1 "$json_extra" > /dev/null
+      load http://127.0.0.1:8090 "llcuda free" 64 2
+      load http://127.0.0.1:8090 "llcuda json_schema" 64 2 "$json_extra"
+    fi
   else
     echo "llcuda serve did not come up"; tail -30 "$out/llcuda_server.log"
   fi
@@ -65,6 +80,7 @@ if [[ $parts == *serve* ]]; then
   if wait_up http://127.0.0.1:8091 $pid; then
     load http://127.0.0.1:8091 "llama.cpp warmup" 8 1 > /dev/null
     load http://127.0.0.1:8091 "llama.cpp" 64 2
+    [[ $parts == *json* ]] && load http://127.0.0.1:8091 "llama.cpp json_schema" 64 2 "$json_extra"
     [ -n "${WITH_PEER_256:-}" ] && load http://127.0.0.1:8091 "llama.cpp" 256 2
   else
     echo "llama-server did not come up"; tail -30 "$out/llamacpp_server.log"
