@@ -48,3 +48,18 @@ def matmul_path(m: int, n: int, k: int, bf16: bool = True) -> str:
     if SWAP_MIN_M <= m <= SWAP_MAX_M:
         return "swap"
     return "gemm"
+
+
+def dense_chunk_rows(n: int, k: int, chunk_bytes: int = DENSE_CHUNK_BYTES) -> int:
+    """Rows per chunk when the dense path expands an [n, k] matrix: n if its bf16 workspace fits
+    chunk_bytes, else the fewest equal chunks of whole 128-row tiles (the GEMM's widest) that
+    each fit it (one tile at least), the last chunk taking what remains."""
+    max_rows = max(128, chunk_bytes // (2 * k) // 128 * 128)
+    if n <= max_rows:
+        return n
+    n_chunks = _cdiv(n, max_rows)
+    return _cdiv(_cdiv(n, n_chunks), 128) * 128
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llcuda.kernels.matmul_path import DENSE_CHUNK_BYTES
+from llcuda.kernels.matmul_path import DENSE_CHUNK_BYTES, dense_chunk_rows
 from llcuda.kernels.quant_dequant import dequantize_bf16
 from llcuda.kernels.quant_matmul import (
     _MAGIC,
@@ -348,10 +348,9 @@ def quant_gemm_dense(x: torch.Tensor, w: PackedWeight, partials: bool = False) -
     x = _check(x, w)  # CUDA, or the CPU under TRITON_INTERPRET=1 (dense_gemm runs there too)
     xp = plane_major(x, _WPG[w.qtype])  # [M, K] bf16
     (m, k), n = x.shape, w.n_rows
-    max_rows = max(128, DENSE_CHUNK_BYTES // (2 * k) // 128 * 128)  # whole 128-row tiles
-    if n <= max_rows:
+    chunk = dense_chunk_rows(n, k, DENSE_CHUNK_BYTES)
+    if chunk == n:
         return dense_gemm(xp, dequantize_bf16(w), partials=partials)  # wd [N, K] bf16
-    chunk = triton.cdiv(triton.cdiv(n, triton.cdiv(n, max_rows)), 128) * 128
     dev = x.device.index if x.device.type == "cuda" else 0
     cfg = dense_config(m, chunk, k, _num_sms(dev), partials)
     split_k = _split_groups(k, cfg["SPLIT_K"], cfg["BLOCK_K"])[1]
