@@ -8,7 +8,7 @@ columns] tile into fp32 weights: each word tile [BN, BK / per_word] is shifted b
 bits * (0..per_word-1) along a new axis and flattened back, so the decoded tile, its scales
 (broadcast from [BN, BK / 16 or 32]) and the activations x[k0:k0 + BK] share one layout. Values
 become floats without I2F: a small integer OR'ed under the exponent of 2^23 is 2^23 + q exactly,
-and one FADD removes 2^23 (and the type's zero point).
+and one FADD removes 2^23.
 
 Three kernels use it:
 * `_lowbit_gemv_kernel` (M <= GEMV_MAX_M, decode): fp32 FMAs; K split over a second grid axis
@@ -54,9 +54,9 @@ def _per_element(v, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.cons
 
 
 @triton.jit
-def _small_int(q, offset: tl.constexpr):
-    """fp32 q - offset for ints 0 <= q < 2^23: q under the exponent of 2^23, then one FADD."""
-    return (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + offset)
+def _small_int(q):
+    """fp32 q for ints 0 <= q < 2^23: q under the exponent of 2^23, then one FADD."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def _lowbit_tile(QTYPE: tl.constexpr, qs_ptr, qh_ptr, sc_ptr, sg_ptr, d_ptr, dmi
         dmin = tl.load(dmin_ptr + row * s_d + (grp // 16)[None, :], mask=gmask, other=0.0)
         a = d * (sc & 15).to(tl.float32)
         c = dmin.to(tl.float32) * (sc >> 4).to(tl.float32)
-        qf = _small_int(q, 0.0)
+        qf = _small_int(q)
         return (_per_element(a, 16, BLOCK_N, BLOCK_K) * qf
                 - _per_element(c, 16, BLOCK_N, BLOCK_K))  # fmt: skip
 
