@@ -39,12 +39,14 @@ from types import ModuleType
 import torch
 
 from llcuda.gguf.constants import QUANT_SIZES, GGMLType
+from llcuda.kernels.iq_tables import IQ4_KVALUES
 from llcuda.kernels.quant_matmul_cpu import quant_matmul_cpu, torch_threads
 from llcuda.layers.quant_tensor import QuantTensor
 
 NATIVE_TYPES: frozenset[GGMLType] = frozenset({
     GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
-    GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
+    GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
+    GGMLType.IQ4_NL, GGMLType.IQ4_XS,
 })  # fmt: skip
 
 # From this many tokens on, decoding a tile to fp32 once and multiplying it by MKL
@@ -54,6 +56,8 @@ MKL_TOKENS = 128
 
 _SOURCE = Path(__file__).parent / "csrc" / "quant_cpu.cpp"
 _HEADERS = (Path(__file__).parent / "csrc" / "decode_block.h",)  # included by _SOURCE
+# The compiler flags; the IQ4 code book comes from iq_tables, its one source.
+_CFLAGS = ["-O3", "-march=native", f"-DLLCUDA_IQ4_KVALUES={','.join(map(str, IQ4_KVALUES))}"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module": the loaded extension or None once a build failed
 
@@ -63,10 +67,11 @@ def enabled() -> bool:
 
 
 def build_dir() -> Path:
-    """Where the extension is built: beside the model cache, keyed by source and torch."""
+    """Where the extension is built: beside the model cache, keyed by source, flags and torch."""
     models = os.environ.get("LLCUDA_CACHE")
     root = Path(models).expanduser().parent if models else Path.home() / ".cache" / "llcuda"
     text = b"".join(path.read_bytes() for path in (_SOURCE, *_HEADERS))
+    text += " ".join(_CFLAGS).encode()
     key = hashlib.sha256(text + torch.__version__.encode()).hexdigest()[:12]
     return root / "ext" / f"quant_cpu-{key}"
 
@@ -103,7 +108,7 @@ def _build() -> ModuleType | None:
         return load(
             name="llcuda_quant_cpu",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native"],
+            extra_cflags=_CFLAGS,
             build_directory=str(directory),
             verbose=False,
         )

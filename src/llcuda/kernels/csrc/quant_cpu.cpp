@@ -2,7 +2,9 @@
 //
 // Every weight type is written as w = scale * u + offset per 16 elements, u a small integer in
 // int8: Q5_0's d (q - 16) is u * d with u = q - 16, Q6_K's d sc (q - 32) likewise, Q8_0's is
-// u * d, and Q4_K's d sc q - dmin m is u * (d sc) + offset with offset = -dmin m. A block's
+// u * d, and Q4_K's d sc q - dmin m is u * (d sc) + offset with offset = -dmin m. Q2_K is Q4_K's
+// form with 2-bit u, Q3_K Q6_K's with u = q - 4 (q the 2 low bits and the high-mask bit), and
+// IQ4_NL / IQ4_XS take u from their code book (one byte shuffle per 32 indices). A block's
 // 32 bytes of u come from a few AVX2 byte ops, are widened to 4 x 8 floats and multiplied with fp32 x by FMAs;
 // the offset term is offset * sum(x) over the 16, read from sums made once per call. x stays
 // fp32 (llama.cpp quantizes it to int8 instead: faster, but its rounding moved a golden
@@ -36,8 +38,16 @@
 namespace {
 
 // GGML type ids (llcuda.gguf.constants.GGMLType)
-constexpr int Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14;
+constexpr int Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
+              Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23;
 constexpr int MAX_TILE = 4;  // tokens per weight-block decode
+
+// IQ4_NL / IQ4_XS code book, from llcuda.kernels.iq_tables.IQ4_KVALUES (quant_cpu_native passes it
+// as a compile definition, so the table has one source)
+#ifndef LLCUDA_IQ4_KVALUES
+#error "LLCUDA_IQ4_KVALUES (the IQ4 code book) must be defined by the build"
+#endif
+alignas(16) constexpr int8_t kIQ4Values[16] = {LLCUDA_IQ4_KVALUES};
 
 float f16_to_f32(uint16_t h) {
 #if defined(__F16C__)
@@ -75,6 +85,24 @@ void scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* mn) {
     *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
     *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
   }
+}
+
+// Q3_K: its 16 six-bit scales (minus 32) from the 12 packed bytes: the low 4 bits are the
+// nibbles of bytes 0-7 (scale s < 8 the low nibble of byte s, s >= 8 the high one of byte s - 8),
+// the high 2 bits those of bytes 8-11 (bits 2 (s / 4) of byte 8 + s % 4)
+void q3_k_scales(const uint8_t* q, int* sc) {
+  for (int s = 0; s < 16; ++s) {
+    const int lo = (s < 8 ? q[s] : q[s - 8] >> 4) & 0xF;
+    const int hi = (q[8 + s % 4] >> (2 * (s / 4))) & 3;
+    sc[s] = (lo | (hi << 4)) - 32;
+  }
+}
+
+// IQ4_XS: the six-bit scale (minus 32) of sub-block ib from scales_h (u16) and scales_l[4]
+int iq4_xs_scale(const uint8_t* b, int ib) {
+  const int lo = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0xF;
+  const int hi = (rd16(b + 2) >> (2 * ib)) & 3;
+  return (lo | (hi << 4)) - 32;
 }
 
 // The activations: x fp32 [M, K] and the sum of each 16 of its elements, s16 [M, K/16] (what a
@@ -121,6 +149,17 @@ inline __m256i fifth_bits_32(const uint8_t* p) {
   b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
   b = _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1));
   return _mm256_and_si256(b, _mm256_set1_epi8(0x10));
+}
+
+// 16 bytes of IQ4 code-book indices (nibbles_32's order) -> their 32 signed code-book values
+inline __m256i iq4_values_32(const uint8_t* p) {
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)kIQ4Values));
+  return _mm256_shuffle_epi8(table, nibbles_32(p));
+}
+
+// 32 bytes, each shifted right by `bits` and masked to its low `mask` bits (2-bit fields)
+inline __m256i bits_at(__m256i v, int bits, int mask) {
+  return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(bits)), _mm256_set1_epi8(mask));
 }
 
 #if defined(__AVX512F__)
@@ -325,6 +364,55 @@ void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo)
         }
       }
     }
+  } else if constexpr (TYPE == Q2_K || TYPE == Q3_K) {
+    // 128-element half h, group j: element 128h + 32j + l is bits 2j, 2j+1 of qs[32h + l],
+    // its scale the (8h + 2j + l / 16)-th; Q3_K's third bit is bit 4h + j of hmask[l]
+    constexpr int bytes = TYPE == Q2_K ? 84 : 110;
+    constexpr int qs_at = TYPE == Q2_K ? 16 : 32;
+    for (int64_t sb = 0; sb < K / 256; ++sb, w += bytes) {
+      int sc3[16];
+      float d = 0.f, dmin = 0.f;
+      __m256i hmask = _mm256_setzero_si256();
+      if constexpr (TYPE == Q2_K) {
+        d = f16_to_f32(rd16(w + 80));
+        dmin = f16_to_f32(rd16(w + 82));
+      } else {
+        d = f16_to_f32(rd16(w + 108));
+        q3_k_scales(w + 96, sc3);
+        hmask = _mm256_loadu_si256((const __m256i*)w);
+      }
+      for (int h = 0; h < 2; ++h) {
+        const __m256i qs = _mm256_loadu_si256((const __m256i*)(w + qs_at + 32 * h));
+        for (int j = 0; j < 4; ++j) {
+          const int k = 8 * h + 2 * j;
+          const int64_t ib = sb * 8 + 4 * h + j;
+          const __m256i low = bits_at(qs, 2 * j, 3);
+          if constexpr (TYPE == Q2_K) {  // scale in the low nibble, min in the high one
+            const uint8_t a = w[k], b = w[k + 1];
+            step<T>(low, d * (a & 0xF), d * (b & 0xF), -dmin * (a >> 4), -dmin * (b >> 4), x, m0,
+                    ib, acc, off);
+          } else {  // q - 4 where the mask bit is clear: (low | bit << 2) - 4, in -4..3
+            const __m256i bit = _mm256_slli_epi16(bits_at(hmask, 4 * h + j, 1), 2);
+            const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, bit), _mm256_set1_epi8(4));
+            step<T, true>(q, d * sc3[k], d * sc3[k + 1], 0.f, 0.f, x, m0, ib, acc, off);
+          }
+        }
+      }
+    }
+  } else if constexpr (TYPE == IQ4_NL) {
+    for (int64_t ib = 0; ib < K / 32; ++ib, w += 18) {
+      const float d = f16_to_f32(rd16(w));
+      step<T, true>(iq4_values_32(w + 2), d, d, 0.f, 0.f, x, m0, ib, acc, off);
+    }
+  } else if constexpr (TYPE == IQ4_XS) {
+    for (int64_t sb = 0; sb < K / 256; ++sb, w += 136) {
+      const float d = f16_to_f32(rd16(w));
+      for (int ib = 0; ib < 8; ++ib) {
+        const float dl = d * iq4_xs_scale(w, ib);
+        step<T, true>(iq4_values_32(w + 8 + 16 * ib), dl, dl, 0.f, 0.f, x, m0, sb * 8 + ib, acc,
+                      off);
+      }
+    }
   }
   for (int t = 0; t < T; ++t) out[t * ldo] = acc_sum(acc[t]) + off[t];
 }
@@ -381,6 +469,37 @@ void decode32(const uint8_t* row, int64_t ib, int* v, float* sc, float* of) {
     sc[0] = d * s[0];
     sc[1] = d * s[1];
     of[0] = of[1] = 0.f;
+  } else if constexpr (TYPE == Q2_K || TYPE == Q3_K) {
+    const uint8_t* b = row + (ib / 8) * (TYPE == Q2_K ? 84 : 110);
+    const int h = (int)(ib % 8) / 4, j = (int)(ib % 4), k = 8 * h + 2 * j;
+    const uint8_t* qs = b + (TYPE == Q2_K ? 16 : 32) + 32 * h;
+    if constexpr (TYPE == Q2_K) {
+      const float d = f16_to_f32(rd16(b + 80)), dmin = f16_to_f32(rd16(b + 82));
+      for (int i = 0; i < 32; ++i) v[i] = (qs[i] >> (2 * j)) & 3;
+      for (int e = 0; e < 2; ++e) {
+        sc[e] = d * (b[k + e] & 0xF);
+        of[e] = -dmin * (b[k + e] >> 4);
+      }
+    } else {
+      const float d = f16_to_f32(rd16(b + 108));
+      int s3[16];
+      q3_k_scales(b + 96, s3);
+      for (int i = 0; i < 32; ++i)
+        v[i] = (((qs[i] >> (2 * j)) & 3) | (((b[i] >> (4 * h + j)) & 1) << 2)) - 4;
+      sc[0] = d * s3[k];
+      sc[1] = d * s3[k + 1];
+      of[0] = of[1] = 0.f;
+    }
+  } else if constexpr (TYPE == IQ4_NL || TYPE == IQ4_XS) {
+    const uint8_t* b = TYPE == IQ4_NL ? row + ib * 18 : row + (ib / 8) * 136;
+    const uint8_t* qs = TYPE == IQ4_NL ? b + 2 : b + 8 + 16 * (ib % 8);
+    for (int i = 0; i < 16; ++i) {
+      v[i] = kIQ4Values[qs[i] & 0xF];
+      v[i + 16] = kIQ4Values[qs[i] >> 4];
+    }
+    const float d = f16_to_f32(rd16(b));
+    sc[0] = sc[1] = TYPE == IQ4_NL ? d : d * iq4_xs_scale(b, (int)(ib % 8));
+    of[0] = of[1] = 0.f;
   }
 }
 
@@ -431,14 +550,21 @@ RowsFn rows_fn(int64_t qtype) {
     case Q5_0: return rows_dot<Q5_0>;
     case Q5_1: return rows_dot<Q5_1>;
     case Q8_0: return rows_dot<Q8_0>;
+    case Q2_K: return rows_dot<Q2_K>;
+    case Q3_K: return rows_dot<Q3_K>;
     case Q4_K: return rows_dot<Q4_K>;
     case Q5_K: return rows_dot<Q5_K>;
     case Q6_K: return rows_dot<Q6_K>;
+    case IQ4_NL: return rows_dot<IQ4_NL>;
+    case IQ4_XS: return rows_dot<IQ4_XS>;
     default: return nullptr;
   }
 }
 
-int64_t block_elems(int64_t qtype) { return qtype >= Q4_K ? 256 : 32; }
+// elements per block of a type rows_fn takes: 256 for the K-quants and IQ4_XS, else 32
+int64_t block_elems(int64_t qtype) {
+  return (qtype >= Q2_K && qtype <= Q6_K) || qtype == IQ4_XS ? 256 : 32;
+}
 
 // A thread pool made for a shared machine. OpenMP (torch's intra-op pool) hands each thread a
 // fixed share and spins at every join: with another job on one of two cores, every matmul then
