@@ -9,6 +9,7 @@ and any batching of the tokens (each output is one row's sum in a fixed order).
 from __future__ import annotations
 
 import os
+import platform
 
 import pytest
 import torch
@@ -171,3 +172,45 @@ def test_n_threads_knob():
     assert 1 <= qn.physical_cores() <= (os.cpu_count() or 1)
     args = build_parser().parse_args(["bench", "m.gguf", "-t", "2"])
     assert args.threads == 2
+
+
+_VARIANT_CHECK = """
+import sys, torch
+from llcuda.kernels import quant_cpu_native as qn
+from llcuda.kernels.dequant_ref import dequantize_ref
+from tests.unit.test_quant_cpu_native import assert_matmul_close, weight
+qn._CFLAGS = ["-O3", *sys.argv[1].split(), qn._CFLAGS[-1]]
+native = qn.load_native()
+assert native is not None and [native.has_avx2(), native.has_avx512()] == eval(sys.argv[2])
+for qtype in sorted(qn.NATIVE_TYPES):
+    for tokens in (1, 3, 4, 9):
+        w = weight(qtype, 45, 3, seed=tokens)
+        x = torch.randn(tokens, w.shape[1], generator=torch.Generator().manual_seed(tokens))
+        assert_matmul_close(qn.quant_matmul_native(x, w), x, w)
+    x = torch.eye(w.shape[1])
+    want = dequantize_ref(w.data, qtype).T
+    torch.testing.assert_close(qn.quant_matmul_native(x, w), want, rtol=1e-5,
+                               atol=1e-5 * want.abs().max().item())
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA flags")
+def test_avx2_and_scalar_builds_match_the_reference(native, tmp_path):
+    # the host builds its widest kernels (AVX-512 here); the AVX2 and the scalar ones (older x86,
+    # other architectures) are built too, each in its own process and cache, and checked alike
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    runs = []
+    for flags, isa in (("-march=native -mno-avx512f", f"[{native.has_avx2()}, False]"),
+                       ("-march=native -mno-avx", "[False, False]")):
+        env = dict(os.environ, LLCUDA_CACHE=str(tmp_path / flags.split()[-1] / "models"),
+                   PYTHONPATH=os.pathsep.join([str(root / "src"), str(root)]))  # fmt: skip
+        command = [sys.executable, "-c", _VARIANT_CHECK, flags, isa]
+        runs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    for run in runs:
+        output = run.communicate(timeout=600)[0]
+        assert run.returncode == 0, output[-3000:]
