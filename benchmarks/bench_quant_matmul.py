@@ -1,7 +1,7 @@
 """Quantized matmul kernels (llcuda.kernels.quant_matmul) next to cuBLAS on a dense bf16 copy.
 
     python benchmarks/bench_quant_matmul.py [--quick] [--sweep] [--m1-sweep] [--big-m1-sweep]
-        [--json out.jsonl]
+        [--small-m-sweep] [--only 'TYPE K N'] [--json out.jsonl]
 
 Per (type, K, N, M): kernel time in us (median of CUDA-graph replays, so launch gaps are not
 counted), GB/s of packed weight bytes at M=1 (the decode roofline: ~3.35 TB/s on H100 SXM),
@@ -25,6 +25,7 @@ import torch
 from llcuda.kernels import quant_pack as qp
 from llcuda.kernels.quant_matmul import (
     GEMV_SHORT_ROW_GROUPS,
+    INT8_X_TYPES,
     gemm_config,
     gemv_config,
     quant_gemm,
@@ -331,6 +332,70 @@ def _short(cfg: dict) -> str:
             f"{cfg['SPLIT_K']}{' preload' if cfg.get('PRELOAD') else ''}")
 
 
+def small_m_candidates(qid: int, m: int, k: int, n: int, sms: int) -> list[dict]:
+    """GEMV configs to time at a decode batch of m (2..4) rows: the default for m, the M=1
+    tiles (preloaded whole rows where they apply), whole-row preloaded tiles of 4-32 rows at 4
+    and 8 warps, and each of those with the other INT8_X setting."""
+    n_groups = k // 32
+    base = gemv_config(qid, m, n, n_groups, sms)
+    out = [base, dict(gemv_config(qid, 1, n, n_groups, sms), INT8_X=base["INT8_X"])]
+    if n_groups <= 256 and n <= 100_000:
+        whole = 1 << (n_groups - 1).bit_length()
+        for bn in (4, 8, 16, 32):
+            for warps in (4, 8):
+                out.append(dict(base, BLOCK_N=bn, BLOCK_G=whole, SPLIT_K=1, num_warps=warps,
+                                num_stages=1, PRELOAD=True))
+    if qid in INT8_X_TYPES:
+        out += [dict(c, INT8_X=not c["INT8_X"]) for c in list(out)]
+    return out
+
+
+def small_m_sweep(gen, only: str | None = None, batches=(2, 3, 4)) -> list[dict]:
+    """The decode GEMV of M1_SWEEP's shapes (the 1B / 270M projections) at batches of 2-4 rows,
+    PDL-chained: the default config, the fused tensor-core GEMM at the same M, and the fastest
+    of small_m_candidates, beside the default at M=1 (what a step of 1 costs)."""
+    out = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for tname, k, n in M1_SWEEP:
+        if only and only not in f"{tname} {k} {n}":
+            continue
+        qid = T[tname]
+        ws = weight_copies(qid, n, k, gen)
+        act = "gelu_tanh" if (tname, k, n) in GATE_UP else None
+        m1_us = time_gemv(torch.randn((1, k), generator=gen, device="cuda"), ws, None, act)
+        for m in batches:
+            x = torch.randn((m, k), generator=gen, device="cuda")
+            default_us = time_gemv(x, ws, None, act)
+            gemm_us = time_calls([lambda w=w, x=x: quant_gemm(x, w) for w in ws])
+            want = quant_gemv(x, ws[0], gated_act=act)
+            candidates = []
+            for cfg in small_m_candidates(qid, m, k, n, sms):  # a config must give the sums
+                try:
+                    got = quant_gemv(x, ws[0], config=cfg, gated_act=act)
+                except Exception as e:
+                    print(f"  {tname} M={m} {_short(cfg)}: failed {type(e).__name__}")
+                    continue
+                err = ((got - want).norm() / want.norm()).item()
+                if err < 2e-2:  # int8 against fp32 activations differ by ~1e-3
+                    candidates.append(cfg)
+                else:
+                    print(f"  {tname} M={m} {_short(cfg)}: WRONG, rel err {err:.2g}")
+            results = time_candidates(tname, x, ws, candidates, act)
+            results.sort(key=lambda r: r[0])
+            best = " ".join(f"{us:.2f}({_short(c)}{' int8' if c['INT8_X'] else ''})"
+                            for us, c in results[:3])
+            print(f"small-m {tname} K={k} N={n}{' GEGLU out' if act else ''} M={m}: default "
+                  f"{default_us:.2f}us (M=1 {m1_us:.2f}us), fused GEMM {gemm_us:.2f}us; best "
+                  f"{best}", flush=True)
+            out.append({"type": tname, "K": k, "N": n, "M": m, "m1_us": m1_us,
+                        "default_us": default_us, "gemm_us": gemm_us,
+                        "best_us": results[0][0] if results else None,
+                        "best": results[0][1] if results else None})
+        del ws
+        torch.cuda.empty_cache()
+    return out
+
+
 # the 1B twin's projections as a decode batch meets them (q|k, gate|up fused; K=1152 is Q5_0)
 DECODE_SWEEP = [("Q5_0", 1152, 13824), ("Q4_K", 6912, 1152), ("Q5_0", 1152, 1280)]
 
@@ -388,10 +453,12 @@ def main() -> None:
                     help="only: tile configs of the 1B twin's projections at M = 64, 128")
     ap.add_argument("--m1-sweep", action="store_true",
                     help="only: GEMV configs of the 1B / 270M twins' decode projections at M = 1")
+    ap.add_argument("--small-m-sweep", action="store_true",
+                    help="only: GEMV configs of the 1B / 270M decode projections at M = 2..4")
     ap.add_argument("--big-m1-sweep", action="store_true",
                     help="only: fp32 vs int8-activation GEMV configs of 4B-8B decode projections")
     ap.add_argument("--only", default=None,
-                    help="with --m1-sweep: only shapes whose 'type K N' contains this")
+                    help="with a sweep: only shapes whose 'type K N' contains this")
     ap.add_argument("--json", default=None, help="append one JSON line per row to this file")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -403,8 +470,8 @@ def main() -> None:
     if args.m1_sweep:
         m1_sweep(gen, args.only)
         return
-    if args.big_m1_sweep:
-        rows = big_m1_sweep(gen, args.only)
+    if args.big_m1_sweep or args.small_m_sweep:
+        rows = big_m1_sweep(gen, args.only) if args.big_m1_sweep else small_m_sweep(gen, args.only)
         if args.json:
             with open(args.json, "a") as f:
                 for r in rows:
