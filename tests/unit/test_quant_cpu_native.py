@@ -196,7 +196,7 @@ for qtype in sorted(qn.NATIVE_TYPES):
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA flags")
 def test_avx2_and_scalar_builds_match_the_reference(native, tmp_path):
-    # the host builds its widest kernels (AVX-512 here); the AVX2 and the scalar ones (older x86,
+    # the host builds its widest kernels (AVX-512 or AVX2); the AVX2 and the scalar ones (older x86,
     # other architectures) are built too, each in its own process and cache, and checked alike
     import subprocess
     import sys
