@@ -214,3 +214,10 @@ def test_avx2_and_scalar_builds_match_the_reference(native, tmp_path):
     for run in runs:
         output = run.communicate(timeout=600)[0]
         assert run.returncode == 0, output[-3000:]
+
+
+def test_builds_are_keyed_by_the_cpu(monkeypatch):
+    # -march=native: a build made on another kind of CPU is never loaded here
+    here = qn.build_dir()
+    monkeypatch.setattr(qn, "_cpu_features", lambda: "fpu sse2 avx2 avx512f")
+    assert qn.build_dir() != here and qn.build_dir().parent == here.parent

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import platform
 import threading
 import warnings
 from pathlib import Path
@@ -71,9 +72,23 @@ def build_dir() -> Path:
     models = os.environ.get("LLCUDA_CACHE")
     root = Path(models).expanduser().parent if models else Path.home() / ".cache" / "llcuda"
     text = b"".join(path.read_bytes() for path in (_SOURCE, *_HEADERS))
-    text += " ".join(_CFLAGS).encode()
+    text += " ".join(_CFLAGS).encode() + _cpu_features().encode()
     key = hashlib.sha256(text + torch.__version__.encode()).hexdigest()[:12]
     return root / "ext" / f"quant_cpu-{key}"
+
+
+def _cpu_features() -> str:
+    """What -march=native compiles for: the CPU's feature flags (/proc/cpuinfo on Linux), so a
+    cache shared by machines of several kinds (a home directory on NFS) never hands an AVX-512
+    build to a CPU without it, which would die of an illegal instruction."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
 
 
 def is_loaded() -> bool:
