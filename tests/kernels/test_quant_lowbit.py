@@ -290,7 +290,7 @@ def _cases():
 def test_lowbit_matmul_matches_reference(qtype, k, n):
     from llcuda.kernels import matmul_path, quant_lowbit
     from llcuda.kernels.quant_matmul import quant_matmul
-    from tests.kernels.test_quant_matmul import _gemv_input
+    from tests.kernels.test_quant_matmul import _gemv_err
 
     # quant_lowbit's GEMV takes up to 16 rows; IQ4_* run in quant_matmul's, which takes up to 4
     # and multiplies big matrices with int8 activations (their spec: quantize_q8_ref)
@@ -308,7 +308,8 @@ def test_lowbit_matmul_matches_reference(qtype, k, n):
         x = torch.randn((m, k), generator=gen, device="cuda")
         out = quant_matmul(x, w)
         tol = 2e-5 if m <= gemv_max_m else 1.5e-2  # fp32 FMAs; bf16 products
-        err = _rel_err(out, (_gemv_input(qtype, x, n) if m <= gemv_max_m else x) @ w_ref.T)
+        err = (_gemv_err(qtype, out, x, w_ref, n) if m <= gemv_max_m
+               else _rel_err(out, x @ w_ref.T))  # fmt: skip
         if out.shape != (m, n) or not torch.isfinite(out).all() or err > tol:
             failures.append(f"M={m}: {tuple(out.shape)} rel err {err:.3g} > {tol}")
     assert not failures, f"{qtype.name} K={k} N={n}: " + "; ".join(failures)

@@ -49,3 +49,20 @@ def test_cpu_norms_have_no_q8_rows():
     torch.testing.assert_close((x_out, h), ops.residual_rms_norm(x, a, None, w, 1e-6)[:2])
     h2, q2 = ops.rms_norm_q8(x, w, 1e-6)
     assert q2 is None and torch.equal(h2, ops.rms_norm(x, w, 1e-6))
+
+
+def test_tie_slack_names_the_elements_at_rounding_ties():
+    from llcuda.kernels.q8_activations import Q8_TIE_WINDOW, q8_tie_slack
+
+    # group 0: max 127 so dx = 1 and x / dx = x; 2.5 and -3.5 are ties, 2.4 and 7 are not;
+    # group 1: all zeros (dx 0, nothing open)
+    x = torch.zeros(1, 64)
+    x[0, :5] = torch.tensor([127.0, 2.5, -3.5, 2.4, 7.0])
+    x[0, 5] = 10.5 + Q8_TIE_WINDOW / 2  # within the window
+    slack = q8_tie_slack(x)
+    assert slack.shape == x.shape
+    assert torch.nonzero(slack[0]).flatten().tolist() == [1, 2, 5]
+    torch.testing.assert_close(slack[0, [1, 2, 5]], torch.ones(3))
+    # ties are rare in random data: ~2 * Q8_TIE_WINDOW of the elements
+    r = q8_tie_slack(torch.randn(64, 4096, generator=torch.Generator().manual_seed(0)))
+    assert 0 < (r > 0).float().mean().item() < 6 * Q8_TIE_WINDOW
