@@ -156,12 +156,19 @@ def _gemv_err(qtype, out: torch.Tensor, x: torch.Tensor, w_ref: torch.Tensor, n:
     """_rel_err of a default decode GEMV's out against its spec, _gemv_input(x) @ w_ref.T. On the
     int8 path an activation at a rounding tie may take either neighbour (q8_tie_slack): each
     output may move by those elements' dx * |w|, and only what exceeds that counts."""
-    from llcuda.kernels.q8_activations import q8_tie_slack, quantize_q8_ref
     from llcuda.kernels.quant_matmul import gemv_int8
 
     m, k = x.shape
     if not gemv_int8(int(qtype), m, n, k // 32):  # fp32 activations: nothing left open
         return _rel_err(out, x.float() @ w_ref.T)
+    return _q8_spec_err(out, x, w_ref)
+
+
+def _q8_spec_err(out: torch.Tensor, x: torch.Tensor, w_ref: torch.Tensor) -> float:
+    """_rel_err of an INT8_X GEMV's out [M, N] against quantize_q8_ref(x) @ w_ref.T, beyond what
+    the activations at rounding ties (q8_tie_slack: either neighbour) can move each output."""
+    from llcuda.kernels.q8_activations import q8_tie_slack, quantize_q8_ref
+
     ref = quantize_q8_ref(x) @ w_ref.T
     slack = q8_tie_slack(x) @ w_ref.abs().T
     excess = ((out.float() - ref).abs() - slack).clamp_min(0.0)
