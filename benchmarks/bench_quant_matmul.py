@@ -230,16 +230,21 @@ def m1_candidates(qid: int, k: int, n: int, sms: int) -> list[dict]:
     return out
 
 
+def _m1_sweep_weights(gen, only: str | None):
+    """(type name, K, N, type id, weight copies) per M1_SWEEP shape whose 'type K N' contains
+    `only` (every one without it)."""
+    for tname, k, n in M1_SWEEP:
+        if only and only not in f"{tname} {k} {n}":
+            continue
+        yield tname, k, n, T[tname], weight_copies(T[tname], n, k, gen)
+
+
 def m1_sweep(gen, only: str | None = None) -> list[dict]:
     """The M=1 GEMV per M1_SWEEP shape in a PDL chain: the default config, the one from before
     PRELOAD, and the four fastest of m1_candidates."""
     out = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for tname, k, n in M1_SWEEP:
-        if only and only not in f"{tname} {k} {n}":
-            continue
-        qid = T[tname]
-        ws = weight_copies(qid, n, k, gen)
+    for tname, k, n, qid, ws in _m1_sweep_weights(gen, only):
         w0 = ws[0]
         # gate|up stores GELU_tanh(gate) * up, as in a Gemma decode step
         geglu = (tname, k, n) in GATE_UP
@@ -356,11 +361,7 @@ def small_m_sweep(gen, only: str | None = None, batches=(2, 3, 4)) -> list[dict]
     of small_m_candidates, beside the default at M=1 (what a step of 1 costs)."""
     out = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for tname, k, n in M1_SWEEP:
-        if only and only not in f"{tname} {k} {n}":
-            continue
-        qid = T[tname]
-        ws = weight_copies(qid, n, k, gen)
+    for tname, k, n, qid, ws in _m1_sweep_weights(gen, only):
         act = "gelu_tanh" if (tname, k, n) in GATE_UP else None
         m1_us = time_gemv(torch.randn((1, k), generator=gen, device="cuda"), ws, None, act)
         for m in batches:
@@ -391,8 +392,6 @@ def small_m_sweep(gen, only: str | None = None, batches=(2, 3, 4)) -> list[dict]
                         "default_us": default_us, "gemm_us": gemm_us,
                         "best_us": results[0][0] if results else None,
                         "best": results[0][1] if results else None})
-        del ws
-        torch.cuda.empty_cache()
     return out
 
 
