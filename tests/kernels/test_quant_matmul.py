@@ -142,20 +142,10 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _gemv_input(qtype, x: torch.Tensor, n: int) -> torch.Tensor:
-    """What the default decode GEMV multiplies for activations x [M, K]: x, or its int8
-    quantization where gemv_int8 turns INT8_X on (that path's spec, kernels/q8_activations)."""
-    from llcuda.kernels.q8_activations import quantize_q8_ref
-    from llcuda.kernels.quant_matmul import gemv_int8
-
-    m, k = x.shape
-    return quantize_q8_ref(x) if gemv_int8(int(qtype), m, n, k // 32) else x.float()
-
-
 def _gemv_err(qtype, out: torch.Tensor, x: torch.Tensor, w_ref: torch.Tensor, n: int) -> float:
-    """_rel_err of a default decode GEMV's out against its spec, _gemv_input(x) @ w_ref.T. On the
-    int8 path an activation at a rounding tie may take either neighbour (q8_tie_slack): each
-    output may move by those elements' dx * |w|, and only what exceeds that counts."""
+    """_rel_err of a default decode GEMV's out against its spec: x @ w_ref.T, or where gemv_int8
+    turns INT8_X on, quantize_q8_ref(x) @ w_ref.T (kernels/q8_activations), where an activation
+    at a rounding tie may take either neighbour (_q8_spec_err)."""
     from llcuda.kernels.quant_matmul import gemv_int8
 
     m, k = x.shape
