@@ -6,7 +6,8 @@ bias, Phi 3's fused q|k|v and gate|up), sliding-window layers included, takes on
 of several sequences of different lengths over a paged cache holding random past keys and
 values. The native call must give the reference path's residual, next norm and cache contents
 up to fp32 rounding (both run the same GEMVs; only the order of the small sums differs), and
-must decline what it does not run.
+must decline what it does not run. With int8 activations (LLCUDA_CPU_INT8, the default) the
+reference's matmuls take quantize_q8_ref of their inputs, the GEMVs' specification.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from llcuda.gguf.model_config import model_config_from_gguf
 from llcuda.gguf.reader import GGUFFile
 from llcuda.gguf.synthetic import TINY, write_gemma3_gguf
 from llcuda.gguf.twins import write_twin
-from llcuda.kernels import decode_block_cpu
+from llcuda.kernels import decode_block_cpu, ops
 from llcuda.kernels import quant_cpu_native as qn
+from llcuda.kernels.q8_activations import quantize_q8_ref
 from llcuda.layers.attention import AttentionMetadata, KVCache
 from llcuda.models.registry import build_model
 
@@ -73,34 +75,56 @@ def _step(config, gen):
     return pos, meta, cache
 
 
-def _reference(block, *args):
+def _reference(block, *args, int8: bool = False):
+    """The block on the reference ops; int8: its matmuls take quantize_q8_ref of their inputs."""
     saved, block.native_decode = block.native_decode, decode_block_cpu._UNSUPPORTED
+    exact = ops.quant_matmul
+    if int8:
+        ops.quant_matmul = lambda x, w, **kw: exact(quantize_q8_ref(x), w, **kw)
     try:
         return block(*args)
     finally:
         block.native_decode = saved
+        ops.quant_matmul = exact
 
 
-def test_every_block_matches_the_reference_ops(model):
+@pytest.fixture(params=[True, False], ids=["int8", "fp32"])
+def int8(request, monkeypatch):
+    """The native GEMVs' activations: int8 (LLCUDA_CPU_INT8=1, the default) or fp32."""
+    monkeypatch.setenv("LLCUDA_CPU_INT8", "1" if request.param else "0")
+    return request.param
+
+
+def test_every_block_matches_the_reference_ops(model, int8):
     gen = torch.Generator().manual_seed(0)
     config = model.config
+    for block in model.layers:
+        block.native_decode = None  # built again in this mode
     for index, block in enumerate(model.layers):
         pos, meta, cache = _step(config, gen)
         x = torch.randn(len(CTX_LENS), config.hidden_size, generator=gen)
         h = torch.randn(len(CTX_LENS), config.hidden_size, generator=gen)
         ref_cache = KVCache(cache.k.clone(), cache.v.clone())
         before = cache.k.clone()
-        want = _reference(block, x, h, pos, meta, ref_cache)[:2]  # no Q8Rows on the CPU
+        want = _reference(block, x, h, pos, meta, ref_cache, int8=int8)[:2]  # no Q8Rows on CPU
+        # int8: an input the two paths round differently in its last bit may sit on a rounding
+        # tie of its quantization and take the other neighbour (phi3's block 1 here, 0.08 of
+        # the int8-vs-fp32 distance, against 1e-6 elsewhere); a quarter of that distance allows
+        # it and still fails a path that skips or misplaces the quantization
+        slack = [0.0, 0.0]
+        if int8:
+            fp32 = _reference(block, x, h, pos, meta, KVCache(cache.k.clone(), cache.v.clone()))
+            slack = [0.25 * (a - b).abs().max().item() for a, b in zip(want, fp32[:2])]
         through_block = KVCache(cache.k.clone(), cache.v.clone())
         got = decode_block_cpu.decode_block(block, x, h, pos, meta, cache)
         assert got is not None, f"block {index} was not run natively"
         # DecoderBlock itself takes the native path for such a step
         for a, b in zip(block(x, h, pos, meta, through_block)[:2], got, strict=True):
             assert torch.equal(a, b)
-        for name, g, w in zip(("x", "h"), got, want, strict=True):
+        for name, g, w, tie in zip(("x", "h"), got, want, slack, strict=True):
             scale = w.abs().max().item()
             torch.testing.assert_close(
-                g, w, rtol=1e-4, atol=1e-5 * scale,
+                g, w, rtol=1e-4, atol=max(1e-5 * scale, tie),
                 msg=lambda m, n=name, i=index: f"block {i} {n}: {m}",
             )  # fmt: skip
         torch.testing.assert_close(cache.k, ref_cache.k, rtol=1e-4, atol=1e-5)

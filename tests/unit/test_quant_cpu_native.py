@@ -3,7 +3,9 @@
 It decodes each block as scale * u + offset and multiplies with fp32 x, so it may differ from
 x @ dequantize_ref(W).T only by fp32 rounding: within 1e-5 of the sum of |products| (2^-17; a
 wrong nibble, bit or scale is off by whole weights). Outputs are the same for any thread count
-and any batching of the tokens (each output is one row's sum in a fixed order).
+and any batching of the tokens (each output is one row's sum in a fixed order). With int8_x
+(a decode step's blocks, LLCUDA_CPU_INT8) it quantizes x as q8_activations.quantize_q8_ref,
+bit for bit, and the bound holds against quantize_q8_ref(x) @ dequantize_ref(W).T.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from llcuda.gguf.constants import GGMLType
 from llcuda.kernels import ops
 from llcuda.kernels import quant_cpu_native as qn
 from llcuda.kernels.dequant_ref import dequantize_ref
+from llcuda.kernels.q8_activations import quantize_q8_ref
 from llcuda.layers.quant_tensor import QuantTensor
 from tests.unit.test_quant_matmul_cpu import weight
 
@@ -39,22 +42,34 @@ def assert_matmul_close(got: torch.Tensor, x: torch.Tensor, w: QuantTensor) -> N
     assert (err <= bound).all(), (err / bound).max().item()
 
 
+@pytest.mark.parametrize("int8_x", [False, True], ids=["fp32", "int8"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("num_tokens", [1, 3, 4, 9])
-def test_matches_dequantized_reference(native, qtype, num_tokens):
+def test_matches_dequantized_reference(native, qtype, num_tokens, int8_x):
     w = weight(qtype, 45, 3, seed=num_tokens)
     x = torch.randn(num_tokens, w.shape[1], generator=torch.Generator().manual_seed(num_tokens))
-    got = qn.quant_matmul_native(x, w)
+    got = qn.quant_matmul_native(x, w, int8_x=int8_x)
     assert got is not None and got.dtype == torch.float32 and got.shape == (num_tokens, 45)
-    assert_matmul_close(got, x, w)
+    assert_matmul_close(got, quantize_q8_ref(x) if int8_x else x, w)
 
 
-def test_tokens_are_independent_of_their_batch(native):
+def test_int8_is_not_fp32(native):
+    # the int8 path really quantizes: its outputs sit at the int8 spec, away from fp32's
+    w = weight(GGMLType.Q4_K, 64, 2, seed=5)
+    x = torch.randn(2, w.shape[1])
+    w32 = dequantize_ref(w.data, w.qtype)
+    got = qn.quant_matmul_native(x, w, int8_x=True)
+    to_spec = (got - quantize_q8_ref(x) @ w32.T).abs().max()
+    assert to_spec < 1e-2 * (got - x @ w32.T).abs().max()
+
+
+@pytest.mark.parametrize("int8_x", [False, True], ids=["fp32", "int8"])
+def test_tokens_are_independent_of_their_batch(native, int8_x):
     # a token's output does not depend on the others in the call (chunked prefill = one pass)
     w = weight(GGMLType.Q6_K, 33, 2, seed=3)
     x = torch.randn(11, w.shape[1])
-    full = qn.quant_matmul_native(x, w)
-    parts = [qn.quant_matmul_native(x[i : i + 3], w) for i in range(0, 11, 3)]
+    full = qn.quant_matmul_native(x, w, int8_x=int8_x)
+    parts = [qn.quant_matmul_native(x[i : i + 3], w, int8_x=int8_x) for i in range(0, 11, 3)]
     assert torch.equal(torch.cat(parts), full)
 
 
@@ -178,6 +193,7 @@ _VARIANT_CHECK = """
 import sys, torch
 from llcuda.kernels import quant_cpu_native as qn
 from llcuda.kernels.dequant_ref import dequantize_ref
+from llcuda.kernels.q8_activations import quantize_q8_ref
 from tests.unit.test_quant_cpu_native import assert_matmul_close, weight
 qn._CFLAGS = ["-O3", *sys.argv[1].split(), qn._CFLAGS[-1]]
 native = qn.load_native()
@@ -187,6 +203,7 @@ for qtype in sorted(qn.NATIVE_TYPES):
         w = weight(qtype, 45, 3, seed=tokens)
         x = torch.randn(tokens, w.shape[1], generator=torch.Generator().manual_seed(tokens))
         assert_matmul_close(qn.quant_matmul_native(x, w), x, w)
+        assert_matmul_close(qn.quant_matmul_native(x, w, int8_x=True), quantize_q8_ref(x), w)
     x = torch.eye(w.shape[1])
     want = dequantize_ref(w.data, qtype).T
     torch.testing.assert_close(qn.quant_matmul_native(x, w), want, rtol=1e-5,

@@ -5,7 +5,9 @@ for a step of one new token per sequence, computed by the C++ extension: the q|k
 and down GEMVs of quant_cpu_native, and between them the per-head norms, RoPE, the KV store,
 paged attention (GQA, sliding window, soft-cap), the gated activation and the sandwich norms,
 on fp32 values as the reference ops compute them (only summation orders differ;
-tests/unit/test_decode_block_cpu.py holds it to the reference path). It returns None where it
+tests/unit/test_decode_block_cpu.py holds it to the reference path), except that by default
+the GEMVs quantize their inputs to int8 first (quant_cpu_native.decode_int8: the GPU decode
+GEMV's spec, q8_activations; LLCUDA_CPU_INT8=0 keeps them fp32). It returns None where it
 does not apply (not a CPU decode step, the fast path off or unbuilt, a weight type it lacks, a
 tensor-parallel block), and the caller runs the reference ops instead.
 
@@ -103,4 +105,5 @@ def _build(block) -> object:
         block.rotary.sin.contiguous(), cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
         cfg.head_dim, ffn, block.sliding_window, cfg.rms_norm_eps, cfg.attention_scale,
         cfg.attn_logit_softcapping, cfg.rope_neox, ACTIVATIONS[cfg.hidden_act],
+        qn.decode_int8(),
     )  # fmt: skip

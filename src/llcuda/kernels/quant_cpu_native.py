@@ -3,11 +3,18 @@
 `quant_matmul_native(x, w)` is `x @ dequantize_ref(w).T` with each weight block decoded in
 registers (AVX-512 or AVX2 byte ops, then FMAs with fp32 x), the weight never leaving its GGUF
 blocks: the same values as the reference up to fp32 summation order, so the golden tests keep
-their bounds and a token's output does not depend on the batch it came in. llama.cpp instead
-quantizes x to int8 and uses integer dot products; that variant of this kernel was 1.5x faster
-per GEMV but moved a golden near-tie by 0.9 nats (the bound is 0.75) and made chunked prefill
-differ from one pass by 0.7 in the logits, so it is not used. `quant_matmul_cpu` (exact decode +
-MKL) and `dequantize_ref` stay beside it as the specification and the fallback.
+their bounds and a token's output does not depend on the batch it came in. Prompts and the LM
+head always take this exact form.
+
+`int8_x=True` is llama.cpp's form: x quantized to int8 per group of 32 (exactly
+q8_activations.quantize_q8_ref, the GPU decode GEMV's spec) and integer dot products, which
+skip widening the weights to floats: 1.2-1.6x per one-token GEMV on AVX2. A decode step's
+decoder blocks take it (decode_block_cpu; LLCUDA_CPU_INT8=0 turns it off), as the GPU's decode
+GEMVs do: an earlier trial that quantized every matmul moved a golden near-tie by 0.9 nats and
+made chunked prefill differ from one pass by 0.7 in the logits, which a decode step alone
+cannot (prefill and the head stay fp32; a decode token's sums do not depend on its batch).
+`quant_matmul_cpu` (exact decode + MKL) and `dequantize_ref` stay beside it as the
+specification and the fallback.
 
 The extension is compiled on first use with `-march=native` into `~/.cache/llcuda/ext` (beside
 `$LLCUDA_CACHE` when that is set), once per source and torch version: 30-75 s on the shared
@@ -65,6 +72,12 @@ _state: dict[str, object] = {}  # "module": the loaded extension or None once a 
 
 def enabled() -> bool:
     return os.environ.get("LLCUDA_NATIVE_CPU", "1") not in ("0", "false", "no", "off")
+
+
+def decode_int8() -> bool:
+    """Whether a CPU decode step's decoder-block GEMVs quantize their activations to int8
+    (LLCUDA_CPU_INT8, default on; 0 keeps them fp32, exact to the reference's rounding)."""
+    return os.environ.get("LLCUDA_CPU_INT8", "1") not in ("0", "false", "no", "off")
 
 
 def build_dir() -> Path:
@@ -188,10 +201,13 @@ def supports(weight: QuantTensor) -> bool:
     )
 
 
-def quant_matmul_native(x: torch.Tensor, weight: QuantTensor) -> torch.Tensor | None:
+def quant_matmul_native(
+    x: torch.Tensor, weight: QuantTensor, int8_x: bool = False
+) -> torch.Tensor | None:
     """x @ dequantize(weight).T; None where the fast path can't run it (extension unavailable
     or disabled, unsupported type, a tensor off the CPU). From MKL_TOKENS tokens on it runs
-    quant_matmul_cpu on n_threads instead.
+    quant_matmul_cpu on n_threads instead. int8_x: quantize_q8_ref(x) @ dequantize(weight).T
+    (integer dot products; below MKL_TOKENS only).
 
     x: [num_tokens, in_features] -> [num_tokens, out_features] float32.
     """
@@ -205,10 +221,10 @@ def quant_matmul_native(x: torch.Tensor, weight: QuantTensor) -> torch.Tensor | 
     native = load_native()
     if native is None:
         return None
-    if x.shape[0] >= MKL_TOKENS:
+    if x.shape[0] >= MKL_TOKENS and not int8_x:
         # a CPU step runs torch on one thread (torch_ops_on_one_thread); this GEMM wants them all
         with torch_threads(int(_state.get("threads", torch.get_num_threads()))):
             return quant_matmul_cpu(x, weight)
     out = torch.empty(x.shape[0], n_rows, dtype=torch.float32)
-    native.quant_matmul(x.float().contiguous(), weight.data, int(weight.qtype), out)
+    native.quant_matmul(x.float().contiguous(), weight.data, int(weight.qtype), out, int8_x)
     return out

@@ -1,6 +1,7 @@
 // One decoder block's decode step (one new token per sequence) in one native call: the same
 // math as models/decoder.py's DecoderBlock on the pure-torch reference ops (kernels/reference.py
-// is the specification; tests/unit/test_decode_block_cpu.py compares the two), fp32 throughout.
+// is the specification; tests/unit/test_decode_block_cpu.py compares the two), fp32 throughout
+// except the GEMVs' inputs, quantized to int8 where int8_x is set (q8_activations' spec).
 //
 // Why: a decode step of a small model on the CPU spent more time between its matmuls than in
 // them (~40 small torch ops a block, a few microseconds each, and the matmul pool's workers
@@ -16,14 +17,18 @@ struct Mat {
   torch::Tensor keep;  // the blocks (a view of the memory-mapped file): kept alive here
   const uint8_t* w = nullptr;
   int64_t row_bytes = 0, rows = 0, cols = 0;
-  RowsFn fn = nullptr;
+  RowsFn<XF> fn = nullptr;   // against fp32 activations
+  RowsFn<XQ> fnq = nullptr;  // against int8 ones
+  RowsFn<XF> fn_for(const XF&) const { return fn; }
+  RowsFn<XQ> fn_for(const XQ&) const { return fnq; }
 };
 
 Mat make_mat(const torch::Tensor& blocks, int64_t qtype, int64_t cols) {
   TORCH_CHECK(blocks.dtype() == torch::kUInt8 && blocks.dim() == 2 && blocks.stride(1) == 1,
               "a weight must be uint8 blocks [rows, row_bytes] with contiguous rows");
   Mat m;
-  m.fn = rows_fn(qtype);
+  m.fn = rows_fn<XF>(qtype);
+  m.fnq = rows_fn<XQ>(qtype);
   TORCH_CHECK(m.fn != nullptr, "decode block: unsupported GGML type ", qtype);
   TORCH_CHECK(cols % block_elems(qtype) == 0, "a weight's ", cols,
               " columns are not whole blocks of its type");
@@ -37,12 +42,9 @@ Mat make_mat(const torch::Tensor& blocks, int64_t qtype, int64_t cols) {
 
 // out[m, off_j + n] = x[m] . W_j[n] for weights W_j that read the same x [M, K]: their output
 // columns side by side in out [M, ld], all in one pool job (chunks of ~32 KiB of weights).
+// int8_x: x quantized to int8 first (XQ, q8_activations' spec), else fp32 (XF).
 void matmuls(const float* x, int64_t M, int64_t K, const std::vector<Mat>& mats, float* out,
-             int64_t ld) {
-  thread_local std::vector<float> s16;
-  s16.resize(M * K / 16);
-  sums16(x, M, K, s16.data());
-  const XF xf{x, s16.data(), K};
+             int64_t ld, bool int8_x) {
   struct Seg {
     const Mat* mat;
     int64_t n0, n1, col;
@@ -57,11 +59,22 @@ void matmuls(const float* x, int64_t M, int64_t K, const std::vector<Mat>& mats,
     col += m.rows;
   }
   const Seg* sp = segs.data();
-  pool().parallel_for((int64_t)segs.size(), 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s)
-      sp[s].mat->fn(sp[s].mat->w, sp[s].mat->row_bytes, xf, M, sp[s].n0, sp[s].n1,
-                    out + sp[s].col, ld);
-  });
+  auto run = [&](const auto& xv) {
+    pool().parallel_for((int64_t)segs.size(), 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s)
+        sp[s].mat->fn_for(xv)(sp[s].mat->w, sp[s].mat->row_bytes, xv, M, sp[s].n0, sp[s].n1,
+                            out + sp[s].col, ld);
+    });
+  };
+  if (int8_x) {
+    thread_local XQBuffers buffers;
+    run(buffers.quantize(x, M, K));
+  } else {
+    thread_local std::vector<float> s16;
+    s16.resize(M * K / 16);
+    sums16(x, M, K, s16.data());
+    run(XF{x, s16.data(), K});
+  }
 }
 
 // reference.rms_norm_ref: y = x / sqrt(mean(x^2) + eps) * w (GGUF norm weights hold 1 + w)
@@ -115,6 +128,7 @@ struct DecodeBlock {
   int64_t hidden = 0, nh = 0, nkv = 0, hd = 0, ffn = 0, window = 0, half = 0;
   double eps = 0, scale = 1, softcap = 0;
   bool neox = true;
+  bool int8_x = false;  // the GEMVs' activations quantized to int8 (XQ) instead of fp32
   int act = GELU_TANH;
 
   // x: the residual [T, hidden], h: its norm (the previous block's next_norm), one token of
@@ -191,7 +205,7 @@ std::tuple<torch::Tensor, torch::Tensor> DecodeBlock::forward(
   const float fe = (float)eps;
 
   // q | k | v, (+ bias), per-head norms, RoPE, q's scale; k and v into the cache
-  matmuls(h.data_ptr<float>(), T, H, qkv, qkv_out, nqkv);
+  matmuls(h.data_ptr<float>(), T, H, qkv, qkv_out, nqkv, int8_x);
   const float* qn = fptr(q_norm);
   const float* kn = fptr(k_norm);
   const float* bp = fptr(bias);
@@ -258,7 +272,7 @@ std::tuple<torch::Tensor, torch::Tensor> DecodeBlock::forward(
   // o, post-attention norm + residual, the FFN's pre-norm
   const float* w_post_attn = fptr(post_attn);
   const float* w_ffn = fptr(ffn_norm);
-  matmuls(attn, T, qs, o, proj, H);
+  matmuls(attn, T, qs, o, proj, H, int8_x);
   for (int64_t t = 0; t < T; ++t) {
     const float* xr = x.data_ptr<float>() + t * H;
     float* pr = proj + t * H;
@@ -268,10 +282,10 @@ std::tuple<torch::Tensor, torch::Tensor> DecodeBlock::forward(
   }
 
   // gate | up, the gated activation, down, post-FFN norm + residual, the next pre-norm
-  matmuls(normed, T, H, gate_up, gu, 2 * ffn);
+  matmuls(normed, T, H, gate_up, gu, 2 * ffn, int8_x);
   for (int64_t t = 0; t < T; ++t) gated_row(gu + t * 2 * ffn, gu + t * 2 * ffn + ffn, ffn, act,
                                             a + t * ffn);
-  matmuls(a, T, ffn, down, proj, H);
+  matmuls(a, T, ffn, down, proj, H, int8_x);
   const float* w_post_ffw = fptr(post_ffw);
   const float* w_next = fptr(next_norm);
   for (int64_t t = 0; t < T; ++t) {
@@ -317,7 +331,7 @@ std::shared_ptr<DecodeBlock> make_decode_block(
     const c10::optional<torch::Tensor>& bias, const torch::Tensor& cos_t,
     const torch::Tensor& sin_t, int64_t hidden, int64_t nh, int64_t nkv, int64_t hd,
     int64_t ffn, int64_t window, double eps, double scale, double softcap, bool neox,
-    int64_t act) {
+    int64_t act, bool int8_x) {
   TORCH_CHECK(nh > 0 && nkv > 0 && nh % nkv == 0, "num_heads ", nh,
               " must be a multiple of num_kv_heads ", nkv);
   TORCH_CHECK(act == GELU_TANH || act == SILU, "unknown activation id ", act);
@@ -355,6 +369,7 @@ std::shared_ptr<DecodeBlock> make_decode_block(
   b->softcap = softcap;
   b->neox = neox;
   b->act = (int)act;
+  b->int8_x = int8_x;
   return b;
 }
 

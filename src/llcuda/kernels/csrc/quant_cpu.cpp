@@ -6,10 +6,11 @@
 // form with 2-bit u, Q3_K Q6_K's with u = q - 4 (q the 2 low bits and the high-mask bit), and
 // IQ4_NL / IQ4_XS take u from their code book (one byte shuffle per 32 indices). A block's
 // 32 bytes of u come from a few AVX2 byte ops, are widened to 4 x 8 floats and multiplied with fp32 x by FMAs;
-// the offset term is offset * sum(x) over the 16, read from sums made once per call. x stays
-// fp32 (llama.cpp quantizes it to int8 instead: faster, but its rounding moved a golden
-// near-tie by 0.9 nats and made chunked prefill differ from one pass by 0.7 in the logits), so
-// the result is the reference's x @ dequantize(W).T up to fp32 summation order.
+// the offset term is offset * sum(x) over the 16, read from sums made once per call. With fp32
+// x (XF) the result is the reference's x @ dequantize(W).T up to fp32 summation order. With
+// int8 x (XQ: quantized per 32 as q8_activations.quantize_q8_ref, as llama.cpp does; a decode
+// step's blocks) the same u meet the int8 values in integer dot products (maddubs + madd), and
+// the result is quantize_q8_ref(x) @ dequantize(W).T up to the order of its float sums.
 //
 // Rows are split in chunks that the calling thread and the pool's workers (Pool, below) take
 // from one atomic counter; each walks its rows and, for every row, the tokens in tiles of up to
@@ -29,6 +30,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -87,14 +89,30 @@ void scale_min_k4(int j, const uint8_t* q, uint8_t* sc, uint8_t* mn) {
   }
 }
 
+// Q4_K / Q5_K: all 8 scales and mins of a super-block (scale_min_k4 for j = 0..7) in a few
+// 32-bit ops: bytes 0-3 hold scales 0-3 and bytes 4-7 mins 0-3 in their low 6 bits; bytes 8-11
+// the low 4 bits of scales 4-7 (low nibbles) and of mins 4-7 (high nibbles), whose top 2 bits
+// are those of bytes 0-3 (scales) and 4-7 (mins)
+void scales_mins_k4(const uint8_t* q, uint8_t* sc, uint8_t* mn) {
+  uint32_t u[3];
+  std::memcpy(u, q, 12);
+  const uint32_t sc_hi = (u[2] & 0x0F0F0F0Fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+  const uint32_t mn_hi = ((u[2] >> 4) & 0x0F0F0F0Fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+  const uint32_t sc_lo = u[0] & 0x3F3F3F3Fu, mn_lo = u[1] & 0x3F3F3F3Fu;
+  std::memcpy(sc, &sc_lo, 4);
+  std::memcpy(sc + 4, &sc_hi, 4);
+  std::memcpy(mn, &mn_lo, 4);
+  std::memcpy(mn + 4, &mn_hi, 4);
+}
+
 // Q3_K: its 16 six-bit scales (minus 32) from the 12 packed bytes: the low 4 bits are the
 // nibbles of bytes 0-7 (scale s < 8 the low nibble of byte s, s >= 8 the high one of byte s - 8),
 // the high 2 bits those of bytes 8-11 (bits 2 (s / 4) of byte 8 + s % 4)
-void q3_k_scales(const uint8_t* q, int* sc) {
+void q3_k_scales(const uint8_t* q, int8_t* sc) {
   for (int s = 0; s < 16; ++s) {
     const int lo = (s < 8 ? q[s] : q[s - 8] >> 4) & 0xF;
     const int hi = (q[8 + s % 4] >> (2 * (s / 4))) & 3;
-    sc[s] = (lo | (hi << 4)) - 32;
+    sc[s] = (int8_t)((lo | (hi << 4)) - 32);
   }
 }
 
@@ -122,6 +140,58 @@ void sums16(const float* x, int64_t M, int64_t K, float* s16) {
     s16[i] = s;
   }
 }
+
+// The activations quantized as q8_activations.quantize_q8_ref (the GPU decode GEMV's int8 spec):
+// q int8 [M, K], dx [M, K/32] per group of 32, and the sum of each 16 of q, s16 [M, K/16]
+// (exact integers, as floats: what a block's offset multiplies).
+struct XQ {
+  const int8_t* q;
+  const float* dx;
+  const float* s16;
+  const float* s32;  // [M, K/32]: the sum of each group's 32 q
+  int64_t K;
+  const int8_t* row(int64_t m) const { return q + m * K; }
+  const float* drow(int64_t m) const { return dx + m * (K / 32); }
+  const float* srow(int64_t m) const { return s16 + m * (K / 16); }
+  const float* s32row(int64_t m) const { return s32 + m * (K / 32); }
+};
+
+// x [M, K] -> XQ's arrays: per group dx = max|x| / 127 and q = round(x * (127 / max|x|)), ties
+// to even (the default rounding mode), each step one fp32 operation as in the spec, so q is
+// the spec's bit for bit
+void quantize_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* dx, float* s16,
+                 float* s32) {
+  for (int64_t g = 0; g < M * K / 32; ++g) {
+    const float* xg = x + g * 32;
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xg[i]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    dx[g] = amax * (1.f / 127.f);
+    int sum[2] = {0, 0};
+    for (int i = 0; i < 32; ++i) {
+      const int v = (int)std::nearbyint(xg[i] * inv);
+      q[g * 32 + i] = (int8_t)v;
+      sum[i / 16] += v;
+    }
+    s16[2 * g] = (float)sum[0];
+    s16[2 * g + 1] = (float)sum[1];
+    s32[g] = (float)(sum[0] + sum[1]);
+  }
+}
+
+// The int8 activations as XQ owns them: buffers reused by the calling thread
+struct XQBuffers {
+  std::vector<int8_t> q;
+  std::vector<float> dx, s16, s32;
+  XQ quantize(const float* x, int64_t M, int64_t K) {
+    q.resize(M * K);
+    dx.resize(M * K / 32);
+    s16.resize(M * K / 16);
+    s32.resize(M * K / 32);
+    quantize_q8(x, M, K, q.data(), dx.data(), s16.data(), s32.data());
+    return XQ{q.data(), dx.data(), s16.data(), s32.data(), K};
+  }
+};
 
 #if defined(__AVX2__)
 
@@ -160,6 +230,33 @@ inline __m256i iq4_values_32(const uint8_t* p) {
 // 32 bytes, each shifted right by `bits` and masked to its low `mask` bits (2-bit fields)
 inline __m256i bits_at(__m256i v, int bits, int mask) {
   return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(bits)), _mm256_set1_epi8(mask));
+}
+
+// out[0:N] = d * the first N (8 or 16) bytes of b, signed or unsigned: a block's integer scales
+// as floats in vector conversions. Q2_K's scalar int-to-float ones merged into a register its
+// int8 step's scalar chain held and serialized it (3x slower than with fp32 x); Q4_K and Q6_K
+// gain a little too, while for Q3_K and IQ4_XS, whose scales are assembled byte by byte,
+// reloading those bytes as a vector cost more than it saved (measured, one thread)
+template <bool SIGNED, int N = 16>
+inline void scales_times(__m128i b, float d, float* out) {
+  const __m256 vd = _mm256_set1_ps(d);
+  for (int h = 0; h < N / 8; ++h) {
+    const __m128i part = h == 0 ? b : _mm_srli_si128(b, 8);
+    const __m256i v = SIGNED ? _mm256_cvtepi8_epi32(part) : _mm256_cvtepu8_epi32(part);
+    _mm256_storeu_ps(out + 8 * h, _mm256_mul_ps(_mm256_cvtepi32_ps(v), vd));
+  }
+}
+
+// int8 x: sum over a super-block's 16 halves of o[k] dx(k / 2) sum(q of half k), into acc (the
+// offsets of Q2_K's per-16 mins, vectorized; dx per 32 duplicated to each of its halves)
+inline __m256 offsets16(const float* o, const XQ& x, int64_t m, int64_t sb, __m256 acc) {
+  const __m256 dx = _mm256_loadu_ps(x.drow(m) + sb * 8);
+  const __m256 d0 = _mm256_permutevar8x32_ps(dx, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+  const __m256 d1 = _mm256_permutevar8x32_ps(dx, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7));
+  const float* q16 = x.srow(m) + sb * 16;
+  acc = _mm256_fmadd_ps(_mm256_loadu_ps(o), _mm256_mul_ps(d0, _mm256_loadu_ps(q16)), acc);
+  return _mm256_fmadd_ps(_mm256_loadu_ps(o + 8), _mm256_mul_ps(d1, _mm256_loadu_ps(q16 + 8)),
+                         acc);
 }
 
 #if defined(__AVX512F__)
@@ -242,19 +339,92 @@ inline void step(__m256i u, float s0, float s1, float o0, float o1, const XF& x,
 }
 #endif
 
+// The same step against int8 activations (XQ): a block's 32 products in two integer ops,
+// maddubs (u8 x s8, pairs summed to int16) and madd (to 8 int32 lanes, 0-3 the first 16
+// elements, 4-7 the second), instead of widening the weights to floats. Signed u goes in as
+// |u| against q with u's sign. No int16 can saturate: |u| <= 128 (Q8_0's -128) and |q| <= 127
+// make a pair at most 32512. Per token: acc += float(dots) * (s0 | s1) * dx, and the offsets
+// dx * (o0 sum(q[0:16]) + o1 sum(q[16:32])).
+template <int T, bool SIGNED = false>
+inline void step(__m256i u, float s0, float s1, float o0, float o1, const XQ& x, int64_t m0,
+                 int64_t ib, __m256* acc, float* off) {
+  const __m256i au = SIGNED ? _mm256_sign_epi8(u, u) : u;
+  const __m256 vs = _mm256_set_m128(_mm_set1_ps(s1), _mm_set1_ps(s0));
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int t = 0; t < T; ++t) {
+    __m256i q = _mm256_loadu_si256((const __m256i*)(x.row(m0 + t) + ib * 32));
+    if constexpr (SIGNED) q = _mm256_sign_epi8(q, u);
+    const __m256i dots = _mm256_madd_epi16(_mm256_maddubs_epi16(au, q), ones);
+    const __m256 scale = _mm256_mul_ps(vs, _mm256_set1_ps(x.drow(m0 + t)[ib]));
+    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc[t]);
+  }
+  if (o0 != 0.f || o1 != 0.f)
+    for (int t = 0; t < T; ++t) {
+      const float* s = x.srow(m0 + t) + 2 * ib;
+      off[t] += x.drow(m0 + t)[ib] * (o0 * s[0] + o1 * s[1]);
+    }
+}
+
+// step for a block whose two halves share their scale and offset (all types but Q2_K, Q3_K
+// and Q6_K): the same sums, with the int8 step's per-token scale one broadcast of s * dx
+template <int T, bool SIGNED = false, class X, class A>
+inline void step1(__m256i u, float s, float o, const X& x, int64_t m0, int64_t ib, A* acc,
+                  float* off) {
+  step<T, SIGNED>(u, s, s, o, o, x, m0, ib, acc, off);
+}
+
+template <int T, bool SIGNED = false>
+inline void step1(__m256i u, float s, float o, const XQ& x, int64_t m0, int64_t ib,
+                  __m256* acc, float* off) {
+  const __m256i au = SIGNED ? _mm256_sign_epi8(u, u) : u;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int t = 0; t < T; ++t) {
+    __m256i q = _mm256_loadu_si256((const __m256i*)(x.row(m0 + t) + ib * 32));
+    if constexpr (SIGNED) q = _mm256_sign_epi8(q, u);
+    const __m256i dots = _mm256_madd_epi16(_mm256_maddubs_epi16(au, q), ones);
+    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_set1_ps(s * x.drow(m0 + t)[ib]),
+                             acc[t]);
+  }
+  if (o != 0.f)
+    for (int t = 0; t < T; ++t) {
+      const float* q16 = x.srow(m0 + t) + 2 * ib;
+      off[t] += o * x.drow(m0 + t)[ib] * (q16[0] + q16[1]);
+    }
+}
+
+// The accumulators of a row's dot products: Acc (the widest vectors) for fp32 activations,
+// 8 floats for int8 ones (their integer ops are AVX2's)
+template <class X>
+struct Accum {
+  using type = Acc;
+  static type zero() { return acc_zero(); }
+  static float sum(type v) { return acc_sum(v); }
+};
+template <>
+struct Accum<XQ> {
+  using type = __m256;
+  static type zero() { return _mm256_setzero_ps(); }
+  static float sum(type v) { return hsum(v); }
+};
+
 // One weight row (K / block_elems blocks at w) against tokens m0..m0+T-1: out[t * ldo].
-template <int TYPE, int T>
-void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo) {
-  Acc acc[T];
+// X: XF (fp32 activations) or XQ (int8).
+template <int TYPE, int T, class X>
+void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) {
+  constexpr bool FP32 = std::is_same_v<X, XF>;
+  typename Accum<X>::type acc[T];
   float off[T];
   for (int t = 0; t < T; ++t) {
-    acc[t] = acc_zero();
+    acc[t] = Accum<X>::zero();
     off[t] = 0.f;
   }
   const int64_t K = x.K;
   if constexpr (TYPE == Q8_0) {
     for (int64_t ib = 0; ib < K / 32; ++ib, w += 34) {
       const float d = f16_to_f32(rd16(w));
+      if constexpr (!FP32) {
+        step1<T, true>(_mm256_loadu_si256((const __m256i*)(w + 2)), d, 0.f, x, m0, ib, acc, off);
+      } else {
 #if defined(__AVX512F__)
       // the LM head's type: the int8 quants widen straight from memory, d scales the block's
       // sum (3 vector ops a token and block instead of step's 4)
@@ -284,6 +454,7 @@ void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo)
         acc[t] = _mm256_fmadd_ps(p, vd, acc[t]);
       }
 #endif
+      }
     }
   } else if constexpr (TYPE == Q4_0 || TYPE == Q4_1 || TYPE == Q5_0 || TYPE == Q5_1) {
     constexpr bool has_min = TYPE == Q4_1 || TYPE == Q5_1;
@@ -293,6 +464,7 @@ void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo)
       const float d = f16_to_f32(rd16(w));
       const uint8_t* qs = w + bytes - 16;
 #if defined(__AVX512F__)
+      if constexpr (FP32) {
       // 16 bytes -> 16 int32 lanes; the low nibbles are elements 0-15, the high ones 16-31;
       // the fifth bits OR in under a mask; w = u * d + (m, or -16 d / -8 d) in one FMA
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs));
@@ -314,24 +486,39 @@ void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo)
         acc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[t]);
         acc[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[t]);
       }
-#else
+      continue;
+      }
+#endif
       __m256i u = nibbles_32(qs);
       if constexpr (has_qh) u = _mm256_or_si256(u, fifth_bits_32(qs - 4));
       if constexpr (has_min) {
         const float m = f16_to_f32(rd16(w + 2));
-        step<T>(u, d, d, m, m, x, m0, ib, acc, off);
+        step1<T>(u, d, m, x, m0, ib, acc, off);
       } else {  // q - 16 (q - 8) in int8: no offset term
         const __m256i q = _mm256_sub_epi8(u, _mm256_set1_epi8(has_qh ? 16 : 8));
-        step<T, true>(q, d, d, 0.f, 0.f, x, m0, ib, acc, off);
+        step1<T, true>(q, d, 0.f, x, m0, ib, acc, off);
       }
-#endif
     }
   } else if constexpr (TYPE == Q4_K || TYPE == Q5_K) {
     constexpr int bytes = TYPE == Q4_K ? 144 : 176;
     const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    // int8 x: the offsets of a super-block's 8 sub-blocks in one vector, -dmin m_j dx_j sum(q_j)
+    __m256 offv[T];
+    for (int t = 0; t < T; ++t) offv[t] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < K / 256; ++sb, w += bytes) {
       const float d = f16_to_f32(rd16(w)), dmin = f16_to_f32(rd16(w + 2));
-      const uint8_t* scales = w + 4;
+      alignas(8) uint8_t sc8[8], mn8[8];
+      scales_mins_k4(w + 4, sc8, mn8);
+      alignas(32) float sv[8], ov[8];  // d sc_j and -dmin m_j
+      scales_times<false, 8>(_mm_loadl_epi64((const __m128i*)sc8), d, sv);
+      scales_times<false, 8>(_mm_loadl_epi64((const __m128i*)mn8), -dmin, ov);
+      if constexpr (!FP32)
+        for (int t = 0; t < T; ++t)
+          offv[t] = _mm256_fmadd_ps(
+              _mm256_load_ps(ov),
+              _mm256_mul_ps(_mm256_loadu_ps(x.drow(m0 + t) + sb * 8),
+                            _mm256_loadu_ps(x.s32row(m0 + t) + sb * 8)),
+              offv[t]);
       const uint8_t* qs = w + bytes - 128;
       const __m256i qh = TYPE == Q5_K ? _mm256_loadu_si256((const __m256i*)(w + 16))
                                       : _mm256_setzero_si256();
@@ -347,20 +534,20 @@ void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo)
           lo = _mm256_or_si256(lo, _mm256_slli_epi16(b0, 4));
           hi = _mm256_or_si256(hi, _mm256_slli_epi16(b1, 4));
         }
-        uint8_t sc0, m0v, sc1, m1v;
-        scale_min_k4(2 * j, scales, &sc0, &m0v);
-        scale_min_k4(2 * j + 1, scales, &sc1, &m1v);
         const int64_t ib = sb * 8 + 2 * j;
-        const float s0 = d * sc0, s1 = d * sc1, o0 = -dmin * m0v, o1 = -dmin * m1v;
-        step<T>(lo, s0, s0, o0, o0, x, m0, ib, acc, off);
-        step<T>(hi, s1, s1, o1, o1, x, m0, ib + 1, acc, off);
+        // fp32 x: each step adds its offset; int8: offv has them
+        step1<T>(lo, sv[2 * j], FP32 ? ov[2 * j] : 0.f, x, m0, ib, acc, off);
+        step1<T>(hi, sv[2 * j + 1], FP32 ? ov[2 * j + 1] : 0.f, x, m0, ib + 1, acc, off);
       }
     }
+    if constexpr (!FP32)
+      for (int t = 0; t < T; ++t) off[t] += hsum(offv[t]);
   } else if constexpr (TYPE == Q6_K) {
     const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x30);
     for (int64_t sb = 0; sb < K / 256; ++sb, w += 210) {
-      const float d = f16_to_f32(rd16(w + 208));
-      const int8_t* sc = (const int8_t*)(w + 192);
+      float sc[16];  // d times the 16 signed scales
+      scales_times<true>(_mm_loadu_si128((const __m128i*)(w + 192)), f16_to_f32(rd16(w + 208)),
+                         sc);
       for (int h = 0; h < 2; ++h) {
         const __m256i ql0 = _mm256_loadu_si256((const __m256i*)(w + 64 * h));
         const __m256i ql1 = _mm256_loadu_si256((const __m256i*)(w + 64 * h + 32));
@@ -376,9 +563,8 @@ void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo)
                                _mm256_and_si256(_mm256_srli_epi16(qh, 2), two));
         for (int g = 0; g < 4; ++g) {
           const int k = 8 * h + 2 * g;  // the scales of the group's two halves of 16
-          const float s0 = d * sc[k], s1 = d * sc[k + 1];
           const __m256i q = _mm256_sub_epi8(u[g], _mm256_set1_epi8(32));  // -32..31
-          step<T, true>(q, s0, s1, 0.f, 0.f, x, m0, sb * 8 + 4 * h + g, acc, off);
+          step<T, true>(q, sc[k], sc[k + 1], 0.f, 0.f, x, m0, sb * 8 + 4 * h + g, acc, off);
         }
       }
     }
@@ -387,16 +573,23 @@ void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo)
     // its scale the (8h + 2j + l / 16)-th; Q3_K's third bit is bit 4h + j of hmask[l]
     constexpr int bytes = TYPE == Q2_K ? 84 : 110;
     constexpr int qs_at = TYPE == Q2_K ? 16 : 32;
+    __m256 offv[T];  // int8 x: Q2_K's offsets (offsets16)
+    for (int t = 0; t < T; ++t) offv[t] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < K / 256; ++sb, w += bytes) {
-      int sc3[16];
-      float d = 0.f, dmin = 0.f;
+      float sv[16], ov[16];  // the halves' scales; Q2_K's offsets
       __m256i hmask = _mm256_setzero_si256();
-      if constexpr (TYPE == Q2_K) {
-        d = f16_to_f32(rd16(w + 80));
-        dmin = f16_to_f32(rd16(w + 82));
+      if constexpr (TYPE == Q2_K) {  // per 16: the scale in the low nibble, the min in the high
+        const __m128i b = _mm_loadu_si128((const __m128i*)w), low4 = _mm_set1_epi8(0x0F);
+        scales_times<false>(_mm_and_si128(b, low4), f16_to_f32(rd16(w + 80)), sv);
+        scales_times<false>(_mm_and_si128(_mm_srli_epi16(b, 4), low4), -f16_to_f32(rd16(w + 82)),
+                            ov);
+        if constexpr (!FP32)
+          for (int t = 0; t < T; ++t) offv[t] = offsets16(ov, x, m0 + t, sb, offv[t]);
       } else {
-        d = f16_to_f32(rd16(w + 108));
+        int8_t sc3[16];
         q3_k_scales(w + 96, sc3);
+        const float d = f16_to_f32(rd16(w + 108));
+        for (int k = 0; k < 16; ++k) sv[k] = d * sc3[k];
         hmask = _mm256_loadu_si256((const __m256i*)w);
       }
       for (int h = 0; h < 2; ++h) {
@@ -405,34 +598,34 @@ void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo)
           const int k = 8 * h + 2 * j;
           const int64_t ib = sb * 8 + 4 * h + j;
           const __m256i low = bits_at(qs, 2 * j, 3);
-          if constexpr (TYPE == Q2_K) {  // scale in the low nibble, min in the high one
-            const uint8_t a = w[k], b = w[k + 1];
-            step<T>(low, d * (a & 0xF), d * (b & 0xF), -dmin * (a >> 4), -dmin * (b >> 4), x, m0,
-                    ib, acc, off);
+          if constexpr (TYPE == Q2_K) {  // fp32 x: each step adds its offsets; int8: offv
+            step<T>(low, sv[k], sv[k + 1], FP32 ? ov[k] : 0.f, FP32 ? ov[k + 1] : 0.f, x, m0, ib,
+                    acc, off);
           } else {  // q - 4 where the mask bit is clear: (low | bit << 2) - 4, in -4..3
             const __m256i bit = _mm256_slli_epi16(bits_at(hmask, 4 * h + j, 1), 2);
             const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, bit), _mm256_set1_epi8(4));
-            step<T, true>(q, d * sc3[k], d * sc3[k + 1], 0.f, 0.f, x, m0, ib, acc, off);
+            step<T, true>(q, sv[k], sv[k + 1], 0.f, 0.f, x, m0, ib, acc, off);
           }
         }
       }
     }
+    if constexpr (!FP32)
+      for (int t = 0; t < T; ++t) off[t] += hsum(offv[t]);
   } else if constexpr (TYPE == IQ4_NL) {
     for (int64_t ib = 0; ib < K / 32; ++ib, w += 18) {
       const float d = f16_to_f32(rd16(w));
-      step<T, true>(iq4_values_32(w + 2), d, d, 0.f, 0.f, x, m0, ib, acc, off);
+      step1<T, true>(iq4_values_32(w + 2), d, 0.f, x, m0, ib, acc, off);
     }
   } else if constexpr (TYPE == IQ4_XS) {
     for (int64_t sb = 0; sb < K / 256; ++sb, w += 136) {
       const float d = f16_to_f32(rd16(w));
       for (int ib = 0; ib < 8; ++ib) {
         const float dl = d * iq4_xs_scale(w, ib);
-        step<T, true>(iq4_values_32(w + 8 + 16 * ib), dl, dl, 0.f, 0.f, x, m0, sb * 8 + ib, acc,
-                      off);
+        step1<T, true>(iq4_values_32(w + 8 + 16 * ib), dl, 0.f, x, m0, sb * 8 + ib, acc, off);
       }
     }
   }
-  for (int t = 0; t < T; ++t) out[t * ldo] = acc_sum(acc[t]) + off[t];
+  for (int t = 0; t < T; ++t) out[t * ldo] = Accum<X>::sum(acc[t]) + off[t];
 }
 
 #else  // scalar fallback: the same decomposition, one element at a time
@@ -500,7 +693,7 @@ void decode32(const uint8_t* row, int64_t ib, int* v, float* sc, float* of) {
       }
     } else {
       const float d = f16_to_f32(rd16(b + 108));
-      int s3[16];
+      int8_t s3[16];
       q3_k_scales(b + 96, s3);
       for (int i = 0; i < 32; ++i)
         v[i] = (((qs[i] >> (2 * j)) & 3) | (((b[i] >> (4 * h + j)) & 1) << 2)) - 4;
@@ -521,20 +714,27 @@ void decode32(const uint8_t* row, int64_t ib, int* v, float* sc, float* of) {
   }
 }
 
-template <int TYPE, int T>
-void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo) {
+template <int TYPE, int T, class X>
+void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) {
   float acc[T] = {};
   int v[32];
   float sc[2], of[2];
   for (int64_t ib = 0; ib < x.K / 32; ++ib) {
     decode32<TYPE>(w, ib, v, sc, of);
     for (int t = 0; t < T; ++t) {
-      const float* xb = x.row(m0 + t) + ib * 32;
-      float p0 = 0.f, p1 = 0.f;
-      for (int i = 0; i < 16; ++i) p0 += v[i] * xb[i];
-      for (int i = 16; i < 32; ++i) p1 += v[i] * xb[i];
+      const auto* xb = x.row(m0 + t) + ib * 32;
       const float* s = x.srow(m0 + t) + 2 * ib;
-      acc[t] += sc[0] * p0 + sc[1] * p1 + of[0] * s[0] + of[1] * s[1];
+      if constexpr (std::is_same_v<X, XF>) {
+        float p0 = 0.f, p1 = 0.f;
+        for (int i = 0; i < 16; ++i) p0 += v[i] * xb[i];
+        for (int i = 16; i < 32; ++i) p1 += v[i] * xb[i];
+        acc[t] += sc[0] * p0 + sc[1] * p1 + of[0] * s[0] + of[1] * s[1];
+      } else {  // int8: the integer dot products are exact
+        int p0 = 0, p1 = 0;
+        for (int i = 0; i < 16; ++i) p0 += v[i] * xb[i];
+        for (int i = 16; i < 32; ++i) p1 += v[i] * xb[i];
+        acc[t] += x.drow(m0 + t)[ib] * (sc[0] * p0 + sc[1] * p1 + of[0] * s[0] + of[1] * s[1]);
+      }
     }
   }
   for (int t = 0; t < T; ++t) out[t * ldo] = (float)acc[t];
@@ -542,8 +742,8 @@ void row_dot(const uint8_t* w, const XF& x, int64_t m0, float* out, int64_t ldo)
 
 #endif
 
-template <int TYPE>
-void rows_dot(const uint8_t* w, int64_t row_bytes, const XF& x, int64_t M, int64_t n0,
+template <int TYPE, class X>
+void rows_dot(const uint8_t* w, int64_t row_bytes, const X& x, int64_t M, int64_t n0,
               int64_t n1, float* out, int64_t N) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * row_bytes;
@@ -558,23 +758,26 @@ void rows_dot(const uint8_t* w, int64_t row_bytes, const XF& x, int64_t M, int64
   }
 }
 
-using RowsFn = void (*)(const uint8_t*, int64_t, const XF&, int64_t, int64_t, int64_t, float*,
+// rows n0..n1 of W (row_bytes apart) against the M rows of x: out[m * N + n]
+template <class X>
+using RowsFn = void (*)(const uint8_t*, int64_t, const X&, int64_t, int64_t, int64_t, float*,
                         int64_t);
 
-RowsFn rows_fn(int64_t qtype) {
+template <class X>
+RowsFn<X> rows_fn(int64_t qtype) {
   switch (qtype) {
-    case Q4_0: return rows_dot<Q4_0>;
-    case Q4_1: return rows_dot<Q4_1>;
-    case Q5_0: return rows_dot<Q5_0>;
-    case Q5_1: return rows_dot<Q5_1>;
-    case Q8_0: return rows_dot<Q8_0>;
-    case Q2_K: return rows_dot<Q2_K>;
-    case Q3_K: return rows_dot<Q3_K>;
-    case Q4_K: return rows_dot<Q4_K>;
-    case Q5_K: return rows_dot<Q5_K>;
-    case Q6_K: return rows_dot<Q6_K>;
-    case IQ4_NL: return rows_dot<IQ4_NL>;
-    case IQ4_XS: return rows_dot<IQ4_XS>;
+    case Q4_0: return rows_dot<Q4_0, X>;
+    case Q4_1: return rows_dot<Q4_1, X>;
+    case Q5_0: return rows_dot<Q5_0, X>;
+    case Q5_1: return rows_dot<Q5_1, X>;
+    case Q8_0: return rows_dot<Q8_0, X>;
+    case Q2_K: return rows_dot<Q2_K, X>;
+    case Q3_K: return rows_dot<Q3_K, X>;
+    case Q4_K: return rows_dot<Q4_K, X>;
+    case Q5_K: return rows_dot<Q5_K, X>;
+    case Q6_K: return rows_dot<Q6_K, X>;
+    case IQ4_NL: return rows_dot<IQ4_NL, X>;
+    case IQ4_XS: return rows_dot<IQ4_XS, X>;
     default: return nullptr;
   }
 }
@@ -719,31 +922,39 @@ Pool& pool() {
 #include "decode_block.h"
 
 // x float32 [M, K] contiguous, w uint8 [N, row_bytes] (rows contiguous) -> out float32 [M, N].
+// int8_x: x quantized as q8_activations.quantize_q8_ref first (XQ), else fp32 (XF).
 void quant_matmul(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype,
-                  torch::Tensor& out) {
+                  torch::Tensor& out, bool int8_x) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
               "x must be contiguous float32 [M, K]");
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.stride(1) == 1,
               "w must be uint8 [N, row_bytes] with contiguous rows");
-  const RowsFn fn = rows_fn(qtype);
-  TORCH_CHECK(fn != nullptr, "quant_matmul: unsupported GGML type ", qtype);
+  TORCH_CHECK(rows_fn<XF>(qtype) != nullptr, "quant_matmul: unsupported GGML type ", qtype);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(K % block_elems(qtype) == 0, "K=", K, " is not a multiple of the block size");
   TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.size(0) == M &&
                   out.size(1) == N,
               "out must be contiguous float32 [M, N]");
-  auto xs = torch::empty({M, K / 16}, torch::kFloat32);
-  sums16(x.data_ptr<float>(), M, K, xs.data_ptr<float>());
-  const XF xqs{x.data_ptr<float>(), xs.data_ptr<float>(), K};
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t row_bytes = w.stride(0);
   float* op = out.data_ptr<float>();
   // ~32 KiB of weights (x M tokens of work) a chunk: a 640-row GEMV is ~10 chunks to share,
   // and a chunk's work (microseconds) dwarfs taking it
   const int64_t chunk = std::max<int64_t>(1, (32768 / std::max<int64_t>(1, M)) / row_bytes);
-  pool().parallel_for(N, chunk, [&](int64_t n0, int64_t n1) {
-    fn(wp, row_bytes, xqs, M, n0, n1, op, N);
-  });
+  auto run = [&](const auto& xv) {
+    const auto fn = rows_fn<std::decay_t<decltype(xv)>>(qtype);
+    pool().parallel_for(N, chunk, [&](int64_t n0, int64_t n1) {
+      fn(wp, row_bytes, xv, M, n0, n1, op, N);
+    });
+  };
+  if (int8_x) {
+    XQBuffers buffers;
+    run(buffers.quantize(x.data_ptr<float>(), M, K));
+  } else {
+    auto xs = torch::empty({M, K / 16}, torch::kFloat32);
+    sums16(x.data_ptr<float>(), M, K, xs.data_ptr<float>());
+    run(XF{x.data_ptr<float>(), xs.data_ptr<float>(), K});
+  }
 }
 
 bool has_avx2() {
@@ -768,7 +979,9 @@ int64_t get_num_threads() { return pool().threads(); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_num_threads", &set_num_threads, "threads of the matmuls (the caller + workers)");
   m.def("get_num_threads", &get_num_threads);
-  m.def("quant_matmul", &quant_matmul, "out = x @ dequantize(w).T, fp32 activations",
+  m.def("quant_matmul", &quant_matmul,
+        "out = x @ dequantize(w).T; int8_x: x quantized to int8 per 32 first",
+        py::arg("x"), py::arg("w"), py::arg("qtype"), py::arg("out"), py::arg("int8_x") = false,
         py::call_guard<py::gil_scoped_release>());
   py::class_<DecodeBlock, std::shared_ptr<DecodeBlock>>(m, "DecodeBlock")
       .def("forward", &DecodeBlock::forward, "one decode token per sequence through the block",
