@@ -147,7 +147,7 @@ def test_long_batches_take_the_mkl_path_on_n_threads(native):
 
 
 def test_unsupported_type_falls_back(native):
-    w = weight(GGMLType.IQ2_XS, 3, 1)
+    w = weight(GGMLType.TQ2_0, 3, 1)
     assert qn.quant_matmul_native(torch.randn(1, 256), w) is None
 
 
@@ -158,7 +158,7 @@ def test_bad_input_is_named(native):
     with pytest.raises(RuntimeError, match="out must be"):
         native.quant_matmul(torch.randn(1, 32), w.data, int(GGMLType.Q8_0), torch.empty(1, 3))
     with pytest.raises(RuntimeError, match="unsupported GGML type"):
-        native.quant_matmul(torch.randn(1, 32), w.data, int(GGMLType.IQ2_XXS),
+        native.quant_matmul(torch.randn(1, 32), w.data, int(GGMLType.MXFP4),
                             torch.empty(1, 2))
     with pytest.raises(ValueError, match="n_threads"):
         qn.set_num_threads(0)

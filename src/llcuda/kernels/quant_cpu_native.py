@@ -47,6 +47,7 @@ from types import ModuleType
 import torch
 
 from llcuda.gguf.constants import QUANT_SIZES, GGMLType
+from llcuda.kernels import iq_tables
 from llcuda.kernels.iq_tables import IQ4_KVALUES
 from llcuda.kernels.quant_matmul_cpu import quant_matmul_cpu, torch_threads
 from llcuda.layers.quant_tensor import QuantTensor
@@ -54,7 +55,8 @@ from llcuda.layers.quant_tensor import QuantTensor
 NATIVE_TYPES: frozenset[GGMLType] = frozenset({
     GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
     GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
-    GGMLType.IQ4_NL, GGMLType.IQ4_XS,
+    GGMLType.IQ4_NL, GGMLType.IQ4_XS, GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S,
+    GGMLType.IQ3_XXS, GGMLType.IQ3_S, GGMLType.IQ1_S, GGMLType.IQ1_M,
 })  # fmt: skip
 
 # From this many tokens on, decoding a tile to fp32 once and multiplying it by MKL
@@ -62,6 +64,9 @@ NATIVE_TYPES: frozenset[GGMLType] = frozenset({
 # 64 / 256 tokens, 1 thread, Q5_0 2048 x 640: 3.4 / 14.3 ms here, 3.2 / 9.7 ms there.
 MKL_TOKENS = 128
 
+# the grids set_iq_grids takes, in its order (IQ1_M reads IQ1_S's)
+_GRID_ORDER = (GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S, GGMLType.IQ3_XXS,
+               GGMLType.IQ3_S, GGMLType.IQ1_S)  # fmt: skip
 _SOURCE = Path(__file__).parent / "csrc" / "quant_cpu.cpp"
 _HEADERS = (Path(__file__).parent / "csrc" / "decode_block.h",)  # included by _SOURCE
 # The compiler flags; the IQ4 code book comes from iq_tables, its one source.
@@ -123,6 +128,10 @@ def load_native() -> ModuleType | None:
             native = _build()
             if native is not None:
                 native.set_num_threads(int(_state.get("threads", torch.get_num_threads())))
+                native.set_iq_grids(
+                    *(iq_tables.grid(t).contiguous() for t in _GRID_ORDER),
+                    iq_tables.ksigns().contiguous(),
+                )
             _state["module"] = native
     return _state["module"]  # type: ignore[return-value]
 

@@ -30,6 +30,7 @@ Mat make_mat(const torch::Tensor& blocks, int64_t qtype, int64_t cols) {
   m.fn = rows_fn<XF>(qtype);
   m.fnq = rows_fn<XQ>(qtype);
   TORCH_CHECK(m.fn != nullptr, "decode block: unsupported GGML type ", qtype);
+  check_runnable(qtype, "decode block");
   TORCH_CHECK(cols % block_elems(qtype) == 0, "a weight's ", cols,
               " columns are not whole blocks of its type");
   m.keep = blocks;

@@ -41,7 +41,8 @@ namespace {
 
 // GGML type ids (llcuda.gguf.constants.GGMLType)
 constexpr int Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
-              Q5_K = 13, Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23;
+              Q5_K = 13, Q6_K = 14, IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19,
+              IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29;
 constexpr int MAX_TILE = 4;  // tokens per weight-block decode
 
 // IQ4_NL / IQ4_XS code book, from llcuda.kernels.iq_tables.IQ4_KVALUES (quant_cpu_native passes it
@@ -50,6 +51,29 @@ constexpr int MAX_TILE = 4;  // tokens per weight-block decode
 #error "LLCUDA_IQ4_KVALUES (the IQ4 code book) must be defined by the build"
 #endif
 alignas(16) constexpr int8_t kIQ4Values[16] = {LLCUDA_IQ4_KVALUES};
+
+// The grids of the IQ1 / IQ2 / IQ3 types (iq_tables.grid, their one source: set_iq_grids copies
+// them in when the extension is loaded), each entry's values as the bytes of one word, and the
+// sign masks: sign8[i] has byte j = 0xFF where bit j of i is set, else 0; ksigns is
+// iq_tables.ksigns (7 stored sign bits -> 8).
+// Plain arrays in a constant-initialized global: a function-local static's guard check in the
+// inner loop made the compiler keep the accumulators in memory (IQ2_XS ran at 1.3 GB/s).
+struct IQGrids {
+  uint64_t iq2xxs[256], iq2xs[512], iq2s[1024], iq1s[2048];  // 8 values an entry
+  uint32_t iq3xxs[256], iq3s[512];                           // 4 values an entry
+  uint64_t sign8[256];
+  uint8_t ksigns[128];
+  bool ready;
+};
+
+IQGrids g_iq_grids{};
+
+inline const IQGrids& iq_grids() { return g_iq_grids; }
+
+constexpr bool is_iq_grid(int t) {
+  return t == IQ2_XXS || t == IQ2_XS || t == IQ2_S || t == IQ3_XXS || t == IQ3_S || t == IQ1_S ||
+         t == IQ1_M;
+}
 
 float f16_to_f32(uint16_t h) {
 #if defined(__F16C__)
@@ -121,6 +145,107 @@ int iq4_xs_scale(const uint8_t* b, int ib) {
   const int lo = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0xF;
   const int hi = (rd16(b + 2) >> (2 * ib)) & 3;
   return (lo | (hi << 4)) - 32;
+}
+
+// Bytewise a + b on 8 bytes at once (no carry between bytes)
+inline uint64_t add_bytes(uint64_t a, uint64_t b) {
+  constexpr uint64_t H = 0x8080808080808080ull;
+  return ((a & ~H) + (b & ~H)) ^ ((a ^ b) & H);
+}
+
+// Grid bytes g with the sign bits `bits` applied (byte j negated where bit j is set): the IQ2 /
+// IQ3 grids hold values 4..62, so (g ^ 0xFF) + 1 negates a byte without a carry out of it
+inline uint64_t signed_entry(uint64_t g, uint8_t bits) {
+  const uint64_t neg = iq_grids().sign8[bits];
+  return (g ^ neg) + (neg & 0x0101010101010101ull);
+}
+
+// IQ1: 8 * grid (values -1, 0, 1) + delta (+1, or -1 where `negative`), bytewise: the weight is
+// d_l (grid + delta / 8), so u = 8 grid + delta with the scale d_l / 8, exactly
+inline uint64_t iq1_entry(uint64_t g, bool negative) {
+  const uint64_t eight = (g << 3) & 0xF8F8F8F8F8F8F8F8ull;
+  return add_bytes(eight, negative ? 0xFFFFFFFFFFFFFFFFull : 0x0101010101010101ull);
+}
+
+// Group g (values 32g .. 32g+31) of an IQ1 / IQ2 / IQ3 super-block b: its values as 4 words of
+// 8 signed bytes (in order) and the scale of each of its halves of 16, s[0] and s[1]
+// (dequant_ref's _iq2_xxs .. _iq1_m restated per group; the IQ3 grids' entries are 4 values).
+template <int TYPE>
+__attribute__((always_inline)) inline void iq_group(const uint8_t* b, int g, uint64_t* u,
+                                                    float* s) {
+  const IQGrids& G = iq_grids();
+  const float d = TYPE == IQ1_M ? 0.f : f16_to_f32(rd16(b));
+  auto u32_at = [&](int off) {
+    uint32_t v;
+    std::memcpy(&v, b + off, 4);
+    return v;
+  };
+  if constexpr (TYPE == IQ2_XXS) {
+    const uint8_t* q = b + 2 + 8 * g;  // 4 grid indices, then a u32 of signs and the scale
+    const uint32_t w1 = u32_at(2 + 8 * g + 4);
+    for (int k = 0; k < 4; ++k)
+      u[k] = signed_entry(G.iq2xxs[q[k]], G.ksigns[(w1 >> (7 * k)) & 127]);
+    s[0] = s[1] = d * (0.5f + (float)(w1 >> 28)) * 0.25f;
+  } else if constexpr (TYPE == IQ2_XS || TYPE == IQ2_S) {
+    for (int k = 0; k < 4; ++k) {
+      const int i = 4 * g + k;  // the 8-value entry
+      if constexpr (TYPE == IQ2_XS) {
+        const uint16_t v = rd16(b + 2 + 2 * i);  // 9-bit index, 7-bit sign index
+        u[k] = signed_entry(G.iq2xs[v & 511], G.ksigns[v >> 9]);
+      } else {  // qs[32], signs[32], qh[8]: the index's 2 high bits
+        const int idx = b[2 + i] | (((b[66 + g] >> (2 * k)) & 3) << 8);
+        u[k] = signed_entry(G.iq2s[idx], b[34 + i]);
+      }
+    }
+    const uint8_t sc = b[TYPE == IQ2_XS ? 66 + g : 74 + g];
+    s[0] = d * (0.5f + (float)(sc & 0xF)) * 0.25f;
+    s[1] = d * (0.5f + (float)(sc >> 4)) * 0.25f;
+  } else if constexpr (TYPE == IQ3_XXS || TYPE == IQ3_S) {
+    uint32_t e[8];  // the group's 8 grid entries of 4 values
+    for (int k = 0; k < 8; ++k) {
+      const int i = 8 * g + k;
+      e[k] = TYPE == IQ3_XXS ? G.iq3xxs[b[2 + i]]
+                             : G.iq3s[b[2 + i] | (((b[66 + g] >> k) & 1) << 8)];
+    }
+    const uint32_t w = TYPE == IQ3_XXS ? u32_at(66 + 4 * g) : 0;
+    for (int k = 0; k < 4; ++k) {
+      const uint64_t pair = (uint64_t)e[2 * k] | ((uint64_t)e[2 * k + 1] << 32);
+      const uint8_t bits = TYPE == IQ3_XXS ? G.ksigns[(w >> (7 * k)) & 127] : b[74 + 4 * g + k];
+      u[k] = signed_entry(pair, bits);
+    }
+    if constexpr (TYPE == IQ3_XXS) {
+      s[0] = s[1] = d * (0.5f + (float)(w >> 28)) * 0.5f;
+    } else {
+      const int sc = (b[106 + g / 2] >> (4 * (g % 2))) & 0xF;
+      s[0] = s[1] = d * (float)(1 + 2 * sc);
+    }
+  } else if constexpr (TYPE == IQ1_S) {
+    const uint16_t qh = rd16(b + 34 + 2 * g);  // 4 x 3 high index bits, scale, delta sign
+    for (int k = 0; k < 4; ++k)
+      u[k] = iq1_entry(G.iq1s[b[2 + 4 * g + k] | (((qh >> (3 * k)) & 7) << 8)], qh & 0x8000);
+    s[0] = s[1] = d * (float)(2 * ((qh >> 12) & 7) + 1) * 0.125f;
+  } else if constexpr (TYPE == IQ1_M) {
+    uint16_t sc[4];
+    for (int k = 0; k < 4; ++k) sc[k] = rd16(b + 48 + 2 * k);
+    const uint16_t d_bits = (uint16_t)((sc[0] >> 12) | ((sc[1] >> 8) & 0xF0) |
+                                       ((sc[2] >> 4) & 0xF00) | (sc[3] & 0xF000));
+    const float dm = f16_to_f32(d_bits);
+    for (int k = 0; k < 4; ++k) {
+      const int i = 4 * g + k;
+      const int nib = (b[32 + i / 2] >> (4 * (i % 2))) & 0xF;  // 3 high index bits, delta sign
+      u[k] = iq1_entry(G.iq1s[b[i] | ((nib & 7) << 8)], nib & 8);
+    }
+    for (int h = 0; h < 2; ++h) {
+      const int j = 2 * g + h;
+      s[h] = dm * (float)(2 * ((sc[j / 4] >> (3 * (j % 4))) & 7) + 1) * 0.125f;
+    }
+  }
+}
+
+// super-block bytes of the IQ1 / IQ2 / IQ3 types
+constexpr int iq_bytes(int t) {
+  return t == IQ2_XXS ? 66 : t == IQ2_XS ? 74 : t == IQ2_S ? 82 : t == IQ3_XXS ? 98
+         : t == IQ3_S ? 110 : t == IQ1_S ? 50 : 56;
 }
 
 // The activations: x fp32 [M, K] and the sum of each 16 of its elements, s16 [M, K/16] (what a
@@ -611,6 +736,20 @@ void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) 
     }
     if constexpr (!FP32)
       for (int t = 0; t < T; ++t) off[t] += hsum(offv[t]);
+  } else if constexpr (is_iq_grid(TYPE)) {
+    for (int64_t sb = 0; sb < K / 256; ++sb, w += iq_bytes(TYPE)) {
+      for (int g = 0; g < 8; ++g) {
+        uint64_t u[4];
+        float sc[2];
+        iq_group<TYPE>(w, g, u, sc);
+        const __m256i v = _mm256_set_epi64x((int64_t)u[3], (int64_t)u[2], (int64_t)u[1],
+                                            (int64_t)u[0]);
+        if constexpr (TYPE == IQ2_XS || TYPE == IQ2_S || TYPE == IQ1_M)  // a scale per 16
+          step<T, true>(v, sc[0], sc[1], 0.f, 0.f, x, m0, sb * 8 + g, acc, off);
+        else
+          step1<T, true>(v, sc[0], 0.f, x, m0, sb * 8 + g, acc, off);
+      }
+    }
   } else if constexpr (TYPE == IQ4_NL) {
     for (int64_t ib = 0; ib < K / 32; ++ib, w += 18) {
       const float d = f16_to_f32(rd16(w));
@@ -701,6 +840,13 @@ void decode32(const uint8_t* row, int64_t ib, int* v, float* sc, float* of) {
       sc[1] = d * s3[k + 1];
       of[0] = of[1] = 0.f;
     }
+  } else if constexpr (is_iq_grid(TYPE)) {
+    uint64_t u[4];
+    iq_group<TYPE>(row + (ib / 8) * iq_bytes(TYPE), (int)(ib % 8), u, sc);
+    int8_t bytes[32];
+    std::memcpy(bytes, u, 32);
+    for (int i = 0; i < 32; ++i) v[i] = bytes[i];
+    of[0] = of[1] = 0.f;
   } else if constexpr (TYPE == IQ4_NL || TYPE == IQ4_XS) {
     const uint8_t* b = TYPE == IQ4_NL ? row + ib * 18 : row + (ib / 8) * 136;
     const uint8_t* qs = TYPE == IQ4_NL ? b + 2 : b + 8 + 16 * (ib % 8);
@@ -778,13 +924,28 @@ RowsFn<X> rows_fn(int64_t qtype) {
     case Q6_K: return rows_dot<Q6_K, X>;
     case IQ4_NL: return rows_dot<IQ4_NL, X>;
     case IQ4_XS: return rows_dot<IQ4_XS, X>;
+    case IQ2_XXS: return rows_dot<IQ2_XXS, X>;
+    case IQ2_XS: return rows_dot<IQ2_XS, X>;
+    case IQ2_S: return rows_dot<IQ2_S, X>;
+    case IQ3_XXS: return rows_dot<IQ3_XXS, X>;
+    case IQ3_S: return rows_dot<IQ3_S, X>;
+    case IQ1_S: return rows_dot<IQ1_S, X>;
+    case IQ1_M: return rows_dot<IQ1_M, X>;
     default: return nullptr;
   }
 }
 
-// elements per block of a type rows_fn takes: 256 for the K-quants and IQ4_XS, else 32
+// elements per block of a type rows_fn takes: 256 for the K-quants and the IQ types but
+// IQ4_NL, else 32
 int64_t block_elems(int64_t qtype) {
-  return (qtype >= Q2_K && qtype <= Q6_K) || qtype == IQ4_XS ? 256 : 32;
+  const bool super = (qtype >= Q2_K && qtype <= Q6_K) || qtype == IQ4_XS || is_iq_grid((int)qtype);
+  return super ? 256 : 32;
+}
+
+// Whether rows_fn's kernel for qtype can run: the IQ1/IQ2/IQ3 types need their grids set
+void check_runnable(int64_t qtype, const char* who) {
+  TORCH_CHECK(!is_iq_grid((int)qtype) || iq_grids().ready, who, ": the grids of GGML type ",
+              qtype, " were not set (set_iq_grids)");
 }
 
 // A thread pool made for a shared machine. OpenMP (torch's intra-op pool) hands each thread a
@@ -930,6 +1091,7 @@ void quant_matmul(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype,
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.stride(1) == 1,
               "w must be uint8 [N, row_bytes] with contiguous rows");
   TORCH_CHECK(rows_fn<XF>(qtype) != nullptr, "quant_matmul: unsupported GGML type ", qtype);
+  check_runnable(qtype, "quant_matmul");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(K % block_elems(qtype) == 0, "K=", K, " is not a multiple of the block size");
   TORCH_CHECK(out.dtype() == torch::kFloat32 && out.is_contiguous() && out.size(0) == M &&
@@ -973,6 +1135,38 @@ bool has_avx512() {
 #endif
 }
 
+// The IQ grids from iq_tables.grid (int8 [entries, 8] or [entries, 4], contiguous) and ksigns
+// (uint8 [128]); called once by quant_cpu_native when it loads the extension.
+void set_iq_grids(const torch::Tensor& iq2xxs, const torch::Tensor& iq2xs,
+                  const torch::Tensor& iq2s, const torch::Tensor& iq3xxs,
+                  const torch::Tensor& iq3s, const torch::Tensor& iq1s,
+                  const torch::Tensor& ksigns) {
+  IQGrids& G = g_iq_grids;
+  auto words = [](const torch::Tensor& t, int64_t entries, int64_t width, void* out,
+                  const char* name) {
+    TORCH_CHECK(t.dtype() == torch::kInt8 && t.dim() == 2 && t.size(0) == entries &&
+                    t.size(1) == width && t.is_contiguous(),
+                name, " must be contiguous int8 [", entries, ", ", width, "]");
+    std::memcpy(out, t.data_ptr<int8_t>(), entries * width);
+  };
+  words(iq2xxs, 256, 8, G.iq2xxs, "iq2xxs");
+  words(iq2xs, 512, 8, G.iq2xs, "iq2xs");
+  words(iq2s, 1024, 8, G.iq2s, "iq2s");
+  words(iq3xxs, 256, 4, G.iq3xxs, "iq3xxs");
+  words(iq3s, 512, 4, G.iq3s, "iq3s");
+  words(iq1s, 2048, 8, G.iq1s, "iq1s");
+  TORCH_CHECK(ksigns.dtype() == torch::kUInt8 && ksigns.numel() == 128 && ksigns.is_contiguous(),
+              "ksigns must be contiguous uint8 [128]");
+  std::memcpy(G.ksigns, ksigns.data_ptr<uint8_t>(), 128);
+  for (int i = 0; i < 256; ++i) {
+    uint64_t m = 0;
+    for (int j = 0; j < 8; ++j)
+      if (i >> j & 1) m |= 0xFFull << (8 * j);
+    G.sign8[i] = m;
+  }
+  G.ready = true;
+}
+
 void set_num_threads(int64_t n) { pool().set_threads((int)n); }
 int64_t get_num_threads() { return pool().threads(); }
 
@@ -987,6 +1181,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &DecodeBlock::forward, "one decode token per sequence through the block",
            py::call_guard<py::gil_scoped_release>());
   m.def("make_decode_block", &make_decode_block, "a DecodeBlock (decode_block.h)");
+  m.def("set_iq_grids", &set_iq_grids, "the IQ1/IQ2/IQ3 grids and ksigns (iq_tables)");
   m.def("has_avx2", &has_avx2);
   m.def("has_avx512", &has_avx512);
 }
