@@ -4,8 +4,10 @@
 // int8: Q5_0's d (q - 16) is u * d with u = q - 16, Q6_K's d sc (q - 32) likewise, Q8_0's is
 // u * d, and Q4_K's d sc q - dmin m is u * (d sc) + offset with offset = -dmin m. Q2_K is Q4_K's
 // form with 2-bit u, Q3_K Q6_K's with u = q - 4 (q the 2 low bits and the high-mask bit), and
-// IQ4_NL / IQ4_XS take u from their code book (one byte shuffle per 32 indices). A block's
-// 32 bytes of u come from a few AVX2 byte ops, are widened to 4 x 8 floats and multiplied with fp32 x by FMAs;
+// IQ4_NL / IQ4_XS take u from their code book (one byte shuffle per 32 indices); the IQ1 / IQ2
+// / IQ3 types look their 4- or 8-value grid entries up in tables (iq_group: u is the signed grid
+// value, IQ1's 8 grid + delta with the scale / 8). A block's 32 bytes of u come from a few AVX2
+// byte ops, are widened to 4 x 8 floats and multiplied with fp32 x by FMAs;
 // the offset term is offset * sum(x) over the 16, read from sums made once per call. With fp32
 // x (XF) the result is the reference's x @ dequantize(W).T up to fp32 summation order. With
 // int8 x (XQ: quantized per 32 as q8_activations.quantize_q8_ref, as llama.cpp does; a decode
