@@ -129,8 +129,6 @@ def test_ops_dispatch_and_the_off_switch(native, monkeypatch):
 
 
 def test_long_batches_take_the_mkl_path_on_n_threads(native):
-    from llcuda.kernels.quant_matmul_cpu import quant_matmul_cpu
-
     w = weight(GGMLType.Q5_0, 20, 2, seed=6)
     x = torch.randn(qn.MKL_TOKENS, 64)
     prev = torch.get_num_threads()
@@ -140,10 +138,27 @@ def test_long_batches_take_the_mkl_path_on_n_threads(native):
             assert torch.get_num_threads() == 1
             got = qn.quant_matmul_native(x, w)
             assert torch.get_num_threads() == 1  # restored after the GEMM's 2 threads
-        assert torch.equal(got, quant_matmul_cpu(x, w))
+        assert torch.equal(got, qn.dequant_matmul(native, x, w))
+        assert_matmul_close(got, x, w)
         assert_matmul_close(qn.quant_matmul_native(x[:-1], w), x[:-1], w)  # the C++ kernel
     finally:
         qn.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_matches_the_reference(native, qtype):
+    # the matmuls' own decoders write the weights out (a prompt's tiles for MKL)
+    w = weight(qtype, 37, 3, seed=2)
+    out = torch.empty(w.shape)
+    native.dequantize(w.data, int(qtype), out)
+    torch.testing.assert_close(out, dequantize_ref(w.data, qtype), rtol=1e-6, atol=0)
+
+
+def test_dequant_matmul_in_tiles(native, monkeypatch):
+    monkeypatch.setattr(qn, "TILE_ELEMS", 3 * 512)  # tiles of 3 rows, the last one short
+    w = weight(GGMLType.IQ2_XS, 10, 2, seed=4)
+    x = torch.randn(5, w.shape[1])
+    assert_matmul_close(qn.dequant_matmul(native, x, w), x, w)
 
 
 def test_unsupported_type_falls_back(native):
@@ -204,6 +219,9 @@ for qtype in sorted(qn.NATIVE_TYPES):
         x = torch.randn(tokens, w.shape[1], generator=torch.Generator().manual_seed(tokens))
         assert_matmul_close(qn.quant_matmul_native(x, w), x, w)
         assert_matmul_close(qn.quant_matmul_native(x, w, int8_x=True), quantize_q8_ref(x), w)
+    out = torch.empty(w.shape)
+    native.dequantize(w.data, int(qtype), out)
+    torch.testing.assert_close(out, dequantize_ref(w.data, qtype), rtol=1e-6, atol=0)
     x = torch.eye(w.shape[1])
     want = dequantize_ref(w.data, qtype).T
     torch.testing.assert_close(qn.quant_matmul_native(x, w), want, rtol=1e-5,

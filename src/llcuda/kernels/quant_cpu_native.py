@@ -28,7 +28,8 @@ Measured on the shared 2-core AMD EPYC (Zen 4) dev box, 1 thread, best of 7, loa
 (so only the ratios mean much): the 262144 x 640 Q8_0 LM head at one token 10.6 ms (17 GB/s)
 against 61 ms for quant_matmul_cpu; a 2048 x 640 Q5_0 GEMV 0.11 ms (vs ~1.7 ms), 640 x 2048 Q6_K
 0.11 ms (vs ~1.2 ms); 64 tokens through the Q5_0 one 3.1 ms (27 GMAC/s; quant_matmul_cpu 3.2
-ms); 256 tokens 14.3 ms against 9.7 ms for quant_matmul_cpu, hence MKL_TOKENS. The engine-level
+ms); 256 tokens 14.3 ms against 9.7 ms for quant_matmul_cpu (a prompt's many tokens now take
+dequant_matmul: the extension's own decode into fp32 tiles, then MKL; see MKL_TOKENS). The engine-level
 numbers against llama.cpp are in BENCHMARKS.md (CPU). The same extension runs a decode step's
 whole decoder blocks (csrc/decode_block.h, through kernels/decode_block_cpu.py).
 """
@@ -49,7 +50,7 @@ import torch
 from llcuda.gguf.constants import QUANT_SIZES, GGMLType
 from llcuda.kernels import iq_tables
 from llcuda.kernels.iq_tables import IQ4_KVALUES
-from llcuda.kernels.quant_matmul_cpu import quant_matmul_cpu, torch_threads
+from llcuda.kernels.quant_matmul_cpu import TILE_ELEMS, torch_threads
 from llcuda.layers.quant_tensor import QuantTensor
 
 NATIVE_TYPES: frozenset[GGMLType] = frozenset({
@@ -59,10 +60,13 @@ NATIVE_TYPES: frozenset[GGMLType] = frozenset({
     GGMLType.IQ3_XXS, GGMLType.IQ3_S, GGMLType.IQ1_S, GGMLType.IQ1_M,
 })  # fmt: skip
 
-# From this many tokens on, decoding a tile to fp32 once and multiplying it by MKL
-# (quant_matmul_cpu) beats this kernel, which redoes the decode for every 4 tokens: measured at
-# 64 / 256 tokens, 1 thread, Q5_0 2048 x 640: 3.4 / 14.3 ms here, 3.2 / 9.7 ms there.
-MKL_TOKENS = 128
+# From this many tokens on, decoding a tile of the weight to fp32 once (the extension's
+# `dequantize`) and multiplying it by MKL (dequant_matmul) beats this kernel, which redoes the
+# decode for every 4 tokens. 2 threads, 4096 x 2048, ms at 16 / 64 / 512 tokens, this kernel ->
+# dequant_matmul: Q4_K 4.7 / 19.7 / 181 -> 4.3 / 8.8 / 69, Q8_0 3.8 / 14.8 / 162 -> 4.0 / 8.6 /
+# 56, IQ2_XS 12.3 / 49.6 / 430 -> 4.9 / 9.3 / 53; the torch-decoded quant_matmul_cpu took 20.7 /
+# 26.2 / 70 (Q4_K), 51.6 / 65.0 / 103 (IQ2_XS).
+MKL_TOKENS = 16
 
 # the grids set_iq_grids takes, in its order (IQ1_M reads IQ1_S's)
 _GRID_ORDER = (GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S, GGMLType.IQ3_XXS,
@@ -215,8 +219,8 @@ def quant_matmul_native(
 ) -> torch.Tensor | None:
     """x @ dequantize(weight).T; None where the fast path can't run it (extension unavailable
     or disabled, unsupported type, a tensor off the CPU). From MKL_TOKENS tokens on it runs
-    quant_matmul_cpu on n_threads instead. int8_x: quantize_q8_ref(x) @ dequantize(weight).T
-    (integer dot products; below MKL_TOKENS only).
+    dequant_matmul on n_threads instead. int8_x: quantize_q8_ref(x) @ dequantize(weight).T
+    (integer dot products, at any number of tokens).
 
     x: [num_tokens, in_features] -> [num_tokens, out_features] float32.
     """
@@ -233,7 +237,26 @@ def quant_matmul_native(
     if x.shape[0] >= MKL_TOKENS and not int8_x:
         # a CPU step runs torch on one thread (torch_ops_on_one_thread); this GEMM wants them all
         with torch_threads(int(_state.get("threads", torch.get_num_threads()))):
-            return quant_matmul_cpu(x, weight)
+            return dequant_matmul(native, x.float(), weight)
     out = torch.empty(x.shape[0], n_rows, dtype=torch.float32)
     native.quant_matmul(x.float().contiguous(), weight.data, int(weight.qtype), out, int8_x)
     return out
+
+
+def dequant_matmul(native: ModuleType, x: torch.Tensor, weight: QuantTensor) -> torch.Tensor:
+    """x @ dequantize(weight).T for a prompt's many tokens: the extension decodes the weight a
+    tile of about TILE_ELEMS elements at a time (`dequantize`, the matmuls' own decoders), and
+    each tile is one MKL GEMM, so no fp32 copy of the whole matrix exists.
+
+    x: float32 [num_tokens, in_features] -> [num_tokens, out_features] float32."""
+    n_rows, n_cols = weight.shape
+    rows_per_tile = max(1, min(n_rows, TILE_ELEMS // n_cols))
+    tile = torch.empty(rows_per_tile, n_cols, dtype=torch.float32)
+    out_t = torch.empty(n_rows, x.shape[0], dtype=torch.float32)  # [out, tokens]: row slices
+    x = x.contiguous()
+    for start in range(0, n_rows, rows_per_tile):
+        stop = min(start + rows_per_tile, n_rows)
+        part = tile[: stop - start]
+        native.dequantize(weight.data[start:stop], int(weight.qtype), part)
+        torch.mm(part, x.T, out=out_t[start:stop])
+    return out_t.T.contiguous()

@@ -306,6 +306,14 @@ void quantize_q8(const float* x, int64_t M, int64_t K, int8_t* q, float* dx, flo
   }
 }
 
+// A dequantization sink instead of activations: the step functions write w = s u + o of block
+// ib of one weight row to out[32 ib .. 32 ib + 31] (dequantize_rows: a prompt's weight tiles
+// for MKL, decoded by the same per-type code as the matmuls)
+struct XD {
+  float* out;
+  int64_t K;
+};
+
 // The int8 activations as XQ owns them: buffers reused by the calling thread
 struct XQBuffers {
   std::vector<int8_t> q;
@@ -386,6 +394,23 @@ inline __m256 offsets16(const float* o, const XQ& x, int64_t m, int64_t sb, __m2
                          acc);
 }
 
+// 32 weight values of one block as 4 x 8 floats: bytes of u, unsigned (or signed for Q8_0)
+template <bool SIGNED>
+inline void widen(__m256i u, __m256* w) {
+  const __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
+  if constexpr (SIGNED) {
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+  } else {
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  }
+}
+
 #if defined(__AVX512F__)
 // AVX-512: a block's 32 values widen in 2 x 16 lanes (half the instructions of AVX2's 4 x 8,
 // which bounds the one-token GEMVs; measured 1.6x on the Q5_0 layers of Gemma 3 270M)
@@ -420,23 +445,6 @@ inline void step(__m256i u, float s0, float s1, float o0, float o1, const XF& x,
 using Acc = __m256;
 inline Acc acc_zero() { return _mm256_setzero_ps(); }
 inline float acc_sum(Acc v) { return hsum(v); }
-
-// 32 weight values of one block as 4 x 8 floats: bytes of u, unsigned (or signed for Q8_0)
-template <bool SIGNED>
-inline void widen(__m256i u, __m256* w) {
-  const __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
-  if constexpr (SIGNED) {
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
-    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
-  } else {
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-  }
-}
 
 // acc[t] += s0 * (u[0:16] . x_t[0:16]) + s1 * (u[16:32] . x_t[16:32]) over block ib, and
 // off[t] += o0 * sum(x_t[0:16]) + o1 * sum(x_t[16:32]); u unsigned bytes (signed for Q8_0)
@@ -519,6 +527,18 @@ inline void step1(__m256i u, float s, float o, const XQ& x, int64_t m0, int64_t 
     }
 }
 
+// The XD step: the block's weights as floats, w = s u + o per half of 16
+template <int T, bool SIGNED = false>
+inline void step(__m256i u, float s0, float s1, float o0, float o1, const XD& x, int64_t,
+                 int64_t ib, __m256*, float*) {
+  __m256 w[4];
+  widen<SIGNED>(u, w);
+  float* out = x.out + ib * 32;
+  for (int k = 0; k < 4; ++k)
+    _mm256_storeu_ps(out + 8 * k, _mm256_fmadd_ps(w[k], _mm256_set1_ps(k < 2 ? s0 : s1),
+                                                  _mm256_set1_ps(k < 2 ? o0 : o1)));
+}
+
 // The accumulators of a row's dot products: Acc (the widest vectors) for fp32 activations,
 // 8 floats for int8 ones (their integer ops are AVX2's)
 template <class X>
@@ -533,12 +553,19 @@ struct Accum<XQ> {
   static type zero() { return _mm256_setzero_ps(); }
   static float sum(type v) { return hsum(v); }
 };
+template <>
+struct Accum<XD> {  // nothing to add up: the steps wrote the row
+  using type = __m256;
+  static type zero() { return _mm256_setzero_ps(); }
+  static float sum(type) { return 0.f; }
+};
 
 // One weight row (K / block_elems blocks at w) against tokens m0..m0+T-1: out[t * ldo].
 // X: XF (fp32 activations) or XQ (int8).
 template <int TYPE, int T, class X>
 void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) {
-  constexpr bool FP32 = std::is_same_v<X, XF>;
+  constexpr bool FP32 = std::is_same_v<X, XF>;  // XF-only code: x.row(m) is fp32
+  constexpr bool INT8 = std::is_same_v<X, XQ>;  // XQ-only code: the offsets summed as vectors
   typename Accum<X>::type acc[T];
   float off[T];
   for (int t = 0; t < T; ++t) {
@@ -639,7 +666,7 @@ void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) 
       alignas(32) float sv[8], ov[8];  // d sc_j and -dmin m_j
       scales_times<false, 8>(_mm_loadl_epi64((const __m128i*)sc8), d, sv);
       scales_times<false, 8>(_mm_loadl_epi64((const __m128i*)mn8), -dmin, ov);
-      if constexpr (!FP32)
+      if constexpr (INT8)
         for (int t = 0; t < T; ++t)
           offv[t] = _mm256_fmadd_ps(
               _mm256_load_ps(ov),
@@ -662,12 +689,12 @@ void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) 
           hi = _mm256_or_si256(hi, _mm256_slli_epi16(b1, 4));
         }
         const int64_t ib = sb * 8 + 2 * j;
-        // fp32 x: each step adds its offset; int8: offv has them
-        step1<T>(lo, sv[2 * j], FP32 ? ov[2 * j] : 0.f, x, m0, ib, acc, off);
-        step1<T>(hi, sv[2 * j + 1], FP32 ? ov[2 * j + 1] : 0.f, x, m0, ib + 1, acc, off);
+        // int8: offv has the offsets; otherwise each step adds its own
+        step1<T>(lo, sv[2 * j], INT8 ? 0.f : ov[2 * j], x, m0, ib, acc, off);
+        step1<T>(hi, sv[2 * j + 1], INT8 ? 0.f : ov[2 * j + 1], x, m0, ib + 1, acc, off);
       }
     }
-    if constexpr (!FP32)
+    if constexpr (INT8)
       for (int t = 0; t < T; ++t) off[t] += hsum(offv[t]);
   } else if constexpr (TYPE == Q6_K) {
     const __m256i low4 = _mm256_set1_epi8(0x0F), two = _mm256_set1_epi8(0x30);
@@ -710,7 +737,7 @@ void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) 
         scales_times<false>(_mm_and_si128(b, low4), f16_to_f32(rd16(w + 80)), sv);
         scales_times<false>(_mm_and_si128(_mm_srli_epi16(b, 4), low4), -f16_to_f32(rd16(w + 82)),
                             ov);
-        if constexpr (!FP32)
+        if constexpr (INT8)
           for (int t = 0; t < T; ++t) offv[t] = offsets16(ov, x, m0 + t, sb, offv[t]);
       } else {
         int8_t sc3[16];
@@ -725,8 +752,8 @@ void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) 
           const int k = 8 * h + 2 * j;
           const int64_t ib = sb * 8 + 4 * h + j;
           const __m256i low = bits_at(qs, 2 * j, 3);
-          if constexpr (TYPE == Q2_K) {  // fp32 x: each step adds its offsets; int8: offv
-            step<T>(low, sv[k], sv[k + 1], FP32 ? ov[k] : 0.f, FP32 ? ov[k + 1] : 0.f, x, m0, ib,
+          if constexpr (TYPE == Q2_K) {  // int8: offv has the offsets, else each step adds them
+            step<T>(low, sv[k], sv[k + 1], INT8 ? 0.f : ov[k], INT8 ? 0.f : ov[k + 1], x, m0, ib,
                     acc, off);
           } else {  // q - 4 where the mask bit is clear: (low | bit << 2) - 4, in -4..3
             const __m256i bit = _mm256_slli_epi16(bits_at(hmask, 4 * h + j, 1), 2);
@@ -736,7 +763,7 @@ void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) 
         }
       }
     }
-    if constexpr (!FP32)
+    if constexpr (INT8)
       for (int t = 0; t < T; ++t) off[t] += hsum(offv[t]);
   } else if constexpr (is_iq_grid(TYPE)) {
     for (int64_t sb = 0; sb < K / 256; ++sb, w += iq_bytes(TYPE)) {
@@ -869,19 +896,23 @@ void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) 
   float sc[2], of[2];
   for (int64_t ib = 0; ib < x.K / 32; ++ib) {
     decode32<TYPE>(w, ib, v, sc, of);
-    for (int t = 0; t < T; ++t) {
-      const auto* xb = x.row(m0 + t) + ib * 32;
-      const float* s = x.srow(m0 + t) + 2 * ib;
-      if constexpr (std::is_same_v<X, XF>) {
-        float p0 = 0.f, p1 = 0.f;
-        for (int i = 0; i < 16; ++i) p0 += v[i] * xb[i];
-        for (int i = 16; i < 32; ++i) p1 += v[i] * xb[i];
-        acc[t] += sc[0] * p0 + sc[1] * p1 + of[0] * s[0] + of[1] * s[1];
-      } else {  // int8: the integer dot products are exact
-        int p0 = 0, p1 = 0;
-        for (int i = 0; i < 16; ++i) p0 += v[i] * xb[i];
-        for (int i = 16; i < 32; ++i) p1 += v[i] * xb[i];
-        acc[t] += x.drow(m0 + t)[ib] * (sc[0] * p0 + sc[1] * p1 + of[0] * s[0] + of[1] * s[1]);
+    if constexpr (std::is_same_v<X, XD>) {
+      for (int i = 0; i < 32; ++i) x.out[ib * 32 + i] = sc[i / 16] * v[i] + of[i / 16];
+    } else {
+      for (int t = 0; t < T; ++t) {
+        const auto* xb = x.row(m0 + t) + ib * 32;
+        const float* s = x.srow(m0 + t) + 2 * ib;
+        if constexpr (std::is_same_v<X, XF>) {
+          float p0 = 0.f, p1 = 0.f;
+          for (int i = 0; i < 16; ++i) p0 += v[i] * xb[i];
+          for (int i = 16; i < 32; ++i) p1 += v[i] * xb[i];
+          acc[t] += sc[0] * p0 + sc[1] * p1 + of[0] * s[0] + of[1] * s[1];
+        } else {  // int8: the integer dot products are exact
+          int p0 = 0, p1 = 0;
+          for (int i = 0; i < 16; ++i) p0 += v[i] * xb[i];
+          for (int i = 16; i < 32; ++i) p1 += v[i] * xb[i];
+          acc[t] += x.drow(m0 + t)[ib] * (sc[0] * p0 + sc[1] * p1 + of[0] * s[0] + of[1] * s[1]);
+        }
       }
     }
   }
@@ -1121,6 +1152,30 @@ void quant_matmul(const torch::Tensor& x, const torch::Tensor& w, int64_t qtype,
   }
 }
 
+// w uint8 [N, row_bytes] (rows contiguous) -> out float32 [N, K]: dequantize(w), each block
+// decoded by the matmuls' code (XD); the values are dequantize_ref's up to the rounding of
+// scale * u + offset in one fused multiply-add.
+void dequantize(const torch::Tensor& w, int64_t qtype, torch::Tensor& out) {
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.stride(1) == 1,
+              "w must be uint8 [N, row_bytes] with contiguous rows");
+  const RowsFn<XD> fn = rows_fn<XD>(qtype);
+  TORCH_CHECK(fn != nullptr, "dequantize: unsupported GGML type ", qtype);
+  check_runnable(qtype, "dequantize");
+  const int64_t N = w.size(0), K = out.size(1);
+  TORCH_CHECK(out.dtype() == torch::kFloat32 && out.dim() == 2 && out.is_contiguous() &&
+                  out.size(0) == N && K % block_elems(qtype) == 0,
+              "out must be contiguous float32 [", N, ", whole blocks]");
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.stride(0);
+  float* op = out.data_ptr<float>();
+  const int64_t chunk = std::max<int64_t>(1, 32768 / row_bytes);
+  pool().parallel_for(N, chunk, [&](int64_t n0, int64_t n1) {
+    float unused;
+    for (int64_t n = n0; n < n1; ++n)
+      fn(wp + n * row_bytes, row_bytes, XD{op + n * K, K}, 1, 0, 1, &unused, 1);
+  });
+}
+
 bool has_avx2() {
 #if defined(__AVX2__)
   return true;
@@ -1183,6 +1238,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &DecodeBlock::forward, "one decode token per sequence through the block",
            py::call_guard<py::gil_scoped_release>());
   m.def("make_decode_block", &make_decode_block, "a DecodeBlock (decode_block.h)");
+  m.def("dequantize", &dequantize, "out = dequantize(w) as float32 [N, K]",
+        py::call_guard<py::gil_scoped_release>());
   m.def("set_iq_grids", &set_iq_grids, "the IQ1/IQ2/IQ3 grids and ksigns (iq_tables)");
   m.def("has_avx2", &has_avx2);
   m.def("has_avx512", &has_avx512);
