@@ -161,9 +161,12 @@ def test_dequant_matmul_in_tiles(native, monkeypatch):
     assert_matmul_close(qn.dequant_matmul(native, x, w), x, w)
 
 
-def test_unsupported_type_falls_back(native):
-    w = weight(GGMLType.TQ2_0, 3, 1)
-    assert qn.quant_matmul_native(torch.randn(1, 256), w) is None
+def test_every_quantized_type_is_native_and_floats_fall_back(native):
+    from llcuda.kernels.dequant_ref import _BLOCK_DECODERS
+
+    assert set(_BLOCK_DECODERS) == qn.NATIVE_TYPES  # every block type the reference decodes
+    w = QuantTensor(torch.zeros(3, 64, dtype=torch.uint8), GGMLType.F16, (3, 32))
+    assert qn.quant_matmul_native(torch.randn(1, 32), w) is None  # the reference path's
 
 
 def test_bad_input_is_named(native):
@@ -173,7 +176,7 @@ def test_bad_input_is_named(native):
     with pytest.raises(RuntimeError, match="out must be"):
         native.quant_matmul(torch.randn(1, 32), w.data, int(GGMLType.Q8_0), torch.empty(1, 3))
     with pytest.raises(RuntimeError, match="unsupported GGML type"):
-        native.quant_matmul(torch.randn(1, 32), w.data, int(GGMLType.MXFP4),
+        native.quant_matmul(torch.randn(1, 32), w.data, int(GGMLType.F16),
                             torch.empty(1, 2))
     with pytest.raises(ValueError, match="n_threads"):
         qn.set_num_threads(0)
@@ -210,7 +213,7 @@ from llcuda.kernels import quant_cpu_native as qn
 from llcuda.kernels.dequant_ref import dequantize_ref
 from llcuda.kernels.q8_activations import quantize_q8_ref
 from tests.unit.test_quant_cpu_native import assert_matmul_close, weight
-qn._CFLAGS = ["-O3", *sys.argv[1].split(), qn._CFLAGS[-1]]
+qn._CFLAGS = ["-O3", *sys.argv[1].split(), *qn._CFLAGS[2:]]
 native = qn.load_native()
 assert native is not None and [native.has_avx2(), native.has_avx512()] == eval(sys.argv[2])
 for qtype in sorted(qn.NATIVE_TYPES):

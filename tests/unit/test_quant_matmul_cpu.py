@@ -25,6 +25,9 @@ FAST = sorted(FAST_TYPES)
 def weight(qtype: GGMLType, rows: int, n_blocks: int, seed: int = 0) -> QuantTensor:
     raw = torch.from_numpy(random_rows(qtype, seed, rows, n_blocks))
     block_elems = QUANT_SIZES[qtype][0]
+    if qtype == GGMLType.MXFP4:  # e8m0 exponents 2^-28..2^12: finite sums (e up to 255 overflow)
+        e = torch.randint(100, 141, (rows, n_blocks), generator=torch.Generator().manual_seed(seed))
+        raw.view(rows, n_blocks, -1)[..., 0] = e.to(torch.uint8)
     return QuantTensor(raw, qtype, (rows, n_blocks * block_elems))
 
 

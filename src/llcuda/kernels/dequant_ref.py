@@ -346,7 +346,7 @@ def _iq1_m(b: torch.Tensor) -> torch.Tensor:
 
 
 # MXFP4 e2m1 values, doubled (the block's e8m0 scale is halved to match)
-_MXFP4_KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+_MXFP4_KVALUES = iq_tables.MXFP4_KVALUES
 
 
 def _mxfp4(b: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ known entries of llama.cpp's tables against it independently.
 memory order (byte j of the little-endian uint32/uint64 is value j). `ksigns()` is uint8 [128]:
 7 sign bits plus an 8th that makes the count of minus signs even (`i | parity(i) << 7`), which is
 how the IQ2/IQ3 types store 8 signs in 7 bits. `IQ4_KVALUES` is the 16-entry code book of
-IQ4_NL and IQ4_XS (`kvalues_iq4nl`).
+IQ4_NL and IQ4_XS (`kvalues_iq4nl`), `MXFP4_KVALUES` MXFP4's (`kvalues_mxfp4`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from llcuda.gguf.constants import GGMLType
 
 # IQ4_NL / IQ4_XS non-linear code book (llama.cpp kvalues_iq4nl)
 IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+# MXFP4's E2M1 values, doubled (llama.cpp kvalues_mxfp4; its scale is 2^(e - 128), half of e8m0)
+MXFP4_KVALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
 
 # The gguf-py class holding each type's grid (IQ1_M shares IQ1_S's, IQ2_XXS's ksigns serve all).
 _GRID_CLASSES = {

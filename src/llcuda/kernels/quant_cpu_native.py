@@ -49,7 +49,7 @@ import torch
 
 from llcuda.gguf.constants import QUANT_SIZES, GGMLType
 from llcuda.kernels import iq_tables
-from llcuda.kernels.iq_tables import IQ4_KVALUES
+from llcuda.kernels.iq_tables import IQ4_KVALUES, MXFP4_KVALUES
 from llcuda.kernels.quant_matmul_cpu import TILE_ELEMS, torch_threads
 from llcuda.layers.quant_tensor import QuantTensor
 
@@ -58,6 +58,7 @@ NATIVE_TYPES: frozenset[GGMLType] = frozenset({
     GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
     GGMLType.IQ4_NL, GGMLType.IQ4_XS, GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S,
     GGMLType.IQ3_XXS, GGMLType.IQ3_S, GGMLType.IQ1_S, GGMLType.IQ1_M,
+    GGMLType.TQ1_0, GGMLType.TQ2_0, GGMLType.MXFP4,
 })  # fmt: skip
 
 # From this many tokens on, decoding a tile of the weight to fp32 once (the extension's
@@ -73,8 +74,11 @@ _GRID_ORDER = (GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S, GGMLType.IQ3_X
                GGMLType.IQ3_S, GGMLType.IQ1_S)  # fmt: skip
 _SOURCE = Path(__file__).parent / "csrc" / "quant_cpu.cpp"
 _HEADERS = (Path(__file__).parent / "csrc" / "decode_block.h",)  # included by _SOURCE
-# The compiler flags; the IQ4 code book comes from iq_tables, its one source.
-_CFLAGS = ["-O3", "-march=native", f"-DLLCUDA_IQ4_KVALUES={','.join(map(str, IQ4_KVALUES))}"]
+# The compiler flags; the IQ4 and MXFP4 code books come from iq_tables, their one source.
+_CFLAGS = [
+    "-O3", "-march=native", f"-DLLCUDA_IQ4_KVALUES={','.join(map(str, IQ4_KVALUES))}",
+    f"-DLLCUDA_MXFP4_KVALUES={','.join(map(str, MXFP4_KVALUES))}",
+]  # fmt: skip
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module": the loaded extension or None once a build failed
 

@@ -44,7 +44,8 @@ namespace {
 // GGML type ids (llcuda.gguf.constants.GGMLType)
 constexpr int Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
               Q5_K = 13, Q6_K = 14, IQ2_XXS = 16, IQ2_XS = 17, IQ3_XXS = 18, IQ1_S = 19,
-              IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29;
+              IQ4_NL = 20, IQ3_S = 21, IQ2_S = 22, IQ4_XS = 23, IQ1_M = 29, TQ1_0 = 34,
+              TQ2_0 = 35, MXFP4 = 39;
 constexpr int MAX_TILE = 4;  // tokens per weight-block decode
 
 // IQ4_NL / IQ4_XS code book, from llcuda.kernels.iq_tables.IQ4_KVALUES (quant_cpu_native passes it
@@ -53,6 +54,10 @@ constexpr int MAX_TILE = 4;  // tokens per weight-block decode
 #error "LLCUDA_IQ4_KVALUES (the IQ4 code book) must be defined by the build"
 #endif
 alignas(16) constexpr int8_t kIQ4Values[16] = {LLCUDA_IQ4_KVALUES};
+#ifndef LLCUDA_MXFP4_KVALUES
+#error "LLCUDA_MXFP4_KVALUES (MXFP4's code book, iq_tables.MXFP4_KVALUES) must be defined"
+#endif
+alignas(16) constexpr int8_t kMXFP4Values[16] = {LLCUDA_MXFP4_KVALUES};
 
 // The grids of the IQ1 / IQ2 / IQ3 types (iq_tables.grid, their one source: set_iq_grids copies
 // them in when the extension is loaded), each entry's values as the bytes of one word, and the
@@ -248,6 +253,36 @@ __attribute__((always_inline)) inline void iq_group(const uint8_t* b, int g, uin
 constexpr int iq_bytes(int t) {
   return t == IQ2_XXS ? 66 : t == IQ2_XS ? 74 : t == IQ2_S ? 82 : t == IQ3_XXS ? 98
          : t == IQ3_S ? 110 : t == IQ1_S ? 50 : 56;
+}
+
+// MXFP4's scale from its e8m0 byte: 2^(e - 128) (ggml_e8m0_to_fp32_half), subnormal for e < 2
+inline float mxfp4_scale(uint8_t e) {
+  const uint32_t bits = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+  float d;
+  std::memcpy(&d, &bits, 4);
+  return d;
+}
+
+// TQ1_0 group g (values 32g .. 32g+31) of a super-block b as 32 signed values in -1..1: base-3
+// digits, digit k of byte q at the top of q * 3^k (mod 256), read as (x * 3) >> 8 (dequant_ref's
+// _tq1_0). Groups 0-4 are digit g of bytes 0-31; 5 and 6 digits 0-1 and 2-3 of bytes 32-47; 7
+// digit 4 of bytes 32-47, then digits 0-3 of bytes 48-51.
+inline void tq1_group(const uint8_t* b, int g, int8_t* v) {
+  static constexpr uint8_t pow3[5] = {1, 3, 9, 27, 81};
+  auto digit = [](uint8_t q, int k) {
+    const uint8_t x = (uint8_t)(q * pow3[k]);
+    return (int8_t)(((uint16_t)x * 3 >> 8) - 1);
+  };
+  if (g < 5) {
+    for (int l = 0; l < 32; ++l) v[l] = digit(b[l], g);
+  } else if (g < 7) {
+    for (int h = 0; h < 2; ++h)
+      for (int l = 0; l < 16; ++l) v[16 * h + l] = digit(b[32 + l], 2 * (g - 5) + h);
+  } else {
+    for (int l = 0; l < 16; ++l) v[l] = digit(b[32 + l], 4);
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < 4; ++l) v[16 + 4 * k + l] = digit(b[48 + l], k);
+  }
 }
 
 // The activations: x fp32 [M, K] and the sum of each 16 of its elements, s16 [M, K/16] (what a
@@ -779,6 +814,30 @@ void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) 
           step1<T, true>(v, sc[0], 0.f, x, m0, sb * 8 + g, acc, off);
       }
     }
+  } else if constexpr (TYPE == MXFP4) {  // IQ4_NL's form: a code book, a power-of-two scale
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)kMXFP4Values));
+    for (int64_t ib = 0; ib < K / 32; ++ib, w += 17)
+      step1<T, true>(_mm256_shuffle_epi8(table, nibbles_32(w + 1)), mxfp4_scale(w[0]), 0.f, x, m0,
+                     ib, acc, off);
+  } else if constexpr (TYPE == TQ2_0) {  // Q2_K's bit layout, values q - 1
+    for (int64_t sb = 0; sb < K / 256; ++sb, w += 66) {
+      const float d = f16_to_f32(rd16(w + 64));
+      for (int h = 0; h < 2; ++h) {
+        const __m256i qs = _mm256_loadu_si256((const __m256i*)(w + 32 * h));
+        for (int j = 0; j < 4; ++j)
+          step1<T, true>(_mm256_sub_epi8(bits_at(qs, 2 * j, 3), _mm256_set1_epi8(1)), d, 0.f, x,
+                         m0, sb * 8 + 4 * h + j, acc, off);
+      }
+    }
+  } else if constexpr (TYPE == TQ1_0) {
+    for (int64_t sb = 0; sb < K / 256; ++sb, w += 54) {
+      const float d = f16_to_f32(rd16(w + 52));
+      for (int g = 0; g < 8; ++g) {
+        alignas(32) int8_t v[32];
+        tq1_group(w, g, v);
+        step1<T, true>(_mm256_load_si256((const __m256i*)v), d, 0.f, x, m0, sb * 8 + g, acc, off);
+      }
+    }
   } else if constexpr (TYPE == IQ4_NL) {
     for (int64_t ib = 0; ib < K / 32; ++ib, w += 18) {
       const float d = f16_to_f32(rd16(w));
@@ -876,6 +935,26 @@ void decode32(const uint8_t* row, int64_t ib, int* v, float* sc, float* of) {
     std::memcpy(bytes, u, 32);
     for (int i = 0; i < 32; ++i) v[i] = bytes[i];
     of[0] = of[1] = 0.f;
+  } else if constexpr (TYPE == MXFP4) {
+    const uint8_t* b = row + ib * 17;
+    for (int i = 0; i < 16; ++i) {
+      v[i] = kMXFP4Values[b[1 + i] & 0xF];
+      v[i + 16] = kMXFP4Values[b[1 + i] >> 4];
+    }
+    sc[0] = sc[1] = mxfp4_scale(b[0]);
+    of[0] = of[1] = 0.f;
+  } else if constexpr (TYPE == TQ1_0 || TYPE == TQ2_0) {
+    const uint8_t* b = row + (ib / 8) * (TYPE == TQ1_0 ? 54 : 66);
+    const int g = (int)(ib % 8);
+    if constexpr (TYPE == TQ1_0) {
+      int8_t t[32];
+      tq1_group(b, g, t);
+      for (int i = 0; i < 32; ++i) v[i] = t[i];
+    } else {  // group g = 4h + j: bits 2j of qs[32h + l]
+      for (int i = 0; i < 32; ++i) v[i] = ((b[32 * (g / 4) + i] >> (2 * (g % 4))) & 3) - 1;
+    }
+    sc[0] = sc[1] = f16_to_f32(rd16(b + (TYPE == TQ1_0 ? 52 : 64)));
+    of[0] = of[1] = 0.f;
   } else if constexpr (TYPE == IQ4_NL || TYPE == IQ4_XS) {
     const uint8_t* b = TYPE == IQ4_NL ? row + ib * 18 : row + (ib / 8) * 136;
     const uint8_t* qs = TYPE == IQ4_NL ? b + 2 : b + 8 + 16 * (ib % 8);
@@ -964,14 +1043,18 @@ RowsFn<X> rows_fn(int64_t qtype) {
     case IQ3_S: return rows_dot<IQ3_S, X>;
     case IQ1_S: return rows_dot<IQ1_S, X>;
     case IQ1_M: return rows_dot<IQ1_M, X>;
+    case TQ1_0: return rows_dot<TQ1_0, X>;
+    case TQ2_0: return rows_dot<TQ2_0, X>;
+    case MXFP4: return rows_dot<MXFP4, X>;
     default: return nullptr;
   }
 }
 
-// elements per block of a type rows_fn takes: 256 for the K-quants and the IQ types but
-// IQ4_NL, else 32
+// elements per block of a type rows_fn takes: 256 for the K-quants, the IQ types but IQ4_NL,
+// and the TQ types; else 32
 int64_t block_elems(int64_t qtype) {
-  const bool super = (qtype >= Q2_K && qtype <= Q6_K) || qtype == IQ4_XS || is_iq_grid((int)qtype);
+  const bool super = (qtype >= Q2_K && qtype <= Q6_K) || qtype == IQ4_XS ||
+                     is_iq_grid((int)qtype) || qtype == TQ1_0 || qtype == TQ2_0;
   return super ? 256 : 32;
 }
 
