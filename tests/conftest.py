@@ -29,6 +29,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="module")
+def exact_cpu_decode():
+    """The exact (fp32) CPU decode GEMVs for a module (`pytestmark =
+    pytest.mark.usefixtures("exact_cpu_decode")`): for tests that hold decode steps (or a cache
+    hit's one-token recompute, which runs as one) to a prefill's numbers, since int8 activations
+    (LLCUDA_CPU_INT8, the default) move the logits by ~1e-3 and would hide what they look for;
+    the int8 path's own accuracy is tests/unit/test_decode_block_cpu.py's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLCUDA_CPU_INT8", "0")
+        yield
+
+
 def resolve_real_model(name: str, env_var: str, pip_name: str) -> Path:
     """`name` through llcuda.hub, or the file `env_var` names (the GPU machine has no package
     index); pytest.fail naming what to install when neither gives a file."""

@@ -32,15 +32,7 @@ def tiny_path(tmp_path_factory):
     return write_gemma3_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf", **TINY)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def exact_cpu_decode():
-    """The exact (fp32) CPU decode GEMVs: these tests hold decode steps (or a cache hit's
-    one-token recompute, which runs as one) to a prefill's numbers, and int8 activations
-    (LLCUDA_CPU_INT8, the default) move the logits by ~1e-3, which would hide what they look
-    for; the int8 path's own accuracy is tests/unit/test_decode_block_cpu.py's."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLCUDA_CPU_INT8", "0")
-        yield
+pytestmark = pytest.mark.usefixtures("exact_cpu_decode")
 
 
 class Engine:

@@ -21,15 +21,7 @@ BLOCK_SIZE = 8
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def exact_cpu_decode():
-    """The exact (fp32) CPU decode GEMVs: these tests hold decode steps (or a cache hit's
-    one-token recompute, which runs as one) to a prefill's numbers, and int8 activations
-    (LLCUDA_CPU_INT8, the default) move the logits by ~1e-3, which would hide what they look
-    for; the int8 path's own accuracy is tests/unit/test_decode_block_cpu.py's."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLCUDA_CPU_INT8", "0")
-        yield
+pytestmark = pytest.mark.usefixtures("exact_cpu_decode")
 
 
 @pytest.fixture(scope="module")
