@@ -114,7 +114,8 @@ def test_every_block_matches_the_reference_ops(model, int8):
         slack = [0.0, 0.0]
         if int8:
             fp32 = _reference(block, x, h, pos, meta, KVCache(cache.k.clone(), cache.v.clone()))
-            slack = [0.25 * (a - b).abs().max().item() for a, b in zip(want, fp32[:2])]
+            slack = [0.25 * (a - b).abs().max().item()
+                     for a, b in zip(want, fp32[:2], strict=True)]  # fmt: skip
         through_block = KVCache(cache.k.clone(), cache.v.clone())
         got = decode_block_cpu.decode_block(block, x, h, pos, meta, cache)
         assert got is not None, f"block {index} was not run natively"

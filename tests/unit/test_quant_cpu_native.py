@@ -176,8 +176,7 @@ def test_bad_input_is_named(native):
     with pytest.raises(RuntimeError, match="out must be"):
         native.quant_matmul(torch.randn(1, 32), w.data, int(GGMLType.Q8_0), torch.empty(1, 3))
     with pytest.raises(RuntimeError, match="unsupported GGML type"):
-        native.quant_matmul(torch.randn(1, 32), w.data, int(GGMLType.F16),
-                            torch.empty(1, 2))
+        native.quant_matmul(torch.randn(1, 32), w.data, int(GGMLType.F16), torch.empty(1, 2))
     with pytest.raises(ValueError, match="n_threads"):
         qn.set_num_threads(0)
 

@@ -3,8 +3,8 @@
 `quant_matmul_native(x, w)` is `x @ dequantize_ref(w).T` with each weight block decoded in
 registers (AVX-512 or AVX2 byte ops, then FMAs with fp32 x), the weight never leaving its GGUF
 blocks: the same values as the reference up to fp32 summation order, so the golden tests keep
-their bounds and a token's output does not depend on the batch it came in. Prompts and the LM
-head always take this exact form.
+their bounds and a token's output does not depend on the batch it came in. Prompts (from
+MKL_TOKENS tokens through dequant_matmul) and the LM head always keep x in fp32.
 
 `int8_x=True` is llama.cpp's form: x quantized to int8 per group of 32 (exactly
 q8_activations.quantize_q8_ref, the GPU decode GEMV's spec) and integer dot products, which
@@ -29,9 +29,9 @@ Measured on the shared 2-core AMD EPYC (Zen 4) dev box, 1 thread, best of 7, loa
 against 61 ms for quant_matmul_cpu; a 2048 x 640 Q5_0 GEMV 0.11 ms (vs ~1.7 ms), 640 x 2048 Q6_K
 0.11 ms (vs ~1.2 ms); 64 tokens through the Q5_0 one 3.1 ms (27 GMAC/s; quant_matmul_cpu 3.2
 ms); 256 tokens 14.3 ms against 9.7 ms for quant_matmul_cpu (a prompt's many tokens now take
-dequant_matmul: the extension's own decode into fp32 tiles, then MKL; see MKL_TOKENS). The engine-level
-numbers against llama.cpp are in BENCHMARKS.md (CPU). The same extension runs a decode step's
-whole decoder blocks (csrc/decode_block.h, through kernels/decode_block_cpu.py).
+dequant_matmul: the extension's own decode into fp32 tiles, then MKL; see MKL_TOKENS). The
+engine-level numbers against llama.cpp are in BENCHMARKS.md (CPU). The same extension runs a
+decode step's whole decoder blocks (csrc/decode_block.h, through kernels/decode_block_cpu.py).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import torch
 from llcuda.gguf.constants import QUANT_SIZES, GGMLType
 from llcuda.kernels import iq_tables
 from llcuda.kernels.iq_tables import IQ4_KVALUES, MXFP4_KVALUES
-from llcuda.kernels.quant_matmul_cpu import TILE_ELEMS, torch_threads
+from llcuda.kernels.quant_matmul_cpu import TILE_ELEMS, scratch_buffer, torch_threads
 from llcuda.layers.quant_tensor import QuantTensor
 
 NATIVE_TYPES: frozenset[GGMLType] = frozenset({
@@ -255,7 +255,7 @@ def dequant_matmul(native: ModuleType, x: torch.Tensor, weight: QuantTensor) -> 
     x: float32 [num_tokens, in_features] -> [num_tokens, out_features] float32."""
     n_rows, n_cols = weight.shape
     rows_per_tile = max(1, min(n_rows, TILE_ELEMS // n_cols))
-    tile = torch.empty(rows_per_tile, n_cols, dtype=torch.float32)
+    tile = scratch_buffer("dequant_tile", (rows_per_tile, n_cols), torch.float32)
     out_t = torch.empty(n_rows, x.shape[0], dtype=torch.float32)  # [out, tokens]: row slices
     x = x.contiguous()
     for start in range(0, n_rows, rows_per_tile):

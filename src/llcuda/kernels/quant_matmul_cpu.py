@@ -50,7 +50,7 @@ GEMV_TOKENS = 4
 _scratch = threading.local()
 
 
-def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def scratch_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A per-thread reusable scratch tensor (fresh multi-MB buffers page-fault on every call)."""
     bufs: dict[str, torch.Tensor] = _scratch.__dict__.setdefault("bufs", {})
     numel = math.prod(shape)
@@ -128,19 +128,19 @@ _Q5_0_BITS = _bit_table(0x00, 0xF0)
 def _q5_0(raw: torch.Tensor, tile: torch.Tensor) -> None:
     n = raw.numel() // 22
     b = raw.view(n, 22)  # f16 d, u32 qh (the 5th bits), 16 bytes of nibbles
-    qs = _buffer("qs", (n, 16), torch.uint8)
+    qs = scratch_buffer("qs", (n, 16), torch.uint8)
     qs.copy_(b[:, 6:])
     # plane 0: low nibbles (elements 0-15 of each block), plane 1: high nibbles (16-31)
-    q = _buffer("q", (2, n, 16), torch.uint8)
+    q = scratch_buffer("q", (2, n, 16), torch.uint8)
     torch.bitwise_and(qs, 0x0F, out=q[0])
     torch.bitwise_right_shift(qs, 4, out=q[1])
     # qh byte 2p + j holds the 5th bits of plane p's elements 8j..8j+7: look each byte up
-    idx = _buffer("idx", (2, n, 2), torch.int32)
+    idx = scratch_buffer("idx", (2, n, 2), torch.int32)
     for p in range(2):
         for j in range(2):
             idx[p, :, j] = b[:, 2 + 2 * p + j]
     bits = torch.index_select(
-        _Q5_0_BITS, 0, idx.view(-1), out=_buffer("bits", (4 * n,), torch.int64)
+        _Q5_0_BITS, 0, idx.view(-1), out=scratch_buffer("bits", (4 * n,), torch.int64)
     )
     q |= bits.view(torch.uint8).view(2, n, 16)
     o = tile.view(2, n, 16)
@@ -150,10 +150,10 @@ def _q5_0(raw: torch.Tensor, tile: torch.Tensor) -> None:
 
 def _q4_0(raw: torch.Tensor, tile: torch.Tensor) -> None:
     n = raw.numel() // 18
-    qs = _buffer("qs", (n, 16), torch.uint8)
+    qs = scratch_buffer("qs", (n, 16), torch.uint8)
     qs.copy_(raw.view(n, 18)[:, 2:])  # after the f16 d
     # plane 0: low nibbles (elements 0-15 of each block), plane 1: high nibbles (16-31)
-    q = _buffer("q", (2, n, 16), torch.uint8)
+    q = scratch_buffer("q", (2, n, 16), torch.uint8)
     torch.bitwise_and(qs, 0x0F, out=q[0])
     torch.bitwise_right_shift(qs, 4, out=q[1])
     q = q.view(torch.int8)
@@ -171,8 +171,8 @@ def _k_scale_min(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     n = w.shape[0]
     d, m, md = w[:, 0], w[:, 1], w[:, 2]
-    sc = _buffer("sc", (n, 2), torch.int32)
-    mn = _buffer("mn", (n, 2), torch.int32)
+    sc = scratch_buffer("sc", (n, 2), torch.int32)
+    mn = scratch_buffer("mn", (n, 2), torch.int32)
     torch.bitwise_and(d, 0x3F3F3F3F, out=sc[:, 0])
     torch.bitwise_and(m, 0x3F3F3F3F, out=mn[:, 0])
     torch.bitwise_or(md & 0x0F0F0F0F, (d >> 2) & 0x30303030, out=sc[:, 1])
@@ -183,10 +183,10 @@ def _k_scale_min(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _q4_k(raw: torch.Tensor, tile: torch.Tensor) -> None:
     n = raw.numel() // 144
     h = raw.view(torch.int16).view(n, 72)  # f16 d, f16 dmin, 12 scale bytes, 128 nibble bytes
-    qs = _buffer("qs", (n, 128), torch.uint8)
+    qs = scratch_buffer("qs", (n, 128), torch.uint8)
     qs.copy_(raw.view(n, 144)[:, 16:])
     # plane 0: the low nibbles (sub-blocks 0, 2, 4, 6), plane 1: the high ones (1, 3, 5, 7)
-    q = _buffer("q", (2, n, 128), torch.uint8)
+    q = scratch_buffer("q", (2, n, 128), torch.uint8)
     torch.bitwise_and(qs, 0x0F, out=q[0])
     torch.bitwise_right_shift(qs, 4, out=q[1])
     o = tile.view(2, n, 4, 32)
@@ -212,15 +212,15 @@ def _q6_k(raw: torch.Tensor, tile: torch.Tensor) -> None:
     b = raw.view(n, 210)  # 128 bytes low nibbles, 64 bytes 2-bit highs, 16 int8 scales, f16 d
     # Element 128h + 32g + l (half h, group g = gg + 2 * nib, l < 32) is nibble `nib` of
     # ql[64h + 32gg + l]: plane nib, column 64h + 32gg + l, so the planes are flat ops on ql.
-    ql = _buffer("ql", (n, 128), torch.uint8)
+    ql = scratch_buffer("ql", (n, 128), torch.uint8)
     ql.copy_(b[:, :128])
-    q = _buffer("q", (2, n, 2, 2, 32), torch.uint8)  # [nib, block, h, gg, l]
+    q = scratch_buffer("q", (2, n, 2, 2, 32), torch.uint8)  # [nib, block, h, gg, l]
     torch.bitwise_and(ql, 0x0F, out=q[0].view(n, 128))
     torch.bitwise_right_shift(ql, 4, out=q[1].view(n, 128))
     # group g's 2 high bits are bits 2g, 2g + 1 of qh[32h + l]: moved to bits 4, 5
-    qh = _buffer("qh", (n, 64), torch.uint8)
+    qh = scratch_buffer("qh", (n, 64), torch.uint8)
     qh.copy_(b[:, 128:192])
-    t = _buffer("t", (n, 64), torch.uint8)
+    t = scratch_buffer("t", (n, 64), torch.uint8)
     for g in range(4):
         if g < 2:
             torch.bitwise_left_shift(qh, 4 - 2 * g, out=t)
@@ -232,7 +232,7 @@ def _q6_k(raw: torch.Tensor, tile: torch.Tensor) -> None:
     q -= 32  # 0..63 -> -32..31, exact in int8
     o = tile.view(2, n, 8, 16)
     o.copy_(q.view(2, n, 8, 16))
-    sc = _buffer("sc6", (n, 16), torch.uint8)
+    sc = scratch_buffer("sc6", (n, 16), torch.uint8)
     sc.copy_(b[:, 192:208])
     dsc = _f16_at(raw.view(torch.int16).view(n, 105), 104) * sc.view(torch.int8).to(torch.float32)
     dsc = torch.index_select(dsc.view(-1), 0, _q6_k_scale_order(n))
@@ -318,7 +318,7 @@ def dequantize_cpu(raw: torch.Tensor, qtype: GGMLType) -> torch.Tensor:
     nb = n_cols // QUANT_SIZES[qtype][0]
     out = torch.empty(rows, n_cols, dtype=torch.float32)
     with _one_intra_op_thread():
-        tile = _buffer("tile", (dec.planes, rows, nb * dec.block_cols), torch.float32)
+        tile = scratch_buffer("tile", (dec.planes, rows, nb * dec.block_cols), torch.float32)
         dec.decode(_aligned(raw), tile)
         standard = dec.standard(tile, nb)
         out.view(standard.shape).copy_(standard)
@@ -363,7 +363,7 @@ def quant_matmul_cpu(
     with _one_intra_op_thread() if gemv else contextlib.nullcontext():
         for start in starts:
             stop = min(start + rows_per_tile, n_rows)
-            tile = _buffer("tile", (planes, stop - start, plane_cols), torch.float32)
+            tile = scratch_buffer("tile", (planes, stop - start, plane_cols), torch.float32)
             with _one_intra_op_thread():
                 dec.decode(_aligned(weight.data[start:stop]), tile)
             # one matmul per plane (torch.bmm would be several times slower than MKL here)
