@@ -83,14 +83,19 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module": the loaded extension or None once a build failed
 
 
+def _switch(name: str) -> bool:
+    """An on-by-default environment switch: off for 0 / false / no / off."""
+    return os.environ.get(name, "1") not in ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
-    return os.environ.get("LLCUDA_NATIVE_CPU", "1") not in ("0", "false", "no", "off")
+    return _switch("LLCUDA_NATIVE_CPU")
 
 
 def decode_int8() -> bool:
     """Whether a CPU decode step's decoder-block GEMVs quantize their activations to int8
     (LLCUDA_CPU_INT8, default on; 0 keeps them fp32, exact to the reference's rounding)."""
-    return os.environ.get("LLCUDA_CPU_INT8", "1") not in ("0", "false", "no", "off")
+    return _switch("LLCUDA_CPU_INT8")
 
 
 def build_dir() -> Path:

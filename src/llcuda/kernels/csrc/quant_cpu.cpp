@@ -391,9 +391,10 @@ inline __m256i fifth_bits_32(const uint8_t* p) {
   return _mm256_and_si256(b, _mm256_set1_epi8(0x10));
 }
 
-// 16 bytes of IQ4 code-book indices (nibbles_32's order) -> their 32 signed code-book values
-inline __m256i iq4_values_32(const uint8_t* p) {
-  const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)kIQ4Values));
+// 16 bytes of 4-bit code-book indices (nibbles_32's order) -> their 32 signed values in `book`
+// (IQ4_NL / IQ4_XS: kIQ4Values, MXFP4: kMXFP4Values), one byte shuffle
+inline __m256i book_values_32(const int8_t* book, const uint8_t* p) {
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)book));
   return _mm256_shuffle_epi8(table, nibbles_32(p));
 }
 
@@ -556,10 +557,7 @@ inline void step1(__m256i u, float s, float o, const XQ& x, int64_t m0, int64_t 
                              acc[t]);
   }
   if (o != 0.f)
-    for (int t = 0; t < T; ++t) {
-      const float* q16 = x.srow(m0 + t) + 2 * ib;
-      off[t] += o * x.drow(m0 + t)[ib] * (q16[0] + q16[1]);
-    }
+    for (int t = 0; t < T; ++t) off[t] += o * x.drow(m0 + t)[ib] * x.s32row(m0 + t)[ib];
 }
 
 // The XD step: the block's weights as floats, w = s u + o per half of 16
@@ -596,7 +594,7 @@ struct Accum<XD> {  // nothing to add up: the steps wrote the row
 };
 
 // One weight row (K / block_elems blocks at w) against tokens m0..m0+T-1: out[t * ldo].
-// X: XF (fp32 activations) or XQ (int8).
+// X: XF (fp32 activations), XQ (int8), or XD (no activations: the row's weights written out).
 template <int TYPE, int T, class X>
 void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) {
   constexpr bool FP32 = std::is_same_v<X, XF>;  // XF-only code: x.row(m) is fp32
@@ -615,33 +613,33 @@ void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) 
         step1<T, true>(_mm256_loadu_si256((const __m256i*)(w + 2)), d, 0.f, x, m0, ib, acc, off);
       } else {
 #if defined(__AVX512F__)
-      // the LM head's type: the int8 quants widen straight from memory, d scales the block's
-      // sum (3 vector ops a token and block instead of step's 4)
-      const __m128i b0 = _mm_loadu_si128((const __m128i*)(w + 2));
-      const __m128i b1 = _mm_loadu_si128((const __m128i*)(w + 18));
-      const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0));
-      const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1));
-      const __m512 vd = _mm512_set1_ps(d);
-      for (int t = 0; t < T; ++t) {
-        const float* xb = x.row(m0 + t) + ib * 32;
-        const __m512 p = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16),
-                                         _mm512_mul_ps(q0, _mm512_loadu_ps(xb)));
-        acc[t] = _mm512_fmadd_ps(p, vd, acc[t]);
-      }
+        // the LM head's type: the int8 quants widen straight from memory, d scales the block's
+        // sum (3 vector ops a token and block instead of step's 4)
+        const __m128i b0 = _mm_loadu_si128((const __m128i*)(w + 2));
+        const __m128i b1 = _mm_loadu_si128((const __m128i*)(w + 18));
+        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0));
+        const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1));
+        const __m512 vd = _mm512_set1_ps(d);
+        for (int t = 0; t < T; ++t) {
+          const float* xb = x.row(m0 + t) + ib * 32;
+          const __m512 p = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16),
+                                           _mm512_mul_ps(q0, _mm512_loadu_ps(xb)));
+          acc[t] = _mm512_fmadd_ps(p, vd, acc[t]);
+        }
 #else
-      // the int8 quants widen straight from memory (one load-and-convert per 8), d scales the
-      // block's dot product, as in the AVX-512 branch
-      __m256 q[4];
-      for (int k = 0; k < 4; ++k)
-        q[k] = _mm256_cvtepi32_ps(
-            _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + 2 + 8 * k))));
-      const __m256 vd = _mm256_set1_ps(d);
-      for (int t = 0; t < T; ++t) {
-        const float* xb = x.row(m0 + t) + ib * 32;
-        __m256 p = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb));
-        for (int k = 1; k < 4; ++k) p = _mm256_fmadd_ps(q[k], _mm256_loadu_ps(xb + 8 * k), p);
-        acc[t] = _mm256_fmadd_ps(p, vd, acc[t]);
-      }
+        // the int8 quants widen straight from memory (one load-and-convert per 8), d scales the
+        // block's dot product, as in the AVX-512 branch
+        __m256 q[4];
+        for (int k = 0; k < 4; ++k)
+          q[k] = _mm256_cvtepi32_ps(
+              _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + 2 + 8 * k))));
+        const __m256 vd = _mm256_set1_ps(d);
+        for (int t = 0; t < T; ++t) {
+          const float* xb = x.row(m0 + t) + ib * 32;
+          __m256 p = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb));
+          for (int k = 1; k < 4; ++k) p = _mm256_fmadd_ps(q[k], _mm256_loadu_ps(xb + 8 * k), p);
+          acc[t] = _mm256_fmadd_ps(p, vd, acc[t]);
+        }
 #endif
       }
     }
@@ -654,28 +652,28 @@ void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) 
       const uint8_t* qs = w + bytes - 16;
 #if defined(__AVX512F__)
       if constexpr (FP32) {
-      // 16 bytes -> 16 int32 lanes; the low nibbles are elements 0-15, the high ones 16-31;
-      // the fifth bits OR in under a mask; w = u * d + (m, or -16 d / -8 d) in one FMA
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs));
-      __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
-      __m512i hi = _mm512_srli_epi32(v, 4);
-      if constexpr (has_qh) {
-        uint32_t qh;
-        std::memcpy(&qh, qs - 4, 4);
-        const __m512i bit = _mm512_set1_epi32(0x10);
-        lo = _mm512_mask_or_epi32(lo, (__mmask16)(qh & 0xFFFF), lo, bit);
-        hi = _mm512_mask_or_epi32(hi, (__mmask16)(qh >> 16), hi, bit);
-      }
-      const float o = has_min ? f16_to_f32(rd16(w + 2)) : (has_qh ? -16.f : -8.f) * d;
-      const __m512 vd = _mm512_set1_ps(d), vo = _mm512_set1_ps(o);
-      const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vd, vo);
-      const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vd, vo);
-      for (int t = 0; t < T; ++t) {
-        const float* xb = x.row(m0 + t) + ib * 32;
-        acc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[t]);
-        acc[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[t]);
-      }
-      continue;
+        // 16 bytes -> 16 int32 lanes; the low nibbles are elements 0-15, the high ones 16-31;
+        // the fifth bits OR in under a mask; w = u * d + (m, or -16 d / -8 d) in one FMA
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs));
+        __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(0x0F));
+        __m512i hi = _mm512_srli_epi32(v, 4);
+        if constexpr (has_qh) {
+          uint32_t qh;
+          std::memcpy(&qh, qs - 4, 4);
+          const __m512i bit = _mm512_set1_epi32(0x10);
+          lo = _mm512_mask_or_epi32(lo, (__mmask16)(qh & 0xFFFF), lo, bit);
+          hi = _mm512_mask_or_epi32(hi, (__mmask16)(qh >> 16), hi, bit);
+        }
+        const float o = has_min ? f16_to_f32(rd16(w + 2)) : (has_qh ? -16.f : -8.f) * d;
+        const __m512 vd = _mm512_set1_ps(d), vo = _mm512_set1_ps(o);
+        const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vd, vo);
+        const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vd, vo);
+        for (int t = 0; t < T; ++t) {
+          const float* xb = x.row(m0 + t) + ib * 32;
+          acc[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb), acc[t]);
+          acc[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + 16), acc[t]);
+        }
+        continue;
       }
 #endif
       __m256i u = nibbles_32(qs);
@@ -815,10 +813,9 @@ void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) 
       }
     }
   } else if constexpr (TYPE == MXFP4) {  // IQ4_NL's form: a code book, a power-of-two scale
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128((const __m128i*)kMXFP4Values));
     for (int64_t ib = 0; ib < K / 32; ++ib, w += 17)
-      step1<T, true>(_mm256_shuffle_epi8(table, nibbles_32(w + 1)), mxfp4_scale(w[0]), 0.f, x, m0,
-                     ib, acc, off);
+      step1<T, true>(book_values_32(kMXFP4Values, w + 1), mxfp4_scale(w[0]), 0.f, x, m0, ib, acc,
+                     off);
   } else if constexpr (TYPE == TQ2_0) {  // Q2_K's bit layout, values q - 1
     for (int64_t sb = 0; sb < K / 256; ++sb, w += 66) {
       const float d = f16_to_f32(rd16(w + 64));
@@ -841,14 +838,15 @@ void row_dot(const uint8_t* w, const X& x, int64_t m0, float* out, int64_t ldo) 
   } else if constexpr (TYPE == IQ4_NL) {
     for (int64_t ib = 0; ib < K / 32; ++ib, w += 18) {
       const float d = f16_to_f32(rd16(w));
-      step1<T, true>(iq4_values_32(w + 2), d, 0.f, x, m0, ib, acc, off);
+      step1<T, true>(book_values_32(kIQ4Values, w + 2), d, 0.f, x, m0, ib, acc, off);
     }
   } else if constexpr (TYPE == IQ4_XS) {
     for (int64_t sb = 0; sb < K / 256; ++sb, w += 136) {
       const float d = f16_to_f32(rd16(w));
       for (int ib = 0; ib < 8; ++ib) {
         const float dl = d * iq4_xs_scale(w, ib);
-        step1<T, true>(iq4_values_32(w + 8 + 16 * ib), dl, 0.f, x, m0, sb * 8 + ib, acc, off);
+        step1<T, true>(book_values_32(kIQ4Values, w + 8 + 16 * ib), dl, 0.f, x, m0, sb * 8 + ib,
+                       acc, off);
       }
     }
   }
